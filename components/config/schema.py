@@ -1,0 +1,278 @@
+"""The one schema of moeops' configuration.
+
+Every YAML file under ``conf/`` is merged onto these dataclasses by Hydra, so an
+unknown key or a wrongly typed value fails at composition time.  Rules that span
+several fields live in :mod:`components.config.validate`.  Each section's doc
+string is the reference for its config group (see ``docs/config.md``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List
+
+
+@dataclass
+class PathsConfig:
+    """Where moeops keeps local state. Made absolute on the driver before any use."""
+
+    root: str = ".moeops"
+
+
+@dataclass
+class DataConfig:
+    """Corpus, tokenizer and packing (group ``data``)."""
+
+    name: str = "stdlib"
+    # "stdlib": the running interpreter's standard-library sources (exists on every machine);
+    # "files": text / JSONL / Parquet files at ``uri`` (any fsspec URI or glob).
+    source: str = "stdlib"
+    uri: str = ""
+    text_field: str = "text"
+    max_files: int = 400
+    max_bytes: int = 8_000_000
+    vocab_size: int = 4096
+    byte_fallback: bool = True
+    seq_len: int = 128
+    val_fraction: float = 0.05
+    rows_per_shard: int = 1024
+    seed: int = 1234
+    prepare_parallelism: int = 2
+
+
+@dataclass
+class StorageConfig:
+    """Cold object store, warm disk cache and hot prefetch (group ``storage``)."""
+
+    name: str = "local"
+    cold_uri: str = "${paths.root}/cold"
+    # s3-compatible object stores: endpoint and region; credentials come from the
+    # environment variables named here, never from config files.
+    endpoint_url: str = ""
+    region: str = ""
+    access_key_env: str = "AWS_ACCESS_KEY_ID"
+    secret_key_env: str = "AWS_SECRET_ACCESS_KEY"
+    warm_dir: str = "${paths.root}/warm"
+    warm_limit_bytes: int = 2 * 1024**3
+    verify_on_open: bool = False
+    parallel_fetches: int = 4
+    retries: int = 5
+    backoff_base_s: float = 0.2
+    backoff_max_s: float = 8.0
+    hot_prefetch_batches: int = 4
+
+
+@dataclass
+class ModelConfig:
+    """Decoder-only transformer; MoE FFN on every ``moe_layer_interval``-th layer (group ``model``)."""
+
+    name: str = "moe_tiny"
+    # "moe" or "dense"; a dense model with the same dims has ffn_dim = top_k * expert ffn_dim
+    # (+ shared expert), i.e. equal active parameters.
+    kind: str = "moe"
+    dim: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    ffn_dim: int = 256
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    moe_layer_interval: int = 1
+    num_experts: int = 4
+    top_k: int = 2
+    capacity_factor: float = 1.25
+    dropless: bool = False
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.001
+    shared_expert: bool = False
+    bias_balancing: bool = False
+    bias_update_rate: float = 0.001
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+
+@dataclass
+class OverlapConfig:
+    """Compute-communication overlap switches, each measurable on its own."""
+
+    async_a2a: bool = True
+    a2a_chunks: int = 2
+    ddp_bucket_mb: int = 25
+    prefetch: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """Ray Train scaling, optimisation, precision and checkpointing (group ``train``)."""
+
+    name: str = "cpu"
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    # "auto": nccl with GPUs, gloo otherwise.
+    backend: str = "auto"
+    expert_parallel_size: int = 1
+    # "fp32", "bf16" (autocast, GPU) or "fp16" (autocast + GradScaler, GPU).
+    precision: str = "fp32"
+    batch_size: int = 8
+    grad_accum_steps: int = 1
+    max_steps: int = 200
+    lr: float = 3.0e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    eval_batches: int = 8
+    log_every: int = 10
+    checkpoint_every: int = 50
+    checkpoint_uri: str = "${paths.root}/checkpoints"
+    keep_checkpoints: int = 2
+    max_failures: int = 2
+    # "auto": continue from the latest checkpoint of this run; "never"; or a checkpoint path.
+    resume: str = "auto"
+    seed: int = 0
+    overlap: OverlapConfig = field(default_factory=OverlapConfig)
+
+
+@dataclass
+class TuneConfig:
+    """Ray Tune sweep over shortened training runs (group ``tune``)."""
+
+    name: str = "small"
+    enabled: bool = True
+    num_samples: int = 2
+    # 0: derived from the cluster's resources so trials never wait on each other.
+    max_concurrent_trials: int = 0
+    metric: str = "val_loss"
+    mode: str = "min"
+    # "optuna" or "random"
+    search_alg: str = "optuna"
+    # "asha" or "fifo"
+    scheduler: str = "asha"
+    grace_period: int = 1
+    reduction_factor: int = 2
+    trial_max_steps: int = 40
+    trial_num_workers: int = 1
+    trial_eval_every: int = 10
+    # dotted config key -> {type: loguniform|uniform|choice|randint, low, high, values}
+    search_space: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvaluateConfig:
+    """Held-out evaluation and the comparison report."""
+
+    eval_batches: int = 16
+    compare_dense: bool = True
+    dense_max_steps: int = 0  # 0: same number of steps as the MoE training
+    compare_champion: bool = True
+    prompts: List[str] = field(
+        default_factory=lambda: ["def main(", "import os\n", "class Config:", "# Licensed"]
+    )
+    max_new_tokens: int = 32
+    throughput_batch_size: int = 8
+
+
+@dataclass
+class RegistryConfig:
+    """MLflow model registry and the champion/challenger gate."""
+
+    model_name: str = "moeops-moe"
+    metric: str = "val_loss"
+    mode: str = "min"
+    # a challenger must beat the champion by at least this much (absolute, in metric units)
+    min_improvement: float = 0.0
+    champion_alias: str = "champion"
+    challenger_alias: str = "challenger"
+
+
+@dataclass
+class AutoscalingConfig:
+    enabled: bool = False
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 8.0
+
+
+@dataclass
+class ServeConfig:
+    """Ray Serve application (group ``serve``)."""
+
+    name: str = "local"
+    app_name: str = "moeops"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    route_prefix: str = "/"
+    # default: models:/<registry.model_name>@<registry.champion_alias>
+    model_uri: str = ""
+    num_replicas: int = 1
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0
+    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.01
+    max_prompt_tokens: int = 128
+    max_tokens: int = 64
+    max_prompts: int = 16
+    max_body_bytes: int = 65536
+    canary_fraction: float = 0.0
+    # "none" or "int8" (dynamic quantisation, CPU)
+    quantize: str = "none"
+    # bearer token: read from this environment variable; empty variable = auth off
+    auth_token_env: str = "MOEOPS_API_TOKEN"
+    smoke_prompt: str = "def "
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking (group ``tracking``)."""
+
+    name: str = "sqlite"
+    # empty: $MLFLOW_TRACKING_URI if set, else sqlite:///<cwd>/mlflow.db
+    uri: str = ""
+    experiment: str = "moeops"
+    # artifact root for new experiments on a sqlite store; empty: <cwd>/mlartifacts
+    artifact_location: str = ""
+
+
+@dataclass
+class ClusterConfig:
+    """Where Ray runs (group ``cluster``)."""
+
+    name: str = "local"
+    # "local": start a single-node Ray here; "remote": join $RAY_ADDRESS or ``address``.
+    mode: str = "local"
+    address: str = ""
+    # logical resources of the local node (may exceed the physical cores)
+    num_cpus: int = 4
+    num_gpus: int = 0
+    object_store_memory_mb: int = 512
+    namespace: str = "moeops"
+
+
+@dataclass
+class Config:
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    # rerun stages even when a finished run with the same inputs and config exists
+    force: bool = False
+    run_name: str = ""
+    # upstream stage name -> MLflow run id or runs:/<id> URI to take its outputs from
+    # (empty: the latest finished run of that stage in the experiment)
+    inputs: Dict[str, str] = field(default_factory=dict)
+    # stages pipelines.run executes, in order
+    stages: List[str] = field(
+        default_factory=lambda: ["prepare", "tune", "train", "evaluate", "register", "deploy"]
+    )

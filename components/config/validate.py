@@ -1,0 +1,195 @@
+"""Cross-field rules of the config, checked once on the driver before any Ray or MLflow work."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from components.config.schema import Config
+
+STAGES = ("prepare", "tune", "train", "evaluate", "register", "deploy")
+SEARCH_TYPES = ("loguniform", "uniform", "choice", "randint", "quniform")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names every offending key, its value and what is allowed."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _one_of(problems: list[str], key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        problems.append(f"{key}={value!r}: must be one of {', '.join(map(repr, allowed))}")
+
+
+def _get_dotted(cfg: Config, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not hasattr(node, part):
+            raise KeyError(dotted)
+        node = getattr(node, part)
+    return node
+
+
+def validate(cfg: Config) -> None:
+    """Raise :class:`ConfigError` listing every broken rule (not just the first)."""
+    p: list[str] = []
+    m, t, d, s = cfg.model, cfg.train, cfg.data, cfg.serve
+
+    _one_of(p, "model.kind", m.kind, ("moe", "dense"))
+    if m.dim % m.n_heads:
+        p.append(f"model.dim={m.dim}: must be divisible by model.n_heads ({m.n_heads})")
+    elif (m.dim // m.n_heads) % 2:
+        p.append(f"model.dim={m.dim}: head size dim/n_heads={m.dim // m.n_heads} must be even for rotary embeddings")
+    for key in ("dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len", "num_experts"):
+        if getattr(m, key) < 1:
+            p.append(f"model.{key}={getattr(m, key)}: must be >= 1")
+    if m.kind == "moe":
+        if not 1 <= m.top_k <= m.num_experts:
+            p.append(f"model.top_k={m.top_k}: must be between 1 and model.num_experts ({m.num_experts})")
+        if m.capacity_factor <= 0 and not m.dropless:
+            p.append(f"model.capacity_factor={m.capacity_factor}: must be > 0 (or set model.dropless=true)")
+        if m.moe_layer_interval < 1:
+            p.append(f"model.moe_layer_interval={m.moe_layer_interval}: must be >= 1")
+        if m.num_experts % t.expert_parallel_size:
+            p.append(
+                f"model.num_experts={m.num_experts}: must be divisible by "
+                f"train.expert_parallel_size ({t.expert_parallel_size})"
+            )
+
+    if t.expert_parallel_size < 1:
+        p.append(f"train.expert_parallel_size={t.expert_parallel_size}: must be >= 1")
+    elif t.num_workers % t.expert_parallel_size:
+        p.append(
+            f"train.num_workers={t.num_workers}: must be a multiple of "
+            f"train.expert_parallel_size ({t.expert_parallel_size})"
+        )
+    if t.num_workers < 1:
+        p.append(f"train.num_workers={t.num_workers}: must be >= 1")
+    _one_of(p, "train.precision", t.precision, ("fp32", "bf16", "fp16"))
+    _one_of(p, "train.backend", t.backend, ("auto", "gloo", "nccl"))
+    if t.precision in ("bf16", "fp16") and not t.use_gpu:
+        p.append(f"train.precision={t.precision!r}: mixed precision needs train.use_gpu=true (CPU trains in fp32)")
+    if t.backend == "nccl" and not t.use_gpu:
+        p.append("train.backend='nccl': needs train.use_gpu=true (use 'gloo' or 'auto' on CPU)")
+    if t.use_gpu and t.gpus_per_worker <= 0:
+        p.append(f"train.gpus_per_worker={t.gpus_per_worker}: must be > 0 when train.use_gpu=true")
+    for key in ("batch_size", "grad_accum_steps", "max_steps", "eval_every", "log_every", "checkpoint_every"):
+        if getattr(t, key) < 1:
+            p.append(f"train.{key}={getattr(t, key)}: must be >= 1")
+    if t.warmup_steps < 0 or t.warmup_steps >= t.max_steps:
+        p.append(f"train.warmup_steps={t.warmup_steps}: must be >= 0 and < train.max_steps ({t.max_steps})")
+    if not 0 < t.lr < 1:
+        p.append(f"train.lr={t.lr}: must be in (0, 1)")
+    if not 0 <= t.min_lr_ratio <= 1:
+        p.append(f"train.min_lr_ratio={t.min_lr_ratio}: must be in [0, 1]")
+    if t.overlap.a2a_chunks < 1:
+        p.append(f"train.overlap.a2a_chunks={t.overlap.a2a_chunks}: must be >= 1")
+
+    _one_of(p, "data.source", d.source, ("stdlib", "files"))
+    if d.source == "files" and not d.uri:
+        p.append("data.uri='': data.source='files' needs an fsspec URI or glob of text/JSONL/Parquet files")
+    if d.seq_len < 8:
+        p.append(f"data.seq_len={d.seq_len}: must be >= 8")
+    if d.seq_len > m.max_seq_len:
+        p.append(f"data.seq_len={d.seq_len}: must be <= model.max_seq_len ({m.max_seq_len})")
+    if not 0 < d.val_fraction < 1:
+        p.append(f"data.val_fraction={d.val_fraction}: must be in (0, 1)")
+    if d.vocab_size < 300:
+        p.append(f"data.vocab_size={d.vocab_size}: must be >= 300 (256 byte symbols plus merges)")
+    if d.rows_per_shard < 1:
+        p.append(f"data.rows_per_shard={d.rows_per_shard}: must be >= 1")
+
+    st = cfg.storage
+    if st.warm_limit_bytes <= 0:
+        p.append(f"storage.warm_limit_bytes={st.warm_limit_bytes}: must be > 0")
+    if st.retries < 0:
+        p.append(f"storage.retries={st.retries}: must be >= 0")
+    if st.parallel_fetches < 1:
+        p.append(f"storage.parallel_fetches={st.parallel_fetches}: must be >= 1")
+
+    tu = cfg.tune
+    _one_of(p, "tune.mode", tu.mode, ("min", "max"))
+    _one_of(p, "tune.search_alg", tu.search_alg, ("optuna", "random"))
+    _one_of(p, "tune.scheduler", tu.scheduler, ("asha", "fifo"))
+    if tu.num_samples < 1:
+        p.append(f"tune.num_samples={tu.num_samples}: must be >= 1")
+    if tu.trial_max_steps < 1 or tu.trial_eval_every < 1:
+        p.append(f"tune.trial_max_steps={tu.trial_max_steps}, tune.trial_eval_every={tu.trial_eval_every}: must be >= 1")
+    if tu.trial_num_workers % t.expert_parallel_size:
+        p.append(
+            f"tune.trial_num_workers={tu.trial_num_workers}: must be a multiple of "
+            f"train.expert_parallel_size ({t.expert_parallel_size})"
+        )
+    for key, spec in tu.search_space.items():
+        try:
+            _get_dotted(cfg, key)
+        except KeyError:
+            p.append(f"tune.search_space.{key}: no such config key")
+            continue
+        kind = spec.get("type") if isinstance(spec, dict) else None
+        if kind not in SEARCH_TYPES:
+            p.append(f"tune.search_space.{key}.type={kind!r}: must be one of {', '.join(SEARCH_TYPES)}")
+        elif kind == "choice" and not spec.get("values"):
+            p.append(f"tune.search_space.{key}.values: a choice needs a non-empty list of values")
+        elif kind != "choice" and not (
+            isinstance(spec.get("low"), (int, float)) and isinstance(spec.get("high"), (int, float))
+            and spec["low"] < spec["high"]
+        ):
+            p.append(f"tune.search_space.{key}: {kind} needs numbers low < high, got low={spec.get('low')!r} high={spec.get('high')!r}")
+        elif kind == "loguniform" and spec["low"] <= 0:
+            p.append(f"tune.search_space.{key}.low={spec['low']}: loguniform needs low > 0")
+
+    _one_of(p, "registry.mode", cfg.registry.mode, ("min", "max"))
+    if cfg.registry.champion_alias == cfg.registry.challenger_alias:
+        p.append(f"registry.challenger_alias={cfg.registry.challenger_alias!r}: must differ from registry.champion_alias")
+
+    if s.max_tokens < 1:
+        p.append(f"serve.max_tokens={s.max_tokens}: must be >= 1")
+    if s.max_prompt_tokens + s.max_tokens > m.max_seq_len:
+        p.append(
+            f"serve.max_tokens={s.max_tokens}: serve.max_prompt_tokens ({s.max_prompt_tokens}) + serve.max_tokens "
+            f"must fit in the context, model.max_seq_len ({m.max_seq_len})"
+        )
+    if not 0 <= s.canary_fraction <= 1:
+        p.append(f"serve.canary_fraction={s.canary_fraction}: must be in [0, 1]")
+    _one_of(p, "serve.quantize", s.quantize, ("none", "int8"))
+    if s.quantize == "int8" and s.num_gpus > 0:
+        p.append("serve.quantize='int8': dynamic int8 quantisation runs on CPU; set serve.num_gpus=0")
+    if not 0 < s.port < 65536:
+        p.append(f"serve.port={s.port}: must be a TCP port (1-65535)")
+    if s.max_batch_size < 1 or s.max_prompts < 1:
+        p.append(f"serve.max_batch_size={s.max_batch_size}, serve.max_prompts={s.max_prompts}: must be >= 1")
+    if s.num_cpus <= 0 and s.num_gpus <= 0:
+        p.append(f"serve.num_cpus={s.num_cpus}: a replica needs some CPU or GPU")
+
+    c = cfg.cluster
+    _one_of(p, "cluster.mode", c.mode, ("local", "remote"))
+    if c.mode == "local":
+        need = t.num_workers * t.cpus_per_worker
+        if need > c.num_cpus:
+            # Ray Train places all workers at once or none: this would wait forever.
+            p.append(
+                f"train.num_workers={t.num_workers}: {t.num_workers} workers x {t.cpus_per_worker} CPUs "
+                f"= {need} exceeds cluster.num_cpus ({c.num_cpus}); Ray Train would wait forever"
+            )
+        if t.use_gpu and t.num_workers * t.gpus_per_worker > c.num_gpus:
+            p.append(
+                f"train.use_gpu=true: {t.num_workers} workers x {t.gpus_per_worker} GPUs exceeds "
+                f"cluster.num_gpus ({c.num_gpus})"
+            )
+
+    for stage in cfg.stages:
+        _one_of(p, "stages[]", stage, STAGES)
+    if len(set(cfg.stages)) != len(cfg.stages):
+        p.append(f"stages={cfg.stages}: a stage may appear once")
+    for name in cfg.inputs:
+        _one_of(p, f"inputs.{name}", name, STAGES)
+
+    for key in ("lr", "min_lr_ratio"):
+        v = getattr(t, key)
+        if isinstance(v, float) and not math.isfinite(v):
+            p.append(f"train.{key}={v}: must be finite")
+    if p:
+        raise ConfigError(p)

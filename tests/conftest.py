@@ -1,0 +1,69 @@
+"""Shared fixtures: one local Ray per test session, a fresh sqlite MLflow store per test."""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+# Set before Ray or Tune is imported anywhere in the session.
+os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+RAY_NUM_CPUS = 4  # logical; the machine has 2 real cores
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def session_tmp(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("moeops-session")
+
+
+@pytest.fixture(scope="session")
+def ray_session(session_tmp):
+    """The one Ray for the whole test session (loopback only, no dashboard)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=RAY_NUM_CPUS,
+            num_gpus=0,
+            include_dashboard=False,
+            object_store_memory=400 * 1024**2,
+            namespace="moeops-tests",
+            _node_ip_address="127.0.0.1",
+            runtime_env={"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0", "TOKENIZERS_PARALLELISM": "false"}},
+            log_to_driver=True,
+        )
+    yield ray
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:
+        pass
+    ray.shutdown()
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path, monkeypatch) -> str:
+    """A fresh sqlite tracking store for one test; also exported for any subprocess."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+@pytest.fixture
+def root_overrides(tmp_path, mlflow_uri) -> list[str]:
+    """Hydra overrides that keep a test's state under its tmp dir."""
+    return [f"paths.root={tmp_path / 'moeops'}", f"tracking.uri={mlflow_uri}",
+            f"tracking.artifact_location={(tmp_path / 'mlartifacts').as_uri()}"]
