@@ -1,0 +1,277 @@
+"""MLflow model registry: log an export as a pyfunc, register versions, gate the champion.
+
+The model artifact is the export directory written by ``components.model.export.save_export``
+(safetensors weights + JSON model config + tokenizer.json).  It is logged as an MLflow pyfunc
+whose *artifacts* are that directory, so no torch module is ever pickled: loading a version
+(:func:`load_registered`) downloads the directory and calls ``load_export`` on it.
+
+Aliases, not stages: every new version gets ``challenger``; ``champion`` moves only when
+:func:`decide_promotion` says the new version beats the current champion.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.pyfunc import PythonModel
+
+# Key of the export directory in the pyfunc's ``artifacts`` (lands in <model>/artifacts/export).
+EXPORT_ARTIFACT_KEY = "export"
+MODEL_NAME_IN_RUN = "model"
+# Version tags; the promotion decision is recorded under these.
+TAG_DECISION = "moeops.promotion"
+TAG_REASON = "moeops.promotion_reason"
+TAG_METRIC_PREFIX = "moeops.metric."
+
+_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[A-Za-z0-9_\-]+))$")
+_REQUIREMENT_PACKAGES = ("torch", "mlflow", "safetensors", "tokenizers")
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """One registered model version, as the serving side needs it (also indexable like a dict)."""
+
+    name: str
+    version: str
+    aliases: tuple[str, ...]
+    run_id: str
+    tags: dict[str, str] = field(default_factory=dict)
+    source: str = ""
+
+    @property
+    def model_uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["aliases"] = list(self.aliases)
+        data["model_uri"] = self.model_uri
+        return data
+
+
+def parse_model_uri(model_uri: str) -> tuple[str, str | None, str | None]:
+    """``models:/name/3`` -> (name, "3", None); ``models:/name@champion`` -> (name, None, "champion")."""
+    match = _MODEL_URI.match(model_uri.strip())
+    if not match:
+        raise ValueError(
+            f"model_uri={model_uri!r}: expected models:/<name>/<version> or models:/<name>@<alias>"
+        )
+    return match["name"], match["version"], match["alias"]
+
+
+def _version_info(mv) -> VersionInfo:
+    return VersionInfo(
+        name=mv.name, version=str(mv.version), aliases=tuple(mv.aliases or ()),
+        run_id=mv.run_id or "", tags=dict(mv.tags or {}), source=mv.source or "",
+    )
+
+
+def get_version(model_uri: str, tracking_uri: str) -> VersionInfo:
+    """Resolve a ``models:/`` URI to its version (raises a clear error if it does not exist)."""
+    name, version, alias = parse_model_uri(model_uri)
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    try:
+        mv = client.get_model_version(name, version) if version else client.get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException as exc:
+        raise LookupError(f"{model_uri}: no such registered model version in {tracking_uri} ({exc.message})") from exc
+    return _version_info(mv)
+
+
+def find_version(model_uri: str, tracking_uri: str) -> VersionInfo | None:
+    """Like :func:`get_version` but ``None`` when the model or alias does not exist (no champion yet)."""
+    try:
+        return get_version(model_uri, tracking_uri)
+    except LookupError:
+        return None
+
+
+def download_export(model_uri: str, tracking_uri: str, dst_dir: str | Path | None = None) -> tuple[Path, VersionInfo]:
+    """Download a registered version's export directory; returns (local export dir, version)."""
+    info = get_version(model_uri, tracking_uri)
+    dst = Path(dst_dir) if dst_dir else Path(tempfile.mkdtemp(prefix=f"moeops-{info.name}-v{info.version}-"))
+    dst.mkdir(parents=True, exist_ok=True)
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=info.model_uri, dst_path=str(dst), tracking_uri=tracking_uri, registry_uri=tracking_uri
+    )
+    export_dir = Path(local) / "artifacts" / EXPORT_ARTIFACT_KEY
+    if not export_dir.is_dir():
+        raise FileNotFoundError(
+            f"{info.model_uri}: the logged model has no artifacts/{EXPORT_ARTIFACT_KEY} directory; "
+            "was it logged with components.tracking.registry.log_and_register?"
+        )
+    return export_dir, info
+
+
+def load_registered(model_uri: str, tracking_uri: str, device: str = "cpu",
+                    dst_dir: str | Path | None = None):
+    """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` -> (LoadedModel, VersionInfo)."""
+    from components.model.export import load_export
+
+    export_dir, info = download_export(model_uri, tracking_uri, dst_dir)
+    return load_export(export_dir, device), info
+
+
+# --------------------------------------------------------------------------- the gate
+
+def decide_promotion(candidate: float | None, champion: float | None, *, mode: str = "min",
+                     min_improvement: float = 0.0, metric: str = "val_loss") -> tuple[bool, str]:
+    """Should the candidate replace the champion? Pure; returns (promote, human-readable reason).
+
+    The candidate must be strictly better and by at least ``min_improvement`` (absolute units).
+    """
+    if mode not in ("min", "max"):
+        raise ValueError(f"mode={mode!r}: must be 'min' or 'max'")
+    if candidate is None or not math.isfinite(candidate):
+        return False, f"candidate {metric}={candidate!r} is missing or not finite"
+    if champion is None or not math.isfinite(champion):
+        return True, f"no comparable champion (champion {metric}={champion!r}); candidate {metric}={candidate:.6g}"
+    improvement = champion - candidate if mode == "min" else candidate - champion
+    verdict = (f"candidate {metric}={candidate:.6g} vs champion {metric}={champion:.6g} "
+               f"({'lower' if mode == 'min' else 'higher'} is better): improvement {improvement:.6g}, "
+               f"required > 0 and >= {min_improvement:.6g}")
+    promote = improvement > 0 and improvement >= min_improvement
+    return promote, ("promoted: " if promote else "refused: ") + verdict
+
+
+# --------------------------------------------------------------------------- logging
+
+class MoeopsTextModel(PythonModel):
+    """Pyfunc wrapper: prompts in, completions out. Holds no state when pickled; loads the export."""
+
+    def load_context(self, context) -> None:
+        from components.model.export import load_export
+
+        self._loaded = load_export(context.artifacts[EXPORT_ARTIFACT_KEY], "cpu")
+
+    def predict(self, context, model_input, params: dict[str, Any] | None = None):
+        import pandas as pd
+
+        from components.model.generate import generate
+
+        params = params or {}
+        if isinstance(model_input, pd.DataFrame):
+            prompts = [str(p) for p in model_input["prompt"]]
+        elif isinstance(model_input, dict):
+            prompts = [str(p) for p in (model_input["prompt"] if isinstance(model_input["prompt"], list) else [model_input["prompt"]])]
+        else:
+            prompts = [str(p) for p in model_input]
+        loaded = self._loaded
+        completions = [
+            generate(loaded.model, loaded.tokenizer, prompt,
+                     max_new_tokens=int(params.get("max_new_tokens", 16)),
+                     temperature=float(params.get("temperature", 0.0)))
+            for prompt in prompts
+        ]
+        return pd.DataFrame({"completion": completions})
+
+
+def pinned_requirements() -> list[str]:
+    """Exact installed versions of what loading the model needs (local build suffixes dropped)."""
+    from importlib.metadata import version
+
+    return [f"{pkg}=={version(pkg).split('+')[0]}" for pkg in _REQUIREMENT_PACKAGES]
+
+
+def _signature_and_example():
+    import pandas as pd
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("string", "prompt")]),
+        outputs=Schema([ColSpec("string", "completion")]),
+        params=ParamSchema([ParamSpec("max_new_tokens", "long", 16), ParamSpec("temperature", "double", 0.0)]),
+    )
+    return signature, pd.DataFrame({"prompt": ["def main("]})
+
+
+@dataclass
+class Registration:
+    """What :func:`log_and_register` did."""
+
+    model_name: str
+    version: str
+    model_uri: str          # models:/<name>/<version>
+    logged_model_uri: str   # the logged model (models:/m-...)
+    aliases: list[str]
+    promoted: bool
+    reason: str
+    previous_champion: str | None
+
+
+def log_model(export_dir: str | Path, *, run_id: str, tracking_uri: str) -> str:
+    """Log the export as a pyfunc under ``run_id``; returns the logged model's URI."""
+    export_dir = Path(export_dir)
+    if not export_dir.is_dir():
+        raise FileNotFoundError(f"export_dir={export_dir}: not a directory (expected save_export output)")
+    signature, example = _signature_and_example()
+    code_dir = Path(__file__).resolve().parents[1]  # the `components` package, so the pyfunc imports anywhere
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_NAME_IN_RUN,
+            python_model=MoeopsTextModel(),
+            artifacts={EXPORT_ARTIFACT_KEY: str(export_dir)},
+            code_paths=[str(code_dir)],
+            signature=signature,
+            input_example=example,
+            pip_requirements=pinned_requirements(),
+        )
+    return info.model_uri
+
+
+def log_and_register(export_dir: str | Path, *, run_id: str, tracking_uri: str, model_name: str,
+                     metric: str, metrics: dict[str, float], tags: dict[str, str],
+                     champion_metric: float | None = None, mode: str = "min", min_improvement: float = 0.0,
+                     champion_alias: str = "champion", challenger_alias: str = "challenger") -> Registration:
+    """Log, register a version with ``tags`` and ``moeops.metric.*``, set ``challenger``, gate ``champion``.
+
+    ``champion_metric``: the current champion's figure measured on the same held-out data
+    (the evaluate stage's); when ``None`` the champion version's ``moeops.metric.<metric>`` tag is used.
+    """
+    if metric not in metrics:
+        raise KeyError(f"registry.metric={metric!r} is not among the candidate's metrics {sorted(metrics)}")
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    logged_uri = log_model(export_dir, run_id=run_id, tracking_uri=tracking_uri)
+
+    champion = find_version(f"models:/{model_name}@{champion_alias}", tracking_uri)
+    if champion is not None and champion_metric is None:
+        tagged = champion.tags.get(TAG_METRIC_PREFIX + metric)
+        champion_metric = float(tagged) if tagged is not None else None
+    promote, reason = decide_promotion(metrics[metric], champion_metric, mode=mode,
+                                       min_improvement=min_improvement, metric=metric)
+
+    version_tags = {str(k): str(v) for k, v in tags.items()}
+    version_tags.update({TAG_METRIC_PREFIX + k: f"{float(v):.8g}" for k, v in metrics.items()})
+    version_tags[TAG_DECISION] = "promoted" if promote else "refused"
+    version_tags[TAG_REASON] = reason
+    mlflow.set_registry_uri(tracking_uri)
+    mv = mlflow.register_model(logged_uri, model_name, tags=version_tags)
+    version = str(mv.version)
+    client.set_registered_model_alias(model_name, challenger_alias, version)
+    if promote:
+        client.set_registered_model_alias(model_name, champion_alias, version)
+
+    client.set_tag(run_id, TAG_DECISION, version_tags[TAG_DECISION])
+    client.set_tag(run_id, TAG_REASON, reason)
+    client.log_metric(run_id, "promoted", 1.0 if promote else 0.0)
+    aliases = sorted(client.get_model_version(model_name, version).aliases or [])
+    return Registration(
+        model_name=model_name, version=version, model_uri=f"models:/{model_name}/{version}",
+        logged_model_uri=logged_uri, aliases=aliases, promoted=promote, reason=reason,
+        previous_champion=champion.version if champion else None,
+    )
+
+
+def registration_json(reg: Registration) -> str:
+    return json.dumps(asdict(reg), indent=2, sort_keys=True)

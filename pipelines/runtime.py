@@ -1,0 +1,56 @@
+"""Starting or joining Ray: the one place batch stages get their cluster from."""
+from __future__ import annotations
+
+import json
+import os
+
+import ray
+
+from components.config import Config
+
+# Remote tasks, Train workers and Tune trials must not change directory or phone home.
+WORKER_ENV = {
+    "RAY_CHDIR_TO_TRIAL_DIR": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
+
+
+def ensure_ray(config: Config) -> None:
+    """Reuse an initialised Ray (tests, Hydra multirun); else start or join one per ``cluster.*``."""
+    if ray.is_initialized():
+        return
+    for key, value in WORKER_ENV.items():
+        os.environ.setdefault(key, value)
+    cluster = config.cluster
+    runtime_env = {"env_vars": dict(WORKER_ENV)}
+    if cluster.mode == "remote":
+        address = cluster.address or os.environ.get("RAY_ADDRESS") or "auto"
+        print(f"[ray] joining cluster at {address}", flush=True)
+        ray.init(address=address, namespace=cluster.namespace, runtime_env=runtime_env)
+        return
+    print(f"[ray] starting local Ray: {cluster.num_cpus} CPUs, {cluster.num_gpus} GPUs", flush=True)
+    # Under `ray job submit` RAY_ADDRESS points at the cluster; a local start must not join it.
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(
+        num_cpus=cluster.num_cpus,
+        num_gpus=cluster.num_gpus,
+        object_store_memory=cluster.object_store_memory_mb * 1024**2,
+        include_dashboard=False,
+        namespace=cluster.namespace,
+        runtime_env=runtime_env,
+        _node_ip_address="127.0.0.1",
+    )
+
+
+def cluster_tags() -> dict[str, str]:
+    if not ray.is_initialized():
+        return {}
+    context = ray.get_runtime_context()
+    return {
+        "moeops.ray.address": context.gcs_address,
+        "moeops.ray.resources": json.dumps(
+            {k: v for k, v in ray.cluster_resources().items() if not k.startswith("node:")}, sort_keys=True
+        ),
+        "moeops.ray.job_id": context.get_job_id(),
+    }
