@@ -1,0 +1,56 @@
+# moeops: `make run` runs the whole pipeline, `make test` the test suite. Both set up .venv first.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Pinned: the CPU build on machines like this one (local wheel), PyPI's CUDA build elsewhere;
+# never unpinned (that pulls a multi-GB CUDA build of the newest release).
+TORCH_SPEC ?= torch==2.13.0
+ARGS ?=
+export RAY_USAGE_STATS_ENABLED ?= 0
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: help setup run test test-unit test-integration bench mlflow-ui mlflow-server serve clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 20
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv and install moeops with its dev extra
+
+run: $(STAMP)  ## the whole pipeline on embedded defaults (ARGS="experiment=tiny ..." for overrides)
+	$(PY) -m pipelines.run $(ARGS)
+
+test: $(STAMP)  ## the whole test suite
+	$(PY) -m pytest -q $(ARGS)
+
+test-unit: $(STAMP)  ## fast tests only (no Ray cluster, S3 or HTTP)
+	$(PY) -m pytest -q tests/unit $(ARGS)
+
+test-integration: $(STAMP)  ## tests with local Ray, SeaweedFS, mlflow server, HTTP
+	$(PY) -m pytest -q tests/integration $(ARGS)
+
+bench: $(STAMP)  ## the three benchmarks; JSON results in bench-*.json
+	$(PY) tests/benchmarks/bench_data.py --json bench-data.json
+	$(PY) tests/benchmarks/bench_moe.py --json bench-moe.json
+	$(PY) tests/benchmarks/bench_serve.py --json bench-serve.json
+
+mlflow-ui: $(STAMP)  ## browse the local store at http://127.0.0.1:5000
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+mlflow-server: $(STAMP)  ## a tracking server for tracking=server (sqlite backend, proxied artifacts)
+	$(VENV)/bin/mlflow server --backend-store-uri sqlite:///$(CURDIR)/mlflow-server.db \
+		--artifacts-destination $(CURDIR)/mlartifacts-server --host 127.0.0.1 --port 5000
+
+serve: $(STAMP)  ## deploy the registry's champion and keep serving until Ctrl-C
+	$(PY) -m pipelines.deploy serve.block=true $(ARGS)
+
+clean:  ## remove local state (stores, caches, checkpoints), keep .venv
+	rm -rf .moeops mlflow.db mlartifacts outputs multirun bench-*.json

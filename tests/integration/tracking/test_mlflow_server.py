@@ -1,0 +1,35 @@
+"""The stage runner against a real `mlflow server` process (tracking=server)."""
+from __future__ import annotations
+
+import pytest
+from mlflow import MlflowClient
+
+from components.config import load_config
+from components.tracking.stages import StageSpec
+from pipelines.pipeline import run_pipeline
+
+
+def prepare_fn(ctx):
+    ctx.log_metrics({"rows": 3.0}, step=0)
+    (ctx.work_dir / "note.txt").write_text("artifact through the server's proxy")
+    ctx.log_artifact(ctx.work_dir / "note.txt")
+    return {"digest": "d1", "manifest_uri": "file:///nowhere"}
+
+
+@pytest.mark.integration
+def test_pipeline_against_mlflow_server(mlflow_server, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    config = load_config(["tracking=server", f"paths.root={tmp_path}", "experiment=tiny"])
+    assert config.tracking.uri == mlflow_server
+    spec = StageSpec("prepare", ("data",), (), prepare_fn)
+    first = run_pipeline(config, [spec])
+    second = run_pipeline(config, [spec])
+    assert second.stages["prepare"].reused
+
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(first.stages["prepare"].run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["mlflow.parentRunId"] == first.parent_run_id
+    assert run.data.metrics["rows"] == 3.0
+    assert {"note.txt", "outputs.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
