@@ -56,6 +56,13 @@ def ray_session(session_tmp):
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def serve_port() -> int:
+    """The one HTTP port of Ray Serve in this session: Serve's proxy options are fixed at its
+    first start, so every test that deploys must use this port (override serve.port with it)."""
+    return free_port()
+
+
 @pytest.fixture
 def mlflow_uri(tmp_path, monkeypatch) -> str:
     """A fresh sqlite tracking store for one test; also exported for any subprocess."""
