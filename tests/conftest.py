@@ -14,7 +14,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-pytest_plugins = ["fixtures.mlflow_server"]
+pytest_plugins = ["fixtures.mlflow_server", "fixtures.s3"]
 
 RAY_NUM_CPUS = 4  # logical; the machine has 2 real cores
 

@@ -133,6 +133,9 @@ class TrainConfig:
     max_failures: int = 2
     # "auto": continue from the latest checkpoint of this run; "never"; or a checkpoint path.
     resume: str = "auto"
+    # stop (after writing a checkpoint) once this many steps are done; 0 = run to max_steps.
+    # The schedule still spans max_steps, so a later resume continues the same curve.
+    stop_at_step: int = 0
     seed: int = 0
     overlap: OverlapConfig = field(default_factory=OverlapConfig)
 
@@ -159,6 +162,13 @@ class TuneConfig:
     trial_eval_every: int = 10
     # dotted config key -> {type: loguniform|uniform|choice|randint, low, high, values}
     search_space: Dict[str, Any] = field(default_factory=dict)
+    # trials to run first, before the search algorithm proposes any: [{"train.lr": 0.003}, ...]
+    points_to_evaluate: List[Dict[str, Any]] = field(default_factory=list)
+    # CPUs reserved for each trial's own process (it drives one Ray Train run)
+    trial_driver_cpus: float = 0.5
+    # continue an interrupted sweep with the same config (Tuner.restore) instead of starting over
+    resume: bool = True
+    seed: int = 0
 
 
 @dataclass
@@ -224,6 +234,15 @@ class ServeConfig:
     # bearer token: read from this environment variable; empty variable = auth off
     auth_token_env: str = "MOEOPS_API_TOKEN"
     smoke_prompt: str = "def "
+    # requests a replica accepts at once (queued for the batcher); beyond that Serve queues them
+    max_ongoing_requests: int = 64
+    # "HeadOnly" (one proxy, local) or "EveryNode" (a proxy per node, clusters)
+    proxy_location: str = "HeadOnly"
+    # a replica that cannot load its model yet (alias not set) retries this often, staying unready
+    load_retry_s: float = 2.0
+    # deploy stage: how long to wait for /readyz, and whether to keep the process serving until Ctrl-C
+    ready_timeout_s: float = 180.0
+    block: bool = False
 
 
 @dataclass
@@ -239,6 +258,33 @@ class TrackingConfig:
 
 
 @dataclass
+class KubernetesConfig:
+    """KubeRay manifests rendered by ``python -m pipelines.render`` (see docs/cluster.md)."""
+
+    namespace: str = "moeops"
+    # must hold the project and its dependencies: build it from infra/Dockerfile
+    image: str = "moeops:latest"
+    head_cpus: int = 8
+    head_memory: str = "32Gi"
+    # one Ray worker pod per node; 0 renders a CPU-only worker group
+    gpus_per_node: int = 8
+    worker_cpus: int = 96
+    worker_memory: str = "768Gi"
+    # node selector value for nvidia.com/gpu.product (empty: no selector)
+    gpu_product: str = "NVIDIA-H100-80GB-HBM3"
+    # Secret holding AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / POSTGRES_PASSWORD (and any
+    # MLFLOW_TRACKING_* auth); created with kubectl, never rendered
+    secret_name: str = "moeops-credentials"
+    # empty: render an MLflow server (PostgreSQL backend, S3 artifacts) in the namespace
+    tracking_uri: str = ""
+    mlflow_image: str = "ghcr.io/mlflow/mlflow:v3.17.2"
+    mlflow_artifacts_uri: str = "s3://moeops/mlflow"
+    # RayJob: delete the cluster this long after the job ends; kill the job after the deadline
+    job_ttl_seconds: int = 3600
+    job_deadline_seconds: int = 172800
+
+
+@dataclass
 class ClusterConfig:
     """Where Ray runs (group ``cluster``)."""
 
@@ -251,6 +297,7 @@ class ClusterConfig:
     num_gpus: int = 0
     object_store_memory_mb: int = 512
     namespace: str = "moeops"
+    k8s: KubernetesConfig = field(default_factory=KubernetesConfig)
 
 
 @dataclass

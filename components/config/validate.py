@@ -84,6 +84,14 @@ def validate(cfg: Config) -> None:
         p.append(f"train.lr={t.lr}: must be in (0, 1)")
     if not 0 <= t.min_lr_ratio <= 1:
         p.append(f"train.min_lr_ratio={t.min_lr_ratio}: must be in [0, 1]")
+    if not 0 <= t.stop_at_step <= t.max_steps:
+        p.append(f"train.stop_at_step={t.stop_at_step}: must be between 0 (off) and train.max_steps ({t.max_steps})")
+    if not t.resume.strip():
+        p.append("train.resume='': must be 'auto', 'never' or a checkpoint path/URI")
+    if t.keep_checkpoints < 1:
+        p.append(f"train.keep_checkpoints={t.keep_checkpoints}: must be >= 1 (resume needs the latest checkpoint)")
+    if t.max_failures < -1:
+        p.append(f"train.max_failures={t.max_failures}: must be >= 0, or -1 for unlimited retries")
     if t.overlap.a2a_chunks < 1:
         p.append(f"train.overlap.a2a_chunks={t.overlap.a2a_chunks}: must be >= 1")
 
@@ -141,6 +149,15 @@ def validate(cfg: Config) -> None:
         elif kind == "loguniform" and spec["low"] <= 0:
             p.append(f"tune.search_space.{key}.low={spec['low']}: loguniform needs low > 0")
 
+    for i, point in enumerate(tu.points_to_evaluate):
+        for key in point:
+            try:
+                _get_dotted(cfg, key)
+            except KeyError:
+                p.append(f"tune.points_to_evaluate[{i}].{key}: no such config key")
+    if tu.trial_driver_cpus < 0:
+        p.append(f"tune.trial_driver_cpus={tu.trial_driver_cpus}: must be >= 0")
+
     _one_of(p, "registry.mode", cfg.registry.mode, ("min", "max"))
     if cfg.registry.champion_alias == cfg.registry.challenger_alias:
         p.append(f"registry.challenger_alias={cfg.registry.challenger_alias!r}: must differ from registry.champion_alias")
@@ -163,6 +180,25 @@ def validate(cfg: Config) -> None:
         p.append(f"serve.max_batch_size={s.max_batch_size}, serve.max_prompts={s.max_prompts}: must be >= 1")
     if s.num_cpus <= 0 and s.num_gpus <= 0:
         p.append(f"serve.num_cpus={s.num_cpus}: a replica needs some CPU or GPU")
+    _one_of(p, "serve.proxy_location", s.proxy_location, ("HeadOnly", "EveryNode", "Disabled"))
+    if s.max_ongoing_requests < s.max_batch_size:
+        p.append(f"serve.max_ongoing_requests={s.max_ongoing_requests}: must be >= serve.max_batch_size "
+                 f"({s.max_batch_size}) or batches can never fill")
+    if s.batch_wait_timeout_s < 0:
+        p.append(f"serve.batch_wait_timeout_s={s.batch_wait_timeout_s}: must be >= 0")
+    if s.max_prompt_tokens < 1 or s.max_body_bytes < 256:
+        p.append(f"serve.max_prompt_tokens={s.max_prompt_tokens}, serve.max_body_bytes={s.max_body_bytes}: "
+                 "must be >= 1 and >= 256")
+    if not s.route_prefix.startswith("/"):
+        p.append(f"serve.route_prefix={s.route_prefix!r}: must start with '/'")
+    if s.model_uri and not s.model_uri.startswith("models:/"):
+        p.append(f"serve.model_uri={s.model_uri!r}: must be models:/<name>@<alias> or models:/<name>/<version>")
+    a = s.autoscaling
+    if a.enabled and not 1 <= a.min_replicas <= a.max_replicas:
+        p.append(f"serve.autoscaling.min_replicas={a.min_replicas}: need 1 <= min_replicas <= max_replicas "
+                 f"({a.max_replicas})")
+    if not a.enabled and s.num_replicas < 1:
+        p.append(f"serve.num_replicas={s.num_replicas}: must be >= 1")
 
     c = cfg.cluster
     _one_of(p, "cluster.mode", c.mode, ("local", "remote"))
@@ -179,6 +215,19 @@ def validate(cfg: Config) -> None:
                 f"train.use_gpu=true: {t.num_workers} workers x {t.gpus_per_worker} GPUs exceeds "
                 f"cluster.num_gpus ({c.num_gpus})"
             )
+
+    k8s = c.k8s
+    for key in ("gpus_per_node", "job_ttl_seconds"):
+        if getattr(k8s, key) < 0:
+            p.append(f"cluster.k8s.{key}={getattr(k8s, key)}: must be >= 0")
+    for key in ("head_cpus", "worker_cpus", "job_deadline_seconds"):
+        if getattr(k8s, key) < 1:
+            p.append(f"cluster.k8s.{key}={getattr(k8s, key)}: must be >= 1")
+    for key in ("namespace", "image", "secret_name"):
+        if not getattr(k8s, key):
+            p.append(f"cluster.k8s.{key}='': must be set")
+    if k8s.tracking_uri and "://" not in k8s.tracking_uri:
+        p.append(f"cluster.k8s.tracking_uri={k8s.tracking_uri!r}: must be a URI such as http://mlflow.example:5000")
 
     for stage in cfg.stages:
         _one_of(p, "stages[]", stage, STAGES)

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -103,13 +105,28 @@ def download_export(model_uri: str, tracking_uri: str, dst_dir: str | Path | Non
     local = mlflow.artifacts.download_artifacts(
         artifact_uri=info.model_uri, dst_path=str(dst), tracking_uri=tracking_uri, registry_uri=tracking_uri
     )
-    export_dir = Path(local) / "artifacts" / EXPORT_ARTIFACT_KEY
-    if not export_dir.is_dir():
+    export_dir = _export_dir_of(Path(local))
+    if export_dir is None:
         raise FileNotFoundError(
             f"{info.model_uri}: the logged model has no artifacts/{EXPORT_ARTIFACT_KEY} directory; "
             "was it logged with components.tracking.registry.log_and_register?"
         )
     return export_dir, info
+
+
+def _export_dir_of(model_dir: Path) -> Path | None:
+    """The export inside a downloaded pyfunc model dir (MLmodel records where its artifact landed)."""
+    import yaml
+
+    mlmodel = model_dir / "MLmodel"
+    if not mlmodel.is_file():
+        return None
+    flavor = (yaml.safe_load(mlmodel.read_text()).get("flavors") or {}).get("python_function") or {}
+    entry = (flavor.get("artifacts") or {}).get(EXPORT_ARTIFACT_KEY)
+    if not entry:
+        return None
+    path = model_dir / entry["path"]
+    return path if path.is_dir() else None
 
 
 def load_registered(model_uri: str, tracking_uri: str, device: str = "cpu",
@@ -132,9 +149,9 @@ def decide_promotion(candidate: float | None, champion: float | None, *, mode: s
     if mode not in ("min", "max"):
         raise ValueError(f"mode={mode!r}: must be 'min' or 'max'")
     if candidate is None or not math.isfinite(candidate):
-        return False, f"candidate {metric}={candidate!r} is missing or not finite"
+        return False, f"refused: candidate {metric}={candidate!r} is missing or not finite"
     if champion is None or not math.isfinite(champion):
-        return True, f"no comparable champion (champion {metric}={champion!r}); candidate {metric}={candidate:.6g}"
+        return True, f"promoted: no comparable champion (champion {metric}={champion!r}); candidate {metric}={candidate:.6g}"
     improvement = champion - candidate if mode == "min" else candidate - champion
     verdict = (f"candidate {metric}={candidate:.6g} vs champion {metric}={champion:.6g} "
                f"({'lower' if mode == 'min' else 'higher'} is better): improvement {improvement:.6g}, "
@@ -156,7 +173,7 @@ class MoeopsTextModel(PythonModel):
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         import pandas as pd
 
-        from components.model.generate import generate
+        from components.model.generate import generate_text
 
         params = params or {}
         if isinstance(model_input, pd.DataFrame):
@@ -166,12 +183,9 @@ class MoeopsTextModel(PythonModel):
         else:
             prompts = [str(p) for p in model_input]
         loaded = self._loaded
-        completions = [
-            generate(loaded.model, loaded.tokenizer, prompt,
-                     max_new_tokens=int(params.get("max_new_tokens", 16)),
-                     temperature=float(params.get("temperature", 0.0)))
-            for prompt in prompts
-        ]
+        completions = generate_text(loaded.model, loaded.tokenizer, prompts,
+                                    max_new_tokens=int(params.get("max_new_tokens", 16)),
+                                    temperature=float(params.get("temperature", 0.0)))
         return pd.DataFrame({"completion": completions})
 
 
@@ -209,6 +223,13 @@ class Registration:
     previous_champion: str | None
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def log_model(export_dir: str | Path, *, run_id: str, tracking_uri: str) -> str:
     """Log the export as a pyfunc under ``run_id``; returns the logged model's URI."""
     export_dir = Path(export_dir)
@@ -217,11 +238,17 @@ def log_model(export_dir: str | Path, *, run_id: str, tracking_uri: str) -> str:
     signature, example = _signature_and_example()
     code_dir = Path(__file__).resolve().parents[1]  # the `components` package, so the pyfunc imports anywhere
     mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+    with tempfile.TemporaryDirectory(prefix="moeops-log-") as staging, \
+            mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+        # MLflow names the artifact after the directory: staging it as "export" gives every
+        # version the same layout (<model>/artifacts/export/...). Hard links avoid a second copy
+        # of the weights where the filesystem allows (MLflow refuses symlinks).
+        linked = Path(staging) / EXPORT_ARTIFACT_KEY
+        shutil.copytree(export_dir, linked, copy_function=_link_or_copy)
         info = mlflow.pyfunc.log_model(
             name=MODEL_NAME_IN_RUN,
             python_model=MoeopsTextModel(),
-            artifacts={EXPORT_ARTIFACT_KEY: str(export_dir)},
+            artifacts={EXPORT_ARTIFACT_KEY: str(linked)},
             code_paths=[str(code_dir)],
             signature=signature,
             input_example=example,

@@ -1,0 +1,70 @@
+"""Which sample comes next: a world-size-independent global stream, split across ranks.
+
+The stream is epoch 0's order, then epoch 1's, ... Epoch ``e``'s order visits shards in a seeded
+permutation and, inside each shard, rows in a seeded permutation (reading whole shards keeps the
+warm and hot tiers effective).  Counting from the resume point ``P``, global batch ``k`` is stream positions
+``P + [k*W*B, (k+1)*W*B)`` and rank ``r`` takes ``P + k*W*B + [r*B, (r+1)*B)``.  Ranks therefore read disjoint samples, and
+the only state is ``position`` (global samples consumed): resuming at any world size continues at
+exactly the next sample, with nothing skipped or repeated.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+
+class GlobalOrder:
+    def __init__(self, shard_rows: list[int], seed: int, shuffle: bool = True):
+        if not shard_rows or min(shard_rows) < 1:
+            raise ValueError("a split needs at least one non-empty shard")
+        self.shard_rows = np.asarray(shard_rows, dtype=np.int64)
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch_size = int(self.shard_rows.sum())
+        self._shard_order = lru_cache(maxsize=4)(self._shard_order_uncached)
+        self._row_order = lru_cache(maxsize=64)(self._row_order_uncached)
+
+    def _shard_order_uncached(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(shard index per slot, cumulative rows at the end of each slot)"""
+        n = len(self.shard_rows)
+        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+        return order, np.cumsum(self.shard_rows[order])
+
+    def _row_order_uncached(self, epoch: int, shard: int) -> np.ndarray:
+        rows = int(self.shard_rows[shard])
+        if not self.shuffle:
+            return np.arange(rows)
+        return np.random.default_rng([self.seed, epoch, shard, 1]).permutation(rows)
+
+    def locate(self, positions: np.ndarray) -> list[tuple[int, int, int]]:
+        """Stream positions -> [(epoch, shard index, row in shard)]."""
+        out = []
+        for p in positions.tolist():
+            epoch, i = divmod(int(p), self.epoch_size)
+            order, cum = self._shard_order(epoch)
+            slot = int(np.searchsorted(cum, i, side="right"))
+            start = int(cum[slot - 1]) if slot else 0
+            shard = int(order[slot])
+            out.append((epoch, shard, int(self._row_order(epoch, shard)[i - start])))
+        return out
+
+    def shards_from(self, position: int, count: int) -> list[int]:
+        """The next ``count`` distinct shards the stream visits from ``position`` (for prefetching)."""
+        epoch, i = divmod(position, self.epoch_size)
+        out: list[int] = []
+        while len(out) < count and len(out) < len(self.shard_rows) * 2:
+            order, cum = self._shard_order(epoch)
+            slot = int(np.searchsorted(cum, i, side="right"))
+            for s in order[slot:].tolist():
+                out.append(int(s))
+                if len(out) >= count:
+                    break
+            epoch, i = epoch + 1, 0
+        return out
+
+
+def rank_positions(base: int, k: int, rank: int, world_size: int, batch_size: int) -> np.ndarray:
+    """Stream positions of rank ``rank``'s part of the ``k``-th global batch after ``base``."""
+    start = base + k * world_size * batch_size + rank * batch_size
+    return np.arange(start, start + batch_size, dtype=np.int64)

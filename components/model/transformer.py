@@ -1,0 +1,257 @@
+"""Decoder-only transformer whose FFN is an MoE layer on every ``moe_layer_interval``-th layer.
+
+``kind="dense"`` builds the same network with a plain SwiGLU FFN of ``ffn_dim`` everywhere
+(the dense baseline; see :func:`dense_equivalent` for equal active parameters).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from components.config.schema import ModelConfig, OverlapConfig
+from components.model.experts import is_expert_param
+from components.model.layers import Attention, FeedForward, KVCache, RMSNorm, rope_tables
+from components.model.moe import MoELayer, MoEStats
+
+
+def model_config(cfg: ModelConfig | Mapping[str, Any]) -> ModelConfig:
+    """A ModelConfig from the dataclass or its plain-dict form (what crosses into Ray / exports)."""
+    if isinstance(cfg, ModelConfig):
+        return cfg
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise ValueError(f"unknown model config keys {unknown}; allowed: {sorted(known)}")
+    return ModelConfig(**dict(cfg))
+
+
+def overlap_config(overlap: OverlapConfig | Mapping[str, Any] | None) -> OverlapConfig:
+    if overlap is None:
+        return OverlapConfig(async_a2a=False, a2a_chunks=1)
+    if isinstance(overlap, OverlapConfig):
+        return overlap
+    known = {f.name for f in dataclasses.fields(OverlapConfig)}
+    return OverlapConfig(**{k: v for k, v in dict(overlap).items() if k in known})
+
+
+def dense_equivalent(cfg: ModelConfig | Mapping[str, Any]) -> ModelConfig:
+    """The dense baseline of an MoE config with equal *active* FFN parameters per token:
+    ffn_dim = top_k x expert ffn_dim (+ one more ffn_dim for the shared expert)."""
+    cfg = model_config(cfg)
+    if cfg.kind == "dense":
+        return cfg
+    active = cfg.ffn_dim * (cfg.top_k + (1 if cfg.shared_expert else 0))
+    return dataclasses.replace(cfg, name=f"{cfg.name}_dense", kind="dense", ffn_dim=active,
+                               num_experts=1, top_k=1, shared_expert=False, bias_balancing=False)
+
+
+def is_moe_layer(cfg: ModelConfig, layer_id: int) -> bool:
+    return cfg.kind == "moe" and (layer_id + 1) % cfg.moe_layer_interval == 0
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int, ep_group, overlap: OverlapConfig):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg.dim, cfg.n_heads)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.moe: MoELayer | None = None
+        self.feed_forward: FeedForward | None = None
+        if is_moe_layer(cfg, layer_id):
+            self.moe = MoELayer(
+                cfg.dim, cfg.ffn_dim, cfg.num_experts, cfg.top_k, capacity_factor=cfg.capacity_factor,
+                dropless=cfg.dropless, shared_expert=cfg.shared_expert, bias_balancing=cfg.bias_balancing,
+                bias_update_rate=cfg.bias_update_rate, ep_group=ep_group,
+                async_a2a=overlap.async_a2a, a2a_chunks=overlap.a2a_chunks)
+        else:
+            self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
+
+    def forward(self, x, cos, sin, attn_mask, cache, start_pos) -> tuple[torch.Tensor, MoEStats | None]:
+        h = x + self.attention(self.attention_norm(x), cos, sin, attn_mask, cache, self.layer_id, start_pos)
+        if self.moe is not None:
+            ffn_out, stats = self.moe(self.ffn_norm(h))
+            return h + ffn_out, stats
+        return h + self.feed_forward(self.ffn_norm(h)), None
+
+
+class Transformer(nn.Module):
+    """``forward(tokens [B, T], cache=None, start_pos=0) -> (logits [B, T, V], aux)``.
+
+    ``aux``: ``aux_loss`` and ``z_loss`` (scalars summed over MoE layers, already multiplied by
+    their coefficients), ``expert_counts`` / ``kept_counts`` (per MoE layer, [E] long, this rank's
+    tokens before / after capacity) and ``dropped_fraction`` (per MoE layer, scalar tensors).
+
+    ``ep_group``: expert-parallel process group (None = all experts local); ``overlap``: the
+    ``train.overlap`` section (dict or OverlapConfig), only ``async_a2a`` and ``a2a_chunks`` matter here.
+    """
+
+    def __init__(self, cfg: ModelConfig | Mapping[str, Any], vocab_size: int, ep_group=None,
+                 overlap: OverlapConfig | Mapping[str, Any] | None = None):
+        super().__init__()
+        cfg = model_config(cfg)
+        if vocab_size < 1:
+            raise ValueError(f"vocab_size={vocab_size}: must be >= 1")
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.overlap = overlap_config(overlap)
+        self.tok_embeddings = nn.Embedding(vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i, ep_group, self.overlap) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, vocab_size, bias=False)
+        cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, init_std); output projections scaled by 1/sqrt(2 n_layers) (GPT-2).
+
+        Expert weights are drawn for *all* experts and sliced to this rank's shard, so a model
+        built at any expert-parallel size from the same seed holds the same global weights.
+        """
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        nn.init.normal_(self.tok_embeddings.weight, std=std)
+        if self.output is not None:
+            nn.init.normal_(self.output.weight, std=std)
+        for block in self.layers:
+            nn.init.normal_(block.attention.wqkv.weight, std=std)
+            nn.init.normal_(block.attention.wo.weight, std=out_std)
+            for norm in (block.attention_norm, block.ffn_norm):
+                nn.init.ones_(norm.weight)
+            dense = [block.feed_forward] if block.feed_forward is not None else []
+            if block.moe is not None:
+                moe = block.moe
+                nn.init.normal_(moe.router.gate.weight, std=std)
+                moe.router.expert_bias.zero_()
+                lo, hi = moe.expert_offset, moe.expert_offset + moe.num_local_experts
+                for name, param in moe.experts.named_parameters():
+                    full = torch.empty((moe.num_experts,) + tuple(param.shape[1:]), device=param.device)
+                    nn.init.normal_(full, std=out_std if name == "w2" else std)
+                    param.copy_(full[lo:hi])
+                if moe.shared_expert is not None:
+                    dense.append(moe.shared_expert)
+            for ffn in dense:
+                nn.init.normal_(ffn.w1.weight, std=std)
+                nn.init.normal_(ffn.w3.weight, std=std)
+                nn.init.normal_(ffn.w2.weight, std=out_std)
+        nn.init.ones_(self.norm.weight)
+
+    # --------------------------------------------------------------- helpers
+    def moe_layers(self) -> list[MoELayer]:
+        return [block.moe for block in self.layers if block.moe is not None]
+
+    def expert_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if is_expert_param(p)]
+
+    def non_expert_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if not is_expert_param(p)]
+
+    def expert_parameter_names(self) -> list[str]:
+        return [n for n, p in self.named_parameters() if is_expert_param(p)]
+
+    def comm_wait_seconds(self, reset: bool = False) -> float:
+        """Seconds spent blocked on expert-parallel all-to-alls (exposed communication) since the last reset."""
+        total = 0.0
+        for moe in self.moe_layers():
+            total += moe.dispatcher.stats.wait_s
+            if reset:
+                moe.dispatcher.stats.reset()
+        return total
+
+    def num_params(self, active: bool = False) -> int:
+        """Global parameter count (all experts, whatever the EP size); ``active``: per-token active."""
+        total = 0
+        for name, p in self.named_parameters():
+            if is_expert_param(p):
+                moe = self._moe_of(name)
+                per_expert = p[0].numel()
+                total += per_expert * (moe.top_k if active else moe.num_experts)
+            else:
+                total += p.numel()
+        return total
+
+    def _moe_of(self, param_name: str) -> MoELayer:
+        return self.layers[int(param_name.split(".")[1])].moe
+
+    def new_cache(self, batch: int, max_len: int | None = None, pad: torch.Tensor | None = None) -> KVCache:
+        cfg = self.cfg
+        device = self.tok_embeddings.weight.device
+        dtype = self.tok_embeddings.weight.dtype
+        return KVCache(cfg.n_layers, batch, cfg.n_heads, max_len or cfg.max_seq_len, cfg.dim // cfg.n_heads,
+                       dtype=dtype, device=device, pad=pad)
+
+    # --------------------------------------------------------------- forward
+    def _positions_and_mask(self, B: int, T: int, cache: KVCache | None, start_pos: int):
+        if cache is None:
+            if start_pos:
+                raise ValueError("start_pos > 0 needs a KV cache holding the earlier positions")
+            return self.rope_cos[:T], self.rope_sin[:T], None
+        device = self.rope_cos.device
+        query_pos = start_pos + torch.arange(T, device=device)            # [T] cache slots
+        key_pos = torch.arange(start_pos + T, device=device)              # [S]
+        pad = cache.pad.to(device)                                         # [B]
+        positions = (query_pos[None, :] - pad[:, None]).clamp(min=0)       # [B, T] per-sequence positions
+        causal = key_pos[None, :] <= query_pos[:, None]                    # [T, S]
+        real_key = key_pos[None, :] >= pad[:, None]                        # [B, S]
+        mask = causal[None] & real_key[:, None]                            # [B, T, S]
+        # a padding query has no real key before it; let it see itself so softmax stays finite
+        mask |= (key_pos[None, :] == query_pos[:, None])[None]
+        return self.rope_cos[positions], self.rope_sin[positions], mask[:, None]  # mask [B, 1, T, S]
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0
+                ) -> tuple[torch.Tensor, dict[str, Any]]:
+        B, T = tokens.shape
+        if start_pos + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start_pos + T} positions exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        cos, sin, mask = self._positions_and_mask(B, T, cache, start_pos)
+        h = self.tok_embeddings(tokens)  # [B, T, D]
+        stats: list[MoEStats] = []
+        for block in self.layers:
+            h, layer_stats = block(h, cos, sin, mask, cache, start_pos)
+            if layer_stats is not None:
+                stats.append(layer_stats)
+        h = self.norm(h)
+        logits = F.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)  # [B, T, V]
+        zero = logits.new_zeros((), dtype=torch.float32)
+        aux = {
+            "aux_loss": self.cfg.aux_loss_coef * sum((s.aux_loss for s in stats), zero),
+            "z_loss": self.cfg.z_loss_coef * sum((s.z_loss for s in stats), zero),
+            "expert_counts": [s.counts for s in stats],
+            "kept_counts": [s.kept_counts for s in stats],
+            "dropped_fraction": [s.dropped_fraction for s in stats],
+        }
+        return logits, aux
+
+
+def moe_metrics(aux: Mapping[str, Any], prefix: str = "moe/") -> dict[str, float]:
+    """Flat float metrics from a forward's ``aux``: per-layer tokens per expert, dropped fraction,
+    max/mean load, plus their means over layers (what training logs to MLflow)."""
+    out: dict[str, float] = {}
+    dropped, imbalance = [], []
+    for i, (counts, kept) in enumerate(zip(aux.get("expert_counts", []), aux.get("kept_counts", []))):
+        counts_f = counts.float()
+        total = max(float(counts_f.sum()), 1.0)
+        layer_dropped = (total - float(kept.sum())) / total
+        layer_imbalance = float(counts_f.max() / counts_f.mean().clamp(min=1e-9))
+        out[f"{prefix}layer{i}/dropped_fraction"] = layer_dropped
+        out[f"{prefix}layer{i}/max_over_mean_load"] = layer_imbalance
+        for e, c in enumerate(counts.tolist()):
+            out[f"{prefix}layer{i}/tokens_expert{e}"] = float(c)
+        dropped.append(layer_dropped)
+        imbalance.append(layer_imbalance)
+    if dropped:
+        out[f"{prefix}dropped_fraction"] = sum(dropped) / len(dropped)
+        out[f"{prefix}max_over_mean_load"] = sum(imbalance) / len(imbalance)
+    for key in ("aux_loss", "z_loss"):
+        if key in aux:
+            out[f"{prefix}{key}"] = float(torch.as_tensor(aux[key]).detach())
+    return out

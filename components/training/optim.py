@@ -1,0 +1,98 @@
+"""AdamW with decoupled weight decay on matrices only, and a warmup + cosine learning-rate schedule."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from components.config.schema import TrainConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: matrices decay; norms, biases and embeddings do not.
+
+    Decaying a norm's gain or a bias pulls it towards zero for no regularising benefit, and
+    decaying the (possibly tied) embedding shrinks rare tokens' vectors every step.
+    """
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim < 2 or id(param) in embedding_ids:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(
+        param_groups(model, train.weight_decay),
+        lr=train.lr,
+        betas=(train.beta1, train.beta2),
+        # foreach: one kernel per group instead of per tensor; also fine on CPU.
+        foreach=True,
+    )
+
+
+def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """Multiplier of the peak learning rate before optimiser step ``step`` (0-based).
+
+    Linear warmup from 1/warmup to 1, then a cosine from 1 down to ``min_lr_ratio`` at ``max_steps``.
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(max_steps - warmup_steps, 1)
+    progress = min(max(step - warmup_steps, 0) / decay_steps, 1.0)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * cosine
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: lr_factor(step, train.warmup_steps, train.max_steps, train.min_lr_ratio),
+    )
+
+
+def optimizer_state_by_name(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, dict]:
+    """``{param name: {"exp_avg": ..., "exp_avg_sq": ..., "step": ...}}``.
+
+    Keyed by name rather than by position so that a subset (the expert shard) can be saved by
+    one rank, merged with other ranks' shards and re-split for another expert-parallel size.
+    ``names`` maps ``id(param)`` to its name.
+    """
+    by_name: dict[str, dict] = {}
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param)
+            if state:
+                by_name[names[id(param)]] = {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in state.items()}
+    return by_name
+
+
+def load_optimizer_state_by_name(
+    optimizer: torch.optim.Optimizer, names: dict[int, str], state: dict[str, dict]
+) -> None:
+    """Inverse of :func:`optimizer_state_by_name` for the params present in ``state``."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            saved = state.get(names[id(param)])
+            if saved is None:
+                continue
+            restored = {}
+            for key, value in saved.items():
+                if torch.is_tensor(value) and key != "step":
+                    if value.shape != param.shape:
+                        raise ValueError(
+                            f"optimizer state {names[id(param)]}.{key}: shape {tuple(value.shape)} does not "
+                            f"match the parameter {tuple(param.shape)}"
+                        )
+                    value = value.to(device=param.device, dtype=param.dtype)
+                restored[key] = value
+            optimizer.state[param] = restored

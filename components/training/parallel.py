@@ -1,0 +1,165 @@
+"""Process groups for expert parallelism, DDP on the non-expert parameters, expert-gradient sync.
+
+With world size W and expert-parallel size E (E divides W):
+
+* expert-parallel (EP) groups are contiguous ranks ``[0..E-1], [E..2E-1], ...``; within one, each
+  rank holds ``num_experts / E`` experts and tokens travel to their expert by all-to-all;
+* expert-data-parallel (EDP) groups hold the same experts: ``{i, i+E, i+2E, ...}``; expert
+  gradients are averaged only there;
+* every other parameter is replicated on all W ranks and synchronised by DDP.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from components.model.experts import is_expert_param
+
+
+@dataclass
+class ParallelGroups:
+    rank: int
+    world_size: int
+    ep_size: int
+    ep_rank: int               # position inside this rank's EP group = which expert shard it holds
+    ep_group: object | None    # None when ep_size == 1 (no all-to-all)
+    edp_size: int              # replicas of this rank's expert shard = world_size / ep_size
+    edp_group: object | None   # None when edp_size == 1 (nothing to average)
+    edp_ranks: tuple[int, ...]
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def build_groups(ep_size: int) -> ParallelGroups:
+    """Create the EP and EDP groups; every rank must call this with the same ``ep_size``."""
+    if not (dist.is_available() and dist.is_initialized()):
+        if ep_size != 1:
+            raise ValueError(f"train.expert_parallel_size={ep_size}: needs an initialised process group of that size")
+        return ParallelGroups(0, 1, 1, 0, None, 1, None, (0,))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if ep_size < 1 or world % ep_size:
+        raise ValueError(f"train.expert_parallel_size={ep_size}: must divide the world size ({world})")
+    ep_group = edp_group = None
+    # new_group is collective: all ranks create all groups, in the same order.
+    for start in range(0, world, ep_size):
+        ranks = list(range(start, start + ep_size))
+        group = dist.new_group(ranks) if ep_size > 1 else None
+        if rank in ranks:
+            ep_group = group
+    edp_size = world // ep_size
+    my_edp_ranks: tuple[int, ...] = ()
+    for offset in range(ep_size):
+        ranks = list(range(offset, world, ep_size))
+        group = dist.new_group(ranks) if edp_size > 1 else None
+        if rank in ranks:
+            edp_group, my_edp_ranks = group, tuple(ranks)
+    return ParallelGroups(rank, world, ep_size, rank % ep_size, ep_group, edp_size, edp_group, my_edp_ranks)
+
+
+def expert_param_names(model: nn.Module) -> list[str]:
+    return [name for name, p in model.named_parameters() if is_expert_param(p)]
+
+
+def split_params(model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(non-expert, expert) parameters that need gradients."""
+    dense, experts = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (experts if is_expert_param(p) else dense).append(p)
+    return dense, experts
+
+
+def wrap_ddp(model: nn.Module, groups: ParallelGroups, device: torch.device, bucket_mb: int) -> nn.Module:
+    """DDP over the non-expert parameters only; the expert parameters are left to
+    :func:`sync_expert_grads`. Gradients of a bucket are all-reduced as soon as the bucket is
+    ready, overlapping the rest of backward (``bucket_mb`` sets the bucket size)."""
+    if not groups.distributed:
+        return model
+    DDP._set_params_and_buffers_to_ignore_for_model(model, expert_param_names(model))
+    return DDP(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        bucket_cap_mb=bucket_mb,
+        # buffers (rotary tables, router bias) are deterministic or synchronised by the model:
+        # broadcasting them every forward would be a collective for nothing (synced once at init).
+        forward_sync_buffers=False,
+        gradient_as_bucket_view=True,
+    )
+
+
+def sync_expert_grads(expert_params: list[torch.Tensor], groups: ParallelGroups) -> None:
+    """Average expert gradients consistently with DDP's average over all W ranks.
+
+    After backward, the all-to-all has already brought the gradients of every token in the EP
+    group to the rank owning the expert, so a shard holds the sum over its EP group's ranks of
+    d(loss_rank)/d(expert). Summing over the EDP group adds the other EP groups; dividing by W
+    gives the gradient of the mean loss over all ranks, exactly what DDP computes for the rest.
+    """
+    if not groups.distributed:
+        return
+    for p in expert_params:
+        # An expert no token reached has no gradient here but may have one on a replica:
+        # every replica must contribute the same tensor sizes to the all-reduce.
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in expert_params]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    if groups.edp_group is not None:
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=groups.edp_group)
+    flat.div_(groups.world_size)
+    offset = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset : offset + n].view_as(g))
+        offset += n
+
+
+def clip_grad_norm(
+    dense_params: list[torch.Tensor], expert_params: list[torch.Tensor], max_norm: float, groups: ParallelGroups
+) -> torch.Tensor:
+    """Clip by the norm of the *whole* model's gradient.
+
+    Non-expert gradients are identical on every rank; expert gradients differ within an EP
+    group (different experts) and are identical across EDP replicas, so the global squared norm
+    is the dense part plus the EP-group sum of the expert parts.
+    """
+    def sq_norm(params: list[torch.Tensor]) -> torch.Tensor:
+        grads = [p.grad.detach().float() for p in params if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=next(iter(dense_params + expert_params)).device)
+        return torch.stack([g.pow(2).sum() for g in grads]).sum()
+
+    expert_sq = sq_norm(expert_params)
+    if groups.ep_group is not None:
+        dist.all_reduce(expert_sq, op=dist.ReduceOp.SUM, group=groups.ep_group)
+    total = (sq_norm(dense_params) + expert_sq).sqrt()
+    if max_norm > 0:
+        scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for p in dense_params + expert_params:
+            if p.grad is not None:
+                p.grad.detach().mul_(scale.to(p.grad.dtype))
+    return total
+
+
+def all_reduce_mean(values: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
+    """Mean over all ranks of a small float tensor (losses, metrics)."""
+    if groups.distributed:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values /= groups.world_size
+    return values
+
+
+def all_reduce_sum(values: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
+    if groups.distributed:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values

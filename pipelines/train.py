@@ -1,0 +1,244 @@
+"""The ``train`` stage: Ray Train's TorchTrainer over ``components.training.loop``, then the export.
+
+    python -m pipelines.train experiment=tiny            # uses the latest finished prepare (and tune) run
+    python -m pipelines.train train.stop_at_step=100     # stop early; the same command without it resumes
+
+:func:`run_training` is also what Tune trials (``pipelines.tune``) and the dense baseline
+(``pipelines.evaluate``) call.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from components.config import Config, to_container, with_overrides
+from components.tracking.stages import StageContext, StageSpec
+from pipelines._cli import stage_main
+
+# chaos testing: "<step>:<rank>:<marker file>" makes that rank exit once after that step
+FAULT_ENV = "MOEOPS_TRAIN_FAULT"
+# config keys that change the trained weights: a run with the same ones (and the same dataset)
+# continues the same checkpoints when train.resume=auto
+_CURVE_KEYS = ("lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip",
+               "batch_size", "grad_accum_steps", "max_steps", "seed", "precision")
+
+
+@dataclass
+class TrainResult:
+    metrics: dict[str, float]   # at least val_loss, train_loss, tokens_per_s, steps
+    checkpoint_path: str        # latest Ray Train checkpoint dir (local path or URI)
+    export_dir: str             # local dir holding save_export(...) output (EP-size independent)
+    flow_report_path: str = ""  # JSON list of every rank's data-flow report entries
+
+
+def training_name(config: Config, manifest_uri: str, prefix: str = "train") -> str:
+    """A Ray Train run name that is the same for the same model, data and optimisation settings,
+    so re-running after a crash or a stop continues from the run's latest checkpoint."""
+    key = {
+        "manifest": manifest_uri,
+        "model": to_container(config)["model"],
+        "train": {k: getattr(config.train, k) for k in _CURVE_KEYS},
+    }
+    return f"{prefix}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}"
+
+
+def _storage(config: Config) -> tuple[str, Any]:
+    """(storage_path, pyarrow filesystem or None) for RunConfig from ``train.checkpoint_uri``.
+
+    Object stores reuse the cold tier's settings (endpoint, region, credential variables)."""
+    uri = config.train.checkpoint_uri
+    if "://" not in uri or uri.startswith("file://"):
+        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        Path(path).mkdir(parents=True, exist_ok=True)
+        return path, None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    from components.data.cold import filesystem_for
+
+    fs, path = filesystem_for(uri, config.storage)
+    return path, PyFileSystem(FSSpecHandler(fs))
+
+
+def _checkpoint_uri(config: Config, checkpoint) -> str:
+    """The checkpoint's location with its scheme (Ray reports object-store paths without it)."""
+    uri = config.train.checkpoint_uri
+    if "://" in uri and not uri.startswith("file://"):
+        return f"{uri.split('://', 1)[0]}://{checkpoint.path.lstrip('/')}"
+    return checkpoint.path
+
+
+def _progress_callback(total: int):
+    """A Ray Train callback printing `[train] N/M steps ... loss=` lines (runs in the controller,
+    whose output reaches the driver's log)."""
+    from ray.train import UserCallback
+
+    class TrainProgress(UserCallback):
+        def __init__(self):
+            self.progress = None
+            # wall clock, not monotonic: the controller may run on another machine than the driver
+            self.created = time.time()
+
+        def after_report(self, run_context, metrics, checkpoint):
+            from components.tracking.progress import Progress
+
+            if not metrics:
+                return
+            main = metrics[0]
+            if self.progress is None:
+                self.progress = Progress("train", total, min_interval_s=0.0)
+                self.progress.started -= max(time.time() - self.created, 0.0)
+            shown = {k: round(main[k], 4) for k in ("loss", "val_loss") if k in main}
+            self.progress.set(int(main.get("step", 0)), **shown)
+
+    return TrainProgress()
+
+
+def _local_tokenizer(uri: str, storage, dest: Path) -> Path:
+    """The tokenizer as a local file (it may live in an object store with its own endpoint)."""
+    from components.data.cold import read_bytes
+
+    dest.write_bytes(read_bytes(uri, storage, what="tokenizer"))
+    return dest
+
+
+def run_training(
+    config: Config,
+    manifest_uri: str,
+    *,
+    mlflow_run_id: str | None,
+    name: str,
+    callbacks: list | None = None,
+    resume_from: str | None = None,
+) -> TrainResult:
+    """Train on Ray Train and export the final model (all experts gathered)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from components.data.manifest import load_manifest
+    from components.model.export import save_export
+    from components.training.checkpoint import FLOW_REPORT_FILE, load_full_model_state
+    from components.training.loop import RunInfo, pack_config, train_loop_per_worker
+    from pipelines.runtime import ensure_ray
+
+    ensure_ray(config)
+    t = config.train
+    manifest = load_manifest(manifest_uri, config.storage)
+    if manifest.seq_len > config.model.max_seq_len:
+        raise ValueError(
+            f"dataset {manifest_uri} has seq_len={manifest.seq_len} but model.max_seq_len={config.model.max_seq_len}: "
+            "raise model.max_seq_len or prepare the data with a smaller data.seq_len"
+        )
+    if t.resume not in ("auto", "never") and not resume_from:
+        resume_from = t.resume
+    if t.resume == "never":
+        # a fresh directory: Ray Train restores only from a run directory of the same name
+        name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = RunInfo(
+        manifest_uri=manifest_uri,
+        vocab_size=manifest.vocab_size,
+        seq_len=manifest.seq_len,
+        tracking_uri=config.tracking.uri,
+        mlflow_run_id=mlflow_run_id,
+        resume_from=resume_from,
+        fault=os.environ.get(FAULT_ENV, ""),
+    )
+    storage_path, storage_fs = _storage(config)
+    resources = {"CPU": t.cpus_per_worker}
+    if t.use_gpu:
+        resources["GPU"] = t.gpus_per_worker
+    backend = t.backend if t.backend != "auto" else ("nccl" if t.use_gpu else "gloo")
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=pack_config(to_container(config), run),
+        torch_config=TorchConfig(backend=backend),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            callbacks=[_progress_callback(t.stop_at_step or t.max_steps), *(callbacks or [])],
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {name!r} finished without a checkpoint")
+
+    out_root = Path(config.paths.root) / "exports" / name
+    export_dir = out_root / "export"
+    if export_dir.exists():
+        shutil.rmtree(export_dir)
+    flow_report_path = out_root / FLOW_REPORT_FILE
+    with result.checkpoint.as_directory() as ckpt_dir, tempfile.TemporaryDirectory() as tmp:
+        state = load_full_model_state(ckpt_dir)
+        tokenizer = _local_tokenizer(manifest.tokenizer_uri, config.storage, Path(tmp) / "tokenizer.json")
+        save_export(state, config.model, manifest.vocab_size, tokenizer, export_dir)
+        if (Path(ckpt_dir) / FLOW_REPORT_FILE).exists():
+            shutil.copyfile(Path(ckpt_dir) / FLOW_REPORT_FILE, flow_report_path)
+
+    metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+    metrics["steps"] = metrics.get("step", 0.0)
+    return TrainResult(
+        metrics=metrics,
+        checkpoint_path=_checkpoint_uri(config, result.checkpoint),
+        export_dir=str(export_dir),
+        flow_report_path=str(flow_report_path) if flow_report_path.exists() else "",
+    )
+
+
+def upstream(config: Config) -> tuple[str, ...]:
+    return ("prepare", "tune") if config.tune.enabled else ("prepare",)
+
+
+def run(ctx: StageContext) -> dict[str, str]:
+    from components.model.export import weights_digest
+
+    config = ctx.config
+    if "tune" in ctx.inputs:
+        best = json.loads(ctx.inputs["tune"].get("best_params") or "{}")
+        if best:
+            print(f"[train] applying the sweep's best parameters: {best}", flush=True)
+            config = with_overrides(config, best)
+            ctx.log_params({"tuned": best})
+    manifest_uri = ctx.inputs["prepare"]["manifest_uri"]
+    result = run_training(
+        config, manifest_uri, mlflow_run_id=ctx.run_id, name=training_name(config, manifest_uri),
+    )
+    ctx.log_artifact(result.export_dir, "export")
+    if result.flow_report_path:
+        ctx.log_artifact(result.flow_report_path, "data_flow")
+    digest = weights_digest(result.export_dir)
+    summary = {f"final_{k}": v for k, v in result.metrics.items() if k in ("val_loss", "train_loss", "tokens_per_s")}
+    ctx.log_metrics(summary, step=int(result.metrics.get("steps", 0)))
+    model_uri = f"runs:/{ctx.run_id}/export"
+    return {
+        "model_uri": model_uri,
+        "digest": digest,
+        "model_digest": digest,
+        "val_loss": f"{result.metrics.get('val_loss', float('nan')):.6f}",
+        "train_loss": f"{result.metrics.get('train_loss', float('nan')):.6f}",
+        "steps": str(int(result.metrics.get("steps", 0))),
+        "checkpoint_path": result.checkpoint_path,
+        "checkpoint_uri": result.checkpoint_path,
+        "export_dir": result.export_dir,
+    }
+
+
+SPEC = StageSpec(name="train", config_keys=("data", "model", "train"), upstream=upstream, fn=run,
+                 key_output="val_loss")
+main = stage_main(SPEC)
+
+if __name__ == "__main__":
+    main()

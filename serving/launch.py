@@ -1,0 +1,60 @@
+"""Start Serve, deploy moeops' application, wait until it is ready (deploy stage, tests, benchmark)."""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import httpx
+from ray import serve
+
+from components.config import Config
+from serving.app import make_application
+
+
+def ensure_serve(host: str, port: int, proxy_location: str = "HeadOnly") -> str:
+    """Start Serve's HTTP proxy on host:port, or reuse the running one; returns its base URL.
+
+    HTTP options are per cluster and fixed once Serve runs: if it already runs elsewhere,
+    that address is returned (and a different requested port is reported, not ignored silently).
+    """
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        serve.start(proxy_location=proxy_location, http_options={"host": host, "port": int(port)})
+        client = _get_global_client()
+    http = client.http_config
+    if int(http.port) != int(port):
+        print(f"[serve] Serve already runs with HTTP on port {http.port}; serve.port={port} is not applied "
+              "(HTTP options are fixed for the life of a Serve instance)", flush=True)
+    connect_host = "127.0.0.1" if http.host in ("0.0.0.0", "::", "") else http.host
+    return f"http://{connect_host}:{http.port}"
+
+
+def deploy(config: Config, model_uri: Optional[str] = None, *, revision: str = "", name: Optional[str] = None,
+           route_prefix: Optional[str] = None) -> str:
+    """``serve.run`` the app (non-blocking); returns the application's base URL (without /v1)."""
+    base = ensure_serve(config.serve.host, config.serve.port, config.serve.proxy_location)
+    prefix = route_prefix if route_prefix is not None else config.serve.route_prefix
+    serve.run(make_application(config, model_uri, revision), name=name or config.serve.app_name,
+              route_prefix=prefix, blocking=False)
+    return base + ("" if prefix == "/" else prefix.rstrip("/"))
+
+
+def wait_ready(app_url: str, timeout_s: float = 180.0, expect_version: Optional[str] = None) -> dict:
+    """Poll ``/readyz`` until 200 (and, if given, the champion is ``expect_version``); returns its body."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(f"{app_url}/readyz", timeout=5.0)
+            last = f"{response.status_code} {response.text[:300]}"
+            if response.status_code == 200:
+                body = response.json()
+                champion = next(iter(body.get("versions", {}).values()), None)
+                if expect_version is None or champion == str(expect_version):
+                    return body
+        except httpx.HTTPError as err:
+            last = f"{type(err).__name__}: {err}"
+        time.sleep(0.5)
+    raise TimeoutError(f"{app_url}/readyz not ready after {timeout_s:.0f}s; last answer: {last}")

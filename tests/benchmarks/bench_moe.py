@@ -1,0 +1,227 @@
+"""MoE benchmark: layer throughput vs dense and naive, and expert-parallel overlap on vs off.
+
+    python tests/benchmarks/bench_moe.py --json bench-moe.json          # full run (a few minutes)
+    python tests/benchmarks/bench_moe.py --quick --json /tmp/quick.json # smoke run (seconds)
+
+Part 1 — one MoE layer, forward + backward, fp32 on CPU (D=256, F=512, 8 experts, top-2, 4096
+tokens, dropless) against
+  * a dense SwiGLU MLP with ffn = top_k x F, i.e. the same active FLOPs (the upper limit), and
+  * the naive per-expert loop (boolean mask per expert, gather, scatter-add).
+Part 2 — a 2-worker expert-parallel training step (torch.multiprocessing + gloo on 127.0.0.1,
+one thread per worker) with overlap off (synchronous all-to-all, 1 chunk) and on (async
+all-to-all, ``--chunks`` chunks). The two settings alternate step by step so machine load
+hits both alike. Per step: data wait (building the batch), exposed all-to-all time (the compute
+thread blocked in ``work.wait()``; includes the small synchronous count exchange), the
+non-expert gradient all-reduce (what DDP would do), and compute (the rest).
+``exposed_comm_fraction`` = exposed all-to-all time with overlap on / all-to-all time with
+overlap off (where all of it is exposed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from components.config.schema import ModelConfig  # noqa: E402
+from components.model.layers import FeedForward  # noqa: E402
+from components.model.moe import MoELayer, reference_moe_forward  # noqa: E402
+
+GOALS = {"moe_vs_dense_ratio": ">= 0.8", "moe_vs_naive_ratio": ">= 2.0", "overlap_on_vs_off_step_ratio": "<= 0.85"}
+
+
+def _median_time(fn, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# ------------------------------------------------------------------------------ part 1
+def layer_benchmark(quick: bool) -> dict:
+    D, F, E, k, N = (64, 128, 8, 2, 512) if quick else (256, 512, 8, 2, 4096)
+    warmup, iters = (1, 3) if quick else (3, 10)
+    torch.manual_seed(0)
+    moe = MoELayer(D, F, E, k, dropless=True).train()
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(std=0.02)
+    dense = FeedForward(D, k * F)
+    x = torch.randn(N, D, requires_grad=True)
+
+    def moe_step():
+        out, _ = moe(x)
+        out.sum().backward()
+
+    def naive_step():
+        reference_moe_forward(moe, x).sum().backward()
+
+    def dense_step():
+        dense(x).sum().backward()
+
+    # interleave the three so load from other processes spreads evenly
+    t_moe, t_naive, t_dense = [], [], []
+    for _ in range(warmup):
+        moe_step(), naive_step(), dense_step()
+    for _ in range(iters):
+        t_moe.append(_median_time(moe_step, 0, 1))
+        t_naive.append(_median_time(naive_step, 0, 1))
+        t_dense.append(_median_time(dense_step, 0, 1))
+    moe_s, naive_s, dense_s = map(statistics.median, (t_moe, t_naive, t_dense))
+    return {
+        "shape": {"dim": D, "ffn_dim": F, "num_experts": E, "top_k": k, "tokens": N, "dtype": "fp32",
+                  "threads": torch.get_num_threads()},
+        "moe_step_s": moe_s, "naive_step_s": naive_s, "dense_step_s": dense_s,
+        "moe_tokens_per_s": N / moe_s, "naive_tokens_per_s": N / naive_s, "dense_tokens_per_s": N / dense_s,
+        "moe_vs_dense_ratio": dense_s / moe_s,
+        "moe_vs_naive_ratio": naive_s / moe_s,
+    }
+
+
+# ------------------------------------------------------------------------------ part 2
+def _ep_worker(rank: int, world: int, port: int, settings: dict, out_path: str) -> None:
+    import torch.distributed as dist
+    import torch.nn.functional as Fn
+
+    from components.model import Transformer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    cfg = ModelConfig(**settings["model"])
+    vocab, batch, seq = settings["vocab"], settings["batch"], settings["seq"]
+    variants = settings["variants"]
+    models, optims = {}, {}
+    for name, overlap in variants.items():
+        torch.manual_seed(0)
+        model = Transformer(cfg, vocab, ep_group=dist.group.WORLD, overlap=overlap).train()
+        models[name] = model
+        optims[name] = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(100 + rank)
+    records = {name: [] for name in variants}
+
+    def step(name: str) -> dict:
+        model, optim = models[name], optims[name]
+        t0 = time.perf_counter()
+        tokens = torch.randint(0, vocab, (batch, seq + 1), generator=gen)  # synthetic data
+        t_data = time.perf_counter() - t0
+        model.comm_wait_seconds(reset=True)
+        logits, aux = model(tokens[:, :-1])
+        loss = Fn.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()) + aux["aux_loss"] + aux["z_loss"]
+        loss.backward()
+        a2a_exposed = model.comm_wait_seconds(reset=True)
+        t1 = time.perf_counter()
+        grads = [p.grad for p in model.non_expert_parameters()]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)  # the non-expert (DDP) gradient sync, one bucket
+        t_allreduce = time.perf_counter() - t1
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        total = time.perf_counter() - t0
+        return {"step_s": total, "data_wait_s": t_data, "a2a_exposed_s": a2a_exposed, "allreduce_s": t_allreduce,
+                "compute_s": total - t_data - a2a_exposed - t_allreduce}
+
+    for _ in range(settings["warmup"]):
+        for name in variants:
+            step(name)
+    for _ in range(settings["steps"]):
+        for name in variants:
+            records[name].append(step(name))
+    # the step is as slow as its slowest rank: gather every rank's medians
+    summary = {name: {key: statistics.median(r[key] for r in recs) for key in recs[0]} for name, recs in records.items()}
+    gathered = [None] * world
+    dist.all_gather_object(gathered, summary)
+    if rank == 0:
+        Path(out_path).write_text(json.dumps(gathered))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ep_benchmark(quick: bool, chunks: int) -> dict:
+    import torch.multiprocessing as mp
+
+    if quick:
+        model = dict(dim=64, n_heads=4, n_layers=2, ffn_dim=128, num_experts=4, top_k=2, max_seq_len=64, dropless=True)
+        settings = dict(model=model, vocab=256, batch=2, seq=32, warmup=1, steps=3)
+    else:
+        model = dict(dim=256, n_heads=4, n_layers=2, ffn_dim=512, num_experts=8, top_k=2, max_seq_len=256, dropless=True)
+        settings = dict(model=model, vocab=2048, batch=8, seq=256, warmup=2, steps=8)
+    settings["variants"] = {
+        "off": {"async_a2a": False, "a2a_chunks": 1},
+        "on": {"async_a2a": True, "a2a_chunks": chunks},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        out_path = str(Path(tmp) / "ep.json")
+        mp.spawn(_ep_worker, args=(2, _free_port(), settings, out_path), nprocs=2, join=True)
+        per_rank = json.loads(Path(out_path).read_text())
+    # a synchronous step is bounded by the slower rank: take the max over ranks per figure
+    merged = {name: {key: max(r[name][key] for r in per_rank) for key in per_rank[0][name]}
+              for name in settings["variants"]}
+    off, on = merged["off"], merged["on"]
+    return {
+        "setup": {"workers": 2, "backend": "gloo", "threads_per_worker": 1, "tokens_per_worker": settings["batch"] * settings["seq"],
+                  "model": model, "vocab": settings["vocab"], "steps": settings["steps"], "variants": settings["variants"]},
+        "off": off, "on": on, "per_rank": per_rank,
+        "overlap_on_vs_off_step_ratio": on["step_s"] / off["step_s"],
+        "exposed_comm_fraction": on["a2a_exposed_s"] / max(off["a2a_exposed_s"], 1e-9),
+        "a2a_share_of_step_off": off["a2a_exposed_s"] / off["step_s"],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", dest="json_out", help="write the results here")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run for tests")
+    parser.add_argument("--chunks", type=int, default=2, help="a2a chunks with overlap on (default 2)")
+    args = parser.parse_args(argv)
+
+    layer = layer_benchmark(args.quick)
+    ep = ep_benchmark(args.quick, args.chunks)
+    result = {
+        "benchmark": "bench_moe",
+        "quick": args.quick,
+        "cpu_count": os.cpu_count(),
+        "load_average_1m": os.getloadavg()[0],
+        "moe_vs_dense_ratio": layer["moe_vs_dense_ratio"],
+        "moe_vs_naive_ratio": layer["moe_vs_naive_ratio"],
+        "overlap_on_vs_off_step_ratio": ep["overlap_on_vs_off_step_ratio"],
+        "exposed_comm_fraction": ep["exposed_comm_fraction"],
+        "goals": GOALS,
+        "layer": layer,
+        "expert_parallel_step": ep,
+    }
+    text = json.dumps(result, indent=2)
+    if args.json_out:
+        Path(args.json_out).write_text(text)
+    print(json.dumps({k: result[k] for k in ("moe_vs_dense_ratio", "moe_vs_naive_ratio",
+                                              "overlap_on_vs_off_step_ratio", "exposed_comm_fraction",
+                                              "load_average_1m")}, indent=2))
+    for name in ("off", "on"):
+        r = ep[name]
+        print(f"EP step overlap {name:>3}: {r['step_s'] * 1e3:8.1f} ms = compute {r['compute_s'] * 1e3:7.1f} "
+              f"+ exposed a2a {r['a2a_exposed_s'] * 1e3:6.1f} + grad all-reduce {r['allreduce_s'] * 1e3:6.1f} "
+              f"+ data wait {r['data_wait_s'] * 1e3:5.2f}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

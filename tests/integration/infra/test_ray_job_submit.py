@@ -1,0 +1,213 @@
+"""The cluster path for real: a separate Ray head started with `ray start --head`, the tiny pipeline
+submitted with `ray job submit` (working dir + infra/runtime_env.yaml, exactly as docs/cluster.md
+says), its MLflow records checked, its Serve endpoint queried, then that head torn down.
+
+The head is not the session's `ray_session`: this test must not touch the shared Ray. For the same
+reason it does not run `ray stop` (which stops every Ray on the machine, the test session's too);
+it ends exactly the processes it started, by process group and session directory.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import secrets
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from conftest import free_port
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[3]
+RAY = str(Path(sys.executable).parent / "ray")
+STAGES = ["prepare", "train"]
+JOB_TIMEOUT_S = 600
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+class RayHead:
+    """`ray start --head --block` in its own process group, with the job server (dashboard) on loopback."""
+
+    def __init__(self, env: dict[str, str]):
+        # Token auth, as on a real cluster (and independent of any ~/.ray/auth_token on this machine).
+        self.auth_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+        env = {**env, **self.auth_env}
+        # Short path: Ray's unix sockets live under it and must fit in 107 bytes.
+        self.temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        command = [
+            RAY, "start", "--head", "--block", "--disable-usage-stats",
+            f"--port={self.gcs_port}", "--node-ip-address=127.0.0.1",
+            "--num-cpus=4", "--num-gpus=0", "--object-store-memory=400000000",
+            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+            f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+            f"--temp-dir={self.temp_dir}",
+        ]
+        self.log = open(Path(self.temp_dir) / "ray-start.log", "w")
+        self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+
+    def wait_ready(self, timeout_s: float = 120) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ray start exited with {self.process.returncode}: {self.start_log()}")
+            try:
+                with urllib.request.urlopen(f"{self.dashboard}/api/version", timeout=2):
+                    return
+            except urllib.error.HTTPError:
+                return  # up, and asking for the token
+            except OSError:
+                time.sleep(1)
+        raise TimeoutError(f"Ray dashboard not up after {timeout_s}s: {self.start_log()}")
+
+    def start_log(self) -> str:
+        return (Path(self.temp_dir) / "ray-start.log").read_text()[-3000:]
+
+    def stop(self) -> None:
+        """SIGTERM the head's process group, then SIGKILL whatever of ours is left."""
+        for sig, grace_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                pass
+            for pid in self._session_pids():
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            try:
+                self.process.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                continue
+            if not self._session_pids():
+                break
+        self.log.close()
+
+    def _session_pids(self) -> list[int]:
+        """Our Ray processes that left the process group (workers), found by our temp dir."""
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if self.temp_dir.encode() in cmdline:
+                pids.append(int(entry.name))
+        return pids
+
+
+def client_env(head: "RayHead") -> dict[str, str]:
+    """What a user's shell holds to talk to the cluster: its token, not its tracking URI."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    return {**env, **head.auth_env}
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    env = dict(os.environ)
+    # The job's `python` must be this venv's; the head's environment is what jobs inherit, which
+    # is how a cluster passes MLFLOW_TRACKING_URI and credentials without writing them to a file.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for key in ("RAY_ADDRESS", "MOEOPS_HOME"):
+        env.pop(key, None)
+    head = RayHead(env)
+    try:
+        head.wait_ready()
+        yield head
+    finally:
+        head.stop()
+
+
+def ray_cli(head: RayHead, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([RAY, *args], cwd=REPO, env=client_env(head), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def submit(head: RayHead, entrypoint: list[str]) -> str:
+    submission_id = f"moeops-test-{int(time.time())}"
+    result = ray_cli(
+        head, "job", "submit", "--address", head.dashboard, "--submission-id", submission_id, "--no-wait",
+        "--working-dir", ".", "--runtime-env", "infra/runtime_env.yaml", "--", *entrypoint,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return submission_id
+
+
+def wait_for_job(head: RayHead, submission_id: str) -> tuple[str, str]:
+    """Poll `ray job status` until the job ends; its final status and logs."""
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    status = "UNKNOWN"
+    while time.monotonic() < deadline:
+        result = ray_cli(head, "job", "status", "--address", head.dashboard, submission_id, timeout=60)
+        found = re.search(r"Status for job '[^']+': (\w+)", result.stdout + result.stderr)
+        status = found.group(1) if found else "UNKNOWN"
+        if status in TERMINAL:
+            break
+        time.sleep(5)
+    logs = ray_cli(head, "job", "logs", "--address", head.dashboard, submission_id, timeout=60)
+    if status not in TERMINAL:
+        ray_cli(head, "job", "stop", "--address", head.dashboard, submission_id, timeout=60)
+    return status, logs.stdout + logs.stderr
+
+
+def test_tiny_pipeline_via_ray_job_submit(ray_head, tmp_path):
+    root = tmp_path / "moeops"
+    serve_port = free_port()
+    entrypoint = [
+        "python", "-m", "pipelines.run", "experiment=tiny", "cluster=remote",
+        f"paths.root={root}", f"serve.port={serve_port}", "run_name=ray-job-submit",
+        "stages=[" + ",".join(STAGES) + "]",
+    ]
+    submission_id = submit(ray_head, entrypoint)
+    status, logs = wait_for_job(ray_head, submission_id)
+    assert status == "SUCCEEDED", logs[-6000:]
+    assert "joining cluster at" in logs  # cluster=remote joined our head, not a fresh local Ray
+
+    # The tracking URI reached the job through the head's environment only.
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("moeops")
+    assert experiment is not None, "the job wrote no MLflow experiment"
+    parents = client.search_runs([experiment.experiment_id], "tags.`moeops.kind` = 'pipeline'")
+    assert [run.info.run_name for run in parents] == ["ray-job-submit"]
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["cluster.mode"] == "remote"
+    assert parent.data.params["paths.root"] == str(root)
+    resources = json.loads(parent.data.tags["moeops.ray.resources"])
+    assert resources["CPU"] == 4.0  # the head we started
+
+    children = client.search_runs(
+        [experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    by_stage = {run.data.tags["moeops.stage"]: run for run in children}
+    assert sorted(by_stage) == sorted(STAGES)
+    assert all(run.info.status == "FINISHED" for run in children)
+    assert by_stage["train"].data.metrics["val_loss"] > 0
+
+    if "deploy" not in STAGES:
+        return
+    # The deploy stage left the model served by the cluster.
+    endpoint = by_stage["deploy"].data.tags["moeops.out.endpoint"]
+    request = urllib.request.Request(
+        f"{endpoint}/v1/completions",
+        json.dumps({"prompt": "def ", "max_tokens": 4, "seed": 1}).encode(),
+        {"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        body = json.loads(response.read())
+    assert body["usage"]["completion_tokens"] >= 1

@@ -1,0 +1,28 @@
+"""One MLflow store and one prepared tiny dataset shared by the sweep/evaluate/register tests."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+
+@dataclass
+class SweepEnv:
+    overrides: list[str]     # Hydra overrides every test here starts from
+    tracking_uri: str
+    prepare_run_id: str
+
+
+@pytest.fixture(scope="session")
+def sweep_env(ray_session, tmp_path_factory) -> SweepEnv:
+    from components.config import load_config
+    from pipelines.pipeline import run_pipeline
+    from pipelines.prepare import SPEC as PREPARE
+
+    root = tmp_path_factory.mktemp("sweep-env")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    overrides = [f"paths.root={root / 'moeops'}", f"tracking.uri={uri}",
+                 f"tracking.artifact_location={(root / 'mlartifacts').as_uri()}", "experiment=tiny",
+                 "tracking.experiment=sweep-tests"]
+    result = run_pipeline(load_config(overrides), [PREPARE])
+    return SweepEnv(overrides, uri, result.stages["prepare"].run_id)

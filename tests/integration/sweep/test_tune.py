@@ -1,0 +1,122 @@
+"""The tune stage on local Ray: nested trial runs, ASHA, resume after the driver dies, best config
+reaching the final training."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+from mlflow import MlflowClient
+
+from components.config import load_config
+from pipelines.pipeline import run_pipeline
+from pipelines.train import SPEC as TRAIN
+from pipelines.tune import SPEC as TUNE
+from components.tracking.stages import outputs_of_run
+from pipelines.tune import SWEEP_TAG, TRIAL_STATUS_TAG, sweep_name
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def trial_runs(client: MlflowClient, tune_run_id: str) -> list:
+    experiment_id = client.get_run(tune_run_id).info.experiment_id
+    return client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{tune_run_id}'")
+
+
+def test_sweep_nests_trials_stops_the_bad_one_and_feeds_training(sweep_env):
+    # The good point runs first, so ASHA has a figure to cut the diverging one (lr=0.9) against.
+    config = load_config(sweep_env.overrides + [
+        f"inputs.prepare={sweep_env.prepare_run_id}",
+        "tune.max_concurrent_trials=1", "tune.grace_period=1",
+        "tune.points_to_evaluate=[{train.lr: 0.003, model.top_k: 1}, {train.lr: 0.9, model.top_k: 2}]",
+        "train.max_steps=10", "train.warmup_steps=2", "train.num_workers=1",
+    ])
+    result = run_pipeline(config, [TUNE, TRAIN])
+    tune_out, tune_run = result.stages["tune"].outputs, result.stages["tune"].run_id
+    client = MlflowClient(sweep_env.tracking_uri)
+
+    assert tune_out["num_trials"] == "2"
+    trials = {r.data.params["train.lr"]: r for r in trial_runs(client, tune_run)}
+    assert set(trials) == {"0.003", "0.9"}
+    good, bad = trials["0.003"], trials["0.9"]
+    for trial in (good, bad):
+        assert trial.data.tags[SWEEP_TAG] == client.get_run(tune_run).data.tags[SWEEP_TAG]
+        assert "val_loss" in trial.data.metrics and "model.top_k" in trial.data.params
+        steps = [m.step for m in client.get_metric_history(trial.info.run_id, "val_loss")]
+        assert len(steps) == len(set(steps)), f"a step was logged twice: {steps}"
+    assert good.info.status == "FINISHED" and good.data.tags[TRIAL_STATUS_TAG] == "completed"
+    assert bad.info.status == "KILLED" and bad.data.tags[TRIAL_STATUS_TAG] == "stopped_early"
+
+    assert json.loads(tune_out["best_params"]) == {"train.lr": 0.003, "model.top_k": 1}
+    artifacts = {a.path for a in client.list_artifacts(tune_run, "sweep")}
+    assert {"sweep/trials.csv", "sweep/trials.md", "sweep/metric_vs_params.png", "sweep/best_params.json"} <= artifacts
+
+    # The final training ran with the sweep's best config.
+    train_run = client.get_run(result.stages["train"].run_id)
+    assert train_run.data.params["tuned.train.lr"] == "0.003"
+    export = Path(result.stages["train"].outputs["export_dir"])
+    assert json.loads((export / "model_config.json").read_text())["model"]["top_k"] == 1
+
+
+def _wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(1.0)
+    raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def test_sweep_resumes_after_the_driver_dies(sweep_env):
+    overrides = sweep_env.overrides + [
+        f"inputs.prepare={sweep_env.prepare_run_id}", "tune.scheduler=fifo", "tune.search_alg=random",
+        "tune.max_concurrent_trials=1", "tune.trial_max_steps=5", "tune.trial_eval_every=5", "tune.seed=7",
+        "tune.points_to_evaluate=[{train.lr: 0.002, model.top_k: 1}, {train.lr: 0.004, model.top_k: 2}]",
+    ]
+    client = MlflowClient(sweep_env.tracking_uri)
+    experiment_id = client.get_experiment_by_name("sweep-tests").experiment_id
+    prepared = outputs_of_run(client, sweep_env.prepare_run_id)
+    sweep = sweep_name(load_config(overrides), prepared["digest"])
+
+    # A separate driver process joins this Ray cluster, runs the sweep, and is killed after trial 1.
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1", "PYTHONPATH": str(REPO)}
+    address = ray.get_runtime_context().gcs_address
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.tune", *overrides, "cluster=remote", f"cluster.address={address}"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        def sweep_runs(status: str | None = None):
+            query = f"tags.`{SWEEP_TAG}` = '{sweep}'"
+            runs = client.search_runs([experiment_id], query)
+            return [r for r in runs if status is None or r.data.tags.get(TRIAL_STATUS_TAG) == status]
+
+        _wait_for(lambda: sweep_runs("completed"), 240, "the first trial to complete")
+        _wait_for(lambda: len(sweep_runs()) >= 2, 60, "the second trial to start")
+        time.sleep(3)  # the experiment state is saved every second (TUNE_GLOBAL_CHECKPOINT_S=1)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(30)
+    first_trial = sweep_runs("completed")[0]
+    history_before = [m.step for m in client.get_metric_history(first_trial.info.run_id, "val_loss")]
+
+    # The same command again restores the sweep: trial 1 is kept, trial 2 finishes.
+    result = run_pipeline(load_config(overrides), [TUNE])
+    tune_run = result.stages["tune"].run_id
+    assert client.get_run(tune_run).data.tags["moeops.sweep_restored"] == "true"
+    assert result.stages["tune"].outputs["num_trials"] == "2"
+    assert result.stages["tune"].outputs["num_completed"] == "2"
+    trials = trial_runs(client, tune_run)
+    assert len(trials) == 2 and all(t.info.status == "FINISHED" for t in trials)
+    assert first_trial.info.run_id in {t.info.run_id for t in trials}
+    history_after = [m.step for m in client.get_metric_history(first_trial.info.run_id, "val_loss")]
+    assert history_after == history_before, "the finished trial must not run again"

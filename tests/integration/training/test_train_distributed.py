@@ -1,0 +1,152 @@
+"""Ray Train with two gloo CPU workers on the tiny config, real MLflow store, real checkpoints.
+
+One uninterrupted expert-parallel run (EP=2) is the reference; the other runs are compared to it:
+a run stopped half-way and resumed, a run whose worker is killed, and a resume of the half-way
+EP=2 checkpoint at EP=1 (resharding).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from components.config import load_config
+
+pytestmark = pytest.mark.integration
+
+MAX_STEPS = 6
+TINY = [
+    "experiment=tiny", "data.max_files=20", "data.max_bytes=300000", "data.vocab_size=512",
+    "model.dim=32", "model.ffn_dim=64", "train.num_workers=2", "train.expert_parallel_size=2",
+    "tune.trial_num_workers=2", "train.batch_size=4", f"train.max_steps={MAX_STEPS}", "train.warmup_steps=2",
+    "train.log_every=1", "train.eval_every=3", "train.eval_batches=1", "train.checkpoint_every=3",
+    "train.keep_checkpoints=3",
+]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, ray_session):
+    """A prepared tiny dataset, an MLflow store and an experiment shared by this module's runs."""
+    from components.data.build import prepare_dataset
+
+    root = tmp_path_factory.mktemp("train-dist")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    base = [*TINY, f"paths.root={root}", f"tracking.uri={uri}",
+            f"tracking.artifact_location={(root / 'mlartifacts').as_uri()}"]
+    config = load_config(base)
+    manifest = prepare_dataset(config.data, config.storage).manifest
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("train-tests", artifact_location=(root / "mlartifacts").as_uri())
+    return {"root": root, "base": base, "manifest": manifest, "client": client, "experiment_id": experiment_id}
+
+
+def train(ws, name: str, overrides=(), resume_from=None):
+    from pipelines.train import run_training
+
+    config = load_config([*ws["base"], *overrides])
+    run_id = ws["client"].create_run(ws["experiment_id"], run_name=name).info.run_id
+    result = run_training(config, ws["manifest"].uri, mlflow_run_id=run_id, name=name, resume_from=resume_from)
+    return result, run_id
+
+
+def loss_history(ws, run_id: str) -> dict[int, float]:
+    history = ws["client"].get_metric_history(run_id, "loss")
+    steps = [m.step for m in history]
+    assert len(steps) == len(set(steps)), f"duplicate steps logged: {sorted(steps)}"
+    return {m.step: m.value for m in history}
+
+
+@pytest.fixture(scope="module")
+def reference(workspace):
+    result, run_id = train(workspace, "reference")
+    return result, run_id, loss_history(workspace, run_id)
+
+
+def test_loss_falls_and_everything_is_logged(workspace, reference):
+    result, run_id, losses = reference
+    assert sorted(losses) == list(range(1, MAX_STEPS + 1))
+    assert losses[MAX_STEPS] < losses[1] - 0.05
+    assert result.metrics["steps"] == MAX_STEPS and result.metrics["val_loss"] < 7.0
+    metrics = workspace["client"].get_run(run_id).data.metrics
+    for key in ("aux_loss", "z_loss", "tokens_per_s", "expert_load_max", "dropped_fraction", "data_wait_s",
+                "compute_s", "comm_s", "val_loss", "data/warm_hit_rate", "data/bytes_cold", "data/bytes_warm",
+                "data/bytes_hot", "expert_frac/l0/e3"):
+        assert key in metrics, key
+    assert metrics["tokens_per_s"] > 0 and metrics["data/bytes_hot"] > 0
+    # the export holds every expert, whatever the training EP size
+    from components.model.export import load_export
+
+    loaded = load_export(result.export_dir)
+    assert loaded.model.layers[0].moe.experts.w1.shape[0] == 4
+    flow = json.loads(Path(result.flow_report_path).read_text())
+    assert {entry["rank"] for entry in flow} == {0, 1}
+    ckpt_files = {p.name for p in Path(result.checkpoint_path).iterdir()}
+    assert {"meta.json", "shared.pt", "experts-000-of-002.pt", "experts-001-of-002.pt",
+            "rank-00000.pt", "rank-00001.pt", "flow_report.json"} <= ckpt_files
+
+
+@pytest.fixture(scope="module")
+def stopped(workspace):
+    """The reference run stopped after step 3 (same schedule: it still spans MAX_STEPS)."""
+    result, run_id = train(workspace, "stopped", ["train.stop_at_step=3"])
+    return result, run_id
+
+
+def test_resume_after_stop_reproduces_the_curve(workspace, reference, stopped):
+    _, _, expected = reference
+    first, first_run = stopped
+    assert first.metrics["steps"] == 3
+    # same name: Ray Train finds the run's latest checkpoint and continues from it
+    second, second_run = train(workspace, "stopped")
+    assert second.metrics["start_step"] == 3 and second.metrics["steps"] == MAX_STEPS
+    curve = {**loss_history(workspace, first_run), **loss_history(workspace, second_run)}
+    assert sorted(loss_history(workspace, second_run)) == [4, 5, 6]
+    for step in range(1, MAX_STEPS + 1):
+        assert curve[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-6), step
+
+
+def test_killed_worker_resumes_from_checkpoint(workspace, reference, monkeypatch, tmp_path):
+    _, _, expected = reference
+    marker = tmp_path / "killed"
+    # rank 1 exits hard after step 4, once; the last checkpoint is step 3
+    monkeypatch.setenv("MOEOPS_TRAIN_FAULT", f"4:1:{marker}")
+    result, run_id = train(workspace, "killed")
+    assert marker.exists()
+    assert result.metrics["steps"] == MAX_STEPS
+    assert result.metrics["start_step"] == 3  # the final attempt started from the checkpoint
+    losses = loss_history(workspace, run_id)  # no step logged twice across attempts
+    assert sorted(losses) == list(range(1, MAX_STEPS + 1))
+    assert losses[MAX_STEPS] == pytest.approx(expected[MAX_STEPS], rel=1e-6)
+
+
+def test_ep2_checkpoint_reshards_to_ep1(workspace, reference, stopped):
+    from components.config.schema import ModelConfig
+    from components.model.transformer import Transformer
+    from components.training.checkpoint import load_checkpoint, load_full_model_state
+    from components.training.parallel import build_groups
+
+    _, _, expected = reference
+    first, _ = stopped
+    ckpt_dir = Path(first.checkpoint_path)
+    assert (ckpt_dir / "experts-001-of-002.pt").exists()
+
+    # in this process: one rank, all experts; weights identical to the two shards side by side
+    config = load_config(workspace["base"])
+    model = Transformer(config.model, workspace["manifest"].vocab_size)
+    load_checkpoint(ckpt_dir, model=model, optimizer=None, scheduler=None, scaler=None, groups=build_groups(1))
+    shards = [torch.load(ckpt_dir / f"experts-00{i}-of-002.pt", weights_only=False)["model"] for i in range(2)]
+    for name, param in model.named_parameters():
+        if ".moe.experts." in name:
+            assert torch.equal(param.detach(), torch.cat([shards[0][name], shards[1][name]]))
+    assert set(load_full_model_state(ckpt_dir)) == set(model.state_dict())
+    assert isinstance(model.cfg, ModelConfig)
+
+    # and on Ray: the same checkpoint continues at EP=1 (experts replicated on both workers)
+    result, run_id = train(workspace, "resharded", ["train.expert_parallel_size=1"], resume_from=str(ckpt_dir))
+    losses = loss_history(workspace, run_id)
+    assert result.metrics["start_step"] == 3 and sorted(losses) == [4, 5, 6]
+    for step in (4, 5, 6):  # same maths, different reduction order than all-to-all
+        assert losses[step] == pytest.approx(expected[step], rel=2e-3), step

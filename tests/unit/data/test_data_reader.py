@@ -1,0 +1,141 @@
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from components.data.reader import TieredReader
+from components.data.shards import decode_shard
+
+
+def _reader(small_dataset, tmp_path, **kw) -> TieredReader:
+    result, storage = small_dataset
+    args = dict(split="train", storage=dict(storage, warm_dir=str(tmp_path / "warm")), seed=11, batch_size=4,
+                prefetch_batches=2)
+    args.update(kw)
+    return TieredReader(result.manifest.uri, **args)
+
+
+def _all_rows(small_dataset, split="train") -> Counter:
+    """Multiset of row contents (the stdlib repeats some text, so rows are not all distinct)."""
+    result, _ = small_dataset
+    m = result.manifest
+    rows = [decode_shard(open(m.shard_uri(s), "rb").read(), m.row_len) for s in m.shards(split)]
+    return Counter(r.astype(np.int64).tobytes() for r in np.concatenate(rows))
+
+
+def _keys(batches) -> list[bytes]:
+    return [row.numpy().tobytes() for b in batches for row in b]
+
+
+def test_ranks_read_disjoint_parts_covering_the_epoch(small_dataset, tmp_path):
+    world = 3
+    readers = [_reader(small_dataset, tmp_path, rank=r, world_size=world) for r in range(world)]
+    parts = [_keys(list(r)) for r in readers]
+    assert len({len(p) for p in parts}) == 1  # every rank takes the same number of steps
+    seen = [k for p in parts for k in p]
+    everything = _all_rows(small_dataset)
+    assert not Counter(seen) - everything, "a sample was read twice (by two ranks)"
+    n = readers[0].samples_per_epoch
+    assert len(seen) == n - n % (world * 4)  # only the last partial global batch is dropped
+    for r in readers:
+        assert r.state_dict()["position"] == n and r.epoch == 1
+        batch = next(iter(r))
+        assert batch.dtype == torch.int64 and batch.shape == (4, 17)
+
+
+def test_epochs_are_reshuffled_deterministically(small_dataset, tmp_path):
+    a = _reader(small_dataset, tmp_path)
+    e0 = _keys(a)
+    e1 = _keys(a)
+    dropped = a.samples_per_epoch % 4  # each epoch drops its own last partial batch
+    assert e0 != e1 and sum((Counter(e0) - Counter(e1)).values()) <= dropped
+    b = _reader(small_dataset, tmp_path, prefetch_batches=0)  # no hot prefetch: same stream
+    assert _keys(b) == e0
+    b.set_epoch(1)
+    assert _keys(b) == e1
+    assert _keys(_reader(small_dataset, tmp_path, seed=12)) != e0
+
+
+@pytest.mark.parametrize("new_world", [2, 3, 1])
+def test_resume_continues_at_the_exact_next_sample(small_dataset, tmp_path, new_world):
+    """Run 2 ranks for a while, 'crash', resume with new_world ranks: the global stream is intact."""
+    steps_before, steps_after, world = 37, 45, 2
+
+    def run(world_size, state, steps):
+        readers = [_reader(small_dataset, tmp_path, rank=r, world_size=world_size) for r in range(world_size)]
+        iters = []
+        for r in readers:
+            if state is not None:
+                r.load_state_dict(state)
+            iters.append(r.iter_steps())
+        consumed = []
+        for _ in range(steps):
+            # global batch = rank 0's rows then rank 1's ...: the order of the global stream
+            consumed += [k for it in iters for k in _keys([next(it)])]
+        states = [r.state_dict() for r in readers]
+        assert all(s == states[0] for s in states)
+        return consumed, states[0]
+
+    n = _reader(small_dataset, tmp_path).samples_per_epoch
+    start = {"position": n - 100}  # so that the run crosses into epoch 1
+    first, state = run(world, start, steps_before)
+    second, _ = run(new_world, state, steps_after)
+    reference = _reader(small_dataset, tmp_path, world_size=1, batch_size=1, prefetch_batches=0)
+    reference.load_state_dict(start)
+    expected = _keys(itertools.islice(reference.iter_steps(), len(first) + len(second)))
+    assert first + second == expected
+    assert state["position"] == n - 100 + steps_before * world * 4 and state["epoch"] == 1
+    # the canonical stream itself: each epoch is a permutation of the split
+    whole = _reader(small_dataset, tmp_path, world_size=1, batch_size=1, prefetch_batches=0)
+    assert Counter(_keys(itertools.islice(whole.iter_steps(), n))) == _all_rows(small_dataset)
+
+
+def test_state_of_another_dataset_or_seed_is_refused(small_dataset, tmp_path):
+    r = _reader(small_dataset, tmp_path)
+    with pytest.raises(ValueError, match="dataset_digest"):
+        r.load_state_dict({"position": 5, "dataset_digest": "x" * 64})
+    with pytest.raises(ValueError, match="seed"):
+        r.load_state_dict({**r.state_dict(), "seed": 99})
+
+
+def test_eval_reads_validation_in_stored_order(small_dataset, tmp_path):
+    val = [_reader(small_dataset, tmp_path, split="val", rank=r, world_size=2) for r in range(2)]
+    a = [list(v.iter_eval(max_batches=3)) for v in val]
+    b = [list(v.iter_eval(max_batches=3)) for v in val]
+    assert all(len(x) == 3 for x in a)
+    assert all(torch.equal(x, y) for xs, ys in zip(a, b) for x, y in zip(xs, ys))
+    assert not Counter(_keys(a[0]) + _keys(a[1])) - _all_rows(small_dataset, "val")
+    assert val[0].state_dict()["position"] == 0
+
+
+def test_stats_and_flow_report(small_dataset, tmp_path):
+    r = _reader(small_dataset, tmp_path)
+    list(r)
+    s = r.stats()
+    n_shards = len(r.shards)
+    assert s["cold_fills"] == n_shards and s["warm_hit_rate"] == 0.0 and s["bytes_cold"] > 0
+    assert s["bytes_hot"] == s["steps"] * 4 * 17 * 8 and s["data_wait_s"] >= 0
+    list(r)  # second epoch: all from the warm (or hot) tier
+    s2 = r.stats()
+    assert s2["cold_fills"] == n_shards and s2["warm_hits"] >= n_shards - 3  # a few still hot in memory
+    assert s2["warm_hit_rate"] == s2["warm_hits"] / (s2["warm_hits"] + n_shards)
+    flow = r.flow_report()
+    assert {e["epoch"] for e in flow} == {0, 1}
+    assert {e["tier"] for e in flow if e["epoch"] == 0} == {"cold"}
+    assert {e["tier"] for e in flow if e["epoch"] == 1} <= {"warm", "hot"}
+    by_name = {s.name: s.sha256 for s in r.shards}
+    assert all(by_name[e["shard"]] == e["sha256"] and e["rank"] == 0 for e in flow)
+    assert sum(e["rows_used"] for e in flow) == s2["steps"] * 4
+
+
+def test_bad_arguments_are_named(small_dataset, tmp_path):
+    with pytest.raises(ValueError, match="rank=2"):
+        _reader(small_dataset, tmp_path, rank=2, world_size=2)
+    with pytest.raises(KeyError, match="split 'test'"):
+        _reader(small_dataset, tmp_path, split="test")
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        _reader(small_dataset, tmp_path, split="val", batch_size=100_000)
