@@ -15,17 +15,25 @@ import warnings
 from typing import Any, Callable, Sequence
 
 from components.data.build import PrepareResult, prepare_dataset
-from components.data.cold import read_bytes
+from components.data.cold import credential_env, read_bytes
 from components.tracking.stages import StageContext, StageSpec
 from pipelines._cli import stage_main
 
 
-def ray_map(parallelism: int, on_done: Callable[[], None]) -> Callable[[Callable[..., Any], Sequence[dict]], list]:
-    """A ``map_fn`` for prepare_dataset: at most ``parallelism`` Ray tasks in flight, results in order."""
+def ray_map(parallelism: int, on_done: Callable[[], None],
+            env: dict[str, str] | None = None) -> Callable[[Callable[..., Any], Sequence[dict]], list]:
+    """A ``map_fn`` for prepare_dataset: at most ``parallelism`` Ray tasks in flight, results in order.
+
+    ``env``: variables the tasks need (the cold tier's credentials), passed in their runtime env
+    rather than in arguments or config.
+    """
     import ray
 
     def map_fn(fn: Callable[..., Any], kwargs_list: Sequence[dict]) -> list:
-        remote_fn = ray.remote(num_cpus=1, max_retries=2)(fn)
+        options: dict[str, Any] = {"num_cpus": 1, "max_retries": 2}
+        if env:
+            options["runtime_env"] = {"env_vars": dict(env)}
+        remote_fn = ray.remote(**options)(fn)
         # the tokenizer is shared by every task: ship it through the object store once
         shared = {key: ray.put(kwargs_list[0][key]) for key in ("tokenizer_json", "data", "storage")} if kwargs_list else {}
         refs: list = [None] * len(kwargs_list)
@@ -81,7 +89,7 @@ def run(ctx: StageContext) -> dict[str, str]:
 
     def map_fn(fn, kwargs_list):
         progress.total = max(len(kwargs_list), 1)
-        return ray_map(config.data.prepare_parallelism, chunk_done)(fn, kwargs_list)
+        return ray_map(config.data.prepare_parallelism, chunk_done, credential_env(storage))(fn, kwargs_list)
 
     storage = ctx.config_dict["storage"]
     result = prepare_dataset(ctx.config_dict["data"], storage, map_fn=map_fn)

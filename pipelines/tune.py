@@ -197,7 +197,7 @@ def run_sweep(config: Config, manifest_uri: str, *, parent_run_id: str, experime
         {"cpu": tu.trial_driver_cpus},
     )
     path = storage_dir / sweep
-    if tu.resume and tune.Tuner.can_restore(str(path)):
+    if tune.Tuner.can_restore(str(path)):
         print(f"[tune] restoring interrupted sweep {path}", flush=True)
         return tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,
                                   restart_errored=True).fit(), True
@@ -281,6 +281,8 @@ def run(ctx: StageContext) -> dict[str, str]:
                          "(or use tune=off to train with the config as composed)")
     ensure_ray(config)
     sweep = sweep_name(config, prepare.get("digest") or prepare.get("dataset_digest", ""))
+    if config.force or not tu.resume:
+        sweep = f"{sweep}-{ctx.run_id[:8]}"  # a fresh sweep, never a restored one
     ctx.set_tags({SWEEP_TAG: sweep})
     grid, restored = run_sweep(config, prepare["manifest_uri"], parent_run_id=ctx.run_id,
                                experiment_id=ctx.experiment_id, sweep=sweep,

@@ -33,6 +33,7 @@ from serving.schemas import (
 )
 
 VERSION_HEADER = "x-moeops-model-version"
+MIN_TEMPERATURE = 1e-4
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 503)}
 
 
@@ -41,7 +42,13 @@ def build_asgi_app(server) -> FastAPI:
     serve_cfg = server.config.serve
     app = FastAPI(title="moeops", version="1", description="OpenAI-compatible completions from the "
                   "MLflow-registered MoE model (champion, optional challenger canary).")
-    install_error_handlers(app)
+
+    def count_error(request: Request, status: int) -> None:
+        # the route template, not the raw path: arbitrary 404 paths must not grow label sets
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        server.metrics.observe_request(route, status, "none", 0.0)
+
+    install_error_handlers(app, on_error=count_error)
 
     def served_for(model: Optional[str]):
         if not server.ready:
@@ -56,15 +63,6 @@ def build_asgi_app(server) -> FastAPI:
 
     def record(route: str, status: int, version: str, timer: Timer) -> None:
         server.metrics.observe_request(route, status, version, timer.seconds)
-
-    @app.middleware("http")
-    async def count_failures(request: Request, call_next):
-        # successful routes record themselves (with their model version); this catches the rest
-        timer = Timer()
-        response = await call_next(request)
-        if response.status_code >= 400:
-            record(request.url.path, response.status_code, "none", timer)
-        return response
 
     # ------------------------------------------------------------------ probes and metadata
     @app.get("/healthz", tags=["probes"])
@@ -99,8 +97,10 @@ def build_asgi_app(server) -> FastAPI:
     async def completions(body: CompletionRequest):
         timer = Timer()
         served = served_for(body.model)
-        encoded = check_completion(body, serve_cfg, served.engine)
-        params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
+        encoded, max_tokens = check_completion(body, serve_cfg, served.engine)
+        # logits / 1e-40 overflow to inf; a temperature that small is greedy decoding anyway
+        temperature = body.temperature if body.temperature >= MIN_TEMPERATURE else 0.0
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=body.top_p,
                                 stop=tuple(body.stop or ()), seed=body.seed)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())

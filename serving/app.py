@@ -11,6 +11,7 @@ the new version loads beside the serving one and takes over only when warm.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -24,9 +25,10 @@ from ray.serve import Application
 from components.config import Config, config_from_dict
 from serving.auth import token_from_env
 from serving.deploy_config import DEPLOYMENT_NAME, deployment_options, user_config
-from serving.generation import BatchDecoding, Engine, SamplingParams, StepOutput
-from serving.metrics import ServeMetrics, Timer
+from serving.generation import Engine, SamplingParams, StepOutput
+from serving.metrics import ServeMetrics
 from serving.model_store import ModelSettings, ModelStore, ServedModel
+from serving.scheduler import DecodeScheduler
 
 log = logging.getLogger("moeops.serving")
 
@@ -34,6 +36,8 @@ WARMUP_TOKENS = 4
 # A switch (reconfigure) waits at most this long for the new version before returning;
 # the replica keeps serving the old one meanwhile and finishes the switch in the background.
 SWITCH_WAIT_S = 120.0
+# batches @serve.batch may hand to the decode loop at once; the loop coalesces them (serving/scheduler.py)
+MAX_CONCURRENT_INTAKE = 4
 
 
 @dataclass
@@ -68,6 +72,10 @@ class CompletionServer:
         self.metrics = ServeMetrics(replica=self.replica_id)
         self.metrics.set_ready(False)
         self.store = ModelStore(tracking_uri, make_engine)
+        self.scheduler = DecodeScheduler(
+            self.config.serve.max_batch_size,
+            on_batch=lambda served, size, tokens, seconds: self.metrics.observe_batch(
+                served.fingerprint, size, tokens, seconds))
         self.auth_token = token_from_env(self.config.serve.auth_token_env)
         self._desired: Optional[ModelSettings] = None
         self._applied: Optional[ModelSettings] = None
@@ -103,7 +111,9 @@ class CompletionServer:
 
     def _apply_user_config(self, config: dict[str, Any]) -> None:
         settings = ModelSettings.from_user_config(config)  # raises on a malformed user_config: deploy fails loudly
-        self._decode_batch.set_max_batch_size(int(config.get("max_batch_size", self.config.serve.max_batch_size)))
+        max_batch_size = int(config.get("max_batch_size", self.config.serve.max_batch_size))
+        self._decode_batch.set_max_batch_size(max_batch_size)
+        self.scheduler.max_batch_size = max_batch_size
         self._decode_batch.set_batch_wait_timeout_s(
             float(config.get("batch_wait_timeout_s", self.config.serve.batch_wait_timeout_s)))
         self._desired, self._revision = settings, str(config.get("revision", ""))
@@ -161,44 +171,42 @@ class CompletionServer:
             if out.finished:
                 return
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=MAX_CONCURRENT_INTAKE)
     async def _decode_batch(self, jobs: list[DecodeJob]):
-        """Decode every queued prompt together; per step yield one output (or StopIteration) per job."""
-        groups: dict[int, list[int]] = {}
-        for i, job in enumerate(jobs):  # a canary batch mixes versions: one decoding per engine
-            groups.setdefault(id(job.served.engine), []).append(i)
-        decodings: list[tuple[list[int], BatchDecoding, ServedModel]] = []
-        timer = Timer()
-        for rows in groups.values():
-            served = jobs[rows[0]].served
-            decoding = await asyncio.to_thread(
-                served.engine.start, [jobs[i].prompt_ids for i in rows], [jobs[i].params for i in rows])
-            decodings.append((rows, decoding, served))
+        """Hand the batch to the replica's decode loop; per step yield one output (or StopIteration) per job."""
+        queues = self.scheduler.submit(jobs)
         finished = [False] * len(jobs)
         while not all(finished):
-            step_outputs = await asyncio.to_thread(_step_all, [d for _, d, _ in decodings])
-            results: list[Any] = [StopIteration] * len(jobs)
-            for (rows, _, _), outputs in zip(decodings, step_outputs):
-                for row, out in zip(rows, outputs):
-                    if out is not None:
-                        results[row] = out
-                        finished[row] = finished[row] or out.finished
+            results: list[Any] = []
+            for i, queue in enumerate(queues):
+                if finished[i]:
+                    results.append(StopIteration)
+                    continue
+                out = await queue.get()  # the jobs of one batch decode in lockstep
+                if isinstance(out, Exception):
+                    raise out
+                finished[i] = out.finished
+                results.append(out)
             yield results
-        for rows, decoding, served in decodings:
-            self.metrics.observe_batch(served.fingerprint, len(rows), decoding.generated_tokens, timer.seconds)
 
     async def score(self, served: ServedModel, token_ids: list[int]):
         return await asyncio.to_thread(served.engine.score, token_ids)
 
 
-def _step_all(decodings: list[BatchDecoding]) -> list[list[Optional[StepOutput]]]:
-    return [d.step() if not d.done else [None] * len(d.seqs) for d in decodings]
-
-
 def build_app(args: dict[str, Any]) -> Application:
-    """Serve's application builder: ``args`` is the plain config container (``serve.model_uri`` set)."""
-    config = config_from_dict(dict(args))
-    return make_application(config, model_uri=args.get("serve", {}).get("model_uri") or None)
+    """Serve's application builder.
+
+    ``args`` is either the plain config container (a Serve config file written by the deploy
+    stage, a RayService) or, from the command line, Hydra overrides as ``key=value`` pairs:
+    ``serve run serving.app:build_app experiment=tiny tracking.uri=sqlite:////abs/mlflow.db``.
+    """
+    if isinstance(args.get("serve"), dict):
+        config = config_from_dict(dict(args))
+    else:
+        from components.config import load_config
+
+        config = load_config([f"{key}={value}" for key, value in args.items()])
+    return make_application(config, model_uri=config.serve.model_uri or None)
 
 
 def make_application(config: Config, model_uri: Optional[str] = None, revision: str = "") -> Application:
@@ -220,8 +228,9 @@ def make_application(config: Config, model_uri: Optional[str] = None, revision: 
     return deployment.bind(app_args(config, model_uri))
 
 
+@functools.lru_cache(maxsize=1)
 def code_version() -> str:
-    """Hash of the code a replica runs (serving/ and components/): changes exactly when it does."""
+    """Hash of the code a replica runs (serving/ and components/), taken once per process."""
     import hashlib
     from pathlib import Path
 

@@ -6,7 +6,7 @@ into that shape here.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -69,21 +69,28 @@ def validation_error(exc: RequestValidationError) -> APIError:
                     param=param, code="invalid_value")
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, on_error: Optional[Callable[[Request, int], None]] = None) -> None:
+    """OpenAI-shaped bodies for every error; ``on_error(request, status)`` counts them (metrics)."""
+
+    def respond(request: Request, err: APIError) -> JSONResponse:
+        if on_error is not None:
+            on_error(request, err.status)
+        return error_response(err)
+
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return respond(request, exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(validation_error(exc))
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return respond(request, validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return error_response(APIError(exc.status_code, str(exc.detail), type=kind))
+        return respond(request, APIError(exc.status_code, str(exc.detail), type=kind))
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         # A bug must cost one request, never the replica.
-        return error_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
+        return respond(request, APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))

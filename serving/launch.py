@@ -5,10 +5,13 @@ import time
 from typing import Optional
 
 import httpx
+import ray
 from ray import serve
 
 from components.config import Config
 from serving.app import make_application
+
+PROXY_START_TIMEOUT_S = 180.0
 
 
 def ensure_serve(host: str, port: int, proxy_location: str = "HeadOnly") -> str:
@@ -21,7 +24,14 @@ def ensure_serve(host: str, port: int, proxy_location: str = "HeadOnly") -> str:
 
     client = _get_global_client(raise_if_no_controller_running=False)
     if client is None:
-        serve.start(proxy_location=proxy_location, http_options={"host": host, "port": int(port)})
+        try:
+            serve.start(proxy_location=proxy_location, http_options={"host": host, "port": int(port)})
+        except ray.exceptions.RayActorError as err:
+            # On an overloaded machine the first proxy can miss its readiness deadline; the
+            # controller then replaces it (with a longer deadline), so wait for that one.
+            print(f"[serve] first HTTP proxy did not come up ({type(err).__name__}); waiting for its replacement",
+                  flush=True)
+        _wait_for_proxies(PROXY_START_TIMEOUT_S)
         client = _get_global_client()
     http = client.http_config
     if int(http.port) != int(port):
@@ -29,6 +39,17 @@ def ensure_serve(host: str, port: int, proxy_location: str = "HeadOnly") -> str:
               "(HTTP options are fixed for the life of a Serve instance)", flush=True)
     connect_host = "127.0.0.1" if http.host in ("0.0.0.0", "::", "") else http.host
     return f"http://{connect_host}:{http.port}"
+
+
+def _wait_for_proxies(timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    states: dict = {}
+    while time.monotonic() < deadline:
+        states = {node: str(getattr(state, "value", state)) for node, state in serve.status().proxies.items()}
+        if states and all(state == "HEALTHY" for state in states.values()):
+            return
+        time.sleep(1.0)
+    raise TimeoutError(f"Serve's HTTP proxies not healthy after {timeout_s:.0f}s: {states}")
 
 
 def deploy(config: Config, model_uri: Optional[str] = None, *, revision: str = "", name: Optional[str] = None,

@@ -52,6 +52,12 @@ def validate(cfg: Config) -> None:
             p.append(f"model.capacity_factor={m.capacity_factor}: must be > 0 (or set model.dropless=true)")
         if m.moe_layer_interval < 1:
             p.append(f"model.moe_layer_interval={m.moe_layer_interval}: must be >= 1")
+        elif m.moe_layer_interval > m.n_layers:
+            p.append(f"model.moe_layer_interval={m.moe_layer_interval}: exceeds model.n_layers ({m.n_layers}), "
+                     "so no layer would be MoE (use model.kind=dense for that)")
+        for key in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
+            if getattr(m, key) < 0:
+                p.append(f"model.{key}={getattr(m, key)}: must be >= 0")
         if m.num_experts % t.expert_parallel_size:
             p.append(
                 f"model.num_experts={m.num_experts}: must be divisible by "
@@ -116,6 +122,14 @@ def validate(cfg: Config) -> None:
         p.append(f"storage.retries={st.retries}: must be >= 0")
     if st.parallel_fetches < 1:
         p.append(f"storage.parallel_fetches={st.parallel_fetches}: must be >= 1")
+    if st.hot_prefetch_batches < 0:
+        p.append(f"storage.hot_prefetch_batches={st.hot_prefetch_batches}: must be >= 0 (0 = no prefetch thread)")
+    if not 0 < st.backoff_base_s <= st.backoff_max_s:
+        p.append(f"storage.backoff_base_s={st.backoff_base_s}: must be > 0 and <= storage.backoff_max_s ({st.backoff_max_s})")
+    if not st.cold_uri:
+        p.append("storage.cold_uri='': needs a local directory or an fsspec URI (s3://bucket/prefix, gs://...)")
+    if d.max_files < 1 or d.max_bytes < 1:
+        p.append(f"data.max_files={d.max_files}, data.max_bytes={d.max_bytes}: must be >= 1")
 
     tu = cfg.tune
     _one_of(p, "tune.mode", tu.mode, ("min", "max"))

@@ -86,13 +86,20 @@ def filesystem_for(uri: str, storage: Any = None) -> tuple[fsspec.AbstractFileSy
             client_kwargs=client_kwargs,
             config_kwargs={"retries": {"max_attempts": 1, "mode": "standard"},
                            "connect_timeout": 5, "read_timeout": 60},
-            retries=1,
         )
     try:
         fs = fsspec.filesystem(protocol, **options)
     except (ImportError, ValueError) as exc:
         raise ColdStorageError(f"{uri!r}: no usable fsspec filesystem for protocol {protocol!r}: {exc}") from exc
     return fs, fs._strip_protocol(uri)
+
+
+def credential_env(storage: Any) -> dict[str, str]:
+    """The credential variables the storage config names, as set here (to forward to Ray workers)."""
+    st = storage_dict(storage)
+    names = [st.get("access_key_env") or "AWS_ACCESS_KEY_ID", st.get("secret_key_env") or "AWS_SECRET_ACCESS_KEY",
+             "AWS_SESSION_TOKEN"]
+    return {name: os.environ[name] for name in names if os.environ.get(name)}
 
 
 def join(uri: str, *parts: str) -> str:
@@ -158,10 +165,11 @@ def with_retries(fn: Callable[[], T], *, what: str, uri: str, storage: Any = Non
     raise AssertionError("unreachable")
 
 
-def read_bytes(uri: str, storage: Any = None, what: str | None = None) -> bytes:
+def read_bytes(uri: str, storage: Any = None, what: str | None = None,
+               on_retry: Callable[[int, BaseException], None] | None = None) -> bytes:
     """Whole object from the cold tier, with retries."""
     fs, path = filesystem_for(uri, storage)
-    return with_retries(lambda: fs.cat_file(path), what=what or path, uri=uri, storage=storage)
+    return with_retries(lambda: fs.cat_file(path), what=what or path, uri=uri, storage=storage, on_retry=on_retry)
 
 
 def exists(uri: str, storage: Any = None) -> bool:

@@ -142,16 +142,21 @@ class TieredReader:
     def _produce(self, order: GlobalOrder, base: int, count: int | None) -> Iterator[torch.Tensor]:
         k = 0
         last_shard = None
+        step = self.world_size * self.batch_size
+        end = None if count is None else base + count * step
         while count is None or k < count:
             positions = rank_positions(base, k, self.rank, self.world_size, self.batch_size)
-            located = order.locate(positions)
-            if located[0][1] != last_shard:
-                last_shard = located[0][1]
-                self._fetch_ahead(order, int(positions[0]))
-            rows = [self._shard_rows(shard, epoch)[row] for epoch, shard, row in located]
-            batch = torch.from_numpy(np.stack(rows).astype(np.int64))  # [B, seq_len + 1]
-            for epoch, shard, _ in located:
-                self._flow_index[(epoch, shard)]["rows_used"] += 1
+            epochs, shards, rows = order.locate(positions)
+            if shards[0] != last_shard:
+                last_shard = int(shards[0])
+                self._fetch_ahead(order, int(positions[0]), end)
+            batch = torch.empty((len(positions), self.manifest.row_len), dtype=torch.int64)  # [B, seq_len + 1]
+            # positions are consecutive, so a batch is one or a few runs of the same (epoch, shard)
+            cuts = np.flatnonzero((np.diff(shards) != 0) | (np.diff(epochs) != 0)) + 1
+            for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), len(positions)]):
+                epoch, shard = int(epochs[lo]), int(shards[lo])
+                batch[lo:hi] = torch.from_numpy(self._shard_rows(shard, epoch)[rows[lo:hi]])
+                self._flow_index[(epoch, shard)]["rows_used"] += hi - lo
             if self.device.type == "cuda":
                 batch = batch.pin_memory()
             yield batch
@@ -204,13 +209,18 @@ class TieredReader:
         return rows
 
     def _fetch_cold(self, shard: ShardInfo) -> bytes:
-        return read_bytes(self.manifest.shard_uri(shard), self.storage, what=f"shard {shard.name}")
+        return read_bytes(self.manifest.shard_uri(shard), self.storage, what=f"shard {shard.name}",
+                          on_retry=self._count_retry)
 
-    def _fetch_ahead(self, order: GlobalOrder, position: int) -> None:
+    def _count_retry(self, attempt: int, exc: BaseException) -> None:
+        with self._lock:
+            self._stats["cold_retries"] += 1
+
+    def _fetch_ahead(self, order: GlobalOrder, position: int, end: int | None) -> None:
         """Fill the next ``parallel_fetches`` shards of the stream into the warm tier in parallel."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.parallel_fetches, thread_name_prefix="moeops-warm-fill")
-        for index in order.shards_from(position, self.parallel_fetches + 1)[1:]:
+        for index in order.shards_from(position, self.parallel_fetches + 1, end)[1:]:
             if index in self._hot or index in self._ahead:
                 continue
             self._ahead[index] = self._pool.submit(self._ensure_warm, index)

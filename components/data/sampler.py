@@ -37,29 +37,36 @@ class GlobalOrder:
             return np.arange(rows)
         return np.random.default_rng([self.seed, epoch, shard, 1]).permutation(rows)
 
-    def locate(self, positions: np.ndarray) -> list[tuple[int, int, int]]:
-        """Stream positions -> [(epoch, shard index, row in shard)]."""
-        out = []
-        for p in positions.tolist():
-            epoch, i = divmod(int(p), self.epoch_size)
+    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Stream positions[B] -> (epoch[B], shard index[B], row in shard[B])."""
+        epochs, offsets = np.divmod(positions.astype(np.int64), self.epoch_size)
+        shards = np.empty_like(offsets)
+        rows = np.empty_like(offsets)
+        for epoch in np.unique(epochs).tolist():
+            sel = epochs == epoch
             order, cum = self._shard_order(epoch)
-            slot = int(np.searchsorted(cum, i, side="right"))
-            start = int(cum[slot - 1]) if slot else 0
-            shard = int(order[slot])
-            out.append((epoch, shard, int(self._row_order(epoch, shard)[i - start])))
-        return out
+            slots = np.searchsorted(cum, offsets[sel], side="right")
+            starts = np.where(slots > 0, cum[np.maximum(slots - 1, 0)], 0)
+            shards[sel] = order[slots]
+            local = offsets[sel] - starts
+            sel_idx = np.flatnonzero(sel)
+            for shard in np.unique(shards[sel]).tolist():
+                mask = shards[sel] == shard
+                rows[sel_idx[mask]] = self._row_order(epoch, shard)[local[mask]]
+        return epochs, shards, rows
 
-    def shards_from(self, position: int, count: int) -> list[int]:
-        """The next ``count`` distinct shards the stream visits from ``position`` (for prefetching)."""
+    def shards_from(self, position: int, count: int, end: int | None = None) -> list[int]:
+        """The next ``count`` shards the stream visits from ``position`` (before ``end``), for prefetching."""
         epoch, i = divmod(position, self.epoch_size)
         out: list[int] = []
         while len(out) < count and len(out) < len(self.shard_rows) * 2:
             order, cum = self._shard_order(epoch)
             slot = int(np.searchsorted(cum, i, side="right"))
-            for s in order[slot:].tolist():
-                out.append(int(s))
-                if len(out) >= count:
-                    break
+            for k in range(slot, len(order)):
+                slot_start = epoch * self.epoch_size + (int(cum[k - 1]) if k else 0)
+                if (end is not None and slot_start >= end) or len(out) >= count:
+                    return out
+                out.append(int(order[k]))
             epoch, i = epoch + 1, 0
         return out
 

@@ -22,7 +22,7 @@ async work runs on gloo's worker threads; on CUDA it runs on NCCL's own stream a
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -53,7 +53,6 @@ class _Pending:
     work: object = None
     backward_work: object = None
     backward_grad: torch.Tensor | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def _timed_wait(work, stats: CommStats) -> None:

@@ -45,7 +45,10 @@ class GroupedExperts(nn.Module):
             outputs.append(hidden @ w2[e])  # [m, D]
         if not outputs:
             # keep expert weights in the graph so backward (and DDP-like syncs) see a gradient
-            # no rows at all: still tie the weights into the graph so every rank gets a (zero)
-            # gradient for them and the expert-data-parallel all-reduce sees the same tensors
-            return x.new_zeros(x.shape) + 0.0 * (self.w1.sum() + self.w3.sum() + self.w2.sum())
+            # no rows at all: keep both x and the weights in the autograd graph. x: under expert
+            # parallelism x came out of an all-to-all whose backward must run on every rank (a
+            # collective), even on a rank that received nothing. Weights: every rank gets a
+            # (zero) gradient for the expert-data-parallel all-reduce.
+            anchor = x.sum() + self.w1.sum() + self.w3.sum() + self.w2.sum()
+            return x.new_zeros(x.shape) + 0.0 * anchor
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]

@@ -257,6 +257,29 @@ def log_model(export_dir: str | Path, *, run_id: str, tracking_uri: str) -> str:
     return info.model_uri
 
 
+def register_version(client: MlflowClient, logged_model_uri: str, model_name: str, *, run_id: str,
+                     tags: dict[str, str]) -> str:
+    """A new version of ``model_name`` from a logged model (``models:/m-...``); returns its number.
+
+    Uses the given client rather than ``mlflow.register_model``, which would need the process-wide
+    registry URI (and leak it into every later ``MlflowClient`` in the process).
+    """
+    try:
+        client.create_registered_model(model_name)
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    model_id = logged_model_uri.split("models:/", 1)[1].split("/")[0]
+    mv = client.create_model_version(model_name, source=logged_model_uri, run_id=run_id, tags=tags,
+                                     model_id=model_id)
+    version = str(mv.version)
+    # What mlflow.register_model also does: the logged model page links to its versions.
+    logged = client.get_logged_model(model_id)
+    linked = json.loads(logged.tags.get("mlflow.modelVersions", "[]")) + [{"name": model_name, "version": version}]
+    client.set_logged_model_tags(model_id, {"mlflow.modelVersions": json.dumps(linked)})
+    return version
+
+
 def log_and_register(export_dir: str | Path, *, run_id: str, tracking_uri: str, model_name: str,
                      metric: str, metrics: dict[str, float], tags: dict[str, str],
                      champion_metric: float | None = None, mode: str = "min", min_improvement: float = 0.0,
@@ -282,9 +305,7 @@ def log_and_register(export_dir: str | Path, *, run_id: str, tracking_uri: str, 
     version_tags.update({TAG_METRIC_PREFIX + k: f"{float(v):.8g}" for k, v in metrics.items()})
     version_tags[TAG_DECISION] = "promoted" if promote else "refused"
     version_tags[TAG_REASON] = reason
-    mlflow.set_registry_uri(tracking_uri)
-    mv = mlflow.register_model(logged_uri, model_name, tags=version_tags)
-    version = str(mv.version)
+    version = register_version(client, logged_uri, model_name, run_id=run_id, tags=version_tags)
     client.set_registered_model_alias(model_name, challenger_alias, version)
     if promote:
         client.set_registered_model_alias(model_name, champion_alias, version)

@@ -10,7 +10,6 @@ also runs in one plain process (unit tests, debugging) with :class:`LocalSession
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
@@ -31,7 +30,6 @@ from components.training.metrics import StepTimer, expert_fractions, expert_load
 from components.training.optim import build_optimizer, build_scheduler
 from components.training.parallel import (
     ParallelGroups,
-    all_reduce_mean,
     all_reduce_sum,
     build_groups,
     clip_grad_norm,
@@ -79,6 +77,8 @@ class Session(Protocol):
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None: ...
 
+    def wait_for_checkpoints(self) -> None: ...
+
 
 class RayTrainSession:
     def latest_checkpoint(self):
@@ -101,6 +101,17 @@ class RayTrainSession:
             checkpoint_dir_name=f"step_{step:07d}" if checkpoint else None,
         )
 
+    def wait_for_checkpoints(self) -> None:
+        """Block until the controller has registered every reported checkpoint.
+
+        Ray Train's controller collects reports when it polls the workers (every couple of
+        seconds); a worker that dies before that poll takes its last report with it.
+        """
+        import ray.train
+        from ray.train.v2.api.report_config import CheckpointConsistencyMode
+
+        ray.train.get_all_reported_checkpoints(CheckpointConsistencyMode.COMMITTED, timeout_s=120)
+
 
 @dataclass
 class LocalSession:
@@ -120,6 +131,9 @@ class LocalSession:
             dest = Path(self.root) / f"step_{int(metrics['step']):07d}"
             shutil.copytree(checkpoint_dir, dest, dirs_exist_ok=True)
             self.checkpoints.append(str(dest))
+
+    def wait_for_checkpoints(self) -> None:
+        pass
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -155,12 +169,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def maybe_inject_fault(spec: str, step: int, rank: int) -> None:
-    """Kill this process (no cleanup, like a lost node) once: the marker file records that it happened."""
+def maybe_inject_fault(spec: str, step: int, rank: int, session: Session) -> None:
+    """Kill this process (no cleanup, like a lost node) once: the marker file records that it happened.
+
+    It dies only after Ray Train has registered the checkpoints reported so far, so the test
+    of resuming does not depend on the controller's polling schedule.
+    """
     if not spec:
         return
     fault_step, fault_rank, marker = spec.split(":", 2)
     if step == int(fault_step) and rank == int(fault_rank) and not os.path.exists(marker):
+        session.wait_for_checkpoints()
         Path(marker).parent.mkdir(parents=True, exist_ok=True)
         Path(marker).write_text(f"killed rank {rank} after step {step}\n")
         print(f"[train] fault injection: killing rank {rank} after step {step}", flush=True)
@@ -228,6 +247,53 @@ def evaluate(model, val_reader, batches: int, config: Config, device, groups: Pa
     return float(total[0] / total[1].clamp(min=1))
 
 
+# ----------------------------------------------------------------------------- one step
+
+def forward_backward(ddp_model, model, stream, config: Config, device, timer: StepTimer, scaler
+                     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Forward and backward over ``train.grad_accum_steps`` micro-batches (gradients accumulate).
+
+    Returns per-rank sums over micro-batches of [cross-entropy, aux loss, z loss, dropped
+    fraction] and the per-layer expert counts ``[E]`` of this rank's tokens.
+    """
+    accum = config.train.grad_accum_steps
+    sums = torch.zeros(4, dtype=torch.float64)
+    expert_counts: list[torch.Tensor] = []
+    for micro in range(accum):
+        with timer.phase("data_wait"):
+            batch = next(stream).to(device, non_blocking=True)  # [B, T + 1]
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        # DDP all-reduces only on the last micro-batch; earlier ones just accumulate
+        last_micro = micro == accum - 1
+        no_sync = ddp_model.no_sync() if (not last_micro and ddp_model is not model) else contextlib.nullcontext()
+        with timer.phase("compute"), no_sync:
+            with autocast_for(config, device):
+                logits, aux = ddp_model(inputs)  # [B, T, V]
+            ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+            loss = (ce + aux["aux_loss"] + aux["z_loss"]) / accum
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        dropped = aux["dropped_fraction"]
+        sums += torch.tensor([ce.item(), aux["aux_loss"].item(), aux["z_loss"].item(),
+                              float(sum(dropped) / len(dropped)) if dropped else 0.0], dtype=torch.float64)
+        counts = [c.detach().float().cpu() for c in aux["expert_counts"]]
+        expert_counts = counts if not expert_counts else [a + b for a, b in zip(expert_counts, counts)]
+    return sums, expert_counts
+
+
+def reduce_step_metrics(sums: torch.Tensor, expert_counts: list[torch.Tensor], accum: int, device,
+                        groups: ParallelGroups) -> tuple[float, float, float, float, list[torch.Tensor]]:
+    """One small all-reduce for everything logged: the losses averaged over micro-batches and
+    ranks, and the routing of all ranks' tokens. Returns (ce, aux, z, dropped fraction,
+    per-layer counts [E])."""
+    counts_flat = torch.cat(expert_counts) if expert_counts else torch.zeros(0)
+    # on the training device: NCCL reduces CUDA tensors only
+    packed = torch.cat([sums / accum, counts_flat.double()]).to(device)
+    reduced = all_reduce_sum(packed, groups).cpu()
+    ce, aux, z, dropped = (reduced[:4] / groups.world_size).tolist()
+    layer_counts = list(reduced[4:].float().split(expert_counts[0].numel())) if expert_counts else []
+    return ce, aux, z, dropped, layer_counts
+
+
 # ----------------------------------------------------------------------------- the loop
 
 def train(config: Config, run: RunInfo, session: Session) -> dict[str, float]:
@@ -246,13 +312,14 @@ def train(config: Config, run: RunInfo, session: Session) -> dict[str, float]:
     reader = make_reader(config, run, "train", groups, device, prefetch)
 
     step = 0
+    resumed_meta: dict[str, Any] = {}
     with session.latest_checkpoint() as latest:
         source = latest or run.resume_from
         if source:
-            with _local_checkpoint(source) as local_dir:
+            with _local_checkpoint(source, asdict(config.storage)) as local_dir:
                 restored = ckpt.load_checkpoint(local_dir, model=model, optimizer=optimizer, scheduler=scheduler,
                                                 scaler=scaler, groups=groups)
-            step = restored.step
+            step, resumed_meta = restored.step, restored.meta
             if restored.reader_state is not None:
                 reader.load_state_dict(restored.reader_state)
             if is_main:
@@ -279,31 +346,16 @@ def train(config: Config, run: RunInfo, session: Session) -> dict[str, float]:
     timer = StepTimer(device)
     interval_tokens, interval_start = 0, time.perf_counter()
     last: dict[str, float] = {"step": float(step), "start_step": float(start_step)}
-    if step >= stop_at and is_main:
-        print(f"[train] checkpoint is already at step {step} >= {stop_at}: nothing to train", flush=True)
+    if step >= stop_at:
+        # resumed from a finished run: nothing to train, but report what the model is worth
+        last["train_loss"] = last["loss"] = float(resumed_meta.get("train_loss") or math.nan)
+        last["val_loss"] = evaluate(ddp_model, val_reader, t.eval_batches, config, device, groups)
+        session.report(last, None)
+        if is_main:
+            print(f"[train] checkpoint is already at step {step} >= {stop_at}: nothing to train", flush=True)
 
     while step < stop_at:
-        sums = torch.zeros(4, dtype=torch.float64)  # ce, aux, z, dropped fraction
-        expert_counts: list[torch.Tensor] | None = None
-        for micro in range(t.grad_accum_steps):
-            with timer.phase("data_wait"):
-                batch = next(stream).to(device, non_blocking=True)
-            inputs, targets = batch[:, :-1], batch[:, 1:]
-            last_micro = micro == t.grad_accum_steps - 1
-            # DDP all-reduces only on the last micro-batch; earlier ones just accumulate
-            no_sync = ddp_model.no_sync() if (not last_micro and ddp_model is not model) else contextlib.nullcontext()
-            with timer.phase("compute"), no_sync:
-                with autocast_for(config, device):
-                    logits, aux = ddp_model(inputs)  # [B, T, V]
-                ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
-                loss = (ce + aux["aux_loss"] + aux["z_loss"]) / t.grad_accum_steps
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-            dropped = aux["dropped_fraction"]
-            sums += torch.tensor([ce.item(), aux["aux_loss"].item(), aux["z_loss"].item(),
-                                  float(sum(dropped) / len(dropped)) if dropped else 0.0], dtype=torch.float64)
-            counts = [c.detach().float().cpu() for c in aux.get("expert_counts", [])]
-            expert_counts = counts if expert_counts is None else [a + b for a, b in zip(expert_counts, counts)]
-
+        sums, expert_counts = forward_backward(ddp_model, model, stream, config, device, timer, scaler)
         with timer.phase("comm"):
             sync_expert_grads(expert_params, groups)
         if scaler is not None:
@@ -321,12 +373,9 @@ def train(config: Config, run: RunInfo, session: Session) -> dict[str, float]:
             scheduler.step()
         step += 1
 
-        # one small all-reduce for the logged numbers: every rank's loss, every rank's routing
         with timer.phase("comm"):
-            counts_flat = torch.cat(expert_counts) if expert_counts else torch.zeros(0)
-            reduced = all_reduce_sum(torch.cat([sums / t.grad_accum_steps, counts_flat.double()]), groups)
-        ce_mean, aux_mean, z_mean, dropped = (reduced[:4] / groups.world_size).tolist()
-        layer_counts = list(reduced[4:].float().split(expert_counts[0].numel())) if expert_counts else []
+            ce_mean, aux_mean, z_mean, dropped, layer_counts = reduce_step_metrics(
+                sums, expert_counts, t.grad_accum_steps, device, groups)
         times = timer.reset()
         times["comm_s"] += model.comm_wait_seconds(reset=True)
         interval_tokens += tokens_per_step
@@ -372,7 +421,7 @@ def train(config: Config, run: RunInfo, session: Session) -> dict[str, float]:
             extra = expert_fractions(layer_counts) if eval_now else {}
             _log_to_mlflow(client, run.mlflow_run_id, {**last, **extra}, step)
 
-        if eval_now or checkpoint_now:
+        if eval_now:
             final = step == stop_at
             flow = _gather_flow_reports(reader, groups) if final else None
             with tempfile.TemporaryDirectory(prefix=f"moeops-ckpt-r{groups.rank}-") as tmp:
@@ -393,7 +442,7 @@ def train(config: Config, run: RunInfo, session: Session) -> dict[str, float]:
             # evaluation and checkpointing are not training throughput
             timer.reset()
             interval_start += time.perf_counter() - side_start
-        maybe_inject_fault(run.fault, step, groups.rank)
+        maybe_inject_fault(run.fault, step, groups.rank, session)
 
     stream.close()
     reader.close()
@@ -427,17 +476,22 @@ def _log_to_mlflow(client, run_id: str, metrics: dict[str, float], step: int) ->
 
 
 @contextlib.contextmanager
-def _local_checkpoint(source: str) -> Iterator[str]:
-    """A local directory for a checkpoint given as a path or a URI (downloaded to a temp dir)."""
+def _local_checkpoint(source: str, storage: dict[str, Any]) -> Iterator[str]:
+    """A local directory for a checkpoint given as a path or a URI (downloaded to a temp dir
+    with the cold tier's filesystem settings: endpoint, region, credential variables)."""
     if "://" not in source or source.startswith("file://"):
         path = source[len("file://"):] if source.startswith("file://") else source
         if not Path(path).is_dir():
             raise FileNotFoundError(f"train.resume / resume_from={source!r}: no such checkpoint directory")
         yield path
         return
-    import ray.train
+    from components.data.cold import filesystem_for
 
-    with ray.train.Checkpoint(source).as_directory() as local:
+    fs, remote = filesystem_for(source, storage)
+    if not fs.exists(remote):
+        raise FileNotFoundError(f"train.resume / resume_from={source!r}: no such checkpoint")
+    with tempfile.TemporaryDirectory(prefix="moeops-resume-") as local:
+        fs.get(remote.rstrip("/") + "/", local + "/", recursive=True)
         yield local
 
 

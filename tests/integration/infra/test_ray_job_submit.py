@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -30,7 +29,7 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[3]
 RAY = str(Path(sys.executable).parent / "ray")
-STAGES = ["prepare", "train"]
+STAGES = ["prepare", "tune", "train", "evaluate", "register", "deploy"]
 JOB_TIMEOUT_S = 600
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
@@ -76,44 +75,52 @@ class RayHead:
         return (Path(self.temp_dir) / "ray-start.log").read_text()[-3000:]
 
     def stop(self) -> None:
-        """SIGTERM the head's process group, then SIGKILL whatever of ours is left."""
-        for sig, grace_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(self.process.pid, sig)
-            except ProcessLookupError:
-                pass
-            for pid in self._session_pids():
+        """SIGTERM everything this head started, SIGKILL what is left after a grace period; nothing else."""
+        ours = self._our_pids()  # now, before parents die and their children are re-parented
+        for sig, grace_s in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 10.0)):
+            for pid in ours:
                 try:
                     os.kill(pid, sig)
                 except ProcessLookupError:
                     pass
-            try:
-                self.process.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                continue
-            if not self._session_pids():
+            deadline = time.monotonic() + grace_s
+            while time.monotonic() < deadline:
+                self.process.poll()  # reap `ray start` so it does not linger as a zombie
+                ours = [pid for pid in ours if Path(f"/proc/{pid}").exists()]
+                if not ours:
+                    break
+                time.sleep(0.5)
+            # children started while shutting down (a restarted worker) are ours too
+            ours = [pid for pid in sorted(set(ours) | set(self._our_pids())) if Path(f"/proc/{pid}").exists()]
+            if not ours:
                 break
         self.log.close()
 
-    def _session_pids(self) -> list[int]:
-        """Our Ray processes that left the process group (workers), found by our temp dir."""
-        pids = []
+    def _our_pids(self) -> list[int]:
+        """Descendants of `ray start` (workers rename themselves and start their own sessions,
+        so neither the process group nor the command line finds them) and any process naming
+        our temp dir."""
+        parent_of: dict[int, int] = {}
+        named: set[int] = set()
         for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            if not entry.name.isdigit():
                 continue
             try:
+                stat = (entry / "stat").read_text()
                 cmdline = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
+            pid = int(entry.name)
+            parent_of[pid] = int(stat.rsplit(")", 1)[1].split()[1])  # field 4, after "(comm)"
             if self.temp_dir.encode() in cmdline:
-                pids.append(int(entry.name))
-        return pids
-
-
-def client_env(head: "RayHead") -> dict[str, str]:
-    """What a user's shell holds to talk to the cluster: its token, not its tracking URI."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    return {**env, **head.auth_env}
+                named.add(pid)
+        ours = {self.process.pid}
+        while True:
+            children = {pid for pid, parent in parent_of.items() if parent in ours} - ours
+            if not children:
+                break
+            ours |= children
+        return sorted((ours | named) - {os.getpid()})
 
 
 @pytest.fixture
@@ -148,21 +155,26 @@ def submit(head: RayHead, entrypoint: list[str]) -> str:
     return submission_id
 
 
+def job_api(head: RayHead, path: str, method: str = "GET") -> dict:
+    """The job server's REST API (what `ray job status/logs/stop` call), with the cluster token."""
+    request = urllib.request.Request(
+        f"{head.dashboard}/api/jobs/{path}", method=method,
+        headers={"Authorization": f"Bearer {head.auth_env['RAY_AUTH_TOKEN']}"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
 def wait_for_job(head: RayHead, submission_id: str) -> tuple[str, str]:
-    """Poll `ray job status` until the job ends; its final status and logs."""
+    """Poll the job until it ends; its final status and logs."""
     deadline = time.monotonic() + JOB_TIMEOUT_S
-    status = "UNKNOWN"
-    while time.monotonic() < deadline:
-        result = ray_cli(head, "job", "status", "--address", head.dashboard, submission_id, timeout=60)
-        found = re.search(r"Status for job '[^']+': (\w+)", result.stdout + result.stderr)
-        status = found.group(1) if found else "UNKNOWN"
-        if status in TERMINAL:
-            break
-        time.sleep(5)
-    logs = ray_cli(head, "job", "logs", "--address", head.dashboard, submission_id, timeout=60)
+    status = job_api(head, submission_id)["status"]
+    while status not in TERMINAL and time.monotonic() < deadline:
+        time.sleep(3)
+        status = job_api(head, submission_id)["status"]
     if status not in TERMINAL:
-        ray_cli(head, "job", "stop", "--address", head.dashboard, submission_id, timeout=60)
-    return status, logs.stdout + logs.stderr
+        job_api(head, f"{submission_id}/stop", method="POST")
+    return status, job_api(head, f"{submission_id}/logs")["logs"]
 
 
 def test_tiny_pipeline_via_ray_job_submit(ray_head, tmp_path):
@@ -198,9 +210,14 @@ def test_tiny_pipeline_via_ray_job_submit(ray_head, tmp_path):
     assert sorted(by_stage) == sorted(STAGES)
     assert all(run.info.status == "FINISHED" for run in children)
     assert by_stage["train"].data.metrics["val_loss"] > 0
+    trials = client.search_runs(
+        [experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{by_stage['tune'].info.run_id}'"
+    )
+    assert len(trials) == 2  # experiment=tiny: tune.num_samples=2, run on the submitted-to cluster
+    outputs = by_stage["register"].data.tags
+    version = client.get_model_version(outputs["moeops.out.model_name"], outputs["moeops.out.model_version"])
+    assert version.status == "READY"
 
-    if "deploy" not in STAGES:
-        return
     # The deploy stage left the model served by the cluster.
     endpoint = by_stage["deploy"].data.tags["moeops.out.endpoint"]
     request = urllib.request.Request(

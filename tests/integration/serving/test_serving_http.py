@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,12 +22,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 VERSION_HEADER = "x-moeops-model-version"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Deployment:
     config: Config
@@ -40,7 +33,8 @@ class Deployment:
         return self.config.registry.model_name
 
 
-def serving_config(tmp, extra: tuple[str, ...] = ()) -> Config:
+def serving_config(tmp, port: int, extra: tuple[str, ...] = ()) -> Config:
+    # own route prefix: other tests (the pipeline's deploy stage) may serve an app at "/" on the same proxy
     return load_config([
         f"paths.root={tmp / 'moeops'}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
         f"tracking.artifact_location={(tmp / 'mlartifacts').as_uri()}",
@@ -48,19 +42,19 @@ def serving_config(tmp, extra: tuple[str, ...] = ()) -> Config:
         "serve.num_cpus=0.25", "serve.max_batch_size=8", "serve.batch_wait_timeout_s=0.02",
         "serve.load_retry_s=0.5", "serve.max_body_bytes=4096", "serve.max_prompts=4",
         "serve.max_prompt_tokens=48", "serve.max_tokens=32", "serve.app_name=moeops-test",
-        f"serve.port={free_port()}", *extra,
+        "serve.route_prefix=/serving-test", "serve.auth_token_env=MOEOPS_TEST_NO_TOKEN", f"serve.port={port}", *extra,
     ])
 
 
 @pytest.fixture(scope="module")
-def deployment(ray_session, tmp_path_factory):
+def deployment(ray_session, serve_port, tmp_path_factory):
     from ray import serve
 
     from serving.launch import deploy, wait_ready
     from serving.tiny_model import register_tiny_models
 
     tmp = tmp_path_factory.mktemp("serving")
-    config = serving_config(tmp)
+    config = serving_config(tmp, serve_port)
     registrations = register_tiny_models(config, versions=2, work_dir=tmp / "work")
     url = deploy(config)
     wait_ready(url, timeout_s=120)
@@ -245,6 +239,17 @@ def test_bad_completion_requests(deployment, case, raw, status, param):
         assert param in error["message"]
 
 
+def test_edge_values_are_served_not_crashed(deployment):
+    url = deployment.url
+    for body in [dict(prompt="x", temperature=1e-40, max_tokens=3), dict(prompt="x", top_p=1e-30, max_tokens=3),
+                 dict(prompt="x", seed=2**63 - 1, max_tokens=3), dict(prompt="héllo ✓ 日本 \U0001F600", max_tokens=3),
+                 dict(prompt=["a", "b c", "d"], stop=["\n", "zz"], max_tokens=32)]:
+        r = complete(url, **body)
+        assert r.status_code == 200, (body, r.text)
+        assert all(c["finish_reason"] in ("stop", "length") for c in r.json()["choices"])
+    assert complete(url, prompt="x").json()["usage"]["completion_tokens"] <= 16  # OpenAI's default max_tokens
+
+
 def test_bad_score_requests_and_replica_stays_ready(deployment):
     url = deployment.url
     for raw, param in [(b'{"text": ""}', "text"), (b'{"text": 3}', "text"), (b'{"txt": "a"}', "txt"),
@@ -419,3 +424,41 @@ def test_bounded_load_32_clients(deployment):
     status = serve.status().applications[deployment.config.serve.app_name]
     assert status.status == "RUNNING"
     assert httpx.get(f"{url}/readyz").status_code == 200
+
+
+# --------------------------------------------------------------------------- the deploy stage
+
+def test_deploy_stage_writes_serve_config_and_smoke_tests(deployment, tmp_path):
+    import yaml
+    from mlflow import MlflowClient
+    from ray import serve
+
+    from components.config import to_container, with_overrides
+    from components.tracking.stages import StageContext
+    from pipelines import deploy as deploy_stage
+
+    config = with_overrides(deployment.config, {"serve.app_name": "moeops-stage", "serve.route_prefix": "/stage"})
+    client = MlflowClient(config.tracking.uri)
+    experiment_id = client.get_experiment_by_name(config.tracking.experiment).experiment_id
+    run_id = client.create_run(experiment_id, run_name="deploy").info.run_id
+    ctx = StageContext(name="deploy", config=config, config_dict=to_container(config), run_id=run_id,
+                       parent_run_id="", experiment_id=experiment_id, tracking_uri=config.tracking.uri,
+                       client=client, inputs={"register": {"model_version": deployment.versions[0]}},
+                       work_dir=tmp_path)
+    try:
+        outputs = deploy_stage.run(ctx)
+        assert all(isinstance(v, str) for v in outputs.values())
+        champion = str(client.get_model_version_by_alias(deployment.name, "champion").version)
+        assert outputs["endpoint"].endswith("/stage") and outputs["model_version"] == champion
+        written = yaml.safe_load(open(outputs["serve_config_path"]))
+        assert written["applications"][0]["import_path"] == "serving.app:build_app"
+        assert written["applications"][0]["deployments"][0]["user_config"]["revision"] == champion
+        artifacts = {a.path for a in client.list_artifacts(run_id)}
+        assert {"serve_config.yaml", "smoke_response.json"} <= artifacts
+        smoke = json.loads(open(client.download_artifacts(run_id, "smoke_response.json", str(tmp_path))).read())
+        assert smoke["response"]["choices"] and smoke["readyz"]["ready"] is True
+        assert deploy_stage.still_serving(config, outputs)
+        assert not deploy_stage.still_serving(config, {**outputs, "model_version": "999"})
+    finally:
+        serve.delete("moeops-stage")
+    assert not deploy_stage.still_serving(config, outputs)

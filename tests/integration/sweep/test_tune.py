@@ -34,7 +34,7 @@ def trial_runs(client: MlflowClient, tune_run_id: str) -> list:
 def test_sweep_nests_trials_stops_the_bad_one_and_feeds_training(sweep_env):
     # The good point runs first, so ASHA has a figure to cut the diverging one (lr=0.9) against.
     config = load_config(sweep_env.overrides + [
-        f"inputs.prepare={sweep_env.prepare_run_id}",
+        f"+inputs.prepare={sweep_env.prepare_run_id}",
         "tune.max_concurrent_trials=1", "tune.grace_period=1",
         "tune.points_to_evaluate=[{train.lr: 0.003, model.top_k: 1}, {train.lr: 0.9, model.top_k: 2}]",
         "train.max_steps=10", "train.warmup_steps=2", "train.num_workers=1",
@@ -78,7 +78,7 @@ def _wait_for(predicate, timeout_s: float, what: str):
 
 def test_sweep_resumes_after_the_driver_dies(sweep_env):
     overrides = sweep_env.overrides + [
-        f"inputs.prepare={sweep_env.prepare_run_id}", "tune.scheduler=fifo", "tune.search_alg=random",
+        f"+inputs.prepare={sweep_env.prepare_run_id}", "tune.scheduler=fifo", "tune.search_alg=random",
         "tune.max_concurrent_trials=1", "tune.trial_max_steps=5", "tune.trial_eval_every=5", "tune.seed=7",
         "tune.points_to_evaluate=[{train.lr: 0.002, model.top_k: 1}, {train.lr: 0.004, model.top_k: 2}]",
     ]

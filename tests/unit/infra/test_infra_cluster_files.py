@@ -49,6 +49,13 @@ def test_runtime_env_has_no_secrets(runtime_env):
     assert not leaked, f"credentials and the tracking URI come from the environment, not the file: {leaked}"
 
 
+def test_runtime_env_does_not_collide_with_the_drivers(runtime_env):
+    # ray.init inside a submitted job merges its runtime env with the job's and fails on shared keys.
+    from pipelines.runtime import WORKER_ENV
+
+    assert not set(runtime_env["env_vars"]) & set(WORKER_ENV)
+
+
 def test_upload_respects_excludes_and_stays_under_rays_limit(runtime_env, tmp_path):
     # Ray would also honour .gitignore; the excludes alone must keep the upload small.
     package = tmp_path / "working_dir.zip"

@@ -16,7 +16,7 @@ import yaml
 
 from components.config import ConfigError, load_config
 from pipelines import render
-from serving.deploy_config import serve_config
+from serving.deploy_config import resolved_model_uri, serve_config
 
 K8S_VERSION = "1.30"
 CORE_KINDS = {"Namespace", "Service", "Deployment", "StatefulSet"}
@@ -163,7 +163,10 @@ def test_rayservice_serve_config_is_the_local_deploy_config(tree, preset):
     assert set(spec) <= RAYSERVICE_SPEC_FIELDS and isinstance(spec["serveConfigV2"], str)
     check_ray_cluster_spec(spec["rayClusterConfig"])
     config = load_config(render.cluster_overrides(render.PRESETS[preset]))
-    assert yaml.safe_load(spec["serveConfigV2"]) == serve_config(config)
+    # The deploy stage's call (pipelines/deploy.py) minus `revision`, which it sets to the champion
+    # version it saw; the RayService resolves the alias itself when its replicas start.
+    assert yaml.safe_load(spec["serveConfigV2"]) == serve_config(config, resolved_model_uri(config), revision="")
+    assert resolved_model_uri(config) == f"models:/{config.registry.model_name}@{config.registry.champion_alias}"
     head = spec["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert {"name": "serve", "containerPort": 8000} in head["ports"]
 

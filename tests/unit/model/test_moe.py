@@ -92,3 +92,28 @@ def test_bad_inputs_raise_clear_errors():
         model(torch.zeros(1, 9, dtype=torch.long))
     with pytest.raises(ValueError, match="unknown model config keys"):
         Transformer({"dim": 32, "bogus": 1}, vocab_size=50)
+
+
+def test_model_config_rules_name_the_bad_keys():
+    import pytest
+
+    from components.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as err:
+        load_config(["model.moe_layer_interval=5", "model.z_loss_coef=-0.1"])
+    assert "model.moe_layer_interval=5" in str(err.value) and "model.z_loss_coef=-0.1" in str(err.value)
+
+
+def test_bf16_autocast_keeps_router_fp32_and_matches_fp32():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(dim=32, n_heads=2, n_layers=2, ffn_dim=64, num_experts=4, top_k=2,
+                                    shared_expert=True), vocab_size=50).train()
+    tokens = torch.randint(0, 50, (2, 10))
+    ref, ref_aux = model(tokens)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, aux = model(tokens)
+    assert aux["aux_loss"].dtype == torch.float32 and aux["z_loss"].dtype == torch.float32
+    assert torch.isfinite(logits).all()
+    assert (logits.float() - ref).abs().max() < 0.1 * ref.abs().max() + 0.05
+    (logits.float().logsumexp(-1).mean() + aux["aux_loss"]).backward()
+    assert model.moe_layers()[0].router.gate.weight.grad is not None

@@ -1,0 +1,73 @@
+"""train -> evaluate -> register as stages on local Ray: the report's MoE / dense / champion figures,
+the champion gate through the stages, and a registered version's lineage tags."""
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from components.config import load_config
+from components.model.export import load_export
+from components.tracking.registry import TAG_DECISION, load_registered
+from components.tracking.stages import outputs_of_run
+from pipelines.evaluate import SPEC as EVALUATE
+from pipelines.pipeline import run_pipeline
+from pipelines.register import SPEC as REGISTER
+from pipelines.train import SPEC as TRAIN
+
+pytestmark = pytest.mark.integration
+
+
+def test_evaluate_report_and_registry_gate(sweep_env, tmp_path):
+    base = sweep_env.overrides + [f"+inputs.prepare={sweep_env.prepare_run_id}", "tune=off",
+                                  "train.max_steps=6", "train.warmup_steps=1", "train.eval_every=3",
+                                  "train.checkpoint_every=3", "registry.model_name=moeops-sweep-test"]
+    client = MlflowClient(sweep_env.tracking_uri)
+
+    # Round 1: no champion yet -> the report compares MoE and its dense baseline; v1 is promoted.
+    first = run_pipeline(load_config(base), [TRAIN, EVALUATE, REGISTER])
+    evaluate_run = first.stages["evaluate"].run_id
+    report = json.loads(mlflow.artifacts.load_text(first.stages["evaluate"].outputs["report_uri"]))
+    assert set(report["models"]) == {"moe", "dense_baseline"}
+    moe, dense = report["models"]["moe"], report["models"]["dense_baseline"]
+    assert moe["kind"] == "moe" and dense["kind"] == "dense"
+    assert dense["params_active"] == pytest.approx(moe["params_active"], rel=0.05)  # equal active parameters
+    assert len(moe["expert_counts"]) == 2 and all(sum(layer) > 0 for layer in moe["expert_counts"])
+    assert moe["perplexity"] == pytest.approx(torch.tensor(moe["val_loss"]).exp().item(), rel=1e-5)
+    assert moe["generation_tokens_per_s"] > 0 and len(moe["samples"]) == 4
+    artifacts = {a.path for a in client.list_artifacts(evaluate_run, "evaluation")}
+    assert {"evaluation/report.md", "evaluation/report.json", "evaluation/expert_utilisation.png"} <= artifacts
+    dense_runs = client.search_runs([first.experiment_id], f"tags.`mlflow.parentRunId` = '{evaluate_run}'")
+    assert [r.info.run_name for r in dense_runs] == ["dense-baseline"] and "val_loss" in dense_runs[0].data.metrics
+
+    reg1 = first.stages["register"].outputs
+    assert reg1["model_version"] == "1" and reg1["promoted"] == "true"
+    assert set(reg1["alias"].split(",")) == {"champion", "challenger"}
+    version = client.get_model_version("moeops-sweep-test", "1")
+    prepared = outputs_of_run(client, sweep_env.prepare_run_id)
+    assert version.tags["dataset_digest"] == prepared["dataset_digest"]
+    assert version.tags["training_run_id"] == first.stages["train"].run_id
+    assert version.tags["git_commit"] and version.tags[TAG_DECISION] == "promoted"
+
+    # The registered champion gives the trained model's logits.
+    loaded, info = load_registered("models:/moeops-sweep-test@champion", sweep_env.tracking_uri,
+                                   dst_dir=tmp_path / "champion")
+    trained = load_export(first.stages["train"].outputs["export_dir"])
+    tokens = torch.randint(0, loaded.vocab_size, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(tokens)[0], trained.model(tokens)[0], rtol=0, atol=0)
+
+    # Round 2: the same model again, now against a champion: the report holds the champion's
+    # figures, and a challenger that does not beat it is refused (champion stays at v1).
+    second = run_pipeline(load_config(base + ["evaluate.compare_dense=false", "force=true"]), [EVALUATE, REGISTER])
+    report2 = json.loads(mlflow.artifacts.load_text(second.stages["evaluate"].outputs["report_uri"]))
+    assert set(report2["models"]) == {"moe", "champion"}
+    assert report2["models"]["champion"]["val_loss"] == pytest.approx(report2["models"]["moe"]["val_loss"])
+    reg2 = second.stages["register"].outputs
+    assert reg2["model_version"] == "2" and reg2["promoted"] == "false" and reg2["alias"] == "challenger"
+    assert "refused" in client.get_model_version("moeops-sweep-test", "2").tags[TAG_DECISION]
+    assert str(client.get_model_version_by_alias("moeops-sweep-test", "champion").version) == "1"
+    assert client.get_run(second.stages["register"].run_id).data.tags[TAG_DECISION] == "refused"
