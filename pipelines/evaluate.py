@@ -28,11 +28,12 @@ from pipelines._cli import stage_main
 REPORT_DIR = "evaluation"
 
 
-def held_out_batches(config: Config, manifest_uri: str, cache_dir: Path) -> list[torch.Tensor]:
-    """The first ``evaluate.eval_batches`` batches of the validation split, in a fixed order."""
+def held_out_batches(config: Config, manifest_uri: str) -> list[torch.Tensor]:
+    """The first ``evaluate.eval_batches`` batches of the validation split, in a fixed order
+    (read through the same warm cache as training: ``storage.warm_dir``)."""
     from components.data.reader import TieredReader
 
-    reader = TieredReader(manifest_uri, split="val", storage=config.storage, cache_dir=str(cache_dir),
+    reader = TieredReader(manifest_uri, split="val", storage=config.storage,
                           seed=config.data.seed, batch_size=config.train.batch_size, shuffle=False)
     batches = []
     for batch in reader:
@@ -117,7 +118,7 @@ def run(ctx: StageContext) -> dict[str, str]:
     config, ev = ctx.config, ctx.config.evaluate
     prepare, train = ctx.inputs["prepare"], ctx.inputs["train"]
     manifest_uri = prepare["manifest_uri"]
-    batches = held_out_batches(config, manifest_uri, ctx.work_dir / "warm")
+    batches = held_out_batches(config, manifest_uri)
     common = dict(max_new_tokens=ev.max_new_tokens, throughput_batch_size=ev.throughput_batch_size)
     prompts = list(ev.prompts)
 
@@ -177,6 +178,7 @@ def run(ctx: StageContext) -> dict[str, str]:
         "champion_val_loss": f"{by_label['champion'].val_loss:.6f}" if "champion" in by_label else "",
         "champion_perplexity": f"{by_label['champion'].perplexity:.6f}" if "champion" in by_label else "",
         "champion_version": champion_version,
+        "model_digest": train.get("digest", ""),
     }
     outputs["digest"] = digest_of({k: outputs[k] for k in ("val_loss", "dense_val_loss", "champion_val_loss",
                                                           "champion_version")} | {"model": train.get("digest")})
@@ -191,7 +193,11 @@ def champion_unchanged(config: Config, outputs: dict[str, str]) -> bool:
         return True
     current = find_version(f"models:/{config.registry.model_name}@{config.registry.champion_alias}",
                            config.tracking.uri)
-    return (current.version if current else "") == outputs.get("champion_version", "")
+    if (current.version if current else "") == outputs.get("champion_version", ""):
+        return True
+    # The champion is now the very model this run evaluated (it was promoted from it):
+    # comparing it with itself would add nothing, so the evaluation still holds.
+    return bool(current) and current.tags.get("model_digest", "") == outputs.get("model_digest", "-")
 
 
 SPEC = StageSpec(name="evaluate", config_keys=("evaluate", "train", "registry.model_name", "registry.champion_alias"),

@@ -77,7 +77,8 @@ def summary(config: Config, specs: list[StageSpec], result: PipelineResult) -> s
     for spec in specs:
         outcome = result.stages[spec.name]
         key = spec.key_output
-        metric = f"{key}={outcome.outputs.get(key, '-')}" if key else "-"
+        value = outcome.outputs.get(key, "-")
+        metric = f"{key}={value[:12] + '…' if len(value) > 16 else value}" if key else "-"
         status = f"reused ({outcome.reused_from[:8]})" if outcome.reused else "ran"
         rows.append((spec.name, status, format_duration(outcome.duration_s), metric, outcome.run_id))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

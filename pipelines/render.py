@@ -31,6 +31,8 @@ K8S_DIR = REPO / "infra" / "k8s"
 RAY_VERSION = "2.60.0"
 MLFLOW_PORT = 5000
 POSTGRES_PORT = 5432
+MLFLOW_SERVICE = "moeops-mlflow"
+POSTGRES_SERVICE = "moeops-postgres"
 # Inside the pods: node-local scratch (warm cache, stage work dirs); durable state is in S3/MLflow.
 POD_ROOT = "/tmp/moeops"
 
@@ -58,16 +60,12 @@ JOB_EXCLUDED_STAGES = ("deploy",)
 # ---------------------------------------------------------------- config
 
 
-def mlflow_service_name(config: Config) -> str:
-    return "moeops-mlflow"
-
-
 def tracking_uri(config: Config) -> str:
     """The MLflow server every pod talks to: the rendered one unless an existing one is configured."""
     k8s = config.cluster.k8s
     if k8s.tracking_uri:
         return k8s.tracking_uri
-    return f"http://{mlflow_service_name(config)}.{k8s.namespace}.svc.cluster.local:{MLFLOW_PORT}"
+    return f"http://{MLFLOW_SERVICE}.{k8s.namespace}.svc.cluster.local:{MLFLOW_PORT}"
 
 
 def _keys(overrides: list[str]) -> set[str]:
@@ -92,10 +90,17 @@ def cluster_overrides(overrides: list[str]) -> list[str]:
 def load_cluster_config(overrides: list[str]) -> tuple[Config, list[str]]:
     full = cluster_overrides(overrides)
     config = load_config(full)
+    problems = []
     if config.cluster.mode != "remote":
-        raise ConfigError([f"cluster.mode={config.cluster.mode!r}: manifests need cluster=remote"])
+        problems.append(f"cluster.mode={config.cluster.mode!r}: manifests need cluster=remote")
     if config.serve.port != 8000:
-        raise ConfigError([f"serve.port={config.serve.port}: KubeRay serves on port 8000"])
+        problems.append(f"serve.port={config.serve.port}: KubeRay serves on port 8000")
+    # Pods share no disk: what one stage writes, another pod (or the next job) must read.
+    for key, uri in (("storage.cold_uri", config.storage.cold_uri), ("train.checkpoint_uri", config.train.checkpoint_uri)):
+        if "://" not in uri or uri.startswith("file://"):
+            problems.append(f"{key}={uri!r}: pods share no local disk; use an object store (storage=s3, s3://...)")
+    if problems:
+        raise ConfigError(problems)
     return config, full
 
 
@@ -272,7 +277,7 @@ def _secret_env(config: Config, key: str) -> dict:
 
 
 def postgres(config: Config) -> list[dict]:
-    name = "moeops-postgres"
+    name = POSTGRES_SERVICE
     container = {
         "name": "postgres",
         "image": "postgres:16",
@@ -307,14 +312,14 @@ def postgres(config: Config) -> list[dict]:
 
 def mlflow_server(config: Config) -> list[dict]:
     k8s = config.cluster.k8s
-    name = mlflow_service_name(config)
+    name = MLFLOW_SERVICE
     # The official image lacks the PostgreSQL and S3 clients; bake them into your own image on
     # clusters without access to PyPI. Artifacts are proxied (--serve-artifacts), so Ray pods
     # need no S3 credentials for MLflow.
     command = (
         "pip install --no-cache-dir psycopg2-binary boto3 && exec mlflow server"
         f" --host 0.0.0.0 --port {MLFLOW_PORT}"
-        f' --backend-store-uri "postgresql://mlflow:${{POSTGRES_PASSWORD}}@moeops-postgres:{POSTGRES_PORT}/mlflow"'
+        f' --backend-store-uri "postgresql://mlflow:${{POSTGRES_PASSWORD}}@{POSTGRES_SERVICE}:{POSTGRES_PORT}/mlflow"'
         f" --artifacts-destination {k8s.mlflow_artifacts_uri} --serve-artifacts"
         f" --allowed-hosts '{name},{name}:*,{name}.*,localhost:*,127.0.0.1:*'"
     )

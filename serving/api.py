@@ -46,7 +46,7 @@ def build_asgi_app(server) -> FastAPI:
     def count_error(request: Request, status: int) -> None:
         # the route template, not the raw path: arbitrary 404 paths must not grow label sets
         route = getattr(request.scope.get("route"), "path", "unmatched")
-        server.metrics.observe_request(route, status, "none", 0.0)
+        server.metrics.count_error(route, status)
 
     install_error_handlers(app, on_error=count_error)
 

@@ -39,6 +39,10 @@ class ServeMetrics:
         self.requests.labels(route=route, status=str(status), model_version=version, **self._const).inc()
         self.latency.labels(route=route, model_version=version, **self._const).observe(seconds)
 
+    def count_error(self, route: str, status: int) -> None:
+        """A rejected request: counted, but kept out of the latency histogram (no model ran)."""
+        self.requests.labels(route=route, status=str(status), model_version="none", **self._const).inc()
+
     def observe_batch(self, version: str, size: int, new_tokens: int, seconds: float) -> None:
         self.batch_size.labels(model_version=version, **self._const).observe(size)
         self.tokens.labels(model_version=version, **self._const).inc(new_tokens)

@@ -38,6 +38,7 @@ from components.data.shards import CorruptShardError, decode_shard
 from components.data.warm import WarmCache
 
 HOT_SHARDS = 3  # decoded shards kept in memory: a batch can straddle two, plus one ahead
+BLOCK_BATCHES = 8  # batches located and gathered together
 
 
 class TieredReader:
@@ -140,27 +141,33 @@ class TieredReader:
             prefetcher.close()
 
     def _produce(self, order: GlobalOrder, base: int, count: int | None) -> Iterator[torch.Tensor]:
+        """Batches from ``base`` on; located and gathered BLOCK_BATCHES at a time (less Python per batch)."""
         k = 0
         last_shard = None
-        step = self.world_size * self.batch_size
+        B, step = self.batch_size, self.world_size * self.batch_size
         end = None if count is None else base + count * step
         while count is None or k < count:
-            positions = rank_positions(base, k, self.rank, self.world_size, self.batch_size)
+            n = BLOCK_BATCHES if count is None else min(BLOCK_BATCHES, count - k)
+            positions = rank_positions(base, k, self.rank, self.world_size, B, n)
             epochs, shards, rows = order.locate(positions)
-            if shards[0] != last_shard:
-                last_shard = int(shards[0])
-                self._fetch_ahead(order, int(positions[0]), end)
-            batch = torch.empty((len(positions), self.manifest.row_len), dtype=torch.int64)  # [B, seq_len + 1]
-            # positions are consecutive, so a batch is one or a few runs of the same (epoch, shard)
+            # numpy, not torch: a big torch copy would fan out to intra-op threads the model needs
+            block = np.empty((n * B, self.manifest.row_len), dtype=np.int64)  # [n*B, seq_len + 1]
+            # this rank's positions run through one shard after another: copy run by run
             cuts = np.flatnonzero((np.diff(shards) != 0) | (np.diff(epochs) != 0)) + 1
             for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), len(positions)]):
                 epoch, shard = int(epochs[lo]), int(shards[lo])
-                batch[lo:hi] = torch.from_numpy(self._shard_rows(shard, epoch)[rows[lo:hi]])
+                if shard != last_shard:
+                    last_shard = shard
+                    self._fetch_ahead(order, int(positions[lo]), end)
+                block[lo:hi] = self._shard_rows(shard, epoch)[rows[lo:hi]]
                 self._flow_index[(epoch, shard)]["rows_used"] += hi - lo
-            if self.device.type == "cuda":
-                batch = batch.pin_memory()
-            yield batch
-            k += 1
+            batches = torch.from_numpy(block)
+            for j in range(n):
+                batch = batches[j * B:(j + 1) * B]
+                if self.device.type == "cuda":
+                    batch = batch.pin_memory()
+                yield batch
+            k += n
 
     # ---- tiers -----------------------------------------------------------------------------
     def _shard_rows(self, index: int, epoch: int) -> np.ndarray:

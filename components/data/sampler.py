@@ -71,7 +71,10 @@ class GlobalOrder:
         return out
 
 
-def rank_positions(base: int, k: int, rank: int, world_size: int, batch_size: int) -> np.ndarray:
-    """Stream positions of rank ``rank``'s part of the ``k``-th global batch after ``base``."""
-    start = base + k * world_size * batch_size + rank * batch_size
-    return np.arange(start, start + batch_size, dtype=np.int64)
+def rank_positions(base: int, k: int, rank: int, world_size: int, batch_size: int, n_batches: int = 1) -> np.ndarray:
+    """Stream positions of rank ``rank``'s part of global batches ``k .. k + n_batches - 1`` after ``base``.
+
+    Returns int64[n_batches * batch_size], batch after batch.
+    """
+    starts = base + (k + np.arange(n_batches, dtype=np.int64)) * world_size * batch_size + rank * batch_size
+    return (starts[:, None] + np.arange(batch_size, dtype=np.int64)[None, :]).reshape(-1)

@@ -258,11 +258,9 @@ class WarmCache:
         finally:
             if not committed:
                 _unlink(tmp)
-                if os.path.exists(self.shard_path(sha)) and not os.path.exists(tmp):
-                    with self._locked() as index:
-                        if sha not in index["entries"]:
-                            _unlink(self.shard_path(sha))
                 with self._locked() as index:
+                    if sha not in index["entries"]:  # renamed but never recorded: only we could fill it
+                        _unlink(self.shard_path(sha))
                     if index["reserved"].get(sha, {}).get("token") == token:
                         del index["reserved"][sha]
 

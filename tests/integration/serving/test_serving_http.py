@@ -260,6 +260,9 @@ def test_bad_score_requests_and_replica_stays_ready(deployment):
             assert r.json()["error"]["param"] == param
     assert httpx.get(f"{url}/readyz").status_code == 200
     assert complete(url, prompt="ok", max_tokens=2).status_code == 200
+    metrics = httpx.get(f"{url}/metrics").text
+    counted = [line for line in metrics.splitlines() if line.startswith("moeops_requests_total")]
+    assert any('route="/v1/score",status="400",model_version="none"' in line for line in counted), counted
 
 
 # --------------------------------------------------------------------------- readiness and auth
@@ -350,6 +353,24 @@ def test_canary_split(deployment):
         assert f'moeops_generated_tokens_total{{model_version="{deployment.name}/{version}"' in metrics
     assert _replica(deployment.url) == replica, "reconfiguring must not restart the replica"
     deploy(deployment.config)  # canary off again
+
+
+def test_int8_quantized_replica_in_place(deployment):
+    from components.config import with_overrides
+    from serving.launch import deploy
+
+    url, replica = deployment.url, _replica(deployment.url)
+    fp32 = httpx.post(f"{url}/v1/score", json={"text": "def main():\n    return 0\n"}).json()["perplexity"]
+    deploy(with_overrides(deployment.config, {"serve.quantize": "int8"}))
+    try:
+        r = complete(url, prompt="def main(", max_tokens=6, seed=1)
+        assert r.status_code == 200 and r.headers[VERSION_HEADER].endswith("-int8"), r.headers
+        int8 = httpx.post(f"{url}/v1/score", json={"text": "def main():\n    return 0\n"}).json()["perplexity"]
+        assert abs(int8 - fp32) / fp32 < 0.2  # dynamic int8 barely moves perplexity
+        assert _replica(url) == replica
+    finally:
+        deploy(deployment.config)
+    assert not complete(url, prompt="x", max_tokens=1).headers[VERSION_HEADER].endswith("-int8")
 
 
 def test_version_switch_under_continuous_requests(deployment):
