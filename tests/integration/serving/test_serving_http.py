@@ -262,7 +262,8 @@ def test_bad_score_requests_and_replica_stays_ready(deployment):
     assert complete(url, prompt="ok", max_tokens=2).status_code == 200
     metrics = httpx.get(f"{url}/metrics").text
     counted = [line for line in metrics.splitlines() if line.startswith("moeops_requests_total")]
-    assert any('route="/v1/score",status="400",model_version="none"' in line for line in counted), counted
+    assert any(all(label in line for label in ('route="/v1/score"', 'status="400"', 'model_version="none"'))
+               for line in counted), counted
 
 
 # --------------------------------------------------------------------------- readiness and auth
