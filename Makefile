@@ -11,7 +11,7 @@ ARGS ?=
 export RAY_USAGE_STATS_ENABLED ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup run test test-unit test-integration bench mlflow-ui mlflow-server serve clean
+.PHONY: help setup run test test-unit test-integration bench mlflow-ui mlflow-server serve render clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 20
@@ -51,6 +51,9 @@ mlflow-server: $(STAMP)  ## a tracking server for tracking=server (sqlite backen
 
 serve: $(STAMP)  ## deploy the registry's champion and keep serving until Ctrl-C
 	$(PY) -m pipelines.deploy serve.block=true $(ARGS)
+
+render: $(STAMP)  ## re-render infra/k8s from conf/ (a test fails when they drift apart)
+	$(PY) -m pipelines.render
 
 clean:  ## remove local state (stores, caches, checkpoints), keep .venv
 	rm -rf .moeops mlflow.db mlartifacts outputs multirun bench-*.json

@@ -20,10 +20,12 @@ def ensure_ray(config: Config) -> None:
     """Reuse an initialised Ray (tests, Hydra multirun); else start or join one per ``cluster.*``."""
     if ray.is_initialized():
         return
-    for key, value in WORKER_ENV.items():
-        os.environ.setdefault(key, value)
+    # A submitted job's runtime env is already in this process' environment, and Ray refuses a
+    # second runtime env that sets the same variables: add only what is missing.
+    missing = {key: value for key, value in WORKER_ENV.items() if key not in os.environ}
+    os.environ.update(missing)
     cluster = config.cluster
-    runtime_env = {"env_vars": dict(WORKER_ENV)}
+    runtime_env = {"env_vars": missing} if missing else None
     if cluster.mode == "remote":
         address = cluster.address or os.environ.get("RAY_ADDRESS") or "auto"
         print(f"[ray] joining cluster at {address}", flush=True)
