@@ -179,7 +179,7 @@ def resolve_upstream(
                 raise StageInputError(
                     f"stage '{spec.name}' needs the outputs of stage '{name}', and the experiment has no "
                     f"finished '{name}' run: run `python -m pipelines.{name}` first, run the whole "
-                    f"pipeline with `python -m pipelines.run`, or pass inputs.{name}=<run id>"
+                    f"pipeline with `python -m pipelines.run`, or pass +inputs.{name}=<run id>"
                 )
         inputs[name] = outputs_of_run(client, run.info.run_id)
         run_ids[name] = run.info.run_id
