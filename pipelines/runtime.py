@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 
 import ray
 
@@ -14,6 +15,13 @@ WORKER_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now (for Ray's dashboard, Serve, test servers)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 def ensure_ray(config: Config) -> None:
@@ -38,7 +46,12 @@ def ensure_ray(config: Config) -> None:
         num_cpus=cluster.num_cpus,
         num_gpus=cluster.num_gpus,
         object_store_memory=cluster.object_store_memory_mb * 1024**2,
-        include_dashboard=False,
+        # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner needs to
+        # see a dead controller (an ASHA-stopped trial, a killed worker); without it the dead run's
+        # placement group keeps its CPUs forever and later runs wait on them.
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=free_port(),
         namespace=cluster.namespace,
         runtime_env=runtime_env,
         _node_ip_address="127.0.0.1",

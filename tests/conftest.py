@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
+
+from pipelines.runtime import free_port
 
 # Set before Ray or Tune is imported anywhere in the session.
 os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
@@ -19,12 +20,6 @@ pytest_plugins = ["fixtures.mlflow_server", "fixtures.s3"]
 RAY_NUM_CPUS = 4  # logical; the machine has 2 real cores
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def session_tmp(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("moeops-session")
@@ -32,14 +27,18 @@ def session_tmp(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_session(session_tmp):
-    """The one Ray for the whole test session (loopback only, no dashboard)."""
+    """The one Ray for the whole test session (loopback only)."""
     import ray
 
     if not ray.is_initialized():
         ray.init(
             num_cpus=RAY_NUM_CPUS,
             num_gpus=0,
-            include_dashboard=False,
+            # Ray Train's placement-group cleaner needs the state API the dashboard serves (see
+            # pipelines/runtime.py); loopback only, on a free port.
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=free_port(),
             object_store_memory=400 * 1024**2,
             namespace="moeops-tests",
             _node_ip_address="127.0.0.1",

@@ -28,6 +28,13 @@ def plot_expert_utilisation(expert_counts: Sequence[Sequence[int]], out_path: st
     axes[0][0].set_ylabel("share of routed tokens")
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title)
+    return save_figure(fig, out_path)
+
+
+def save_figure(fig, out_path: str | Path) -> Path:
+    """Lay out, write as PNG (parent dirs created) and free the figure: pyplot keeps every open one."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,8 @@ from typing import Any, Sequence
 
 import pandas as pd
 
+from components.evaluation.plots import save_figure
+
 STATUS_COLOURS = {"completed": "tab:green", "stopped_early": "tab:orange", "errored": "tab:red"}
 
 
@@ -66,12 +68,7 @@ def plot_metric_vs_params(frame: pd.DataFrame, metric: str, params: Sequence[str
         ax.grid(alpha=0.3)
     axes[0][0].legend(title="trial", fontsize=8)
     fig.suptitle(f"{metric} by hyperparameter ({len(frame)} trials)")
-    fig.tight_layout()
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
-    return out_path
+    return save_figure(fig, out_path)
 
 
 def write_sweep_summary(rows: Sequence[dict[str, Any]], metric: str, mode: str, params: Sequence[str],

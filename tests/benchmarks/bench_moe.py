@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -35,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from components.config.schema import ModelConfig  # noqa: E402
 from components.model.layers import FeedForward  # noqa: E402
 from components.model.moe import MoELayer, reference_moe_forward  # noqa: E402
+from pipelines.runtime import free_port  # noqa: E402
 
 GOALS = {"moe_vs_dense_ratio": ">= 0.8", "moe_vs_naive_ratio": ">= 2.0", "overlap_on_vs_off_step_ratio": "<= 0.85"}
 
@@ -161,12 +161,6 @@ def _ep_worker(rank: int, world: int, port: int, settings: dict, out_path: str) 
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def ep_benchmark(quick: bool, chunks: int) -> dict:
     import torch.multiprocessing as mp
 
@@ -182,7 +176,7 @@ def ep_benchmark(quick: bool, chunks: int) -> dict:
     }
     with tempfile.TemporaryDirectory() as tmp:
         out_path = str(Path(tmp) / "ep.json")
-        mp.spawn(_ep_worker, args=(2, _free_port(), settings, out_path), nprocs=2, join=True)
+        mp.spawn(_ep_worker, args=(2, free_port(), settings, out_path), nprocs=2, join=True)
         per_rank = json.loads(Path(out_path).read_text())
     # a synchronous step is bounded by the slower rank: report that rank's breakdown
     merged = {name: max((r[name] for r in per_rank), key=lambda fig: fig["step_s"]) for name in settings["variants"]}

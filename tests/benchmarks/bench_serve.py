@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -33,15 +32,11 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
+from pipelines.runtime import free_port  # noqa: E402
+
 # long enough that decoding, not the HTTP path, dominates a request (as in LLM serving benchmarks)
 MAX_TOKENS = 32
 SCORE_TEXT = "def main(argv):\n    parser = argparse.ArgumentParser()\n    return parser.parse_args(argv)\n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -3,6 +3,7 @@ with every stage reused."""
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 
 import pytest
@@ -22,6 +23,20 @@ def post_json(url: str, body: dict) -> dict:
     with urllib.request.urlopen(request, timeout=60) as response:
         assert response.status == 200
         return json.loads(response.read())
+
+
+def live_placement_groups() -> list[str]:
+    from ray.util import placement_group_table
+
+    return [pg_id for pg_id, pg in placement_group_table().items() if pg["state"] != "REMOVED"]
+
+
+def wait_for_no_placement_groups(timeout_s: float = 30.0) -> list[str]:
+    """Train runs (finished, or stopped early by ASHA) must give their CPUs back."""
+    deadline = time.monotonic() + timeout_s
+    while (live := live_placement_groups()) and time.monotonic() < deadline:
+        time.sleep(1.0)
+    return live
 
 
 def test_full_pipeline_then_fully_cached(ray_session, root_overrides, mlflow_uri, serve_port):
@@ -54,6 +69,8 @@ def test_full_pipeline_then_fully_cached(ray_session, root_overrides, mlflow_uri
     assert endpoint == f"http://127.0.0.1:{serve_port}"
     completion = post_json(f"{endpoint}/v1/completions", {"prompt": "def ", "max_tokens": 4, "seed": 1})
     assert completion["choices"][0]["text"] is not None and completion["usage"]["completion_tokens"] >= 1
+
+    assert wait_for_no_placement_groups() == [], "a training run left its placement group behind"
 
     second = run_pipeline(config, selected_specs(config))
     assert all(outcome.reused for outcome in second.stages.values()), {

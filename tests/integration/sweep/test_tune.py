@@ -90,6 +90,7 @@ def test_sweep_resumes_after_the_driver_dies(sweep_env):
     # A separate driver process joins this Ray cluster, runs the sweep, and is killed after trial 1.
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1", "PYTHONPATH": str(REPO)}
     address = ray.get_runtime_context().gcs_address
+    started_ms = int(time.time() * 1000)
     driver = subprocess.Popen(
         [sys.executable, "-m", "pipelines.tune", *overrides, "cluster=remote", f"cluster.address={address}"],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
@@ -102,11 +103,15 @@ def test_sweep_resumes_after_the_driver_dies(sweep_env):
 
         _wait_for(lambda: sweep_runs("completed"), 240, "the first trial to complete")
         _wait_for(lambda: len(sweep_runs()) >= 2, 60, "the second trial to start")
-        time.sleep(3)  # the experiment state is saved every second (TUNE_GLOBAL_CHECKPOINT_S=1)
+        # Kill while the second trial is still starting its Train run: the experiment state
+        # (trial 1 done) is saved every second (TUNE_GLOBAL_CHECKPOINT_S=1).
+        time.sleep(1.0)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait(30)
     first_trial = sweep_runs("completed")[0]
+    killed = client.search_runs([experiment_id], f"tags.`moeops.stage` = 'tune' and attributes.start_time >= {started_ms}")
+    assert killed and not any(r.info.status == "FINISHED" for r in killed), "the sweep finished before the kill"
     history_before = [m.step for m in client.get_metric_history(first_trial.info.run_id, "val_loss")]
 
     # The same command again restores the sweep: trial 1 is kept, trial 2 finishes.
