@@ -78,7 +78,7 @@ def summary(config: Config, specs: list[StageSpec], result: PipelineResult) -> s
         outcome = result.stages[spec.name]
         key = spec.key_output
         value = outcome.outputs.get(key, "-")
-        metric = f"{key}={value[:12] + '…' if len(value) > 16 else value}" if key else "-"
+        metric = f"{key}={value[:16] + '…' if len(value) > 24 else value}" if key else "-"
         status = f"reused ({outcome.reused_from[:8]})" if outcome.reused else "ran"
         rows.append((spec.name, status, format_duration(outcome.duration_s), metric, outcome.run_id))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
