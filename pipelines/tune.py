@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +184,37 @@ def _scheduler(config: Config):
                          grace_period=min(tu.grace_period, max_t), reduction_factor=tu.reduction_factor)
 
 
+# Fault injection for the resume test: the sweep's driver dies (like a lost head-node process)
+# once this many trials have completed and the experiment state has been saved.
+DRIVER_FAULT_ENV = "MOEOPS_TUNE_DRIVER_FAULT"
+
+
+class DriverFault(tune.Callback):
+    def __init__(self, after_trials: int, grace_s: float = 2.0):
+        self.after_trials, self.grace_s = after_trials, grace_s
+        self.completed = 0
+        self.armed_at: float | None = None
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.completed += 1
+        if self.completed >= self.after_trials and self.armed_at is None:
+            self.armed_at = time.monotonic()
+
+    def on_step_end(self, iteration, trials, **info):
+        # grace: the experiment state is saved every TUNE_GLOBAL_CHECKPOINT_S seconds
+        if self.armed_at is not None and time.monotonic() - self.armed_at >= self.grace_s:
+            os._exit(137)
+
+    def on_experiment_end(self, trials, **info):
+        if self.armed_at is not None:
+            os._exit(137)
+
+
+def _driver_fault_callbacks() -> list:
+    after = os.environ.get(DRIVER_FAULT_ENV, "")
+    return [DriverFault(int(after))] if after else []
+
+
 def run_sweep(config: Config, manifest_uri: str, *, parent_run_id: str, experiment_id: str,
               sweep: str, storage_dir: str | Path) -> tuple[tune.ResultGrid, bool]:
     """Fit a new sweep, or restore ``<storage_dir>/<sweep>`` when an interrupted one exists.
@@ -212,7 +244,8 @@ def run_sweep(config: Config, manifest_uri: str, *, parent_run_id: str, experime
             scheduler=_scheduler(config), max_concurrent_trials=concurrency,
         ),
         run_config=tune.RunConfig(name=sweep, storage_path=str(storage_dir), verbose=1,
-                                  failure_config=tune.FailureConfig(max_failures=0)),
+                                  failure_config=tune.FailureConfig(max_failures=0),
+                                  callbacks=_driver_fault_callbacks()),
     )
     return tuner.fit(), False
 

@@ -195,7 +195,7 @@ class WarmCache:
             # Hit: pin first, then look; an eviction racing us either saw the pin or already unlinked.
             pin = self._pin(sha)
             if os.path.exists(path):
-                os.utime(path)  # LRU recency
+                _touch(path)  # LRU recency
                 return "warm", 0, pin
             pin.close()
             with self._locked() as index:
@@ -247,6 +247,7 @@ class WarmCache:
             # Renamed outside the lock (slow on overlay filesystems): until the entry below exists
             # no one can evict it, and our reservation still counts its bytes.
             os.replace(tmp, self.shard_path(sha))
+            _touch(self.shard_path(sha))
             with self._locked() as index:
                 pin = self._pin(sha)  # before anyone can evict it
                 index["reserved"].pop(sha, None)
@@ -278,11 +279,18 @@ class WarmCache:
         return data
 
 
-def _mtime(path: str) -> float:
+def _touch(path: str) -> None:
+    """Set the mtime from the fine-grained clock: the kernel stamps files with a coarse,
+    jiffy-resolution clock, so fills and hits a few ms apart would tie and scramble LRU order."""
+    now = time.time_ns()
+    os.utime(path, ns=(now, now))
+
+
+def _mtime(path: str) -> int:
     try:
-        return os.stat(path).st_mtime
+        return os.stat(path).st_mtime_ns
     except FileNotFoundError:
-        return 0.0
+        return 0
 
 
 def _unlink(path: str) -> None:

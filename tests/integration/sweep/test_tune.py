@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from components.config import load_config
 from pipelines.pipeline import run_pipeline
 from pipelines.train import SPEC as TRAIN
-from pipelines.tune import SPEC as TUNE
+from pipelines.tune import DRIVER_FAULT_ENV, SPEC as TUNE
 from components.tracking.stages import outputs_of_run
 from pipelines.tune import SWEEP_TAG, TRIAL_STATUS_TAG, sweep_name
 
@@ -66,16 +66,6 @@ def test_sweep_nests_trials_stops_the_bad_one_and_feeds_training(sweep_env):
     assert json.loads((export / "model_config.json").read_text())["model"]["top_k"] == 1
 
 
-def _wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(1.0)
-    raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
-
-
 def test_sweep_resumes_after_the_driver_dies(sweep_env):
     overrides = sweep_env.overrides + [
         f"+inputs.prepare={sweep_env.prepare_run_id}", "tune.scheduler=fifo", "tune.search_alg=random",
@@ -87,8 +77,9 @@ def test_sweep_resumes_after_the_driver_dies(sweep_env):
     prepared = outputs_of_run(client, sweep_env.prepare_run_id)
     sweep = sweep_name(load_config(overrides), prepared["digest"])
 
-    # A separate driver process joins this Ray cluster, runs the sweep, and is killed after trial 1.
-    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1", "PYTHONPATH": str(REPO)}
+    # A separate driver process joins this Ray cluster, runs the sweep, and dies (os._exit, as a
+    # lost driver would) after the first trial completes and the experiment state is saved.
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1", "PYTHONPATH": str(REPO), DRIVER_FAULT_ENV: "1"}
     address = ray.get_runtime_context().gcs_address
     started_ms = int(time.time() * 1000)
     driver = subprocess.Popen(
@@ -96,22 +87,20 @@ def test_sweep_resumes_after_the_driver_dies(sweep_env):
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     try:
-        def sweep_runs(status: str | None = None):
-            query = f"tags.`{SWEEP_TAG}` = '{sweep}'"
-            runs = client.search_runs([experiment_id], query)
-            return [r for r in runs if status is None or r.data.tags.get(TRIAL_STATUS_TAG) == status]
-
-        _wait_for(lambda: sweep_runs("completed"), 240, "the first trial to complete")
-        _wait_for(lambda: len(sweep_runs()) >= 2, 60, "the second trial to start")
-        # Kill while the second trial is still starting its Train run: the experiment state
-        # (trial 1 done) is saved every second (TUNE_GLOBAL_CHECKPOINT_S=1).
-        time.sleep(1.0)
+        assert driver.wait(300) == 137, "the driver should have died by the injected fault"
     finally:
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait(30)
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait(30)
+
+    def sweep_runs(status: str | None = None):
+        query = f"tags.`{SWEEP_TAG}` = '{sweep}'"
+        runs = client.search_runs([experiment_id], query)
+        return [r for r in runs if status is None or r.data.tags.get(TRIAL_STATUS_TAG) == status]
+
     first_trial = sweep_runs("completed")[0]
     killed = client.search_runs([experiment_id], f"tags.`moeops.stage` = 'tune' and attributes.start_time >= {started_ms}")
-    assert killed and not any(r.info.status == "FINISHED" for r in killed), "the sweep finished before the kill"
+    assert killed and not any(r.info.status == "FINISHED" for r in killed), "the dead driver's tune run must not be FINISHED"
     history_before = [m.step for m in client.get_metric_history(first_trial.info.run_id, "val_loss")]
 
     # The same command again restores the sweep: trial 1 is kept, trial 2 finishes.
