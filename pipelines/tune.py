@@ -22,7 +22,6 @@ os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
 
 import ray  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
-from mlflow.entities import RunStatus  # noqa: E402
 from ray import tune  # noqa: E402
 
 from components.config import Config, config_from_dict, flatten, to_container, with_overrides  # noqa: E402

@@ -1,7 +1,6 @@
 """The registry against a real sqlite MLflow store: round-trip logits, tags, and the promotion gate."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
