@@ -138,8 +138,8 @@ def run_training(
     if t.resume not in ("auto", "never") and not resume_from:
         resume_from = t.resume
     if t.resume == "never" or config.force:
-        # force=true means "recompute", not "pick up the finished checkpoint"
-        # a fresh directory: Ray Train restores only from a run directory of the same name
+        # A fresh run directory (Ray Train restores only from one of the same name):
+        # force=true means "recompute", not "pick up the finished checkpoint".
         name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run = RunInfo(
         manifest_uri=manifest_uri,

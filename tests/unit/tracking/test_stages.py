@@ -7,7 +7,7 @@ import pytest
 from mlflow import MlflowClient
 
 from components.config import load_config
-from components.tracking.stages import StageInputError, StageSpec
+from components.tracking.stages import StageInputError, StageSpec, digest_of
 from pipelines.pipeline import run_pipeline
 
 CALLS: list[str] = []
@@ -17,7 +17,7 @@ def prepare_fn(ctx):
     CALLS.append("prepare")
     text = f"rows={ctx.config.data.max_files}"
     ctx.log_metrics({"rows": ctx.config.data.max_files})
-    return {"digest": str(abs(hash(text))), "manifest_uri": f"{ctx.config.paths.root}/manifest.json"}
+    return {"digest": digest_of(text), "manifest_uri": f"{ctx.config.paths.root}/manifest.json"}
 
 
 def train_fn(ctx):
