@@ -120,7 +120,13 @@ class RayHead:
             if not children:
                 break
             ours |= children
-        return sorted((ours | named) - {os.getpid()})
+        # Never this process or its ancestors (make, the CI shell): a recycled pid of `ray start`
+        # must not turn the test's own parents into "descendants".
+        protected, pid = set(), os.getpid()
+        while pid > 1 and pid not in protected:
+            protected.add(pid)
+            pid = parent_of.get(pid, 1)
+        return sorted((ours | named) - protected)
 
 
 def client_env(head: RayHead) -> dict[str, str]:
