@@ -4,9 +4,12 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# Pinned: the CPU build on machines like this one (local wheel), PyPI's CUDA build elsewhere;
-# never unpinned (that pulls a multi-GB CUDA build of the newest release).
-TORCH_SPEC ?= torch==2.13.0
+# Pinned, local version label included: without a GPU the CPU build (`+cpu`, a local wheel on
+# machines like this one; elsewhere add TORCH_INDEX=https://download.pytorch.org/whl/cpu), with one
+# PyPI's CUDA build. A bare `torch==2.13.0` lets the resolver pick the multi-GB CUDA build anywhere.
+TORCH_VERSION := 2.13.0
+TORCH_SPEC ?= torch==$(TORCH_VERSION)$(if $(shell command -v nvidia-smi),,+cpu)
+TORCH_INDEX ?=
 ARGS ?=
 export RAY_USAGE_STATS_ENABLED ?= 0
 export TOKENIZERS_PARALLELISM ?= false
@@ -16,14 +19,18 @@ export TOKENIZERS_PARALLELISM ?= false
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 20
 
-$(STAMP): pyproject.toml
+# One resolver call under a constraints file that holds the torch pin, so no later requirement can
+# swap the build (a plain `pip install -e .` after the pinned torch may pull a newer CUDA build).
+$(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e '.[dev]'
+	echo "$(TORCH_SPEC)" > $(VENV)/constraints.txt
+	$(PY) -m pip install --quiet -c $(VENV)/constraints.txt $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) \
+		"$(TORCH_SPEC)" -e '.[dev,bench]'
+	$(PY) -c 'import torch; print("torch", torch.__version__)'
 	@touch $(STAMP)
 
-setup: $(STAMP)  ## create .venv and install moeops with its dev extra
+setup: $(STAMP)  ## create .venv and install moeops with its dev and bench extras
 
 run: $(STAMP)  ## the whole pipeline on embedded defaults (ARGS="experiment=tiny ..." for overrides)
 	$(PY) -m pipelines.run $(ARGS)
