@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
 from typing import Any, Callable, Sequence
 
+from components.config import Config
 from components.data.build import PrepareResult, prepare_dataset
 from components.data.cold import credential_env, read_bytes
+from components.tracking.datasets import log_dataset_input
 from components.tracking.stages import StageContext, StageSpec
 from pipelines._cli import stage_main
+from pipelines.outputs import PrepareOutputs
 
 
 def ray_map(parallelism: int, on_done: Callable[[], None],
@@ -54,29 +56,24 @@ def ray_map(parallelism: int, on_done: Callable[[], None],
     return map_fn
 
 
-def log_dataset_input(ctx: StageContext, result: PrepareResult) -> None:
-    """The dataset as an MLflow run input; MLflow keeps 36 characters of a digest, the tag the full one."""
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
-    from mlflow.entities import DatasetInput, InputTag
+def dataset_of(name: str, outputs: PrepareOutputs):
+    """The prepared dataset as an MLflow dataset: an input of the prepare and train runs, and the
+    dataset the evaluate stage's metrics are linked to."""
+    from components.tracking.datasets import dataset_entity
 
+    return dataset_entity(f"{name}-{outputs.dataset_digest[:12]}", outputs.dataset_digest, outputs.manifest_uri,
+                          profile={"train_rows": outputs.train_rows, "val_rows": outputs.val_rows,
+                                   "seq_len": outputs.seq_len, "vocab_size": outputs.vocab_size})
+
+
+def outputs_of(result: PrepareResult) -> PrepareOutputs:
     m = result.manifest
-    source_uri = m.uri if "://" in m.uri else f"file://{m.uri}"
-    try:
-        with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are local files
-            warnings.simplefilter("ignore")
-            source = resolve_dataset_source(source_uri)
-    except Exception:  # noqa: BLE001 - unknown scheme: fall back to a plain HTTP-style URI source
-        from mlflow.data.http_dataset_source import HTTPDatasetSource
-
-        source = HTTPDatasetSource(url=source_uri)
-    dataset = MetaDataset(source=source, name=f"{ctx.config.data.name}-{m.dataset_digest[:12]}",
-                          digest=m.dataset_digest[:32])
-    tags = [InputTag("mlflow.data.context", "training"), InputTag("moeops.dataset_digest", m.dataset_digest)]
-    ctx.client.log_inputs(ctx.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags)])
+    return PrepareOutputs(manifest_uri=m.uri, dataset_digest=m.dataset_digest, tokenizer_uri=m.tokenizer_uri,
+                          tokenizer_hash=m.tokenizer_hash, vocab_size=m.vocab_size, seq_len=m.seq_len,
+                          train_rows=m.rows("train"), val_rows=m.rows("val"))
 
 
-def run(ctx: StageContext) -> dict[str, str]:
+def run(ctx: StageContext) -> PrepareOutputs:
     from pipelines.runtime import ensure_ray
 
     config = ctx.config
@@ -91,8 +88,8 @@ def run(ctx: StageContext) -> dict[str, str]:
         progress.total = max(len(kwargs_list), 1)
         return ray_map(config.data.prepare_parallelism, chunk_done, credential_env(storage))(fn, kwargs_list)
 
-    storage = ctx.config_dict["storage"]
-    result = prepare_dataset(ctx.config_dict["data"], storage, map_fn=map_fn)
+    storage = config.storage
+    result = prepare_dataset(config.data, storage, map_fn=map_fn)
     m = result.manifest
     if result.reused:
         progress.set(progress.total)
@@ -104,7 +101,8 @@ def run(ctx: StageContext) -> dict[str, str]:
     manifest_file.write_text(m.to_json())
     ctx.log_artifact(tokenizer_file, "tokenizer")
     ctx.log_artifact(manifest_file, "dataset")
-    log_dataset_input(ctx, result)
+    outputs = outputs_of(result)
+    log_dataset_input(ctx.client, ctx.run_id, dataset_of(config.data.name, outputs), m.dataset_digest, "training")
     ctx.set_tags({"moeops.dataset_digest": m.dataset_digest, "moeops.tokenizer_hash": m.tokenizer_hash})
     ctx.log_metrics({
         "prepare_s": time.perf_counter() - started,
@@ -117,22 +115,21 @@ def run(ctx: StageContext) -> dict[str, str]:
     print(f"[prepare] {m.rows('train')} train / {m.rows('val')} val rows of {m.seq_len + 1} tokens, "
           f"vocab {m.vocab_size}, digest {m.dataset_digest[:12]} -> {m.uri}", flush=True)
     print(json.dumps({"corpus": m.corpus}), flush=True)
-    return result.outputs()
+    return outputs
 
 
-def manifest_still_there(config, outputs: dict[str, str]) -> bool:
+def manifest_still_there(config: Config, outputs: PrepareOutputs) -> bool:
     """A cached prepare run is reusable only while its manifest is still in the cold tier."""
-    from components.config import to_container
     from components.data.cold import exists
 
     try:
-        return exists(outputs.get("manifest_uri", ""), to_container(config)["storage"])
+        return exists(outputs.manifest_uri, config.storage)
     except Exception:  # noqa: BLE001 - unreachable storage: rerun (which reports the real error)
         return False
 
 
 SPEC = StageSpec(name="prepare", config_keys=("data", "storage.cold_uri"), upstream=(), fn=run,
-                 key_output="dataset_digest", still_valid=manifest_still_there)
+                 outputs=PrepareOutputs, still_valid=manifest_still_there)
 main = stage_main(SPEC)
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ from components.config.schema import Config
 
 STAGES = ("prepare", "tune", "train", "evaluate", "register", "deploy")
 SEARCH_TYPES = ("loguniform", "uniform", "choice", "randint", "quniform")
+# held-out figures the evaluate stage measures for every model it compares (the gate's metric)
+REGISTRY_METRICS = ("val_loss", "perplexity", "generation_tokens_per_s")
 
 
 class ConfigError(ValueError):
@@ -132,47 +134,51 @@ def validate(cfg: Config) -> None:
         p.append(f"data.max_files={d.max_files}, data.max_bytes={d.max_bytes}: must be >= 1")
 
     tu = cfg.tune
-    _one_of(p, "tune.mode", tu.mode, ("min", "max"))
-    _one_of(p, "tune.search_alg", tu.search_alg, ("optuna", "random"))
-    _one_of(p, "tune.scheduler", tu.scheduler, ("asha", "fifo"))
-    if tu.num_samples < 1:
-        p.append(f"tune.num_samples={tu.num_samples}: must be >= 1")
-    if tu.trial_max_steps < 1 or tu.trial_eval_every < 1:
-        p.append(f"tune.trial_max_steps={tu.trial_max_steps}, tune.trial_eval_every={tu.trial_eval_every}: must be >= 1")
-    if tu.trial_num_workers % t.expert_parallel_size:
-        p.append(
-            f"tune.trial_num_workers={tu.trial_num_workers}: must be a multiple of "
-            f"train.expert_parallel_size ({t.expert_parallel_size})"
-        )
-    for key, spec in tu.search_space.items():
-        try:
-            _get_dotted(cfg, key)
-        except KeyError:
-            p.append(f"tune.search_space.{key}: no such config key")
-            continue
-        kind = spec.get("type") if isinstance(spec, dict) else None
-        if kind not in SEARCH_TYPES:
-            p.append(f"tune.search_space.{key}.type={kind!r}: must be one of {', '.join(SEARCH_TYPES)}")
-        elif kind == "choice" and not spec.get("values"):
-            p.append(f"tune.search_space.{key}.values: a choice needs a non-empty list of values")
-        elif kind != "choice" and not (
-            isinstance(spec.get("low"), (int, float)) and isinstance(spec.get("high"), (int, float))
-            and spec["low"] < spec["high"]
-        ):
-            p.append(f"tune.search_space.{key}: {kind} needs numbers low < high, got low={spec.get('low')!r} high={spec.get('high')!r}")
-        elif kind == "loguniform" and spec["low"] <= 0:
-            p.append(f"tune.search_space.{key}.low={spec['low']}: loguniform needs low > 0")
-
-    for i, point in enumerate(tu.points_to_evaluate):
-        for key in point:
+    # A sweep that is off is never run: its settings (e.g. trial_num_workers for another
+    # train.expert_parallel_size) must not block the training that is.
+    if tu.enabled:
+        _one_of(p, "tune.mode", tu.mode, ("min", "max"))
+        _one_of(p, "tune.search_alg", tu.search_alg, ("optuna", "random"))
+        _one_of(p, "tune.scheduler", tu.scheduler, ("asha", "fifo"))
+        if tu.num_samples < 1:
+            p.append(f"tune.num_samples={tu.num_samples}: must be >= 1")
+        if tu.trial_max_steps < 1 or tu.trial_eval_every < 1:
+            p.append(f"tune.trial_max_steps={tu.trial_max_steps}, tune.trial_eval_every={tu.trial_eval_every}: must be >= 1")
+        if tu.trial_num_workers % t.expert_parallel_size:
+            p.append(
+                f"tune.trial_num_workers={tu.trial_num_workers}: must be a multiple of "
+                f"train.expert_parallel_size ({t.expert_parallel_size})"
+            )
+        for key, spec in tu.search_space.items():
             try:
                 _get_dotted(cfg, key)
             except KeyError:
-                p.append(f"tune.points_to_evaluate[{i}].{key}: no such config key")
-    if tu.trial_driver_cpus < 0:
-        p.append(f"tune.trial_driver_cpus={tu.trial_driver_cpus}: must be >= 0")
+                p.append(f"tune.search_space.{key}: no such config key")
+                continue
+            kind = spec.get("type") if isinstance(spec, dict) else None
+            if kind not in SEARCH_TYPES:
+                p.append(f"tune.search_space.{key}.type={kind!r}: must be one of {', '.join(SEARCH_TYPES)}")
+            elif kind == "choice" and not spec.get("values"):
+                p.append(f"tune.search_space.{key}.values: a choice needs a non-empty list of values")
+            elif kind != "choice" and not (
+                isinstance(spec.get("low"), (int, float)) and isinstance(spec.get("high"), (int, float))
+                and spec["low"] < spec["high"]
+            ):
+                p.append(f"tune.search_space.{key}: {kind} needs numbers low < high, got low={spec.get('low')!r} high={spec.get('high')!r}")
+            elif kind == "loguniform" and spec["low"] <= 0:
+                p.append(f"tune.search_space.{key}.low={spec['low']}: loguniform needs low > 0")
+
+        for i, point in enumerate(tu.points_to_evaluate):
+            for key in point:
+                try:
+                    _get_dotted(cfg, key)
+                except KeyError:
+                    p.append(f"tune.points_to_evaluate[{i}].{key}: no such config key")
+        if tu.trial_driver_cpus < 0:
+            p.append(f"tune.trial_driver_cpus={tu.trial_driver_cpus}: must be >= 0")
 
     _one_of(p, "registry.mode", cfg.registry.mode, ("min", "max"))
+    _one_of(p, "registry.metric", cfg.registry.metric, REGISTRY_METRICS)
     if cfg.registry.champion_alias == cfg.registry.challenger_alias:
         p.append(f"registry.challenger_alias={cfg.registry.challenger_alias!r}: must differ from registry.champion_alias")
 
