@@ -14,7 +14,7 @@ ARGS ?=
 export RAY_USAGE_STATS_ENABLED ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup run test test-unit test-integration bench mlflow-ui mlflow-server serve render clean
+.PHONY: help setup run test test-unit test-integration bench mlflow-ui mlflow-server serve render torch-spec clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 20
@@ -59,8 +59,12 @@ mlflow-server: $(STAMP)  ## a tracking server for tracking=server (sqlite backen
 serve: $(STAMP)  ## deploy the registry's champion and keep serving until Ctrl-C
 	$(PY) -m pipelines.deploy serve.block=true $(ARGS)
 
-render: $(STAMP)  ## re-render infra/k8s from conf/ (a test fails when they drift apart)
+render: $(STAMP)  ## re-render infra/k8s from conf/ and infra/runtime_env.pip.yaml from pyproject.toml (tests fail on drift)
 	$(PY) -m pipelines.render
+	$(PY) infra/runtime_env_json.py --write-pip-yaml
+
+torch-spec:  ## print the torch requirement the install pins (TORCH_SPEC overrides it)
+	@echo "$(TORCH_SPEC)"
 
 clean:  ## remove local state (stores, caches, checkpoints), keep .venv
 	rm -rf .moeops mlflow.db mlartifacts outputs multirun bench-*.json

@@ -9,6 +9,11 @@ job needs from your shell without writing it to any file:
 - with ``--pip``, the project's dependencies from pyproject.toml, for a cluster running a stock
   ``rayproject/ray`` image (each node installs them once into a cached virtualenv).
 
+``--write-pip-yaml`` regenerates ``infra/runtime_env.pip.yaml`` (the same runtime env as
+``infra/runtime_env.yaml`` plus those dependencies, for ``--runtime-env``); ``--check-pip-yaml``
+exits 1 when that file has drifted from pyproject.toml or runtime_env.yaml (``make render``
+regenerates it, a test fails on drift).
+
 Anyone who can read the cluster's dashboard can read a job's runtime env: on a shared cluster,
 give the nodes their credentials instead (Kubernetes Secret, instance role) and use
 ``--runtime-env infra/runtime_env.yaml`` as is.
@@ -26,6 +31,20 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 RUNTIME_ENV = REPO / "infra" / "runtime_env.yaml"
+PIP_RUNTIME_ENV = REPO / "infra" / "runtime_env.pip.yaml"
+PIP_HEADER = """\
+# GENERATED from infra/runtime_env.yaml and pyproject.toml's dependencies: do not edit.
+# Regenerate with `python infra/runtime_env_json.py --write-pip-yaml` (or `make render`);
+# tests/unit/infra/test_infra_cluster_files.py fails when it drifts.
+#
+# For a cluster running a stock rayproject/ray image (docs/cluster.md, "Any existing Ray cluster"):
+#
+#   ray job submit --address http://<head>:8265 --working-dir . \\
+#       --runtime-env infra/runtime_env.pip.yaml -- python -m pipelines.run experiment=gpu_small
+#
+# Each node installs the dependencies once into a virtualenv that Ray caches per runtime env;
+# torch comes from PyPI (the CUDA build). Credentials are not here: see runtime_env.yaml.
+"""
 FORWARDED_ENV = (
     "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
     "MLFLOW_S3_ENDPOINT_URL",
@@ -47,10 +66,30 @@ def runtime_env(environ: dict[str, str], pip: bool = False) -> dict:
     return env
 
 
+def pip_runtime_env_yaml() -> str:
+    """The text of infra/runtime_env.pip.yaml: runtime_env.yaml plus the project's dependencies."""
+    env = runtime_env({}, pip=True)
+    return PIP_HEADER + yaml.safe_dump(env, sort_keys=False, width=100)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python infra/runtime_env_json.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--pip", action="store_true", help="add pyproject.toml's dependencies (stock Ray image)")
+    parser.add_argument("--write-pip-yaml", action="store_true", help=f"regenerate {PIP_RUNTIME_ENV.relative_to(REPO)}")
+    parser.add_argument("--check-pip-yaml", action="store_true",
+                        help=f"exit 1 if {PIP_RUNTIME_ENV.relative_to(REPO)} differs from a fresh generation")
     args = parser.parse_args(argv)
+    if args.write_pip_yaml:
+        PIP_RUNTIME_ENV.write_text(pip_runtime_env_yaml())
+        print(f"wrote {PIP_RUNTIME_ENV.relative_to(REPO)}")
+        return 0
+    if args.check_pip_yaml:
+        current = PIP_RUNTIME_ENV.read_text() if PIP_RUNTIME_ENV.exists() else ""
+        if current != pip_runtime_env_yaml():
+            print(f"{PIP_RUNTIME_ENV.relative_to(REPO)} is out of date: run python infra/runtime_env_json.py "
+                  "--write-pip-yaml", file=sys.stderr)
+            return 1
+        return 0
     print(json.dumps(runtime_env(dict(os.environ), pip=args.pip)))
     return 0
 

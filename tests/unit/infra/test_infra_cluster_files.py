@@ -85,6 +85,21 @@ def test_json_helper_forwards_only_set_variables(monkeypatch):
     assert helper.runtime_env({}, pip=True)["pip"]["packages"] == pyproject_dependencies()
 
 
+def test_pip_runtime_env_is_generated_from_pyproject_without_drift():
+    helper = load_helper()
+    checked_in = (INFRA / "runtime_env.pip.yaml").read_text()
+    assert checked_in == helper.pip_runtime_env_yaml(), (
+        "infra/runtime_env.pip.yaml is out of date: run `python infra/runtime_env_json.py --write-pip-yaml`")
+    env = yaml.safe_load(checked_in)
+    base = yaml.safe_load((INFRA / "runtime_env.yaml").read_text())
+    assert {k: env[k] for k in base} == base, "the same runtime env as runtime_env.yaml, plus pip"
+    assert env["pip"]["packages"] == pyproject_dependencies()
+    assert "infra/runtime_env.pip.yaml" in (INFRA / "runtime_env.yaml").read_text()
+    result = subprocess.run([sys.executable, str(INFRA / "runtime_env_json.py"), "--check-pip-yaml"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
 def test_json_helper_cli_prints_json():
     result = subprocess.run([sys.executable, str(INFRA / "runtime_env_json.py"), "--pip"], capture_output=True,
                             text=True, env={"MOEOPS_BUCKET": "my-bucket", "PATH": "/usr/bin"}, timeout=60, check=True)
