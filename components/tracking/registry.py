@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import pandas as pd
 from mlflow import MlflowClient
 from mlflow.pyfunc import PythonModel
 
@@ -181,9 +182,9 @@ class MoeopsTextModel(PythonModel):
 
         self._loaded = load_export(context.artifacts[EXPORT_ARTIFACT_KEY], "cpu")
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None):
-        import pandas as pd
-
+    # The hint tells MLflow the input is a DataFrame it cannot infer a schema from: the explicit
+    # signature logged with the model (a `prompt` column) is the one it validates against.
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         from components.model.generate import generate_text
 
         params = params or {}
@@ -208,7 +209,6 @@ def pinned_requirements() -> list[str]:
 
 
 def _signature_and_example():
-    import pandas as pd
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
