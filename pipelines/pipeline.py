@@ -140,6 +140,7 @@ def summary(config: Config, specs: list[StageSpec], result: PipelineResult) -> s
         if i == 0:
             lines.append("  " + "  ".join("-" * w for w in widths))
     lines += ["", "why stages ran:", *reasons] if reasons else []
+    lines.append("")
     register = result.stages.get("register")
     if register:
         out = register.outputs

@@ -21,6 +21,10 @@ WORKER_ENV = {
 }
 
 
+# Ray's documented variable naming the dashboard (state API) a client talks to
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free on ``host`` right now (for Ray's dashboard, Serve, test servers)."""
     with socket.socket() as sock:
@@ -61,6 +65,11 @@ def ensure_ray(config: Config) -> None:
     print(f"[ray] starting local Ray: {cluster.num_cpus} CPUs, {cluster.num_gpus} GPUs", flush=True)
     # Under `ray job submit` RAY_ADDRESS points at the cluster; a local start must not join it.
     os.environ.pop("RAY_ADDRESS", None)
+    dashboard_port = free_port()
+    # Ray's state API clients inside the cluster (Train's placement-group cleaner) otherwise find
+    # "the" cluster by scanning the machine's processes, and fail when another Ray runs on the same
+    # machine. Set before ray.init, so the raylet, and every worker it starts, inherit it.
+    os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{dashboard_port}"
     with keep_sigterm_handler():
         ray.init(
             num_cpus=cluster.num_cpus,
@@ -71,7 +80,7 @@ def ensure_ray(config: Config) -> None:
             # placement group keeps its CPUs forever and later runs wait on them.
             include_dashboard=True,
             dashboard_host="127.0.0.1",
-            dashboard_port=free_port(),
+            dashboard_port=dashboard_port,
             namespace=cluster.namespace,
             runtime_env=runtime_env,
             # Private, kept on purpose: a local cluster must live on loopback only, and ray.init has

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.runtime import free_port
+from pipelines.runtime import API_SERVER_ENV, free_port
 
 # Set before Ray or Tune is imported anywhere in the session.
 os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
@@ -33,6 +33,10 @@ def ray_session(session_tmp):
     import ray
 
     if not ray.is_initialized():
+        dashboard_port = free_port()
+        # as pipelines.runtime.ensure_ray does: in-cluster state API clients (Train's placement-group
+        # cleaner) must find this cluster, not fail on the other Ray instances of the machine
+        os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{dashboard_port}"
         ray.init(
             num_cpus=RAY_NUM_CPUS,
             num_gpus=0,
@@ -40,7 +44,7 @@ def ray_session(session_tmp):
             # pipelines/runtime.py); loopback only, on a free port.
             include_dashboard=True,
             dashboard_host="127.0.0.1",
-            dashboard_port=free_port(),
+            dashboard_port=dashboard_port,
             object_store_memory=400 * 1024**2,
             namespace="moeops-tests",
             # private on purpose, as in pipelines/runtime.py: ray.init has no public way to keep a

@@ -388,7 +388,10 @@ def run_stage(
     print(f"[{spec.name}] started (MLflow run {run_id}): {reason}", flush=True)
     # The stage's run is the active fluent run while it works, so MLflow's own APIs (log_model,
     # log_input, system metrics) attach to it.
-    mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None, log_system_metrics=spec.system_metrics)
+    # System metrics: always for the stages that ask; for the others as MLflow's own setting says
+    # (MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING).
+    mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None,
+                     log_system_metrics=True if spec.system_metrics else None)
     error: BaseException | None = None
     try:
         outputs = spec.fn(ctx)

@@ -24,6 +24,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import free_port
+from pipelines.runtime import API_SERVER_ENV
 
 pytestmark = pytest.mark.integration
 
@@ -131,7 +132,8 @@ class RayHead:
 
 def client_env(head: RayHead) -> dict[str, str]:
     """What a user's shell holds to talk to the cluster: its token, not its tracking URI."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    # (not the test session's cluster: RAY_API_SERVER_ADDRESS would override --address)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", API_SERVER_ENV)}
     return {**env, **head.auth_env}
 
 
@@ -142,7 +144,7 @@ def ray_head(tmp_path):
     # is how a cluster passes MLFLOW_TRACKING_URI and credentials without writing them to a file.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    for key in ("RAY_ADDRESS", "MOEOPS_HOME"):
+    for key in ("RAY_ADDRESS", "MOEOPS_HOME", API_SERVER_ENV):
         env.pop(key, None)
     head = RayHead(env)
     try:

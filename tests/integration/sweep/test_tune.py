@@ -69,6 +69,7 @@ def test_sweep_nests_trials_stops_the_bad_one_and_feeds_training(sweep_env):
     assert bad.info.status == "KILLED" and bad.data.tags[TRIAL_STATUS_TAG] == "stopped_early"
 
     assert tune_out.best_params == {"train.lr": 0.003, "model.top_k": 1}
+    assert "system/cpu_utilization_percentage" in client.get_run(tune_run).data.metrics  # MLflow system metrics
     artifacts = {a.path for a in client.list_artifacts(tune_run, "sweep")}
     assert {"sweep/trials.csv", "sweep/trials.md", "sweep/metric_vs_params.png", "sweep/best_params.json"} <= artifacts
 
@@ -104,10 +105,10 @@ def test_sweep_resumes_after_the_driver_dies(sweep_env):
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 500
         while finished_trials_saved(sweep_dir) < 1:
             assert driver.poll() is None, f"the sweep's driver exited ({driver.returncode}) before a trial finished"
-            assert time.monotonic() < deadline, "no trial finished within 300 s"
+            assert time.monotonic() < deadline, "no trial finished within 500 s"
             time.sleep(0.2)
     finally:
         if driver.poll() is None:

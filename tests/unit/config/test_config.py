@@ -110,3 +110,26 @@ def test_all_problems_reported_at_once(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(["model.top_k=9", "serve.canary_fraction=-1", f"paths.root={tmp_path}"])
     assert len(err.value.problems) == 2
+
+
+def test_tune_off_skips_the_sweep_rules(tmp_path):
+    # 1 trial worker cannot hold 2 expert-parallel ranks: a problem only while the sweep runs
+    with pytest.raises(ConfigError, match="tune.trial_num_workers=1: must be a multiple of train.expert_parallel_size"):
+        load_config(["train.expert_parallel_size=2", f"paths.root={tmp_path}"])
+    config = load_config(["tune=off", "train.expert_parallel_size=2", f"paths.root={tmp_path}"])
+    assert config.tune.enabled is False and config.train.expert_parallel_size == 2
+
+
+def test_registry_metric_is_one_the_evaluate_stage_measures(tmp_path):
+    with pytest.raises(ConfigError, match="registry.metric='accuracy': must be one of 'val_loss', 'perplexity'"):
+        load_config(["registry.metric=accuracy", f"paths.root={tmp_path}"])
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_workers_rebuild_the_same_typed_config(experiment, tmp_path):
+    """What crosses into Ray (the plain container) becomes the same dataclasses on the other side."""
+    from components.config.schema import Config, ModelConfig
+
+    config = load_config([f"experiment={experiment}", f"paths.root={tmp_path}"])
+    rebuilt = config_from_dict(to_container(config))
+    assert rebuilt == config and type(rebuilt) is Config and type(rebuilt.model) is ModelConfig

@@ -80,6 +80,9 @@ def test_nested_runs_params_and_outputs(base, mlflow_uri):
     assert "mlflow.source.git.commit" in parent.data.tags and parent.data.tags["moeops.version"]
     assert parent.data.tags["moeops.reused_stages"] == "none"
     assert "config.yaml" in [a.path for a in client.list_artifacts(result.parent_run_id)]
+    # the MLflow UI opens this experiment on model training, not on its GenAI view
+    experiment = client.get_experiment(result.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
     stages = runs_by_stage(mlflow_uri, result.parent_run_id)
     assert set(stages) == {"prepare", "train"}
@@ -107,12 +110,19 @@ def test_second_run_reuses_and_force_reruns(base, mlflow_uri):
     assert CALLS == ["prepare", "train"] * 2
 
 
-def test_changed_upstream_invalidates_downstream(base):
-    run_pipeline(load_config(base), [PREPARE, TRAIN])
-    run_pipeline(load_config(base + ["train.lr=0.001"]), [PREPARE, TRAIN])
+def test_changed_upstream_invalidates_downstream(base, capsys):
+    first = run_pipeline(load_config(base), [PREPARE, TRAIN])
+    assert {o.reason for o in first.stages.values()} == {"no earlier run"}
+    lr = run_pipeline(load_config(base + ["train.lr=0.001"]), [PREPARE, TRAIN])
     assert CALLS == ["prepare", "train", "train"], "only train's config changed"
-    run_pipeline(load_config(base + ["train.lr=0.001", "data.max_files=7"]), [PREPARE, TRAIN])
+    assert lr.stages["train"].reason == "config changed (train.lr)"
+    assert "train ran: config changed (train.lr)" in capsys.readouterr().out, "the summary says why"
+    data = run_pipeline(load_config(base + ["train.lr=0.001", "data.max_files=7"]), [PREPARE, TRAIN])
     assert CALLS[-2:] == ["prepare", "train"], "new data digest reruns train"
+    assert data.stages["prepare"].reason == "config changed (data.max_files)"
+    assert data.stages["train"].reason == "input changed (prepare)"
+    forced = run_pipeline(load_config(base + ["force=true"]), [PREPARE, TRAIN])
+    assert {o.reason for o in forced.stages.values()} == {"forced (force=true)"}
 
 
 def test_standalone_stage_takes_latest_or_explicit_upstream(base, mlflow_uri):
