@@ -9,6 +9,7 @@ dataset as a run input carrying its digest (lineage data -> model -> deployment)
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import warnings
@@ -18,6 +19,17 @@ from components.data.build import PrepareResult, prepare_dataset
 from components.data.cold import credential_env, read_bytes
 from components.tracking.stages import StageContext, StageSpec
 from pipelines._cli import stage_main
+
+
+_SECTIONS = ("data", "storage")  # typed config sections in a job's kwargs
+
+
+def _call_with_typed_sections(fn: Callable[..., Any], **kwargs: Any) -> Any:
+    """On the Ray worker: rebuild the config sections that crossed as plain dicts, then run ``fn``."""
+    from components.config import config_from_dict
+
+    config = config_from_dict({name: kwargs[name] for name in _SECTIONS if name in kwargs})
+    return fn(**{**kwargs, **{name: getattr(config, name) for name in _SECTIONS if name in kwargs}})
 
 
 def ray_map(parallelism: int, on_done: Callable[[], None],
@@ -33,16 +45,21 @@ def ray_map(parallelism: int, on_done: Callable[[], None],
         options: dict[str, Any] = {"num_cpus": 1, "max_retries": 2}
         if env:
             options["runtime_env"] = {"env_vars": dict(env)}
-        remote_fn = ray.remote(**options)(fn)
-        # the tokenizer is shared by every task: ship it through the object store once
-        shared = {key: ray.put(kwargs_list[0][key]) for key in ("tokenizer_json", "data", "storage")} if kwargs_list else {}
+        remote_fn = ray.remote(**options)(_call_with_typed_sections)
+        # the tokenizer and the config sections are shared by every task: ship them through the
+        # object store once (sections as plain dicts, like every config that crosses into Ray)
+        shared = {}
+        if kwargs_list:
+            first = kwargs_list[0]
+            shared = {key: ray.put(dataclasses.asdict(first[key]) if dataclasses.is_dataclass(first[key]) else first[key])
+                      for key in ("tokenizer_json", *_SECTIONS) if key in first}
         refs: list = [None] * len(kwargs_list)
         pending: dict = {}
         results: list = [None] * len(kwargs_list)
         next_job = 0
         while next_job < len(kwargs_list) or pending:
             while next_job < len(kwargs_list) and len(pending) < max(1, parallelism):
-                refs[next_job] = remote_fn.remote(**{**kwargs_list[next_job], **shared})
+                refs[next_job] = remote_fn.remote(fn, **{**kwargs_list[next_job], **shared})
                 pending[refs[next_job]] = next_job
                 next_job += 1
             done, _ = ray.wait(list(pending), num_returns=1)
@@ -91,8 +108,8 @@ def run(ctx: StageContext) -> dict[str, str]:
         progress.total = max(len(kwargs_list), 1)
         return ray_map(config.data.prepare_parallelism, chunk_done, credential_env(storage))(fn, kwargs_list)
 
-    storage = ctx.config_dict["storage"]
-    result = prepare_dataset(ctx.config_dict["data"], storage, map_fn=map_fn)
+    storage = config.storage
+    result = prepare_dataset(config.data, storage, map_fn=map_fn)
     m = result.manifest
     if result.reused:
         progress.set(progress.total)
@@ -122,11 +139,10 @@ def run(ctx: StageContext) -> dict[str, str]:
 
 def manifest_still_there(config, outputs: dict[str, str]) -> bool:
     """A cached prepare run is reusable only while its manifest is still in the cold tier."""
-    from components.config import to_container
     from components.data.cold import exists
 
     try:
-        return exists(outputs.get("manifest_uri", ""), to_container(config)["storage"])
+        return exists(outputs.get("manifest_uri", ""), config.storage)
     except Exception:  # noqa: BLE001 - unreachable storage: rerun (which reports the real error)
         return False
 

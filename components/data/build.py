@@ -14,7 +14,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from components.data.cold import join, storage_dict, write_atomic
+from components.config.schema import DataConfig, StorageConfig
+from components.data.cold import join, storage_or_default, write_atomic
 from components.data.corpus import DocFile, iter_texts, list_corpus, read_documents
 from components.data.manifest import (
     MANIFEST_NAME, Manifest, ShardInfo, compute_digest, load_manifest, write_manifest,
@@ -61,11 +62,11 @@ def plan_chunks(docs: Sequence[DocFile], chunk_bytes: int = CHUNK_BYTES) -> list
     return [c for c in chunks if c]
 
 
-def content_config(data: dict) -> dict:
-    return {k: data[k] for k in CONTENT_KEYS}
+def content_config(data: DataConfig) -> dict:
+    return {k: getattr(data, k) for k in CONTENT_KEYS}
 
 
-def dataset_key(data: dict, docs: Sequence[DocFile], tokenizer_hash: str) -> str:
+def dataset_key(data: DataConfig, docs: Sequence[DocFile], tokenizer_hash: str) -> str:
     h = hashlib.sha256()
     h.update(json.dumps(content_config(data), sort_keys=True).encode())
     h.update(tokenizer_hash.encode())
@@ -98,16 +99,16 @@ def split_rows(rows: np.ndarray, val_fraction: float, seed: int, chunk_index: in
     return {"train": rows[~is_val], "val": rows[is_val]}
 
 
-def build_chunk(chunk_index: int, docs: list[dict], tokenizer_json: str, dataset_uri: str, data: dict,
-                storage: dict) -> list[dict]:
+def build_chunk(chunk_index: int, docs: list[dict], tokenizer_json: str, dataset_uri: str, data: DataConfig,
+                storage: StorageConfig) -> list[dict]:
     """Tokenize, pack, split and write one chunk's shards; returns their manifest entries."""
     tok = TextTokenizer.from_str(tokenizer_json)
-    texts = [t for d in docs for t in read_documents(DocFile(**d), storage, data["text_field"])]
+    texts = [t for d in docs for t in read_documents(DocFile(**d), storage, data.text_field)]
     token_lists = tok.encode_batch(texts) if texts else []
-    rows = pack_rows(token_lists, tok.eos_id, data["seq_len"] + 1)
+    rows = pack_rows(token_lists, tok.eos_id, data.seq_len + 1)
     entries = []
-    for split, split_rows_ in split_rows(rows, data["val_fraction"], data["seed"], chunk_index).items():
-        per = data["rows_per_shard"]
+    for split, split_rows_ in split_rows(rows, data.val_fraction, data.seed, chunk_index).items():
+        per = data.rows_per_shard
         for k, start in enumerate(range(0, len(split_rows_), per)):
             blob = encode_shard(split_rows_[start:start + per])
             name = f"{split}/part-{chunk_index:05d}-{k:04d}.parquet"
@@ -117,18 +118,17 @@ def build_chunk(chunk_index: int, docs: list[dict], tokenizer_json: str, dataset
     return entries
 
 
-def prepare_dataset(data: Any, storage: Any, map_fn: MapFn = serial_map,
+def prepare_dataset(data: DataConfig, storage: StorageConfig, map_fn: MapFn = serial_map,
                     on_chunk_done: Callable[[int], None] | None = None) -> PrepareResult:
     """The whole prepare step; reuses an identical committed dataset instead of rewriting it."""
-    data = data if isinstance(data, dict) else asdict(data)
-    storage = storage_dict(storage)
-    if not storage.get("cold_uri"):
+    storage = storage_or_default(storage)
+    if not storage.cold_uri:
         raise ValueError("storage.cold_uri is empty: set it to a local directory or an fsspec URI")
     docs = list_corpus(data, storage)
-    tok = TextTokenizer.train(iter_texts(docs, storage, data["text_field"], TOKENIZER_SAMPLE_BYTES),
-                              vocab_size=data["vocab_size"], byte_fallback=data["byte_fallback"])
+    tok = TextTokenizer.train(iter_texts(docs, storage, data.text_field, TOKENIZER_SAMPLE_BYTES),
+                              vocab_size=data.vocab_size, byte_fallback=data.byte_fallback)
     key = dataset_key(data, docs, tok.digest)
-    dataset_uri = join(storage["cold_uri"], f"{data['name']}-{key}")
+    dataset_uri = join(storage.cold_uri, f"{data.name}-{key}")
     try:
         existing = load_manifest(join(dataset_uri, MANIFEST_NAME), storage)
         if existing.tokenizer_hash == tok.digest:
@@ -151,15 +151,15 @@ def prepare_dataset(data: Any, storage: Any, map_fn: MapFn = serial_map,
     for split, shards in splits.items():
         if not shards:
             raise ValueError(
-                f"the corpus produced no {split!r} rows (documents={len(docs)}, data.seq_len={data['seq_len']}, "
-                f"data.val_fraction={data['val_fraction']}): raise data.max_bytes/max_files or lower seq_len"
+                f"the corpus produced no {split!r} rows (documents={len(docs)}, data.seq_len={data.seq_len}, "
+                f"data.val_fraction={data.val_fraction}): raise data.max_bytes/max_files or lower seq_len"
             )
         shards.sort(key=lambda s: s.name)
     manifest = Manifest(
         root_uri=dataset_uri,
-        dataset_digest=compute_digest(tok.digest, data["seq_len"], splits),
+        dataset_digest=compute_digest(tok.digest, data.seq_len, splits),
         tokenizer_hash=tok.digest, tokenizer_uri=tokenizer_uri, vocab_size=tok.vocab_size,
-        seq_len=data["seq_len"], eos_id=tok.eos_id, pad_id=tok.pad_id, splits=splits,
+        seq_len=data.seq_len, eos_id=tok.eos_id, pad_id=tok.pad_id, splits=splits,
         config=content_config(data),
         corpus={"documents": len(docs), "bytes": sum(d.size for d in docs), "chunks": len(chunks)},
     )

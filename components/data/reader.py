@@ -30,7 +30,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from components.data.cold import read_bytes, storage_dict
+from components.config.schema import StorageConfig
+from components.data.cold import read_bytes, storage_or_default
 from components.data.hot import Prefetcher
 from components.data.manifest import Manifest, ShardInfo, load_manifest
 from components.data.sampler import GlobalOrder, rank_positions
@@ -42,11 +43,11 @@ BLOCK_BATCHES = 8  # batches located and gathered together
 
 
 class TieredReader:
-    def __init__(self, manifest_uri: str, split: str = "train", storage: Any = None, cache_dir: str | None = None,
+    def __init__(self, manifest_uri: str, split: str = "train", storage: StorageConfig | None = None, cache_dir: str | None = None,
                  rank: int = 0, world_size: int = 1, seed: int = 0, batch_size: int = 8,
                  prefetch_batches: int | None = None, device: str | torch.device = "cpu",
                  expected_tokenizer_hash: str | None = None, shuffle: bool | None = None):
-        self.storage = storage_dict(storage)
+        self.storage = storage_or_default(storage)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
         if batch_size < 1:
@@ -64,14 +65,12 @@ class TieredReader:
         if self.order.epoch_size < world_size * batch_size:
             raise ValueError(f"split {split!r} has {self.order.epoch_size} rows, fewer than one global batch "
                              f"(world_size {world_size} x batch_size {batch_size})")
-        cache_dir = cache_dir or self.storage.get("warm_dir")
-        if not cache_dir:
+        cache_dir = cache_dir or self.storage.warm_dir
+        if not cache_dir or "${" in cache_dir:
             raise ValueError("no warm cache directory: pass cache_dir or set storage.warm_dir")
-        self.cache = WarmCache(cache_dir, int(self.storage.get("warm_limit_bytes", 2 * 1024**3)),
-                               verify_on_open=bool(self.storage.get("verify_on_open", False)))
-        self.prefetch_batches = int(self.storage.get("hot_prefetch_batches", 4) if prefetch_batches is None
-                                    else prefetch_batches)
-        self.parallel_fetches = max(1, int(self.storage.get("parallel_fetches", 4)))
+        self.cache = WarmCache(cache_dir, self.storage.warm_limit_bytes, verify_on_open=self.storage.verify_on_open)
+        self.prefetch_batches = self.storage.hot_prefetch_batches if prefetch_batches is None else prefetch_batches
+        self.parallel_fetches = max(1, self.storage.parallel_fetches)
         self.device = torch.device(device)
         self.position = 0  # global samples consumed (all ranks agree)
 

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+if TYPE_CHECKING:
+    from components.config.schema import StorageConfig
 
 PAD = "<|pad|>"
 EOS = "<|endoftext|>"
@@ -60,7 +63,7 @@ class TextTokenizer:
         return cls(Tokenizer.from_str(text))
 
     @classmethod
-    def load(cls, path: str, storage: Any = None, expected_hash: str | None = None) -> "TextTokenizer":
+    def load(cls, path: str, storage: StorageConfig | None = None, expected_hash: str | None = None) -> "TextTokenizer":
         """From a local ``tokenizer.json`` or any fsspec URI; optionally check its hash."""
         if "://" in str(path):
             from components.data.cold import read_bytes  # local import: fsspec only when needed

@@ -34,6 +34,7 @@ for path in (REPO, REPO / "tests"):
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
+from components.config.schema import DataConfig  # noqa: E402
 from components.data.build import prepare_dataset  # noqa: E402
 from components.data.cold import filesystem_for  # noqa: E402
 from components.data.reader import TieredReader  # noqa: E402
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         storage_for = lambda tag: _storage(server, str(work / f"warm-{tag}"))  # noqa: E731
         t0 = time.perf_counter()
-        manifest = prepare_dataset(data, storage_for("prepare")).manifest
+        manifest = prepare_dataset(DataConfig(**data), storage_for("prepare")).manifest
         results: dict = {"quick": args.quick, "prepare_s": time.perf_counter() - t0,
                          "train_shards": len(manifest.shards("train")), "train_rows": manifest.rows("train"),
                          "shard_mb": sum(s.bytes for s in manifest.shards("train")) / MB, "batch_size": batch_size}

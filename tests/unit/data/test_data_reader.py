@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from collections import Counter
 
 import numpy as np
@@ -13,7 +14,7 @@ from components.data.shards import decode_shard
 
 def _reader(small_dataset, tmp_path, **kw) -> TieredReader:
     result, storage = small_dataset
-    args = dict(split="train", storage=dict(storage, warm_dir=str(tmp_path / "warm")), seed=11, batch_size=4,
+    args = dict(split="train", storage=replace(storage, warm_dir=str(tmp_path / "warm")), seed=11, batch_size=4,
                 prefetch_batches=2)
     args.update(kw)
     return TieredReader(result.manifest.uri, **args)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -66,9 +67,9 @@ def test_pinned_shards_are_never_evicted(small_dataset, tmp_path):
 def test_corrupt_or_truncated_warm_files_are_discarded_and_refetched(small_dataset, tmp_path, damage):
     result, storage = small_dataset
     m = result.manifest
-    st = dict(storage, warm_dir=str(tmp_path / "warm"), verify_on_open=damage == "flip_verify")
+    st = replace(storage, warm_dir=str(tmp_path / "warm"), verify_on_open=damage == "flip_verify")
     reference = [b.clone() for b in TieredReader(m.uri, "train", st, seed=3, batch_size=8, prefetch_batches=0)]
-    cache = WarmCache(st["warm_dir"], st["warm_limit_bytes"])
+    cache = WarmCache(st.warm_dir, st.warm_limit_bytes)
     for shard in m.shards("train"):
         path = cache.shard_path(shard.sha256)
         data = bytearray(open(path, "rb").read())
