@@ -20,7 +20,7 @@ from typing import Any
 from components.config.schema import StorageConfig
 from components.data.cold import ColdStorageError, join, read_bytes, write_atomic
 
-FORMAT = "moeops-shards/1"
+FORMAT = "moeops-shards/2"  # /2: flat int32 token column (see components.data.shards)
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "val")
 

@@ -54,11 +54,11 @@ def test_pinned_shards_are_never_evicted(small_dataset, tmp_path):
     a, b = m.shards("train")[:2]
     cache = WarmCache(str(tmp_path / "warm"), max(a.bytes, b.bytes) + 1, wait_timeout_s=0.3)
     cache.ensure(a, _fetcher(m, a, []))
-    _, _, pin = cache._pin_or_fill(a, _fetcher(m, a, []))  # pinned, as while another process reads it
-    with pytest.raises(WarmCacheError, match="no room in the warm cache"):
-        cache.ensure(b, _fetcher(m, b, []))
-    assert os.path.exists(cache.shard_path(a.sha256))
-    pin.close()
+    with cache.pinned(a, _fetcher(m, a, [])) as read:  # as while another process reads it
+        assert read.tier == "warm" and read.data.size == a.bytes  # memory-mapped
+        with pytest.raises(WarmCacheError, match="no room in the warm cache"):
+            cache.ensure(b, _fetcher(m, b, []))
+        assert os.path.exists(cache.shard_path(a.sha256))
     cache.ensure(b, _fetcher(m, b, []))  # now a can go
     assert cache.usage()["resident"] == [b.sha256]
 
@@ -87,4 +87,4 @@ def test_corrupt_or_truncated_warm_files_are_discarded_and_refetched(small_datas
     assert stats["cold_fills"] == n  # every damaged shard was refetched
     if damage == "flip":  # caught by Parquet page checksums while decoding
         assert stats["corrupt_refetches"] == n
-    assert all(e["tier"] == "cold" for e in reader.flow_report())
+    assert all(e["tier"] == "cold" for e in reader.flow_report() if e["kind"] == "shard")
