@@ -34,8 +34,12 @@ class DataConfig:
     byte_fallback: bool = True
     seq_len: int = 128
     val_fraction: float = 0.05
-    rows_per_shard: int = 1024
+    # rows (of seq_len + 1 tokens) per shard; 0: as many as fit ``shard_mb`` MiB of int32 tokens
+    rows_per_shard: int = 0
+    # shard size when rows_per_shard is 0 (before compression; mosaicml-streaming's default is 64 MB too)
+    shard_mb: int = 64
     seed: int = 1234
+    # chunks of the corpus tokenized and written at once (Ray tasks in flight)
     prepare_parallelism: int = 2
 
 
@@ -52,12 +56,19 @@ class StorageConfig:
     access_key_env: str = "AWS_ACCESS_KEY_ID"
     secret_key_env: str = "AWS_SECRET_ACCESS_KEY"
     warm_dir: str = "${paths.root}/warm"
+    # the warm cache never holds more shard bytes than this (LRU eviction)
     warm_limit_bytes: int = 2 * 1024**3
+    # re-check a warm shard's sha256 on every open (its size always is; Parquet page CRCs on decode)
     verify_on_open: bool = False
+    # shards fetched (and decoded) ahead at most; the reader goes as deep as the measured fetch time
+    # needs to keep up with consumption
     parallel_fetches: int = 4
+    # objects larger than this are fetched as concurrent ranged GETs of this size
+    part_mb: int = 16
     retries: int = 5
     backoff_base_s: float = 0.2
     backoff_max_s: float = 8.0
+    # batches made ready by the hot tier's background thread (0: produced on demand)
     hot_prefetch_batches: int = 4
 
 

@@ -114,8 +114,10 @@ def validate(cfg: Config) -> None:
         p.append(f"data.val_fraction={d.val_fraction}: must be in (0, 1)")
     if d.vocab_size < 300:
         p.append(f"data.vocab_size={d.vocab_size}: must be >= 300 (256 byte symbols plus merges)")
-    if d.rows_per_shard < 1:
-        p.append(f"data.rows_per_shard={d.rows_per_shard}: must be >= 1")
+    if d.rows_per_shard < 0:
+        p.append(f"data.rows_per_shard={d.rows_per_shard}: must be >= 1, or 0 to size shards by data.shard_mb")
+    if d.shard_mb < 1:
+        p.append(f"data.shard_mb={d.shard_mb}: must be >= 1")
 
     st = cfg.storage
     if st.warm_limit_bytes <= 0:
@@ -124,6 +126,8 @@ def validate(cfg: Config) -> None:
         p.append(f"storage.retries={st.retries}: must be >= 0")
     if st.parallel_fetches < 1:
         p.append(f"storage.parallel_fetches={st.parallel_fetches}: must be >= 1")
+    if st.part_mb < 1:
+        p.append(f"storage.part_mb={st.part_mb}: must be >= 1")
     if st.hot_prefetch_batches < 0:
         p.append(f"storage.hot_prefetch_batches={st.hot_prefetch_batches}: must be >= 0 (0 = no prefetch thread)")
     if not 0 < st.backoff_base_s <= st.backoff_max_s:

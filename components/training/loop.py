@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from components.config import config_from_dict
-from components.config.schema import Config
+from components.config.schema import Config, StorageConfig
 from components.training import checkpoint as ckpt
 from components.training.metrics import StepTimer, expert_fractions, expert_load_metrics, tokens_per_second
 from components.training.optim import build_optimizer, build_scheduler
@@ -192,7 +192,7 @@ def make_reader(config: Config, run: RunInfo, split: str, groups: ParallelGroups
     return TieredReader(
         run.manifest_uri,
         split,
-        storage=asdict(config.storage),
+        storage=config.storage,
         cache_dir=config.storage.warm_dir,
         rank=groups.rank,
         world_size=groups.world_size,
@@ -316,7 +316,7 @@ def train(config: Config, run: RunInfo, session: Session) -> dict[str, float]:
     with session.latest_checkpoint() as latest:
         source = latest or run.resume_from
         if source:
-            with _local_checkpoint(source, asdict(config.storage)) as local_dir:
+            with _local_checkpoint(source, config.storage) as local_dir:
                 restored = ckpt.load_checkpoint(local_dir, model=model, optimizer=optimizer, scheduler=scheduler,
                                                 scaler=scaler, groups=groups)
             step, resumed_meta = restored.step, restored.meta
@@ -476,7 +476,7 @@ def _log_to_mlflow(client, run_id: str, metrics: dict[str, float], step: int) ->
 
 
 @contextlib.contextmanager
-def _local_checkpoint(source: str, storage: dict[str, Any]) -> Iterator[str]:
+def _local_checkpoint(source: str, storage: StorageConfig) -> Iterator[str]:
     """A local directory for a checkpoint given as a path or a URI (downloaded to a temp dir
     with the cold tier's filesystem settings: endpoint, region, credential variables)."""
     if "://" not in source or source.startswith("file://"):
