@@ -99,13 +99,20 @@ class ModelConfig:
     bias_update_rate: float = 0.001
     tie_embeddings: bool = True
     init_std: float = 0.02
+    # how the experts run: "grouped_mm" (torch.nn.functional.grouped_mm, one kernel for all local
+    # experts), "loop" (one matmul per expert) or "auto" (grouped_mm for CUDA bf16 on SM80+, else loop)
+    expert_backend: str = "auto"
 
 
 @dataclass
 class OverlapConfig:
     """Compute-communication overlap switches, each measurable on its own."""
 
+    # expert-parallel all-to-alls issued asynchronously and pipelined over chunks, with the shared
+    # expert computing during the first dispatch; false: blocking all-to-alls, one chunk
     async_a2a: bool = True
+    # local tokens split into this many chunks (>= 2 overlaps one chunk's all-to-all with
+    # another's experts, forward and backward); used only with async_a2a
     a2a_chunks: int = 2
     ddp_bucket_mb: int = 25
     prefetch: bool = True

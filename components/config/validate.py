@@ -40,6 +40,7 @@ def validate(cfg: Config) -> None:
     m, t, d, s = cfg.model, cfg.train, cfg.data, cfg.serve
 
     _one_of(p, "model.kind", m.kind, ("moe", "dense"))
+    _one_of(p, "model.expert_backend", m.expert_backend, ("auto", "grouped_mm", "loop"))
     if m.dim % m.n_heads:
         p.append(f"model.dim={m.dim}: must be divisible by model.n_heads ({m.n_heads})")
     elif (m.dim // m.n_heads) % 2:

@@ -8,6 +8,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from components.model.dispatch import expert_histogram
+
 
 @dataclass
 class Routing:
@@ -37,7 +39,7 @@ def capacity_keep_mask(expert_ids: torch.Tensor, num_experts: int, capacity: int
     N, k = expert_ids.shape
     flat = expert_ids.t().reshape(-1)  # [k*N], choice-major = priority order
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
+    counts = expert_histogram(flat, num_experts)
     starts = torch.cumsum(counts, 0) - counts  # first sorted slot of each expert
     position_sorted = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
     position = torch.empty_like(position_sorted)
@@ -74,7 +76,7 @@ class TopKRouter(nn.Module):
                 weights = weights / weights.sum(-1, keepdim=True)
 
             N = x.shape[0]
-            counts = torch.bincount(expert_ids.reshape(-1), minlength=self.num_experts)
+            counts = expert_histogram(expert_ids, self.num_experts)  # bincount would sync on CUDA
             # Switch balancing loss: E * sum_i f_i * P_i (f: fraction of assignments, P: mean prob)
             fraction = counts.float() / max(N * self.top_k, 1)
             mean_prob = probs.mean(0) if N else probs.sum(0)
@@ -89,7 +91,7 @@ class TopKRouter(nn.Module):
                 capacity = expert_capacity(N, self.num_experts, self.top_k, self.capacity_factor)
                 keep = capacity_keep_mask(expert_ids, self.num_experts, capacity)
             weights = weights * keep
-            kept_counts = torch.bincount(expert_ids[keep], minlength=self.num_experts)
+            kept_counts = expert_histogram(expert_ids, self.num_experts, weights=keep)
 
         if self.bias_balancing and self.training and torch.is_grad_enabled():
             self.update_bias(counts)

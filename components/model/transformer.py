@@ -13,30 +13,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from components.config.compose import section_from_dict
 from components.config.schema import ModelConfig, OverlapConfig
+from components.model.comm_timing import CommTimes
 from components.model.experts import is_expert_param
 from components.model.layers import Attention, FeedForward, KVCache, RMSNorm, rope_tables
+from components.model.metrics import moe_metrics  # noqa: F401  (re-exported: its historic home)
 from components.model.moe import MoELayer, MoEStats
 
 
 def model_config(cfg: ModelConfig | Mapping[str, Any]) -> ModelConfig:
     """A ModelConfig from the dataclass or its plain-dict form (what crosses into Ray / exports)."""
-    if isinstance(cfg, ModelConfig):
-        return cfg
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(cfg) - known)
-    if unknown:
-        raise ValueError(f"unknown model config keys {unknown}; allowed: {sorted(known)}")
-    return ModelConfig(**dict(cfg))
+    return section_from_dict(ModelConfig, cfg, "model")
 
 
 def overlap_config(overlap: OverlapConfig | Mapping[str, Any] | None) -> OverlapConfig:
-    if overlap is None:
-        return OverlapConfig(async_a2a=False, a2a_chunks=1)
-    if isinstance(overlap, OverlapConfig):
-        return overlap
-    known = {f.name for f in dataclasses.fields(OverlapConfig)}
-    return OverlapConfig(**{k: v for k, v in dict(overlap).items() if k in known})
+    """The ``train.overlap`` section from the dataclass, its plain-dict form, or None (its defaults)."""
+    return section_from_dict(OverlapConfig, overlap if overlap is not None else {}, "train.overlap")
 
 
 def dense_equivalent(cfg: ModelConfig | Mapping[str, Any]) -> ModelConfig:
@@ -64,11 +57,7 @@ class Block(nn.Module):
         self.moe: MoELayer | None = None
         self.feed_forward: FeedForward | None = None
         if is_moe_layer(cfg, layer_id):
-            self.moe = MoELayer(
-                cfg.dim, cfg.ffn_dim, cfg.num_experts, cfg.top_k, capacity_factor=cfg.capacity_factor,
-                dropless=cfg.dropless, shared_expert=cfg.shared_expert, bias_balancing=cfg.bias_balancing,
-                bias_update_rate=cfg.bias_update_rate, ep_group=ep_group,
-                async_a2a=overlap.async_a2a, a2a_chunks=overlap.a2a_chunks)
+            self.moe = MoELayer(cfg, ep_group, overlap)
         else:
             self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
 
@@ -88,7 +77,8 @@ class Transformer(nn.Module):
     tokens before / after capacity) and ``dropped_fraction`` (per MoE layer, scalar tensors).
 
     ``ep_group``: expert-parallel process group (None = all experts local); ``overlap``: the
-    ``train.overlap`` section (dict or OverlapConfig), only ``async_a2a`` and ``a2a_chunks`` matter here.
+    ``train.overlap`` section (dict or OverlapConfig; None = its schema defaults), only
+    ``async_a2a`` and ``a2a_chunks`` matter here.
     """
 
     def __init__(self, cfg: ModelConfig | Mapping[str, Any], vocab_size: int, ep_group=None,
@@ -158,14 +148,18 @@ class Transformer(nn.Module):
     def expert_parameter_names(self) -> list[str]:
         return [n for n, p in self.named_parameters() if is_expert_param(p)]
 
-    def comm_wait_seconds(self, reset: bool = False) -> float:
-        """Seconds spent blocked on expert-parallel all-to-alls (exposed communication) since the last reset."""
-        total = 0.0
+    def comm_times(self, reset: bool = False) -> CommTimes:
+        """Expert-parallel all-to-all time since the last reset, summed over MoE layers: ``exposed_s``
+        (compute blocked on them) and ``total_s`` (in flight), split forward/backward. CUDA event
+        timings are resolved here (a host sync): call once per logging interval, not per step."""
+        total = CommTimes()
         for moe in self.moe_layers():
-            total += moe.dispatcher.stats.wait_s
-            if reset:
-                moe.dispatcher.stats.reset()
+            total = total + moe.dispatcher.comm_times(reset)
         return total
+
+    def comm_wait_seconds(self, reset: bool = False) -> float:
+        """Exposed all-to-all seconds (``comm_times(reset).exposed_s``)."""
+        return self.comm_times(reset).exposed_s
 
     def num_params(self, active: bool = False) -> int:
         """Global parameter count (all experts, whatever the EP size); ``active``: per-token active."""
@@ -231,27 +225,3 @@ class Transformer(nn.Module):
         }
         return logits, aux
 
-
-def moe_metrics(aux: Mapping[str, Any], prefix: str = "moe/") -> dict[str, float]:
-    """Flat float metrics from a forward's ``aux``: per-layer tokens per expert, dropped fraction,
-    max/mean load, plus their means over layers (what training logs to MLflow)."""
-    out: dict[str, float] = {}
-    dropped, imbalance = [], []
-    for i, (counts, kept) in enumerate(zip(aux.get("expert_counts", []), aux.get("kept_counts", []))):
-        counts_f = counts.float()
-        total = max(float(counts_f.sum()), 1.0)
-        layer_dropped = (total - float(kept.sum())) / total
-        layer_imbalance = float(counts_f.max() / counts_f.mean().clamp(min=1e-9))
-        out[f"{prefix}layer{i}/dropped_fraction"] = layer_dropped
-        out[f"{prefix}layer{i}/max_over_mean_load"] = layer_imbalance
-        for e, c in enumerate(counts.tolist()):
-            out[f"{prefix}layer{i}/tokens_expert{e}"] = float(c)
-        dropped.append(layer_dropped)
-        imbalance.append(layer_imbalance)
-    if dropped:
-        out[f"{prefix}dropped_fraction"] = sum(dropped) / len(dropped)
-        out[f"{prefix}max_over_mean_load"] = sum(imbalance) / len(imbalance)
-    for key in ("aux_loss", "z_loss"):
-        if key in aux:
-            out[f"{prefix}{key}"] = float(torch.as_tensor(aux[key]).detach())
-    return out
