@@ -41,8 +41,8 @@ class ModelSettings:
             parse_model_uri(settings.challenger_uri)
         if not 0.0 <= float(settings.canary_fraction) <= 1.0:
             raise ValueError(f"user_config.canary_fraction={settings.canary_fraction}: must be in [0, 1]")
-        if settings.quantize not in ("none", "int8"):
-            raise ValueError(f"user_config.quantize={settings.quantize!r}: must be 'none' or 'int8'")
+        if settings.quantize not in ("none", "int8", "auto"):
+            raise ValueError(f"user_config.quantize={settings.quantize!r}: must be 'none', 'int8' or 'auto'")
         return settings
 
 

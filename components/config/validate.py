@@ -1,6 +1,7 @@
 """Cross-field rules of the config, checked once on the driver before any Ray or MLflow work."""
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Any
 
@@ -196,9 +197,10 @@ def validate(cfg: Config) -> None:
         )
     if not 0 <= s.canary_fraction <= 1:
         p.append(f"serve.canary_fraction={s.canary_fraction}: must be in [0, 1]")
-    _one_of(p, "serve.quantize", s.quantize, ("none", "int8"))
-    if s.quantize == "int8" and s.num_gpus > 0:
-        p.append("serve.quantize='int8': dynamic int8 quantisation runs on CPU; set serve.num_gpus=0")
+    _one_of(p, "serve.quantize", s.quantize, ("none", "int8", "auto"))  # components.model.quantize.QUANTIZE_MODES
+    if s.quantize == "int8" and s.num_gpus > 0 and importlib.util.find_spec("torchao") is None:
+        p.append("serve.quantize='int8' on GPU replicas (serve.num_gpus > 0) uses torchao, which is not installed: "
+                 "pip install 'moeops[cuda-int8]', or set serve.quantize=auto or none")
     if not 0 < s.port < 65536:
         p.append(f"serve.port={s.port}: must be a TCP port (1-65535)")
     if s.max_batch_size < 1 or s.max_prompts < 1:
