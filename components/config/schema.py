@@ -219,10 +219,18 @@ class RegistryConfig:
 
 @dataclass
 class AutoscalingConfig:
+    """Serve's request-based autoscaling of the replicas (``serve.autoscaling``)."""
+
     enabled: bool = False
     min_replicas: int = 1
     max_replicas: int = 2
+    # requests in flight per replica that Serve steers towards (running + queued sequences' requests)
     target_ongoing_requests: float = 8.0
+    # how long load must stay above / below target before a replica is added / removed
+    upscale_delay_s: float = 30.0
+    downscale_delay_s: float = 600.0
+    # window the load is averaged over (Serve pushes load figures every 10 s: keep it above that)
+    look_back_period_s: float = 30.0
 
 
 @dataclass
@@ -240,11 +248,21 @@ class ServeConfig:
     num_cpus: float = 0.5
     num_gpus: float = 0.0
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
-    max_batch_size: int = 16
-    batch_wait_timeout_s: float = 0.01
+    # continuous batching: sequences decoded together (KV-cache slots per model version and replica)
+    max_num_seqs: int = 16
+    # prompt tokens admitted into one decode step (a burst of long prompts joins over several steps)
+    max_num_batched_tokens: int = 512
+    # sequences waiting for a slot per replica; beyond it a request gets 429 with Retry-After
+    max_queued_sequences: int = 64
+    # the Retry-After (seconds) of a 429 (queue full) or 503 (not ready yet)
+    retry_after_s: int = 1
     max_prompt_tokens: int = 128
     max_tokens: int = 64
     max_prompts: int = 16
+    # upper bound of a request's n and best_of
+    max_n: int = 4
+    # upper bound of completions' logprobs and chat's top_logprobs
+    max_logprobs: int = 20
     max_body_bytes: int = 65536
     canary_fraction: float = 0.0
     # int8 inference (docs/quantization.md): "auto" = int8 only where it measured faster than
@@ -254,8 +272,11 @@ class ServeConfig:
     # bearer token: read from this environment variable; empty variable = auth off
     auth_token_env: str = "MOEOPS_API_TOKEN"
     smoke_prompt: str = "def "
-    # requests a replica accepts at once (queued for the batcher); beyond that Serve queues them
-    max_ongoing_requests: int = 64
+    # HTTP requests Serve sends a replica at once; must cover max_num_seqs + max_queued_sequences
+    # (each request is at least one sequence) plus probes, or the proxy queues what the engine could take
+    max_ongoing_requests: int = 96
+    # extra replicas (percent) during a rolling update: old replicas serve until the new ones are warm
+    max_surge_percent: int = 100
     # "HeadOnly" (one proxy, local) or "EveryNode" (a proxy per node, clusters)
     proxy_location: str = "HeadOnly"
     # a replica that cannot load its model yet (alias not set) retries this often, staying unready
