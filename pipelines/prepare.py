@@ -9,6 +9,7 @@ dataset as a run input carrying its digest (lineage data -> model -> deployment)
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from typing import Any, Callable, Sequence
@@ -20,6 +21,17 @@ from components.tracking.datasets import log_dataset_input
 from components.tracking.stages import StageContext, StageSpec
 from pipelines._cli import stage_main
 from pipelines.outputs import PrepareOutputs
+
+
+_SECTIONS = ("data", "storage")  # typed config sections in a job's kwargs
+
+
+def _call_with_typed_sections(fn: Callable[..., Any], **kwargs: Any) -> Any:
+    """On the Ray worker: rebuild the config sections that crossed as plain dicts, then run ``fn``."""
+    from components.config import config_from_dict
+
+    config = config_from_dict({name: kwargs[name] for name in _SECTIONS if name in kwargs})
+    return fn(**{**kwargs, **{name: getattr(config, name) for name in _SECTIONS if name in kwargs}})
 
 
 def ray_map(parallelism: int, on_done: Callable[[], None],
@@ -35,16 +47,21 @@ def ray_map(parallelism: int, on_done: Callable[[], None],
         options: dict[str, Any] = {"num_cpus": 1, "max_retries": 2}
         if env:
             options["runtime_env"] = {"env_vars": dict(env)}
-        remote_fn = ray.remote(**options)(fn)
-        # the tokenizer is shared by every task: ship it through the object store once
-        shared = {key: ray.put(kwargs_list[0][key]) for key in ("tokenizer_json", "data", "storage")} if kwargs_list else {}
+        remote_fn = ray.remote(**options)(_call_with_typed_sections)
+        # the tokenizer and the config sections are shared by every task: ship them through the
+        # object store once (sections as plain dicts, like every config that crosses into Ray)
+        shared = {}
+        if kwargs_list:
+            first = kwargs_list[0]
+            shared = {key: ray.put(dataclasses.asdict(first[key]) if dataclasses.is_dataclass(first[key]) else first[key])
+                      for key in ("tokenizer_json", *_SECTIONS) if key in first}
         refs: list = [None] * len(kwargs_list)
         pending: dict = {}
         results: list = [None] * len(kwargs_list)
         next_job = 0
         while next_job < len(kwargs_list) or pending:
             while next_job < len(kwargs_list) and len(pending) < max(1, parallelism):
-                refs[next_job] = remote_fn.remote(**{**kwargs_list[next_job], **shared})
+                refs[next_job] = remote_fn.remote(fn, **{**kwargs_list[next_job], **shared})
                 pending[refs[next_job]] = next_job
                 next_job += 1
             done, _ = ray.wait(list(pending), num_returns=1)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -25,8 +24,6 @@ from components.tracking.stages import StageContext, StageSpec
 from pipelines._cli import stage_main
 from pipelines.outputs import PrepareOutputs, TrainOutputs, TuneOutputs
 
-# chaos testing: "<step>:<rank>:<marker file>" makes that rank exit once after that step
-FAULT_ENV = "MOEOPS_TRAIN_FAULT"
 # config keys that change the trained weights: a run with the same ones (and the same dataset)
 # continues the same checkpoints when train.resume=auto
 _CURVE_KEYS = ("lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip",
@@ -35,7 +32,9 @@ _CURVE_KEYS = ("lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "b
 
 @dataclass
 class TrainResult:
-    metrics: dict[str, float]   # at least val_loss, train_loss, tokens_per_s, steps
+    # at least val_loss, train_loss, tokens_per_s, steps, and over the last logging interval
+    # moe/dropped_fraction, moe/load_max_over_mean, comm/exposed_fraction (NaN: not measured)
+    metrics: dict[str, float]
     checkpoint_path: str        # latest Ray Train checkpoint dir (local path or URI)
     export_dir: str             # local dir holding save_export(...) output (EP-size independent)
     flow_report_path: str = ""  # JSON list of every rank's data-flow report entries
@@ -103,6 +102,50 @@ def _progress_callback(total: int):
     return TrainProgress()
 
 
+class RayTrainSession:
+    """The training loop's view of Ray Train (``components.training.loop.Session``)."""
+
+    def device(self, use_gpu: bool):
+        import torch
+        import ray.train.torch
+
+        if not use_gpu:
+            return torch.device("cpu")
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.use_gpu=true but this Ray Train worker sees no CUDA device")
+        return ray.train.torch.get_device()
+
+    def latest_checkpoint(self):
+        import contextlib
+
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return contextlib.nullcontext(None)
+        return checkpoint.as_directory()
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        step = int(metrics["step"])
+        ray.train.report(
+            metrics,
+            checkpoint=checkpoint,
+            # one name per step: every rank's files land in the same directory
+            checkpoint_dir_name=f"step_{step:07d}" if checkpoint else None,
+        )
+
+
+def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
+    """What Ray Train's TorchTrainer runs on every worker: the typed config is rebuilt here."""
+    from components.training.loop import train, unpack_config
+
+    config, run = unpack_config(config_dict)
+    train(config, run, RayTrainSession())
+
+
 def _local_tokenizer(uri: str, storage, dest: Path) -> Path:
     """The tokenizer as a local file (it may live in an object store with its own endpoint)."""
     from components.data.cold import read_bytes
@@ -127,7 +170,7 @@ def run_training(
     from components.data.manifest import load_manifest
     from components.model.export import save_export
     from components.training.checkpoint import FLOW_REPORT_FILE, load_full_model_state
-    from components.training.loop import RunInfo, pack_config, train_loop_per_worker
+    from components.training.loop import RunInfo, pack_config
     from pipelines.runtime import ensure_ray
 
     ensure_ray(config)
@@ -151,7 +194,6 @@ def run_training(
         tracking_uri=config.tracking.uri,
         mlflow_run_id=mlflow_run_id,
         resume_from=resume_from,
-        fault=os.environ.get(FAULT_ENV, ""),
     )
     storage_path, storage_fs = _storage(config)
     resources = {"CPU": t.cpus_per_worker}
@@ -194,6 +236,8 @@ def run_training(
 
     metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
     metrics["steps"] = metrics.get("step", 0.0)
+    for key in ("moe/dropped_fraction", "moe/load_max_over_mean", "comm/exposed_fraction"):
+        metrics.setdefault(key, float("nan"))
     return TrainResult(
         metrics=metrics,
         checkpoint_path=_checkpoint_uri(config, result.checkpoint),

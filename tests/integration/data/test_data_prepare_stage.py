@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import pytest
 from mlflow import MlflowClient
 
-from components.config import load_config, to_container
+from components.config import load_config
 from components.data.build import prepare_dataset
 from components.data.manifest import load_manifest
 from components.data.tokenizer import TextTokenizer
@@ -26,13 +27,12 @@ def test_prepare_stage_logs_lineage_and_matches_the_serial_build(ray_session, ro
     out = outcome.outputs
     assert out.manifest_uri and out.dataset_digest and out.tokenizer_uri and out.tokenizer_hash
     assert out.seq_len == 32 and out.vocab_size > 0 and out.train_rows > 0 and out.val_rows > 0
-    m = load_manifest(out.manifest_uri, to_container(config)["storage"])
+    m = load_manifest(out.manifest_uri, config.storage)
     assert m.dataset_digest == out.dataset_digest and m.rows("train") == out.train_rows
     assert TextTokenizer.load(out.tokenizer_uri).digest == out.tokenizer_hash
 
     # Ray fan-out and an in-process build agree byte for byte
-    serial = prepare_dataset(to_container(config)["data"], {**to_container(config)["storage"],
-                                                             "cold_uri": str(tmp_path / "serial-cold")})
+    serial = prepare_dataset(config.data, replace(config.storage, cold_uri=str(tmp_path / "serial-cold")))
     assert serial.manifest.dataset_digest == out.dataset_digest
 
     client = MlflowClient(config.tracking.uri)
@@ -57,5 +57,5 @@ def test_prepare_stage_writes_to_s3(ray_session, root_overrides, s3_server):
     config = load_config(root_overrides + SMALL + s3_server.overrides("stage-test"))
     out = run_pipeline(config, [SPEC], entry_point="pipelines.prepare").stages["prepare"].outputs
     assert out.manifest_uri.startswith("s3://moeops/stage-test/")
-    m = load_manifest(out.manifest_uri, to_container(config)["storage"])
+    m = load_manifest(out.manifest_uri, config.storage)
     assert m.dataset_digest == out.dataset_digest
