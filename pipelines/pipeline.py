@@ -19,12 +19,6 @@ from components.tracking.provenance import code_tags
 from components.tracking.stages import StageOutcome, StageSpec, final_status, resolve_upstream, run_stage
 from pipelines.runtime import cluster_tags
 
-# What the MLflow UI (3.x) reads to open an experiment on model training rather than its GenAI
-# view (traces, sessions, judges); the UI itself writes this tag when a user picks a type.
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-EXPERIMENT_KIND = "custom_model_development"
-
-
 @dataclass
 class PipelineResult:
     parent_run_id: str
@@ -67,21 +61,13 @@ def signals_end_runs() -> Iterator[None]:
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
-def ensure_experiment(client: MlflowClient, config: Config) -> str:
-    experiment_id = mlflow_utils.ensure_experiment(client, config.tracking.experiment,
-                                                   config.tracking.artifact_location)
-    experiment = client.get_experiment(experiment_id)
-    if EXPERIMENT_KIND_TAG not in experiment.tags:  # a kind the user chose in the UI stays
-        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-    return experiment_id
-
-
 def run_pipeline(config: Config, specs: list[StageSpec], entry_point: str = "pipelines.run") -> PipelineResult:
     client = MlflowClient(config.tracking.uri)
     # MLflow's fluent APIs used inside stages (log_model, register_model, system metrics) use
     # the process' tracking URI: this store's.
     mlflow.set_tracking_uri(config.tracking.uri)
-    experiment_id = ensure_experiment(client, config)
+    experiment_id = mlflow_utils.ensure_experiment(client, config.tracking.experiment,
+                                                   config.tracking.artifact_location)
     # Fail on missing upstream runs before any run is opened or Ray is started.
     resolve_upstream(client, experiment_id, specs[0], config, produced={})
 

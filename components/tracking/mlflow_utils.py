@@ -54,15 +54,25 @@ def set_tags(client: MlflowClient, run_id: str, tags: dict[str, Any]) -> None:
         client.log_batch(run_id, tags=batch)
 
 
+# What the MLflow UI (3.x) reads to open an experiment on model training rather than its GenAI
+# view (traces, sessions, judges); the UI itself writes this tag when a user picks a type.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def ensure_experiment(client: MlflowClient, name: str, artifact_location: str = "") -> str:
+    """The experiment's id, created if missing; tagged as model development unless a kind is set
+    (one chosen in the UI stays)."""
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_location or None)
-    except Exception:
-        # Another process created it first (parallel trials or jobs).
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            raise
-        return experiment.experiment_id
+    if experiment is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location or None,
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except Exception:
+            # Another process created it first (parallel trials or jobs).
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment.experiment_id

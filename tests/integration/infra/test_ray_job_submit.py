@@ -23,8 +23,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from conftest import free_port
-from pipelines.runtime import API_SERVER_ENV
+from pipelines.runtime import API_SERVER_ENV, free_port
 
 pytestmark = pytest.mark.integration
 
