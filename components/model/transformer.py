@@ -17,7 +17,7 @@ from components.config.compose import section_from_dict
 from components.config.schema import ModelConfig, OverlapConfig
 from components.model.comm_timing import CommTimes
 from components.model.experts import is_expert_param
-from components.model.layers import Attention, FeedForward, KVCache, RMSNorm, rope_tables
+from components.model.layers import Attention, FeedForward, KVCache, RMSNorm, SeqPositions, rope_tables
 from components.model.metrics import moe_metrics  # noqa: F401  (re-exported: its historic home)
 from components.model.moe import MoELayer, MoEStats
 
@@ -70,7 +70,7 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """``forward(tokens [B, T], cache=None, start_pos=0) -> (logits [B, T, V], aux)``.
+    """``forward(tokens [B, T], cache=None, start_pos=0, last_only=False) -> (logits [B, T, V], aux)``.
 
     ``aux``: ``aux_loss`` and ``z_loss`` (scalars summed over MoE layers, already multiplied by
     their coefficients), ``expert_counts`` / ``kept_counts`` (per MoE layer, [E] long, this rank's
@@ -177,6 +177,7 @@ class Transformer(nn.Module):
         return self.layers[int(param_name.split(".")[1])].moe
 
     def new_cache(self, batch: int, max_len: int | None = None, pad: torch.Tensor | None = None) -> KVCache:
+        """A KV cache of ``batch`` rows (lockstep batches) or slots (continuous batching)."""
         cfg = self.cfg
         device = self.tok_embeddings.weight.device
         dtype = self.tok_embeddings.weight.dtype
@@ -184,12 +185,20 @@ class Transformer(nn.Module):
                        dtype=dtype, device=device, pad=pad)
 
     # --------------------------------------------------------------- forward
-    def _positions_and_mask(self, B: int, T: int, cache: KVCache | None, start_pos: int):
+    def _positions_and_mask(self, B: int, T: int, cache: KVCache | None, start_pos: int | SeqPositions):
         if cache is None:
-            if start_pos:
+            if isinstance(start_pos, SeqPositions) or start_pos:
                 raise ValueError("start_pos > 0 needs a KV cache holding the earlier positions")
             return self.rope_cos[:T], self.rope_sin[:T], None
         device = self.rope_cos.device
+        if isinstance(start_pos, SeqPositions):
+            # each row at its own length; right padding (t >= lengths[b]) is computed but never read
+            t = torch.arange(T, device=device)
+            query_pos = start_pos.start.to(device)[:, None] + t[None, :]          # [B, T]
+            key_pos = torch.arange(start_pos.end, device=device)                  # [S]
+            mask = key_pos[None, None, :] <= query_pos[:, :, None]                # [B, T, S]
+            positions = query_pos.clamp(max=self.cfg.max_seq_len - 1)
+            return self.rope_cos[positions], self.rope_sin[positions], mask[:, None]
         query_pos = start_pos + torch.arange(T, device=device)            # [T] cache slots
         key_pos = torch.arange(start_pos + T, device=device)              # [S]
         pad = cache.pad.to(device)                                         # [B]
@@ -201,10 +210,20 @@ class Transformer(nn.Module):
         mask |= (key_pos[None, :] == query_pos[:, None])[None]
         return self.rope_cos[positions], self.rope_sin[positions], mask[:, None]  # mask [B, 1, T, S]
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0
-                ) -> tuple[torch.Tensor, dict[str, Any]]:
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start_pos: int | SeqPositions = 0,
+                last_only: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
+        """``start_pos``: int (every row at the same position) or :class:`SeqPositions` (row b = cache
+        slot b at its own length, right-padded to T). ``last_only``: logits [B, 1, V] of each row's
+        last real token instead of [B, T, V] (what decoding samples from; skips the vocab projection
+        of every other position)."""
         B, T = tokens.shape
-        if start_pos + T > self.cfg.max_seq_len:
+        if isinstance(start_pos, SeqPositions):
+            if cache is None:
+                raise ValueError("SeqPositions address cache slots: pass the KV cache")
+            if start_pos.end > self.cfg.max_seq_len:
+                raise ValueError(f"sequence of {start_pos.end} positions exceeds model.max_seq_len="
+                                 f"{self.cfg.max_seq_len}")
+        elif start_pos + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start_pos + T} positions exceeds model.max_seq_len={self.cfg.max_seq_len}")
         cos, sin, mask = self._positions_and_mask(B, T, cache, start_pos)
         h = self.tok_embeddings(tokens)  # [B, T, D]
@@ -213,6 +232,10 @@ class Transformer(nn.Module):
             h, layer_stats = block(h, cos, sin, mask, cache, start_pos)
             if layer_stats is not None:
                 stats.append(layer_stats)
+        if last_only:
+            last = start_pos.lengths.to(h.device) - 1 if isinstance(start_pos, SeqPositions) else \
+                torch.full((B,), T - 1, dtype=torch.long, device=h.device)
+            h = h[torch.arange(B, device=h.device), last][:, None]                # [B, 1, D]
         h = self.norm(h)
         logits = F.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)  # [B, T, V]
         zero = logits.new_zeros((), dtype=torch.float32)

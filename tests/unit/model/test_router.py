@@ -6,7 +6,7 @@ import torch
 
 from components.config.schema import ModelConfig
 from components.model.moe import MoELayer
-from components.model.router import TopKRouter, capacity_keep_mask, expert_capacity
+from components.model.router import ExpertBiasBalancer, TopKRouter, capacity_keep_mask, expert_capacity
 
 
 def test_expert_capacity_formula():
@@ -104,8 +104,12 @@ def test_bias_balancing_moves_load_toward_uniform_without_touching_weights():
         router.eval()
         start = router(x).counts.float()
         router.train()
+    balancer = ExpertBiasBalancer([router])
     for _ in range(150):
-        router(x)  # training forward with grad enabled updates the bias
+        before = router.expert_bias.clone()
+        balancer.accumulate([router(x).counts])
+        assert torch.equal(router.expert_bias, before)  # a forward never moves the bias
+        balancer.update()  # once per optimizer step (a pre-step hook in training)
     with torch.no_grad():
         router.eval()
         end = router(x).counts.float()
