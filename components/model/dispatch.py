@@ -177,14 +177,12 @@ class TokenDispatcher:
             counts = expert_histogram(key, E + 1)                # [E + 1] on device
             # dropped rows join the last expert's group: computed, then multiplied by a zero gate
             counts = torch.cat([counts[:E - 1], counts[E - 1:].sum(0, keepdim=True)])
-            y = experts(x.to(dtype)[token], counts)
-            out.index_add_(0, token, y.float() * gate[:, None])
         else:
             host = expert_histogram(key, E + 1).tolist()         # the loop's one host sync
             kept = sum(host[:E])
-            token, gate = token[:kept], gate[:kept]
-            y = experts(x.to(dtype)[token], host[:E])
-            out.index_add_(0, token, y.float() * gate[:, None])
+            token, gate, counts = token[:kept], gate[:kept], host[:E]
+        y = experts(x.to(dtype)[token], counts)
+        out.index_add_(0, token, y.float() * gate[:, None])
         if shared is not None:
             out = out + shared(x)
         return out
