@@ -111,6 +111,8 @@ def _layer_benchmark(D: int, F: int, E: int, k: int, N: int, warmup: int, iters:
         **{f"{name}_best_step_s": min(t) for name, t in times.items()},
         **{f"{name}_tokens_per_s": N / value for name, value in med.items()},
         "moe_vs_dense_ratio": med["dense"] / med["moe"],
+        # fastest of the interleaved runs: less sensitive to other processes' load than the median
+        "moe_vs_dense_ratio_best": min(times["dense"]) / min(times["moe"]),
         "moe_vs_naive_ratio": med["naive"] / med["moe"],
         "grouped_mm_vs_loop_ratio": med["moe"] / med["moe_grouped_mm"],
     }
@@ -259,6 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
         "load_average_1m": os.getloadavg()[0],
         "moe_vs_dense_ratio": layer["moe_vs_dense_ratio"],
         "moe_vs_naive_ratio": layer["moe_vs_naive_ratio"],
+        "moe_vs_dense_ratio_best": layer["moe_vs_dense_ratio_best"],
         "overlap_on_vs_off_step_ratio": ep["overlap_on_vs_off_step_ratio"],
         "exposed_comm_fraction": ep["exposed_comm_fraction"],
         "best_possible_on_vs_off_ratio": ep["best_possible_on_vs_off_ratio"],
@@ -275,7 +278,8 @@ def main(argv: list[str] | None = None) -> dict:
     text = json.dumps(result, indent=2)
     if args.json_out:
         Path(args.json_out).write_text(text)
-    print(json.dumps({k: result[k] for k in ("moe_vs_dense_ratio", "moe_vs_naive_ratio", "grouped_mm_vs_loop_ratio",
+    print(json.dumps({k: result[k] for k in ("moe_vs_dense_ratio", "moe_vs_dense_ratio_best", "moe_vs_naive_ratio",
+                                              "grouped_mm_vs_loop_ratio",
                                               "overlap_on_vs_off_step_ratio", "exposed_comm_fraction",
                                               "best_possible_on_vs_off_ratio", "host_syncs_per_moe_layer_forward",
                                               "load_average_1m")}, indent=2))
