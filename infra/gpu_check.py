@@ -375,8 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     env = {"device": args.device, "processes": world, "torch": torch.__version__, "quick": args.quick,
            "seconds": time.perf_counter() - started}
     if args.device == "cuda":
+        nccl = torch.cuda.nccl.version()
         env.update(gpu=torch.cuda.get_device_name(0), capability=list(torch.cuda.get_device_capability(0)),
-                   nccl=".".join(map(str, torch.cuda.nccl.version())))
+                   nccl=".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl))
     passed = all(c["passed"] for c in checks.values())
     report = {"passed": passed, "environment": env, "checks": checks}
     text = json.dumps(report, indent=2, default=str)

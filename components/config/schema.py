@@ -100,7 +100,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     init_std: float = 0.02
     # how the experts run: "grouped_mm" (torch.nn.functional.grouped_mm, one kernel for all local
-    # experts), "loop" (one matmul per expert) or "auto" (grouped_mm for CUDA bf16 on SM80+, else loop)
+    # experts), "loop" (one matmul per expert) or "auto" (grouped_mm for CUDA bf16 on SM90/SM100, else loop)
     expert_backend: str = "auto"
 
 
