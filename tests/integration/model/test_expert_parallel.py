@@ -63,16 +63,17 @@ def _schedule(rank: int, shared_expert: bool, chunks: int) -> list[str]:
     layer = model.moe_layers()[0]
     events: list[str] = []
     timer = layer.dispatcher.timer
-    launch, wait, tags = timer.launch, timer.wait, {}
+    launch, wait = timer.launch, timer.wait
+    tags: dict[int, int] = {}  # id(handle) -> tag; a handle stays alive until its wait
 
     def logged_launch(fn, device, keep=()):
         handle = launch(fn, device, keep)
-        tags[id(handle)] = len(tags)
-        events.append(f"launch{tags[id(handle)]}")
+        tags[id(handle)] = tag = sum(e.startswith("launch") for e in events)
+        events.append(f"launch{tag}")
         return handle
 
     def logged_wait(handle, backward=False):
-        events.append(f"wait{tags[id(handle)]}")
+        events.append(f"wait{tags.pop(id(handle))}")
         return wait(handle, backward)
 
     timer.launch, timer.wait = logged_launch, logged_wait  # the test's hook: record, then do the real thing
