@@ -32,9 +32,9 @@ from components.model.experts import GroupedExperts
 QUANTIZE_MODES = ("none", "int8", "auto")
 
 # "auto" on CPU quantises only models whose expert FFN matrices have at least this many elements
-# (dim x ffn_dim): below it the per-call cost of quantising activations outweighs the faster
-# int8 GEMM and fbgemm int8 measured slower than fp32 (docs/quantization.md has the sweep).
-AUTO_CPU_MIN_EXPERT_ELEMENTS = 256 * 1024
+# (dim x ffn_dim): the smallest size where fbgemm int8 measured faster than fp32; at moe_tiny's
+# 32K the per-call cost of quantising activations eats the cheaper GEMM (docs/quantization.md).
+AUTO_CPU_MIN_EXPERT_ELEMENTS = 128 * 1024
 
 _FLOAT_LABELS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
