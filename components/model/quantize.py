@@ -54,7 +54,9 @@ class ExpertLinears(nn.Module):
         self.w13 = nn.ModuleList(_linear(torch.cat([w1[e], w3[e]], dim=1)) for e in range(num_experts))
         self.w2 = nn.ModuleList(_linear(w2[e]) for e in range(num_experts))
 
-    def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, counts: list[int] | torch.Tensor) -> torch.Tensor:
+        if isinstance(counts, torch.Tensor):
+            counts = counts.tolist()
         if len(counts) != self.num_local_experts or sum(counts) != x.shape[0]:
             raise ValueError(f"counts {counts} do not describe {x.shape[0]} rows over {self.num_local_experts} experts")
         outputs = []
