@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -18,12 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mlflow
+
 from components.config import Config, to_container, with_overrides
 from components.tracking.stages import StageContext, StageSpec
 from pipelines._cli import stage_main
+from pipelines.outputs import PrepareOutputs, TrainOutputs, TuneOutputs
 
-# chaos testing: "<step>:<rank>:<marker file>" makes that rank exit once after that step
-FAULT_ENV = "MOEOPS_TRAIN_FAULT"
 # config keys that change the trained weights: a run with the same ones (and the same dataset)
 # continues the same checkpoints when train.resume=auto
 _CURVE_KEYS = ("lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip",
@@ -32,7 +32,9 @@ _CURVE_KEYS = ("lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "b
 
 @dataclass
 class TrainResult:
-    metrics: dict[str, float]   # at least val_loss, train_loss, tokens_per_s, steps
+    # at least val_loss, train_loss, tokens_per_s, steps, and over the last logging interval
+    # moe/dropped_fraction, moe/load_max_over_mean, comm/exposed_fraction (NaN: not measured)
+    metrics: dict[str, float]
     checkpoint_path: str        # latest Ray Train checkpoint dir (local path or URI)
     export_dir: str             # local dir holding save_export(...) output (EP-size independent)
     flow_report_path: str = ""  # JSON list of every rank's data-flow report entries
@@ -100,6 +102,50 @@ def _progress_callback(total: int):
     return TrainProgress()
 
 
+class RayTrainSession:
+    """The training loop's view of Ray Train (``components.training.loop.Session``)."""
+
+    def device(self, use_gpu: bool):
+        import torch
+        import ray.train.torch
+
+        if not use_gpu:
+            return torch.device("cpu")
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.use_gpu=true but this Ray Train worker sees no CUDA device")
+        return ray.train.torch.get_device()
+
+    def latest_checkpoint(self):
+        import contextlib
+
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return contextlib.nullcontext(None)
+        return checkpoint.as_directory()
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        step = int(metrics["step"])
+        ray.train.report(
+            metrics,
+            checkpoint=checkpoint,
+            # one name per step: every rank's files land in the same directory
+            checkpoint_dir_name=f"step_{step:07d}" if checkpoint else None,
+        )
+
+
+def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
+    """What Ray Train's TorchTrainer runs on every worker: the typed config is rebuilt here."""
+    from components.training.loop import train, unpack_config
+
+    config, run = unpack_config(config_dict)
+    train(config, run, RayTrainSession())
+
+
 def _local_tokenizer(uri: str, storage, dest: Path) -> Path:
     """The tokenizer as a local file (it may live in an object store with its own endpoint)."""
     from components.data.cold import read_bytes
@@ -124,7 +170,7 @@ def run_training(
     from components.data.manifest import load_manifest
     from components.model.export import save_export
     from components.training.checkpoint import FLOW_REPORT_FILE, load_full_model_state
-    from components.training.loop import RunInfo, pack_config, train_loop_per_worker
+    from components.training.loop import RunInfo, pack_config
     from pipelines.runtime import ensure_ray
 
     ensure_ray(config)
@@ -148,7 +194,6 @@ def run_training(
         tracking_uri=config.tracking.uri,
         mlflow_run_id=mlflow_run_id,
         resume_from=resume_from,
-        fault=os.environ.get(FAULT_ENV, ""),
     )
     storage_path, storage_fs = _storage(config)
     resources = {"CPU": t.cpus_per_worker}
@@ -191,6 +236,8 @@ def run_training(
 
     metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
     metrics["steps"] = metrics.get("step", 0.0)
+    for key in ("moe/dropped_fraction", "moe/load_max_over_mean", "comm/exposed_fraction"):
+        metrics.setdefault(key, float("nan"))
     return TrainResult(
         metrics=metrics,
         checkpoint_path=_checkpoint_uri(config, result.checkpoint),
@@ -199,46 +246,73 @@ def run_training(
     )
 
 
-def upstream(config: Config) -> tuple[str, ...]:
-    return ("prepare", "tune") if config.tune.enabled else ("prepare",)
+def upstream(config: Config) -> tuple[type, ...]:
+    return (PrepareOutputs, TuneOutputs) if config.tune.enabled else (PrepareOutputs,)
 
 
-def run(ctx: StageContext) -> dict[str, str]:
+def model_params(config: Config) -> dict[str, str]:
+    """The LoggedModel's params: the model and training config it was trained with (flattened)."""
+    from components.config import flatten
+    from components.tracking.registry import mlflow_param
+
+    container = to_container(config)
+    return {k: mlflow_param(v) for k, v in flatten({"model": container["model"], "train": container["train"]}).items()}
+
+
+def run(ctx: StageContext) -> TrainOutputs:
     from components.model.export import weights_digest
+    from components.tracking.datasets import log_dataset_input
+    from components.tracking.provenance import code_tags
+    from components.tracking.registry import log_model
+    from pipelines.prepare import dataset_of
 
     config = ctx.config
-    if "tune" in ctx.inputs:
-        best = json.loads(ctx.inputs["tune"].get("best_params") or "{}")
-        if best:
-            print(f"[train] applying the sweep's best parameters: {best}", flush=True)
-            config = with_overrides(config, best)
-            ctx.log_params({"tuned": best})
-    manifest_uri = ctx.inputs["prepare"]["manifest_uri"]
+    prepare = ctx.input(PrepareOutputs)
+    best = ctx.input(TuneOutputs).best_params if config.tune.enabled else {}
+    if best:
+        print(f"[train] applying the sweep's best parameters: {best}", flush=True)
+        config = with_overrides(config, best)
+        ctx.log_params({"tuned": best})
+    dataset = dataset_of(config.data.name, prepare)
+    log_dataset_input(ctx.client, ctx.run_id, dataset, prepare.dataset_digest, "training")
     result = run_training(
-        config, manifest_uri, mlflow_run_id=ctx.run_id, name=training_name(config, manifest_uri),
+        config, prepare.manifest_uri, mlflow_run_id=ctx.run_id, name=training_name(config, prepare.manifest_uri),
     )
-    ctx.log_artifact(result.export_dir, "export")
     if result.flow_report_path:
         ctx.log_artifact(result.flow_report_path, "data_flow")
     digest = weights_digest(result.export_dir)
-    summary = {f"final_{k}": v for k, v in result.metrics.items() if k in ("val_loss", "train_loss", "tokens_per_s")}
-    ctx.log_metrics(summary, step=int(result.metrics.get("steps", 0)))
-    model_uri = f"runs:/{ctx.run_id}/export"
-    return {
-        "model_uri": model_uri,
-        "digest": digest,
-        "model_digest": digest,
-        "val_loss": f"{result.metrics.get('val_loss', float('nan')):.6f}",
-        "train_loss": f"{result.metrics.get('train_loss', float('nan')):.6f}",
-        "steps": str(int(result.metrics.get("steps", 0))),
-        "checkpoint_path": result.checkpoint_path,
-        "checkpoint_uri": result.checkpoint_path,
-        "export_dir": result.export_dir,
-    }
+    m = result.metrics
+    steps = int(m.get("steps", 0))
+    # final figures at the last step, before the model is logged at that step: MLflow links the
+    # run's metrics of the model's step to the LoggedModel
+    summary = {f"final_{k}": m[k] for k in ("val_loss", "train_loss", "tokens_per_s") if k in m}
+    mlflow.log_metrics(summary, step=steps, run_id=ctx.run_id, dataset=dataset)
+    model_id = log_model(
+        result.export_dir, run_id=ctx.run_id, tracking_uri=ctx.tracking_uri, params=model_params(config),
+        step=steps,
+        tags={"dataset_digest": prepare.dataset_digest, "tokenizer_hash": prepare.tokenizer_hash,
+              "model_digest": digest, "git_commit": code_tags()["moeops.git_commit"]},
+    )
+    nan = float("nan")
+    return TrainOutputs(
+        model_id=model_id,
+        model_digest=digest,
+        export_dir=result.export_dir,
+        checkpoint_uri=result.checkpoint_path,
+        tuned_params=dict(best),
+        steps=steps,
+        val_loss=m.get("val_loss", nan),
+        train_loss=m.get("train_loss", nan),
+        tokens_per_s=m.get("tokens_per_s", nan),
+        # reported by the training loop's last eval (NaN where it does not report them)
+        moe_dropped_fraction=m.get("moe/dropped_fraction", nan),
+        moe_load_max_over_mean=m.get("moe/load_max_over_mean", nan),
+        comm_exposed_fraction=m.get("comm/exposed_fraction", nan),
+    )
 
 
 SPEC = StageSpec(name="train", config_keys=("data", "model", "train"), upstream=upstream, fn=run,
-                 key_output="val_loss")
+                 outputs=TrainOutputs, system_metrics=True)
 main = stage_main(SPEC)
 
 if __name__ == "__main__":

@@ -1,12 +1,23 @@
-"""Top-k softmax router in fp32, with capacity, Switch load-balancing loss, z-loss and bias balancing."""
+"""Top-k softmax router in fp32, with capacity, Switch load-balancing loss, z-loss and bias balancing.
+
+Bias balancing (DeepSeek-V3's auxiliary-loss-free method) never changes anything inside forward:
+the forward only *uses* ``expert_bias`` and returns its expert counts. :class:`ExpertBiasBalancer`
+sums the counts of a step's micro-batches and moves every router's bias once per optimizer step,
+from an optimizer pre-step hook, with one all-reduce for all layers (as torchtitan does).
+Because the counts travel through the forward's *return value*, a forward recomputed under
+activation checkpointing (whose outputs autograd discards) is never counted twice.
+"""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from components.model.dispatch import expert_histogram
 
 
 @dataclass
@@ -37,7 +48,7 @@ def capacity_keep_mask(expert_ids: torch.Tensor, num_experts: int, capacity: int
     N, k = expert_ids.shape
     flat = expert_ids.t().reshape(-1)  # [k*N], choice-major = priority order
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
+    counts = expert_histogram(flat, num_experts)
     starts = torch.cumsum(counts, 0) - counts  # first sorted slot of each expert
     position_sorted = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
     position = torch.empty_like(position_sorted)
@@ -57,7 +68,9 @@ class TopKRouter(nn.Module):
         self.bias_update_rate = bias_update_rate
         self.gate = nn.Linear(dim, num_experts, bias=False)
         # DeepSeek-V3 auxiliary-loss-free balancing: a per-expert bias that only shifts *which*
-        # experts are selected, never the gate weights; nudged after each training step.
+        # experts are selected, never the gate weights; moved by ExpertBiasBalancer once per
+        # optimizer step (a buffer: identical on every rank because every rank applies the same
+        # all-reduced counts).
         self.register_buffer("expert_bias", torch.zeros(num_experts), persistent=True)
 
     def forward(self, x: torch.Tensor) -> Routing:
@@ -74,7 +87,7 @@ class TopKRouter(nn.Module):
                 weights = weights / weights.sum(-1, keepdim=True)
 
             N = x.shape[0]
-            counts = torch.bincount(expert_ids.reshape(-1), minlength=self.num_experts)
+            counts = expert_histogram(expert_ids, self.num_experts)  # bincount would sync on CUDA
             # Switch balancing loss: E * sum_i f_i * P_i (f: fraction of assignments, P: mean prob)
             fraction = counts.float() / max(N * self.top_k, 1)
             mean_prob = probs.mean(0) if N else probs.sum(0)
@@ -89,21 +102,60 @@ class TopKRouter(nn.Module):
                 capacity = expert_capacity(N, self.num_experts, self.top_k, self.capacity_factor)
                 keep = capacity_keep_mask(expert_ids, self.num_experts, capacity)
             weights = weights * keep
-            kept_counts = torch.bincount(expert_ids[keep], minlength=self.num_experts)
+            kept_counts = expert_histogram(expert_ids, self.num_experts, weights=keep)
 
-        if self.bias_balancing and self.training and torch.is_grad_enabled():
-            self.update_bias(counts)
         return Routing(expert_ids, weights, keep, counts, kept_counts, aux_loss, z_loss)
 
-    @torch.no_grad()
-    def update_bias(self, counts: torch.Tensor) -> None:
-        """Move the bias toward uniform load: up for underloaded experts, down for overloaded.
 
-        Counts are summed over all data-parallel ranks first so every replica of the router
-        keeps the same bias (it is a buffer, not a gradient-synchronised parameter).
-        """
-        counts = counts.float()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            counts = counts.clone()
-            dist.all_reduce(counts)
-        self.expert_bias += self.bias_update_rate * torch.sign(counts.mean() - counts)
+class ExpertBiasBalancer:
+    """Moves the routers' ``expert_bias`` toward uniform load once per optimizer step.
+
+    ``accumulate(counts)`` after each micro-batch's forward (``counts``: one ``[E]`` tensor per
+    MoE layer, this rank's assignments before capacity, as the model returns them); ``attach
+    (optimizer)`` registers :meth:`update` as an optimizer pre-step hook, so a step that is
+    skipped (fp16 overflow, non-finite gradient norm) moves no bias; :meth:`discard` then drops
+    the skipped step's counts. Everything stays on the counts' device; the only communication is
+    one all-reduce of the stacked ``[L, E]`` counts per optimizer step over ``group`` (default:
+    all ranks: the routers are replicated everywhere, so every replica must see the global load).
+    """
+
+    def __init__(self, routers: Sequence[TopKRouter], group=None):
+        self.routers = [r for r in routers if r.bias_balancing]
+        self.group = group
+        self.pending: torch.Tensor | None = None  # [L, E] float, summed over micro-batches
+        self.updates = 0                          # optimizer steps that moved the bias
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.routers)
+
+    @torch.no_grad()
+    def accumulate(self, counts: Sequence[torch.Tensor]) -> None:
+        if not self.enabled:
+            return
+        if len(counts) != len(self.routers):
+            raise ValueError(f"got expert counts of {len(counts)} MoE layers for {len(self.routers)} balanced routers")
+        stacked = torch.stack([c.detach().float() for c in counts])  # [L, E]
+        self.pending = stacked if self.pending is None else self.pending + stacked
+
+    def discard(self) -> None:
+        self.pending = None
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """All-reduce the step's counts once and nudge each bias by ``rate * sign(mean - count)``:
+        up for underloaded experts, down for overloaded ones."""
+        if self.pending is None:
+            return
+        counts = self.pending
+        self.pending = None
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.group) > 1:
+            dist.all_reduce(counts, group=self.group)
+        for router, layer_counts in zip(self.routers, counts):
+            delta = torch.sign(layer_counts.mean() - layer_counts)
+            router.expert_bias.add_(router.bias_update_rate * delta.to(router.expert_bias.dtype))
+        self.updates += 1
+
+    def attach(self, optimizer: torch.optim.Optimizer):
+        """Run :meth:`update` right before every ``optimizer.step()``; returns the hook handle."""
+        return optimizer.register_step_pre_hook(lambda _optimizer, _args, _kwargs: self.update())

@@ -13,13 +13,19 @@ Layout of one checkpoint directory (Ray Train merges the files every rank report
 Expert tensors are stacked ``[num_local_experts, ...]`` with experts sharded contiguously, so
 a full tensor is the concatenation of the shards along dim 0 in shard order, and a new shard
 is a contiguous slice of it (``components.model.export.merge_expert_shards`` /
-``shard_experts``). Loading at another EP size merges all shards and re-slices.
+``shard_experts``).
+
+Loading scales with the model, not with the number of ranks: at an unchanged EP size a rank
+reads its own expert file and nothing else; at another EP size it memory-maps only the old
+shards that overlap its new block of experts and copies out just those rows. Every file is
+read with ``torch.load(weights_only=True)``: the RNG states are stored as tensors and plain
+Python values (numpy's state is converted), so nothing needs the unsafe unpickler.
 """
 from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from components.model.export import merge_expert_shards, shard_experts
+from components.model.export import merge_expert_shards
 from components.training.optim import load_optimizer_state_by_name, optimizer_state_by_name
 from components.training.parallel import ParallelGroups, expert_param_names
 
@@ -52,12 +58,20 @@ class Restored:
     step: int
     reader_state: dict | None   # this rank's reader state (rank 0's when the world size changed)
     meta: dict
+    files_read: list[str] = field(default_factory=list)  # checkpoint files this rank opened
 
 
 # ----------------------------------------------------------------------------- RNG
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """torch, CUDA, Python and numpy RNG states as tensors and plain values (``weights_only``-loadable)."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -65,8 +79,10 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -90,19 +106,6 @@ def _merge_optimizer_shards(shards: list[dict[str, dict]]) -> dict[str, dict]:
         for name, value in full.items():
             merged[name][key] = value
     return merged
-
-
-def _shard_optimizer_state(full: dict[str, dict], ep_rank: int, ep_size: int) -> dict[str, dict]:
-    out: dict[str, dict] = {name: {} for name in full}
-    if not full:
-        return out
-    for key in next(iter(full.values())):
-        moment = {name: state[key] for name, state in full.items()}
-        if _is_moment(next(iter(moment.values()))):
-            moment = shard_experts(moment, ep_rank, ep_size)
-        for name, value in moment.items():
-            out[name][key] = value
-    return out
 
 
 # ------------------------------------------------------------------------ save
@@ -175,11 +178,10 @@ def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
 
 
 def _load(path: Path) -> Any:
+    """A checkpoint file, memory-mapped: tensors are read from disk only where they are used."""
     if not path.exists():
         raise FileNotFoundError(f"checkpoint file missing: {path}")
-    # weights_only=False: rank files hold numpy's RNG state, which the safe unpickler refuses;
-    # only load checkpoints this project wrote.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
 def load_full_expert_state(ckpt_dir: str | Path, meta: dict | None = None) -> tuple[dict, dict]:
@@ -201,6 +203,44 @@ def load_full_model_state(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
     return {**shared["model"], **experts}
 
 
+def _slice_rows(state: dict, lo: int, hi: int) -> dict:
+    return {name: tensor[lo:hi] for name, tensor in state.items()}
+
+
+def _slice_optimizer_rows(state: dict[str, dict], lo: int, hi: int) -> dict[str, dict]:
+    return {name: {key: (value[lo:hi] if _is_moment(value) else value) for key, value in moments.items()}
+            for name, moments in state.items()}
+
+
+def read_expert_block(ckpt_dir: Path, saved_ep_size: int, num_experts: int, ep_rank: int, ep_size: int
+                      ) -> tuple[dict, dict, list[str]]:
+    """This rank's experts ``[ep_rank * n, (ep_rank + 1) * n)`` (``n = num_experts / ep_size``) from
+    a checkpoint written at ``saved_ep_size``: (weights, optimiser state, files read).
+
+    Same EP size: exactly the rank's own file. Otherwise only the saved shards overlapping the
+    block, memory-mapped, with just the overlapping rows copied out."""
+    if saved_ep_size == ep_size:
+        name = expert_file(ep_rank, ep_size)
+        shard = _load(ckpt_dir / name)
+        return shard["model"], shard["optimizer"], [name]
+    if num_experts % saved_ep_size or num_experts % ep_size:
+        raise ValueError(f"checkpoint {ckpt_dir}: {num_experts} experts cannot be split over expert-parallel "
+                         f"sizes {saved_ep_size} (saved) and {ep_size} (now)")
+    per_saved, per_new = num_experts // saved_ep_size, num_experts // ep_size
+    lo, hi = ep_rank * per_new, (ep_rank + 1) * per_new
+    weights, optim, names = [], [], []
+    for i in range(lo // per_saved, (hi - 1) // per_saved + 1):
+        name = expert_file(i, saved_ep_size)
+        shard = _load(ckpt_dir / name)
+        a, b = max(lo, i * per_saved) - i * per_saved, min(hi, (i + 1) * per_saved) - i * per_saved
+        weights.append(_slice_rows(shard["model"], a, b))
+        optim.append(_slice_optimizer_rows(shard["optimizer"], a, b))
+        names.append(name)
+    merged_weights = merge_expert_shards(weights) if weights[0] else {}
+    merged_optim = _merge_optimizer_shards(optim) if optim[0] else {}
+    return merged_weights, merged_optim, names
+
+
 def load_checkpoint(
     ckpt_dir: str | Path,
     *,
@@ -218,8 +258,15 @@ def load_checkpoint(
     ckpt_dir = Path(ckpt_dir)
     meta = read_meta(ckpt_dir)
     shared = _load(ckpt_dir / SHARED_FILE)
-    full_experts, full_expert_optim = load_full_expert_state(ckpt_dir, meta)
-    my_experts = shard_experts(full_experts, groups.ep_rank, groups.ep_size)
+    files_read = [SHARED_FILE]
+    expert_names = expert_param_names(model)
+    my_experts: dict = {}
+    my_expert_optim: dict = {}
+    if expert_names:
+        num_experts = model.get_parameter(expert_names[0]).shape[0] * groups.ep_size
+        my_experts, my_expert_optim, shard_files = read_expert_block(
+            ckpt_dir, int(meta["expert_parallel_size"]), num_experts, groups.ep_rank, groups.ep_size)
+        files_read += shard_files
 
     model_state = {**shared["model"], **my_experts}
     own = model.state_dict()
@@ -233,8 +280,7 @@ def load_checkpoint(
 
     if optimizer is not None:
         names = {id(p): n for n, p in model.named_parameters()}
-        expert_optim = _shard_optimizer_state(full_expert_optim, groups.ep_rank, groups.ep_size)
-        load_optimizer_state_by_name(optimizer, names, {**shared["optimizer"], **expert_optim})
+        load_optimizer_state_by_name(optimizer, names, {**shared["optimizer"], **my_expert_optim})
         if scheduler is not None:
             scheduler.load_state_dict(shared["scheduler"])
             # LambdaLR does not write its last lr back into the optimiser on load.
@@ -247,6 +293,7 @@ def load_checkpoint(
     own_rank_file = ckpt_dir / rank_file(groups.rank)
     if int(meta["world_size"]) == groups.world_size and own_rank_file.exists():
         per_rank = _load(own_rank_file)
+        files_read.append(own_rank_file.name)
         set_rng_state(per_rank["rng"])
         reader_state = per_rank["reader"]
-    return Restored(step=int(meta["step"]), reader_state=reader_state, meta=meta)
+    return Restored(step=int(meta["step"]), reader_state=reader_state, meta=meta, files_read=files_read)

@@ -1,11 +1,10 @@
-"""The per-worker training loop Ray Train runs: one process per rank, gloo on CPU or NCCL on GPU.
+"""The per-worker training loop: one process per rank, gloo on CPU or NCCL on GPU.
 
-``train_loop_per_worker(config_dict)`` is the only entry point Ray Train calls. The dict is
-``components.config.to_container(config)`` plus one extra key, :data:`RUN_INFO_KEY`, holding
-:class:`RunInfo` (what the run is about beyond the config: dataset, MLflow run, resume source).
-
-The loop itself (:func:`train`) talks to Ray Train only through a small :class:`Session`, so it
-also runs in one plain process (unit tests, debugging) with :class:`LocalSession`.
+:func:`train` is what every Ray Train worker runs (``pipelines.train`` wraps it); it reaches its
+runner only through a small :class:`Session`, so it also runs in one plain process (unit tests,
+debugging) with :class:`LocalSession`. The worker receives ``components.config.to_container(
+config)`` plus :data:`RUN_INFO_KEY` (:class:`RunInfo`: what the run is about beyond the config)
+and rebuilds the typed :class:`~components.config.schema.Config` from it (:func:`unpack_config`).
 """
 from __future__ import annotations
 
@@ -24,19 +23,21 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from components.config import config_from_dict
-from components.config.schema import Config
+from components.config.schema import Config, StorageConfig
 from components.training import checkpoint as ckpt
-from components.training.metrics import StepTimer, expert_fractions, expert_load_metrics, tokens_per_second
-from components.training.optim import build_optimizer, build_scheduler
-from components.training.parallel import (
-    ParallelGroups,
-    all_reduce_sum,
-    build_groups,
-    clip_grad_norm,
-    split_params,
-    sync_expert_grads,
-    wrap_ddp,
+from components.training.metrics import (
+    NAN,
+    IntervalMetrics,
+    StepTimer,
+    a2a_seconds,
+    expert_fractions,
+    exposed_fraction,
+    tokens_per_second,
 )
+from components.training.optim import build_optimizer, build_scheduler
+from components.training.parallel import ParallelGroups, all_reduce_sum, build_groups, wrap_ddp
+from components.training.precision import autocast_for, grad_scaler_for
+from components.training.step import StepParts, build_balancer, train_step
 
 RUN_INFO_KEY = "_moeops_run"
 
@@ -52,8 +53,6 @@ class RunInfo:
     mlflow_run_id: str | None = None
     # checkpoint dir or URI to start from when Ray Train has none of its own (first attempt)
     resume_from: str | None = None
-    # chaos testing: "<step>:<rank>:<marker file>" kills that rank once, right after that step
-    fault: str = ""
 
 
 def pack_config(config_dict: dict[str, Any], run: RunInfo) -> dict[str, Any]:
@@ -73,44 +72,11 @@ def unpack_config(config_dict: dict[str, Any]) -> tuple[Config, RunInfo]:
 class Session(Protocol):
     """What the loop needs from its runner (Ray Train or a plain process)."""
 
+    def device(self, use_gpu: bool) -> torch.device: ...
+
     def latest_checkpoint(self) -> contextlib.AbstractContextManager[str | None]: ...
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None: ...
-
-    def wait_for_checkpoints(self) -> None: ...
-
-
-class RayTrainSession:
-    def latest_checkpoint(self):
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return contextlib.nullcontext(None)
-        return checkpoint.as_directory()
-
-    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
-        import ray.train
-
-        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        step = int(metrics["step"])
-        ray.train.report(
-            metrics,
-            checkpoint=checkpoint,
-            # one name per step: every rank's files land in the same directory
-            checkpoint_dir_name=f"step_{step:07d}" if checkpoint else None,
-        )
-
-    def wait_for_checkpoints(self) -> None:
-        """Block until the controller has registered every reported checkpoint.
-
-        Ray Train's controller collects reports when it polls the workers (every couple of
-        seconds); a worker that dies before that poll takes its last report with it.
-        """
-        import ray.train
-        from ray.train.v2.api.report_config import CheckpointConsistencyMode
-
-        ray.train.get_all_reported_checkpoints(CheckpointConsistencyMode.COMMITTED, timeout_s=120)
 
 
 @dataclass
@@ -122,6 +88,13 @@ class LocalSession:
     reports: list[dict[str, float]] = field(default_factory=list)
     checkpoints: list[str] = field(default_factory=list)
 
+    def device(self, use_gpu: bool) -> torch.device:
+        if not use_gpu:
+            return torch.device("cpu")
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.use_gpu=true but this process sees no CUDA device")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
     def latest_checkpoint(self):
         return contextlib.nullcontext(self.resume_dir)
 
@@ -132,32 +105,8 @@ class LocalSession:
             shutil.copytree(checkpoint_dir, dest, dirs_exist_ok=True)
             self.checkpoints.append(str(dest))
 
-    def wait_for_checkpoints(self) -> None:
-        pass
-
 
 # ----------------------------------------------------------------------------- helpers
-
-def select_device(config: Config) -> torch.device:
-    if not config.train.use_gpu:
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise RuntimeError("train.use_gpu=true but this worker sees no CUDA device")
-    try:
-        import ray.train.torch
-
-        return ray.train.torch.get_device()
-    except Exception:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def autocast_for(config: Config, device: torch.device):
-    """bf16/fp16 autocast on GPU; fp32 (no autocast) on CPU."""
-    precision = config.train.precision
-    if device.type != "cuda" or precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
 
 def seed_everything(seed: int) -> None:
     import random
@@ -169,30 +118,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def maybe_inject_fault(spec: str, step: int, rank: int, session: Session) -> None:
-    """Kill this process (no cleanup, like a lost node) once: the marker file records that it happened.
-
-    It dies only after Ray Train has registered the checkpoints reported so far, so the test
-    of resuming does not depend on the controller's polling schedule.
-    """
-    if not spec:
-        return
-    fault_step, fault_rank, marker = spec.split(":", 2)
-    if step == int(fault_step) and rank == int(fault_rank) and not os.path.exists(marker):
-        session.wait_for_checkpoints()
-        Path(marker).parent.mkdir(parents=True, exist_ok=True)
-        Path(marker).write_text(f"killed rank {rank} after step {step}\n")
-        print(f"[train] fault injection: killing rank {rank} after step {step}", flush=True)
-        os._exit(1)
-
-
 def make_reader(config: Config, run: RunInfo, split: str, groups: ParallelGroups, device: torch.device, prefetch: int):
     from components.data.reader import TieredReader
 
     return TieredReader(
         run.manifest_uri,
         split,
-        storage=asdict(config.storage),
+        storage=config.storage,
         cache_dir=config.storage.warm_dir,
         rank=groups.rank,
         world_size=groups.world_size,
@@ -237,7 +169,7 @@ def evaluate(model, val_reader, batches: int, config: Config, device, groups: Pa
         for batch in val_reader.iter_eval(batches):
             batch = batch.to(device, non_blocking=True)
             inputs, targets = batch[:, :-1], batch[:, 1:]
-            with autocast_for(config, device):
+            with autocast_for(config.train.precision, device):
                 logits, _ = model(inputs)
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
             total += torch.stack([loss.double(), torch.tensor(targets.numel(), dtype=torch.float64, device=device)])
@@ -247,59 +179,12 @@ def evaluate(model, val_reader, batches: int, config: Config, device, groups: Pa
     return float(total[0] / total[1].clamp(min=1))
 
 
-# ----------------------------------------------------------------------------- one step
-
-def forward_backward(ddp_model, model, stream, config: Config, device, timer: StepTimer, scaler
-                     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Forward and backward over ``train.grad_accum_steps`` micro-batches (gradients accumulate).
-
-    Returns per-rank sums over micro-batches of [cross-entropy, aux loss, z loss, dropped
-    fraction] and the per-layer expert counts ``[E]`` of this rank's tokens.
-    """
-    accum = config.train.grad_accum_steps
-    sums = torch.zeros(4, dtype=torch.float64)
-    expert_counts: list[torch.Tensor] = []
-    for micro in range(accum):
-        with timer.phase("data_wait"):
-            batch = next(stream).to(device, non_blocking=True)  # [B, T + 1]
-        inputs, targets = batch[:, :-1], batch[:, 1:]
-        # DDP all-reduces only on the last micro-batch; earlier ones just accumulate
-        last_micro = micro == accum - 1
-        no_sync = ddp_model.no_sync() if (not last_micro and ddp_model is not model) else contextlib.nullcontext()
-        with timer.phase("compute"), no_sync:
-            with autocast_for(config, device):
-                logits, aux = ddp_model(inputs)  # [B, T, V]
-            ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
-            loss = (ce + aux["aux_loss"] + aux["z_loss"]) / accum
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-        dropped = aux["dropped_fraction"]
-        sums += torch.tensor([ce.item(), aux["aux_loss"].item(), aux["z_loss"].item(),
-                              float(sum(dropped) / len(dropped)) if dropped else 0.0], dtype=torch.float64)
-        counts = [c.detach().float().cpu() for c in aux["expert_counts"]]
-        expert_counts = counts if not expert_counts else [a + b for a, b in zip(expert_counts, counts)]
-    return sums, expert_counts
-
-
-def reduce_step_metrics(sums: torch.Tensor, expert_counts: list[torch.Tensor], accum: int, device,
-                        groups: ParallelGroups) -> tuple[float, float, float, float, list[torch.Tensor]]:
-    """One small all-reduce for everything logged: the losses averaged over micro-batches and
-    ranks, and the routing of all ranks' tokens. Returns (ce, aux, z, dropped fraction,
-    per-layer counts [E])."""
-    counts_flat = torch.cat(expert_counts) if expert_counts else torch.zeros(0)
-    # on the training device: NCCL reduces CUDA tensors only
-    packed = torch.cat([sums / accum, counts_flat.double()]).to(device)
-    reduced = all_reduce_sum(packed, groups).cpu()
-    ce, aux, z, dropped = (reduced[:4] / groups.world_size).tolist()
-    layer_counts = list(reduced[4:].float().split(expert_counts[0].numel())) if expert_counts else []
-    return ce, aux, z, dropped, layer_counts
-
-
 # ----------------------------------------------------------------------------- the loop
 
 def train(config: Config, run: RunInfo, session: Session) -> dict[str, float]:
     """Train until ``train.max_steps`` (or ``train.stop_at_step``); returns the final metrics."""
     t = config.train
-    device = select_device(config)
+    device = session.device(t.use_gpu)
     groups = build_groups(t.expert_parallel_size)
     is_main = groups.rank == 0
     seed_everything(t.seed + groups.rank)
@@ -307,7 +192,8 @@ def train(config: Config, run: RunInfo, session: Session) -> dict[str, float]:
     model = build_model(config, run.vocab_size, groups, device)
     optimizer = build_optimizer(model, t)
     scheduler = build_scheduler(optimizer, t)
-    scaler = torch.amp.GradScaler("cuda") if (device.type == "cuda" and t.precision == "fp16") else None
+    scaler = grad_scaler_for(t.precision, device, groups)
+    balancer = build_balancer(model, optimizer)
     prefetch = config.storage.hot_prefetch_batches if t.overlap.prefetch else 0
     reader = make_reader(config, run, "train", groups, device, prefetch)
 
@@ -316,22 +202,25 @@ def train(config: Config, run: RunInfo, session: Session) -> dict[str, float]:
     with session.latest_checkpoint() as latest:
         source = latest or run.resume_from
         if source:
-            with _local_checkpoint(source, asdict(config.storage)) as local_dir:
+            with _local_checkpoint(source, config.storage) as local_dir:
                 restored = ckpt.load_checkpoint(local_dir, model=model, optimizer=optimizer, scheduler=scheduler,
                                                 scaler=scaler, groups=groups)
             step, resumed_meta = restored.step, restored.meta
             if restored.reader_state is not None:
                 reader.load_state_dict(restored.reader_state)
             if is_main:
-                print(f"[train] resumed from {source} at step {step}", flush=True)
+                print(f"[train] resumed from {source} at step {step} (read {', '.join(restored.files_read)})",
+                      flush=True)
     start_step = step
 
-    ddp_model = wrap_ddp(model, groups, device, t.overlap.ddp_bucket_mb)
-    dense_params, expert_params = split_params(model)
+    parts = StepParts(model=model, wrapped=wrap_ddp(model, groups, device, t.overlap.ddp_bucket_mb),
+                      optimizer=optimizer, scheduler=scheduler, groups=groups, grad_clip=t.grad_clip,
+                      autocast=lambda: autocast_for(t.precision, device), scaler=scaler, balancer=balancer)
     val_reader = make_reader(config, run, "val", groups, device, 0)
     # endless across epochs; the reader's position counts only batches handed out here, so
     # its state_dict() is exact even with batches prefetched ahead
-    stream = reader.iter_steps()
+    batches = reader.iter_steps()
+    stream = (batch.to(device, non_blocking=True) for batch in batches)
 
     client = None
     skip_until = -1
@@ -344,76 +233,51 @@ def train(config: Config, run: RunInfo, session: Session) -> dict[str, float]:
     stop_at = t.stop_at_step or t.max_steps
     tokens_per_step = t.batch_size * run.seq_len * t.grad_accum_steps * groups.world_size
     timer = StepTimer(device)
-    interval_tokens, interval_start = 0, time.perf_counter()
+    interval = IntervalMetrics(device)
+    a2a_seconds(model)  # start the all-to-all clocks from zero
+    interval_steps, interval_start = 0, time.perf_counter()
     last: dict[str, float] = {"step": float(step), "start_step": float(start_step)}
+    layer_counts: list[torch.Tensor] = []
     if step >= stop_at:
         # resumed from a finished run: nothing to train, but report what the model is worth
         last["train_loss"] = last["loss"] = float(resumed_meta.get("train_loss") or math.nan)
-        last["val_loss"] = evaluate(ddp_model, val_reader, t.eval_batches, config, device, groups)
+        last.update({"moe/dropped_fraction": NAN, "moe/load_max_over_mean": NAN, "comm/exposed_fraction": NAN})
+        last["val_loss"] = evaluate(parts.wrapped, val_reader, t.eval_batches, config, device, groups)
         session.report(last, None)
         if is_main:
             print(f"[train] checkpoint is already at step {step} >= {stop_at}: nothing to train", flush=True)
 
     while step < stop_at:
-        sums, expert_counts = forward_backward(ddp_model, model, stream, config, device, timer, scaler)
-        with timer.phase("comm"):
-            sync_expert_grads(expert_params, groups)
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        with timer.phase("comm"):
-            grad_norm = clip_grad_norm(dense_params, expert_params, t.grad_clip, groups)
-        lr = optimizer.param_groups[0]["lr"]  # the rate this step used (the scheduler moves it next)
-        with timer.phase("compute"):
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it after)
+        train_step(parts, stream, t.grad_accum_steps, interval, timer)
         step += 1
-
-        with timer.phase("comm"):
-            ce_mean, aux_mean, z_mean, dropped, layer_counts = reduce_step_metrics(
-                sums, expert_counts, t.grad_accum_steps, device, groups)
-        times = timer.reset()
-        times["comm_s"] += model.comm_wait_seconds(reset=True)
-        interval_tokens += tokens_per_step
-
-        last = {
-            "step": float(step),
-            "start_step": float(start_step),
-            "loss": ce_mean,
-            "train_loss": ce_mean,
-            "aux_loss": aux_mean,
-            "z_loss": z_mean,
-            "dropped_fraction": dropped,
-            "grad_norm": float(grad_norm),
-            "lr": lr,
-            **times,
-            **expert_load_metrics(layer_counts),
-        }
-        if not math.isfinite(ce_mean):
-            raise FloatingPointError(f"training loss is {ce_mean} at step {step}: lower train.lr or check the data")
+        interval_steps += 1
 
         log_now = step % t.log_every == 0 or step == stop_at
-        if log_now:
-            now = time.perf_counter()
-            last["tokens_per_s"] = tokens_per_second(interval_tokens, now - interval_start)
-            interval_tokens, interval_start = 0, now
-            data_stats = _reader_stats(reader)
-            last.update(data_stats)
-            if is_main:
-                print(f"[train] step {step}/{t.max_steps} loss {ce_mean:.4f} aux {aux_mean:.4f} "
-                      f"lr {last['lr']:.2e} tok/s {last['tokens_per_s']:.0f} "
-                      f"data {times['data_wait_s'] * 1e3:.1f}ms comm {times['comm_s'] * 1e3:.1f}ms", flush=True)
-
         checkpoint_now = step % t.checkpoint_every == 0 or step == stop_at
         # every report carries val_loss (Tune schedulers need their metric in each result)
         eval_now = step % t.eval_every == 0 or checkpoint_now
+        if log_now or eval_now:
+            # the only reads of training metrics: one all-reduce, one copy to the host per interval
+            values, layer_counts = interval.read(groups)
+            now = time.perf_counter()
+            last = {"step": float(step), "start_step": float(start_step), "lr": lr, **values,
+                    **_interval_times(timer, model, interval_steps, now - interval_start),
+                    "tokens_per_s": tokens_per_second(tokens_per_step * interval_steps, now - interval_start),
+                    **_reader_stats(reader)}
+            interval_steps, interval_start = 0, now
+            if not math.isfinite(last["loss"]) and t.precision != "fp16":
+                raise FloatingPointError(f"training loss is {last['loss']} at step {step}: lower train.lr or check the data")
+            if is_main and log_now:
+                print(f"[train] step {step}/{t.max_steps} loss {last['loss']:.4f} aux {last['aux_loss']:.4f} "
+                      f"lr {lr:.2e} tok/s {last['tokens_per_s']:.0f} load {last['moe/load_max_over_mean']:.2f} "
+                      f"dropped {last['moe/dropped_fraction']:.3f} data {last['data_wait_s'] * 1e3:.1f}ms "
+                      f"comm {last['comm_s'] * 1e3:.1f}ms exposed a2a {last['comm/exposed_fraction']:.2f}"
+                      + (f" skipped {int(last['skipped_steps'])}" if last["skipped_steps"] else ""), flush=True)
+
         side_start = time.perf_counter()
         if eval_now:
-            last["val_loss"] = evaluate(ddp_model, val_reader, t.eval_batches, config, device, groups)
+            last["val_loss"] = evaluate(parts.wrapped, val_reader, t.eval_batches, config, device, groups)
             if is_main:
                 print(f"[train] step {step} val_loss {last['val_loss']:.4f}", flush=True)
 
@@ -432,22 +296,37 @@ def train(config: Config, run: RunInfo, session: Session) -> dict[str, float]:
                         groups=groups, step=step, reader_state=reader.state_dict(),
                         meta={"max_steps": t.max_steps, "vocab_size": run.vocab_size,
                               "model": asdict(config.model), "val_loss": last.get("val_loss"),
-                              "train_loss": ce_mean},
+                              "train_loss": last.get("train_loss")},
                         flow_report=flow if is_main else None,
                     )
                     ckpt_dir = tmp
                 session.report({k: float(v) for k, v in last.items() if v is not None}, ckpt_dir)
-
-        if eval_now:
             # evaluation and checkpointing are not training throughput
-            timer.reset()
             interval_start += time.perf_counter() - side_start
-        maybe_inject_fault(run.fault, step, groups.rank, session)
 
     stream.close()
+    batches.close()
     reader.close()
     val_reader.close()
     return last
+
+
+def _interval_times(timer: StepTimer, model: torch.nn.Module, steps: int, wall_s: float) -> dict[str, float]:
+    """Per-step averages over the interval: data wait, compute, exposed communication, step time;
+    and the all-to-all's exposed / total time (``comm/exposed_fraction``)."""
+    phases = timer.read()
+    a2a_exposed, a2a_total = a2a_seconds(model)
+    steps = max(steps, 1)
+    return {
+        "data_wait_s": phases["data_wait_s"] / steps,
+        # all-to-all waits happen inside the forward/backward (the compute phase)
+        "compute_s": max(phases["compute_s"] - a2a_exposed, 0.0) / steps,
+        "comm_s": (phases["comm_s"] + a2a_exposed) / steps,
+        "step_time_s": wall_s / steps,
+        "comm/a2a_exposed_s": a2a_exposed / steps,
+        "comm/a2a_total_s": a2a_total / steps,
+        "comm/exposed_fraction": exposed_fraction(a2a_exposed, a2a_total),
+    }
 
 
 def _reader_stats(reader) -> dict[str, float]:
@@ -476,7 +355,7 @@ def _log_to_mlflow(client, run_id: str, metrics: dict[str, float], step: int) ->
 
 
 @contextlib.contextmanager
-def _local_checkpoint(source: str, storage: dict[str, Any]) -> Iterator[str]:
+def _local_checkpoint(source: str, storage: StorageConfig) -> Iterator[str]:
     """A local directory for a checkpoint given as a path or a URI (downloaded to a temp dir
     with the cold tier's filesystem settings: endpoint, region, credential variables)."""
     if "://" not in source or source.startswith("file://"):
@@ -493,9 +372,3 @@ def _local_checkpoint(source: str, storage: dict[str, Any]) -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="moeops-resume-") as local:
         fs.get(remote.rstrip("/") + "/", local + "/", recursive=True)
         yield local
-
-
-def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
-    """What Ray Train's TorchTrainer runs on every worker."""
-    config, run = unpack_config(config_dict)
-    train(config, run, RayTrainSession())

@@ -65,14 +65,15 @@ def optimizer_state_by_name(optimizer: torch.optim.Optimizer, names: dict[int, s
 
     Keyed by name rather than by position so that a subset (the expert shard) can be saved by
     one rank, merged with other ranks' shards and re-split for another expert-parallel size.
-    ``names`` maps ``id(param)`` to its name.
+    ``names`` maps ``id(param)`` to its name. Tensors are copied to the CPU (for saving), never
+    cloned on the accelerator; on a CPU run they are the live tensors, so save them at once.
     """
     by_name: dict[str, dict] = {}
     for group in optimizer.param_groups:
         for param in group["params"]:
             state = optimizer.state.get(param)
             if state:
-                by_name[names[id(param)]] = {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in state.items()}
+                by_name[names[id(param)]] = {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in state.items()}
     return by_name
 
 
@@ -93,6 +94,8 @@ def load_optimizer_state_by_name(
                             f"optimizer state {names[id(param)]}.{key}: shape {tuple(value.shape)} does not "
                             f"match the parameter {tuple(param.shape)}"
                         )
-                    value = value.to(device=param.device, dtype=param.dtype)
+                    value = value.to(device=param.device, dtype=param.dtype, copy=True)
+                elif torch.is_tensor(value):
+                    value = value.clone()  # e.g. AdamW's step count; never keep a memory-mapped file's tensor
                 restored[key] = value
             optimizer.state[param] = restored

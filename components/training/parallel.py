@@ -81,6 +81,11 @@ def wrap_ddp(model: nn.Module, groups: ParallelGroups, device: torch.device, buc
     ready, overlapping the rest of backward (``bucket_mb`` sets the bucket size)."""
     if not groups.distributed:
         return model
+    # Private on purpose: DDP has no public argument to leave parameters out (its
+    # delay_all_reduce_named_params / skip_all_reduce_unused_params still all-reduce them over
+    # every rank, which would average different experts together). The public alternatives change
+    # more than they fix: a wrapper module without the experts breaks the state dict, and FSDP2's
+    # fully_shard(ignored_params=...) replaces DDP's overlap and bucketing.
     DDP._set_params_and_buffers_to_ignore_for_model(model, expert_param_names(model))
     return DDP(
         model,
@@ -122,30 +127,45 @@ def sync_expert_grads(expert_params: list[torch.Tensor], groups: ParallelGroups)
         offset += n
 
 
+def global_grad_norm(
+    dense_params: list[torch.Tensor], expert_params: list[torch.Tensor], groups: ParallelGroups
+) -> torch.Tensor:
+    """L2 norm of the *whole* model's gradient, bitwise identical on every rank (a 0-dim tensor).
+
+    Non-expert gradients are identical on all W ranks (DDP); each expert shard's gradient is
+    identical on its ``edp_size`` replicas. Weighting the local squares by 1/W and 1/edp_size
+    and summing over all ranks counts every gradient exactly once, in one all-reduce — and an
+    all-reduce hands every rank the same result, so an inf/NaN anywhere (one rank's overflowing
+    expert) makes the norm non-finite on *every* rank, and every rank takes the same decision.
+    """
+    device = next(iter(dense_params + expert_params)).device
+
+    def sq_norm(params: list[torch.Tensor]) -> torch.Tensor:
+        grads = [p.grad.detach() for p in params if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=device)
+        return torch.nn.utils.get_total_norm(grads, norm_type=2.0).float().pow(2)
+
+    dense_sq, expert_sq = sq_norm(dense_params), sq_norm(expert_params)
+    if not groups.distributed:
+        return (dense_sq + expert_sq).sqrt()
+    total_sq = dense_sq / groups.world_size + expert_sq / groups.edp_size
+    dist.all_reduce(total_sq, op=dist.ReduceOp.SUM)
+    return total_sq.sqrt()
+
+
 def clip_grad_norm(
     dense_params: list[torch.Tensor], expert_params: list[torch.Tensor], max_norm: float, groups: ParallelGroups
 ) -> torch.Tensor:
-    """Clip by the norm of the *whole* model's gradient.
+    """Clip by the global norm (:func:`global_grad_norm`) and return it; ``max_norm <= 0`` only measures.
 
-    Non-expert gradients are identical on every rank; expert gradients differ within an EP
-    group (different experts) and are identical across EDP replicas, so the global squared norm
-    is the dense part plus the EP-group sum of the expert parts.
+    A non-finite norm scales nothing (the step will be skipped on every rank): multiplying by
+    ``max_norm / inf = 0`` would turn an inf into NaN, and the verdict stays on the device.
     """
-    def sq_norm(params: list[torch.Tensor]) -> torch.Tensor:
-        grads = [p.grad.detach().float() for p in params if p.grad is not None]
-        if not grads:
-            return torch.zeros((), device=next(iter(dense_params + expert_params)).device)
-        return torch.stack([g.pow(2).sum() for g in grads]).sum()
-
-    expert_sq = sq_norm(expert_params)
-    if groups.ep_group is not None:
-        dist.all_reduce(expert_sq, op=dist.ReduceOp.SUM, group=groups.ep_group)
-    total = (sq_norm(dense_params) + expert_sq).sqrt()
+    total = global_grad_norm(dense_params, expert_params, groups)
     if max_norm > 0:
-        scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        for p in dense_params + expert_params:
-            if p.grad is not None:
-                p.grad.detach().mul_(scale.to(p.grad.dtype))
+        usable = torch.where(torch.isfinite(total), total, torch.zeros_like(total))  # 0: coefficient clamps to 1
+        torch.nn.utils.clip_grads_with_norm_(dense_params + expert_params, max_norm, usable)
     return total
 
 

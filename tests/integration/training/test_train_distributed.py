@@ -1,12 +1,14 @@
 """Ray Train with two gloo CPU workers on the tiny config, real MLflow store, real checkpoints.
 
 One uninterrupted expert-parallel run (EP=2) is the reference; the other runs are compared to it:
-a run stopped half-way and resumed, and a run whose worker is killed. The half-way EP=2
-checkpoint is then loaded at EP=1 (resharding).
+a run stopped half-way and resumed, and a run whose worker process the test kills from outside
+(a Ray Train callback the test installs finds it through Ray's state API and SIGKILLs it). The
+half-way EP=2 checkpoint is then loaded at EP=1 (resharding).
 """
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -43,13 +45,36 @@ def workspace(tmp_path_factory, ray_session):
     return {"root": root, "base": base, "manifest": manifest, "client": client, "experiment_id": experiment_id}
 
 
-def train(ws, name: str, overrides=(), resume_from=None):
+def train(ws, name: str, overrides=(), resume_from=None, callbacks=None):
     from pipelines.train import run_training
 
     config = load_config([*ws["base"], *overrides])
     run_id = ws["client"].create_run(ws["experiment_id"], run_name=name).info.run_id
-    result = run_training(config, ws["manifest"].uri, mlflow_run_id=run_id, name=name, resume_from=resume_from)
+    result = run_training(config, ws["manifest"].uri, mlflow_run_id=run_id, name=name, resume_from=resume_from,
+                          callbacks=callbacks)
     return result, run_id
+
+
+def kill_a_worker_after_checkpoint(step: int, marker: Path):
+    """A Ray Train callback (it runs in the controller) that SIGKILLs one training worker process,
+    found through Ray's public state API, once the checkpoint of ``step`` is registered; once."""
+    from ray.train import UserCallback
+
+    class KillWorker(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            import os
+            import signal
+
+            from ray.util.state import list_actors
+
+            if checkpoint is None or marker.exists() or int(metrics[0]["step"]) < step:
+                return
+            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            victim = max(workers, key=lambda w: w.pid)
+            marker.write_text(f"killed pid {victim.pid} after the step-{step} checkpoint\n")
+            os.kill(victim.pid, signal.SIGKILL)
+
+    return KillWorker()
 
 
 def loss_history(ws, run_id: str) -> dict[int, float]:
@@ -71,16 +96,22 @@ def test_loss_falls_and_everything_is_logged(workspace, reference):
     assert losses[MAX_STEPS] < losses[1] - 0.05
     assert result.metrics["steps"] == MAX_STEPS and result.metrics["val_loss"] < 7.0
     metrics = workspace["client"].get_run(run_id).data.metrics
-    for key in ("aux_loss", "z_loss", "tokens_per_s", "expert_load_max", "dropped_fraction", "data_wait_s",
-                "compute_s", "comm_s", "val_loss", "data/warm_hit_rate", "data/bytes_cold", "data/bytes_warm",
-                "data/bytes_hot", "expert_frac/l0/e3"):
+    for key in ("aux_loss", "z_loss", "tokens_per_s", "moe/load_max_over_mean", "moe/dropped_fraction",
+                "data_wait_s", "compute_s", "comm_s", "comm/a2a_exposed_s", "val_loss", "data/warm_hit_rate",
+                "data/bytes_cold", "data/bytes_warm", "data/bytes_hot", "expert_frac/l0/e3", "grad_norm"):
         assert key in metrics, key
     assert metrics["tokens_per_s"] > 0 and metrics["data/bytes_hot"] > 0
+    # the stage's result carries the MoE figures of the last logging interval
+    assert 1.0 <= result.metrics["moe/load_max_over_mean"] <= 8.0
+    assert 0.0 <= result.metrics["moe/dropped_fraction"] < 1.0
+    exposed = result.metrics["comm/exposed_fraction"]
+    assert math.isnan(exposed) or 0.0 <= exposed <= 1.0
+    assert result.metrics["skipped_steps"] == 0.0
     # the export holds every expert, whatever the training EP size
     from components.model.export import load_export
 
     loaded = load_export(result.export_dir)
-    assert loaded.model.layers[0].moe.experts.w1.shape[0] == 4
+    assert loaded.model.layers[0].moe.experts.w1.shape[0] == load_config(workspace["base"]).model.num_experts
     flow = json.loads(Path(result.flow_report_path).read_text())
     assert {entry["rank"] for entry in flow} == {0, 1}
     ckpt_files = {p.name for p in Path(result.checkpoint_path).iterdir()}
@@ -108,13 +139,12 @@ def test_resume_after_stop_reproduces_the_curve(workspace, reference, stopped):
         assert curve[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-6), step
 
 
-def test_killed_worker_resumes_from_checkpoint(workspace, reference, monkeypatch, tmp_path):
+def test_killed_worker_resumes_from_checkpoint(workspace, reference, tmp_path):
     _, _, expected = reference
     marker = tmp_path / "killed"
-    # rank 1 exits hard after step 4, once; the last checkpoint is step 3
-    monkeypatch.setenv("MOEOPS_TRAIN_FAULT", f"4:1:{marker}")
-    result, run_id = train(workspace, "killed")
-    assert marker.exists()
+    # a worker process is SIGKILLed once the step-3 checkpoint is registered
+    result, run_id = train(workspace, "killed", callbacks=[kill_a_worker_after_checkpoint(3, marker)])
+    assert marker.exists(), "the fault was never injected"
     assert result.metrics["steps"] == MAX_STEPS
     assert result.metrics["start_step"] == 3  # the final attempt started from the checkpoint
     losses = loss_history(workspace, run_id)  # no step logged twice across attempts
@@ -139,14 +169,41 @@ def test_ep2_checkpoint_reshards_to_ep1(workspace, stopped):
     restored = load_checkpoint(ckpt_dir, model=model, optimizer=optimizer, scheduler=build_scheduler(optimizer, config.train),
                                scaler=None, groups=build_groups(1))
     assert restored.step == 3 and restored.meta["expert_parallel_size"] == 2
-    shards = [torch.load(ckpt_dir / f"experts-00{i}-of-002.pt", weights_only=False) for i in range(2)]
+    assert {"experts-000-of-002.pt", "experts-001-of-002.pt"} <= set(restored.files_read)  # resharding: both
+    shards = [torch.load(ckpt_dir / f"experts-00{i}-of-002.pt", weights_only=True) for i in range(2)]
     checked = 0
     for name, param in model.named_parameters():
         if ".moe.experts." in name:
-            assert param.shape[0] == 4
+            assert param.shape[0] == config.model.num_experts
             assert torch.equal(param.detach(), torch.cat([shards[0]["model"][name], shards[1]["model"][name]]))
             assert torch.equal(optimizer.state[param]["exp_avg"],
                                torch.cat([s["optimizer"][name]["exp_avg"] for s in shards]))
             checked += 1
     assert checked == 3 * config.model.n_layers  # w1, w2, w3 per MoE layer
     assert set(load_full_model_state(ckpt_dir)) == set(model.state_dict())
+
+
+def test_node_loss_finishes_from_the_latest_checkpoint(workspace, reference, tmp_path):
+    """Three Ray nodes on this machine (its own cluster, in a subprocess); the node holding both
+    training workers is removed after the step-3 checkpoint; the run ends on the other node."""
+    import os
+    import subprocess
+    import sys
+
+    _, _, expected = reference
+    args = tmp_path / "args.json"
+    args.write_text(json.dumps({"overrides": workspace["base"], "manifest_uri": workspace["manifest"].uri,
+                                "name": "node-loss", "after_step": 3, "workdir": str(tmp_path)}))
+    repo = Path(__file__).resolve().parents[3]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("node_loss_run.py")), str(args)],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=repo)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    out = json.loads(lines[-1][len("RESULT "):])
+    removed = out["removed"]["node_id"]
+    assert removed in out["worker_nodes"] and removed not in out["alive_nodes"]
+    metrics = out["metrics"]
+    assert metrics["start_step"] == 3 and metrics["steps"] == MAX_STEPS  # the last attempt began at the checkpoint
+    assert metrics["train_loss"] == pytest.approx(expected[MAX_STEPS], rel=1e-6)

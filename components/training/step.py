@@ -1,0 +1,124 @@
+"""One optimizer step over ``grad_accum_steps`` micro-batches, identical on every rank.
+
+    forward + backward per micro-batch (DDP syncs only on the last; counts and losses stay on the device)
+    -> expert-gradient all-reduce in the expert-data-parallel group
+    -> fp16: unscale, with the inf/NaN verdict all-reduced over all ranks (ShardedGradScaler)
+    -> global grad norm (one all-reduce, identical on every rank) and clipping
+    -> step, or skip on *every* rank when the global norm is not finite
+       (the router-bias update runs as the optimizer's pre-step hook, so a skipped step moves nothing)
+    -> scaler update (same verdict everywhere: same scale), zero grads, LR schedule
+
+The only host synchronisation of a step is reading that verdict (``bool(isfinite(norm))``):
+the host must know whether to call ``optimizer.step()``. GradScaler's own ``step`` reads its
+inf flag the same way.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from components.model.router import ExpertBiasBalancer
+from components.training.metrics import IntervalMetrics, StepTimer
+from components.training.parallel import ParallelGroups, clip_grad_norm, split_params, sync_expert_grads
+
+
+@dataclass
+class StepParts:
+    """Everything a step touches. ``model`` is the plain module, ``wrapped`` the DDP one (or the same)."""
+
+    model: nn.Module
+    wrapped: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    groups: ParallelGroups
+    grad_clip: float
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    scaler: torch.amp.GradScaler | None = None
+    balancer: ExpertBiasBalancer | None = None
+    dense_params: list[torch.Tensor] = field(default_factory=list)
+    expert_params: list[torch.Tensor] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.dense_params and not self.expert_params:
+            self.dense_params, self.expert_params = split_params(self.model)
+
+
+def build_balancer(model: nn.Module, optimizer: torch.optim.Optimizer) -> ExpertBiasBalancer:
+    """The bias balancer of the model's routers, hooked to run before every ``optimizer.step()``."""
+    routers = [layer.router for layer in model.moe_layers()] if hasattr(model, "moe_layers") else []
+    balancer = ExpertBiasBalancer(routers)
+    if balancer.enabled:
+        balancer.attach(optimizer)
+    return balancer
+
+
+def forward_backward(parts: StepParts, micro_batches: Iterable[torch.Tensor], accum: int,
+                     metrics: IntervalMetrics, timer: StepTimer | None = None) -> None:
+    """Forward and backward over ``accum`` micro-batches ``[B, T + 1]`` (gradients accumulate).
+
+    The loss of each micro-batch is divided by ``accum``: the step's gradient is that of the mean
+    over all its micro-batches, as one batch ``accum`` times larger would give (with dropless
+    routing; capacity and the batch-level Switch loss are per micro-batch by design)."""
+    timer = timer or StepTimer(torch.device("cpu"))
+    wrapped, model = parts.wrapped, parts.model
+    batches = iter(micro_batches)
+    for micro in range(accum):
+        with timer.phase("data_wait", host=True):
+            batch = next(batches)
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        # DDP all-reduces only on the last micro-batch; earlier ones just accumulate
+        last_micro = micro == accum - 1
+        no_sync = wrapped.no_sync() if (not last_micro and wrapped is not model) else contextlib.nullcontext()
+        with timer.phase("compute"), no_sync:
+            with parts.autocast():
+                logits, aux = wrapped(inputs)  # [B, T, V]
+            ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+            loss = (ce + aux["aux_loss"] + aux["z_loss"]) / accum
+            (parts.scaler.scale(loss) if parts.scaler is not None else loss).backward()
+        counts = aux.get("expert_counts", [])
+        metrics.add_micro_batch(ce, aux["aux_loss"], aux["z_loss"], counts, aux.get("kept_counts", []), accum)
+        if parts.balancer is not None:
+            parts.balancer.accumulate(counts)
+
+
+def optimizer_step(parts: StepParts, timer: StepTimer | None = None) -> tuple[torch.Tensor, bool]:
+    """Synchronise, check, clip and apply the accumulated gradients. Returns (global grad norm, stepped).
+
+    Every rank reaches the same verdict: the norm comes out of one all-reduce, so it is the same
+    number everywhere, and fp16's inf flag is all-reduced too."""
+    timer = timer or StepTimer(torch.device("cpu"))
+    with timer.phase("comm"):
+        sync_expert_grads(parts.expert_params, parts.groups)
+    if parts.scaler is not None:
+        parts.scaler.unscale_(parts.optimizer)
+    with timer.phase("comm"):
+        norm = clip_grad_norm(parts.dense_params, parts.expert_params, parts.grad_clip, parts.groups)
+    stepped = bool(torch.isfinite(norm))  # the step's one host sync (see the module docstring)
+    with timer.phase("compute"):
+        if stepped:
+            if parts.scaler is not None:
+                parts.scaler.step(parts.optimizer)
+            else:
+                parts.optimizer.step()
+        elif parts.balancer is not None:
+            parts.balancer.discard()  # a skipped step's routing must not move the bias later
+        if parts.scaler is not None:
+            parts.scaler.update()
+        parts.optimizer.zero_grad(set_to_none=True)
+        if parts.scheduler is not None:
+            parts.scheduler.step()
+    return norm, stepped
+
+
+def train_step(parts: StepParts, micro_batches: Iterable[torch.Tensor], accum: int, metrics: IntervalMetrics,
+               timer: StepTimer | None = None) -> bool:
+    """One optimizer step; returns whether the weights moved (False: skipped on every rank)."""
+    forward_backward(parts, micro_batches, accum, metrics, timer)
+    norm, stepped = optimizer_step(parts, timer)
+    metrics.end_step(norm, skipped=not stepped)
+    return stepped

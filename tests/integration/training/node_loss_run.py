@@ -1,0 +1,104 @@
+"""A training run on a three-node Ray cluster on this machine that loses a node mid-run.
+
+Run by ``test_train_distributed.py::test_node_loss_finishes_from_the_latest_checkpoint`` in its own
+process (the test session already has a Ray): ``python node_loss_run.py ARGS.json``, where
+ARGS.json holds ``overrides`` (Hydra), ``manifest_uri``, ``name``, ``after_step`` and ``workdir``.
+
+The cluster: a head node without CPUs (the driver and Ray Train's controller live there) and two
+worker nodes with 2 CPUs each; the two training workers (1 CPU each) are packed onto one of
+them. A Ray Train callback installed here notices the checkpoint of ``after_step`` (it runs in the
+controller once the checkpoint is registered) and asks the driver to remove the node its workers
+run on; it holds the controller until the node is gone, so the failure always happens before the
+run can finish. Ray Train then restarts the workers on the surviving node, from that checkpoint.
+Prints one line ``RESULT <json>``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+# Before Ray is imported: a private temp dir (sockets, session files, the "current cluster"
+# address file) so nothing touches another Ray on this machine, and loopback addresses for every
+# node (Ray resolves "the node's IP" to 127.0.0.1 when clusters are "not enabled").
+os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="moeops-nl-", dir="/tmp")
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def remove_node_on_request(callback_dir: Path):
+    """A Ray Train callback: after the first checkpoint at or past ``after_step``, write the node id
+    of the training workers to ``callback_dir/remove`` and wait for ``callback_dir/removed``."""
+    from ray.train import UserCallback
+
+    class RemoveWorkersNode(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            from ray.util.state import list_actors
+
+            request, done = callback_dir / "remove", callback_dir / "removed"
+            after_step = int((callback_dir / "after_step").read_text())
+            if checkpoint is None or request.exists() or int(metrics[0]["step"]) < after_step:
+                return
+            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            request.write_text(json.dumps({"node_id": workers[0].node_id, "step": int(metrics[0]["step"])}))
+            deadline = time.monotonic() + 120
+            while not done.exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+
+    return RemoveWorkersNode()
+
+
+def main(args_path: str) -> None:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from components.config import load_config
+    from pipelines.runtime import WORKER_ENV, free_port
+    from pipelines.train import run_training
+
+    args = json.loads(Path(args_path).read_text())
+    callback_dir = Path(args["workdir"])
+    (callback_dir / "after_step").write_text(str(args["after_step"]))
+
+    started = time.monotonic()
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": free_port(),
+        "object_store_memory": 100 * 1024**2})
+    workers = [cluster.add_node(num_cpus=2, object_store_memory=100 * 1024**2) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, runtime_env={"env_vars": WORKER_ENV})
+    print(f"[node-loss] cluster up in {time.monotonic() - started:.1f}s", flush=True)
+
+    removed: dict = {}
+
+    def remover() -> None:
+        request = callback_dir / "remove"
+        while not request.exists():
+            time.sleep(0.1)
+        wanted = json.loads(request.read_text())
+        node = next(n for n in workers if n.node_id == wanted["node_id"])
+        print(f"[node-loss] removing node {wanted['node_id'][:12]} after the step-{wanted['step']} checkpoint",
+              flush=True)
+        cluster.remove_node(node, allow_graceful=False)
+        removed.update(wanted)
+        (callback_dir / "removed").write_text("done")
+
+    threading.Thread(target=remover, daemon=True).start()
+    try:
+        config = load_config(args["overrides"])
+        result = run_training(config, args["manifest_uri"], mlflow_run_id=None, name=args["name"],
+                              callbacks=[remove_node_on_request(callback_dir)])
+        alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+        print("RESULT " + json.dumps({"metrics": result.metrics, "removed": removed, "alive_nodes": alive,
+                                      "worker_nodes": [n.node_id for n in workers]}), flush=True)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
