@@ -25,9 +25,10 @@ shared 2-core machine 2 threads also make small ops crawl whenever another proce
    weights), a prefill forward of 8 x 128 tokens, tokens/s int8 / fp32 (goal >= 1.5). The same
    model's serving requests (16 prompts, 16 new tokens) are reported too.
 5. The "auto" rule (``int8_pays``) against the measurement: request ratios at sizes around its
-   threshold plus the two above; ``auto_int8_where_slower`` (must be 0) counts sizes where auto
-   serves int8 but int8 measured slower, ``auto_fp32_where_faster`` sizes where it leaves a
-   speed-up unused, ``auto_rule_matches_measurement`` is 1 when both are 0.
+   threshold plus the two above. int8 counts as faster (slower) at a size when every alternated
+   pair says so by CPU time, else as indistinguishable; ``auto_int8_where_slower`` (must be 0)
+   counts sizes where auto serves int8 but int8 was slower, ``auto_fp32_where_faster`` sizes
+   where auto leaves a speed-up unused, ``auto_rule_matches_measurement`` is 1 when both are 0.
 """
 from __future__ import annotations
 
@@ -229,7 +230,7 @@ def run(quick: bool = False, threads: int = 1) -> dict[str, float]:
     t0 = time.perf_counter()
     out: dict[str, float] = {"quick": float(quick), "threads": float(threads), "cpu_count": float(os.cpu_count() or 0),
                              "load_average_1m_start": os.getloadavg()[0]}
-    verdicts: list[tuple[bool, float]] = []  # (auto picks int8, measured int8/fp32 ratio) per size
+    verdicts: list[tuple[bool, dict[str, float]]] = []  # (auto picks int8, paired() result) per size
 
     # 1-2. a trained moe_tiny and its perplexity, fp32 vs int8
     tokenizer, train_rows, val_rows = corpus_rows(sizes)
@@ -258,17 +259,16 @@ def run(quick: bool = False, threads: int = 1) -> dict[str, float]:
                     "moe_tiny.prompt_len": float(sizes.prompt_len), "moe_tiny.new_tokens": float(sizes.new_tokens),
                     "moe_tiny.expert_elements": float(tiny_cfg.dim * tiny_cfg.ffn_dim),
                     "auto_int8.moe_tiny": float(int8_pays(model, CPU))})
-        verdicts.append((int8_pays(model, CPU), tiny["cpu_ratio"]))
+        verdicts.append((int8_pays(model, CPU), tiny))
         log(f"moe_tiny requests b{sizes.decode_batch}: " + _summary(tiny))
         del int8, model
 
-        # 5. decode ratios around the auto threshold (random weights: speed does not depend on training)
+        # 5. the auto threshold's neighbourhood
         for shape in SWEEP if sizes.sweep else ():
             cfg = model_config("moe_tiny", **shape)
             name = f"sweep_d{cfg.dim}_f{cfg.ffn_dim}"
-            ratio = _decode_ratio(cfg, sizes.vocab_size, sizes.decode_batch, sizes.prompt_len, sizes.new_tokens,
-                                  sizes.pairs, out, name)
-            verdicts.append((bool(out[f"auto_int8.{name}"]), ratio))
+            result = _requests_at(cfg, sizes, out, name)
+            verdicts.append((bool(out[f"auto_int8.{name}"]), result))
 
         # 4. moe_small's layer sizes: prefill (compute-bound) and decode
         small_cfg = model_config("moe_small", n_layers=sizes.compute_layers, num_experts=sizes.compute_experts)
@@ -293,31 +293,35 @@ def run(quick: bool = False, threads: int = 1) -> dict[str, float]:
         out.update(_figures("moe_small.decode", decode))
         out.update({"moe_small.decode_batch": float(sizes.compute_decode_batch),
                     "moe_small.new_tokens": float(sizes.compute_new_tokens)})
-        verdicts.append((int8_pays(small, CPU), decode["cpu_ratio"]))
+        verdicts.append((int8_pays(small, CPU), decode))
         log(f"moe_small sizes requests b{sizes.compute_decode_batch}: " + _summary(decode))
     finally:
         torch.set_num_threads(previous_threads)
 
     out.update({"auto_threshold_expert_elements": float(AUTO_CPU_MIN_EXPERT_ELEMENTS),
-                # harmful: auto serves int8 where int8 measured slower; missed: float where int8 was faster
-                "auto_int8_where_slower": float(sum(auto and ratio < 1 for auto, ratio in verdicts)),
-                "auto_fp32_where_faster": float(sum(not auto and ratio > 1 for auto, ratio in verdicts)),
-                "auto_rule_matches_measurement": float(all(auto == (ratio > 1) for auto, ratio in verdicts)),
+                # "faster"/"slower": every alternated pair agrees (CPU time); else indistinguishable.
+                # harmful: auto serves int8 where int8 was slower; missed: float where int8 was faster
+                "auto_int8_where_slower": float(sum(auto and r["cpu_ratio_max"] < 1 for auto, r in verdicts)),
+                "auto_fp32_where_faster": float(sum(not auto and r["cpu_ratio_min"] > 1 for auto, r in verdicts)),
+                "auto_rule_matches_measurement": float(not any(
+                    (auto and r["cpu_ratio_max"] < 1) or (not auto and r["cpu_ratio_min"] > 1) for auto, r in verdicts)),
                 "load_average_1m_end": os.getloadavg()[0], "wall_s": time.perf_counter() - t0})
     return out
 
 
-def _decode_ratio(cfg: ModelConfig, vocab: int, batch: int, prompt_len: int, new_tokens: int, pairs: int,
-                  out: dict[str, float], name: str) -> float:
+def _requests_at(cfg: ModelConfig, sizes: Sizes, out: dict[str, float], name: str) -> dict[str, float]:
+    """Serving-like requests on a random-weight model of ``cfg``'s sizes (speed does not depend on training)."""
     torch.manual_seed(0)
-    model = Transformer(cfg, vocab).eval()
+    model = Transformer(cfg, sizes.vocab_size).eval()
     int8, _ = quantize_for_inference(model, "int8", CPU)
-    prompts = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(2))
-    result = paired(model, int8, lambda m: serve_request(m, prompts, new_tokens), pairs)
+    prompts = torch.randint(0, sizes.vocab_size, (sizes.decode_batch, sizes.prompt_len),
+                            generator=torch.Generator().manual_seed(2))
+    result = paired(model, int8, lambda m: serve_request(m, prompts, sizes.new_tokens), sizes.pairs)
     out.update(_figures(f"{name}.decode", result))
     out.update({f"{name}.expert_elements": float(cfg.dim * cfg.ffn_dim), f"auto_int8.{name}": float(int8_pays(model, CPU))})
-    log(f"{name} requests b{batch}: {_summary(result)} (auto: {'int8' if int8_pays(model, CPU) else 'fp32'})")
-    return result["cpu_ratio"]
+    log(f"{name} requests b{sizes.decode_batch}: {_summary(result)} "
+        f"(auto: {'int8' if int8_pays(model, CPU) else 'fp32'})")
+    return result
 
 
 def _summary(r: dict[str, float]) -> str:
