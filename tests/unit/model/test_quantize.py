@@ -145,3 +145,14 @@ def test_deprecation_warning_is_visible_under_pythons_default_filters(tiny_model
     shown = [w for w in caught if issubclass(w.category, DeprecationWarning)]
     assert shown and "torch.ao.quantization is deprecated" in str(shown[0].message)
     assert shown[0].filename.endswith("components/model/quantize.py")
+
+
+def test_serve_quantize_is_checked_before_any_cluster_work(tmp_path):
+    from components.config import ConfigError, load_config
+
+    assert load_config([f"paths.root={tmp_path}"]).serve.quantize == "auto"
+    with pytest.raises(ConfigError, match=r"serve.quantize='int4': must be one of 'none', 'int8', 'auto'"):
+        load_config(["serve.quantize=int4", f"paths.root={tmp_path}"])
+    if importlib.util.find_spec("torchao") is None:
+        with pytest.raises(ConfigError, match=r"serve.quantize='int8' on GPU replicas .*moeops\[cuda-int8\]"):
+            load_config(["serve.quantize=int8", "serve.num_gpus=1", f"paths.root={tmp_path}"])
