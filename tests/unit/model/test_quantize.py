@@ -85,29 +85,26 @@ def test_experts_run_int8_gemms(trained):
         assert type(moe.shared_expert.w1) is DynamicInt8Linear
         assert type(moe.router.gate) is torch.nn.Linear  # routing stays float
     assert type(int8.layers[0].attention.wqkv) is DynamicInt8Linear and type(int8.output) is DynamicInt8Linear
-    # every linear call of a forward, experts included, is an int8 GEMM: count module calls and kernel calls
-    expert_calls = 0
-    int8_modules = [m for m in int8.modules() if type(m) is DynamicInt8Linear]
-    calls = {"all": 0}
+    # every linear call of a forward, experts included, is an int8 GEMM: module calls == kernel calls
+    calls = {m: 0 for m in int8.modules() if type(m) is DynamicInt8Linear}
 
     def count(module, args, output):
-        calls["all"] += 1
+        calls[module] += 1
 
-    hooks = [m.register_forward_hook(count) for m in int8_modules]
+    hooks = [m.register_forward_hook(count) for m in calls]
     try:
         with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             int8(held_out[:4, :-1])
     finally:
         for hook in hooks:
             hook.remove()
-    kernels = sum(e.count for e in prof.key_averages() if e.key == "quantized::linear_dynamic")
+    events = {e.key: e.count for e in prof.key_averages()}
+    assert events.get("quantized::linear_dynamic", 0) == sum(calls.values()) > 0
     for moe in int8.moe_layers():
-        expert_calls += sum(1 for m in moe.experts.modules() if type(m) is DynamicInt8Linear)
-    assert kernels == calls["all"] > 0
-    float_mm = sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
-    router_calls = len(int8.moe_layers())  # the only float GEMMs left: one router per MoE layer
-    assert float_mm <= router_calls, f"{float_mm} float GEMMs (attention scores use sdpa, not mm)"
-    assert expert_calls > 0
+        assert sum(calls[m] for m in moe.experts.modules() if m in calls) >= 2  # routed rows hit w13 and w2
+    # the only float GEMMs left: one router gate per MoE layer (attention runs sdpa)
+    float_gemms = sum(events.get(key, 0) for key in ("aten::mm", "aten::addmm", "aten::bmm"))
+    assert float_gemms == len(int8.moe_layers()), events
 
 
 def test_auto_follows_the_measured_rule(tiny_model):
