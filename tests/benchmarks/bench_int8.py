@@ -1,7 +1,7 @@
 """int8 vs fp32 inference on CPU: speed where serving runs (moe_tiny), speed where compute
 dominates (moe_small's layer sizes), perplexity of a model trained in this run on real text.
 
-    python tests/benchmarks/bench_int8.py --json bench-int8.json           # full run (~4 min idle)
+    python tests/benchmarks/bench_int8.py --json bench-int8.json           # full run (~5 min idle)
     python tests/benchmarks/bench_int8.py --quick --json /tmp/int8.json    # smoke run
 
 int8 is ``components.model.quantize.quantize_for_inference(model, "int8", cpu)`` (fbgemm dynamic
