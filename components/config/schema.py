@@ -266,7 +266,7 @@ class ServeConfig:
     max_body_bytes: int = 65536
     canary_fraction: float = 0.0
     # int8 inference (docs/quantization.md): "auto" = int8 only where it measured faster than
-    # float (CPU replicas of models whose dim x ffn_dim >= 256K, e.g. moe_small's sizes; moe_tiny
+    # float (CPU replicas of models whose dim x ffn_dim >= 128K, e.g. moe_small's sizes; moe_tiny
     # and CUDA replicas serve float); "int8" = always (fbgemm on CPU, torchao on CUDA); "none"
     quantize: str = "auto"
     # bearer token: read from this environment variable; empty variable = auth off
