@@ -9,7 +9,8 @@ from components.config import load_config
 from components.training.loop import LocalSession, RunInfo, train
 
 TINY = ["experiment=tiny", "data.max_files=20", "data.max_bytes=300000", "data.vocab_size=512",
-        "model.dim=32", "model.ffn_dim=64", "train.num_workers=1", "train.batch_size=4",
+        "model.dim=32", "model.ffn_dim=64", "train.num_workers=1", "train.expert_parallel_size=1",
+        "tune.trial_num_workers=1", "train.batch_size=4",
         "train.eval_every=1", "train.eval_batches=1", "train.log_every=100", "train.warmup_steps=2",
         "train.checkpoint_every=3", "storage.hot_prefetch_batches=2"]
 
