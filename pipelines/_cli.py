@@ -1,6 +1,7 @@
 """The Hydra entry point shared by every `python -m pipelines.<stage>` and `pipelines.run`."""
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Callable
 
@@ -16,7 +17,7 @@ def pipeline_main(select: Callable[[Config], list[StageSpec]], entry_point: str)
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def main(cfg: DictConfig) -> None:
-        from pipelines.pipeline import run_pipeline
+        from pipelines.pipeline import Interrupted, run_pipeline
 
         try:
             config = finalize(cfg)
@@ -25,6 +26,12 @@ def pipeline_main(select: Callable[[Config], list[StageSpec]], entry_point: str)
             # Bad input: a clear message and a usage exit code, not a traceback.
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
+        except KeyboardInterrupt as err:
+            # The open MLflow runs were ended KILLED on the way out; exit as a signal would.
+            signum = err.signum if isinstance(err, Interrupted) else signal.SIGINT
+            print(f"interrupted ({signal.Signals(signum).name}): the open MLflow runs are marked KILLED",
+                  file=sys.stderr)
+            sys.exit(128 + signum)
 
     return main
 

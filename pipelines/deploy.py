@@ -19,24 +19,25 @@ import yaml
 
 from components.config import Config
 from components.tracking.registry import get_version
-from components.tracking.stages import StageContext, StageSpec, digest_of
+from components.tracking.stages import StageContext, StageSpec
 from pipelines._cli import stage_main
+from pipelines.outputs import DeployOutputs, RegisterOutputs
 from serving.auth import token_from_env
 from serving.deploy_config import resolved_model_uri, serve_config
 
 SMOKE_MAX_TOKENS = 8
 
 
-def run(ctx: StageContext) -> dict[str, str]:
+def run(ctx: StageContext) -> DeployOutputs:
     from pipelines.runtime import ensure_ray
     from serving.launch import deploy, wait_ready
 
     config = ctx.config
     model_uri = resolved_model_uri(config)
     champion = get_version(model_uri, ctx.tracking_uri)  # fails clearly when nothing is registered yet
-    registered = ctx.inputs.get("register", {})
+    registered = ctx.input(RegisterOutputs)
     print(f"[deploy] serving {model_uri} = version {champion.version} "
-          f"(register stage produced version {registered.get('model_version', '-')})", flush=True)
+          f"(register stage produced version {registered.model_version})", flush=True)
 
     config_file = ctx.work_dir / "serve_config.yaml"
     config_file.write_text(yaml.safe_dump(serve_config(config, model_uri, revision=champion.version),
@@ -58,14 +59,8 @@ def run(ctx: StageContext) -> dict[str, str]:
 
     if config.serve.block:
         block_until_interrupted(endpoint)
-    return {
-        "endpoint": endpoint,
-        "model_version": champion.version,
-        "model_uri": model_uri,
-        "serve_config_path": str(config_file),
-        "digest": digest_of({"endpoint": endpoint, "model": champion.model_uri,
-                             "config": serve_config(config, model_uri, revision=champion.version)}),
-    }
+    return DeployOutputs(endpoint=endpoint, model_uri=model_uri, model_version=champion.version,
+                         serve_config_path=str(config_file))
 
 
 def auth_headers(config: Config) -> dict[str, str]:
@@ -94,9 +89,9 @@ def block_until_interrupted(endpoint: str) -> None:
         print("[deploy] stopping", flush=True)
 
 
-def still_serving(config: Config, outputs: dict[str, str]) -> bool:
+def still_serving(config: Config, outputs: DeployOutputs) -> bool:
     """A cached deploy is reused only while its endpoint is ready and serves the recorded version."""
-    endpoint = outputs.get("endpoint", "")
+    endpoint = outputs.endpoint
     if not endpoint:
         return False
     try:
@@ -105,11 +100,11 @@ def still_serving(config: Config, outputs: dict[str, str]) -> bool:
         return False
     if response.status_code != 200:
         return False
-    return outputs.get("model_version") in response.json().get("versions", {}).values()
+    return outputs.model_version in response.json().get("versions", {}).values()
 
 
-SPEC = StageSpec(name="deploy", config_keys=("serve", "registry"), upstream=("register",), fn=run,
-                 key_output="endpoint", still_valid=still_serving)
+SPEC = StageSpec(name="deploy", config_keys=("serve", "registry"), upstream=(RegisterOutputs,), fn=run,
+                 outputs=DeployOutputs, still_valid=still_serving)
 main = stage_main(SPEC)
 
 if __name__ == "__main__":

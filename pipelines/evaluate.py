@@ -9,7 +9,6 @@ this one; its Ray Train run name is deterministic, so a rerun reuses its checkpo
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,9 @@ from components.evaluation.metrics import ModelEvaluation, evaluate_model
 from components.evaluation.plots import plot_expert_utilisation
 from components.evaluation.report import report_json, report_markdown
 from components.tracking import mlflow_utils
-from components.tracking.stages import StageContext, StageSpec, digest_of
+from components.tracking.stages import StageContext, StageSpec, final_status
 from pipelines._cli import stage_main
+from pipelines.outputs import EvaluateOutputs, PrepareOutputs, TrainOutputs
 
 REPORT_DIR = "evaluation"
 
@@ -45,32 +45,11 @@ def held_out_batches(config: Config, manifest_uri: str) -> list[torch.Tensor]:
     return batches
 
 
-def download_run_export(model_uri: str, tracking_uri: str, dst: Path) -> Path:
-    """``runs:/<id>/export`` (the train stage's output) -> a local export directory."""
-    local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst), tracking_uri=tracking_uri)
-    return Path(local)
+def download_model_export(model_uri: str, tracking_uri: str, dst: Path) -> Path:
+    """``models:/<model_id>`` (the train stage's LoggedModel) -> a local export directory."""
+    from components.tracking.registry import download_logged_export
 
-
-def tuned_params(ctx: StageContext) -> dict[str, Any]:
-    """The sweep's best params the train stage applied (logged there as ``tuned.<key>``)."""
-    run_id = ctx.input_run_ids.get("train")
-    if not run_id:
-        return {}
-    params = ctx.client.get_run(run_id).data.params
-    out = {}
-    for key, value in params.items():
-        if key.startswith("tuned."):
-            out[key[len("tuned."):]] = json.loads(value) if value[:1] in "[{" else _number(value)
-    return out
-
-
-def _number(text: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"True": True, "False": False}.get(text, text)
+    return download_logged_export(model_uri, tracking_uri, dst)
 
 
 def dense_baseline_config(config: Config, moe_model_cfg: dict[str, Any], train_overrides: dict[str, Any],
@@ -94,51 +73,49 @@ def train_dense_baseline(ctx: StageContext, manifest_uri: str, moe_model_cfg: di
     from pipelines.train import run_training, training_name
 
     steps = ctx.config.evaluate.dense_max_steps or moe_steps or ctx.config.train.max_steps
-    config = dense_baseline_config(ctx.config, moe_model_cfg, tuned_params(ctx), steps)
+    config = dense_baseline_config(ctx.config, moe_model_cfg, ctx.input(TrainOutputs).tuned_params, steps)
     run = ctx.client.create_run(ctx.experiment_id, run_name="dense-baseline", tags={
         "mlflow.parentRunId": ctx.run_id, "moeops.stage": "dense-baseline"})
     run_id = run.info.run_id
     container = to_container(config)
     mlflow_utils.log_params(ctx.client, run_id, flatten({"model": container["model"], "train": container["train"]}))
-    status = "FAILED"
+    error: BaseException | None = None
     try:
         result = run_training(config, manifest_uri, mlflow_run_id=run_id,
                               name=training_name(config, manifest_uri, prefix="dense"))
-        status = "FINISHED"
+    except BaseException as err:
+        error = err
+        raise
     finally:
-        ctx.client.set_terminated(run_id, status)
+        ctx.client.set_terminated(run_id, final_status(error))
     return Path(result.export_dir), run_id
 
 
-def run(ctx: StageContext) -> dict[str, str]:
+def run(ctx: StageContext) -> EvaluateOutputs:
     from components.model.export import load_export
     from components.tracking.registry import find_version, load_registered
+    from pipelines.prepare import dataset_of
     from pipelines.runtime import ensure_ray
 
     config, ev = ctx.config, ctx.config.evaluate
-    prepare, train = ctx.inputs["prepare"], ctx.inputs["train"]
-    manifest_uri = prepare["manifest_uri"]
-    batches = held_out_batches(config, manifest_uri)
-    common = dict(max_new_tokens=ev.max_new_tokens, throughput_batch_size=ev.throughput_batch_size)
-    prompts = list(ev.prompts)
+    prepare, train = ctx.input(PrepareOutputs), ctx.input(TrainOutputs)
+    batches = held_out_batches(config, prepare.manifest_uri)
 
-    moe_dir = download_run_export(train["model_uri"], ctx.tracking_uri, ctx.work_dir / "moe")
-    moe_loaded = load_export(moe_dir)
-    evaluations: list[ModelEvaluation] = [
-        evaluate_model("moe", moe_loaded, batches, prompts, source=train["model_uri"], **common)]
-    context: dict[str, Any] = {"dataset_digest": prepare.get("dataset_digest") or prepare.get("digest", ""),
+    def evaluate(label: str, loaded, source: str) -> ModelEvaluation:
+        return evaluate_model(label, loaded, batches, source=source, evaluation=ev)
+
+    moe_loaded = load_export(download_model_export(train.model_uri, ctx.tracking_uri, ctx.work_dir / "moe"))
+    evaluations: list[ModelEvaluation] = [evaluate("moe", moe_loaded, train.model_uri)]
+    context: dict[str, Any] = {"dataset_digest": prepare.dataset_digest, "model_id": train.model_id,
                                "held_out_batches": len(batches), "batch_shape": list(batches[0].shape),
                                "training_run_id": ctx.input_run_ids.get("train", "")}
 
     if ev.compare_dense:
         ensure_ray(config)
-        dense_dir, dense_run = train_dense_baseline(ctx, manifest_uri, moe_loaded.model_cfg,
-                                                    int(float(train.get("steps", 0) or 0)))
-        evaluations.append(evaluate_model("dense_baseline", load_export(dense_dir), batches, prompts,
-                                          source=f"runs:/{dense_run}", **common))
+        dense_dir, dense_run = train_dense_baseline(ctx, prepare.manifest_uri, moe_loaded.model_cfg, train.steps)
+        evaluations.append(evaluate("dense_baseline", load_export(dense_dir), f"runs:/{dense_run}"))
         context["dense_baseline_run_id"] = dense_run
 
-    champion_version = ""
     if ev.compare_champion:
         champion_uri = f"models:/{config.registry.model_name}@{config.registry.champion_alias}"
         if find_version(champion_uri, ctx.tracking_uri) is None:
@@ -149,10 +126,9 @@ def run(ctx: StageContext) -> dict[str, str]:
                 # Other token ids: its loss on these batches would be meaningless.
                 context["champion"] = f"{info.model_uri}: trained with another tokenizer, not comparable"
             else:
-                evaluations.append(evaluate_model("champion", loaded, batches, prompts,
-                                                  source=info.model_uri, **common))
-                champion_version = info.version
+                evaluations.append(evaluate("champion", loaded, info.model_uri))
                 context["champion"] = info.model_uri
+                context["champion_version"] = info.version
 
     out_dir = ctx.work_dir / REPORT_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -162,30 +138,37 @@ def run(ctx: StageContext) -> dict[str, str]:
         plot_expert_utilisation(evaluations[0].expert_counts, out_dir / "expert_utilisation.png",
                                 title=f"Expert utilisation on held-out data ({evaluations[0].label})")
     ctx.log_artifact(out_dir, REPORT_DIR)
-    metrics = {}
-    for e in evaluations:
-        prefix = "" if e.label == "moe" else f"{e.label}_"
-        metrics.update({f"{prefix}{k}": v for k, v in e.headline().items() if math.isfinite(v)})
-    ctx.log_metrics(metrics)
 
+    # The trained model's held-out figures, linked to its LoggedModel and to the dataset they were
+    # measured on; the comparison models' figures are run metrics with their label as prefix.
     by_label = {e.label: e for e in evaluations}
-    outputs = {
-        "report_uri": f"runs:/{ctx.run_id}/{REPORT_DIR}/report.json",
-        "val_loss": f"{evaluations[0].val_loss:.6f}",
-        "perplexity": f"{evaluations[0].perplexity:.6f}",
-        "generation_tokens_per_s": f"{evaluations[0].generation_tokens_per_s:.2f}",
-        "dense_val_loss": f"{by_label['dense_baseline'].val_loss:.6f}" if "dense_baseline" in by_label else "",
-        "champion_val_loss": f"{by_label['champion'].val_loss:.6f}" if "champion" in by_label else "",
-        "champion_perplexity": f"{by_label['champion'].perplexity:.6f}" if "champion" in by_label else "",
-        "champion_version": champion_version,
-        "model_digest": train.get("digest", ""),
-    }
-    outputs["digest"] = digest_of({k: outputs[k] for k in ("val_loss", "dense_val_loss", "champion_val_loss",
-                                                          "champion_version")} | {"model": train.get("digest")})
-    return outputs
+    dataset = dataset_of(config.data.name, prepare)
+    mlflow.log_metrics(finite(by_label["moe"].headline()), run_id=ctx.run_id, model_id=train.model_id,
+                       dataset=dataset)
+    ctx.log_metrics({f"{e.label}_{k}": v for e in evaluations[1:] for k, v in finite(e.headline()).items()})
+
+    nan = float("nan")
+    moe, dense, champion = by_label["moe"], by_label.get("dense_baseline"), by_label.get("champion")
+    return EvaluateOutputs(
+        report_uri=f"runs:/{ctx.run_id}/{REPORT_DIR}/report.json",
+        model_digest=train.model_digest,
+        dataset_digest=prepare.dataset_digest,
+        val_loss=moe.val_loss,
+        perplexity=moe.perplexity,
+        generation_tokens_per_s=moe.generation_tokens_per_s,
+        dense_val_loss=dense.val_loss if dense else nan,
+        champion_version=context.get("champion_version", ""),
+        champion_val_loss=champion.val_loss if champion else nan,
+        champion_perplexity=champion.perplexity if champion else nan,
+        champion_generation_tokens_per_s=champion.generation_tokens_per_s if champion else nan,
+    )
 
 
-def champion_unchanged(config: Config, outputs: dict[str, str]) -> bool:
+def finite(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if math.isfinite(v)}
+
+
+def champion_unchanged(config: Config, outputs: EvaluateOutputs) -> bool:
     """A cached evaluation holds only while the champion it compared against still is the champion."""
     from components.tracking.registry import find_version
 
@@ -193,15 +176,16 @@ def champion_unchanged(config: Config, outputs: dict[str, str]) -> bool:
         return True
     current = find_version(f"models:/{config.registry.model_name}@{config.registry.champion_alias}",
                            config.tracking.uri)
-    if (current.version if current else "") == outputs.get("champion_version", ""):
+    if (current.version if current else "") == outputs.champion_version:
         return True
     # The champion is now the very model this run evaluated (it was promoted from it):
     # comparing it with itself would add nothing, so the evaluation still holds.
-    return bool(current) and current.tags.get("model_digest", "") == outputs.get("model_digest", "-")
+    return bool(current) and current.tags.get("model_digest", "") == outputs.model_digest
 
 
 SPEC = StageSpec(name="evaluate", config_keys=("evaluate", "train", "registry.model_name", "registry.champion_alias"),
-                 upstream=("prepare", "train"), fn=run, key_output="val_loss", still_valid=champion_unchanged)
+                 upstream=(PrepareOutputs, TrainOutputs), fn=run, outputs=EvaluateOutputs,
+                 still_valid=champion_unchanged)
 main = stage_main(SPEC)
 
 if __name__ == "__main__":

@@ -1,19 +1,28 @@
 """One pipeline invocation: a parent MLflow run, the stages in order, and the closing summary."""
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.entities import RunStatus
 
 from components.config import Config, flatten, to_container, to_yaml
 from components.tracking import mlflow_utils
 from components.tracking.progress import format_duration
 from components.tracking.provenance import code_tags
-from components.tracking.stages import StageOutcome, StageSpec, resolve_upstream, run_stage
+from components.tracking.stages import StageOutcome, StageSpec, final_status, resolve_upstream, run_stage
 from pipelines.runtime import cluster_tags
+
+# What the MLflow UI (3.x) reads to open an experiment on model training rather than its GenAI
+# view (traces, sessions, judges); the UI itself writes this tag when a user picks a type.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 @dataclass
@@ -23,13 +32,56 @@ class PipelineResult:
     stages: dict[str, StageOutcome]
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (or SIGINT) arrived: unwinds like Ctrl-C so every open run ends KILLED."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+
+@contextmanager
+def signals_end_runs() -> Iterator[None]:
+    """While the pipeline runs, SIGTERM and SIGINT raise :class:`Interrupted` in the main thread.
+
+    The ``finally`` blocks of the stage runner then mark the stage and parent runs KILLED (a
+    process stopped by ``kill``, Kubernetes or Ctrl-C must not leave runs RUNNING). A second
+    signal while that cleanup runs gets the default action (stop at once).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+        raise Interrupted(signum)
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    for sig in previous:
+        signal.signal(sig, interrupt)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def ensure_experiment(client: MlflowClient, config: Config) -> str:
+    experiment_id = mlflow_utils.ensure_experiment(client, config.tracking.experiment,
+                                                   config.tracking.artifact_location)
+    experiment = client.get_experiment(experiment_id)
+    if EXPERIMENT_KIND_TAG not in experiment.tags:  # a kind the user chose in the UI stays
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment_id
+
+
 def run_pipeline(config: Config, specs: list[StageSpec], entry_point: str = "pipelines.run") -> PipelineResult:
     client = MlflowClient(config.tracking.uri)
-    # Fluent-API users inside stages (mlflow.data, log_model) see the same store.
+    # MLflow's fluent APIs used inside stages (log_model, register_model, system metrics) use
+    # the process' tracking URI: this store's.
     mlflow.set_tracking_uri(config.tracking.uri)
-    experiment_id = mlflow_utils.ensure_experiment(
-        client, config.tracking.experiment, config.tracking.artifact_location
-    )
+    experiment_id = ensure_experiment(client, config)
     # Fail on missing upstream runs before any run is opened or Ray is started.
     resolve_upstream(client, experiment_id, specs[0], config, produced={})
 
@@ -41,60 +93,62 @@ def run_pipeline(config: Config, specs: list[StageSpec], entry_point: str = "pip
               "moeops.stages": ",".join(s.name for s in specs)},
     )
     parent_id = parent.info.run_id
-    print(f"[pipeline] MLflow run {parent_id} in experiment '{config.tracking.experiment}' at {config.tracking.uri}", flush=True)
-    mlflow_utils.log_params(client, parent_id, flatten(to_container(config)))
-    client.log_text(parent_id, to_yaml(config), "config.yaml")
-
+    print(f"[pipeline] MLflow run {parent_id} in experiment '{config.tracking.experiment}' at {config.tracking.uri}"
+          f" (pid {os.getpid()})", flush=True)
     produced: dict[str, StageOutcome] = {}
-    status = RunStatus.FAILED
-    try:
-        for spec in specs:
-            produced[spec.name] = run_stage(
-                spec, config, client=client, experiment_id=experiment_id,
-                parent_run_id=parent_id, produced=produced, base_tags=tags,
-            )
-        status = RunStatus.FINISHED
-    except KeyboardInterrupt:
-        status = RunStatus.KILLED
-        raise
-    finally:
-        reused = [name for name, outcome in produced.items() if outcome.reused]
-        mlflow_utils.set_tags(client, parent_id, {
-            **cluster_tags(),
-            "moeops.reused_stages": ",".join(reused) or "none",
-            "moeops.run_stages": ",".join(n for n, o in produced.items() if not o.reused) or "none",
-            "moeops.failed_stage": next((s.name for s in specs if s.name not in produced), "")
-            if status != RunStatus.FINISHED else "",
-        })
-        client.set_terminated(parent_id, RunStatus.to_string(status))
+    error: BaseException | None = None
+    with signals_end_runs():
+        try:
+            mlflow_utils.log_params(client, parent_id, flatten(to_container(config)))
+            client.log_text(parent_id, to_yaml(config), "config.yaml")
+            for spec in specs:
+                produced[spec.name] = run_stage(
+                    spec, config, client=client, experiment_id=experiment_id,
+                    parent_run_id=parent_id, produced=produced, base_tags=tags,
+                )
+        except BaseException as err:
+            error = err
+            raise
+        finally:
+            mlflow_utils.set_tags(client, parent_id, {
+                **cluster_tags(),
+                "moeops.reused_stages": ",".join(n for n, o in produced.items() if o.reused) or "none",
+                "moeops.run_stages": ",".join(n for n, o in produced.items() if not o.reused) or "none",
+                "moeops.failed_stage": next((s.name for s in specs if s.name not in produced), "")
+                if error is not None else "",
+            })
+            client.set_terminated(parent_id, final_status(error))
     result = PipelineResult(parent_id, experiment_id, produced)
     print(summary(config, specs, result), flush=True)
     return result
 
 
 def summary(config: Config, specs: list[StageSpec], result: PipelineResult) -> str:
-    rows = [("stage", "status", "duration", "key metric", "MLflow run")]
+    rows = [("stage", "status", "duration", "result", "MLflow run")]
+    reasons = []
     for spec in specs:
         outcome = result.stages[spec.name]
-        key = spec.key_output
-        value = outcome.outputs.get(key, "-")
-        metric = f"{key}={value[:16] + '…' if len(value) > 24 else value}" if key else "-"
         status = f"reused ({outcome.reused_from[:8]})" if outcome.reused else "ran"
-        rows.append((spec.name, status, format_duration(outcome.duration_s), metric, outcome.run_id))
+        rows.append((spec.name, status, format_duration(outcome.duration_s), outcome.outputs.headline() or "-",
+                     outcome.run_id))
+        if not outcome.reused:
+            reasons.append(f"  {spec.name} ran: {outcome.reason}")
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["", "moeops pipeline summary"]
     for i, row in enumerate(rows):
         lines.append("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
         if i == 0:
             lines.append("  " + "  ".join("-" * w for w in widths))
+    lines += ["", "why stages ran:", *reasons] if reasons else []
     register = result.stages.get("register")
     if register:
         out = register.outputs
-        lines.append(f"  registered model: {out.get('model_name')} version {out.get('model_version')} "
-                     f"(aliases: {out.get('alias', '-')}; promoted: {out.get('promoted', '-')})")
+        lines.append(f"  registered model: {out.model_name} version {out.model_version} from "
+                     f"models:/{out.model_id} (aliases: {', '.join(out.aliases) or '-'}; promoted: "
+                     f"{str(out.promoted).lower()})")
     deploy = result.stages.get("deploy")
     if deploy:
-        lines.append(f"  endpoint: {deploy.outputs.get('endpoint')} (model version {deploy.outputs.get('model_version', '-')})")
+        lines.append(f"  endpoint: {deploy.outputs.endpoint} (model version {deploy.outputs.model_version})")
     lines.append(f"  parent run: {result.parent_run_id}")
     lines.append(f"  MLflow UI: {ui_command(config.tracking.uri)}")
     return "\n".join(lines)

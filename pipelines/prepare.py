@@ -9,15 +9,29 @@ dataset as a run input carrying its digest (lineage data -> model -> deployment)
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
-import warnings
 from typing import Any, Callable, Sequence
 
+from components.config import Config
 from components.data.build import PrepareResult, prepare_dataset
 from components.data.cold import credential_env, read_bytes
+from components.tracking.datasets import log_dataset_input
 from components.tracking.stages import StageContext, StageSpec
 from pipelines._cli import stage_main
+from pipelines.outputs import PrepareOutputs
+
+
+_SECTIONS = ("data", "storage")  # typed config sections in a job's kwargs
+
+
+def _call_with_typed_sections(fn: Callable[..., Any], **kwargs: Any) -> Any:
+    """On the Ray worker: rebuild the config sections that crossed as plain dicts, then run ``fn``."""
+    from components.config import config_from_dict
+
+    config = config_from_dict({name: kwargs[name] for name in _SECTIONS if name in kwargs})
+    return fn(**{**kwargs, **{name: getattr(config, name) for name in _SECTIONS if name in kwargs}})
 
 
 def ray_map(parallelism: int, on_done: Callable[[], None],
@@ -33,16 +47,21 @@ def ray_map(parallelism: int, on_done: Callable[[], None],
         options: dict[str, Any] = {"num_cpus": 1, "max_retries": 2}
         if env:
             options["runtime_env"] = {"env_vars": dict(env)}
-        remote_fn = ray.remote(**options)(fn)
-        # the tokenizer is shared by every task: ship it through the object store once
-        shared = {key: ray.put(kwargs_list[0][key]) for key in ("tokenizer_json", "data", "storage")} if kwargs_list else {}
+        remote_fn = ray.remote(**options)(_call_with_typed_sections)
+        # the tokenizer and the config sections are shared by every task: ship them through the
+        # object store once (sections as plain dicts, like every config that crosses into Ray)
+        shared = {}
+        if kwargs_list:
+            first = kwargs_list[0]
+            shared = {key: ray.put(dataclasses.asdict(first[key]) if dataclasses.is_dataclass(first[key]) else first[key])
+                      for key in ("tokenizer_json", *_SECTIONS) if key in first}
         refs: list = [None] * len(kwargs_list)
         pending: dict = {}
         results: list = [None] * len(kwargs_list)
         next_job = 0
         while next_job < len(kwargs_list) or pending:
             while next_job < len(kwargs_list) and len(pending) < max(1, parallelism):
-                refs[next_job] = remote_fn.remote(**{**kwargs_list[next_job], **shared})
+                refs[next_job] = remote_fn.remote(fn, **{**kwargs_list[next_job], **shared})
                 pending[refs[next_job]] = next_job
                 next_job += 1
             done, _ = ray.wait(list(pending), num_returns=1)
@@ -54,29 +73,24 @@ def ray_map(parallelism: int, on_done: Callable[[], None],
     return map_fn
 
 
-def log_dataset_input(ctx: StageContext, result: PrepareResult) -> None:
-    """The dataset as an MLflow run input; MLflow keeps 36 characters of a digest, the tag the full one."""
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
-    from mlflow.entities import DatasetInput, InputTag
+def dataset_of(name: str, outputs: PrepareOutputs):
+    """The prepared dataset as an MLflow dataset: an input of the prepare and train runs, and the
+    dataset the evaluate stage's metrics are linked to."""
+    from components.tracking.datasets import dataset_entity
 
+    return dataset_entity(f"{name}-{outputs.dataset_digest[:12]}", outputs.dataset_digest, outputs.manifest_uri,
+                          profile={"train_rows": outputs.train_rows, "val_rows": outputs.val_rows,
+                                   "seq_len": outputs.seq_len, "vocab_size": outputs.vocab_size})
+
+
+def outputs_of(result: PrepareResult) -> PrepareOutputs:
     m = result.manifest
-    source_uri = m.uri if "://" in m.uri else f"file://{m.uri}"
-    try:
-        with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are local files
-            warnings.simplefilter("ignore")
-            source = resolve_dataset_source(source_uri)
-    except Exception:  # noqa: BLE001 - unknown scheme: fall back to a plain HTTP-style URI source
-        from mlflow.data.http_dataset_source import HTTPDatasetSource
-
-        source = HTTPDatasetSource(url=source_uri)
-    dataset = MetaDataset(source=source, name=f"{ctx.config.data.name}-{m.dataset_digest[:12]}",
-                          digest=m.dataset_digest[:32])
-    tags = [InputTag("mlflow.data.context", "training"), InputTag("moeops.dataset_digest", m.dataset_digest)]
-    ctx.client.log_inputs(ctx.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags)])
+    return PrepareOutputs(manifest_uri=m.uri, dataset_digest=m.dataset_digest, tokenizer_uri=m.tokenizer_uri,
+                          tokenizer_hash=m.tokenizer_hash, vocab_size=m.vocab_size, seq_len=m.seq_len,
+                          train_rows=m.rows("train"), val_rows=m.rows("val"))
 
 
-def run(ctx: StageContext) -> dict[str, str]:
+def run(ctx: StageContext) -> PrepareOutputs:
     from pipelines.runtime import ensure_ray
 
     config = ctx.config
@@ -91,8 +105,8 @@ def run(ctx: StageContext) -> dict[str, str]:
         progress.total = max(len(kwargs_list), 1)
         return ray_map(config.data.prepare_parallelism, chunk_done, credential_env(storage))(fn, kwargs_list)
 
-    storage = ctx.config_dict["storage"]
-    result = prepare_dataset(ctx.config_dict["data"], storage, map_fn=map_fn)
+    storage = config.storage
+    result = prepare_dataset(config.data, storage, map_fn=map_fn)
     m = result.manifest
     if result.reused:
         progress.set(progress.total)
@@ -104,7 +118,8 @@ def run(ctx: StageContext) -> dict[str, str]:
     manifest_file.write_text(m.to_json())
     ctx.log_artifact(tokenizer_file, "tokenizer")
     ctx.log_artifact(manifest_file, "dataset")
-    log_dataset_input(ctx, result)
+    outputs = outputs_of(result)
+    log_dataset_input(ctx.client, ctx.run_id, dataset_of(config.data.name, outputs), m.dataset_digest, "training")
     ctx.set_tags({"moeops.dataset_digest": m.dataset_digest, "moeops.tokenizer_hash": m.tokenizer_hash})
     ctx.log_metrics({
         "prepare_s": time.perf_counter() - started,
@@ -117,22 +132,21 @@ def run(ctx: StageContext) -> dict[str, str]:
     print(f"[prepare] {m.rows('train')} train / {m.rows('val')} val rows of {m.seq_len + 1} tokens, "
           f"vocab {m.vocab_size}, digest {m.dataset_digest[:12]} -> {m.uri}", flush=True)
     print(json.dumps({"corpus": m.corpus}), flush=True)
-    return result.outputs()
+    return outputs
 
 
-def manifest_still_there(config, outputs: dict[str, str]) -> bool:
+def manifest_still_there(config: Config, outputs: PrepareOutputs) -> bool:
     """A cached prepare run is reusable only while its manifest is still in the cold tier."""
-    from components.config import to_container
     from components.data.cold import exists
 
     try:
-        return exists(outputs.get("manifest_uri", ""), to_container(config)["storage"])
+        return exists(outputs.manifest_uri, config.storage)
     except Exception:  # noqa: BLE001 - unreachable storage: rerun (which reports the real error)
         return False
 
 
 SPEC = StageSpec(name="prepare", config_keys=("data", "storage.cold_uri"), upstream=(), fn=run,
-                 key_output="dataset_digest", still_valid=manifest_still_there)
+                 outputs=PrepareOutputs, still_valid=manifest_still_there)
 main = stage_main(SPEC)
 
 if __name__ == "__main__":

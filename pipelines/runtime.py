@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
+import threading
+from contextlib import contextmanager
+from typing import Iterator
 
 import ray
 
@@ -24,6 +28,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+@contextmanager
+def keep_sigterm_handler() -> Iterator[None]:
+    """Keep a Python SIGTERM handler installed before ``ray.init`` (the pipeline's, which ends MLflow
+    runs as KILLED): ``ray.init`` replaces it with one that exits at once. Ray's own cleanup of a
+    local cluster still runs, from its ``atexit`` hook, when the interrupted pipeline exits."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if callable(previous):
+            signal.signal(signal.SIGTERM, previous)
+
+
 def ensure_ray(config: Config) -> None:
     """Reuse an initialised Ray (tests, Hydra multirun); else start or join one per ``cluster.*``."""
     if ray.is_initialized():
@@ -37,25 +55,32 @@ def ensure_ray(config: Config) -> None:
     if cluster.mode == "remote":
         address = cluster.address or os.environ.get("RAY_ADDRESS") or "auto"
         print(f"[ray] joining cluster at {address}", flush=True)
-        ray.init(address=address, namespace=cluster.namespace, runtime_env=runtime_env)
+        with keep_sigterm_handler():
+            ray.init(address=address, namespace=cluster.namespace, runtime_env=runtime_env)
         return
     print(f"[ray] starting local Ray: {cluster.num_cpus} CPUs, {cluster.num_gpus} GPUs", flush=True)
     # Under `ray job submit` RAY_ADDRESS points at the cluster; a local start must not join it.
     os.environ.pop("RAY_ADDRESS", None)
-    ray.init(
-        num_cpus=cluster.num_cpus,
-        num_gpus=cluster.num_gpus,
-        object_store_memory=cluster.object_store_memory_mb * 1024**2,
-        # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner needs to
-        # see a dead controller (an ASHA-stopped trial, a killed worker); without it the dead run's
-        # placement group keeps its CPUs forever and later runs wait on them.
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=free_port(),
-        namespace=cluster.namespace,
-        runtime_env=runtime_env,
-        _node_ip_address="127.0.0.1",
-    )
+    with keep_sigterm_handler():
+        ray.init(
+            num_cpus=cluster.num_cpus,
+            num_gpus=cluster.num_gpus,
+            object_store_memory=cluster.object_store_memory_mb * 1024**2,
+            # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner needs to
+            # see a dead controller (an ASHA-stopped trial, a killed worker); without it the dead run's
+            # placement group keeps its CPUs forever and later runs wait on them.
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=free_port(),
+            namespace=cluster.namespace,
+            runtime_env=runtime_env,
+            # Private, kept on purpose: a local cluster must live on loopback only, and ray.init has
+            # no public parameter or environment variable for the node's IP (Ray otherwise picks the
+            # machine's outbound interface). The public route, `ray start --head --node-ip-address`,
+            # starts a detached cluster that outlives this process and needs `ray stop`, which
+            # would stop every Ray cluster of the user on the machine.
+            _node_ip_address="127.0.0.1",
+        )
 
 
 def cluster_tags() -> dict[str, str]:

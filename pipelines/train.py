@@ -17,9 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mlflow
+
 from components.config import Config, to_container, with_overrides
 from components.tracking.stages import StageContext, StageSpec
 from pipelines._cli import stage_main
+from pipelines.outputs import PrepareOutputs, TrainOutputs, TuneOutputs
 
 # config keys that change the trained weights: a run with the same ones (and the same dataset)
 # continues the same checkpoints when train.resume=auto
@@ -243,46 +246,73 @@ def run_training(
     )
 
 
-def upstream(config: Config) -> tuple[str, ...]:
-    return ("prepare", "tune") if config.tune.enabled else ("prepare",)
+def upstream(config: Config) -> tuple[type, ...]:
+    return (PrepareOutputs, TuneOutputs) if config.tune.enabled else (PrepareOutputs,)
 
 
-def run(ctx: StageContext) -> dict[str, str]:
+def model_params(config: Config) -> dict[str, str]:
+    """The LoggedModel's params: the model and training config it was trained with (flattened)."""
+    from components.config import flatten
+    from components.tracking.registry import mlflow_param
+
+    container = to_container(config)
+    return {k: mlflow_param(v) for k, v in flatten({"model": container["model"], "train": container["train"]}).items()}
+
+
+def run(ctx: StageContext) -> TrainOutputs:
     from components.model.export import weights_digest
+    from components.tracking.datasets import log_dataset_input
+    from components.tracking.provenance import code_tags
+    from components.tracking.registry import log_model
+    from pipelines.prepare import dataset_of
 
     config = ctx.config
-    if "tune" in ctx.inputs:
-        best = json.loads(ctx.inputs["tune"].get("best_params") or "{}")
-        if best:
-            print(f"[train] applying the sweep's best parameters: {best}", flush=True)
-            config = with_overrides(config, best)
-            ctx.log_params({"tuned": best})
-    manifest_uri = ctx.inputs["prepare"]["manifest_uri"]
+    prepare = ctx.input(PrepareOutputs)
+    best = ctx.input(TuneOutputs).best_params if config.tune.enabled else {}
+    if best:
+        print(f"[train] applying the sweep's best parameters: {best}", flush=True)
+        config = with_overrides(config, best)
+        ctx.log_params({"tuned": best})
+    dataset = dataset_of(config.data.name, prepare)
+    log_dataset_input(ctx.client, ctx.run_id, dataset, prepare.dataset_digest, "training")
     result = run_training(
-        config, manifest_uri, mlflow_run_id=ctx.run_id, name=training_name(config, manifest_uri),
+        config, prepare.manifest_uri, mlflow_run_id=ctx.run_id, name=training_name(config, prepare.manifest_uri),
     )
-    ctx.log_artifact(result.export_dir, "export")
     if result.flow_report_path:
         ctx.log_artifact(result.flow_report_path, "data_flow")
     digest = weights_digest(result.export_dir)
-    summary = {f"final_{k}": v for k, v in result.metrics.items() if k in ("val_loss", "train_loss", "tokens_per_s")}
-    ctx.log_metrics(summary, step=int(result.metrics.get("steps", 0)))
-    model_uri = f"runs:/{ctx.run_id}/export"
-    return {
-        "model_uri": model_uri,
-        "digest": digest,
-        "model_digest": digest,
-        "val_loss": f"{result.metrics.get('val_loss', float('nan')):.6f}",
-        "train_loss": f"{result.metrics.get('train_loss', float('nan')):.6f}",
-        "steps": str(int(result.metrics.get("steps", 0))),
-        "checkpoint_path": result.checkpoint_path,
-        "checkpoint_uri": result.checkpoint_path,
-        "export_dir": result.export_dir,
-    }
+    m = result.metrics
+    steps = int(m.get("steps", 0))
+    # final figures at the last step, before the model is logged at that step: MLflow links the
+    # run's metrics of the model's step to the LoggedModel
+    summary = {f"final_{k}": m[k] for k in ("val_loss", "train_loss", "tokens_per_s") if k in m}
+    mlflow.log_metrics(summary, step=steps, run_id=ctx.run_id, dataset=dataset)
+    model_id = log_model(
+        result.export_dir, run_id=ctx.run_id, tracking_uri=ctx.tracking_uri, params=model_params(config),
+        step=steps,
+        tags={"dataset_digest": prepare.dataset_digest, "tokenizer_hash": prepare.tokenizer_hash,
+              "model_digest": digest, "git_commit": code_tags()["moeops.git_commit"]},
+    )
+    nan = float("nan")
+    return TrainOutputs(
+        model_id=model_id,
+        model_digest=digest,
+        export_dir=result.export_dir,
+        checkpoint_uri=result.checkpoint_path,
+        tuned_params=dict(best),
+        steps=steps,
+        val_loss=m.get("val_loss", nan),
+        train_loss=m.get("train_loss", nan),
+        tokens_per_s=m.get("tokens_per_s", nan),
+        # reported by the training loop's last eval (NaN where it does not report them)
+        moe_dropped_fraction=m.get("moe/dropped_fraction", nan),
+        moe_load_max_over_mean=m.get("moe/load_max_over_mean", nan),
+        comm_exposed_fraction=m.get("comm/exposed_fraction", nan),
+    )
 
 
 SPEC = StageSpec(name="train", config_keys=("data", "model", "train"), upstream=upstream, fn=run,
-                 key_output="val_loss")
+                 outputs=TrainOutputs, system_metrics=True)
 main = stage_main(SPEC)
 
 if __name__ == "__main__":

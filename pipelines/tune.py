@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from components.evaluation.sweep_report import write_sweep_summary  # noqa: E402
 from components.tracking import mlflow_utils  # noqa: E402
 from components.tracking.stages import StageContext, StageSpec, digest_of  # noqa: E402
 from pipelines._cli import stage_main  # noqa: E402
+from pipelines.outputs import PrepareOutputs, TuneOutputs  # noqa: E402
 
 SWEEP_TAG = "moeops.sweep"
 TRIAL_TAG = "moeops.trial_id"
@@ -183,37 +183,6 @@ def _scheduler(config: Config):
                          grace_period=min(tu.grace_period, max_t), reduction_factor=tu.reduction_factor)
 
 
-# Fault injection for the resume test: the sweep's driver dies (like a lost head-node process)
-# once this many trials have completed and the experiment state has been saved.
-DRIVER_FAULT_ENV = "MOEOPS_TUNE_DRIVER_FAULT"
-
-
-class DriverFault(tune.Callback):
-    def __init__(self, after_trials: int, grace_s: float = 2.0):
-        self.after_trials, self.grace_s = after_trials, grace_s
-        self.completed = 0
-        self.armed_at: float | None = None
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self.completed += 1
-        if self.completed >= self.after_trials and self.armed_at is None:
-            self.armed_at = time.monotonic()
-
-    def on_step_end(self, iteration, trials, **info):
-        # grace: the experiment state is saved every TUNE_GLOBAL_CHECKPOINT_S seconds
-        if self.armed_at is not None and time.monotonic() - self.armed_at >= self.grace_s:
-            os._exit(137)
-
-    def on_experiment_end(self, trials, **info):
-        if self.armed_at is not None:
-            os._exit(137)
-
-
-def _driver_fault_callbacks() -> list:
-    after = os.environ.get(DRIVER_FAULT_ENV, "")
-    return [DriverFault(int(after))] if after else []
-
-
 def run_sweep(config: Config, manifest_uri: str, *, parent_run_id: str, experiment_id: str,
               sweep: str, storage_dir: str | Path) -> tuple[tune.ResultGrid, bool]:
     """Fit a new sweep, or restore ``<storage_dir>/<sweep>`` when an interrupted one exists.
@@ -243,8 +212,7 @@ def run_sweep(config: Config, manifest_uri: str, *, parent_run_id: str, experime
             scheduler=_scheduler(config), max_concurrent_trials=concurrency,
         ),
         run_config=tune.RunConfig(name=sweep, storage_path=str(storage_dir), verbose=1,
-                                  failure_config=tune.FailureConfig(max_failures=0),
-                                  callbacks=_driver_fault_callbacks()),
+                                  failure_config=tune.FailureConfig(max_failures=0)),
     )
     return tuner.fit(), False
 
@@ -300,25 +268,44 @@ def close_trial_runs(client: MlflowClient, experiment_id: str, parent_run_id: st
     return rows
 
 
-def run(ctx: StageContext) -> dict[str, str]:
+def disabled_outputs(config: Config) -> TuneOutputs:
+    return TuneOutputs(enabled=False, metric=config.tune.metric, best_params={}, best_metric=float("nan"),
+                       best_trial_run_id="", num_trials=0, num_completed=0, num_stopped_early=0, num_errored=0,
+                       sweep_dir="")
+
+
+def end_open_trial_runs(client: MlflowClient, experiment_id: str, sweep: str, status: str) -> None:
+    """Trial runs still RUNNING when the sweep's driver stops (Ctrl-C, SIGTERM, an error) get ``status``:
+    their processes die with the driver and would leave them RUNNING forever."""
+    for run in client.search_runs([experiment_id], f"tags.`{SWEEP_TAG}` = '{sweep}' and attributes.status = 'RUNNING'",
+                                  max_results=1000):
+        client.set_terminated(run.info.run_id, status)
+
+
+def run(ctx: StageContext) -> TuneOutputs:
+    from components.tracking.stages import final_status
     from pipelines.runtime import ensure_ray
 
     config, tu = ctx.config, ctx.config.tune
-    prepare = ctx.inputs["prepare"]
+    prepare = ctx.input(PrepareOutputs)
     if not tu.enabled:
         ctx.set_tags({"moeops.tune": "disabled"})
-        return {"best_params": "{}", "best_metric": "nan", "num_trials": "0", "digest": digest_of({})}
+        return disabled_outputs(config)
     if not tu.search_space:
         raise ValueError("tune.search_space is empty: declare at least one dotted key in conf/tune/ "
                          "(or use tune=off to train with the config as composed)")
     ensure_ray(config)
-    sweep = sweep_name(config, prepare.get("digest") or prepare.get("dataset_digest", ""))
+    sweep = sweep_name(config, prepare.dataset_digest)
     if config.force or not tu.resume:
         sweep = f"{sweep}-{ctx.run_id[:8]}"  # a fresh sweep, never a restored one
     ctx.set_tags({SWEEP_TAG: sweep})
-    grid, restored = run_sweep(config, prepare["manifest_uri"], parent_run_id=ctx.run_id,
-                               experiment_id=ctx.experiment_id, sweep=sweep,
-                               storage_dir=Path(config.paths.root) / "tune")
+    sweep_dir = Path(config.paths.root) / "tune" / sweep
+    try:
+        grid, restored = run_sweep(config, prepare.manifest_uri, parent_run_id=ctx.run_id,
+                                   experiment_id=ctx.experiment_id, sweep=sweep, storage_dir=sweep_dir.parent)
+    except BaseException as err:
+        end_open_trial_runs(ctx.client, ctx.experiment_id, sweep, final_status(err))
+        raise
     ctx.set_tags({"moeops.sweep_restored": str(restored).lower()})
     rows = close_trial_runs(ctx.client, ctx.experiment_id, ctx.run_id, sweep, grid, config)
 
@@ -342,21 +329,16 @@ def run(ctx: StageContext) -> dict[str, str]:
     best_run = next((r["run_id"] for r in rows if r["trial_id"] == _trial_id(best)), "")
     ctx.log_metrics({f"best_{tu.metric}": best_metric})
     ctx.set_tags({"moeops.best_trial": _trial_id(best), "moeops.best_trial_run": best_run})
-    best_json = json.dumps(best_params, sort_keys=True)
-    ctx.log_text(best_json, "sweep/best_params.json")
-    return {
-        "best_params": best_json,
-        "best_metric": f"{best_metric:.6g}",
-        "best_trial_run_id": best_run,
-        "num_trials": str(len(rows)),
-        **{f"num_{k}": str(v) for k, v in counts.items()},
-        "sweep_dir": str(Path(config.paths.root) / "tune" / sweep),
-        "digest": digest_of({"best_params": best_params}),
-    }
+    ctx.log_text(json.dumps(best_params, sort_keys=True), "sweep/best_params.json")
+    return TuneOutputs(
+        enabled=True, metric=tu.metric, best_params=best_params, best_metric=best_metric,
+        best_trial_run_id=best_run, num_trials=len(rows), num_completed=counts[COMPLETED],
+        num_stopped_early=counts[STOPPED_EARLY], num_errored=counts[ERRORED], sweep_dir=str(sweep_dir),
+    )
 
 
-SPEC = StageSpec(name="tune", config_keys=("data", "model", "train", "tune"), upstream=("prepare",),
-                 fn=run, key_output="best_metric")
+SPEC = StageSpec(name="tune", config_keys=("data", "model", "train", "tune"), upstream=(PrepareOutputs,),
+                 fn=run, outputs=TuneOutputs, system_metrics=True)
 main = stage_main(SPEC)
 
 if __name__ == "__main__":

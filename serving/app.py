@@ -1,21 +1,28 @@
-"""The Ray Serve application: one FastAPI-ingress deployment that loads, batches and decodes.
+"""The Ray Serve application: one FastAPI-ingress deployment that loads and decodes with continuous batching.
 
     serve run serving.app:build_app          # args from the CLI / a config file's ``args``
     serve deploy serve_config.yaml           # written by the deploy stage (serving/deploy_config.py)
 
-A replica comes up *alive* at once and becomes *ready* when its model is loaded from the
-MLflow registry and a warm-up generation has run (``/healthz`` vs ``/readyz``, as KServe
-probes). ``user_config`` (model URI, canary share, batching, quantisation) changes in place:
-the new version loads beside the serving one and takes over only when warm.
+A replica comes up *alive* at once and becomes *ready* when its model is loaded from the MLflow
+registry and warmed up (``/healthz`` vs ``/readyz``, as KServe probes). Serve routes requests to a
+replica only once its constructor has returned, and the constructor waits for the first load: a
+new replica (scale-up, rolling update) takes no traffic before it is warm.
+
+Every replica rebuilds the typed :class:`components.config.Config` from the plain container it
+is given and applies ``user_config`` (the ``serve`` and ``registry`` sections) on top; the model
+version, canary share, quantisation and engine sizes come from those typed sections.
+``reconfigure`` (a ``serve deploy`` of an edited ``user_config``) loads a new version beside the
+serving one and switches when it is warm.
 """
 from __future__ import annotations
 
 import asyncio
-import functools
+import copy
 import logging
 import os
-from dataclasses import dataclass
-from typing import Any, AsyncIterator, Optional
+import sys
+import time
+from typing import Any, Optional
 
 import mlflow
 import torch
@@ -24,11 +31,11 @@ from ray.serve import Application
 
 from components.config import Config, config_from_dict
 from serving.auth import token_from_env
-from serving.deploy_config import DEPLOYMENT_NAME, deployment_options, user_config
-from serving.generation import Engine, SamplingParams, StepOutput
+from serving.deploy_config import DEPLOYMENT_NAME, deployment_options
+from serving.engine import Engine, GenerationParams
+from serving.engine_loop import EngineLoop
 from serving.metrics import ServeMetrics
-from serving.model_store import ModelSettings, ModelStore, ServedModel
-from serving.scheduler import DecodeScheduler
+from serving.model_store import ModelSettings, ModelStore
 
 log = logging.getLogger("moeops.serving")
 
@@ -36,60 +43,68 @@ WARMUP_TOKENS = 4
 # A switch (reconfigure) waits at most this long for the new version before returning;
 # the replica keeps serving the old one meanwhile and finishes the switch in the background.
 SWITCH_WAIT_S = 120.0
-# batches @serve.batch may hand to the decode loop at once; the loop coalesces them (serving/scheduler.py)
-MAX_CONCURRENT_INTAKE = 4
+# The engine thread and the event loop share the GIL: a short switch interval keeps the event
+# loop (HTTP, output delivery) from waiting behind a decode step's Python work for 5 ms.
+GIL_SWITCH_INTERVAL_S = 0.001
 
 
-@dataclass
-class DecodeJob:
-    """One prompt queued for the batcher, with the version chosen for its request."""
+def inference_model(model: torch.nn.Module, quantize: str, device: str) -> torch.nn.Module:
+    """The one place a served model is prepared for inference: moved to its device, quantised if asked."""
+    model = model.to(device).eval()
+    if quantize == "int8":
+        from components.model.quantize import quantize_int8
 
-    served: ServedModel
-    prompt_ids: list[int]
-    params: SamplingParams
+        return quantize_int8(model)
+    return model
 
 
-def make_engine(loaded, quantize: str) -> Engine:
-    """Engine for a freshly loaded version, warmed up (first forward allocates and initialises kernels)."""
-    engine = Engine(loaded, quantize)
-    prompt = engine.tokenizer.decode(engine.encode("def ")) or "def "
-    engine.generate(prompt, SamplingParams(max_tokens=WARMUP_TOKENS, temperature=0.0))
+def make_engine(loaded, quantize: str, label: str, serve_cfg, device: str = "cpu") -> Engine:
+    """An engine for a freshly loaded version, warmed up: the first forwards allocate and pick kernels,
+    at one sequence and at a full batch, for prefill and decode."""
+    engine = Engine(inference_model(loaded.model, quantize, device), loaded.tokenizer, serve_cfg, label)
+    prompt = engine.encode("def ") or [engine.eos_id]
+    warm = GenerationParams(max_tokens=WARMUP_TOKENS, ignore_eos=True)
+    engine.run_to_completion([engine.sequence(prompt, warm)])
+    engine.run_to_completion([engine.sequence(prompt, warm) for _ in range(engine.slots)])
     return engine
+
+
+def device_for(serve_cfg) -> str:
+    return "cuda" if serve_cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
 
 
 @serve.deployment(name=DEPLOYMENT_NAME)
 @serve.ingress()
 class CompletionServer:
     async def __init__(self, args: dict[str, Any]):
-        self.config: Config = config_from_dict(args)
+        self._base = copy.deepcopy(dict(args))          # the plain container; user_config applies on top
+        self.config: Config = config_from_dict(self._base)
         tracking_uri = self.config.tracking.uri
         # The replica is its own process: it must point MLflow at the store itself.
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(tracking_uri)
         torch.set_num_threads(max(1, int(self.config.serve.num_cpus)))
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         context = serve.get_replica_context()
-        self.replica_id = str(getattr(context, "replica_tag", "") or "")
-        self.metrics = ServeMetrics(replica=self.replica_id)
+        self.replica_id = str(context.replica_tag)
+        self.metrics = ServeMetrics(ray_enabled=True)
         self.metrics.set_ready(False)
-        self.store = ModelStore(tracking_uri, make_engine)
-        self.scheduler = DecodeScheduler(
-            self.config.serve.max_batch_size,
-            on_batch=lambda served, size, tokens, seconds: self.metrics.observe_batch(
-                served.fingerprint, size, tokens, seconds))
+        self.ready_at: Optional[float] = None           # wall clock of the first successful warm-up
+        self.first_request_at: Optional[float] = None   # wall clock of the first HTTP request
+        self.engine_loop = EngineLoop(asyncio.get_running_loop(), self.config.serve.max_queued_sequences,
+                                      self.metrics)
+        self.store = ModelStore(tracking_uri, self._make_engine, device=device_for(self.config.serve))
         self.auth_token = token_from_env(self.config.serve.auth_token_env)
-        self._desired: Optional[ModelSettings] = None
-        self._applied: Optional[ModelSettings] = None
-        self._applied_revision: Optional[str] = None
-        self._revision = ""
+        self._desired: Optional[tuple] = None
+        self._applied: Optional[tuple] = None
         self._wake = asyncio.Event()
         self._switched = asyncio.Event()
         self._attempted = asyncio.Event()
         self._loader = asyncio.get_running_loop().create_task(self._load_forever())
-        self._apply_user_config(user_config(self.config, self.config.serve.model_uri or None))
+        self._apply(self.config, revision="")
         # Serve routes traffic to a replica once its constructor returns, so the first load is
-        # awaited here: in a rolling update the new replica takes requests only when warm. If the
-        # model cannot be loaded yet (no alias), the replica starts anyway, alive but unready,
-        # and keeps retrying in the background.
+        # awaited here: a new replica takes requests only when warm. If the model cannot be loaded
+        # yet (no alias), the replica starts anyway, alive but unready, and keeps retrying.
         await self._attempted.wait()
 
     # ------------------------------------------------------------------ lifecycle
@@ -98,47 +113,56 @@ class CompletionServer:
 
         return build_asgi_app(self)
 
-    async def reconfigure(self, config: dict[str, Any]) -> None:
-        """Serve calls this with ``user_config`` at start and whenever it changes."""
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve calls this with ``user_config`` at start and whenever it changes (in place)."""
+        container = copy.deepcopy(self._base)
+        for section in ("serve", "registry"):
+            container[section] = {**container.get(section, {}), **user_config.get(section, {})}
+        config = config_from_dict(container)  # raises on a malformed user_config: the deploy fails loudly
         was_ready = self.store.ready
-        self._apply_user_config(config)
+        self._apply(config, revision=str(user_config.get("revision", "")))
         if was_ready:
-            # A version switch: give the caller (serve.run / serve deploy) the new version when it returns.
+            # A version switch: give the caller (serve deploy) the new version when it returns.
             try:
                 await asyncio.wait_for(self._switched.wait(), timeout=SWITCH_WAIT_S)
             except asyncio.TimeoutError:
                 log.warning("model switch still in progress after %.0fs; old version keeps serving", SWITCH_WAIT_S)
 
-    def _apply_user_config(self, config: dict[str, Any]) -> None:
-        settings = ModelSettings.from_user_config(config)  # raises on a malformed user_config: deploy fails loudly
-        max_batch_size = int(config.get("max_batch_size", self.config.serve.max_batch_size))
-        self._decode_batch.set_max_batch_size(max_batch_size)
-        self.scheduler.max_batch_size = max_batch_size
-        self._decode_batch.set_batch_wait_timeout_s(
-            float(config.get("batch_wait_timeout_s", self.config.serve.batch_wait_timeout_s)))
-        self._desired, self._revision = settings, str(config.get("revision", ""))
-        if settings == self._applied and self._revision == self._applied_revision:
-            self._switched.set()  # only batching changed: nothing to load
+    def _apply(self, config: Config, revision: str) -> None:
+        self.config = config
+        s = config.serve
+        self.engine_loop.max_queued = s.max_queued_sequences
+        # what the engines are built from: a change loads (and warms) new ones
+        desired = (ModelSettings.from_config(config), s.max_num_seqs, s.max_num_batched_tokens, revision)
+        self._desired = desired
+        if desired == self._applied:
+            self._switched.set()  # only request limits changed: nothing to load
             return
         self._switched.clear()
         self._wake.set()
 
+    def _make_engine(self, loaded, quantize: str, label: str) -> Engine:
+        return make_engine(loaded, quantize, label, self.config.serve, device_for(self.config.serve))
+
     async def _load_forever(self) -> None:
         """Keep the served versions equal to the desired settings; retry while the registry is not ready."""
-        retry_s = max(0.1, float(self.config.serve.load_retry_s))
         while True:
             self._wake.clear()  # cleared before reading, so a reconfigure during a load is never missed
-            desired, revision = self._desired, self._revision
-            if desired is not None and (desired != self._applied or revision != self._applied_revision):
+            desired = self._desired
+            if desired is not None and desired != self._applied:
+                settings = desired[0]
                 try:
-                    await asyncio.to_thread(self.store.apply, desired)
-                    self._applied, self._applied_revision = desired, revision
+                    await asyncio.to_thread(self.store.apply, settings, desired[1:3])
+                    self._applied = desired
+                    if self.ready_at is None:
+                        self.ready_at = time.time()
                     self.metrics.set_ready(True)
                     if desired is self._desired:
                         self._switched.set()
                 except Exception as err:  # registry not reachable, alias not set yet, bad artifact ...
                     self.store.last_error = f"{type(err).__name__}: {err}"
-                    log.warning("cannot load %s yet (retrying in %.1fs): %s", desired.model_uri, retry_s,
+                    retry_s = max(0.1, float(self.config.serve.load_retry_s))
+                    log.warning("cannot load %s yet (retrying in %.1fs): %s", settings.model_uri, retry_s,
                                 self.store.last_error)
                     self._attempted.set()
                     await asyncio.sleep(retry_s)
@@ -153,44 +177,19 @@ class CompletionServer:
             error = None if self._loader.cancelled() else self._loader.exception()
             raise RuntimeError(f"model loader stopped: {error!r}")
 
+    def __del__(self):
+        loop = getattr(self, "engine_loop", None)
+        if loop is not None:
+            loop.close()
+
     # ------------------------------------------------------------------ state for the API
     @property
     def ready(self) -> bool:
         return self.store.ready
 
     def not_ready_reason(self) -> str:
-        uri = self._desired.model_uri if self._desired else "(no model_uri)"
+        uri = self._desired[0].model_uri if self._desired else "(no model_uri)"
         return f"loading {uri}" + (f": {self.store.last_error}" if self.store.last_error else "")
-
-    # ------------------------------------------------------------------ generation
-    async def generate(self, served: ServedModel, prompt_ids: list[int], params: SamplingParams
-                       ) -> AsyncIterator[StepOutput]:
-        """Outputs for one prompt, as the batcher produces them; ends with a ``finished`` output."""
-        async for out in self._decode_batch(DecodeJob(served, prompt_ids, params)):
-            yield out
-            if out.finished:
-                return
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=MAX_CONCURRENT_INTAKE)
-    async def _decode_batch(self, jobs: list[DecodeJob]):
-        """Hand the batch to the replica's decode loop; per step yield one output (or StopIteration) per job."""
-        queues = self.scheduler.submit(jobs)
-        finished = [False] * len(jobs)
-        while not all(finished):
-            results: list[Any] = []
-            for i, queue in enumerate(queues):
-                if finished[i]:
-                    results.append(StopIteration)
-                    continue
-                out = await queue.get()  # the jobs of one batch decode in lockstep
-                if isinstance(out, Exception):
-                    raise out
-                finished[i] = out.finished
-                results.append(out)
-            yield results
-
-    async def score(self, served: ServedModel, token_ids: list[int]):
-        return await asyncio.to_thread(served.engine.score, token_ids)
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -220,24 +219,5 @@ def make_application(config: Config, model_uri: Optional[str] = None, revision: 
         # The token reaches replicas as an env var of their runtime env, never through a config file.
         options["ray_actor_options"] = {**options["ray_actor_options"],
                                         "runtime_env": {"env_vars": {token_env: os.environ[token_env]}}}
-    deployment = CompletionServer.options(**options)
-    # A stable code version makes a redeploy that only changes user_config a lightweight update
-    # (reconfigure in place, no replica restart), as `serve deploy` does for config files; without
-    # it every serve.run would roll the replicas. Serve reserves `version` for itself, hence _internal.
-    deployment = deployment.options(_internal=True, version=code_version())
-    return deployment.bind(app_args(config, model_uri))
+    return CompletionServer.options(**options).bind(app_args(config, model_uri))
 
-
-@functools.lru_cache(maxsize=1)
-def code_version() -> str:
-    """Hash of the code a replica runs (serving/ and components/), taken once per process."""
-    import hashlib
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    digest = hashlib.sha256()
-    for package in ("serving", "components"):
-        for path in sorted((root / package).rglob("*.py")):
-            digest.update(path.relative_to(root).as_posix().encode())
-            digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]

@@ -35,21 +35,16 @@ def resolved_model_uri(config: Config, model_uri: Optional[str] = None) -> str:
 
 
 def user_config(config: Config, model_uri: Optional[str] = None, revision: str = "") -> dict[str, Any]:
-    """What a running deployment can change in place (``reconfigure``), without restarting replicas.
+    """What a running deployment can change in place (``reconfigure``): the ``serve`` and ``registry``
+    sections, from which replicas rebuild their typed config.
 
     ``revision`` is opaque: a new value (e.g. the registered version the alias now points to)
     makes replicas re-resolve their aliases even when nothing else changed.
     """
-    s = config.serve
-    return {
-        "model_uri": resolved_model_uri(config, model_uri),
-        "challenger_uri": challenger_uri(config),
-        "canary_fraction": float(s.canary_fraction),
-        "quantize": s.quantize,
-        "max_batch_size": int(s.max_batch_size),
-        "batch_wait_timeout_s": float(s.batch_wait_timeout_s),
-        "revision": str(revision),
-    }
+    container = to_container(config)
+    serve = container["serve"]
+    serve["model_uri"] = resolved_model_uri(config, model_uri)
+    return {"serve": serve, "registry": container["registry"], "revision": str(revision)}
 
 
 def deployment_options(config: Config, model_uri: Optional[str] = None, revision: str = "") -> dict[str, Any]:
@@ -60,15 +55,22 @@ def deployment_options(config: Config, model_uri: Optional[str] = None, revision
         "max_ongoing_requests": int(s.max_ongoing_requests),
         "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_TIMEOUT_S,
         "health_check_period_s": HEALTH_CHECK_PERIOD_S,
+        # a rolling update (new code, or serve.run) starts the replacements first: the old replicas
+        # serve until the new ones are warm
+        "max_surge_percent": int(s.max_surge_percent),
         "ray_actor_options": {"num_cpus": float(s.num_cpus), "num_gpus": float(s.num_gpus)},
         "user_config": user_config(config, model_uri, revision),
     }
-    if s.autoscaling.enabled:
+    a = s.autoscaling
+    if a.enabled:
         options["autoscaling_config"] = {
-            "min_replicas": int(s.autoscaling.min_replicas),
-            "initial_replicas": int(s.autoscaling.min_replicas),
-            "max_replicas": int(s.autoscaling.max_replicas),
-            "target_ongoing_requests": float(s.autoscaling.target_ongoing_requests),
+            "min_replicas": int(a.min_replicas),
+            "initial_replicas": int(a.min_replicas),
+            "max_replicas": int(a.max_replicas),
+            "target_ongoing_requests": float(a.target_ongoing_requests),
+            "upscale_delay_s": float(a.upscale_delay_s),
+            "downscale_delay_s": float(a.downscale_delay_s),
+            "look_back_period_s": float(a.look_back_period_s),
         }
     else:
         options["num_replicas"] = int(s.num_replicas)

@@ -69,12 +69,13 @@ def validation_error(exc: RequestValidationError) -> APIError:
                     param=param, code="invalid_value")
 
 
-def install_error_handlers(app: FastAPI, on_error: Optional[Callable[[Request, int], None]] = None) -> None:
-    """OpenAI-shaped bodies for every error; ``on_error(request, status)`` counts them (metrics)."""
+def install_error_handlers(app: FastAPI, on_error: Optional[Callable[[Request, int, Optional[str]], None]] = None
+                           ) -> None:
+    """OpenAI-shaped bodies for every error; ``on_error(request, status, code)`` counts them (metrics)."""
 
     def respond(request: Request, err: APIError) -> JSONResponse:
         if on_error is not None:
-            on_error(request, err.status)
+            on_error(request, err.status, err.code)
         return error_response(err)
 
     @app.exception_handler(APIError)
@@ -93,4 +94,5 @@ def install_error_handlers(app: FastAPI, on_error: Optional[Callable[[Request, i
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         # A bug must cost one request, never the replica.
-        return respond(request, APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
+        return respond(request, APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error",
+                                         code="internal_error"))

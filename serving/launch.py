@@ -17,13 +17,12 @@ PROXY_START_TIMEOUT_S = 180.0
 def ensure_serve(host: str, port: int, proxy_location: str = "HeadOnly") -> str:
     """Start Serve's HTTP proxy on host:port, or reuse the running one; returns its base URL.
 
-    HTTP options are per cluster and fixed once Serve runs: if it already runs elsewhere,
-    that address is returned (and a different requested port is reported, not ignored silently).
+    HTTP options are per cluster and fixed once Serve runs: if Serve already runs but its proxy
+    does not answer on host:port, that is an error naming the requested port (not ignored silently).
     """
-    from ray.serve.context import _get_global_client
-
-    client = _get_global_client(raise_if_no_controller_running=False)
-    if client is None:
+    connect_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    base = f"http://{connect_host}:{int(port)}"
+    if not serve.status().proxies:  # no Serve controller on this cluster yet
         try:
             serve.start(proxy_location=proxy_location, http_options={"host": host, "port": int(port)})
         except ray.exceptions.RayActorError as err:
@@ -32,13 +31,25 @@ def ensure_serve(host: str, port: int, proxy_location: str = "HeadOnly") -> str:
             print(f"[serve] first HTTP proxy did not come up ({type(err).__name__}); waiting for its replacement",
                   flush=True)
         _wait_for_proxies(PROXY_START_TIMEOUT_S)
-        client = _get_global_client()
-    http = client.http_config
-    if int(http.port) != int(port):
-        print(f"[serve] Serve already runs with HTTP on port {http.port}; serve.port={port} is not applied "
-              "(HTTP options are fixed for the life of a Serve instance)", flush=True)
-    connect_host = "127.0.0.1" if http.host in ("0.0.0.0", "::", "") else http.host
-    return f"http://{connect_host}:{http.port}"
+    if not _proxy_answers(base):
+        raise RuntimeError(f"Serve runs on this Ray cluster but its HTTP proxy does not answer at {base}: HTTP "
+                           "options are fixed for the life of a Serve instance, so serve.host/serve.port must "
+                           "match the running one (or `serve shutdown` first)")
+    return base
+
+
+def _proxy_answers(base: str, timeout_s: float = 30.0) -> bool:
+    """Serve's proxy answers ``/-/routes`` (200 with its route table; 503 while no app is deployed)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{base}/-/routes", timeout=5.0).status_code in (200, 503):
+                return True
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
 
 
 def _wait_for_proxies(timeout_s: float) -> None:
@@ -54,7 +65,11 @@ def _wait_for_proxies(timeout_s: float) -> None:
 
 def deploy(config: Config, model_uri: Optional[str] = None, *, revision: str = "", name: Optional[str] = None,
            route_prefix: Optional[str] = None) -> str:
-    """``serve.run`` the app (non-blocking); returns the application's base URL (without /v1)."""
+    """``serve.run`` the app (non-blocking); returns the application's base URL (without /v1).
+
+    A redeploy of a running app is Serve's rolling update: the replacements start beside the old
+    replicas (``serve.max_surge_percent``) and take traffic once warm; the old ones finish what they run.
+    """
     base = ensure_serve(config.serve.host, config.serve.port, config.serve.proxy_location)
     prefix = route_prefix if route_prefix is not None else config.serve.route_prefix
     serve.run(make_application(config, model_uri, revision), name=name or config.serve.app_name,

@@ -1,51 +1,192 @@
-"""Per-deployment request limits (``serve.*``), checked after the body parsed.
+"""From a parsed request to a generation plan, checking the deployment's limits (``serve.*``).
 
-Each check names the field it rejects, so clients get ``param`` in the error body.
+Parsing (:mod:`serving.schemas`) checks each field alone; here come the rules that need the
+model (vocabulary, context length), the deployment's limits, or several fields together. Each
+failure is a 400 whose ``param`` names the field to fix.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional, Union
+
+from components.config.schema import ServeConfig
+from components.model.sampling import SamplingParams
+from serving import chat_template
+from serving.engine import GenerationParams
 from serving.errors import APIError
-from serving.schemas import CompletionRequest
+from serving.schemas import DEFAULT_MAX_TOKENS, ChatCompletionRequest, CompletionRequest
+
+# a temperature this small is greedy decoding anyway (logits / 1e-40 would overflow)
+MIN_TEMPERATURE = 1e-4
 
 
 def _invalid(message: str, param: str, code: str = "invalid_value") -> APIError:
     return APIError(400, message, param=param, code=code)
 
 
-def effective_max_tokens(request: CompletionRequest, serve_cfg) -> int:
-    """The client's ``max_tokens``; when it sent none, the OpenAI default capped by ``serve.max_tokens``."""
-    if "max_tokens" in request.model_fields_set:
-        return request.max_tokens
-    return min(request.max_tokens, serve_cfg.max_tokens)
+@dataclass
+class Prompt:
+    ids: list[int]
+    text: str                   # what ``echo`` returns (token-id prompts: their decoded text)
 
 
-def check_completion(request: CompletionRequest, serve_cfg, engine) -> tuple[list[list[int]], int]:
-    """(token ids of every prompt, max_tokens), or an APIError naming the first limit broken."""
-    prompts = request.prompts
-    max_tokens = effective_max_tokens(request, serve_cfg)
-    if len(prompts) > serve_cfg.max_prompts:
-        raise _invalid(f"'prompt' holds {len(prompts)} prompts; at most serve.max_prompts={serve_cfg.max_prompts}",
+@dataclass
+class Plan:
+    """What to generate for one request: ``best_of`` sequences per prompt, ``n`` returned per prompt."""
+
+    prompts: list[Prompt]
+    params: GenerationParams
+    n: int
+    best_of: int
+    max_tokens: int
+    echo: bool = False
+    logprobs: Optional[int] = None          # top-N reported per token (None: no logprobs in the response)
+    stream: bool = False
+    include_usage: bool = False
+    continuous_usage: bool = False
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p.ids) for p in self.prompts)
+
+    def seed(self, choice: int) -> Optional[int | str]:
+        """Choice j of a seeded request: its own reproducible stream (choice 0 = the plain seed)."""
+        seed = self.params.seed
+        if seed is None or choice == 0:
+            return seed
+        return f"{seed}/{choice}"
+
+
+def _check_token_ids(ids: list[int], vocab: int, param: str) -> None:
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise _invalid(f"{param!r} holds token ids {bad[:5]} outside the vocabulary [0, {vocab})", param,
+                       "invalid_token_id")
+
+
+def _sampling(body: Union[CompletionRequest, ChatCompletionRequest], engine) -> SamplingParams:
+    bias = []
+    for key, value in (body.logit_bias or {}).items():
+        token = int(key)
+        if not 0 <= token < engine.vocab_size:
+            raise _invalid(f"'logit_bias' token id {token} is outside the vocabulary [0, {engine.vocab_size})",
+                           "logit_bias", "invalid_token_id")
+        bias.append((token, float(value)))
+    temperature = 1.0 if body.temperature is None else body.temperature
+    return SamplingParams(
+        temperature=temperature if temperature >= MIN_TEMPERATURE else 0.0,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=0 if body.top_k in (None, -1) else body.top_k,
+        min_p=body.min_p or 0.0,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        logit_bias=tuple(bias))
+
+
+def _counts(body, serve_cfg: ServeConfig) -> tuple[int, int]:
+    n = body.n or 1
+    best_of = getattr(body, "best_of", None) or n
+    if n > serve_cfg.max_n:
+        raise _invalid(f"'n'={n} exceeds the limit serve.max_n={serve_cfg.max_n}", "n")
+    if best_of > serve_cfg.max_n:
+        raise _invalid(f"'best_of'={best_of} exceeds the limit serve.max_n={serve_cfg.max_n}", "best_of")
+    return n, best_of
+
+
+def _check_lengths(prompts: list[Prompt], max_tokens: int, serve_cfg: ServeConfig, engine, param: str,
+                   max_tokens_param: str) -> None:
+    for i, prompt in enumerate(prompts):
+        where = param if len(prompts) == 1 else f"{param}[{i}]"
+        if not prompt.ids:
+            raise _invalid(f"{where!r} encodes to no tokens", where, "empty_prompt")
+        if len(prompt.ids) > serve_cfg.max_prompt_tokens:
+            raise _invalid(f"{where!r} is {len(prompt.ids)} tokens; at most serve.max_prompt_tokens="
+                           f"{serve_cfg.max_prompt_tokens}", where, "prompt_too_long")
+        if len(prompt.ids) + max_tokens > engine.max_seq_len:
+            raise _invalid(f"{where!r} ({len(prompt.ids)} tokens) + {max_tokens_param!r} ({max_tokens}) exceeds "
+                           f"the model's context of {engine.max_seq_len} tokens", max_tokens_param,
+                           "context_length_exceeded")
+
+
+def _generation(body, engine, serve_cfg: ServeConfig, max_tokens: int, logprobs: Optional[int], best_of: int,
+                n: int, extra_stop: tuple[str, ...] = ()) -> GenerationParams:
+    stop_ids = list(body.stop_token_ids or ())
+    _check_token_ids(stop_ids, engine.vocab_size, "stop_token_ids")
+    min_tokens = body.min_tokens or 0
+    if min_tokens > max_tokens:
+        raise _invalid(f"'min_tokens'={min_tokens} exceeds max_tokens={max_tokens}", "min_tokens")
+    if logprobs is not None and logprobs > serve_cfg.max_logprobs:
+        raise _invalid(f"logprobs={logprobs} exceeds the limit serve.max_logprobs={serve_cfg.max_logprobs}",
+                       "logprobs" if isinstance(body, CompletionRequest) else "top_logprobs")
+    # best_of ranks candidates by their mean log-probability, so it needs them even when not reported
+    wanted = logprobs if logprobs is not None else (0 if best_of > n else None)
+    return GenerationParams(
+        max_tokens=max_tokens, sampling=_sampling(body, engine), stop=tuple(body.stops) + extra_stop,
+        stop_token_ids=tuple(stop_ids), ignore_eos=bool(body.ignore_eos), min_tokens=min_tokens,
+        include_stop_str_in_output=bool(body.include_stop_str_in_output), logprobs=wanted, seed=body.seed)
+
+
+def _stream_flags(body) -> tuple[bool, bool, bool]:
+    stream = bool(body.stream)
+    options = body.stream_options
+    return stream, bool(options and options.include_usage), bool(options and options.continuous_usage_stats)
+
+
+def plan_completion(body: CompletionRequest, serve_cfg: ServeConfig, engine) -> Plan:
+    items = body.prompts
+    if len(items) > serve_cfg.max_prompts:
+        raise _invalid(f"'prompt' holds {len(items)} prompts; at most serve.max_prompts={serve_cfg.max_prompts}",
                        "prompt", "too_many_prompts")
+    if body.max_tokens is None:
+        max_tokens = min(DEFAULT_MAX_TOKENS, serve_cfg.max_tokens)
+    else:
+        max_tokens = body.max_tokens
     if max_tokens > serve_cfg.max_tokens:
         raise _invalid(f"'max_tokens'={max_tokens} exceeds the limit serve.max_tokens={serve_cfg.max_tokens}",
                        "max_tokens")
-    encoded = []
-    for i, text in enumerate(prompts):
-        param = "prompt" if isinstance(request.prompt, str) else f"prompt[{i}]"
-        ids = engine.encode(text)
-        if not ids:
-            raise _invalid(f"{param!r} encodes to no tokens", param, "empty_prompt")
-        if len(ids) > serve_cfg.max_prompt_tokens:
-            raise _invalid(f"{param!r} is {len(ids)} tokens; at most serve.max_prompt_tokens="
-                           f"{serve_cfg.max_prompt_tokens}", param, "prompt_too_long")
-        if len(ids) + max_tokens > engine.max_seq_len:
-            raise _invalid(f"{param!r} ({len(ids)} tokens) + 'max_tokens' ({max_tokens}) exceeds the "
-                           f"model's context of {engine.max_seq_len} tokens", "max_tokens", "context_length_exceeded")
-        encoded.append(ids)
-    return encoded, max_tokens
+    if max_tokens == 0 and not body.echo:
+        raise _invalid("'max_tokens'=0 is only allowed with echo=true (to score the prompt)", "max_tokens")
+    prompts = []
+    for i, item in enumerate(items):
+        param = "prompt" if len(items) == 1 else f"prompt[{i}]"
+        if isinstance(item, str):
+            prompts.append(Prompt(engine.encode(item), item))
+        else:
+            _check_token_ids(item, engine.vocab_size, param)
+            prompts.append(Prompt(list(item), engine.tokenizer.decode(item)))
+    _check_lengths(prompts, max_tokens, serve_cfg, engine, "prompt", "max_tokens")
+    n, best_of = _counts(body, serve_cfg)
+    stream, include_usage, continuous = _stream_flags(body)
+    params = _generation(body, engine, serve_cfg, max_tokens, body.logprobs, best_of, n)
+    return Plan(prompts, params, n, best_of, max_tokens, echo=bool(body.echo), logprobs=body.logprobs,
+                stream=stream, include_usage=include_usage, continuous_usage=continuous)
 
 
-def check_score_text(token_ids: list[int], serve_cfg, engine) -> None:
+def plan_chat(body: ChatCompletionRequest, serve_cfg: ServeConfig, engine) -> Plan:
+    text = chat_template.render(body.messages)
+    prompt = Prompt(engine.encode(text), text)
+    if len(prompt.ids) > serve_cfg.max_prompt_tokens:
+        raise _invalid(f"'messages' render to {len(prompt.ids)} tokens with the chat template; at most "
+                       f"serve.max_prompt_tokens={serve_cfg.max_prompt_tokens}", "messages", "prompt_too_long")
+    param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    requested = body.requested_max_tokens
+    if requested is not None and requested > serve_cfg.max_tokens:
+        raise _invalid(f"{param!r}={requested} exceeds the limit serve.max_tokens={serve_cfg.max_tokens}", param)
+    # without a limit from the client: as much as the context and the deployment allow
+    max_tokens = requested if requested is not None else \
+        max(1, min(serve_cfg.max_tokens, engine.max_seq_len - len(prompt.ids)))
+    _check_lengths([prompt], max_tokens, serve_cfg, engine, "messages", param)
+    n, best_of = _counts(body, serve_cfg)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    stream, include_usage, continuous = _stream_flags(body)
+    params = _generation(body, engine, serve_cfg, max_tokens, logprobs, best_of, n,
+                         extra_stop=(chat_template.TURN_STOP,))
+    return Plan([prompt], params, n, best_of, max_tokens, logprobs=logprobs, stream=stream,
+                include_usage=include_usage, continuous_usage=continuous)
+
+
+def check_score_text(token_ids: list[int], serve_cfg: ServeConfig, engine) -> None:
     limit = min(serve_cfg.max_prompt_tokens + serve_cfg.max_tokens, engine.max_seq_len)
     if len(token_ids) < 2:
         raise _invalid("'text' must encode to at least 2 tokens to be scored", "text", "text_too_short")

@@ -1,56 +1,131 @@
-"""Prometheus metrics of one replica, labelled by model version.
+"""A replica's metrics, recorded twice: through ``ray.serve.metrics`` and a local Prometheus registry.
 
-A private registry per replica (not the process-global default) keeps the text served
-on ``GET /metrics`` to moeops' own series. With several replicas each scrape reaches one
-of them; Prometheus sums across scrapes by the ``replica`` label.
+``ray.serve.metrics`` (Counter / Gauge / Histogram) is what a cluster's Prometheus sees: Ray's
+metrics agent on every node exports every replica's series, tagged with ``application``,
+``deployment`` and ``replica`` by Serve (exported with Ray's ``ray_`` prefix, e.g.
+``ray_moeops_requests_total``). The private ``prometheus_client`` registry backs ``GET /metrics``
+for a local run without a Prometheus (one scrape reaches one replica).
+
+Series (all but the gauges labelled by ``model_version``, the served ``<name>/<version>``):
+requests by route/status, errors by route/status/code, request latency, time to first token,
+inter-token latency, generated tokens, tokens/s, queue depth (sequences waiting for a KV slot),
+running sequences, readiness.
 """
 from __future__ import annotations
 
 import time
+from typing import Any, Iterable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the app)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+TOKENS_PER_S_WINDOW_S = 1.0
+
+
+class _Series:
+    """One metric in both backends; ``kind`` is counter | gauge | histogram."""
+
+    def __init__(self, registry: CollectorRegistry, ray_enabled: bool, kind: str, name: str, doc: str,
+                 labels: tuple[str, ...], buckets: Optional[tuple[float, ...]] = None):
+        self.kind, self.labels = kind, labels
+        local = {"counter": Counter, "gauge": Gauge, "histogram": Histogram}[kind]
+        extra = {"buckets": buckets} if buckets else {}
+        self.local = local(name, doc, list(labels), registry=registry, **extra)
+        self.cluster = None
+        if ray_enabled:
+            from ray.serve import metrics as serve_metrics
+
+            cls = {"counter": serve_metrics.Counter, "gauge": serve_metrics.Gauge,
+                   "histogram": serve_metrics.Histogram}[kind]
+            extra = {"boundaries": list(buckets)} if buckets else {}
+            self.cluster = cls(name, description=doc, tag_keys=labels, **extra)
+
+    def record(self, value: float, **tags: str) -> None:
+        local = self.local.labels(**tags) if self.labels else self.local
+        if self.kind == "counter":
+            local.inc(value)
+        elif self.kind == "gauge":
+            local.set(value)
+        else:
+            local.observe(value)
+        if self.cluster is not None:
+            tags = tags or None
+            if self.kind == "counter":
+                self.cluster.inc(value, tags=tags)
+            elif self.kind == "gauge":
+                self.cluster.set(value, tags=tags)
+            else:
+                self.cluster.observe(value, tags=tags)
 
 
 class ServeMetrics:
-    def __init__(self, replica: str = ""):
+    def __init__(self, ray_enabled: bool = False):
+        """``ray_enabled``: also record through ``ray.serve.metrics`` (inside a Serve replica)."""
         self.registry = CollectorRegistry(auto_describe=True)
-        labels = {"replica": replica} if replica else {}
-        common = list(labels)
-        self._const = labels
-        self.requests = Counter("moeops_requests", "HTTP requests by route, status and model version",
-                                ["route", "status", "model_version", *common], registry=self.registry)
-        self.latency = Histogram("moeops_request_latency_seconds", "End-to-end request latency in the replica",
-                                 ["route", "model_version", *common], buckets=LATENCY_BUCKETS,
-                                 registry=self.registry)
-        self.batch_size = Histogram("moeops_batch_size", "Sequences decoded together in one batch",
-                                    ["model_version", *common], buckets=BATCH_BUCKETS, registry=self.registry)
-        self.tokens = Counter("moeops_generated_tokens", "Generated tokens",
-                              ["model_version", *common], registry=self.registry)
-        self.tokens_per_s = Gauge("moeops_tokens_per_second", "Generated tokens per second of the last batch",
-                                  ["model_version", *common], registry=self.registry)
-        self.ready = Gauge("moeops_ready", "1 when the replica has a loaded, warmed-up model",
-                           common, registry=self.registry)
 
+        def series(kind, name, doc, labels=(), buckets=None):
+            return _Series(self.registry, ray_enabled, kind, name, doc, tuple(labels), buckets)
+
+        self.requests = series("counter", "moeops_requests", "HTTP requests by route, status and model version",
+                               ("route", "status", "model_version"))
+        self.errors = series("counter", "moeops_errors", "Failed or rejected requests by route, status and "
+                             "error code", ("route", "status", "code"))
+        self.latency = series("histogram", "moeops_request_latency_seconds", "Request latency in the replica",
+                              ("route", "model_version"), LATENCY_BUCKETS)
+        self.ttft = series("histogram", "moeops_time_to_first_token_seconds",
+                           "From a sequence's arrival to its first generated token", ("model_version",),
+                           LATENCY_BUCKETS)
+        self.itl = series("histogram", "moeops_inter_token_latency_seconds",
+                          "Time between two decode steps (each running sequence gets one token per step)",
+                          ("model_version",), TOKEN_BUCKETS)
+        self.tokens = series("counter", "moeops_generated_tokens", "Generated tokens", ("model_version",))
+        self.tokens_per_s = series("gauge", "moeops_tokens_per_second", "Generated tokens per second over the "
+                                   "last second of decoding", ("model_version",))
+        self.queue_depth = series("gauge", "moeops_queue_depth", "Sequences waiting for a KV-cache slot")
+        self.running = series("gauge", "moeops_running_sequences", "Sequences decoding (holding a KV slot)")
+        self.ready = series("gauge", "moeops_ready", "1 when the replica has a loaded, warmed-up model")
+        self._window: dict[str, tuple[float, int]] = {}
+
+    # ------------------------------------------------------------------ request side (event loop)
     def observe_request(self, route: str, status: int, version: str, seconds: float) -> None:
-        self.requests.labels(route=route, status=str(status), model_version=version, **self._const).inc()
-        self.latency.labels(route=route, model_version=version, **self._const).observe(seconds)
+        self.requests.record(1, route=route, status=str(status), model_version=version)
+        self.latency.record(seconds, route=route, model_version=version)
 
-    def count_error(self, route: str, status: int) -> None:
-        """A rejected request: counted, but kept out of the latency histogram (no model ran)."""
-        self.requests.labels(route=route, status=str(status), model_version="none", **self._const).inc()
-
-    def observe_batch(self, version: str, size: int, new_tokens: int, seconds: float) -> None:
-        self.batch_size.labels(model_version=version, **self._const).observe(size)
-        self.tokens.labels(model_version=version, **self._const).inc(new_tokens)
-        if seconds > 0:
-            self.tokens_per_s.labels(model_version=version, **self._const).set(new_tokens / seconds)
+    def count_error(self, route: str, status: int, code: str = "", version: str = "none") -> None:
+        """A rejected or failed request: counted, kept out of the latency histogram."""
+        self.requests.record(1, route=route, status=str(status), model_version=version)
+        self.errors.record(1, route=route, status=str(status), code=code or "error")
 
     def set_ready(self, ready: bool) -> None:
-        (self.ready.labels(**self._const) if self._const else self.ready).set(1 if ready else 0)
+        self.ready.record(1 if ready else 0)
+
+    # ------------------------------------------------------------------ engine side (engine-loop thread)
+    def observe_step(self, version: str, outputs: Iterable[tuple[Any, Any]], gap_s: float, running: int,
+                     now: float) -> None:
+        new_tokens = 0
+        for seq, out in outputs:
+            if isinstance(out, BaseException):
+                continue
+            new_tokens += len(out.token_ids)
+            if seq.first_token_at is not None and not getattr(seq, "ttft_recorded", False):
+                seq.ttft_recorded = True
+                self.ttft.record(seq.first_token_at - seq.arrived, model_version=version)
+        if not new_tokens:
+            return
+        self.itl.record(gap_s, model_version=version)
+        self.tokens.record(new_tokens, model_version=version)
+        started, count = self._window.get(version, (now, 0))
+        count += new_tokens
+        if now - started >= TOKENS_PER_S_WINDOW_S:
+            self.tokens_per_s.record(count / (now - started), model_version=version)
+            started, count = now, 0
+        self._window[version] = (started, count)
+
+    def set_queue(self, waiting: int, running: int) -> None:
+        self.queue_depth.record(waiting)
+        self.running.record(running)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -13,6 +13,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from components.config import Config
 from components.tracking.registry import VersionInfo, get_version, load_registered, parse_model_uri
 
 log = logging.getLogger("moeops.serving")
@@ -22,27 +23,22 @@ CHAMPION, CHALLENGER, PINNED = "champion", "challenger", "pinned"
 
 @dataclass(frozen=True)
 class ModelSettings:
-    """The part of ``user_config`` that decides what is loaded and how traffic is split."""
+    """What is loaded and how default traffic is split: read from the typed config, nothing re-declared."""
 
     model_uri: str
-    challenger_uri: str = ""
-    canary_fraction: float = 0.0
-    quantize: str = "none"
+    challenger_uri: str
+    canary_fraction: float
+    quantize: str
 
     @classmethod
-    def from_user_config(cls, user_config: dict[str, Any]) -> "ModelSettings":
-        known = {k: user_config[k] for k in ("model_uri", "challenger_uri", "canary_fraction", "quantize")
-                 if k in user_config}
-        if "model_uri" not in known:
-            raise ValueError("user_config.model_uri is missing (models:/<name>@<alias> or models:/<name>/<version>)")
-        settings = cls(**known)
+    def from_config(cls, config: Config) -> "ModelSettings":
+        from serving.deploy_config import challenger_uri, resolved_model_uri
+
+        s = config.serve
+        settings = cls(model_uri=resolved_model_uri(config), challenger_uri=challenger_uri(config),
+                       canary_fraction=float(s.canary_fraction), quantize=s.quantize)
         parse_model_uri(settings.model_uri)
-        if settings.challenger_uri:
-            parse_model_uri(settings.challenger_uri)
-        if not 0.0 <= float(settings.canary_fraction) <= 1.0:
-            raise ValueError(f"user_config.canary_fraction={settings.canary_fraction}: must be in [0, 1]")
-        if settings.quantize not in ("none", "int8"):
-            raise ValueError(f"user_config.quantize={settings.quantize!r}: must be 'none' or 'int8'")
+        parse_model_uri(settings.challenger_uri)
         return settings
 
 
@@ -51,7 +47,7 @@ class ServedModel:
     """One loaded, warmed-up version and the engine that decodes with it."""
 
     info: VersionInfo
-    engine: Any            # serving.generation.Engine
+    engine: Any            # serving.engine.Engine
     role: str              # champion | challenger | pinned
     quantize: str
 
@@ -65,29 +61,38 @@ class ServedModel:
 
     @property
     def fingerprint(self) -> str:
-        suffix = "-int8" if self.quantize == "int8" else ""
-        return f"{self.info.name}/{self.info.version}{suffix}"
+        return fingerprint(self.info, self.quantize)
+
+
+def fingerprint(info: VersionInfo, quantize: str) -> str:
+    """``<name>/<version>``, ``-int8`` appended when quantised: names a served version in responses and metrics."""
+    return f"{info.name}/{info.version}" + ("" if quantize == "none" else f"-{quantize}")
 
 
 class ModelStore:
     """Thread-safe holder of the served versions; ``apply`` runs off the event loop."""
 
-    def __init__(self, tracking_uri: str, make_engine: Callable[[Any, str], Any], seed: Optional[int] = None):
+    def __init__(self, tracking_uri: str, make_engine: Callable[[Any, str, str], Any], seed: Optional[int] = None,
+                 device: str = "cpu"):
         self.tracking_uri = tracking_uri
-        self._make_engine = make_engine  # (LoadedModel, quantize) -> warmed-up Engine
+        self.device = device
+        self._make_engine = make_engine  # (LoadedModel, quantize, fingerprint) -> warmed-up Engine
         self._lock = threading.Lock()
         self._rng = random.Random(seed)
         self.champion: Optional[ServedModel] = None
         self.challenger: Optional[ServedModel] = None
         self.settings: Optional[ModelSettings] = None
+        self.shape: tuple = ()
         self.last_error: str = ""
 
     @property
     def ready(self) -> bool:
         return self.champion is not None
 
-    def apply(self, settings: ModelSettings) -> bool:
+    def apply(self, settings: ModelSettings, shape: tuple = ()) -> bool:
         """Resolve aliases; load and warm up what changed; swap. Returns True if anything changed.
+
+        ``shape``: what an engine is built with (its slot count ...); a new shape rebuilds the engines.
 
         Raises (and keeps serving the current versions) when the champion cannot be resolved or loaded.
         """
@@ -99,26 +104,29 @@ class ModelStore:
             except LookupError as err:
                 log.warning("canary disabled: %s", err)
         champion = self._load_or_reuse(champion_info, settings.quantize,
-                                       CHAMPION if "@" in settings.model_uri else PINNED)
+                                       CHAMPION if "@" in settings.model_uri else PINNED, shape)
         challenger = None
         if challenger_info is not None and challenger_info.version != champion_info.version:
-            challenger = self._load_or_reuse(challenger_info, settings.quantize, CHALLENGER)
+            challenger = self._load_or_reuse(challenger_info, settings.quantize, CHALLENGER, shape)
         with self._lock:
-            changed = (self.settings != settings or _version(self.champion) != _version(champion)
+            changed = (self.settings != settings or self.shape != shape
+                       or _version(self.champion) != _version(champion)
                        or _version(self.challenger) != _version(challenger))
-            self.champion, self.challenger, self.settings = champion, challenger, settings
+            self.champion, self.challenger, self.settings, self.shape = champion, challenger, settings, shape
             self.last_error = ""
         if changed:
             log.info("serving %s%s", champion.fingerprint,
                      f" + canary {challenger.fingerprint} at {settings.canary_fraction:.0%}" if challenger else "")
         return changed
 
-    def _load_or_reuse(self, info: VersionInfo, quantize: str, role: str) -> ServedModel:
+    def _load_or_reuse(self, info: VersionInfo, quantize: str, role: str, shape: tuple) -> ServedModel:
         for current in (self.champion, self.challenger):
-            if current is not None and current.version == info.version and current.quantize == quantize:
+            if (current is not None and current.version == info.version and current.quantize == quantize
+                    and self.shape == shape):
                 return ServedModel(info=info, engine=current.engine, role=role, quantize=quantize)
-        loaded, loaded_info = load_registered(info.model_uri, self.tracking_uri)
-        return ServedModel(info=loaded_info, engine=self._make_engine(loaded, quantize), role=role, quantize=quantize)
+        loaded, loaded_info = load_registered(info.model_uri, self.tracking_uri, device=self.device)
+        engine = self._make_engine(loaded, quantize, fingerprint(loaded_info, quantize))
+        return ServedModel(info=loaded_info, engine=engine, role=role, quantize=quantize)
 
     def choose(self, requested: Optional[str]) -> ServedModel:
         """The version for one request: canary split by default, or pinned by ``<name>@<alias>``/``<name>/<v>``."""

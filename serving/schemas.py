@@ -1,17 +1,26 @@
-"""Request and response bodies of the HTTP API, in the OpenAI completions convention.
+"""Request and response bodies of the HTTP API: OpenAI's completions and chat completions, as vLLM takes them.
 
-Every request model forbids unknown fields and is strict about types, so a typo or a
-string where a number belongs is a 400 naming the field instead of a silent default.
-Limits that depend on the deployment's config (``serve.max_tokens`` ...) are checked in
-:mod:`serving.limits`, after parsing, because pydantic models are static.
+Every field of OpenAI's ``POST /v1/completions`` and ``POST /v1/chat/completions`` requests is
+accepted, and ``null`` means the field's default (clients such as LangChain send explicit
+``null``s and neutral values). vLLM's extra sampling fields that moeops implements (``top_k``,
+``min_p``, ``repetition_penalty``, ``stop_token_ids``, ``ignore_eos``, ``min_tokens``,
+``include_stop_str_in_output``) are accepted too. A field in no schema is a 400 that names it, and
+types are strict (``"5"`` is not an int). Features a base model cannot serve (``suffix``, tool
+calls, JSON response formats, audio) are accepted only at their neutral value and are otherwise a
+400 saying so. Limits that depend on the deployment's config (``serve.max_tokens`` ...) are checked
+in :mod:`serving.limits`, after parsing.
 """
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 MAX_STOP_SEQUENCES = 4
+INT64 = 2**63 - 1
+
+# OpenAI's completions defaults (the chat API's max_tokens default is the deployment's limit)
+DEFAULT_MAX_TOKENS = 16
 
 
 def _require_unicode(text: str, where: str = "") -> None:
@@ -27,38 +36,34 @@ class _Request(BaseModel):
 
 
 class StreamOptions(_Request):
-    include_usage: bool = False
+    include_usage: Optional[bool] = None
+    # vLLM: usage in every chunk
+    continuous_usage_stats: Optional[bool] = None
 
 
-class CompletionRequest(_Request):
-    """``POST /v1/completions``."""
+class _Sampling(_Request):
+    """Fields shared by both endpoints. ``None`` (JSON ``null``) always means the default."""
 
-    # the served model name (canary routing) or "<name>@<alias>" to pin a version; default: the served model
     model: Optional[str] = None
-    prompt: Union[str, list[str]]
-    max_tokens: int = Field(16, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
+    logit_bias: Optional[dict[str, float]] = None
+    n: Optional[int] = Field(None, ge=1)
+    seed: Optional[int] = Field(None, ge=-INT64 - 1, le=INT64)
     stop: Union[str, list[str], None] = None
-    seed: Optional[int] = Field(None, ge=0, le=2**63 - 1)
-    stream: bool = False
+    stream: Optional[bool] = None
     stream_options: Optional[StreamOptions] = None
-    # accepted for client compatibility; only one completion per prompt is generated
-    n: int = Field(1, ge=1, le=1)
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
     user: Optional[str] = None
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt_not_empty(cls, prompt: Union[str, list[str]]) -> Union[str, list[str]]:
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        if not prompts:
-            raise ValueError("must be a non-empty string or a non-empty list of non-empty strings")
-        for i, text in enumerate(prompts):
-            where = "" if isinstance(prompt, str) else f" (item {i})"
-            if not text.strip():
-                raise ValueError(f"must not be empty or whitespace only{where}")
-            _require_unicode(text, where)
-        return prompt
+    # vLLM's sampling extras
+    top_k: Optional[int] = Field(None, ge=-1)
+    min_p: Optional[float] = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: Optional[float] = Field(None, gt=0.0, le=2.0)
+    stop_token_ids: Optional[list[int]] = None
+    ignore_eos: Optional[bool] = None
+    min_tokens: Optional[int] = Field(None, ge=0)
+    include_stop_str_in_output: Optional[bool] = None
 
     @field_validator("stop")
     @classmethod
@@ -70,11 +75,205 @@ class CompletionRequest(_Request):
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(stops)}")
         if any(not s for s in stops):
             raise ValueError("stop sequences must be non-empty strings")
+        for s in stops:
+            _require_unicode(s)
         return stops
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, bias: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
+        for key, value in (bias or {}).items():
+            if not key.strip().lstrip("-").isdigit():
+                raise ValueError(f"keys must be token ids as strings (e.g. \"50256\"), got {key!r}")
+            if not -100.0 <= value <= 100.0:
+                raise ValueError(f"bias for token {key} is {value}: must be in [-100, 100]")
+        return bias
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(cls, options: Optional[StreamOptions], info: ValidationInfo):
+        if options is not None and not info.data.get("stream"):
+            raise ValueError("only allowed when stream is true")
+        return options
+
     @property
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+    def stops(self) -> list[str]:
+        return list(self.stop or ())
+
+
+Prompt = Union[str, list[str], list[int], list[list[int]]]
+
+
+class CompletionRequest(_Sampling):
+    """``POST /v1/completions``."""
+
+    prompt: Prompt
+    max_tokens: Optional[int] = Field(None, ge=0)
+    best_of: Optional[int] = Field(None, ge=1)
+    echo: Optional[bool] = None
+    logprobs: Optional[int] = Field(None, ge=0)
+    # OpenAI's insertion mode: no base model here was trained for fill-in-the-middle
+    suffix: Optional[str] = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_empty(cls, prompt: Prompt) -> Prompt:
+        if isinstance(prompt, list) and not prompt:
+            raise ValueError("must be a non-empty string, list of strings, list of token ids or list of "
+                             "token-id lists")
+        single = isinstance(prompt, str) or isinstance(prompt[0], int)
+        for i, item in enumerate([prompt] if single else prompt):
+            where = "" if single else f" (item {i})"
+            if isinstance(item, str):
+                if not item.strip():
+                    raise ValueError(f"must not be empty or whitespace only{where}")
+                _require_unicode(item, where)
+            elif not item:
+                raise ValueError(f"a token-id prompt must not be empty{where}")
+            elif any(t < 0 for t in item):
+                raise ValueError(f"token ids must be >= 0{where}")
+        return prompt
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, best_of: Optional[int], info: ValidationInfo) -> Optional[int]:
+        n = info.data.get("n") or 1
+        if best_of is not None and best_of < n:
+            raise ValueError(f"must be >= n ({n})")
+        if best_of is not None and best_of != n and info.data.get("stream"):
+            raise ValueError("cannot be used with stream (best_of must equal n when streaming)")
+        return best_of
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, suffix: Optional[str]) -> Optional[str]:
+        if suffix is not None:
+            raise ValueError("not supported: the served base model has no fill-in-the-middle (insertion) mode")
+        return suffix
+
+    @property
+    def prompts(self) -> list[Union[str, list[int]]]:
+        """Each prompt: text, or token ids."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if isinstance(self.prompt[0], int):
+            return [list(self.prompt)]
+        return list(self.prompt)
+
+
+# ------------------------------------------------------------------ chat
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Request):
+    """A message of ``messages``: system / developer / user / assistant, text only."""
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[TextPart], None] = None
+    name: Optional[str] = None
+    # an assistant message from an earlier turn may carry these (as null)
+    refusal: Optional[str] = None
+    tool_calls: Optional[list[Any]] = None
+
+    @model_validator(mode="after")
+    def _text(self):
+        if self.tool_calls:
+            raise ValueError("tool_calls: not supported (the served base model does not call tools)")
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"content: a {self.role} message needs content")
+        _require_unicode(self.text)
+        return self
+
+    @property
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[dict[str, Any]] = None
+
+
+class ChatCompletionRequest(_Sampling):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    max_tokens: Optional[int] = Field(None, ge=1)
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(None, ge=0)
+    response_format: Optional[ResponseFormat] = None
+    tools: Optional[list[Any]] = None
+    tool_choice: Union[str, dict[str, Any], None] = None
+    parallel_tool_calls: Optional[bool] = None
+    functions: Optional[list[Any]] = None
+    function_call: Union[str, dict[str, Any], None] = None
+    # accepted and without effect on generation: bookkeeping and options of OpenAI's hosted models
+    metadata: Optional[dict[str, str]] = None
+    store: Optional[bool] = None
+    service_tier: Optional[str] = None
+    modalities: Optional[list[str]] = None
+    audio: Optional[dict[str, Any]] = None
+    prediction: Optional[dict[str, Any]] = None
+    reasoning_effort: Optional[str] = None
+    verbosity: Optional[str] = None
+    web_search_options: Optional[dict[str, Any]] = None
+    safety_identifier: Optional[str] = None
+    prompt_cache_key: Optional[str] = None
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tools(cls, tools: Optional[list[Any]]) -> Optional[list[Any]]:
+        if tools:
+            raise ValueError("not supported: the served base model does not call tools")
+        return tools
+
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def _no_tool_choice(cls, choice: Union[str, dict[str, Any], None]) -> Union[str, dict[str, Any], None]:
+        if choice not in (None, "none", "auto"):
+            raise ValueError("not supported: no tools (only null, 'none' or 'auto')")
+        return choice
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_format(cls, fmt: Optional[ResponseFormat]) -> Optional[ResponseFormat]:
+        if fmt is not None and fmt.type != "text":
+            raise ValueError(f"type {fmt.type!r} is not supported, only 'text'")
+        return fmt
+
+    @field_validator("modalities")
+    @classmethod
+    def _text_only(cls, modalities: Optional[list[str]]) -> Optional[list[str]]:
+        if modalities is not None and set(modalities) - {"text"}:
+            raise ValueError(f"only ['text'] is supported, got {modalities}")
+        return modalities
+
+    @field_validator("audio", "prediction", "web_search_options")
+    @classmethod
+    def _unsupported(cls, value: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+        if value is not None:
+            raise ValueError("not supported by the served base model (only null)")
+        return value
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, top: Optional[int], info: ValidationInfo) -> Optional[int]:
+        if top and not info.data.get("logprobs"):
+            raise ValueError("needs logprobs=true")
+        return top
+
+    @property
+    def requested_max_tokens(self) -> Optional[int]:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
 class ScoreRequest(_Request):
@@ -92,17 +291,29 @@ class ScoreRequest(_Request):
         return text
 
 
+# ------------------------------------------------------------------ responses
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[Optional[float]]
+    top_logprobs: list[Optional[dict[str, float]]]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: Optional[CompletionLogprobs] = None
     finish_reason: Optional[Literal["stop", "length"]] = None
+    # vLLM: the stop string or stop token id that ended the text (null for EOS or length)
+    stop_reason: Union[str, int, None] = None
 
 
 class CompletionResponse(BaseModel):
@@ -115,6 +326,44 @@ class CompletionResponse(BaseModel):
     model_version: str
     choices: list[CompletionChoice]
     usage: Optional[Usage] = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]] = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: Optional[list[ChatTokenLogprob]] = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: Optional[ChatLogprobs] = None
+    finish_reason: Optional[Literal["stop", "length"]] = None
+    stop_reason: Union[str, int, None] = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: str
+    model_version: str
+    choices: list[ChatChoice]
+    usage: Usage
 
 
 class ScoreResponse(BaseModel):
@@ -138,6 +387,7 @@ class ModelCard(BaseModel):
     version: str
     alias: Optional[str] = None
     traffic_share: float
+    max_model_len: int
 
 
 class ModelList(BaseModel):

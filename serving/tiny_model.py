@@ -59,10 +59,8 @@ def register_tiny_models(config: Config, versions: int = 2, work_dir: str | Path
         export_dir = save_export(model.state_dict(), config.model, vocab, tokenizer_path, work / f"export-{i}")
         run_id = client.create_run(experiment_id, run_name=f"tiny-model-{i}").info.run_id
         registrations.append(log_and_register(
-            export_dir, run_id=run_id, tracking_uri=config.tracking.uri, model_name=config.registry.model_name,
-            metric="val_loss", metrics={"val_loss": 5.0 + i}, tags={"moeops.source": "serving.tiny_model"},
-            mode="min", champion_alias=config.registry.champion_alias,
-            challenger_alias=config.registry.challenger_alias))
+            export_dir, run_id=run_id, tracking_uri=config.tracking.uri, registry=config.registry,
+            metrics={config.registry.metric: 5.0 + i}, tags={"moeops.source": "serving.tiny_model"}))
         client.set_terminated(run_id)
     return registrations
 

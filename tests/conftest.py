@@ -14,6 +14,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# train and tune runs log MLflow system metrics; sample often enough for the tests' short stages
+os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
 
 pytest_plugins = ["fixtures.mlflow_server", "fixtures.s3"]
 
@@ -41,6 +43,8 @@ def ray_session(session_tmp):
             dashboard_port=free_port(),
             object_store_memory=400 * 1024**2,
             namespace="moeops-tests",
+            # private on purpose, as in pipelines/runtime.py: ray.init has no public way to keep a
+            # local node on loopback (`ray start --node-ip-address` starts a detached cluster)
             _node_ip_address="127.0.0.1",
             runtime_env={"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0", "TOKENIZERS_PARALLELISM": "false"}},
             log_to_driver=True,

@@ -109,6 +109,19 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), data))
 
 
+def section_from_dict(section: type, data: Any, name: str = "") -> Any:
+    """One typed section (``ModelConfig``, ``OverlapConfig``, ...) from its plain-dict form, e.g. a
+    model config read back from an export; the section itself passes through. Unknown keys raise
+    :class:`ConfigError` naming them; missing keys take the schema's defaults."""
+    if isinstance(data, section):
+        return data
+    prefix = f"{name}." if name else ""
+    unknown = _unknown_keys(dict(data), section, prefix)
+    if unknown:
+        raise ConfigError(unknown)
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(section), dict(data)))
+
+
 def with_overrides(config: Config, dotted: dict[str, Any]) -> Config:
     """A copy of ``config`` with ``{"train.lr": 1e-3, ...}`` applied and validated (Tune trials)."""
     data = to_container(config)

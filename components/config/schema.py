@@ -34,8 +34,12 @@ class DataConfig:
     byte_fallback: bool = True
     seq_len: int = 128
     val_fraction: float = 0.05
-    rows_per_shard: int = 1024
+    # rows (of seq_len + 1 tokens) per shard; 0: as many as fit ``shard_mb`` MiB of int32 tokens
+    rows_per_shard: int = 0
+    # shard size when rows_per_shard is 0 (before compression; mosaicml-streaming's default is 64 MB too)
+    shard_mb: int = 64
     seed: int = 1234
+    # chunks of the corpus tokenized and written at once (Ray tasks in flight)
     prepare_parallelism: int = 2
 
 
@@ -52,12 +56,19 @@ class StorageConfig:
     access_key_env: str = "AWS_ACCESS_KEY_ID"
     secret_key_env: str = "AWS_SECRET_ACCESS_KEY"
     warm_dir: str = "${paths.root}/warm"
+    # the warm cache never holds more shard bytes than this (LRU eviction)
     warm_limit_bytes: int = 2 * 1024**3
+    # re-check a warm shard's sha256 on every open (its size always is; Parquet page CRCs on decode)
     verify_on_open: bool = False
+    # shards fetched (and decoded) ahead at most; the reader goes as deep as the measured fetch time
+    # needs to keep up with consumption
     parallel_fetches: int = 4
+    # objects larger than this are fetched as concurrent ranged GETs of this size
+    part_mb: int = 16
     retries: int = 5
     backoff_base_s: float = 0.2
     backoff_max_s: float = 8.0
+    # batches made ready by the hot tier's background thread (0: produced on demand)
     hot_prefetch_batches: int = 4
 
 
@@ -88,13 +99,20 @@ class ModelConfig:
     bias_update_rate: float = 0.001
     tie_embeddings: bool = True
     init_std: float = 0.02
+    # how the experts run: "grouped_mm" (torch.nn.functional.grouped_mm, one kernel for all local
+    # experts), "loop" (one matmul per expert) or "auto" (grouped_mm for CUDA bf16 on SM80+, else loop)
+    expert_backend: str = "auto"
 
 
 @dataclass
 class OverlapConfig:
     """Compute-communication overlap switches, each measurable on its own."""
 
+    # expert-parallel all-to-alls issued asynchronously and pipelined over chunks, with the shared
+    # expert computing during the first dispatch; false: blocking all-to-alls, one chunk
     async_a2a: bool = True
+    # local tokens split into this many chunks (>= 2 overlaps one chunk's all-to-all with
+    # another's experts, forward and backward); used only with async_a2a
     a2a_chunks: int = 2
     ddp_bucket_mb: int = 25
     prefetch: bool = True
@@ -201,10 +219,18 @@ class RegistryConfig:
 
 @dataclass
 class AutoscalingConfig:
+    """Serve's request-based autoscaling of the replicas (``serve.autoscaling``)."""
+
     enabled: bool = False
     min_replicas: int = 1
     max_replicas: int = 2
+    # requests in flight per replica that Serve steers towards (running + queued sequences' requests)
     target_ongoing_requests: float = 8.0
+    # how long load must stay above / below target before a replica is added / removed
+    upscale_delay_s: float = 30.0
+    downscale_delay_s: float = 600.0
+    # window the load is averaged over (Serve pushes load figures every 10 s: keep it above that)
+    look_back_period_s: float = 30.0
 
 
 @dataclass
@@ -222,20 +248,35 @@ class ServeConfig:
     num_cpus: float = 0.5
     num_gpus: float = 0.0
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
-    max_batch_size: int = 16
-    batch_wait_timeout_s: float = 0.01
+    # continuous batching: sequences decoded together (KV-cache slots per model version and replica)
+    max_num_seqs: int = 16
+    # prompt tokens admitted into one decode step (a burst of long prompts joins over several steps)
+    max_num_batched_tokens: int = 512
+    # sequences waiting for a slot per replica; beyond it a request gets 429 with Retry-After
+    max_queued_sequences: int = 64
+    # the Retry-After (seconds) of a 429 (queue full) or 503 (not ready yet)
+    retry_after_s: int = 1
     max_prompt_tokens: int = 128
     max_tokens: int = 64
     max_prompts: int = 16
+    # upper bound of a request's n and best_of
+    max_n: int = 4
+    # upper bound of completions' logprobs and chat's top_logprobs
+    max_logprobs: int = 20
     max_body_bytes: int = 65536
     canary_fraction: float = 0.0
-    # "none" or "int8" (dynamic quantisation, CPU)
-    quantize: str = "none"
+    # int8 inference (docs/quantization.md): "auto" = int8 only where it measured faster than
+    # float (CPU replicas of models whose dim x ffn_dim >= 256K, e.g. moe_small's sizes; moe_tiny
+    # and CUDA replicas serve float); "int8" = always (fbgemm on CPU, torchao on CUDA); "none"
+    quantize: str = "auto"
     # bearer token: read from this environment variable; empty variable = auth off
     auth_token_env: str = "MOEOPS_API_TOKEN"
     smoke_prompt: str = "def "
-    # requests a replica accepts at once (queued for the batcher); beyond that Serve queues them
-    max_ongoing_requests: int = 64
+    # HTTP requests Serve sends a replica at once; must cover max_num_seqs + max_queued_sequences
+    # (each request is at least one sequence) plus probes, or the proxy queues what the engine could take
+    max_ongoing_requests: int = 96
+    # extra replicas (percent) during a rolling update: old replicas serve until the new ones are warm
+    max_surge_percent: int = 100
     # "HeadOnly" (one proxy, local) or "EveryNode" (a proxy per node, clusters)
     proxy_location: str = "HeadOnly"
     # a replica that cannot load its model yet (alias not set) retries this often, staying unready

@@ -1,6 +1,7 @@
 """Cross-field rules of the config, checked once on the driver before any Ray or MLflow work."""
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Any
 
@@ -8,6 +9,8 @@ from components.config.schema import Config
 
 STAGES = ("prepare", "tune", "train", "evaluate", "register", "deploy")
 SEARCH_TYPES = ("loguniform", "uniform", "choice", "randint", "quniform")
+# held-out figures the evaluate stage measures for every model it compares (the gate's metric)
+REGISTRY_METRICS = ("val_loss", "perplexity", "generation_tokens_per_s")
 
 
 class ConfigError(ValueError):
@@ -38,6 +41,7 @@ def validate(cfg: Config) -> None:
     m, t, d, s = cfg.model, cfg.train, cfg.data, cfg.serve
 
     _one_of(p, "model.kind", m.kind, ("moe", "dense"))
+    _one_of(p, "model.expert_backend", m.expert_backend, ("auto", "grouped_mm", "loop"))
     if m.dim % m.n_heads:
         p.append(f"model.dim={m.dim}: must be divisible by model.n_heads ({m.n_heads})")
     elif (m.dim // m.n_heads) % 2:
@@ -112,8 +116,10 @@ def validate(cfg: Config) -> None:
         p.append(f"data.val_fraction={d.val_fraction}: must be in (0, 1)")
     if d.vocab_size < 300:
         p.append(f"data.vocab_size={d.vocab_size}: must be >= 300 (256 byte symbols plus merges)")
-    if d.rows_per_shard < 1:
-        p.append(f"data.rows_per_shard={d.rows_per_shard}: must be >= 1")
+    if d.rows_per_shard < 0:
+        p.append(f"data.rows_per_shard={d.rows_per_shard}: must be >= 1, or 0 to size shards by data.shard_mb")
+    if d.shard_mb < 1:
+        p.append(f"data.shard_mb={d.shard_mb}: must be >= 1")
 
     st = cfg.storage
     if st.warm_limit_bytes <= 0:
@@ -122,6 +128,8 @@ def validate(cfg: Config) -> None:
         p.append(f"storage.retries={st.retries}: must be >= 0")
     if st.parallel_fetches < 1:
         p.append(f"storage.parallel_fetches={st.parallel_fetches}: must be >= 1")
+    if st.part_mb < 1:
+        p.append(f"storage.part_mb={st.part_mb}: must be >= 1")
     if st.hot_prefetch_batches < 0:
         p.append(f"storage.hot_prefetch_batches={st.hot_prefetch_batches}: must be >= 0 (0 = no prefetch thread)")
     if not 0 < st.backoff_base_s <= st.backoff_max_s:
@@ -132,47 +140,51 @@ def validate(cfg: Config) -> None:
         p.append(f"data.max_files={d.max_files}, data.max_bytes={d.max_bytes}: must be >= 1")
 
     tu = cfg.tune
-    _one_of(p, "tune.mode", tu.mode, ("min", "max"))
-    _one_of(p, "tune.search_alg", tu.search_alg, ("optuna", "random"))
-    _one_of(p, "tune.scheduler", tu.scheduler, ("asha", "fifo"))
-    if tu.num_samples < 1:
-        p.append(f"tune.num_samples={tu.num_samples}: must be >= 1")
-    if tu.trial_max_steps < 1 or tu.trial_eval_every < 1:
-        p.append(f"tune.trial_max_steps={tu.trial_max_steps}, tune.trial_eval_every={tu.trial_eval_every}: must be >= 1")
-    if tu.trial_num_workers % t.expert_parallel_size:
-        p.append(
-            f"tune.trial_num_workers={tu.trial_num_workers}: must be a multiple of "
-            f"train.expert_parallel_size ({t.expert_parallel_size})"
-        )
-    for key, spec in tu.search_space.items():
-        try:
-            _get_dotted(cfg, key)
-        except KeyError:
-            p.append(f"tune.search_space.{key}: no such config key")
-            continue
-        kind = spec.get("type") if isinstance(spec, dict) else None
-        if kind not in SEARCH_TYPES:
-            p.append(f"tune.search_space.{key}.type={kind!r}: must be one of {', '.join(SEARCH_TYPES)}")
-        elif kind == "choice" and not spec.get("values"):
-            p.append(f"tune.search_space.{key}.values: a choice needs a non-empty list of values")
-        elif kind != "choice" and not (
-            isinstance(spec.get("low"), (int, float)) and isinstance(spec.get("high"), (int, float))
-            and spec["low"] < spec["high"]
-        ):
-            p.append(f"tune.search_space.{key}: {kind} needs numbers low < high, got low={spec.get('low')!r} high={spec.get('high')!r}")
-        elif kind == "loguniform" and spec["low"] <= 0:
-            p.append(f"tune.search_space.{key}.low={spec['low']}: loguniform needs low > 0")
-
-    for i, point in enumerate(tu.points_to_evaluate):
-        for key in point:
+    # A sweep that is off is never run: its settings (e.g. trial_num_workers for another
+    # train.expert_parallel_size) must not block the training that is.
+    if tu.enabled:
+        _one_of(p, "tune.mode", tu.mode, ("min", "max"))
+        _one_of(p, "tune.search_alg", tu.search_alg, ("optuna", "random"))
+        _one_of(p, "tune.scheduler", tu.scheduler, ("asha", "fifo"))
+        if tu.num_samples < 1:
+            p.append(f"tune.num_samples={tu.num_samples}: must be >= 1")
+        if tu.trial_max_steps < 1 or tu.trial_eval_every < 1:
+            p.append(f"tune.trial_max_steps={tu.trial_max_steps}, tune.trial_eval_every={tu.trial_eval_every}: must be >= 1")
+        if tu.trial_num_workers % t.expert_parallel_size:
+            p.append(
+                f"tune.trial_num_workers={tu.trial_num_workers}: must be a multiple of "
+                f"train.expert_parallel_size ({t.expert_parallel_size})"
+            )
+        for key, spec in tu.search_space.items():
             try:
                 _get_dotted(cfg, key)
             except KeyError:
-                p.append(f"tune.points_to_evaluate[{i}].{key}: no such config key")
-    if tu.trial_driver_cpus < 0:
-        p.append(f"tune.trial_driver_cpus={tu.trial_driver_cpus}: must be >= 0")
+                p.append(f"tune.search_space.{key}: no such config key")
+                continue
+            kind = spec.get("type") if isinstance(spec, dict) else None
+            if kind not in SEARCH_TYPES:
+                p.append(f"tune.search_space.{key}.type={kind!r}: must be one of {', '.join(SEARCH_TYPES)}")
+            elif kind == "choice" and not spec.get("values"):
+                p.append(f"tune.search_space.{key}.values: a choice needs a non-empty list of values")
+            elif kind != "choice" and not (
+                isinstance(spec.get("low"), (int, float)) and isinstance(spec.get("high"), (int, float))
+                and spec["low"] < spec["high"]
+            ):
+                p.append(f"tune.search_space.{key}: {kind} needs numbers low < high, got low={spec.get('low')!r} high={spec.get('high')!r}")
+            elif kind == "loguniform" and spec["low"] <= 0:
+                p.append(f"tune.search_space.{key}.low={spec['low']}: loguniform needs low > 0")
+
+        for i, point in enumerate(tu.points_to_evaluate):
+            for key in point:
+                try:
+                    _get_dotted(cfg, key)
+                except KeyError:
+                    p.append(f"tune.points_to_evaluate[{i}].{key}: no such config key")
+        if tu.trial_driver_cpus < 0:
+            p.append(f"tune.trial_driver_cpus={tu.trial_driver_cpus}: must be >= 0")
 
     _one_of(p, "registry.mode", cfg.registry.mode, ("min", "max"))
+    _one_of(p, "registry.metric", cfg.registry.metric, REGISTRY_METRICS)
     if cfg.registry.champion_alias == cfg.registry.challenger_alias:
         p.append(f"registry.challenger_alias={cfg.registry.challenger_alias!r}: must differ from registry.champion_alias")
 
@@ -185,21 +197,28 @@ def validate(cfg: Config) -> None:
         )
     if not 0 <= s.canary_fraction <= 1:
         p.append(f"serve.canary_fraction={s.canary_fraction}: must be in [0, 1]")
-    _one_of(p, "serve.quantize", s.quantize, ("none", "int8"))
-    if s.quantize == "int8" and s.num_gpus > 0:
-        p.append("serve.quantize='int8': dynamic int8 quantisation runs on CPU; set serve.num_gpus=0")
+    _one_of(p, "serve.quantize", s.quantize, ("none", "int8", "auto"))  # components.model.quantize.QUANTIZE_MODES
+    if s.quantize == "int8" and s.num_gpus > 0 and importlib.util.find_spec("torchao") is None:
+        p.append("serve.quantize='int8' on GPU replicas (serve.num_gpus > 0) uses torchao, which is not installed: "
+                 "pip install 'moeops[cuda-int8]', or set serve.quantize=auto or none")
     if not 0 < s.port < 65536:
         p.append(f"serve.port={s.port}: must be a TCP port (1-65535)")
-    if s.max_batch_size < 1 or s.max_prompts < 1:
-        p.append(f"serve.max_batch_size={s.max_batch_size}, serve.max_prompts={s.max_prompts}: must be >= 1")
+    for key in ("max_num_seqs", "max_prompts", "max_n", "max_queued_sequences", "retry_after_s"):
+        if getattr(s, key) < 1:
+            p.append(f"serve.{key}={getattr(s, key)}: must be >= 1")
+    if s.max_num_batched_tokens < s.max_prompt_tokens:
+        p.append(f"serve.max_num_batched_tokens={s.max_num_batched_tokens}: must be >= serve.max_prompt_tokens "
+                 f"({s.max_prompt_tokens}) or a long prompt could never be admitted")
+    if s.max_logprobs < 0:
+        p.append(f"serve.max_logprobs={s.max_logprobs}: must be >= 0")
+    if not 0 <= s.max_surge_percent <= 100:
+        p.append(f"serve.max_surge_percent={s.max_surge_percent}: must be in [0, 100]")
     if s.num_cpus <= 0 and s.num_gpus <= 0:
         p.append(f"serve.num_cpus={s.num_cpus}: a replica needs some CPU or GPU")
     _one_of(p, "serve.proxy_location", s.proxy_location, ("HeadOnly", "EveryNode", "Disabled"))
-    if s.max_ongoing_requests < s.max_batch_size:
-        p.append(f"serve.max_ongoing_requests={s.max_ongoing_requests}: must be >= serve.max_batch_size "
-                 f"({s.max_batch_size}) or batches can never fill")
-    if s.batch_wait_timeout_s < 0:
-        p.append(f"serve.batch_wait_timeout_s={s.batch_wait_timeout_s}: must be >= 0")
+    if s.max_ongoing_requests < s.max_num_seqs:
+        p.append(f"serve.max_ongoing_requests={s.max_ongoing_requests}: must be >= serve.max_num_seqs "
+                 f"({s.max_num_seqs}) or the decoding slots can never fill")
     if s.max_prompt_tokens < 1 or s.max_body_bytes < 256:
         p.append(f"serve.max_prompt_tokens={s.max_prompt_tokens}, serve.max_body_bytes={s.max_body_bytes}: "
                  "must be >= 1 and >= 256")
@@ -211,6 +230,11 @@ def validate(cfg: Config) -> None:
     if a.enabled and not 1 <= a.min_replicas <= a.max_replicas:
         p.append(f"serve.autoscaling.min_replicas={a.min_replicas}: need 1 <= min_replicas <= max_replicas "
                  f"({a.max_replicas})")
+    if a.enabled and (a.upscale_delay_s < 0 or a.downscale_delay_s < 0 or a.look_back_period_s <= 0
+                      or a.target_ongoing_requests <= 0):
+        p.append(f"serve.autoscaling: delays must be >= 0, look_back_period_s and target_ongoing_requests > 0 "
+                 f"(got upscale_delay_s={a.upscale_delay_s}, downscale_delay_s={a.downscale_delay_s}, "
+                 f"look_back_period_s={a.look_back_period_s}, target_ongoing_requests={a.target_ongoing_requests})")
     if not a.enabled and s.num_replicas < 1:
         p.append(f"serve.num_replicas={s.num_replicas}: must be >= 1")
 

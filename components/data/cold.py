@@ -13,15 +13,17 @@ nobody references, never a manifest that points at missing bytes.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import random
 import time
 import uuid
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, Callable, TypeVar
 
 import fsspec
+import fsspec.core
 from fsspec.implementations.local import LocalFileSystem
+
+from components.config.schema import StorageConfig
 
 T = TypeVar("T")
 
@@ -38,26 +40,23 @@ class ColdStorageError(IOError):
     """The cold tier failed for good (after all retries) or the URI cannot be used."""
 
 
-def storage_dict(storage: Any) -> dict[str, Any]:
-    """The ``storage`` section as a plain dict, whether given as StorageConfig, dict or None."""
+def storage_or_default(storage: StorageConfig | None) -> StorageConfig:
+    """The given ``storage`` section, or the schema's defaults when there is none."""
     if storage is None:
-        return {}
-    if dataclasses.is_dataclass(storage):
-        return dataclasses.asdict(storage)
-    if isinstance(storage, Mapping):
-        return dict(storage)
-    raise TypeError(f"storage must be a StorageConfig or dict, got {type(storage).__name__}")
+        return StorageConfig()
+    if not isinstance(storage, StorageConfig):
+        raise TypeError(f"storage must be a StorageConfig (components.config.schema), got {type(storage).__name__}; "
+                        "on a Ray worker rebuild it with components.config.config_from_dict")
+    return storage
 
 
 def split_protocol(uri: str) -> tuple[str, str]:
     """``s3://b/k`` -> ("s3", "b/k"); a plain path -> ("file", path)."""
-    if "://" in uri:
-        protocol, rest = uri.split("://", 1)
-        return protocol, rest
-    return "file", uri
+    protocol, path = fsspec.core.split_protocol(uri)
+    return protocol or "file", path
 
 
-def filesystem_for(uri: str, storage: Any = None) -> tuple[fsspec.AbstractFileSystem, str]:
+def filesystem_for(uri: str, storage: StorageConfig | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem for ``uri`` plus the path inside it.
 
     S3 options come from the storage config: ``endpoint_url``, ``region`` and credentials from the
@@ -66,20 +65,19 @@ def filesystem_for(uri: str, storage: Any = None) -> tuple[fsspec.AbstractFileSy
     """
     if not uri:
         raise ColdStorageError("empty URI: expected a local path or an fsspec URI such as s3://bucket/prefix")
-    st = storage_dict(storage)
+    st = storage_or_default(storage)
     protocol, path = split_protocol(uri)
     if protocol == "file":
         return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(path))
     options: dict[str, Any] = {}
     if protocol in ("s3", "s3a"):
-        protocol = "s3"
         client_kwargs: dict[str, Any] = {}
-        if st.get("endpoint_url"):
-            client_kwargs["endpoint_url"] = st["endpoint_url"]
-        if st.get("region"):
-            client_kwargs["region_name"] = st["region"]
-        key = os.environ.get(st.get("access_key_env") or "AWS_ACCESS_KEY_ID")
-        secret = os.environ.get(st.get("secret_key_env") or "AWS_SECRET_ACCESS_KEY")
+        if st.endpoint_url:
+            client_kwargs["endpoint_url"] = st.endpoint_url
+        if st.region:
+            client_kwargs["region_name"] = st.region
+        key = os.environ.get(st.access_key_env or "AWS_ACCESS_KEY_ID")
+        secret = os.environ.get(st.secret_key_env or "AWS_SECRET_ACCESS_KEY")
         if key and secret:
             options.update(key=key, secret=secret)
         options.update(
@@ -88,16 +86,15 @@ def filesystem_for(uri: str, storage: Any = None) -> tuple[fsspec.AbstractFileSy
                            "connect_timeout": 5, "read_timeout": 60},
         )
     try:
-        fs = fsspec.filesystem(protocol, **options)
+        return fsspec.core.url_to_fs(uri, **options)
     except (ImportError, ValueError) as exc:
         raise ColdStorageError(f"{uri!r}: no usable fsspec filesystem for protocol {protocol!r}: {exc}") from exc
-    return fs, fs._strip_protocol(uri)
 
 
-def credential_env(storage: Any) -> dict[str, str]:
+def credential_env(storage: StorageConfig | None) -> dict[str, str]:
     """The credential variables the storage config names, as set here (to forward to Ray workers)."""
-    st = storage_dict(storage)
-    names = [st.get("access_key_env") or "AWS_ACCESS_KEY_ID", st.get("secret_key_env") or "AWS_SECRET_ACCESS_KEY",
+    st = storage_or_default(storage)
+    names = [st.access_key_env or "AWS_ACCESS_KEY_ID", st.secret_key_env or "AWS_SECRET_ACCESS_KEY",
              "AWS_SESSION_TOKEN"]
     return {name: os.environ[name] for name in names if os.environ.get(name)}
 
@@ -138,16 +135,15 @@ def backoff_delay(attempt: int, base_s: float, max_s: float, rng: random.Random 
     return (rng or random).uniform(0.0, cap)
 
 
-def with_retries(fn: Callable[[], T], *, what: str, uri: str, storage: Any = None,
+def with_retries(fn: Callable[[], T], *, what: str, uri: str, storage: StorageConfig | None = None,
                  on_retry: Callable[[int, BaseException], None] | None = None) -> T:
     """Run ``fn``; retry transient errors ``storage.retries`` times with backoff and jitter.
 
     After the last attempt the raised :class:`ColdStorageError` names ``what`` (e.g. the shard)
     and the URI, and chains the last underlying error.
     """
-    st = storage_dict(storage)
-    retries = int(st.get("retries", 5))
-    base, cap = float(st.get("backoff_base_s", 0.2)), float(st.get("backoff_max_s", 8.0))
+    st = storage_or_default(storage)
+    retries, base, cap = st.retries, st.backoff_base_s, st.backoff_max_s
     for attempt in range(retries + 1):
         try:
             return fn()
@@ -165,19 +161,32 @@ def with_retries(fn: Callable[[], T], *, what: str, uri: str, storage: Any = Non
     raise AssertionError("unreachable")
 
 
-def read_bytes(uri: str, storage: Any = None, what: str | None = None,
-               on_retry: Callable[[int, BaseException], None] | None = None) -> bytes:
-    """Whole object from the cold tier, with retries."""
+def read_bytes(uri: str, storage: StorageConfig | None = None, what: str | None = None,
+               on_retry: Callable[[int, BaseException], None] | None = None, size: int | None = None) -> bytes:
+    """Whole object from the cold tier, with retries.
+
+    With ``size`` known (a shard's manifest entry) an object store object larger than
+    ``storage.part_mb`` is fetched as concurrent ranged GETs: one connection per part, so a
+    single large shard is not limited to one TCP stream's throughput.
+    """
     fs, path = filesystem_for(uri, storage)
-    return with_retries(lambda: fs.cat_file(path), what=what or path, uri=uri, storage=storage, on_retry=on_retry)
+    part = storage_or_default(storage).part_mb * 1024**2
+    if size is None or size <= part or isinstance(fs, LocalFileSystem):
+        fetch = lambda: fs.cat_file(path)  # noqa: E731
+    else:
+        starts = list(range(0, size, part))
+        ends = [min(start + part, size) for start in starts]
+        # a length mismatch (the object changed) is caught by the caller's size/sha256 check
+        fetch = lambda: b"".join(fs.cat_ranges([path] * len(starts), starts, ends, on_error="raise"))  # noqa: E731
+    return with_retries(fetch, what=what or path, uri=uri, storage=storage, on_retry=on_retry)
 
 
-def exists(uri: str, storage: Any = None) -> bool:
+def exists(uri: str, storage: StorageConfig | None = None) -> bool:
     fs, path = filesystem_for(uri, storage)
     return with_retries(lambda: fs.exists(path), what=path, uri=uri, storage=storage)
 
 
-def write_atomic(uri: str, data: bytes, storage: Any = None) -> None:
+def write_atomic(uri: str, data: bytes, storage: StorageConfig | None = None) -> None:
     """Publish ``data`` at ``uri`` all at once (see the module doc for how, per filesystem)."""
     fs, path = filesystem_for(uri, storage)
 

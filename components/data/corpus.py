@@ -13,8 +13,9 @@ import os
 import random
 import sysconfig
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Iterator
 
+from components.config.schema import DataConfig, StorageConfig
 from components.data.cold import ColdStorageError, filesystem_for, split_protocol, with_retries
 
 # Stdlib subtrees that are not representative prose/code (test fixtures with odd encodings,
@@ -50,7 +51,7 @@ def list_stdlib(max_files: int, max_bytes: int, seed: int) -> list[DocFile]:
     return _select(sorted(found, key=lambda d: d.uri), max_files, max_bytes, seed)
 
 
-def list_files(uri: str, storage: Any, max_files: int, max_bytes: int, seed: int) -> list[DocFile]:
+def list_files(uri: str, storage: StorageConfig | None, max_files: int, max_bytes: int, seed: int) -> list[DocFile]:
     """Files matching ``uri`` (a file, a directory or a glob) at any fsspec location."""
     if not uri:
         raise ValueError("data.uri is empty: data.source='files' needs a file, directory or glob URI")
@@ -94,17 +95,16 @@ def _select(files: list[DocFile], max_files: int, max_bytes: int, seed: int) -> 
     return chosen
 
 
-def list_corpus(data: Any, storage: Any) -> list[DocFile]:
-    """The corpus of the ``data`` config section (dataclass or dict)."""
-    d = data if isinstance(data, dict) else vars(data)
-    if d["source"] == "stdlib":
-        return list_stdlib(d["max_files"], d["max_bytes"], d["seed"])
-    if d["source"] == "files":
-        return list_files(d["uri"], storage, d["max_files"], d["max_bytes"], d["seed"])
-    raise ValueError(f"data.source={d['source']!r}: must be 'stdlib' or 'files'")
+def list_corpus(data: DataConfig, storage: StorageConfig | None) -> list[DocFile]:
+    """The corpus of the ``data`` config section."""
+    if data.source == "stdlib":
+        return list_stdlib(data.max_files, data.max_bytes, data.seed)
+    if data.source == "files":
+        return list_files(data.uri, storage, data.max_files, data.max_bytes, data.seed)
+    raise ValueError(f"data.source={data.source!r}: must be 'stdlib' or 'files'")
 
 
-def read_documents(doc: DocFile, storage: Any = None, text_field: str = "text") -> Iterator[str]:
+def read_documents(doc: DocFile, storage: StorageConfig | None = None, text_field: str = "text") -> Iterator[str]:
     """The documents in one file (see the module doc for the formats)."""
     name = doc.uri.lower()
     if "://" in doc.uri:
@@ -139,7 +139,7 @@ def read_documents(doc: DocFile, storage: Any = None, text_field: str = "text") 
             yield text
 
 
-def iter_texts(docs: list[DocFile], storage: Any = None, text_field: str = "text",
+def iter_texts(docs: list[DocFile], storage: StorageConfig | None = None, text_field: str = "text",
                max_bytes: int | None = None) -> Iterator[str]:
     """All documents of ``docs`` in order, stopping after ``max_bytes`` of text (tokenizer sample)."""
     seen = 0

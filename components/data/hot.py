@@ -14,6 +14,13 @@ T = TypeVar("T")
 _END = object()
 
 
+class _Failed:
+    """The producer's exception, on its way to the consumer."""
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
 class Prefetcher(Iterator[T]):
     def __init__(self, make_iter: Callable[[], Iterator[T]], depth: int):
         self.depth = depth
@@ -34,7 +41,7 @@ class Prefetcher(Iterator[T]):
                 if not self._put(item):
                     return
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            self._put(("__error__", exc))
+            self._put(_Failed(exc))
             return
         self._put(_END)
 
@@ -55,8 +62,8 @@ class Prefetcher(Iterator[T]):
         if item is _END:
             self._queue.put(_END)  # stay exhausted
             raise StopIteration
-        if isinstance(item, tuple) and len(item) == 2 and item[0] == "__error__":
-            raise item[1]
+        if isinstance(item, _Failed):
+            raise item.exc
         return item
 
     def close(self) -> None:

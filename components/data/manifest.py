@@ -17,9 +17,10 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from components.config.schema import StorageConfig
 from components.data.cold import ColdStorageError, join, read_bytes, write_atomic
 
-FORMAT = "moeops-shards/1"
+FORMAT = "moeops-shards/2"  # /2: flat int32 token column (see components.data.shards)
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "val")
 
@@ -100,7 +101,7 @@ def manifest_from_json(text: str, root_uri: str) -> Manifest:
     return manifest
 
 
-def load_manifest(uri: str, storage: Any = None) -> Manifest:
+def load_manifest(uri: str, storage: StorageConfig | None = None) -> Manifest:
     """The manifest at ``uri`` (the ``manifest.json`` itself or its dataset directory)."""
     if not uri:
         raise ValueError("manifest URI is empty: pass the prepare stage's manifest_uri output")
@@ -120,6 +121,6 @@ def load_manifest(uri: str, storage: Any = None) -> Manifest:
         raise ValueError(f"{manifest_uri}: not a valid dataset manifest ({exc})") from exc
 
 
-def write_manifest(manifest: Manifest, storage: Any = None) -> str:
+def write_manifest(manifest: Manifest, storage: StorageConfig | None = None) -> str:
     write_atomic(manifest.uri, manifest.to_json().encode("utf-8"), storage)
     return manifest.uri

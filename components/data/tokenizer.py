@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+if TYPE_CHECKING:
+    from components.config.schema import StorageConfig
 
 PAD = "<|pad|>"
 EOS = "<|endoftext|>"
@@ -60,7 +63,7 @@ class TextTokenizer:
         return cls(Tokenizer.from_str(text))
 
     @classmethod
-    def load(cls, path: str, storage: Any = None, expected_hash: str | None = None) -> "TextTokenizer":
+    def load(cls, path: str, storage: StorageConfig | None = None, expected_hash: str | None = None) -> "TextTokenizer":
         """From a local ``tokenizer.json`` or any fsspec URI; optionally check its hash."""
         if "://" in str(path):
             from components.data.cold import read_bytes  # local import: fsspec only when needed
@@ -93,7 +96,10 @@ class TextTokenizer:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+        # encode_batch_fast (tokenizers >= 0.21): the same ids without computing character offsets,
+        # which cost byte-level BPE about two thirds of its time
+        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        return [e.ids for e in encode(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)

@@ -22,6 +22,11 @@ Rules that make it safe to share (the fsspec caching filesystems' known bugs are
   A hit needs no global lock and writes nothing but the file's mtime.
 - Size is checked on every open (and sha256 too with ``verify_on_open``); a bad file is discarded
   and refetched.  Parquet page CRCs catch flipped bytes when the shard is decoded.
+
+Hits are memory-mapped (:meth:`WarmCache.pinned`), so decoding reads the page cache in place; a fill
+hands back the bytes it just verified, so the new file is not read again.  The bookkeeping (pins,
+the LRU touch, the index under the lock on fills and evictions) runs on whichever thread asks for a
+shard: the reader does that on its fetch threads, never on the thread that hands out batches.
 """
 from __future__ import annotations
 
@@ -35,6 +40,8 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, IO, Iterator
+
+import pyarrow as pa
 
 from components.data.manifest import ShardInfo
 from components.data.shards import CorruptShardError
@@ -56,7 +63,7 @@ def _pid_alive(pid: int) -> bool:
 
 @dataclass
 class WarmRead:
-    data: bytes
+    data: bytes | pa.Buffer  # the fetched bytes (fill) or the memory-mapped warm file (hit)
     tier: str            # "warm": was resident; "cold": this call fetched it from the cold tier
     cold_bytes: int      # bytes downloaded by this call
 
@@ -153,22 +160,31 @@ class WarmCache:
         _unlink(self.shard_path(sha))
 
     # ---- public ----------------------------------------------------------------------------
-    def read(self, shard: ShardInfo, fetch: Callable[[], bytes]) -> WarmRead:
-        """The shard's bytes, from the cache or filled from ``fetch`` (the cold tier) first."""
+    @contextmanager
+    def pinned(self, shard: ShardInfo, fetch: Callable[[], bytes]) -> Iterator[WarmRead]:
+        """The shard's bytes, from the cache or filled from ``fetch`` (the cold tier) first; nobody
+        can evict the shard inside the ``with`` block.  A hit is a zero-copy memory map."""
         for _ in range(3):
-            tier, cold_bytes, pin = self._pin_or_fill(shard, fetch)
+            tier, cold_bytes, pin, data = self._pin_or_fill(shard, fetch)
             try:
-                data = self._read_pinned(shard)
+                if data is None:
+                    data = self._map_pinned(shard)
+                if data is not None:
+                    yield WarmRead(data, tier, cold_bytes)
+                    return
             finally:
                 pin.close()
-            if data is not None:
-                return WarmRead(data, tier, cold_bytes)
             self.discard(shard.sha256)  # corrupt or truncated: drop and refetch
         raise WarmCacheError(f"shard {shard.name}: warm copy in {self.dir} kept failing verification")
 
+    def read(self, shard: ShardInfo, fetch: Callable[[], bytes]) -> WarmRead:
+        """The shard's bytes (a copy), from the cache or filled from ``fetch`` first."""
+        with self.pinned(shard, fetch) as read:
+            return WarmRead(bytes(read.data), read.tier, read.cold_bytes)
+
     def ensure(self, shard: ShardInfo, fetch: Callable[[], bytes]) -> tuple[str, int]:
         """Make the shard resident without reading it (prefetch). Returns (tier, cold bytes)."""
-        tier, cold_bytes, pin = self._pin_or_fill(shard, fetch)
+        tier, cold_bytes, pin, _ = self._pin_or_fill(shard, fetch)
         pin.close()
         return tier, cold_bytes
 
@@ -185,7 +201,8 @@ class WarmCache:
                     "fills": dict(index["fills"]), "evictions": dict(index["evictions"])}
 
     # ---- internals -------------------------------------------------------------------------
-    def _pin_or_fill(self, shard: ShardInfo, fetch: Callable[[], bytes]) -> tuple[str, int, IO]:
+    def _pin_or_fill(self, shard: ShardInfo, fetch: Callable[[], bytes]) -> tuple[str, int, IO, bytes | None]:
+        """(tier, cold bytes, pin, the verified bytes when this call filled the shard)."""
         if shard.bytes > self.limit:
             raise WarmCacheError(f"shard {shard.name} ({shard.bytes} bytes) is larger than the whole warm "
                                  f"cache limit ({self.limit} bytes): raise storage.warm_limit_bytes")
@@ -196,7 +213,7 @@ class WarmCache:
             pin = self._pin(sha)
             if os.path.exists(path):
                 _touch(path)  # LRU recency
-                return "warm", 0, pin
+                return "warm", 0, pin, None
             pin.close()
             with self._locked() as index:
                 if os.path.exists(path):
@@ -231,7 +248,7 @@ class WarmCache:
                 return True
         return False
 
-    def _fill(self, shard: ShardInfo, fetch: Callable[[], bytes], token: str) -> tuple[str, int, IO]:
+    def _fill(self, shard: ShardInfo, fetch: Callable[[], bytes], token: str) -> tuple[str, int, IO, bytes]:
         sha = shard.sha256
         tmp = os.path.join(self.dir, "tmp", f"{sha}.{os.getpid()}.{token}")
         committed = False
@@ -255,7 +272,7 @@ class WarmCache:
                 index["fills"][sha] = index["fills"].get(sha, 0) + 1
                 index["max_used"] = max(index["max_used"], self._used(index))
                 committed = True
-            return "cold", len(data), pin
+            return "cold", len(data), pin, data
         finally:
             if not committed:
                 _unlink(tmp)
@@ -265,14 +282,16 @@ class WarmCache:
                     if index["reserved"].get(sha, {}).get("token") == token:
                         del index["reserved"][sha]
 
-    def _read_pinned(self, shard: ShardInfo) -> bytes | None:
-        """The pinned file's bytes, or None if its size (or sha256 with verify_on_open) is wrong."""
+    def _map_pinned(self, shard: ShardInfo) -> pa.Buffer | None:
+        """The pinned file memory-mapped, or None if its size (or sha256 with verify_on_open) is wrong.
+
+        The map lives as long as any buffer made from it, even after the file is evicted (unlinked)."""
         try:
-            with open(self.shard_path(shard.sha256), "rb") as f:
-                data = f.read()
+            with pa.memory_map(self.shard_path(shard.sha256), "r") as mapped:
+                data = mapped.read_buffer()
         except FileNotFoundError:
             return None
-        if len(data) != shard.bytes:
+        if data.size != shard.bytes:
             return None
         if self.verify_on_open and hashlib.sha256(data).hexdigest() != shard.sha256:
             return None

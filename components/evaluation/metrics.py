@@ -13,6 +13,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from components.config.schema import EvaluateConfig
+
 
 @dataclass
 class ModelEvaluation:
@@ -97,22 +99,30 @@ def generation_throughput(model: torch.nn.Module, prompts: Sequence[Sequence[int
     return sum(len(tokens) for tokens in new) / max(seconds, 1e-9)
 
 
-def evaluate_model(label: str, loaded, batches: Sequence[torch.Tensor], prompts: Sequence[str], *,
-                   max_new_tokens: int, throughput_batch_size: int, source: str,
-                   device: str = "cpu") -> ModelEvaluation:
-    """All held-out figures of one ``LoadedModel`` (from ``components.model.export.load_export``)."""
+def evaluate_model(label: str, loaded, batches: Sequence[torch.Tensor], *, source: str,
+                   evaluation: EvaluateConfig, device: str | torch.device = "cpu") -> ModelEvaluation:
+    """All held-out figures of one ``LoadedModel`` (from ``components.model.export.load_export``):
+    loss on ``batches``, greedy samples for ``evaluation.prompts`` and generation throughput at
+    ``evaluation.throughput_batch_size`` x ``evaluation.max_new_tokens``."""
     from components.model.generate import generate_text
 
     model, tokenizer = loaded.model, loaded.tokenizer
+    prompts = list(evaluation.prompts)
     loss, tokens, expert_counts = held_out_loss(model, batches, device)
     total, active = count_params(model)
     encoded = [tokenizer.encode(p) or [tokenizer.eos_id] for p in prompts] or [[tokenizer.eos_id]]
-    batch = [encoded[i % len(encoded)] for i in range(throughput_batch_size)]
-    tokens_per_s = generation_throughput(model, batch, max_new_tokens)
-    completions = generate_text(model, tokenizer, list(prompts), max_new_tokens, temperature=0.0) if prompts else []
+    batch = [encoded[i % len(encoded)] for i in range(evaluation.throughput_batch_size)]
+    tokens_per_s = generation_throughput(model, batch, evaluation.max_new_tokens)
+    completions = (generate_text(model, tokenizer, prompts, evaluation.max_new_tokens, temperature=0.0)
+                   if prompts else [])
     return ModelEvaluation(
-        label=label, source=source, kind=loaded.model_cfg.get("kind", "moe"), val_loss=loss,
+        label=label, source=source, kind=model_kind(loaded.model_cfg), val_loss=loss,
         perplexity=perplexity(loss), tokens_evaluated=tokens, params_total=total, params_active=active,
         generation_tokens_per_s=tokens_per_s, expert_counts=expert_counts,
         samples=dict(zip(prompts, completions)),
     )
+
+
+def model_kind(model_cfg: Any) -> str:
+    """``model.kind`` of an export's model config (a ModelConfig or its dict form)."""
+    return model_cfg["kind"] if isinstance(model_cfg, dict) else model_cfg.kind

@@ -1,117 +1,61 @@
-"""Token dispatch: permute routed tokens by expert, send them to the rank holding that expert, bring them back.
+"""Token dispatch: group routed tokens by expert, send them to the rank holding that expert, combine.
 
-Single rank: a stable sort by expert id groups the kept assignments, the local experts run
-one matmul per expert, and an index_copy puts the results back in token order.
+Every assignment (token n's j-th choice, flat index ``n * k + j``) gets a sort key: its expert,
+or ``E`` when capacity dropped it. One stable ``argsort`` groups the kept assignments by expert
+and puts the dropped ones last; ``token = order // k`` says which token each row copies. All
+routing metadata stays on the device.
 
-Expert parallel (``group`` of size P, experts sharded contiguously, E/P per rank):
+Single rank: the rows go straight to the experts. With ``grouped_mm`` the group boundaries stay
+on the device (zero host syncs); the loop reads the per-expert counts once (one sync).
 
-1. one small synchronous ``all_to_all_single`` exchanges how many rows every rank sends to
-   every expert (for all chunks at once), so receivers can size their buffers;
-2. per chunk, a *dispatch* ``all_to_all_single`` with uneven splits sends each row to its
-   expert's rank; the receiver regroups rows by local expert and runs the experts;
-3. a *combine* ``all_to_all_single`` with the splits reversed brings the results back.
+Expert parallel (``group`` of size P, experts sharded contiguously, E/P per rank), per layer:
 
-Overlap (``async_a2a``): local tokens are split into ``chunks`` and every all-to-all is issued
-with ``async_op=True``; chunk c+1's dispatch is in flight while chunk c's experts compute, and
-the shared expert computes while the last combine is in flight. In backward the same holds:
-the gradient all-to-all of each chunk is launched by one autograd node and awaited by another,
-and autograd runs the (independent) expert backward of other chunks in between. On CPU the
-async work runs on gloo's worker threads; on CUDA it runs on NCCL's own stream and
-``work.wait()`` makes the compute stream wait on its completion event.
+1. one small ``all_to_all_single`` of the per-(chunk, expert) counts, then **the one host sync**:
+   the counts sent and received are read to the host in a single copy, because
+   ``all_to_all_single`` takes its split sizes as Python ints and buffers must be sized;
+2. per chunk, a *dispatch* all-to-all (uneven splits) sends each kept row to its expert's rank;
+   the receiver regroups rows by local expert with device-side indices and runs the experts;
+3. a *combine* all-to-all with the splits reversed brings results back; they are scaled by their
+   fp32 gates and scatter-added (``index_add_``) into an fp32 ``[N, D]`` output.
+
+Overlap (``async_a2a``): tokens are split into ``chunks``; every all-to-all is asynchronous.
+Chunk c+1's dispatch is in flight while chunk c's experts compute and chunk c's combine while
+chunk c+1's experts compute; the shared expert computes while the first dispatch is in flight.
+Backward mirrors this: each all-to-all's gradient is launched by one autograd node and awaited by
+another, and the autograd engine (which runs ready nodes latest-created first) computes another
+chunk's expert backward, or the shared expert's backward, in between.
+
+Payloads travel in the compute dtype (bf16 under bf16 autocast), cast once per token before the
+gather; gates and the combine stay fp32.
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-ExpertFn = Callable[[torch.Tensor, list[int]], torch.Tensor]
+from components.config.schema import OverlapConfig
+from components.model.comm_timing import CommTimer, CommTimes
+from components.model.experts import compute_dtype
+
+# experts(rows [M, D] grouped by local expert, counts: host list or device tensor [E_local]) -> [M, D]
+ExpertFn = Callable[[torch.Tensor, "list[int] | torch.Tensor"], torch.Tensor]
 
 
-@dataclass
-class CommStats:
-    """Seconds the compute thread spent blocked on all-to-alls: the *exposed* communication."""
-
-    wait_s: float = 0.0
-    calls: int = 0
-
-    def reset(self) -> None:
-        self.wait_s, self.calls = 0.0, 0
+def expert_histogram(ids: torch.Tensor, bins: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """How many of ``ids`` fall in each of ``bins`` bins ([bins] long), without a host sync:
+    ``torch.bincount`` reads ``max()`` back to the host on CUDA to size its output."""
+    ids = ids.reshape(-1)
+    ones = weights.reshape(-1).long() if weights is not None else torch.ones_like(ids)
+    return torch.zeros(bins, dtype=torch.long, device=ids.device).scatter_add_(0, ids, ones)
 
 
-@dataclass
-class _Pending:
-    """Shares one in-flight all-to-all between the autograd node that starts it and the one that waits."""
-
-    in_splits: list[int]
-    out_splits: list[int]
-    group: object
-    stats: CommStats
-    work: object = None
-    backward_work: object = None
-    backward_grad: torch.Tensor | None = None
-
-
-def _timed_wait(work, stats: CommStats) -> None:
-    start = time.perf_counter()
-    work.wait()
-    stats.wait_s += time.perf_counter() - start
-    stats.calls += 1
-
-
-class _A2AStart(torch.autograd.Function):
-    """Issue an async all_to_all_single; the returned buffer is filled once _A2AWait has run."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, pending: _Pending) -> torch.Tensor:
-        ctx.pending = pending
-        out = x.new_empty((sum(pending.out_splits),) + tuple(x.shape[1:]))
-        pending.work = dist.all_to_all_single(
-            out, x.contiguous(), output_split_sizes=pending.out_splits,
-            input_split_sizes=pending.in_splits, group=pending.group, async_op=True)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        pending = ctx.pending
-        _timed_wait(pending.backward_work, pending.stats)
-        grad = pending.backward_grad
-        pending.backward_grad = pending.backward_work = None
-        return grad, None
-
-
-class _A2AWait(torch.autograd.Function):
-    """Wait for the all-to-all started by _A2AStart; in backward, start the reverse all-to-all."""
-
-    @staticmethod
-    def forward(ctx, out: torch.Tensor, pending: _Pending) -> torch.Tensor:
-        ctx.pending = pending
-        _timed_wait(pending.work, pending.stats)
-        pending.work = None
-        return out.view_as(out)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        pending = ctx.pending
-        grad_in = grad_out.new_empty((sum(pending.in_splits),) + tuple(grad_out.shape[1:]))
-        pending.backward_work = dist.all_to_all_single(
-            grad_in, grad_out.contiguous(), output_split_sizes=pending.in_splits,
-            input_split_sizes=pending.out_splits, group=pending.group, async_op=True)
-        pending.backward_grad = grad_in
-        # grad_out passes through unchanged to _A2AStart.backward, which waits and returns grad_in
-        return grad_out, None
-
-
-def a2a_start(x: torch.Tensor, in_splits: list[int], out_splits: list[int], group, stats: CommStats) -> tuple[torch.Tensor, _Pending]:
-    pending = _Pending(list(in_splits), list(out_splits), group, stats)
-    return _A2AStart.apply(x, pending), pending
-
-
-def a2a_wait(buffer: torch.Tensor, pending: _Pending) -> torch.Tensor:
-    return _A2AWait.apply(buffer, pending)
+def chunk_of_token(num_tokens: int, chunks: int, device) -> torch.Tensor:
+    """[N] chunk index of each token for ``chunks`` near-equal contiguous chunks (see chunk_bounds)."""
+    n = torch.arange(num_tokens, device=device)
+    # largest c with floor(N c / C) <= n, i.e. ceil((n + 1) C / N) - 1
+    return ((n + 1) * chunks + num_tokens - 1) // max(num_tokens, 1) - 1
 
 
 def chunk_bounds(num_tokens: int, chunks: int) -> list[int]:
@@ -119,10 +63,76 @@ def chunk_bounds(num_tokens: int, chunks: int) -> list[int]:
     return [num_tokens * c // chunks for c in range(chunks + 1)]
 
 
+class _A2AStart(torch.autograd.Function):
+    """Issue an async all_to_all_single; the returned buffer is valid once _A2AWait has run."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, pending: "_Pending") -> torch.Tensor:
+        ctx.pending = pending
+        return pending.launch(x, pending.in_splits, pending.out_splits)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        pending = ctx.pending
+        return pending.finish(backward=True), None
+
+
+class _A2AWait(torch.autograd.Function):
+    """Wait for the all-to-all _A2AStart issued; in backward, issue the reverse all-to-all."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, pending: "_Pending") -> torch.Tensor:
+        ctx.pending = pending
+        pending.finish(backward=False)
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        pending = ctx.pending
+        pending.launch(grad_out, pending.out_splits, pending.in_splits)
+        # grad_out passes through to _A2AStart.backward, which waits and returns the received grad
+        return grad_out, None
+
+
+class _Pending:
+    """One all-to-all shared by the autograd node that starts it and the one that awaits it."""
+
+    __slots__ = ("in_splits", "out_splits", "group", "timer", "timed", "received")
+
+    def __init__(self, in_splits: list[int], out_splits: list[int], group, timer: CommTimer):
+        self.in_splits, self.out_splits, self.group, self.timer = in_splits, out_splits, group, timer
+        self.timed = self.received = None
+
+    def launch(self, x: torch.Tensor, in_splits: list[int], out_splits: list[int]) -> torch.Tensor:
+        send = x.contiguous()
+        out = send.new_empty((sum(out_splits),) + tuple(send.shape[1:]))
+        self.timed = self.timer.launch(
+            lambda: dist.all_to_all_single(out, send, output_split_sizes=out_splits, input_split_sizes=in_splits,
+                                           group=self.group, async_op=True),
+            send.device, keep=(send, out))
+        self.received = out
+        return out
+
+    def finish(self, backward: bool) -> torch.Tensor:
+        self.timer.wait(self.timed, backward=backward)
+        received, self.timed, self.received = self.received, None, None
+        return received
+
+
+def a2a_start(x: torch.Tensor, in_splits: list[int], out_splits: list[int], group, timer: CommTimer
+              ) -> tuple[torch.Tensor, _Pending]:
+    pending = _Pending(list(in_splits), list(out_splits), group, timer)
+    return _A2AStart.apply(x, pending), pending
+
+
+def a2a_wait(buffer: torch.Tensor, pending: _Pending) -> torch.Tensor:
+    return _A2AWait.apply(buffer, pending)
+
+
 class TokenDispatcher:
     """Routes assignments to experts, locally or across an expert-parallel process group."""
 
-    def __init__(self, num_experts: int, group=None, async_a2a: bool = True, chunks: int = 1):
+    def __init__(self, num_experts: int, group, overlap: OverlapConfig):
         self.num_experts = num_experts
         self.group = group
         self.ep_size = dist.get_world_size(group) if group is not None else 1
@@ -131,103 +141,159 @@ class TokenDispatcher:
             raise ValueError(f"num_experts={num_experts} is not divisible by the expert-parallel size {self.ep_size}")
         self.num_local_experts = num_experts // self.ep_size
         self.expert_offset = self.ep_rank * self.num_local_experts
-        self.async_a2a = async_a2a
-        self.chunks = max(1, int(chunks))
-        self.stats = CommStats()
+        self.async_a2a = overlap.async_a2a
+        self.chunks = max(1, int(overlap.a2a_chunks)) if overlap.async_a2a else 1
+        self.timer = CommTimer()
+
+    def comm_times(self, reset: bool = False) -> CommTimes:
+        return self.timer.read(reset)
 
     # ------------------------------------------------------------------ public
-    def __call__(self, x: torch.Tensor, expert_ids: torch.Tensor, keep: torch.Tensor,
-                 experts: ExpertFn, shared: Callable[[], torch.Tensor] | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x [N, D], expert_ids/keep [N, k] -> (per-assignment outputs [N*k, D] in token-major
-        order, zeros for dropped assignments; the shared expert's output or None)."""
+    def __call__(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor,
+                 experts: ExpertFn, shared: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+        """x [N, D], expert_ids / weights (fp32 gates) / keep [N, k] -> fp32 [N, D]: the gate-weighted
+        sum of each token's kept expert outputs, plus the shared expert's output if given."""
         N, k = expert_ids.shape
-        token_of = torch.arange(N, device=x.device).repeat_interleave(k)  # [N*k]
-        flat_expert = expert_ids.reshape(-1)
-        flat_keep = keep.reshape(-1)
+        dtype = compute_dtype(x)
+        key = torch.where(keep, expert_ids, self.num_experts)  # [N, k]; dropped -> E, sorts last
         if self.ep_size == 1:
-            perm, rows, counts = self._permute(x, token_of, flat_expert, flat_keep, 0, N * k)
-            y = experts(rows, counts.tolist())
-            shared_out = shared() if shared is not None else None
-            return self._unpermute(x, [perm], [y], N * k), shared_out
-        return self._expert_parallel(x, token_of, flat_expert, flat_keep, N, k, experts, shared)
+            return self._local(x, key, weights, dtype, experts, shared)
+        return self._expert_parallel(x, key, weights, dtype, experts, shared)
 
-    # ----------------------------------------------------------------- helpers
-    def _permute(self, x, token_of, flat_expert, flat_keep, lo: int, hi: int):
-        """Kept assignments of slice [lo, hi) sorted by expert: (indices, rows [m, D], counts [E])."""
-        keep_idx = lo + torch.nonzero(flat_keep[lo:hi], as_tuple=True)[0]
-        order = torch.argsort(flat_expert[keep_idx], stable=True)
-        perm = keep_idx[order]  # assignment indices, grouped by expert
-        counts = torch.bincount(flat_expert[perm], minlength=self.num_experts)
-        return perm, x[token_of[perm]], counts
+    # ----------------------------------------------------------------- single rank
+    def _local(self, x, key, weights, dtype, experts, shared) -> torch.Tensor:
+        N, k = key.shape
+        E = self.num_experts
+        order = torch.argsort(key.reshape(-1), stable=True)   # [N*k] kept grouped by expert, dropped last
+        token = order // k
+        gate = weights.reshape(-1)[order]                        # fp32 [N*k]
+        out = x.new_zeros((N, x.shape[1]), dtype=torch.float32)
+        if _uses_grouped_mm(experts, x):
+            counts = expert_histogram(key, E + 1)                # [E + 1] on device
+            # dropped rows join the last expert's group: computed, then multiplied by a zero gate
+            counts = torch.cat([counts[:E - 1], counts[E - 1:].sum(0, keepdim=True)])
+            y = experts(x.to(dtype)[token], counts)
+            out.index_add_(0, token, y.float() * gate[:, None])
+        else:
+            host = expert_histogram(key, E + 1).tolist()         # the loop's one host sync
+            kept = sum(host[:E])
+            token, gate = token[:kept], gate[:kept]
+            y = experts(x.to(dtype)[token], host[:E])
+            out.index_add_(0, token, y.float() * gate[:, None])
+        if shared is not None:
+            out = out + shared()
+        return out
 
-    @staticmethod
-    def _unpermute(x, perms: list[torch.Tensor], ys: list[torch.Tensor], num_assign: int) -> torch.Tensor:
-        perm = torch.cat(perms)
-        y = torch.cat(ys) if len(ys) > 1 else ys[0]
-        return x.new_zeros((num_assign, x.shape[1]), dtype=y.dtype).index_copy(0, perm, y)
+    # ----------------------------------------------------------------- expert parallel
+    def _expert_parallel(self, x, key, weights, dtype, experts, shared) -> torch.Tensor:
+        N, k = key.shape
+        P, El, E, C = self.ep_size, self.num_local_experts, self.num_experts, self.chunks
+        device = x.device
 
-    def _expert_parallel(self, x, token_of, flat_expert, flat_keep, N, k, experts: ExpertFn, shared):
-        P, El = self.ep_size, self.num_local_experts
-        bounds = chunk_bounds(N, self.chunks)
-        C = self.chunks
-        perms, send_rows, send_counts = [], [], []
+        # sort by (chunk, expert) with dropped assignments last within each chunk
+        chunk = chunk_of_token(N, C, device).repeat_interleave(k, output_size=N * k)  # [N*k]
+        sort_key = chunk * (E + 1) + key.reshape(-1)
+        order = torch.argsort(sort_key, stable=True)
+        counts = expert_histogram(sort_key, C * (E + 1)).view(C, E + 1)   # [C, E+1] incl. dropped
+
+        # 1. exchange counts: [C, E] -> per destination rank [P, C, El]; receive [P(src), C, El]
+        counts_out = counts[:, :E].reshape(C, P, El).transpose(0, 1).contiguous()
+        exchange = a2a_start(counts_out, [1] * P, [1] * P, self.group, self.timer)  # one [C, El] block per rank
+        # device work queued before the host waits: the GPU runs it during the count round trip
+        token = order // k
+        gate = weights.reshape(-1)[order]                  # fp32
+        rows = x.to(dtype)[token]                          # [N*k, D] payload in the compute dtype
+        counts_in = a2a_wait(*exchange)                   # [P(src), C, El]
+        # the one host sync of the layer: split sizes for every chunk's all-to-alls
+        host = torch.cat([counts.reshape(-1), counts_in.reshape(-1)]).tolist()
+        counts_host = [host[c * (E + 1):(c + 1) * (E + 1)] for c in range(C)]       # [C][E+1]
+        flat_in = host[C * (E + 1):]
+        recv_per_expert = [[[flat_in[(p * C + c) * El + e] for e in range(El)] for c in range(C)] for p in range(P)]
+
+        starts = []  # first sorted row of each chunk
+        pos = 0
         for c in range(C):
-            perm, rows, counts = self._permute(x, token_of, flat_expert, flat_keep, bounds[c] * k, bounds[c + 1] * k)
-            perms.append(perm)
-            send_rows.append(rows)
-            send_counts.append(counts)
+            starts.append(pos)
+            pos += sum(counts_host[c])
 
-        # 1. counts exchange: [C, E] -> per destination rank [P, C, El]; receive [P(src), C, El]
-        counts_out = torch.stack(send_counts).view(C, P, El).transpose(0, 1).contiguous()
-        counts_in = torch.empty_like(counts_out)
-        start = time.perf_counter()
-        dist.all_to_all_single(counts_in, counts_out, group=self.group)  # tiny and synchronous: exposed
-        self.stats.wait_s += time.perf_counter() - start
-        self.stats.calls += 1
-        sent = counts_out.sum(-1).tolist()      # sent[p][c]: rows to rank p in chunk c
-        recv = counts_in.sum(-1).tolist()       # recv[p][c]: rows from rank p in chunk c
-        recv_per_expert = counts_in.tolist()    # [P][C][El]
+        def splits(c: int) -> tuple[list[int], list[int]]:
+            sent = [sum(counts_host[c][p * El:(p + 1) * El]) for p in range(P)]
+            received = [sum(recv_per_expert[p][c]) for p in range(P)]
+            return sent, received
 
-        results: list[torch.Tensor | None] = [None] * C
+        def kept_rows(c: int) -> slice:
+            return slice(starts[c], starts[c] + sum(counts_host[c][:E]))
 
-        def splits(c):
-            return [sent[p][c] for p in range(P)], [recv[p][c] for p in range(P)]
+        def dispatch(c: int):
+            sent, received = splits(c)
+            return a2a_start(rows[kept_rows(c)], sent, received, self.group, self.timer)
 
         def run_experts(c: int, received: torch.Tensor) -> torch.Tensor:
-            # received rows are laid out [src0: e0.., e1..][src1: e0.., e1..]; regroup by local expert
-            per_src = torch.tensor([recv_per_expert[p][c] for p in range(P)], dtype=torch.long)  # [P, El]
-            local_id = torch.arange(El).repeat(P).repeat_interleave(per_src.reshape(-1)).to(x.device)
-            regroup = torch.argsort(local_id, stable=True)
-            y = experts(received[regroup], per_src.sum(0).tolist())
-            return y[torch.argsort(regroup)]  # back to the received layout
+            return self._run_local_experts(received, counts_in[:, c], [recv_per_expert[p][c] for p in range(P)], experts)
+
+        out = x.new_zeros((N, x.shape[1]), dtype=torch.float32)
+        shared_out = None
+
+        def combine(c: int, y_back: torch.Tensor) -> None:
+            sl = kept_rows(c)
+            out.index_add_(0, token[sl], y_back.float() * gate[sl, None])
 
         if not self.async_a2a:
             for c in range(C):
-                ins, outs = splits(c)
-                buf, pending = a2a_start(send_rows[c], ins, outs, self.group, self.stats)
-                received = a2a_wait(buf, pending)
+                received = a2a_wait(*dispatch(c))
                 y = run_experts(c, received)
-                buf, pending = a2a_start(y, outs, ins, self.group, self.stats)
-                results[c] = a2a_wait(buf, pending)
+                sent, recv = splits(c)
+                combine(c, a2a_wait(*a2a_start(y, recv, sent, self.group, self.timer)))
             shared_out = shared() if shared is not None else None
-            return self._unpermute(x, perms, results, N * k), shared_out
+        else:
+            # 2./3. pipelined; see the module docstring for what hides behind what
+            dispatches = [None] * C
+            combines = [None] * C
+            dispatches[0] = dispatch(0)
+            if shared is not None:
+                shared_out = shared()
+            for c in range(C):
+                if c + 1 < C:
+                    dispatches[c + 1] = dispatch(c + 1)
+                received = a2a_wait(*dispatches[c])
+                dispatches[c] = None
+                y = run_experts(c, received)
+                sent, recv = splits(c)
+                combines[c] = a2a_start(y, recv, sent, self.group, self.timer)
+                if c >= 1:  # the previous chunk's combine had this chunk's experts to hide behind
+                    combine(c - 1, a2a_wait(*combines[c - 1]))
+                    combines[c - 1] = None
+            combine(C - 1, a2a_wait(*combines[C - 1]))
+        if shared_out is not None:
+            out = out + shared_out
+        return out
 
-        # 2./3. pipelined: dispatch(c+1) in flight while experts(c) compute; combines overlap too
-        dispatches = [None] * C
-        combines = [None] * C
-        ins, outs = splits(0)
-        dispatches[0] = a2a_start(send_rows[0], ins, outs, self.group, self.stats)
-        for c in range(C):
-            if c + 1 < C:
-                ins, outs = splits(c + 1)
-                dispatches[c + 1] = a2a_start(send_rows[c + 1], ins, outs, self.group, self.stats)
-            received = a2a_wait(*dispatches[c])
-            dispatches[c] = None
-            y = run_experts(c, received)
-            ins, outs = splits(c)
-            combines[c] = a2a_start(y, outs, ins, self.group, self.stats)
-        shared_out = shared() if shared is not None else None  # runs while the combines are in flight
-        for c in range(C):
-            results[c] = a2a_wait(*combines[c])
-        return self._unpermute(x, perms, results, N * k), shared_out
+    def _run_local_experts(self, received: torch.Tensor, counts_in: torch.Tensor, counts_host: list[list[int]],
+                           experts: ExpertFn) -> torch.Tensor:
+        """received rows come as [src 0: e0.., e1..][src 1: e0.., e1..]; regroup them by local expert,
+        run the experts, and return the outputs in the received layout.
+
+        counts_in: [P, El] on the device; counts_host: the same as nested lists."""
+        P, El = len(counts_host), self.num_local_experts
+        R = received.shape[0]
+        per_expert_host = [sum(counts_host[p][e] for p in range(P)) for e in range(El)]
+        per_expert = counts_in.sum(0)                                      # [El] on the device
+        grouped_counts = per_expert if _uses_grouped_mm(experts, received) else per_expert_host
+        if El == 1 or P == 1:
+            return experts(received, grouped_counts)
+        # destination of received row j in block (p, e), at offset i inside it:
+        #   start of expert e's group + rows of e from sources before p + i
+        sizes = counts_in.reshape(-1)                                      # [P*El], source-major
+        expert_start = torch.cumsum(per_expert, 0) - per_expert            # [El]
+        before_p = torch.cumsum(counts_in, 0) - counts_in                  # [P, El]
+        block_dest = (expert_start[None, :] + before_p).reshape(-1)
+        block_src = torch.cumsum(sizes, 0) - sizes
+        dest = (block_dest - block_src).repeat_interleave(sizes, output_size=R) + torch.arange(R, device=received.device)
+        inverse = torch.empty_like(dest).index_copy_(0, dest, torch.arange(R, device=received.device))
+        y = experts(received[inverse], grouped_counts)
+        return y[dest]
+
+
+def _uses_grouped_mm(experts, x: torch.Tensor) -> bool:
+    # experts without the method (the int8 QuantizedGroupedExperts) take host counts
+    return bool(getattr(experts, "uses_grouped_mm", lambda _x: False)(x))

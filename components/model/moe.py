@@ -1,4 +1,4 @@
-"""The MoE feed-forward layer: router -> token dispatch -> grouped experts -> weighted combine."""
+"""The MoE feed-forward layer: router -> token dispatch -> grouped experts -> fp32 scatter-add combine."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from components.config.schema import ModelConfig, OverlapConfig
 from components.model.dispatch import TokenDispatcher
 from components.model.experts import GroupedExperts
 from components.model.layers import FeedForward
@@ -14,7 +15,7 @@ from components.model.router import TopKRouter
 
 @dataclass
 class MoEStats:
-    """What one MoE layer reports per forward (local tokens of this rank)."""
+    """What one MoE layer reports per forward (local tokens of this rank); all device tensors."""
 
     aux_loss: torch.Tensor     # scalar, unweighted Switch balancing loss
     z_loss: torch.Tensor       # scalar, unweighted router z-loss
@@ -33,22 +34,25 @@ class MoEStats:
 
 
 class MoELayer(nn.Module):
-    """Top-k routed SwiGLU experts, optionally sharded over an expert-parallel group, plus an
-    optional always-on shared expert. Dropped assignments contribute zero, so a token dropped by
-    every chosen expert passes through the block's residual unchanged."""
+    """Top-k routed SwiGLU experts (``cfg.num_experts`` of hidden size ``cfg.ffn_dim``), optionally
+    sharded over an expert-parallel group, plus an optional always-on shared expert. Dropped
+    assignments contribute zero, so a token dropped by every chosen expert passes through the
+    block's residual unchanged.
 
-    def __init__(self, dim: int, hidden_dim: int, num_experts: int, top_k: int, *,
-                 capacity_factor: float = 1.25, dropless: bool = False, shared_expert: bool = False,
-                 bias_balancing: bool = False, bias_update_rate: float = 1e-3,
-                 ep_group=None, async_a2a: bool = True, a2a_chunks: int = 1):
+    ``overlap``: the ``train.overlap`` section; ``None`` means its schema defaults.
+    """
+
+    def __init__(self, cfg: ModelConfig, ep_group=None, overlap: OverlapConfig | None = None):
         super().__init__()
-        self.num_experts = num_experts
-        self.top_k = top_k
-        self.router = TopKRouter(dim, num_experts, top_k, capacity_factor=capacity_factor, dropless=dropless,
-                                 bias_balancing=bias_balancing, bias_update_rate=bias_update_rate)
-        self.dispatcher = TokenDispatcher(num_experts, ep_group, async_a2a=async_a2a, chunks=a2a_chunks)
-        self.experts = GroupedExperts(self.dispatcher.num_local_experts, dim, hidden_dim)
-        self.shared_expert = FeedForward(dim, hidden_dim) if shared_expert else None
+        overlap = overlap if overlap is not None else OverlapConfig()
+        self.num_experts = cfg.num_experts
+        self.top_k = cfg.top_k
+        self.router = TopKRouter(cfg.dim, cfg.num_experts, cfg.top_k, capacity_factor=cfg.capacity_factor,
+                                 dropless=cfg.dropless, bias_balancing=cfg.bias_balancing,
+                                 bias_update_rate=cfg.bias_update_rate)
+        self.dispatcher = TokenDispatcher(cfg.num_experts, ep_group, overlap)
+        self.experts = GroupedExperts(self.dispatcher.num_local_experts, cfg.dim, cfg.ffn_dim, cfg.expert_backend)
+        self.shared_expert = FeedForward(cfg.dim, cfg.ffn_dim) if cfg.shared_expert else None
 
     @property
     def num_local_experts(self) -> int:
@@ -64,14 +68,10 @@ class MoELayer(nn.Module):
         x = x.reshape(-1, shape[-1])  # [N, D]
         routing = self.router(x)
         shared = (lambda: self.shared_expert(x)) if self.shared_expert is not None else None
-        per_assignment, shared_out = self.dispatcher(x, routing.expert_ids, routing.keep, self.experts, shared)
-        N, k = routing.expert_ids.shape
-        weights = routing.weights.to(per_assignment.dtype)  # fp32 gates; cast for the combine only
-        out = (per_assignment.view(N, k, -1) * weights.unsqueeze(-1)).sum(1)  # [N, D]
-        if shared_out is not None:
-            out = out + shared_out
+        # fp32 [N, D]: gate-weighted expert outputs (+ shared expert), accumulated in fp32
+        out = self.dispatcher(x, routing.expert_ids, routing.weights, routing.keep, self.experts, shared)
         stats = MoEStats(routing.aux_loss, routing.z_loss, routing.counts, routing.kept_counts)
-        return out.view(shape), stats
+        return out.to(x.dtype).view(shape), stats
 
 
 def reference_moe_forward(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:

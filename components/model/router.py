@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from components.model.dispatch import expert_histogram
+
 
 @dataclass
 class Routing:
@@ -36,16 +38,6 @@ def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_fact
     return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
 
 
-def expert_counts(expert_ids: torch.Tensor, num_experts: int, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Assignments per expert ``[E]`` (long) of ``expert_ids`` (any shape), only where ``mask``.
-
-    A scatter-add into ``num_experts`` slots: unlike ``bincount`` (which sizes its output from
-    the data's max) or boolean indexing, it never waits for the device."""
-    ones = mask.reshape(-1).long() if mask is not None else torch.ones_like(expert_ids.reshape(-1))
-    counts = torch.zeros(num_experts, dtype=torch.long, device=expert_ids.device)
-    return counts.scatter_add_(0, expert_ids.reshape(-1), ones)
-
-
 def capacity_keep_mask(expert_ids: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
     """Which assignments [N, k] fit into their expert's capacity.
 
@@ -56,7 +48,7 @@ def capacity_keep_mask(expert_ids: torch.Tensor, num_experts: int, capacity: int
     N, k = expert_ids.shape
     flat = expert_ids.t().reshape(-1)  # [k*N], choice-major = priority order
     order = torch.argsort(flat, stable=True)
-    counts = expert_counts(flat, num_experts)
+    counts = expert_histogram(flat, num_experts)
     starts = torch.cumsum(counts, 0) - counts  # first sorted slot of each expert
     position_sorted = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
     position = torch.empty_like(position_sorted)
@@ -95,7 +87,7 @@ class TopKRouter(nn.Module):
                 weights = weights / weights.sum(-1, keepdim=True)
 
             N = x.shape[0]
-            counts = expert_counts(expert_ids, self.num_experts)
+            counts = expert_histogram(expert_ids, self.num_experts)  # bincount would sync on CUDA
             # Switch balancing loss: E * sum_i f_i * P_i (f: fraction of assignments, P: mean prob)
             fraction = counts.float() / max(N * self.top_k, 1)
             mean_prob = probs.mean(0) if N else probs.sum(0)
@@ -110,7 +102,7 @@ class TopKRouter(nn.Module):
                 capacity = expert_capacity(N, self.num_experts, self.top_k, self.capacity_factor)
                 keep = capacity_keep_mask(expert_ids, self.num_experts, capacity)
             weights = weights * keep
-            kept_counts = expert_counts(expert_ids, self.num_experts, keep)
+            kept_counts = expert_histogram(expert_ids, self.num_experts, weights=keep)
 
         return Routing(expert_ids, weights, keep, counts, kept_counts, aux_loss, z_loss)
 

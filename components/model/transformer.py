@@ -13,30 +13,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from components.config.compose import section_from_dict
 from components.config.schema import ModelConfig, OverlapConfig
+from components.model.comm_timing import CommTimes
 from components.model.experts import is_expert_param
-from components.model.layers import Attention, FeedForward, KVCache, RMSNorm, rope_tables
+from components.model.layers import Attention, FeedForward, KVCache, RMSNorm, SeqPositions, rope_tables
+from components.model.metrics import moe_metrics  # noqa: F401  (re-exported: its historic home)
 from components.model.moe import MoELayer, MoEStats
 
 
 def model_config(cfg: ModelConfig | Mapping[str, Any]) -> ModelConfig:
     """A ModelConfig from the dataclass or its plain-dict form (what crosses into Ray / exports)."""
-    if isinstance(cfg, ModelConfig):
-        return cfg
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(cfg) - known)
-    if unknown:
-        raise ValueError(f"unknown model config keys {unknown}; allowed: {sorted(known)}")
-    return ModelConfig(**dict(cfg))
+    return section_from_dict(ModelConfig, cfg, "model")
 
 
 def overlap_config(overlap: OverlapConfig | Mapping[str, Any] | None) -> OverlapConfig:
-    if overlap is None:
-        return OverlapConfig(async_a2a=False, a2a_chunks=1)
-    if isinstance(overlap, OverlapConfig):
-        return overlap
-    known = {f.name for f in dataclasses.fields(OverlapConfig)}
-    return OverlapConfig(**{k: v for k, v in dict(overlap).items() if k in known})
+    """The ``train.overlap`` section from the dataclass, its plain-dict form, or None (its defaults)."""
+    return section_from_dict(OverlapConfig, overlap if overlap is not None else {}, "train.overlap")
 
 
 def dense_equivalent(cfg: ModelConfig | Mapping[str, Any]) -> ModelConfig:
@@ -64,11 +57,7 @@ class Block(nn.Module):
         self.moe: MoELayer | None = None
         self.feed_forward: FeedForward | None = None
         if is_moe_layer(cfg, layer_id):
-            self.moe = MoELayer(
-                cfg.dim, cfg.ffn_dim, cfg.num_experts, cfg.top_k, capacity_factor=cfg.capacity_factor,
-                dropless=cfg.dropless, shared_expert=cfg.shared_expert, bias_balancing=cfg.bias_balancing,
-                bias_update_rate=cfg.bias_update_rate, ep_group=ep_group,
-                async_a2a=overlap.async_a2a, a2a_chunks=overlap.a2a_chunks)
+            self.moe = MoELayer(cfg, ep_group, overlap)
         else:
             self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
 
@@ -81,14 +70,15 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """``forward(tokens [B, T], cache=None, start_pos=0) -> (logits [B, T, V], aux)``.
+    """``forward(tokens [B, T], cache=None, start_pos=0, last_only=False) -> (logits [B, T, V], aux)``.
 
     ``aux``: ``aux_loss`` and ``z_loss`` (scalars summed over MoE layers, already multiplied by
     their coefficients), ``expert_counts`` / ``kept_counts`` (per MoE layer, [E] long, this rank's
     tokens before / after capacity) and ``dropped_fraction`` (per MoE layer, scalar tensors).
 
     ``ep_group``: expert-parallel process group (None = all experts local); ``overlap``: the
-    ``train.overlap`` section (dict or OverlapConfig), only ``async_a2a`` and ``a2a_chunks`` matter here.
+    ``train.overlap`` section (dict or OverlapConfig; None = its schema defaults), only
+    ``async_a2a`` and ``a2a_chunks`` matter here.
     """
 
     def __init__(self, cfg: ModelConfig | Mapping[str, Any], vocab_size: int, ep_group=None,
@@ -158,14 +148,18 @@ class Transformer(nn.Module):
     def expert_parameter_names(self) -> list[str]:
         return [n for n, p in self.named_parameters() if is_expert_param(p)]
 
-    def comm_wait_seconds(self, reset: bool = False) -> float:
-        """Seconds spent blocked on expert-parallel all-to-alls (exposed communication) since the last reset."""
-        total = 0.0
+    def comm_times(self, reset: bool = False) -> CommTimes:
+        """Expert-parallel all-to-all time since the last reset, summed over MoE layers: ``exposed_s``
+        (compute blocked on them) and ``total_s`` (in flight), split forward/backward. CUDA event
+        timings are resolved here (a host sync): call once per logging interval, not per step."""
+        total = CommTimes()
         for moe in self.moe_layers():
-            total += moe.dispatcher.stats.wait_s
-            if reset:
-                moe.dispatcher.stats.reset()
+            total = total + moe.dispatcher.comm_times(reset)
         return total
+
+    def comm_wait_seconds(self, reset: bool = False) -> float:
+        """Exposed all-to-all seconds (``comm_times(reset).exposed_s``)."""
+        return self.comm_times(reset).exposed_s
 
     def num_params(self, active: bool = False) -> int:
         """Global parameter count (all experts, whatever the EP size); ``active``: per-token active."""
@@ -183,6 +177,7 @@ class Transformer(nn.Module):
         return self.layers[int(param_name.split(".")[1])].moe
 
     def new_cache(self, batch: int, max_len: int | None = None, pad: torch.Tensor | None = None) -> KVCache:
+        """A KV cache of ``batch`` rows (lockstep batches) or slots (continuous batching)."""
         cfg = self.cfg
         device = self.tok_embeddings.weight.device
         dtype = self.tok_embeddings.weight.dtype
@@ -190,12 +185,20 @@ class Transformer(nn.Module):
                        dtype=dtype, device=device, pad=pad)
 
     # --------------------------------------------------------------- forward
-    def _positions_and_mask(self, B: int, T: int, cache: KVCache | None, start_pos: int):
+    def _positions_and_mask(self, B: int, T: int, cache: KVCache | None, start_pos: int | SeqPositions):
         if cache is None:
-            if start_pos:
+            if isinstance(start_pos, SeqPositions) or start_pos:
                 raise ValueError("start_pos > 0 needs a KV cache holding the earlier positions")
             return self.rope_cos[:T], self.rope_sin[:T], None
         device = self.rope_cos.device
+        if isinstance(start_pos, SeqPositions):
+            # each row at its own length; right padding (t >= lengths[b]) is computed but never read
+            t = torch.arange(T, device=device)
+            query_pos = start_pos.start.to(device)[:, None] + t[None, :]          # [B, T]
+            key_pos = torch.arange(start_pos.end, device=device)                  # [S]
+            mask = key_pos[None, None, :] <= query_pos[:, :, None]                # [B, T, S]
+            positions = query_pos.clamp(max=self.cfg.max_seq_len - 1)
+            return self.rope_cos[positions], self.rope_sin[positions], mask[:, None]
         query_pos = start_pos + torch.arange(T, device=device)            # [T] cache slots
         key_pos = torch.arange(start_pos + T, device=device)              # [S]
         pad = cache.pad.to(device)                                         # [B]
@@ -207,10 +210,20 @@ class Transformer(nn.Module):
         mask |= (key_pos[None, :] == query_pos[:, None])[None]
         return self.rope_cos[positions], self.rope_sin[positions], mask[:, None]  # mask [B, 1, T, S]
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0
-                ) -> tuple[torch.Tensor, dict[str, Any]]:
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start_pos: int | SeqPositions = 0,
+                last_only: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
+        """``start_pos``: int (every row at the same position) or :class:`SeqPositions` (row b = cache
+        slot b at its own length, right-padded to T). ``last_only``: logits [B, 1, V] of each row's
+        last real token instead of [B, T, V] (what decoding samples from; skips the vocab projection
+        of every other position)."""
         B, T = tokens.shape
-        if start_pos + T > self.cfg.max_seq_len:
+        if isinstance(start_pos, SeqPositions):
+            if cache is None:
+                raise ValueError("SeqPositions address cache slots: pass the KV cache")
+            if start_pos.end > self.cfg.max_seq_len:
+                raise ValueError(f"sequence of {start_pos.end} positions exceeds model.max_seq_len="
+                                 f"{self.cfg.max_seq_len}")
+        elif start_pos + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start_pos + T} positions exceeds model.max_seq_len={self.cfg.max_seq_len}")
         cos, sin, mask = self._positions_and_mask(B, T, cache, start_pos)
         h = self.tok_embeddings(tokens)  # [B, T, D]
@@ -219,6 +232,10 @@ class Transformer(nn.Module):
             h, layer_stats = block(h, cos, sin, mask, cache, start_pos)
             if layer_stats is not None:
                 stats.append(layer_stats)
+        if last_only:
+            last = start_pos.lengths.to(h.device) - 1 if isinstance(start_pos, SeqPositions) else \
+                torch.full((B,), T - 1, dtype=torch.long, device=h.device)
+            h = h[torch.arange(B, device=h.device), last][:, None]                # [B, 1, D]
         h = self.norm(h)
         logits = F.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)  # [B, T, V]
         zero = logits.new_zeros((), dtype=torch.float32)
@@ -231,27 +248,3 @@ class Transformer(nn.Module):
         }
         return logits, aux
 
-
-def moe_metrics(aux: Mapping[str, Any], prefix: str = "moe/") -> dict[str, float]:
-    """Flat float metrics from a forward's ``aux``: per-layer tokens per expert, dropped fraction,
-    max/mean load, plus their means over layers (what training logs to MLflow)."""
-    out: dict[str, float] = {}
-    dropped, imbalance = [], []
-    for i, (counts, kept) in enumerate(zip(aux.get("expert_counts", []), aux.get("kept_counts", []))):
-        counts_f = counts.float()
-        total = max(float(counts_f.sum()), 1.0)
-        layer_dropped = (total - float(kept.sum())) / total
-        layer_imbalance = float(counts_f.max() / counts_f.mean().clamp(min=1e-9))
-        out[f"{prefix}layer{i}/dropped_fraction"] = layer_dropped
-        out[f"{prefix}layer{i}/max_over_mean_load"] = layer_imbalance
-        for e, c in enumerate(counts.tolist()):
-            out[f"{prefix}layer{i}/tokens_expert{e}"] = float(c)
-        dropped.append(layer_dropped)
-        imbalance.append(layer_imbalance)
-    if dropped:
-        out[f"{prefix}dropped_fraction"] = sum(dropped) / len(dropped)
-        out[f"{prefix}max_over_mean_load"] = sum(imbalance) / len(imbalance)
-    for key in ("aux_loss", "z_loss"):
-        if key in aux:
-            out[f"{prefix}{key}"] = float(torch.as_tensor(aux[key]).detach())
-    return out

@@ -1,9 +1,11 @@
-"""MLflow model registry: log an export as a pyfunc, register versions, gate the champion.
+"""MLflow models and registry: log an export as a LoggedModel, register versions, gate the champion.
 
 The model artifact is the export directory written by ``components.model.export.save_export``
-(safetensors weights + JSON model config + tokenizer.json).  It is logged as an MLflow pyfunc
-whose *artifacts* are that directory, so no torch module is ever pickled: loading a version
-(:func:`load_registered`) downloads the directory and calls ``load_export`` on it.
+(safetensors weights + JSON model config + tokenizer.json).  It is logged once, by the run that
+trained it (:func:`log_model`), as an MLflow pyfunc LoggedModel whose *artifacts* are that
+directory, so no torch module is ever pickled. A registry version is created from that
+LoggedModel (:func:`register_logged_model`), so MLflow shows run -> model -> version; loading a
+version (:func:`load_registered`) downloads the directory and calls ``load_export`` on it.
 
 Aliases, not stages: every new version gets ``challenger``; ``champion`` moves only when
 :func:`decide_promotion` says the new version beats the current champion.
@@ -24,9 +26,12 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.pyfunc import PythonModel
 
+from components.config.schema import RegistryConfig
+
 # Key of the export directory in the pyfunc's ``artifacts`` (lands in <model>/artifacts/export).
 EXPORT_ARTIFACT_KEY = "export"
 MODEL_NAME_IN_RUN = "model"
+MODEL_TYPE = "moe-transformer"
 # Version tags; the promotion decision is recorded under these.
 TAG_DECISION = "moeops.promotion"
 TAG_REASON = "moeops.promotion_reason"
@@ -101,17 +106,23 @@ def download_export(model_uri: str, tracking_uri: str, dst_dir: str | Path | Non
     """Download a registered version's export directory; returns (local export dir, version)."""
     info = get_version(model_uri, tracking_uri)
     dst = Path(dst_dir) if dst_dir else Path(tempfile.mkdtemp(prefix=f"moeops-{info.name}-v{info.version}-"))
+    return download_logged_export(info.model_uri, tracking_uri, dst), info
+
+
+def download_logged_export(model_uri: str, tracking_uri: str, dst_dir: str | Path) -> Path:
+    """The export directory of a logged model (``models:/<model_id>``) or registered version, downloaded."""
+    dst = Path(dst_dir)
     dst.mkdir(parents=True, exist_ok=True)
     local = mlflow.artifacts.download_artifacts(
-        artifact_uri=info.model_uri, dst_path=str(dst), tracking_uri=tracking_uri, registry_uri=tracking_uri
+        artifact_uri=model_uri, dst_path=str(dst), tracking_uri=tracking_uri, registry_uri=tracking_uri
     )
     export_dir = _export_dir_of(Path(local))
     if export_dir is None:
         raise FileNotFoundError(
-            f"{info.model_uri}: the logged model has no artifacts/{EXPORT_ARTIFACT_KEY} directory; "
-            "was it logged with components.tracking.registry.log_and_register?"
+            f"{model_uri}: the logged model has no artifacts/{EXPORT_ARTIFACT_KEY} directory; "
+            "was it logged with components.tracking.registry.log_model?"
         )
-    return export_dir, info
+    return export_dir
 
 
 def _export_dir_of(model_dir: Path) -> Path | None:
@@ -140,8 +151,8 @@ def load_registered(model_uri: str, tracking_uri: str, device: str = "cpu",
 
 # --------------------------------------------------------------------------- the gate
 
-def decide_promotion(candidate: float | None, champion: float | None, *, mode: str = "min",
-                     min_improvement: float = 0.0, metric: str = "val_loss") -> tuple[bool, str]:
+def decide_promotion(candidate: float | None, champion: float | None, *, mode: str,
+                     min_improvement: float, metric: str) -> tuple[bool, str]:
     """Should the candidate replace the champion? Pure; returns (promote, human-readable reason).
 
     The candidate must be strictly better and by at least ``min_improvement`` (absolute units).
@@ -211,12 +222,12 @@ def _signature_and_example():
 
 @dataclass
 class Registration:
-    """What :func:`log_and_register` did."""
+    """What :func:`register_logged_model` did."""
 
     model_name: str
     version: str
     model_uri: str          # models:/<name>/<version>
-    logged_model_uri: str   # the logged model (models:/m-...)
+    model_id: str           # the LoggedModel the version was created from (models:/<model_id>)
     aliases: list[str]
     promoted: bool
     reason: str
@@ -230,95 +241,113 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def log_model(export_dir: str | Path, *, run_id: str, tracking_uri: str) -> str:
-    """Log the export as a pyfunc under ``run_id``; returns the logged model's URI."""
+def log_model(export_dir: str | Path, *, run_id: str, tracking_uri: str, params: dict[str, Any] | None = None,
+              step: int = 0, tags: dict[str, str] | None = None) -> str:
+    """Log the export as a LoggedModel (a pyfunc) of run ``run_id``; returns its ``model_id``.
+
+    The model's params are ``params`` plus the run's params (MLflow adds those), ``step`` links it
+    to the run's metrics at that step. The stage runner makes a stage's run the active fluent run,
+    so inside a stage this logs to it directly; elsewhere (scripts, tests) the run is activated for
+    the call and ended afterwards.
+    """
     export_dir = Path(export_dir)
     if not export_dir.is_dir():
         raise FileNotFoundError(f"export_dir={export_dir}: not a directory (expected save_export output)")
     signature, example = _signature_and_example()
     code_dir = Path(__file__).resolve().parents[1]  # the `components` package, so the pyfunc imports anywhere
     mlflow.set_tracking_uri(tracking_uri)
-    with tempfile.TemporaryDirectory(prefix="moeops-log-") as staging, \
-            mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
-        # MLflow names the artifact after the directory: staging it as "export" gives every
-        # version the same layout (<model>/artifacts/export/...). Hard links avoid a second copy
-        # of the weights where the filesystem allows (MLflow refuses symlinks).
-        linked = Path(staging) / EXPORT_ARTIFACT_KEY
-        shutil.copytree(export_dir, linked, copy_function=_link_or_copy)
-        info = mlflow.pyfunc.log_model(
-            name=MODEL_NAME_IN_RUN,
-            python_model=MoeopsTextModel(),
-            artifacts={EXPORT_ARTIFACT_KEY: str(linked)},
-            code_paths=[str(code_dir)],
-            signature=signature,
-            input_example=example,
-            pip_requirements=pinned_requirements(),
-        )
-    return info.model_uri
-
-
-def register_version(client: MlflowClient, logged_model_uri: str, model_name: str, *, run_id: str,
-                     tags: dict[str, str]) -> str:
-    """A new version of ``model_name`` from a logged model (``models:/m-...``); returns its number.
-
-    Uses the given client rather than ``mlflow.register_model``, which would need the process-wide
-    registry URI (and leak it into every later ``MlflowClient`` in the process).
-    """
+    active = mlflow.active_run()
+    owns_run = active is None or active.info.run_id != run_id
+    if owns_run:
+        mlflow.start_run(run_id=run_id, nested=active is not None)
     try:
-        client.create_registered_model(model_name)
-    except mlflow.exceptions.MlflowException as exc:
-        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
-            raise
-    model_id = logged_model_uri.split("models:/", 1)[1].split("/")[0]
-    mv = client.create_model_version(model_name, source=logged_model_uri, run_id=run_id, tags=tags,
-                                     model_id=model_id)
-    version = str(mv.version)
-    # What mlflow.register_model also does: the logged model page links to its versions.
-    logged = client.get_logged_model(model_id)
-    linked = json.loads(logged.tags.get("mlflow.modelVersions", "[]")) + [{"name": model_name, "version": version}]
-    client.set_logged_model_tags(model_id, {"mlflow.modelVersions": json.dumps(linked)})
-    return version
+        with tempfile.TemporaryDirectory(prefix="moeops-log-") as staging:
+            # MLflow names the artifact after the directory: staging it as "export" gives every
+            # model the same layout (<model>/artifacts/export/...). Hard links avoid a second copy
+            # of the weights where the filesystem allows (MLflow refuses symlinks).
+            linked = Path(staging) / EXPORT_ARTIFACT_KEY
+            shutil.copytree(export_dir, linked, copy_function=_link_or_copy)
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_NAME_IN_RUN,
+                python_model=MoeopsTextModel(),
+                artifacts={EXPORT_ARTIFACT_KEY: str(linked)},
+                code_paths=[str(code_dir)],
+                signature=signature,
+                input_example=example,
+                pip_requirements=pinned_requirements(),
+                params={str(k): mlflow_param(v) for k, v in (params or {}).items()},
+                tags=tags,
+                model_type=MODEL_TYPE,
+                step=int(step),
+            )
+    finally:
+        if owns_run:
+            mlflow.end_run()
+    return info.model_id
 
 
-def log_and_register(export_dir: str | Path, *, run_id: str, tracking_uri: str, model_name: str,
-                     metric: str, metrics: dict[str, float], tags: dict[str, str],
-                     champion_metric: float | None = None, mode: str = "min", min_improvement: float = 0.0,
-                     champion_alias: str = "champion", challenger_alias: str = "challenger") -> Registration:
-    """Log, register a version with ``tags`` and ``moeops.metric.*``, set ``challenger``, gate ``champion``.
+def mlflow_param(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
-    ``champion_metric``: the current champion's figure measured on the same held-out data
-    (the evaluate stage's); when ``None`` the champion version's ``moeops.metric.<metric>`` tag is used.
+
+def register_logged_model(model_id: str, *, tracking_uri: str, registry: RegistryConfig, metrics: dict[str, float],
+                          tags: dict[str, str], champion_metric: float | None = None) -> Registration:
+    """A new version of ``registry.model_name`` from the LoggedModel ``models:/<model_id>``, tagged with
+    ``tags`` and ``moeops.metric.*``; ``registry.challenger_alias`` set, ``registry.champion_alias`` gated.
+
+    ``champion_metric``: the current champion's ``registry.metric`` measured on the same held-out
+    data (the evaluate stage's); when ``None`` the champion version's ``moeops.metric.<metric>`` tag
+    is used.
     """
+    metric, name = registry.metric, registry.model_name
     if metric not in metrics:
         raise KeyError(f"registry.metric={metric!r} is not among the candidate's metrics {sorted(metrics)}")
-    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-    logged_uri = log_model(export_dir, run_id=run_id, tracking_uri=tracking_uri)
-
-    champion = find_version(f"models:/{model_name}@{champion_alias}", tracking_uri)
+    champion = find_version(f"models:/{name}@{registry.champion_alias}", tracking_uri)
     if champion is not None and champion_metric is None:
         tagged = champion.tags.get(TAG_METRIC_PREFIX + metric)
         champion_metric = float(tagged) if tagged is not None else None
-    promote, reason = decide_promotion(metrics[metric], champion_metric, mode=mode,
-                                       min_improvement=min_improvement, metric=metric)
+    promote, reason = decide_promotion(metrics[metric], champion_metric, mode=registry.mode,
+                                       min_improvement=registry.min_improvement, metric=metric)
 
     version_tags = {str(k): str(v) for k, v in tags.items()}
     version_tags.update({TAG_METRIC_PREFIX + k: f"{float(v):.8g}" for k, v in metrics.items()})
     version_tags[TAG_DECISION] = "promoted" if promote else "refused"
     version_tags[TAG_REASON] = reason
-    version = register_version(client, logged_uri, model_name, run_id=run_id, tags=version_tags)
-    client.set_registered_model_alias(model_name, challenger_alias, version)
+    # mlflow.register_model links the version to the LoggedModel (its page lists the version);
+    # it uses the process' tracking URI, which is this store's.
+    mlflow.set_tracking_uri(tracking_uri)
+    version = str(mlflow.register_model(f"models:/{model_id}", name, tags=version_tags).version)
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    client.set_registered_model_alias(name, registry.challenger_alias, version)
     if promote:
-        client.set_registered_model_alias(model_name, champion_alias, version)
-
-    client.set_tag(run_id, TAG_DECISION, version_tags[TAG_DECISION])
-    client.set_tag(run_id, TAG_REASON, reason)
-    client.log_metric(run_id, "promoted", 1.0 if promote else 0.0)
-    aliases = sorted(client.get_model_version(model_name, version).aliases or [])
+        client.set_registered_model_alias(name, registry.champion_alias, version)
+    aliases = sorted(client.get_model_version(name, version).aliases or [])
     return Registration(
-        model_name=model_name, version=version, model_uri=f"models:/{model_name}/{version}",
-        logged_model_uri=logged_uri, aliases=aliases, promoted=promote, reason=reason,
+        model_name=name, version=version, model_uri=f"models:/{name}/{version}", model_id=model_id,
+        aliases=aliases, promoted=promote, reason=reason,
         previous_champion=champion.version if champion else None,
     )
+
+
+def log_and_register(export_dir: str | Path, *, run_id: str, tracking_uri: str, registry: RegistryConfig,
+                     metrics: dict[str, float], tags: dict[str, str], champion_metric: float | None = None,
+                     params: dict[str, Any] | None = None, step: int = 0) -> Registration:
+    """:func:`log_model` then :func:`register_logged_model` (demos, tests: one run does both).
+
+    The pipeline splits them: the train stage logs the model, the register stage registers it.
+    """
+    model_id = log_model(export_dir, run_id=run_id, tracking_uri=tracking_uri, params=params, step=step, tags=tags)
+    registration = register_logged_model(model_id, tracking_uri=tracking_uri, registry=registry, metrics=metrics,
+                                         tags=tags, champion_metric=champion_metric)
+    record_decision(MlflowClient(tracking_uri), run_id, registration)
+    return registration
+
+
+def record_decision(client: MlflowClient, run_id: str, registration: Registration) -> None:
+    """The gate's decision as tags and a ``promoted`` metric of the run that registered."""
+    client.set_tag(run_id, TAG_DECISION, "promoted" if registration.promoted else "refused")
+    client.set_tag(run_id, TAG_REASON, registration.reason)
+    client.log_metric(run_id, "promoted", 1.0 if registration.promoted else 0.0)
 
 
 def registration_json(reg: Registration) -> str:

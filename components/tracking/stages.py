@@ -1,32 +1,58 @@
-"""The stage runner: one nested MLflow run per stage, step caching, timing and lineage.
+"""The stage runner: one nested MLflow run per stage, code-aware step caching, timing and lineage.
 
-A stage is a function ``StageContext -> outputs`` plus what it depends on. The runner owns
-everything around it: finding upstream outputs (in this invocation, an explicit run id, or the
-latest finished run), the cache key, reusing a finished run with the same key, the nested run's
-params/tags/status/duration, and recording outputs so the next stage (or a later invocation)
-finds them.
+A stage is a function ``StageContext -> outputs`` (a :class:`StageOutputs` dataclass) plus
+what it depends on. The runner owns everything around it: finding upstream outputs (in this
+invocation, an explicit run id, or the latest finished run), the cache key, reusing a finished
+run with the same key, saying why a stage ran again, the nested run's params/tags/status/
+duration, and recording the outputs so the next stage (or a later invocation) reads them typed.
+
+The cache key of a stage is the digest of
+
+- its config slice (``StageSpec.config_keys``),
+- the cache digests of the upstream outputs it reads (``StageOutputs.cache_digest``),
+- the code it runs: every project module its pipeline module imports, transitively
+  (:mod:`components.tracking.code`),
+- the schema of its outputs.
+
+Each part is also recorded on the run (``moeops.key.*`` tags), so a rerun can be explained:
+"config changed (train.lr)", "input changed (prepare)", "code changed (components.model.router)".
 """
 from __future__ import annotations
 
-import hashlib
 import json
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
+import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import RunStatus
 
-import components
 from components.config import Config, flatten, to_container
 from components.tracking import mlflow_utils
+from components.tracking.code import changed_modules, code_closure
+from components.tracking.outputs import OutputsError, StageOutputs, digest_of
 from components.tracking.progress import Progress
+
+__all__ = ["StageSpec", "StageContext", "StageOutcome", "StageInputError", "run_stage", "resolve_upstream",
+           "cache_key", "outputs_of_run", "digest_of"]
 
 OUT_PREFIX = "moeops.out."
 STAGE_TAG = "moeops.stage"
 CACHE_TAG = "moeops.cache_key"
+SCHEMA_TAG = "moeops.outputs_schema"
+REASON_TAG = "moeops.rerun_reason"
+KEY_CONFIG_TAG = "moeops.key.config"
+KEY_INPUTS_TAG = "moeops.key.inputs"
+KEY_CODE_TAG = "moeops.key.code"
+KEY_MODULES_TAG = "moeops.key.code_modules"
+OUTPUTS_FILE = "outputs.json"
+
+O = TypeVar("O", bound=StageOutputs)
+OutputsType = type[StageOutputs]
 
 
 class StageInputError(RuntimeError):
@@ -38,15 +64,25 @@ class StageSpec:
     name: str
     # config sections (or dotted keys) whose values change this stage's outputs
     config_keys: tuple[str, ...]
-    # stages whose outputs this one reads; a callable picks them from the config
-    upstream: tuple[str, ...] | Callable[[Config], tuple[str, ...]]
-    fn: Callable[["StageContext"], dict[str, str]]
-    # output shown in the summary table
-    key_output: str = ""
+    # the outputs this stage reads (their classes name the upstream stages); a callable picks them
+    # from the config (train reads tune's only when the sweep is on)
+    upstream: tuple[OutputsType, ...] | Callable[[Config], tuple[OutputsType, ...]]
+    fn: Callable[["StageContext"], StageOutputs]
+    outputs: OutputsType
     # a cached run is reused only while this still holds (e.g. its files or endpoint exist)
-    still_valid: Callable[[Config, dict[str, str]], bool] | None = None
+    still_valid: Callable[[Config, Any], bool] | None = None
+    # the module whose import closure is this stage's code (default: where ``fn`` is defined)
+    module: str = ""
+    # MLflow system metrics (CPU, memory, GPU, network) on this stage's run while it works
+    system_metrics: bool = False
 
-    def upstream_for(self, config: Config) -> tuple[str, ...]:
+    def __post_init__(self) -> None:
+        self.module = self.module or self.fn.__module__
+        if self.outputs.stage != self.name:
+            raise ValueError(f"stage {self.name!r}: its outputs class {self.outputs.__name__} is "
+                             f"declared for stage {self.outputs.stage!r}")
+
+    def upstream_for(self, config: Config) -> tuple[OutputsType, ...]:
         return self.upstream(config) if callable(self.upstream) else self.upstream
 
 
@@ -54,10 +90,11 @@ class StageSpec:
 class StageOutcome:
     name: str
     run_id: str
-    outputs: dict[str, str]
+    outputs: StageOutputs
     reused: bool
     duration_s: float
     reused_from: str = ""
+    reason: str = ""   # why the stage ran (empty when reused)
 
 
 @dataclass
@@ -70,9 +107,19 @@ class StageContext:
     experiment_id: str
     tracking_uri: str
     client: MlflowClient
-    inputs: dict[str, dict[str, str]]
+    # upstream stage name -> its outputs
+    inputs: dict[str, StageOutputs]
     work_dir: Path
     input_run_ids: dict[str, str] = field(default_factory=dict)
+
+    def input(self, kind: type[O]) -> O:
+        """The outputs of the upstream stage that produces ``kind``, typed."""
+        outputs = self.inputs.get(kind.stage)
+        if outputs is None:
+            raise StageInputError(f"stage '{self.name}' did not declare '{kind.stage}' as an upstream stage")
+        if not isinstance(outputs, kind):
+            raise TypeError(f"inputs['{kind.stage}'] is a {type(outputs).__name__}, not a {kind.__name__}")
+        return outputs
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         mlflow_utils.log_metrics(self.client, self.run_id, metrics, step)
@@ -97,9 +144,7 @@ class StageContext:
         return Progress(self.name, total, unit)
 
 
-def digest_of(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
-
+# --------------------------------------------------------------------------- cache key
 
 def select_config(config_dict: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
     selected: dict[str, Any] = {}
@@ -111,25 +156,103 @@ def select_config(config_dict: dict[str, Any], keys: tuple[str, ...]) -> dict[st
     return selected
 
 
-def cache_key(spec: StageSpec, config_dict: dict[str, Any], upstream: dict[str, dict[str, str]]) -> str:
-    """Same stage code version, relevant config and upstream digests -> same key."""
-    return digest_of(
-        {
-            "stage": spec.name,
-            "version": components.__version__,
-            "config": select_config(config_dict, spec.config_keys),
-            "inputs": {name: output_digest(outputs) for name, outputs in sorted(upstream.items())},
+@dataclass(frozen=True)
+class CacheKey:
+    """The parts of a stage's cache key; ``value`` is what runs are matched on."""
+
+    stage: str
+    config: dict[str, Any]          # the config slice
+    inputs: dict[str, str]          # upstream stage -> cache digest of its outputs
+    code: dict[str, str]            # module -> digest of its syntax tree
+    outputs_schema: str
+
+    @property
+    def config_digest(self) -> str:
+        return digest_of(self.config)
+
+    @property
+    def code_digest(self) -> str:
+        return digest_of(self.code)
+
+    @property
+    def value(self) -> str:
+        return digest_of({"stage": self.stage, "config": self.config_digest, "inputs": self.inputs,
+                          "code": self.code_digest, "outputs": self.outputs_schema})
+
+    def tags(self) -> dict[str, str]:
+        return {
+            CACHE_TAG: self.value,
+            KEY_CONFIG_TAG: self.config_digest,
+            KEY_INPUTS_TAG: json.dumps(self.inputs, sort_keys=True),
+            KEY_CODE_TAG: self.code_digest,
+            # short digests: enough to name what changed, small enough for a tag
+            KEY_MODULES_TAG: json.dumps({m: d[:12] for m, d in self.code.items()}, sort_keys=True),
+            SCHEMA_TAG: self.outputs_schema,
         }
+
+
+def cache_key(spec: StageSpec, config_dict: dict[str, Any], upstream: dict[str, StageOutputs]) -> CacheKey:
+    """Same code, relevant config and upstream outputs -> same key."""
+    return CacheKey(
+        stage=spec.name,
+        config=select_config(config_dict, spec.config_keys),
+        inputs={name: outputs.cache_digest() for name, outputs in sorted(upstream.items())},
+        code=code_closure([spec.module]),
+        outputs_schema=spec.outputs.schema_digest(),
     )
 
 
-def output_digest(outputs: dict[str, str]) -> str:
-    return outputs.get("digest") or digest_of(outputs)
+def rerun_reason(spec: StageSpec, key: CacheKey, previous, *, forced: bool, invalid_run: str = "") -> str:
+    """Why the stage runs instead of reusing ``previous`` (its latest finished run, if any)."""
+    if forced:
+        return "forced (force=true)"
+    if invalid_run:
+        return f"cached run {invalid_run[:8]} no longer valid"
+    if previous is None:
+        return "no earlier run"
+    tags, reasons = previous.data.tags, []
+    if tags.get(KEY_CONFIG_TAG, key.config_digest) != key.config_digest:
+        before = previous.data.params
+        changed = [k for k, v in flatten(key.config).items()
+                   if k in before and before[k] != mlflow_utils.param_value(v)]
+        reasons.append(f"config changed ({_names(changed) or ', '.join(key.config)})")
+    before_inputs = json.loads(tags.get(KEY_INPUTS_TAG, "{}"))
+    changed_inputs = sorted(n for n in set(before_inputs) | set(key.inputs)
+                            if before_inputs.get(n) != key.inputs.get(n))
+    if changed_inputs and KEY_INPUTS_TAG in tags:
+        reasons.append(f"input changed ({', '.join(changed_inputs)})")
+    if tags.get(KEY_CODE_TAG, key.code_digest) != key.code_digest:
+        before_code = json.loads(tags.get(KEY_MODULES_TAG, "{}"))
+        reasons.append(f"code changed ({_names(changed_modules(before_code, key.code)) or 'modules'})")
+    if not reasons:
+        if tags.get(SCHEMA_TAG, key.outputs_schema) != key.outputs_schema:
+            return "outputs schema changed"
+        return "earlier run has no comparable cache key"
+    return "; ".join(reasons)
 
 
-def outputs_of_run(client: MlflowClient, run_id: str) -> dict[str, str]:
-    tags = client.get_run(run_id).data.tags
-    return {k[len(OUT_PREFIX):]: v for k, v in tags.items() if k.startswith(OUT_PREFIX)}
+def _names(items: list[str], shown: int = 3) -> str:
+    return ", ".join(items[:shown]) + (f" +{len(items) - shown} more" if len(items) > shown else "")
+
+
+# --------------------------------------------------------------------------- outputs on runs
+
+def record_outputs(client: MlflowClient, run_id: str, outputs: StageOutputs) -> None:
+    mlflow_utils.set_tags(client, run_id, {OUT_PREFIX + k: v for k, v in outputs.tags().items()})
+    client.log_dict(run_id, outputs.to_json(), OUTPUTS_FILE)
+
+
+def outputs_of_run(client: MlflowClient, run_id: str, kind: type[O]) -> O:
+    """The typed outputs a finished stage run recorded."""
+    try:
+        with tempfile.TemporaryDirectory(prefix="moeops-outputs-") as tmp:
+            data = json.loads(Path(client.download_artifacts(run_id, OUTPUTS_FILE, tmp)).read_text())
+    except Exception as err:  # noqa: BLE001 - missing artifact, unreachable store: say which run
+        raise StageInputError(f"run {run_id}: cannot read its {OUTPUTS_FILE} ({err})") from None
+    try:
+        return kind.from_json(data)
+    except OutputsError as err:
+        raise StageInputError(f"run {run_id}: {err}; rerun stage '{kind.stage}'") from None
 
 
 def parse_run_ref(ref: str) -> str:
@@ -139,10 +262,13 @@ def parse_run_ref(ref: str) -> str:
     return ref.strip()
 
 
-def latest_finished_run(client: MlflowClient, experiment_id: str, stage: str, cache: str | None = None):
+def latest_finished_run(client: MlflowClient, experiment_id: str, stage: str, *, cache: str | None = None,
+                        schema: str | None = None):
     query = f"tags.`{STAGE_TAG}` = '{stage}' and attributes.status = 'FINISHED'"
     if cache:
         query += f" and tags.`{CACHE_TAG}` = '{cache}'"
+    if schema:
+        query += f" and tags.`{SCHEMA_TAG}` = '{schema}'"
     runs = client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
 
@@ -153,11 +279,12 @@ def resolve_upstream(
     spec: StageSpec,
     config: Config,
     produced: dict[str, StageOutcome],
-) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
+) -> tuple[dict[str, StageOutputs], dict[str, str]]:
     """Upstream outputs: from this invocation, ``inputs.<stage>=<run>``, or the latest finished run."""
-    inputs: dict[str, dict[str, str]] = {}
+    inputs: dict[str, StageOutputs] = {}
     run_ids: dict[str, str] = {}
-    for name in spec.upstream_for(config):
+    for kind in spec.upstream_for(config):
+        name = kind.stage
         if name in produced:
             inputs[name], run_ids[name] = produced[name].outputs, produced[name].run_id
             continue
@@ -174,17 +301,20 @@ def resolve_upstream(
                     f"(stage={run.data.tags.get(STAGE_TAG)!r}, status={run.info.status})"
                 )
         else:
-            run = latest_finished_run(client, experiment_id, name)
+            run = latest_finished_run(client, experiment_id, name, schema=kind.schema_digest())
             if run is None:
                 raise StageInputError(
                     f"stage '{spec.name}' needs the outputs of stage '{name}', and the experiment has no "
-                    f"finished '{name}' run: run `python -m pipelines.{name}` first, run the whole "
-                    f"pipeline with `python -m pipelines.run`, or pass +inputs.{name}=<run id>"
+                    f"finished '{name}' run with this version's outputs: run `python -m pipelines.{name}` "
+                    f"first, run the whole pipeline with `python -m pipelines.run`, or pass "
+                    f"+inputs.{name}=<run id>"
                 )
-        inputs[name] = outputs_of_run(client, run.info.run_id)
+        inputs[name] = outputs_of_run(client, run.info.run_id, kind)
         run_ids[name] = run.info.run_id
     return inputs, run_ids
 
+
+# --------------------------------------------------------------------------- running
 
 def _start_nested_run(client, experiment_id, parent_run_id, name, tags) -> str:
     run = client.create_run(
@@ -195,9 +325,13 @@ def _start_nested_run(client, experiment_id, parent_run_id, name, tags) -> str:
     return run.info.run_id
 
 
-def _record_outputs(client: MlflowClient, run_id: str, outputs: dict[str, str]) -> None:
-    mlflow_utils.set_tags(client, run_id, {OUT_PREFIX + k: v for k, v in outputs.items()})
-    client.log_dict(run_id, outputs, "outputs.json")
+def final_status(error: BaseException | None) -> str:
+    """FINISHED; KILLED when stopped by a signal (Ctrl-C, SIGTERM, Ray's exit on SIGTERM); else FAILED."""
+    if error is None:
+        return RunStatus.to_string(RunStatus.FINISHED)
+    if isinstance(error, (KeyboardInterrupt, SystemExit)):
+        return RunStatus.to_string(RunStatus.KILLED)
+    return RunStatus.to_string(RunStatus.FAILED)
 
 
 def run_stage(
@@ -214,29 +348,35 @@ def run_stage(
     inputs, input_run_ids = resolve_upstream(client, experiment_id, spec, config, produced)
     key = cache_key(spec, config_dict, inputs)
     lineage_tags = {f"moeops.in.{name}": run_id for name, run_id in input_run_ids.items()}
+    config_params = flatten(select_config(config_dict, spec.config_keys))
     started = time.monotonic()
 
-    cached = None if config.force else latest_finished_run(client, experiment_id, spec.name, key)
+    invalid_run = ""
+    cached = None if config.force else latest_finished_run(client, experiment_id, spec.name, cache=key.value)
     if cached is not None:
-        outputs = outputs_of_run(client, cached.info.run_id)
+        outputs = outputs_of_run(client, cached.info.run_id, spec.outputs)
         if spec.still_valid is None or spec.still_valid(config, outputs):
             source = cached.data.tags.get("moeops.reused_from") or cached.info.run_id
             run_id = _start_nested_run(
                 client, experiment_id, parent_run_id, spec.name,
-                {**base_tags, **lineage_tags, CACHE_TAG: key, "moeops.reused": "true", "moeops.reused_from": source},
+                {**base_tags, **lineage_tags, **key.tags(), "moeops.reused": "true", "moeops.reused_from": source},
             )
-            _record_outputs(client, run_id, outputs)
+            mlflow_utils.log_params(client, run_id, config_params)
+            record_outputs(client, run_id, outputs)
             duration = time.monotonic() - started
             mlflow_utils.set_tags(client, run_id, {"moeops.duration_s": f"{duration:.2f}"})
             client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
-            print(f"[{spec.name}] reused run {source} (same inputs and config; force=true reruns)", flush=True)
+            print(f"[{spec.name}] reused run {source} (same code, inputs and config; force=true reruns)", flush=True)
             return StageOutcome(spec.name, run_id, outputs, True, duration, source)
+        invalid_run = cached.info.run_id
 
+    previous = None if config.force or invalid_run else latest_finished_run(client, experiment_id, spec.name)
+    reason = rerun_reason(spec, key, previous, forced=config.force, invalid_run=invalid_run)
     run_id = _start_nested_run(
         client, experiment_id, parent_run_id, spec.name,
-        {**base_tags, **lineage_tags, CACHE_TAG: key, "moeops.reused": "false"},
+        {**base_tags, **lineage_tags, **key.tags(), "moeops.reused": "false", REASON_TAG: reason},
     )
-    mlflow_utils.log_params(client, run_id, flatten(select_config(config_dict, spec.config_keys)))
+    mlflow_utils.log_params(client, run_id, config_params)
     work_dir = Path(config.paths.root) / "stages" / spec.name / run_id
     work_dir.mkdir(parents=True, exist_ok=True)
     ctx = StageContext(
@@ -245,22 +385,26 @@ def run_stage(
         tracking_uri=config.tracking.uri, client=client, inputs=inputs,
         work_dir=work_dir, input_run_ids=input_run_ids,
     )
-    print(f"[{spec.name}] started (MLflow run {run_id})", flush=True)
-    status = RunStatus.FAILED
+    print(f"[{spec.name}] started (MLflow run {run_id}): {reason}", flush=True)
+    # The stage's run is the active fluent run while it works, so MLflow's own APIs (log_model,
+    # log_input, system metrics) attach to it.
+    mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None, log_system_metrics=spec.system_metrics)
+    error: BaseException | None = None
     try:
-        outputs = {k: str(v) for k, v in spec.fn(ctx).items()}
-        _record_outputs(client, run_id, outputs)
-        status = RunStatus.FINISHED
-    except KeyboardInterrupt:
-        status = RunStatus.KILLED
-        raise
-    except BaseException:
-        client.log_text(run_id, traceback.format_exc(), "error.txt")
+        outputs = spec.fn(ctx)
+        if not isinstance(outputs, spec.outputs):
+            raise TypeError(f"stage '{spec.name}' returned {type(outputs).__name__}, "
+                            f"not its declared {spec.outputs.__name__}")
+        record_outputs(client, run_id, outputs)
+    except BaseException as err:
+        error = err
+        if not isinstance(err, (KeyboardInterrupt, SystemExit)):
+            client.log_text(run_id, traceback.format_exc(), "error.txt")
         raise
     finally:
         duration = time.monotonic() - started
         mlflow_utils.set_tags(client, run_id, {"moeops.duration_s": f"{duration:.2f}"})
         mlflow_utils.log_metrics(client, run_id, {"stage_duration_s": duration})
-        client.set_terminated(run_id, RunStatus.to_string(status))
+        mlflow.end_run(final_status(error))
     print(f"[{spec.name}] finished in {duration:.1f}s", flush=True)
-    return StageOutcome(spec.name, run_id, outputs, False, duration)
+    return StageOutcome(spec.name, run_id, outputs, False, duration, reason=reason)

@@ -34,6 +34,7 @@ for path in (REPO, REPO / "tests"):
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
+from components.config.schema import DataConfig  # noqa: E402
 from components.data.build import prepare_dataset  # noqa: E402
 from components.data.cold import filesystem_for  # noqa: E402
 from components.data.reader import TieredReader  # noqa: E402
@@ -80,7 +81,7 @@ def bench_warm_vs_raw(manifest, storage, batch_size: int, repeats: int) -> dict:
         raw_rows = 0
         for f in files:
             table = pq.read_table(f, use_threads=False)  # single-threaded, like the reader
-            raw_rows += len(table.column(0).combine_chunks().flatten().to_numpy()) // manifest.row_len
+            raw_rows += len(table.column(0).to_numpy()) // manifest.row_len
         best_raw = min(best_raw, time.perf_counter() - t0)
     return {
         "warm_reader_samples_per_s": samples / best_reader, "warm_reader_mb_per_s": shard_bytes / MB / best_reader,
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         storage_for = lambda tag: _storage(server, str(work / f"warm-{tag}"))  # noqa: E731
         t0 = time.perf_counter()
-        manifest = prepare_dataset(data, storage_for("prepare")).manifest
+        manifest = prepare_dataset(DataConfig(**data), storage_for("prepare")).manifest
         results: dict = {"quick": args.quick, "prepare_s": time.perf_counter() - t0,
                          "train_shards": len(manifest.shards("train")), "train_rows": manifest.rows("train"),
                          "shard_mb": sum(s.bytes for s in manifest.shards("train")) / MB, "batch_size": batch_size}

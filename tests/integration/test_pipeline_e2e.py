@@ -61,11 +61,12 @@ def test_full_pipeline_then_fully_cached(ray_session, root_overrides, mlflow_uri
     assert all("train.lr" in trial.data.params and "val_loss" in trial.data.metrics for trial in trials)
 
     register = first.stages["register"].outputs
-    version = client.get_model_version(register["model_name"], register["model_version"])
+    version = client.get_model_version(register.model_name, register.model_version)
     assert config.registry.challenger_alias in version.aliases
-    assert version.tags["dataset_digest"] == first.stages["prepare"].outputs["dataset_digest"]
+    assert version.tags["dataset_digest"] == first.stages["prepare"].outputs.dataset_digest
+    assert version.source == first.stages["train"].outputs.model_uri
 
-    endpoint = first.stages["deploy"].outputs["endpoint"]
+    endpoint = first.stages["deploy"].outputs.endpoint
     assert endpoint == f"http://127.0.0.1:{serve_port}"
     completion = post_json(f"{endpoint}/v1/completions", {"prompt": "def ", "max_tokens": 4, "seed": 1})
     assert completion["choices"][0]["text"] is not None and completion["usage"]["completion_tokens"] >= 1

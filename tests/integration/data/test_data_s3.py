@@ -5,11 +5,13 @@ import multiprocessing as mp
 import threading
 import time
 import uuid
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
+from components.config.schema import StorageConfig
 from components.data.cold import ColdStorageError
 from components.data.manifest import load_manifest
 from components.data.reader import TieredReader
@@ -29,8 +31,8 @@ def s3_dataset(s3_server, tmp_path_factory):
     return result.manifest, storage
 
 
-def _storage(base: dict, tmp_path, **kw) -> dict:
-    return {**base, "warm_dir": str(tmp_path / f"warm-{uuid.uuid4().hex[:6]}"), **kw}
+def _storage(base: StorageConfig, tmp_path, **kw) -> StorageConfig:
+    return replace(base, warm_dir=str(tmp_path / f"warm-{uuid.uuid4().hex[:6]}"), **kw)
 
 
 def _reference(manifest, storage) -> list[np.ndarray]:
@@ -124,7 +126,7 @@ def test_processes_share_one_warm_cache_under_a_tight_limit(s3_server, s3_datase
         assert rows == torch.cat(list(solo)).numpy().tobytes()
     from components.data.warm import WarmCache
 
-    usage = WarmCache(st["warm_dir"], limit).usage()
+    usage = WarmCache(st.warm_dir, limit).usage()
     assert 0 < usage["max_used_bytes"] <= limit
     # each shard fetched once per residency, and the processes' cold fills are exactly those fills
     for sha, fills in usage["fills"].items():

@@ -3,7 +3,7 @@
 The test builds one MoE model and two token batches, computes the single-process reference
 (forward of each batch, gradients of each batch's loss and of their sum) here in the driver,
 then runs the same weights sharded over 2 workers with several overlap settings. Worker r holds
-experts [2r, 2r+2) and batch r:
+experts [2r, 2r+2) and batch r (each variant: an overlap setting and an expert backend):
 
 * its logits must equal the reference logits of batch r;
 * its non-expert gradients must equal the reference gradients of batch r's loss alone
@@ -30,14 +30,16 @@ pytestmark = pytest.mark.integration
 CFG = dict(dim=32, n_heads=2, n_layers=2, ffn_dim=64, num_experts=4, top_k=2, capacity_factor=1.0,
            shared_expert=True, max_seq_len=32, moe_layer_interval=1)
 VOCAB = 64
-OVERLAPS = {
-    "sync": {"async_a2a": False, "a2a_chunks": 1},
-    "sync_chunks2": {"async_a2a": False, "a2a_chunks": 2},
-    "async_chunks2": {"async_a2a": True, "a2a_chunks": 2},
-    "async_chunks3": {"async_a2a": True, "a2a_chunks": 3},
+# name -> (train.overlap, model overrides)
+VARIANTS = {
+    "sync": ({"async_a2a": False, "a2a_chunks": 1}, {}),
+    "sync_grouped_mm": ({"async_a2a": False, "a2a_chunks": 1}, {"expert_backend": "grouped_mm"}),
+    "async_chunks2": ({"async_a2a": True, "a2a_chunks": 2}, {}),
+    "async_chunks2_grouped_mm": ({"async_a2a": True, "a2a_chunks": 2}, {"expert_backend": "grouped_mm"}),
+    "async_chunks3": ({"async_a2a": True, "a2a_chunks": 3}, {}),
     # more chunks than tokens: empty chunks and ranks that receive nothing for a chunk must still
     # take part in every forward and backward all-to-all
-    "async_chunks40": {"async_a2a": True, "a2a_chunks": 40},
+    "async_chunks40": ({"async_a2a": True, "a2a_chunks": 40}, {}),
 }
 TOL = 1e-5
 
@@ -53,25 +55,49 @@ def ep_worker_loop(config: dict) -> None:
     import torch.distributed as dist
     from ray import train
 
+    from components.model import MoEMetricsAccumulator
     from components.model.export import shard_experts
+    from components.model.host_sync import HostSyncCounter
 
     torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()
     batch = config["batches"][rank]
     results = {}
-    for name, overlap in config["overlaps"].items():
-        model = Transformer(ModelConfig(**config["cfg"]), config["vocab"], ep_group=dist.group.WORLD,
+    for name, (overlap, overrides) in config["variants"].items():
+        model = Transformer(ModelConfig(**config["cfg"], **overrides), config["vocab"], ep_group=dist.group.WORLD,
                             overlap=overlap).train()
         model.load_state_dict(shard_experts(config["state"], rank, world))
         loss, logits, aux = _loss(model, batch)
         loss.backward()
+        comm = model.comm_times(reset=True)
         moe = model.moe_layers()[0]
+        with HostSyncCounter() as syncs, torch.no_grad():
+            moe(torch.randn(20, config["cfg"]["dim"]))
         results[name] = {
             "logits": logits.detach(),
             "grads": {n: p.grad.detach().clone() for n, p in model.named_parameters()},
             "expert_range": (moe.expert_offset, moe.num_local_experts),
             "dropped": float(aux["dropped_fraction"][0]),
+            "comm": comm,
+            "host_syncs": dict(syncs.by_op),
         }
+
+    # bf16 autocast: payloads travel as bf16 through the all-to-all (the experts receive what came
+    # out of it), the combine stays fp32; metrics summed over both ranks in one all-reduce
+    model = Transformer(ModelConfig(**config["cfg"]), config["vocab"], ep_group=dist.group.WORLD,
+                        overlap={"async_a2a": True, "a2a_chunks": 2}).train()
+    model.load_state_dict(shard_experts(config["state"], rank, world))
+    received = []
+    model.moe_layers()[0].experts.register_forward_pre_hook(lambda mod, args: received.append(args[0].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, logits, aux = _loss(model, batch)
+    loss.backward()
+    acc = MoEMetricsAccumulator()
+    acc.add(aux)
+    results["bf16"] = {"logits": logits.detach().float(), "received_dtypes": received,
+                       "grads_finite": all(torch.isfinite(p.grad).all().item() for p in model.parameters()),
+                       "local_counts": [c.clone() for c in aux["expert_counts"]],
+                       "metrics": acc.read(group=dist.group.WORLD)}
     torch.save(results, Path(config["out_dir"]) / f"rank{rank}.pt")
     train.report({"done": 1})
 
@@ -101,7 +127,7 @@ def test_expert_parallel_2_matches_single_process(ray_session, tmp_path):
     trainer = TorchTrainer(
         ep_worker_loop,
         train_loop_config={"cfg": CFG, "vocab": VOCAB, "state": state, "batches": batches,
-                           "overlaps": OVERLAPS, "out_dir": str(tmp_path)},
+                           "variants": VARIANTS, "out_dir": str(tmp_path)},
         scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(name="ep-equivalence", storage_path=str(tmp_path / "ray")),
     )
@@ -109,9 +135,10 @@ def test_expert_parallel_2_matches_single_process(ray_session, tmp_path):
 
     expert_names = {n for n, p in reference.named_parameters() if is_expert_param(p)}
     assert expert_names
-    for rank in range(2):
-        results = torch.load(tmp_path / f"rank{rank}.pt")
-        assert set(results) == set(OVERLAPS)
+    per_rank = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
+    bf16_runs = [results.pop("bf16") for results in per_rank]
+    for rank, (results, bf16) in enumerate(zip(per_rank, bf16_runs)):
+        assert set(results) == set(VARIANTS)
         for name, res in results.items():
             assert res["expert_range"] == (2 * rank, 2)
             assert torch.allclose(res["logits"], ref_logits[rank], atol=TOL), f"{name}: logits differ on rank {rank}"
@@ -123,7 +150,26 @@ def test_expert_parallel_2_matches_single_process(ray_session, tmp_path):
                 assert grad.shape == want.shape, f"{name}: {param} shape {grad.shape} vs {want.shape}"
                 err = (grad - want).abs().max().item()
                 assert err < TOL, f"{name}: gradient of {param} differs by {err} on rank {rank}"
+            # the one host sync of a layer: the split sizes, read after the count exchange
+            assert res["host_syncs"] == {"Tensor.tolist": 1}, f"{name}: {res['host_syncs']}"
+            overlap, _ = VARIANTS[name]
+            chunks = overlap["a2a_chunks"] if overlap["async_a2a"] else 1
+            comm = res["comm"]
+            # per layer: the count exchange + per chunk dispatch and combine, forward and backward
+            assert comm.calls == CFG["n_layers"] * (1 + 4 * chunks), f"{name}: {comm}"
+            assert 0 < comm.exposed_s <= comm.total_s + 1e-9
+            assert comm.forward_exposed_s + comm.backward_exposed_s == pytest.approx(comm.exposed_s)
         # overlap on and off agree with each other exactly enough to be interchangeable
-        for name in OVERLAPS:
+        for name in VARIANTS:
             assert torch.allclose(results[name]["logits"], results["sync"]["logits"], atol=TOL)
         assert any(res["dropped"] > 0 for res in results.values()), "capacity should drop some tokens here"
+
+        assert bf16["received_dtypes"] == [torch.bfloat16] * 2, "bf16 payloads through the all-to-all, per chunk"
+        assert bf16["grads_finite"]
+        assert (bf16["logits"] - ref_logits[rank]).abs().max() < 0.1 * ref_logits[rank].abs().max() + 0.05
+
+    # metrics read once over the group: both ranks see the sum of both ranks' counts
+    total = bf16_runs[0]["local_counts"][0] + bf16_runs[1]["local_counts"][0]
+    for run in bf16_runs:
+        assert [run["metrics"][f"moe/layer0/tokens_expert{e}"] for e in range(CFG["num_experts"])] == total.tolist()
+        assert run["metrics"]["moe/forwards"] == 2

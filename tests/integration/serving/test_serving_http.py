@@ -451,6 +451,8 @@ def test_bounded_load_32_clients(deployment):
 # --------------------------------------------------------------------------- the deploy stage
 
 def test_deploy_stage_writes_serve_config_and_smoke_tests(deployment, tmp_path):
+    import dataclasses
+
     import yaml
     from mlflow import MlflowClient
     from ray import serve
@@ -458,21 +460,23 @@ def test_deploy_stage_writes_serve_config_and_smoke_tests(deployment, tmp_path):
     from components.config import to_container, with_overrides
     from components.tracking.stages import StageContext
     from pipelines import deploy as deploy_stage
+    from pipelines.outputs import DeployOutputs, RegisterOutputs
 
+    registered = RegisterOutputs(model_name=deployment.name, model_version=deployment.versions[0], model_id="",
+                                 aliases=["champion"], promoted=True, reason="", previous_champion="")
     config = with_overrides(deployment.config, {"serve.app_name": "moeops-stage", "serve.route_prefix": "/stage"})
     client = MlflowClient(config.tracking.uri)
     experiment_id = client.get_experiment_by_name(config.tracking.experiment).experiment_id
     run_id = client.create_run(experiment_id, run_name="deploy").info.run_id
     ctx = StageContext(name="deploy", config=config, config_dict=to_container(config), run_id=run_id,
                        parent_run_id="", experiment_id=experiment_id, tracking_uri=config.tracking.uri,
-                       client=client, inputs={"register": {"model_version": deployment.versions[0]}},
-                       work_dir=tmp_path)
+                       client=client, inputs={"register": registered}, work_dir=tmp_path)
     try:
         outputs = deploy_stage.run(ctx)
-        assert all(isinstance(v, str) for v in outputs.values())
+        assert isinstance(outputs, DeployOutputs)
         champion = str(client.get_model_version_by_alias(deployment.name, "champion").version)
-        assert outputs["endpoint"].endswith("/stage") and outputs["model_version"] == champion
-        written = yaml.safe_load(open(outputs["serve_config_path"]))
+        assert outputs.endpoint.endswith("/stage") and outputs.model_version == champion
+        written = yaml.safe_load(open(outputs.serve_config_path))
         assert written["applications"][0]["import_path"] == "serving.app:build_app"
         assert written["applications"][0]["deployments"][0]["user_config"]["revision"] == champion
         artifacts = {a.path for a in client.list_artifacts(run_id)}
@@ -480,7 +484,7 @@ def test_deploy_stage_writes_serve_config_and_smoke_tests(deployment, tmp_path):
         smoke = json.loads(open(client.download_artifacts(run_id, "smoke_response.json", str(tmp_path))).read())
         assert smoke["response"]["choices"] and smoke["readyz"]["ready"] is True
         assert deploy_stage.still_serving(config, outputs)
-        assert not deploy_stage.still_serving(config, {**outputs, "model_version": "999"})
+        assert not deploy_stage.still_serving(config, dataclasses.replace(outputs, model_version="999"))
     finally:
         serve.delete("moeops-stage")
     assert not deploy_stage.still_serving(config, outputs)

@@ -14,6 +14,7 @@ from components.model.export import load_export
 from components.tracking.registry import TAG_DECISION, load_registered
 from components.tracking.stages import outputs_of_run
 from pipelines.evaluate import SPEC as EVALUATE
+from pipelines.outputs import PrepareOutputs
 from pipelines.pipeline import run_pipeline
 from pipelines.register import SPEC as REGISTER
 from pipelines.train import SPEC as TRAIN
@@ -30,7 +31,7 @@ def test_evaluate_report_and_registry_gate(sweep_env, tmp_path):
     # Round 1: no champion yet -> the report compares MoE and its dense baseline; v1 is promoted.
     first = run_pipeline(load_config(base), [TRAIN, EVALUATE, REGISTER])
     evaluate_run = first.stages["evaluate"].run_id
-    report = json.loads(mlflow.artifacts.load_text(first.stages["evaluate"].outputs["report_uri"]))
+    report = json.loads(mlflow.artifacts.load_text(first.stages["evaluate"].outputs.report_uri))
     assert set(report["models"]) == {"moe", "dense_baseline"}
     moe, dense = report["models"]["moe"], report["models"]["dense_baseline"]
     assert moe["kind"] == "moe" and dense["kind"] == "dense"
@@ -43,31 +44,53 @@ def test_evaluate_report_and_registry_gate(sweep_env, tmp_path):
     dense_runs = client.search_runs([first.experiment_id], f"tags.`mlflow.parentRunId` = '{evaluate_run}'")
     assert [r.info.run_name for r in dense_runs] == ["dense-baseline"] and "val_loss" in dense_runs[0].data.metrics
 
-    reg1 = first.stages["register"].outputs
-    assert reg1["model_version"] == "1" and reg1["promoted"] == "true"
-    assert set(reg1["alias"].split(",")) == {"champion", "challenger"}
+    reg1, trained = first.stages["register"].outputs, first.stages["train"].outputs
+    assert reg1.model_version == "1" and reg1.promoted is True
+    assert set(reg1.aliases) == {"champion", "challenger"}
     version = client.get_model_version("moeops-sweep-test", "1")
-    prepared = outputs_of_run(client, sweep_env.prepare_run_id)
-    assert version.tags["dataset_digest"] == prepared["dataset_digest"]
+    prepared = outputs_of_run(client, sweep_env.prepare_run_id, PrepareOutputs)
+    assert version.tags["dataset_digest"] == prepared.dataset_digest
     assert version.tags["training_run_id"] == first.stages["train"].run_id
     assert version.tags["git_commit"] and version.tags[TAG_DECISION] == "promoted"
+
+    # run -> model -> version: the version's source is the LoggedModel the train run logged (once),
+    # which carries its params, step and the dataset digest; evaluate's figures are linked to it
+    # by model id and dataset.
+    train_run = client.get_run(first.stages["train"].run_id)
+    assert version.source == f"models:/{trained.model_id}" == trained.model_uri
+    logged = client.get_logged_model(trained.model_id)
+    assert logged.source_run_id == train_run.info.run_id
+    assert logged.tags["dataset_digest"] == prepared.dataset_digest
+    assert logged.params["model.num_experts"] == "4" and logged.params["train.max_steps"] == "6"
+    assert [(o.model_id, o.step) for o in train_run.outputs.model_outputs] == [(trained.model_id, 6)]
+    assert client.search_logged_models([first.experiment_id],
+                                       filter_string=f"source_run_id = '{evaluate_run}'").to_list() == []
+    assert [(v["name"], str(v["version"])) for v in json.loads(logged.tags["mlflow.modelVersions"])] == [
+        ("moeops-sweep-test", "1")]
+    linked = {m.key: m for m in logged.metrics if m.run_id == evaluate_run}
+    assert linked["val_loss"].value == pytest.approx(moe["val_loss"])
+    assert linked["val_loss"].dataset_digest == prepared.dataset_digest[:32]
+    for run in (train_run, client.get_run(sweep_env.prepare_run_id)):
+        assert {d.dataset.digest for d in run.inputs.dataset_inputs} == {prepared.dataset_digest[:32]}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(train_run.data.metrics)
 
     # The registered champion gives the trained model's logits.
     loaded, info = load_registered("models:/moeops-sweep-test@champion", sweep_env.tracking_uri,
                                    dst_dir=tmp_path / "champion")
-    trained = load_export(first.stages["train"].outputs["export_dir"])
+    trained_model = load_export(trained.export_dir)
     tokens = torch.randint(0, loaded.vocab_size, (2, 12))
     with torch.no_grad():
-        torch.testing.assert_close(loaded.model(tokens)[0], trained.model(tokens)[0], rtol=0, atol=0)
+        torch.testing.assert_close(loaded.model(tokens)[0], trained_model.model(tokens)[0], rtol=0, atol=0)
 
     # Round 2: the same model again, now against a champion: the report holds the champion's
     # figures, and a challenger that does not beat it is refused (champion stays at v1).
     second = run_pipeline(load_config(base + ["evaluate.compare_dense=false", "force=true"]), [EVALUATE, REGISTER])
-    report2 = json.loads(mlflow.artifacts.load_text(second.stages["evaluate"].outputs["report_uri"]))
+    report2 = json.loads(mlflow.artifacts.load_text(second.stages["evaluate"].outputs.report_uri))
     assert set(report2["models"]) == {"moe", "champion"}
     assert report2["models"]["champion"]["val_loss"] == pytest.approx(report2["models"]["moe"]["val_loss"])
     reg2 = second.stages["register"].outputs
-    assert reg2["model_version"] == "2" and reg2["promoted"] == "false" and reg2["alias"] == "challenger"
+    assert reg2.model_version == "2" and reg2.promoted is False and reg2.aliases == ["challenger"]
+    assert reg2.model_id == reg1.model_id, "the same LoggedModel, registered again: no second copy"
     assert "refused" in client.get_model_version("moeops-sweep-test", "2").tags[TAG_DECISION]
     assert str(client.get_model_version_by_alias("moeops-sweep-test", "champion").version) == "1"
     assert client.get_run(second.stages["register"].run_id).data.tags[TAG_DECISION] == "refused"

@@ -1,6 +1,7 @@
 """The registry against a real sqlite MLflow store: round-trip logits, tags, and the promotion gate."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -42,10 +43,10 @@ def register(config, export_dir: Path, val_loss: float, *, champion_metric=None)
     exp_id = mlflow_utils.ensure_experiment(client, "registry-test", config.tracking.artifact_location)
     run_id = client.create_run(exp_id, run_name="register").info.run_id
     reg = log_and_register(
-        export_dir, run_id=run_id, tracking_uri=config.tracking.uri, model_name=config.registry.model_name,
-        metric="val_loss", metrics={"val_loss": val_loss, "perplexity": 2.0},
+        export_dir, run_id=run_id, tracking_uri=config.tracking.uri, registry=config.registry,
+        metrics={"val_loss": val_loss, "perplexity": 2.0},
         tags={"moeops.dataset_digest": "d" * 64, "moeops.git_commit": "abc123", "moeops.training_run_id": "train-run-1"},
-        champion_metric=champion_metric, min_improvement=config.registry.min_improvement,
+        champion_metric=champion_metric, params={"model.dim": 64}, step=7,
     )
     return reg, run_id
 
@@ -70,8 +71,16 @@ def test_round_trip_tags_and_gate_both_ways(root_overrides, tmp_path, tokenizer_
         actual, _ = loaded.model(tokens)
     torch.testing.assert_close(actual, expected, rtol=0, atol=0)
 
-    # Tags trace the version back to the data and the training run; the decision is recorded.
+    # The version was created from the run's LoggedModel (params and step recorded on it), and
+    # MLflow links the model to the version: run -> model -> version.
     mv = client.get_model_version(name, "1")
+    assert mv.source == f"models:/{reg1.model_id}"
+    logged = client.get_logged_model(reg1.model_id)
+    assert logged.source_run_id == run1 and logged.params["model.dim"] == "64"
+    assert [(v["name"], str(v["version"])) for v in json.loads(logged.tags["mlflow.modelVersions"])] == [(name, "1")]
+    assert [(o.model_id, o.step) for o in client.get_run(run1).outputs.model_outputs] == [(reg1.model_id, 7)]
+
+    # Tags trace the version back to the data and the training run; the decision is recorded.
     assert mv.tags["moeops.dataset_digest"] == "d" * 64
     assert mv.tags["moeops.training_run_id"] == "train-run-1"
     assert mv.tags["moeops.metric.val_loss"] == "3"

@@ -2,9 +2,10 @@ from __future__ import annotations
 
 import pytest
 
+from components.config.schema import StorageConfig
 from components.data.cold import ColdStorageError, backoff_delay, filesystem_for, is_transient, with_retries
 
-STORAGE = {"retries": 3, "backoff_base_s": 0.001, "backoff_max_s": 0.002}
+STORAGE = StorageConfig(retries=3, backoff_base_s=0.001, backoff_max_s=0.002)
 
 
 def test_transient_errors_are_retried_then_succeed():
@@ -60,3 +61,10 @@ def test_bad_uris_give_clear_errors():
         filesystem_for("")
     with pytest.raises(ColdStorageError, match="nosuchproto"):
         filesystem_for("nosuchproto://bucket/x")
+
+
+def test_storage_must_be_the_typed_section():
+    with pytest.raises(TypeError, match="StorageConfig"):
+        filesystem_for("/tmp/x", {"retries": 1})
+    fs, path = filesystem_for("s3a://bucket/ds/manifest.json")  # no section: the schema's defaults
+    assert path == "bucket/ds/manifest.json" and "s3" in fs.protocol

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from collections import Counter
 
 import numpy as np
@@ -13,7 +14,7 @@ from components.data.shards import decode_shard
 
 def _reader(small_dataset, tmp_path, **kw) -> TieredReader:
     result, storage = small_dataset
-    args = dict(split="train", storage=dict(storage, warm_dir=str(tmp_path / "warm")), seed=11, batch_size=4,
+    args = dict(split="train", storage=replace(storage, warm_dir=str(tmp_path / "warm")), seed=11, batch_size=4,
                 prefetch_batches=2)
     args.update(kw)
     return TieredReader(result.manifest.uri, **args)
@@ -123,7 +124,9 @@ def test_stats_and_flow_report(small_dataset, tmp_path):
     s2 = r.stats()
     assert s2["cold_fills"] == n_shards and s2["warm_hits"] >= n_shards - 3  # a few still hot in memory
     assert s2["warm_hit_rate"] == s2["warm_hits"] / (s2["warm_hits"] + n_shards)
-    flow = r.flow_report()
+    report = r.flow_report()
+    assert report[0]["kind"] == "reader" and report[0]["dataset_digest"] == r.manifest.dataset_digest
+    flow = [e for e in report if e["kind"] == "shard"]
     assert {e["epoch"] for e in flow} == {0, 1}
     assert {e["tier"] for e in flow if e["epoch"] == 0} == {"cold"}
     assert {e["tier"] for e in flow if e["epoch"] == 1} <= {"warm", "hot"}

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -53,11 +54,11 @@ def test_pinned_shards_are_never_evicted(small_dataset, tmp_path):
     a, b = m.shards("train")[:2]
     cache = WarmCache(str(tmp_path / "warm"), max(a.bytes, b.bytes) + 1, wait_timeout_s=0.3)
     cache.ensure(a, _fetcher(m, a, []))
-    _, _, pin = cache._pin_or_fill(a, _fetcher(m, a, []))  # pinned, as while another process reads it
-    with pytest.raises(WarmCacheError, match="no room in the warm cache"):
-        cache.ensure(b, _fetcher(m, b, []))
-    assert os.path.exists(cache.shard_path(a.sha256))
-    pin.close()
+    with cache.pinned(a, _fetcher(m, a, [])) as read:  # as while another process reads it
+        assert read.tier == "warm" and read.data.size == a.bytes  # memory-mapped
+        with pytest.raises(WarmCacheError, match="no room in the warm cache"):
+            cache.ensure(b, _fetcher(m, b, []))
+        assert os.path.exists(cache.shard_path(a.sha256))
     cache.ensure(b, _fetcher(m, b, []))  # now a can go
     assert cache.usage()["resident"] == [b.sha256]
 
@@ -66,9 +67,9 @@ def test_pinned_shards_are_never_evicted(small_dataset, tmp_path):
 def test_corrupt_or_truncated_warm_files_are_discarded_and_refetched(small_dataset, tmp_path, damage):
     result, storage = small_dataset
     m = result.manifest
-    st = dict(storage, warm_dir=str(tmp_path / "warm"), verify_on_open=damage == "flip_verify")
+    st = replace(storage, warm_dir=str(tmp_path / "warm"), verify_on_open=damage == "flip_verify")
     reference = [b.clone() for b in TieredReader(m.uri, "train", st, seed=3, batch_size=8, prefetch_batches=0)]
-    cache = WarmCache(st["warm_dir"], st["warm_limit_bytes"])
+    cache = WarmCache(st.warm_dir, st.warm_limit_bytes)
     for shard in m.shards("train"):
         path = cache.shard_path(shard.sha256)
         data = bytearray(open(path, "rb").read())
@@ -86,4 +87,4 @@ def test_corrupt_or_truncated_warm_files_are_discarded_and_refetched(small_datas
     assert stats["cold_fills"] == n  # every damaged shard was refetched
     if damage == "flip":  # caught by Parquet page checksums while decoding
         assert stats["corrupt_refetches"] == n
-    assert all(e["tier"] == "cold" for e in reader.flow_report())
+    assert all(e["tier"] == "cold" for e in reader.flow_report() if e["kind"] == "shard")

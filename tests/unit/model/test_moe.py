@@ -8,7 +8,7 @@ from components.model.moe import MoELayer, reference_moe_forward as naive_moe
 
 def _layer(**kw):
     torch.manual_seed(0)
-    layer = MoELayer(16, 32, 4, 2, **kw)
+    layer = MoELayer(ModelConfig(dim=16, ffn_dim=32, num_experts=4, top_k=2, **kw))
     with torch.no_grad():
         for p in layer.parameters():
             p.normal_(std=0.3)
@@ -90,7 +90,7 @@ def test_bad_inputs_raise_clear_errors():
     model = Transformer(ModelConfig(dim=32, n_heads=2, n_layers=1, ffn_dim=64, max_seq_len=8), vocab_size=50)
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, 9, dtype=torch.long))
-    with pytest.raises(ValueError, match="unknown model config keys"):
+    with pytest.raises(ValueError, match="model.bogus: unknown key"):
         Transformer({"dim": 32, "bogus": 1}, vocab_size=50)
 
 

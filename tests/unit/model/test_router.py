@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from components.config.schema import ModelConfig
 from components.model.moe import MoELayer
 from components.model.router import ExpertBiasBalancer, TopKRouter, capacity_keep_mask, expert_capacity
 
@@ -26,7 +27,8 @@ def test_capacity_keeps_first_choices_first_then_token_order():
 
 def _one_hot_router_layer(dim=4, num_experts=2, top_k=1, capacity_factor=1.0, dropless=False):
     """An MoE layer whose router sends token x to expert argmax(x[:num_experts])."""
-    layer = MoELayer(dim, 8, num_experts, top_k, capacity_factor=capacity_factor, dropless=dropless)
+    layer = MoELayer(ModelConfig(dim=dim, ffn_dim=8, num_experts=num_experts, top_k=top_k,
+                                 capacity_factor=capacity_factor, dropless=dropless))
     with torch.no_grad():
         layer.router.gate.weight.zero_()
         layer.router.gate.weight[:, :num_experts] = 10 * torch.eye(num_experts)

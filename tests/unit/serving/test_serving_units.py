@@ -1,13 +1,11 @@
-"""Serving pieces that need no Ray: Serve config file, schemas, error shape, text streaming, batched decoding."""
+"""Serving pieces that need no Ray: Serve config file, request schemas, error shape, text streaming."""
 from __future__ import annotations
 
 import json
 import sysconfig
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-import torch
 from pydantic import ValidationError
 
 from components.config import config_from_dict, load_config
@@ -16,10 +14,25 @@ from serving.schemas import CompletionRequest, ScoreRequest
 from serving.text_stream import TextStream
 
 
+@pytest.fixture(scope="module")
+def tokenizer():
+    from components.data.tokenizer import TextTokenizer
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    return TextTokenizer.train([p.read_text(errors="ignore") for p in sorted(stdlib.glob("*.py"))[:10]],
+                               vocab_size=400)
+
+
 @pytest.fixture
 def config(tmp_path):
     return load_config([f"paths.root={tmp_path}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
                         "experiment=tiny"])
+
+
+def config_dict_section(config, section: str) -> dict:
+    from components.config import to_container
+
+    return to_container(config)[section]
 
 
 # --------------------------------------------------------------------------- Serve config file
@@ -36,8 +49,10 @@ def test_serve_config_is_a_valid_deterministic_serve_deploy_file(config):
     [deployment] = app["deployments"]
     assert deployment["num_replicas"] == 1 and "autoscaling_config" not in deployment
     assert deployment["ray_actor_options"] == {"num_cpus": config.serve.num_cpus, "num_gpus": 0.0}
-    assert deployment["user_config"]["model_uri"] == "models:/moeops-moe@champion"
-    assert deployment["user_config"]["max_batch_size"] == config.serve.max_batch_size
+    assert deployment["user_config"]["serve"]["model_uri"] == "models:/moeops-moe@champion"
+    assert deployment["user_config"]["serve"]["max_num_seqs"] == config.serve.max_num_seqs
+    assert deployment["user_config"]["registry"] == config_dict_section(config, "registry")
+    assert deployment["max_surge_percent"] == config.serve.max_surge_percent
     # args are the plain config container: a replica rebuilds the typed config from them
     rebuilt = config_from_dict(app["args"])
     assert rebuilt.serve.model_uri == "models:/moeops-moe@champion"
@@ -54,8 +69,9 @@ def test_serve_config_autoscaling_and_pinned_version(config, tmp_path):
     [deployment] = file["applications"][0]["deployments"]
     assert "num_replicas" not in deployment
     assert deployment["autoscaling_config"]["max_replicas"] == 4
+    assert deployment["autoscaling_config"]["upscale_delay_s"] == scaled.serve.autoscaling.upscale_delay_s
     assert deployment["ray_actor_options"]["num_gpus"] == 1.0
-    assert deployment["user_config"]["model_uri"] == "models:/moeops-moe/3"
+    assert deployment["user_config"]["serve"]["model_uri"] == "models:/moeops-moe/3"
     assert deployment["user_config"]["revision"] == "3"
     with pytest.raises(ValueError, match="models:/"):
         serve_config(config, "s3://bucket/model")
@@ -66,9 +82,11 @@ def test_serve_config_rules_name_the_key(tmp_path):
 
     with pytest.raises(ConfigError) as err:
         load_config([f"paths.root={tmp_path}", "experiment=tiny", "serve.max_ongoing_requests=2",
-                     "serve.route_prefix=api", "serve.model_uri=runs:/x"])
+                     "serve.route_prefix=api", "serve.model_uri=runs:/x", "serve.max_n=0",
+                     "serve.max_num_batched_tokens=8", "serve.max_surge_percent=150"])
     message = str(err.value)
-    for key in ("serve.max_ongoing_requests", "serve.route_prefix", "serve.model_uri"):
+    for key in ("serve.max_ongoing_requests", "serve.route_prefix", "serve.model_uri", "serve.max_n",
+                "serve.max_num_batched_tokens", "serve.max_surge_percent"):
         assert key in message
 
 
@@ -80,12 +98,65 @@ def test_completion_request_is_strict_and_forbids_unknown_fields():
     assert CompletionRequest.model_validate({"prompt": "a", "temperature": 1}).temperature == 1.0
     for bad, field in [({"prompt": "a", "max_tokens": "3"}, "max_tokens"), ({"prompt": "a", "bogus": 1}, "bogus"),
                        ({"prompt": ""}, "prompt"), ({"prompt": "a", "top_p": 1.5}, "top_p"),
-                       ({"prompt": "\ud800"}, "prompt"), ({"prompt": "a", "stop": [""]}, "stop")]:
+                       ({"prompt": "\ud800"}, "prompt"), ({"prompt": "a", "stop": [""]}, "stop"),
+                       ({"prompt": [1, -2]}, "prompt"), ({"prompt": "a", "suffix": "b"}, "suffix"),
+                       ({"prompt": "a", "n": 2, "best_of": 1}, "best_of"),
+                       ({"prompt": "a", "stream": True, "n": 1, "best_of": 2}, "best_of"),
+                       ({"prompt": "a", "stream_options": {"include_usage": True}}, "stream_options"),
+                       ({"prompt": "a", "logit_bias": {"x": 1}}, "logit_bias"),
+                       ({"prompt": "a", "logit_bias": {"5": 101}}, "logit_bias"),
+                       ({"prompt": "a", "frequency_penalty": 2.5}, "frequency_penalty")]:
         with pytest.raises(ValidationError) as err:
             CompletionRequest.model_validate(bad)
-        assert err.value.errors()[0]["loc"][0] == field
+        assert err.value.errors()[0]["loc"][0] == field, (bad, err.value.errors())
     with pytest.raises(ValidationError):
         ScoreRequest.model_validate({"text": "  "})
+
+
+def test_null_means_default_and_every_prompt_shape_parses():
+    """What LangChain and other clients send: explicit nulls and neutral values."""
+    nulls = {key: None for key in ("model", "max_tokens", "temperature", "top_p", "n", "stream", "logprobs",
+                                   "echo", "stop", "presence_penalty", "frequency_penalty", "best_of",
+                                   "logit_bias", "user", "seed", "suffix", "stream_options", "top_k", "min_p")}
+    parsed = CompletionRequest.model_validate({"prompt": "a", **nulls})
+    assert parsed.prompts == ["a"] and parsed.stops == []
+    neutral = CompletionRequest.model_validate({"prompt": "a", "frequency_penalty": 0, "presence_penalty": 0, "n": 1,
+                                                "logit_bias": {}, "best_of": 1, "echo": False, "logprobs": 0})
+    assert neutral.logit_bias == {} and neutral.n == 1
+    assert CompletionRequest.model_validate({"prompt": [1, 2, 3]}).prompts == [[1, 2, 3]]
+    assert CompletionRequest.model_validate({"prompt": [[1, 2], [3]]}).prompts == [[1, 2], [3]]
+    assert CompletionRequest.model_validate({"prompt": "a", "max_tokens": 0, "echo": True}).max_tokens == 0
+
+
+def test_chat_request_fields():
+    from serving.schemas import ChatCompletionRequest
+
+    ok = ChatCompletionRequest.model_validate({
+        "messages": [{"role": "system", "content": "be terse"},
+                     {"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]},
+                     {"role": "assistant", "content": None}],
+        "model": None, "max_completion_tokens": 5, "logprobs": True, "top_logprobs": 2, "tools": None,
+        "tool_choice": "none", "response_format": {"type": "text"}, "metadata": {"k": "v"}, "store": False})
+    assert ok.requested_max_tokens == 5 and ok.messages[1].text == "hi there"
+    for bad, field in [({"messages": []}, "messages"), ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),
+                       ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+                       ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+                        "response_format"),
+                       ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+                       ({"messages": [{"role": "user", "content": "x"}], "echo": True}, "echo")]:
+        with pytest.raises(ValidationError) as err:
+            ChatCompletionRequest.model_validate(bad)
+        assert err.value.errors()[0]["loc"][0] == field, (bad, err.value.errors())
+
+
+def test_chat_template_renders_turns_and_ends_with_the_assistant_header():
+    from serving import chat_template
+    from serving.schemas import ChatMessage
+
+    messages = [ChatMessage(role="developer", content="terse"), ChatMessage(role="user", content="add(1, 2)?")]
+    assert chat_template.render(messages) == "### System:\nterse\n\n### User:\nadd(1, 2)?\n\n### Assistant:\n"
+    continued = [*messages, ChatMessage(role="assistant", content="It is")]
+    assert chat_template.render(continued).endswith("### Assistant:\nIt is")
 
 
 def test_validation_errors_become_openai_errors_naming_the_field():
@@ -105,7 +176,7 @@ def test_validation_errors_become_openai_errors_naming_the_field():
     assert (typo.status, typo.param, typo.code) == (400, "promt", "unknown_field")
     nested = convert({"prompt": ["ok", ""]})
     assert nested.param == "prompt" and "item 1" in nested.message
-    wrong = convert({"prompt": "x", "max_tokens": 0})
+    wrong = convert({"prompt": "x", "max_tokens": -1})
     assert wrong.param == "max_tokens" and "max_tokens" in wrong.message
 
 
@@ -132,6 +203,27 @@ def test_stop_sequence_spanning_tokens_is_never_emitted():
     assert all("END" not in d for d in deltas)
 
 
+def test_stop_sequence_kept_with_include_stop_and_reported():
+    stream = TextStream(CharTokenizer(), stop=["END", "\n"], include_stop=True)
+    assert "".join(feed(stream, "abENDx")) == "abEND" and stream.stop_hit == "END"
+
+
+def test_byte_table_detokenizer_matches_full_decode(tokenizer):
+    import random
+
+    from serving.text_stream import token_bytes_table
+
+    table = token_bytes_table(tokenizer)
+    rng = random.Random(0)
+    for _ in range(200):  # random ids: broken UTF-8, special tokens, multi-byte characters
+        ids = [rng.randrange(tokenizer.vocab_size) for _ in range(rng.randrange(1, 30))]
+        stream = TextStream(tokenizer, table=table)
+        assert "".join(stream.push(i) for i in ids) + stream.flush() == tokenizer.decode(ids)
+    text = "héllo ✓ 日本 \U0001F600 def main():"
+    stream = TextStream(tokenizer, stop=["main"], table=table)
+    assert "".join(stream.push(i) for i in tokenizer.encode(text)) + stream.flush() == "héllo ✓ 日本 \U0001F600 def "
+
+
 def test_text_is_released_as_soon_as_it_cannot_start_a_stop():
     stream = TextStream(CharTokenizer(), stop=["\n\n"])
     assert stream.push(ord("a")) == ""  # held: it might be followed by the rest of a stop sequence
@@ -141,69 +233,13 @@ def test_text_is_released_as_soon_as_it_cannot_start_a_stop():
     assert [plain.push(ord(c)) for c in "hi"] == ["h", "i"]
 
 
-# --------------------------------------------------------------------------- batched decoding
-
-@pytest.fixture(scope="module")
-def engine():
-    from components.data.tokenizer import TextTokenizer
-    from components.model.transformer import Transformer
-    from serving.generation import Engine
-
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    texts = [p.read_text(errors="ignore") for p in sorted(stdlib.glob("*.py"))[:10]]
-    tokenizer = TextTokenizer.train(texts, vocab_size=400)
-    cfg = load_config(["experiment=tiny", "model.dim=32", "model.n_layers=1"]).model
-    torch.manual_seed(0)
-    return Engine(SimpleNamespace(model=Transformer(cfg, tokenizer.vocab_size), tokenizer=tokenizer))
-
-
-def run_all(decoding) -> list[tuple[str, str, int]]:
-    texts = [""] * len(decoding.seqs)
-    last = [None] * len(decoding.seqs)
-    while not decoding.done:
-        for i, out in enumerate(decoding.step()):
-            if out is not None:
-                texts[i] += out.text
-                last[i] = out
-    return [(t, o.finish_reason, o.completion_tokens) for t, o in zip(texts, last)]
-
-
-def test_seeded_sequence_decodes_the_same_alone_and_in_a_mixed_batch(engine):
-    from serving.generation import SamplingParams
-
-    target = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, seed=42)
-    alone = engine.generate("def handler(event):", target)
-    mixed = engine.start(
-        [engine.encode("x"), engine.encode("def handler(event):"), engine.encode("import os, sys\nclass A:")],
-        [SamplingParams(max_tokens=3, temperature=0.0), target, SamplingParams(max_tokens=20, seed=1)])
-    results = run_all(mixed)
-    assert results[1] == alone
-    assert results[0][1] == "length" and results[0][2] == 3
-    assert engine.generate("def handler(event):", SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9,
-                                                                 seed=43)) != alone
-
-
-def test_context_overflow_and_int8_engine(engine):
-    from serving.generation import Engine, SamplingParams
-
-    with pytest.raises(ValueError, match="context"):
-        engine.start([[1] * 120], [SamplingParams(max_tokens=20)])
-    quantized = Engine(SimpleNamespace(model=engine.model, tokenizer=engine.tokenizer), quantize="int8")
-    text, reason, tokens = quantized.generate("import ", SamplingParams(max_tokens=5, temperature=0.0))
-    assert reason in ("stop", "length") and 1 <= tokens <= 5
-    fp32 = engine.score(engine.encode("def main():\n    return 0\n"))
-    int8 = quantized.score(engine.encode("def main():\n    return 0\n"))
-    assert abs(int8.perplexity - fp32.perplexity) / fp32.perplexity < 0.2
-
-
 def test_build_app_takes_a_config_container_or_cli_overrides(config, tmp_path):
     from ray.serve import Application
 
-    from serving.app import build_app, code_version
+    from serving.app import build_app
     from serving.deploy_config import app_args
 
     assert isinstance(build_app(app_args(config)), Application)
     from_cli = build_app({"experiment": "tiny", "tracking.uri": f"sqlite:///{tmp_path / 'x.db'}",
                           "serve.model_uri": "models:/m/2"})
     assert isinstance(from_cli, Application)
-    assert len(code_version()) == 16 and code_version() == code_version()

@@ -24,14 +24,14 @@ from pipelines.tune import max_concurrent_trials, search_space, sweep_name, tria
     ],
 )
 def test_decide_promotion_both_directions(candidate, champion, mode, margin, expected):
-    promote, reason = decide_promotion(candidate, champion, mode=mode, min_improvement=margin)
+    promote, reason = decide_promotion(candidate, champion, mode=mode, min_improvement=margin, metric="val_loss")
     assert promote is expected
     assert reason.startswith("promoted: " if expected else "refused: ")
 
 
 def test_decide_promotion_rejects_unknown_mode():
     with pytest.raises(ValueError, match="mode='median'"):
-        decide_promotion(1.0, 2.0, mode="median")
+        decide_promotion(1.0, 2.0, mode="median", min_improvement=0.0, metric="val_loss")
 
 
 def test_parse_model_uri():

@@ -2,36 +2,58 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 from mlflow import MlflowClient
 
 from components.config import load_config
+from components.tracking.outputs import StageOutputs
 from components.tracking.stages import StageInputError, StageSpec, digest_of
 from pipelines.pipeline import run_pipeline
 
 CALLS: list[str] = []
 
 
+@dataclass(frozen=True)
+class FakePrepared(StageOutputs):
+    stage: ClassVar[str] = "prepare"
+    digest: str
+    manifest_uri: str
+
+    def cache_digest(self) -> str:
+        return self.digest
+
+
+@dataclass(frozen=True)
+class FakeTrained(StageOutputs):
+    stage: ClassVar[str] = "train"
+    val_loss: float
+    model_uri: str
+    manifest_uri: str
+
+
 def prepare_fn(ctx):
     CALLS.append("prepare")
     text = f"rows={ctx.config.data.max_files}"
     ctx.log_metrics({"rows": ctx.config.data.max_files})
-    return {"digest": digest_of(text), "manifest_uri": f"{ctx.config.paths.root}/manifest.json"}
+    return FakePrepared(digest=digest_of(text), manifest_uri=f"{ctx.config.paths.root}/manifest.json")
 
 
 def train_fn(ctx):
     CALLS.append("train")
-    manifest = ctx.inputs["prepare"]["manifest_uri"]
-    return {"val_loss": str(1.0 / ctx.config.train.lr), "model_uri": f"runs:/{ctx.run_id}/export", "from": manifest}
+    manifest = ctx.input(FakePrepared).manifest_uri
+    return FakeTrained(val_loss=1.0 / ctx.config.train.lr, model_uri=f"runs:/{ctx.run_id}/export",
+                       manifest_uri=manifest)
 
 
 def failing_fn(ctx):
     raise RuntimeError("boom in the stage")
 
 
-PREPARE = StageSpec("prepare", ("data",), (), prepare_fn, key_output="digest")
-TRAIN = StageSpec("train", ("model", "train"), ("prepare",), train_fn, key_output="val_loss")
+PREPARE = StageSpec("prepare", ("data",), (), prepare_fn, FakePrepared)
+TRAIN = StageSpec("train", ("model", "train"), (FakePrepared,), train_fn, FakeTrained)
 
 
 @pytest.fixture
@@ -64,7 +86,7 @@ def test_nested_runs_params_and_outputs(base, mlflow_uri):
     train = stages["train"]
     assert train.info.status == "FINISHED"
     assert train.data.tags["moeops.in.prepare"] == stages["prepare"].info.run_id
-    assert train.data.tags["moeops.out.from"].endswith("manifest.json")
+    assert train.data.tags["moeops.out.manifest_uri"].endswith("manifest.json")
     assert "train.lr" in train.data.params and "data.max_files" not in train.data.params
     assert float(train.data.tags["moeops.duration_s"]) >= 0
     outputs = json.loads(open(client.download_artifacts(train.info.run_id, "outputs.json")).read())
@@ -117,7 +139,7 @@ def test_missing_upstream_is_a_clear_error_before_any_run(base, mlflow_uri):
 
 
 def test_failed_stage_marks_runs_failed(base, mlflow_uri):
-    broken = StageSpec("train", ("train",), ("prepare",), failing_fn)
+    broken = StageSpec("train", ("train",), (FakePrepared,), failing_fn, FakeTrained)
     with pytest.raises(RuntimeError, match="boom"):
         run_pipeline(load_config(base), [PREPARE, broken])
     client = MlflowClient(mlflow_uri)

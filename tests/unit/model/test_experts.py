@@ -1,0 +1,103 @@
+"""Grouped GEMM (F.grouped_mm) and the per-expert loop: equal outputs and gradients; backend selection."""
+import pytest
+import torch
+
+from components.config.schema import ModelConfig
+from components.model.experts import GroupedExperts, grouped_mm_is_faster, grouped_mm_supported
+from components.model.moe import MoELayer
+
+
+def _experts(backend: str, dim=16, hidden=32, n=4) -> GroupedExperts:
+    torch.manual_seed(0)
+    experts = GroupedExperts(n, dim, hidden, backend)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(std=0.3)
+    return experts
+
+
+def _grads(out, inputs, seed=1):
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    return torch.autograd.grad(out, inputs, g)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_grouped_mm_equals_loop_outputs_and_gradients(dtype, tol):
+    loop, grouped = _experts("loop"), _experts("grouped_mm")
+    if dtype != torch.float32:
+        loop, grouped = loop.to(dtype), grouped.to(dtype)
+    counts = [5, 0, 9, 3]  # an empty group in the middle
+    x = torch.randn(sum(counts), 16, dtype=dtype, requires_grad=True)
+    assert not loop.uses_grouped_mm(x) and grouped.uses_grouped_mm(x)
+    out_loop = loop(x, counts)
+    out_grouped = grouped(x, torch.tensor(counts))  # device counts: no host copy on this path
+    assert out_grouped.dtype == dtype
+    assert torch.allclose(out_loop.float(), out_grouped.float(), atol=tol, rtol=tol)
+    grads_loop = _grads(out_loop, [x, loop.w1, loop.w3, loop.w2])
+    grads_grouped = _grads(out_grouped, [x, grouped.w1, grouped.w3, grouped.w2])
+    for a, b in zip(grads_loop, grads_grouped):
+        assert torch.allclose(a.float(), b.float(), atol=tol, rtol=tol)
+
+
+def test_grouped_mm_takes_a_plain_sum_backward_and_zero_rows():
+    experts = _experts("grouped_mm")
+    x = torch.randn(0, 16, requires_grad=True)
+    out = experts(x, torch.zeros(4, dtype=torch.long))
+    out.sum().backward()  # expanded (stride-0) gradient; no rows at all
+    assert out.shape == (0, 16) and experts.w1.grad is not None and torch.all(experts.w1.grad == 0)
+
+
+@pytest.mark.parametrize("capacity_factor, shared", [(0.5, False), (1.25, True)])
+def test_moe_layer_grouped_mm_equals_loop_with_drops_and_router_gradients(capacity_factor, shared):
+    def layer(backend):
+        torch.manual_seed(0)
+        m = MoELayer(ModelConfig(dim=16, ffn_dim=32, num_experts=4, top_k=2, capacity_factor=capacity_factor,
+                                 shared_expert=shared, expert_backend=backend)).train()
+        with torch.no_grad():
+            for p in m.parameters():
+                p.normal_(std=0.3)
+        return m
+
+    loop, grouped = layer("loop"), layer("grouped_mm")
+    x = torch.randn(40, 16)
+    xl, xg = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_l, stats = loop(xl)
+    out_g, _ = grouped(xg)
+    if capacity_factor < 1:
+        assert stats.dropped_fraction > 0  # dropped rows ride in the last group with a zero gate
+    assert torch.allclose(out_l, out_g, atol=1e-5)
+    params = lambda m: [m.experts.w1, m.experts.w2, m.experts.w3, m.router.gate.weight]
+    for a, b in zip(_grads(out_l, [xl, *params(loop)]), _grads(out_g, [xg, *params(grouped)])):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_auto_backend_picks_grouped_mm_only_for_cuda_bf16_on_sm80_plus():
+    assert grouped_mm_is_faster("cuda", torch.bfloat16, (9, 0))
+    assert grouped_mm_is_faster("cuda", torch.bfloat16, (8, 0))
+    assert not grouped_mm_is_faster("cuda", torch.bfloat16, (7, 5))
+    assert not grouped_mm_is_faster("cuda", torch.float32, (9, 0))
+    assert not grouped_mm_is_faster("cpu", torch.bfloat16, None)
+    auto = _experts("auto")
+    x = torch.randn(3, 16)
+    assert not auto.uses_grouped_mm(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not auto.uses_grouped_mm(x)  # CPU: the loop, even in bf16
+    # alignment: rows must be a multiple of 16 bytes
+    assert grouped_mm_supported(torch.float32, (16, 32)) and not grouped_mm_supported(torch.float32, (6, 32))
+    assert grouped_mm_supported(torch.bfloat16, (8, 24)) and not grouped_mm_supported(torch.bfloat16, (12, 24))
+
+
+def test_forced_grouped_mm_on_unaligned_dims_fails_clearly():
+    experts = _experts("grouped_mm", dim=6, hidden=10)
+    with pytest.raises(ValueError, match="expert_backend='grouped_mm' cannot run"):
+        experts.uses_grouped_mm(torch.randn(3, 6))
+    with pytest.raises(ValueError, match="must be one of"):
+        GroupedExperts(2, 8, 8, "cutlass")
+
+
+def test_expert_backend_is_validated_in_the_config():
+    from components.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="model.expert_backend='cutlass'"):
+        load_config(["model.expert_backend=cutlass"])
+    assert load_config(["model.expert_backend=loop"]).model.expert_backend == "loop"
