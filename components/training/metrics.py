@@ -165,20 +165,14 @@ def expert_fractions(expert_counts: list[torch.Tensor]) -> dict[str, float]:
 
 
 def a2a_seconds(model: torch.nn.Module, reset: bool = True) -> tuple[float, float]:
-    """(exposed, total) all-to-all seconds of the model's MoE dispatchers since the last reset.
-
-    ``exposed``: time the compute thread was blocked on an all-to-all (``stats.wait_s``);
-    ``total``: time the all-to-alls were in flight (``stats.total_s``), NaN when the dispatcher
-    does not measure it."""
-    exposed, total = 0.0, 0.0
-    layers = model.moe_layers() if hasattr(model, "moe_layers") else []
-    for layer in layers:
-        stats = layer.dispatcher.stats
-        exposed += float(stats.wait_s)
-        total += float(getattr(stats, "total_s", NAN))
-        if reset:
-            stats.reset()
-    return exposed, total
+    """(exposed, total) all-to-all seconds of the model's MoE dispatchers since the last reset
+    (``Transformer.comm_times``: CUDA events on a GPU, wall time on gloo; resolving the events is
+    a host sync, so call this once per logging interval). ``exposed``: the compute blocked on an
+    all-to-all; ``total``: the all-to-alls in flight."""
+    if not hasattr(model, "comm_times"):
+        return 0.0, NAN
+    times = model.comm_times(reset)
+    return times.exposed_s, times.total_s
 
 
 def exposed_fraction(exposed_s: float, total_s: float) -> float:
