@@ -237,7 +237,7 @@ def train(config: Config, run: RunInfo, session: Session) -> dict[str, float]:
     a2a_seconds(model)  # start the all-to-all clocks from zero
     interval_steps, interval_start = 0, time.perf_counter()
     last: dict[str, float] = {"step": float(step), "start_step": float(start_step)}
-    layer_counts: list[torch.Tensor] = []
+    layer_counts: list[list[float]] = []
     if step >= stop_at:
         # resumed from a finished run: nothing to train, but report what the model is worth
         last["train_loss"] = last["loss"] = float(resumed_meta.get("train_loss") or math.nan)

@@ -70,7 +70,9 @@ def main(args_path: str) -> None:
         "object_store_memory": 100 * 1024**2})
     workers = [cluster.add_node(num_cpus=2, object_store_memory=100 * 1024**2) for _ in range(2)]
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address, runtime_env={"env_vars": WORKER_ENV})
+    # RAY_ADDRESS for Ray Train's helper actors that connect with address="auto": this cluster,
+    # not whichever other Ray on the machine started last
+    ray.init(address=cluster.address, runtime_env={"env_vars": {**WORKER_ENV, "RAY_ADDRESS": cluster.address}})
     print(f"[node-loss] cluster up in {time.monotonic() - started:.1f}s", flush=True)
 
     removed: dict = {}
