@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -196,6 +197,9 @@ def run_training(
         resume_from=resume_from,
     )
     storage_path, storage_fs = _storage(config)
+    # Ray Train reads this from the environment of the process that creates its controller (and
+    # passes it on); it has no constructor argument for it
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(t.worker_start_timeout_s)
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
         resources["GPU"] = t.gpus_per_worker

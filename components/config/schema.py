@@ -156,6 +156,9 @@ class TrainConfig:
     checkpoint_uri: str = "${paths.root}/checkpoints"
     keep_checkpoints: int = 2
     max_failures: int = 2
+    # how long Ray Train waits for a worker group to start (placement + each worker importing
+    # torch) before it gives up and retries; Ray's own 60 s is too short on a busy machine
+    worker_start_timeout_s: float = 300.0
     # "auto": continue from the latest checkpoint of this run; "never"; or a checkpoint path.
     resume: str = "auto"
     # stop (after writing a checkpoint) once this many steps are done; 0 = run to max_steps.

@@ -258,7 +258,7 @@ def train(config: Config, run: RunInfo, session: Session) -> dict[str, float]:
         # every report carries val_loss (Tune schedulers need their metric in each result)
         eval_now = step % t.eval_every == 0 or checkpoint_now
         if log_now or eval_now:
-            # the only reads of training metrics: one all-reduce, one copy to the host per interval
+            # the only reads of training metrics, once per interval (IntervalMetrics.read)
             values, layer_counts = interval.read(groups)
             now = time.perf_counter()
             last = {"step": float(step), "start_step": float(start_step), "lr": lr, **values,
@@ -301,8 +301,9 @@ def train(config: Config, run: RunInfo, session: Session) -> dict[str, float]:
                     )
                     ckpt_dir = tmp
                 session.report({k: float(v) for k, v in last.items() if v is not None}, ckpt_dir)
-            # evaluation and checkpointing are not training throughput
+            # evaluation and checkpointing are not training throughput, nor training communication
             interval_start += time.perf_counter() - side_start
+            a2a_seconds(model)
 
     stream.close()
     batches.close()
