@@ -49,6 +49,10 @@ bench: $(STAMP)  ## the three benchmarks; JSON results in bench-*.json
 	$(PY) tests/benchmarks/bench_moe.py --json bench-moe.json
 	$(PY) tests/benchmarks/bench_serve.py --json bench-serve.json
 
+.PHONY: gpu-check
+gpu-check: $(STAMP)  ## on a GPU node: NCCL expert parallelism, bf16, grouped GEMM, overlap -> gpu-check.json
+	$(PY) infra/gpu_check.py --json gpu-check.json $(ARGS)
+
 mlflow-ui: $(STAMP)  ## browse the local store at http://127.0.0.1:5000
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 

@@ -66,7 +66,8 @@ class ServedModel:
 
 def fingerprint(info: VersionInfo, quantize: str) -> str:
     """``<name>/<version>``, ``-int8`` appended when quantised: names a served version in responses and metrics."""
-    return f"{info.name}/{info.version}" + ("" if quantize == "none" else f"-{quantize}")
+    # "auto" serves float until app.inference_model applies quantize_for_inference (its label then names it)
+    return f"{info.name}/{info.version}" + ("" if quantize in ("none", "auto") else f"-{quantize}")
 
 
 class ModelStore:

@@ -103,7 +103,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     init_std: float = 0.02
     # how the experts run: "grouped_mm" (torch.nn.functional.grouped_mm, one kernel for all local
-    # experts), "loop" (one matmul per expert) or "auto" (grouped_mm for CUDA bf16 on SM80+, else loop)
+    # experts), "loop" (one matmul per expert) or "auto" (grouped_mm for CUDA bf16 on SM90/SM100, else loop)
     expert_backend: str = "auto"
 
 
@@ -276,7 +276,7 @@ class ServeConfig:
     max_body_bytes: int = 65536
     canary_fraction: float = 0.0
     # int8 inference (docs/quantization.md): "auto" = int8 only where it measured faster than
-    # float (CPU replicas of models whose dim x ffn_dim >= 256K, e.g. moe_small's sizes; moe_tiny
+    # float (CPU replicas of models whose dim x ffn_dim >= 128K, e.g. moe_small's sizes; moe_tiny
     # and CUDA replicas serve float); "int8" = always (fbgemm on CPU, torchao on CUDA); "none"
     quantize: str = "auto"
     # bearer token: read from this environment variable; empty variable = auth off

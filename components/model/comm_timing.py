@@ -14,6 +14,8 @@ Why two clocks:
   recorded on the compute stream around the wait (exposed = how long the *stream* stalled) and
   on a side stream that waits for the collective (total). Reading events needs a host sync, so
   they are only resolved when :meth:`CommTimer.read` is called (once per logging interval).
+  (``TORCH_NCCL_BLOCKING_WAIT=1`` makes ``work.wait()`` block the host too, which serialises every
+  all-to-all and defeats the overlap: leave it unset for training.)
 """
 from __future__ import annotations
 
@@ -54,7 +56,10 @@ class _WallClockTimed:
 
     def __init__(self, work, start: float, keep: tuple):
         self.work, self.start, self.done, self.keep = work, start, None, keep
-        work.get_future().then(self._stamp)
+        try:
+            work.get_future().then(self._stamp)
+        except RuntimeError:  # a backend without futures: completion counts as the end of the wait
+            pass
 
     def _stamp(self, _future) -> None:
         self.done = time.perf_counter()

@@ -20,10 +20,13 @@ Expert parallel (``group`` of size P, experts sharded contiguously, E/P per rank
 
 Overlap (``async_a2a``): tokens are split into ``chunks``; every all-to-all is asynchronous.
 Chunk c+1's dispatch is in flight while chunk c's experts compute and chunk c's combine while
-chunk c+1's experts compute; the shared expert computes while the first dispatch is in flight.
-Backward mirrors this: each all-to-all's gradient is launched by one autograd node and awaited by
-another, and the autograd engine (which runs ready nodes latest-created first) computes another
-chunk's expert backward, or the shared expert's backward, in between.
+chunk c+1's experts compute. The two ends have no other chunk to hide behind: the shared expert
+(if any) fills them, its first half of the tokens during the first dispatch and its second half
+during the last combine. Backward mirrors this: each all-to-all's gradient is launched by one
+autograd node and awaited by another, and the autograd engine (which runs ready nodes
+latest-created first) computes another chunk's expert backward, or a shared-expert half's
+backward, in between (tests/integration/model/test_expert_parallel.py checks the order). Only
+the count exchange stays exposed.
 
 Payloads travel in the compute dtype (bf16 under bf16 autocast), cast once per token before the
 gather; gates and the combine stay fp32.
@@ -41,6 +44,8 @@ from components.model.experts import compute_dtype
 
 # experts(rows [M, D] grouped by local expert, counts: host list or device tensor [E_local]) -> [M, D]
 ExpertFn = Callable[[torch.Tensor, "list[int] | torch.Tensor"], torch.Tensor]
+# the shared expert: rows [n, D] -> [n, D], applied to every token
+SharedFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 def expert_histogram(ids: torch.Tensor, bins: int, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -150,7 +155,7 @@ class TokenDispatcher:
 
     # ------------------------------------------------------------------ public
     def __call__(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor,
-                 experts: ExpertFn, shared: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+                 experts: ExpertFn, shared: SharedFn | None = None) -> torch.Tensor:
         """x [N, D], expert_ids / weights (fp32 gates) / keep [N, k] -> fp32 [N, D]: the gate-weighted
         sum of each token's kept expert outputs, plus the shared expert's output if given."""
         N, k = expert_ids.shape
@@ -172,16 +177,14 @@ class TokenDispatcher:
             counts = expert_histogram(key, E + 1)                # [E + 1] on device
             # dropped rows join the last expert's group: computed, then multiplied by a zero gate
             counts = torch.cat([counts[:E - 1], counts[E - 1:].sum(0, keepdim=True)])
-            y = experts(x.to(dtype)[token], counts)
-            out.index_add_(0, token, y.float() * gate[:, None])
         else:
             host = expert_histogram(key, E + 1).tolist()         # the loop's one host sync
             kept = sum(host[:E])
-            token, gate = token[:kept], gate[:kept]
-            y = experts(x.to(dtype)[token], host[:E])
-            out.index_add_(0, token, y.float() * gate[:, None])
+            token, gate, counts = token[:kept], gate[:kept], host[:E]
+        y = experts(x.to(dtype)[token], counts)
+        out.index_add_(0, token, y.float() * gate[:, None])
         if shared is not None:
-            out = out + shared()
+            out = out + shared(x)
         return out
 
     # ----------------------------------------------------------------- expert parallel
@@ -244,14 +247,14 @@ class TokenDispatcher:
                 y = run_experts(c, received)
                 sent, recv = splits(c)
                 combine(c, a2a_wait(*a2a_start(y, recv, sent, self.group, self.timer)))
-            shared_out = shared() if shared is not None else None
+            shared_out = shared(x) if shared is not None else None
         else:
             # 2./3. pipelined; see the module docstring for what hides behind what
             dispatches = [None] * C
             combines = [None] * C
+            half = N // 2
             dispatches[0] = dispatch(0)
-            if shared is not None:
-                shared_out = shared()
+            shared_first = shared(x[:half]) if shared is not None else None
             for c in range(C):
                 if c + 1 < C:
                     dispatches[c + 1] = dispatch(c + 1)
@@ -260,6 +263,8 @@ class TokenDispatcher:
                 y = run_experts(c, received)
                 sent, recv = splits(c)
                 combines[c] = a2a_start(y, recv, sent, self.group, self.timer)
+                if c + 1 == C and shared is not None:
+                    shared_out = torch.cat([shared_first, shared(x[half:])])
                 if c >= 1:  # the previous chunk's combine had this chunk's experts to hide behind
                     combine(c - 1, a2a_wait(*combines[c - 1]))
                     combines[c - 1] = None

@@ -3,8 +3,9 @@
 Two ways to run them over rows already grouped by expert (``counts[e]`` contiguous rows each):
 
 * ``grouped_mm`` — ``torch.nn.functional.grouped_mm``: one kernel per weight matrix for all
-  experts, group boundaries read from a device tensor (no host sync). Faster on CUDA in bf16
-  (SM80+), where it is a real grouped GEMM; on CPU it exists but runs per group internally.
+  experts, group boundaries read from a device tensor (no host sync). A real grouped GEMM (CUTLASS)
+  only for bf16 on SM90/SM100 (Hopper, Blackwell); elsewhere torch falls back to a per-group loop
+  that copies the offsets to the host (a sync), and on CPU it runs per group internally.
 * ``loop`` — one matmul per expert over its rows (never per token). Needs the counts on the
   host to split the rows.
 
@@ -46,10 +47,12 @@ def grouped_mm_supported(dtype: torch.dtype, dims: tuple[int, ...]) -> bool:
 
 
 def grouped_mm_is_faster(device_type: str, dtype: torch.dtype, capability: tuple[int, int] | None) -> bool:
-    """Where the grouped kernel beats the loop: CUDA bf16 on SM80+ (``capability`` of the GPU).
-    On CPU it is a per-group loop inside one op (tests/benchmarks/bench_moe.py measures it level
-    with the Python loop), so the loop, which needs no special strides, stays the default there."""
-    return device_type == "cuda" and dtype == torch.bfloat16 and capability is not None and capability >= (8, 0)
+    """Where the grouped kernel beats the loop: CUDA bf16 on SM90 / SM100 (``capability`` of the GPU),
+    the devices torch's CUTLASS grouped GEMM runs on (aten ``_grouped_mm_cuda``'s fast path). Other
+    GPUs (e.g. A100, SM80) get torch's fallback: a loop over groups after copying the offsets to
+    the host, i.e. our loop plus a sync. On CPU it is a per-group loop inside one op
+    (tests/benchmarks/bench_moe.py measures it level with the Python loop)."""
+    return device_type == "cuda" and dtype == torch.bfloat16 and capability is not None and capability[0] in (9, 10)
 
 
 class _ContiguousGrad(torch.autograd.Function):

@@ -13,7 +13,8 @@ Counted (``torch.utils._python_dispatch.TorchDispatchMode`` sees every aten op):
 * ``bincount`` and ``histc``: their CUDA kernels read ``max()`` back to size the output;
 * a device -> host copy (``.cpu()``, ``.to("cpu")`` of a CUDA tensor);
 * ``Tensor.tolist()`` / ``Tensor.numpy()``: on CPU they read memory directly without any aten
-  op, so the counter wraps them while it is active (on CUDA they are a device -> host copy).
+  op, so the counter wraps them while it is active (on CUDA the device -> host copy inside is
+  not counted a second time).
 
 ``torch.cuda.set_sync_debug_mode`` is the GPU's own detector; ``pipelines/gpu_check`` (the
 operator's GPU check) cross-checks with it.
@@ -70,6 +71,7 @@ class HostSyncCounter(TorchDispatchMode):
         super().__init__()
         self.by_op: Counter[str] = Counter()
         self._saved: dict[str, object] = {}
+        self._in_method = False  # inside a wrapped tolist()/numpy(): its own copy is already counted
 
     @property
     def total(self) -> int:
@@ -78,7 +80,7 @@ class HostSyncCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = sync_op_name(func, args, kwargs)
-        if name is not None:
+        if name is not None and not self._in_method:
             self.by_op[name] += 1
         return func(*args, **kwargs)
 
@@ -101,12 +103,12 @@ class HostSyncCounter(TorchDispatchMode):
             self._saved.clear()
 
     def _counting(self, method: str, original):
-        counter = self.by_op
-
         def wrapper(tensor, *args, **kwargs):
-            # a CUDA tensor's tolist() copies to the host through aten, counted there already
-            if tensor.device.type == "cpu":
-                counter[f"Tensor.{method}"] += 1
-            return original(tensor, *args, **kwargs)
+            self.by_op[f"Tensor.{method}"] += 1
+            outer, self._in_method = self._in_method, True
+            try:
+                return original(tensor, *args, **kwargs)
+            finally:
+                self._in_method = outer
 
         return wrapper

@@ -67,9 +67,8 @@ class MoELayer(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, D]
         routing = self.router(x)
-        shared = (lambda: self.shared_expert(x)) if self.shared_expert is not None else None
         # fp32 [N, D]: gate-weighted expert outputs (+ shared expert), accumulated in fp32
-        out = self.dispatcher(x, routing.expert_ids, routing.weights, routing.keep, self.experts, shared)
+        out = self.dispatcher(x, routing.expert_ids, routing.weights, routing.keep, self.experts, self.shared_expert)
         stats = MoEStats(routing.aux_loss, routing.z_loss, routing.counts, routing.kept_counts)
         return out.to(x.dtype).view(shape), stats
 

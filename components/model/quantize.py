@@ -5,10 +5,10 @@ was applied. Paths (figures and the machine in docs/quantization.md, measured by
 tests/benchmarks/bench_int8.py):
 
 * CPU: fbgemm dynamic int8 (int8 weights per output channel, activations quantised per batch
-  at run time) through ``torch.ao.quantization.quantize_dynamic``. That API is deprecated in
-  torch 2.10+ but is still the fastest int8 GEMM torch offers on CPU (torchao's int8 configs
-  ran 0.05x / 0.71x fp32 here, ``torch._weight_int8pack_mm`` 0.02x-0.2x), so it stays, behind
-  :func:`fbgemm_dynamic_int8` only, its DeprecationWarning shown.
+  at run time) through ``torch.ao.quantization.quantize_dynamic``. That API is deprecated
+  but is still the fastest int8 GEMM torch offers on CPU (torchao 0.18's int8 configs ran
+  0.05x / 0.71x fp32 on this machine, ``torch._weight_int8pack_mm`` 0.02x-0.2x), so it stays,
+  behind :func:`fbgemm_dynamic_int8` only, its DeprecationWarning shown.
 * CUDA: torchao's ``Int8WeightOnlyConfig`` (an optional extra, imported only here).
 
 The batched expert weights ``[num_local_experts, ...]`` are not ``nn.Linear``s, and both int8
@@ -32,9 +32,9 @@ from components.model.experts import GroupedExperts
 QUANTIZE_MODES = ("none", "int8", "auto")
 
 # "auto" on CPU quantises only models whose expert FFN matrices have at least this many elements
-# (dim x ffn_dim): below it the per-call cost of quantising activations outweighs the faster
-# int8 GEMM and fbgemm int8 measured slower than fp32 (docs/quantization.md has the sweep).
-AUTO_CPU_MIN_EXPERT_ELEMENTS = 256 * 1024
+# (dim x ffn_dim): the smallest size where fbgemm int8 measured faster than fp32; at moe_tiny's
+# 32K the per-call cost of quantising activations eats the cheaper GEMM (docs/quantization.md).
+AUTO_CPU_MIN_EXPERT_ELEMENTS = 128 * 1024
 
 _FLOAT_LABELS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -54,7 +54,9 @@ class ExpertLinears(nn.Module):
         self.w13 = nn.ModuleList(_linear(torch.cat([w1[e], w3[e]], dim=1)) for e in range(num_experts))
         self.w2 = nn.ModuleList(_linear(w2[e]) for e in range(num_experts))
 
-    def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, counts: list[int] | torch.Tensor) -> torch.Tensor:
+        if isinstance(counts, torch.Tensor):
+            counts = counts.tolist()
         if len(counts) != self.num_local_experts or sum(counts) != x.shape[0]:
             raise ValueError(f"counts {counts} do not describe {x.shape[0]} rows over {self.num_local_experts} experts")
         outputs = []
@@ -123,7 +125,7 @@ def torchao_int8(module: nn.Module) -> nn.Module:
     except ImportError as exc:
         raise ImportError(
             "serve.quantize=int8 on CUDA uses torchao, which is not installed: pip install 'moeops[cuda-int8]' "
-            "(or torchao>=0.18), or set serve.quantize=none") from exc
+            "(or torchao>=0.18), or set serve.quantize=auto or none") from exc
     quantize_(module, Int8WeightOnlyConfig(), filter_fn=lambda sub, name: isinstance(sub, nn.Linear) and not _is_router(name))
     return module
 
@@ -158,7 +160,8 @@ def quantize_for_inference(model: nn.Module, mode: str, device: torch.device | s
     device = torch.device(device)
     on = next(model.parameters()).device
     if on.type != device.type:
-        raise ValueError(f"the model is on {on} but int8 was asked for {device}: move the model first")
+        raise ValueError(f"the model is on {on} but quantize_for_inference was given device {device}: "
+                         "move the model there first")
     if mode == "none" or (mode == "auto" and not int8_pays(model, device)):
         return model, _float_label(model)
     if device.type == "cpu":

@@ -10,6 +10,10 @@ experts [2r, 2r+2) and batch r (each variant: an overlap setting and an expert b
   (DDP would average those later; that is the training engineer's part);
 * its expert gradients must equal the reference gradients of the *sum* of both losses for its
   experts, because its experts also processed the other worker's tokens.
+
+The same workers also check: one host sync per MoE layer forward (counted), exposed <= total
+all-to-all time, bf16 payloads under autocast, metrics summed over ranks in one read, and the
+overlap schedule (which all-to-alls have compute between their launch and their wait).
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import ray.cloudpickle
 import torch
 import torch.nn.functional as F
 
-from components.config.schema import ModelConfig
+from components.config.schema import ModelConfig, OverlapConfig
 from components.model import Transformer, is_expert_param
 
 pytestmark = pytest.mark.integration
@@ -42,12 +46,59 @@ VARIANTS = {
     "async_chunks40": ({"async_a2a": True, "a2a_chunks": 40}, {}),
 }
 TOL = 1e-5
+SCHEDULE_CFG = dict(dim=32, n_heads=2, n_layers=1, ffn_dim=64, num_experts=4, top_k=2, max_seq_len=32)
 
 
 def _loss(model, batch):
     logits, aux = model(batch[:, :-1])
     loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()) + aux["aux_loss"] + aux["z_loss"]
     return loss, logits, aux
+
+
+def _schedule(rank: int, shared_expert: bool, chunks: int) -> list[str]:
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**SCHEDULE_CFG, shared_expert=shared_expert), 64,
+                        ep_group=torch.distributed.group.WORLD,
+                        overlap=OverlapConfig(async_a2a=True, a2a_chunks=chunks)).train()
+    layer = model.moe_layers()[0]
+    events: list[str] = []
+    timer = layer.dispatcher.timer
+    launch, wait = timer.launch, timer.wait
+    tags: dict[int, int] = {}  # id(handle) -> tag; a handle stays alive until its wait
+
+    def logged_launch(fn, device, keep=()):
+        handle = launch(fn, device, keep)
+        tags[id(handle)] = tag = sum(e.startswith("launch") for e in events)
+        events.append(f"launch{tag}")
+        return handle
+
+    def logged_wait(handle, backward=False):
+        events.append(f"wait{tags.pop(id(handle))}")
+        return wait(handle, backward)
+
+    timer.launch, timer.wait = logged_launch, logged_wait  # the test's hook: record, then do the real thing
+    modules = [layer.experts] + ([layer.shared_expert] if shared_expert else [])
+    for module in modules:
+        module.register_forward_hook(lambda *_: events.append("compute"))
+        module.register_full_backward_hook(lambda *_: events.append("compute"))
+    tokens = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(rank))
+    logits, _ = model(tokens)
+    events.append("backward")
+    logits.float().pow(2).mean().backward()
+    return events
+
+
+def _hidden(events: list[str]) -> dict[int, bool]:
+    """a2a tag -> whether compute ran between its launch and its wait."""
+    launched_at = {}
+    hidden = {}
+    for i, event in enumerate(events):
+        if event.startswith("launch"):
+            launched_at[int(event[6:])] = i
+        elif event.startswith("wait"):
+            tag = int(event[4:])
+            hidden[tag] = "compute" in events[launched_at[tag] + 1:i]
+    return hidden
 
 
 def ep_worker_loop(config: dict) -> None:
@@ -98,6 +149,7 @@ def ep_worker_loop(config: dict) -> None:
                        "grads_finite": all(torch.isfinite(p.grad).all().item() for p in model.parameters()),
                        "local_counts": [c.clone() for c in aux["expert_counts"]],
                        "metrics": acc.read(group=dist.group.WORLD)}
+    results["schedules"] = {(shared, c): _schedule(rank, shared, c) for shared in (True, False) for c in (2, 3)}
     torch.save(results, Path(config["out_dir"]) / f"rank{rank}.pt")
     train.report({"done": 1})
 
@@ -137,6 +189,7 @@ def test_expert_parallel_2_matches_single_process(ray_session, tmp_path):
     assert expert_names
     per_rank = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
     bf16_runs = [results.pop("bf16") for results in per_rank]
+    schedules = [results.pop("schedules") for results in per_rank]
     for rank, (results, bf16) in enumerate(zip(per_rank, bf16_runs)):
         assert set(results) == set(VARIANTS)
         for name, res in results.items():
@@ -173,3 +226,22 @@ def test_expert_parallel_2_matches_single_process(ray_session, tmp_path):
     for run in bf16_runs:
         assert [run["metrics"][f"moe/layer0/tokens_expert{e}"] for e in range(CFG["num_experts"])] == total.tolist()
         assert run["metrics"]["moe/forwards"] == 2
+
+    # which all-to-alls the compute hides, as an order of events (timings on this shared machine are
+    # noise): between launching an all-to-all and waiting for it, expert or shared-expert compute runs
+    for rank, rank_schedules in enumerate(schedules):
+        for (shared, chunks), events in rank_schedules.items():
+            hidden = _hidden(events)
+            forward = [t for t in hidden if f"launch{t}" in events[:events.index("backward")]]
+            backward = [t for t in hidden if t not in forward]
+            # forward: count exchange + a dispatch and a combine per chunk; backward: their gradients
+            assert len(forward) == 1 + 2 * chunks and len(backward) == 2 * chunks, events
+            exposed_forward = [t for t in forward if not hidden[t]]
+            exposed_backward = [t for t in backward if not hidden[t]]
+            if shared:
+                # only the count exchange (tag 0) waits with nothing to do
+                assert exposed_forward == [0] and exposed_backward == [], (rank, chunks, events)
+            else:
+                # no shared expert: the first dispatch and the last combine (and their gradients)
+                # have no other chunk to hide behind
+                assert len(exposed_forward) <= 3 and len(exposed_backward) <= 2, (rank, chunks, events)

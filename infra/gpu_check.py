@@ -1,0 +1,401 @@
+"""GPU check of the MoE layer, for an operator on one node with 1-8 GPUs (`make gpu-check`, minutes).
+
+    python infra/gpu_check.py --json gpu-check.json            # every visible GPU (at most 8)
+    python infra/gpu_check.py --gpus 4 --json gpu-check.json   # the first 4
+    python infra/gpu_check.py --device cpu --gpus 2 --quick    # rehearsal of the same checks on CPU + gloo
+
+One process per GPU, NCCL, expert parallelism over all of them (EP size = GPUs). Checks, each
+recorded pass/fail in the JSON with its figures:
+
+1. ``grouped_mm_equals_loop`` — the experts via ``F.grouped_mm`` and via the per-expert loop give
+   the same outputs and gradients in bf16 (and which backend ``auto`` picks on this GPU), plus
+   their forward+backward times.
+2. ``expert_parallel_matches_reference`` — the EP model (NCCL all-to-all) gives the logits and
+   gradients of the single-process model, for overlap off / on and loop / grouped_mm: logits of
+   the rank's own batch, non-expert gradients of its own loss, expert gradients of the sum of all
+   ranks' losses. fp32 with TF32 off for the loop; bf16 autocast for grouped_mm.
+3. ``bf16_payloads`` — under bf16 autocast the all-to-all carries bf16 rows, gates and combine
+   stay fp32, and the logits stay close to fp32.
+4. ``host_syncs`` — host syncs of one MoE layer forward, counted by
+   ``components.model.host_sync.HostSyncCounter`` and by CUDA's own detector
+   (``torch.cuda.set_sync_debug_mode``): one (the all-to-all split sizes) is expected.
+5. ``overlap_benchmark`` — an EP training step in bf16, overlap off vs on: step time, exposed and
+   total all-to-all time from CUDA events (needs 2+ GPUs; figures only, no pass/fail).
+
+Exit status: 0 all checks passed, 1 a check failed, 2 no CUDA (or bad arguments).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from components.config.schema import ModelConfig, OverlapConfig  # noqa: E402
+from components.model import Transformer, is_expert_param  # noqa: E402
+from components.model.experts import GroupedExperts  # noqa: E402
+from components.model.export import shard_experts  # noqa: E402
+from components.model.host_sync import HostSyncCounter  # noqa: E402
+
+MAX_GPUS = 8
+# per size: (dim, n_heads, n_layers, ffn_dim, batch, seq, steps) of the overlap benchmark
+BENCH_SIZES = {"full": (1024, 16, 4, 2048, 8, 1024, 20), "quick": (64, 4, 2, 128, 2, 32, 3)}
+
+
+class Check:
+    """Collects one check's verdict and figures."""
+
+    def __init__(self, results: dict, name: str):
+        self.record = results.setdefault(name, {"passed": True, "problems": []})
+
+    def expect(self, ok: bool, problem: str) -> None:
+        if not ok:
+            self.record["passed"] = False
+            self.record["problems"].append(problem)
+
+    def figure(self, **values) -> None:
+        self.record.update(values)
+
+
+def _loss(model, batch):
+    logits, aux = model(batch[:, :-1])
+    ce = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+    return ce + aux["aux_loss"] + aux["z_loss"], logits
+
+
+def _time_cuda(fn, device, iters: int) -> float:
+    """Median seconds of fn() (synchronised: a benchmark, not the hot path)."""
+    times = []
+    for _ in range(iters + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[2:])
+
+
+# ----------------------------------------------------------------------------- checks
+def check_grouped_mm(results: dict, device, quick: bool) -> None:
+    check = Check(results, "grouped_mm_equals_loop")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    E, D, H, rows = (4, 64, 128, 256) if quick else (8, 1024, 2048, 8192)
+    torch.manual_seed(0)
+    loop = GroupedExperts(E, D, H, "loop").to(device)
+    with torch.no_grad():
+        for p in loop.parameters():
+            p.normal_(std=0.02)
+    grouped = GroupedExperts(E, D, H, "grouped_mm").to(device)
+    grouped.load_state_dict(loop.state_dict())
+    auto = GroupedExperts(E, D, H, "auto").to(device)
+    gen = torch.Generator().manual_seed(1)
+    counts = torch.multinomial(torch.ones(E), rows, replacement=True, generator=gen).bincount(minlength=E)
+    counts[1] = 0  # an empty group
+    x = torch.randn(int(counts.sum()), D, generator=gen).to(device)
+    grad = torch.randn(x.shape, generator=gen).to(device)
+
+    def run(experts, counts_arg):
+        xi = x.clone().requires_grad_()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            out = experts(xi, counts_arg)
+        out.float().backward(grad)
+        return out.float(), [xi.grad] + [p.grad for p in (experts.w1, experts.w3, experts.w2)]
+
+    out_loop, grads_loop = run(loop, counts.tolist())
+    out_grouped, grads_grouped = run(grouped, counts.to(device))
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    scale = out_loop.abs().max().item()
+    err = (out_loop - out_grouped).abs().max().item()
+    check.expect(err <= tol * max(scale, 1.0), f"outputs differ by {err:.3g} (scale {scale:.3g})")
+    grad_errs = []
+    for name, a, b in zip(("x", "w1", "w3", "w2"), grads_loop, grads_grouped):
+        e = (a.float() - b.float()).abs().max().item()
+        grad_errs.append(e)
+        check.expect(e <= tol * max(a.abs().max().item(), 1.0), f"gradient of {name} differs by {e:.3g}")
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        auto_picks = "grouped_mm" if auto.uses_grouped_mm(x) else "loop"
+    loop_s = _time_cuda(lambda: run(loop, counts.tolist()), device, 3 if quick else 10)
+    grouped_s = _time_cuda(lambda: run(grouped, counts.to(device)), device, 3 if quick else 10)
+    check.figure(dtype=str(dtype), max_output_diff=err, max_grad_diff=max(grad_errs), auto_picks=auto_picks,
+                 loop_fwd_bwd_s=loop_s, grouped_mm_fwd_bwd_s=grouped_s, grouped_mm_speedup=loop_s / grouped_s)
+
+
+def _model_cfg(world: int, quick: bool, **overrides) -> ModelConfig:
+    base = dict(dim=64, n_heads=4, n_layers=2, ffn_dim=128, num_experts=2 * world, top_k=2, capacity_factor=1.0,
+                shared_expert=True, max_seq_len=64, moe_layer_interval=1)
+    return ModelConfig(**{**base, **overrides})
+
+
+def check_expert_parallel(results: dict, device, rank: int, world: int, group, quick: bool) -> None:
+    check = Check(results, "expert_parallel_matches_reference")
+    bf16 = device.type == "cuda"
+    variants = {
+        "overlap_off_loop": (OverlapConfig(async_a2a=False, a2a_chunks=1), "loop", False),
+        "overlap_on_loop": (OverlapConfig(async_a2a=True, a2a_chunks=2), "loop", False),
+        "overlap_on_chunks3_loop": (OverlapConfig(async_a2a=True, a2a_chunks=3), "loop", False),
+    }
+    if bf16:  # F.grouped_mm runs bf16 on CUDA
+        variants["overlap_on_grouped_mm_bf16"] = (OverlapConfig(async_a2a=True, a2a_chunks=2), "grouped_mm", True)
+    gen = torch.Generator().manual_seed(7)
+    batches = [torch.randint(0, 128, (2, 17), generator=gen).to(device) for _ in range(world)]
+    figures = {}
+    for name, (overlap, backend, autocast) in variants.items():
+        cfg = _model_cfg(world, quick, expert_backend=backend)
+        torch.manual_seed(0)
+        reference = Transformer(cfg, 128).to(device).train()
+        state = {k: v.clone() for k, v in reference.state_dict().items()}
+        ref_logits, ref_grads = [], []
+        for batch in batches:
+            reference.zero_grad()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                loss, logits = _loss(reference, batch)
+            loss.backward()
+            ref_logits.append(logits.detach().float())
+            ref_grads.append({n: p.grad.detach().clone() for n, p in reference.named_parameters()})
+        model = Transformer(cfg, 128, ep_group=group, overlap=overlap).to(device).train()
+        model.load_state_dict(shard_experts(state, rank, world))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss, logits = _loss(model, batches[rank])
+        loss.backward()
+        tol = 3e-2 if autocast else 1e-4
+        logit_err = (logits.detach().float() - ref_logits[rank]).abs().max().item()
+        check.expect(logit_err <= tol * max(ref_logits[rank].abs().max().item(), 1.0),
+                     f"{name}: logits differ by {logit_err:.3g}")
+        El = cfg.num_experts // world
+        worst = 0.0
+        for pname, p in model.named_parameters():
+            if is_expert_param(p):
+                want = sum(g[pname] for g in ref_grads)[rank * El:(rank + 1) * El]
+            else:
+                want = ref_grads[rank][pname]
+            err = (p.grad - want).abs().max().item()
+            worst = max(worst, err)
+            check.expect(err <= tol * max(want.abs().max().item(), 1.0), f"{name}: gradient of {pname} differs by {err:.3g}")
+        figures[name] = {"max_logit_diff": logit_err, "max_grad_diff": worst}
+    check.figure(variants=figures)
+
+
+def check_bf16_payloads(results: dict, device, rank: int, world: int, group, quick: bool) -> None:
+    check = Check(results, "bf16_payloads")
+    cfg = _model_cfg(world, quick)
+    torch.manual_seed(0)
+    model = Transformer(cfg, 128, ep_group=group, overlap=OverlapConfig(async_a2a=True, a2a_chunks=2)).to(device).train()
+    received = []
+    model.moe_layers()[0].experts.register_forward_pre_hook(lambda mod, args: received.append(args[0].dtype))
+    batch = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(rank)).to(device)
+    with torch.no_grad():
+        _, fp32_logits = _loss(model, batch)
+        received.clear()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            moe_out, _ = model.moe_layers()[0](torch.randn(34, cfg.dim, device=device))
+            _, bf16_logits = _loss(model, batch)
+    check.expect(all(d == torch.bfloat16 for d in received) and received, f"experts received {received}")
+    check.expect(moe_out.dtype == torch.float32, f"MoE output {moe_out.dtype}: the combine must accumulate in fp32")
+    rel = ((bf16_logits.float() - fp32_logits).abs().max() / fp32_logits.abs().max().clamp(min=1e-6)).item()
+    check.expect(rel < 0.05, f"bf16 logits differ from fp32 by {rel:.3g} of their scale")
+    check.figure(received_dtypes=sorted({str(d) for d in received}), bf16_vs_fp32_rel_diff=rel)
+
+
+def check_host_syncs(results: dict, device, world: int, group, quick: bool) -> None:
+    check = Check(results, "host_syncs")
+    cfg = _model_cfg(world, quick)
+    torch.manual_seed(0)
+    model = Transformer(cfg, 128, ep_group=group, overlap=OverlapConfig(async_a2a=True, a2a_chunks=2)).to(device).train()
+    layer = model.moe_layers()[0]
+    x = torch.randn(256, cfg.dim, device=device)
+    layer(x)  # warm up: first calls may allocate and initialise NCCL
+    expected = 1 if world > 1 else (0 if layer.experts.uses_grouped_mm(x) else 1)
+    with HostSyncCounter() as syncs:
+        layer(x)
+    cuda_syncs = None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                layer(x)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        cuda_syncs = sum("synchroniz" in str(w.message) for w in caught)
+        check.expect(cuda_syncs <= expected, f"CUDA's sync detector saw {cuda_syncs} syncs, expected {expected}")
+    check.expect(syncs.total == expected, f"counted {syncs.total} host syncs ({dict(syncs.by_op)}), expected {expected}")
+    check.figure(counted=syncs.total, by_op=dict(syncs.by_op), cuda_sync_debug_mode_warnings=cuda_syncs,
+                 expected=expected)
+
+
+def overlap_benchmark(results: dict, device, rank: int, world: int, group, quick: bool) -> None:
+    record = results.setdefault("overlap_benchmark", {"passed": True, "problems": []})
+    if world < 2:
+        record["skipped"] = "needs 2+ GPUs (expert parallelism)"
+        return
+    D, heads, layers, ffn, batch, seq, steps = BENCH_SIZES["quick" if quick else "full"]
+    cfg = ModelConfig(dim=D, n_heads=heads, n_layers=layers, ffn_dim=ffn, num_experts=max(8, 2 * world) // world * world,
+                      top_k=2, dropless=True, max_seq_len=seq, moe_layer_interval=1)
+    autocast = device.type == "cuda"
+    variants = {"off": OverlapConfig(async_a2a=False, a2a_chunks=1), "on": OverlapConfig(async_a2a=True, a2a_chunks=2)}
+    models, optims = {}, {}
+    for name, overlap in variants.items():
+        torch.manual_seed(0)
+        models[name] = Transformer(cfg, 1024, ep_group=group, overlap=overlap).to(device).train()
+        optims[name] = torch.optim.AdamW(models[name].parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(100 + rank)
+    figures = {name: [] for name in variants}
+
+    def step(name):
+        model, optim = models[name], optims[name]
+        tokens = torch.randint(0, 1024, (batch, seq + 1), generator=gen).to(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss, _ = _loss(model, tokens)
+        loss.backward()
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        step_s = time.perf_counter() - start
+        comm = model.comm_times(reset=True)
+        return {"step_s": step_s, "a2a_exposed_s": comm.exposed_s, "a2a_total_s": comm.total_s}
+
+    for _ in range(2):
+        for name in variants:
+            step(name)
+            models[name].comm_times(reset=True)
+    for _ in range(steps):
+        for name in variants:
+            figures[name].append(step(name))
+    summary = {name: {k: statistics.fmean(r[k] for r in recs) for k in recs[0]} for name, recs in figures.items()}
+    off, on = summary["off"], summary["on"]
+    record.update(
+        off=off, on=on, tokens_per_gpu=batch * seq, model=cfg.__dict__, precision="bf16" if autocast else "fp32",
+        overlap_on_vs_off_step_ratio=on["step_s"] / off["step_s"],
+        exposed_comm_fraction=on["a2a_exposed_s"] / max(on["a2a_total_s"], 1e-12),
+        best_possible_on_vs_off_ratio=1 - off["a2a_exposed_s"] / off["step_s"])
+
+
+# ----------------------------------------------------------------------------- driver
+def _worker(rank: int, world: int, port: int, opts: dict, out_dir: str) -> None:
+    device = torch.device("cuda", rank) if opts["device"] == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        # the fp32 comparisons are against exact fp32, not TF32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    else:
+        torch.set_num_threads(1)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=world)
+    group = dist.group.WORLD if world > 1 else None
+    results: dict = {}
+    quick = opts["quick"]
+    steps = [
+        ("grouped_mm_equals_loop", lambda: check_grouped_mm(results, device, quick)),
+        ("expert_parallel_matches_reference", lambda: check_expert_parallel(results, device, rank, world, group, quick)),
+        ("bf16_payloads", lambda: check_bf16_payloads(results, device, rank, world, group, quick)),
+        ("host_syncs", lambda: check_host_syncs(results, device, world, group, quick)),
+        ("overlap_benchmark", lambda: overlap_benchmark(results, device, rank, world, group, quick)),
+    ]
+    try:
+        for name, run in steps:
+            start = time.perf_counter()
+            run()
+            results[name]["seconds"] = time.perf_counter() - start
+            if rank == 0:
+                print(f"  {name}: {results[name]['seconds']:.1f}s", flush=True)
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results, default=str))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _merge(per_rank: list[dict]) -> dict:
+    """Checks pass only if they pass on every rank; figures of rank 0, problems of all ranks."""
+    merged = {}
+    for name, record in per_rank[0].items():
+        problems = [f"rank {r}: {p}" for r, res in enumerate(per_rank) for p in res[name]["problems"]]
+        merged[name] = {**record, "passed": all(res[name]["passed"] for res in per_rank), "problems": problems}
+    return merged
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpus", type=int, default=0, help=f"GPUs to use (default: all visible, at most {MAX_GPUS})")
+    parser.add_argument("--json", dest="json_out", help="write the results here")
+    parser.add_argument("--quick", action="store_true", help="small sizes (seconds instead of minutes)")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu: rehearse the same checks with gloo processes (no CUDA-only figures)")
+    args = parser.parse_args(argv)
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        print(f"gpu-check: no CUDA device visible (torch {torch.__version__}, {build}). Run it on a GPU node "
+              f"with a CUDA build of torch; `--device cpu` only rehearses the checks.", file=sys.stderr)
+        return 2
+    available = torch.cuda.device_count() if args.device == "cuda" else MAX_GPUS
+    world = args.gpus or min(available, MAX_GPUS)
+    if not 1 <= world <= min(available, MAX_GPUS):
+        print(f"gpu-check: --gpus {args.gpus}: this node has {available} usable (at most {MAX_GPUS})", file=sys.stderr)
+        return 2
+    if args.device == "cuda" and not dist.is_nccl_available():
+        print("gpu-check: this torch build has no NCCL", file=sys.stderr)
+        return 2
+
+    import torch.multiprocessing as mp
+
+    from pipelines.runtime import free_port
+
+    print(f"gpu-check: {world} {'GPU' if args.device == 'cuda' else 'CPU process'}(es), EP size {world}"
+          f"{' (quick)' if args.quick else ''} ...", flush=True)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            mp.spawn(_worker, args=(world, free_port(), {"device": args.device, "quick": args.quick}, tmp), nprocs=world)
+        except mp.ProcessException as err:  # a crash, not a failed comparison: the traceback says where
+            print(f"gpu-check: FAILED, a worker crashed: {err}", file=sys.stderr)
+            return 1
+        per_rank = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world)]
+    checks = _merge(per_rank)
+    env = {"device": args.device, "processes": world, "torch": torch.__version__, "quick": args.quick,
+           "seconds": time.perf_counter() - started}
+    if args.device == "cuda":
+        nccl = torch.cuda.nccl.version()
+        env.update(gpu=torch.cuda.get_device_name(0), capability=list(torch.cuda.get_device_capability(0)),
+                   nccl=".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl))
+    passed = all(c["passed"] for c in checks.values())
+    report = {"passed": passed, "environment": env, "checks": checks}
+    text = json.dumps(report, indent=2, default=str)
+    if args.json_out:
+        Path(args.json_out).write_text(text)
+    for name, check in checks.items():
+        status = "skipped" if "skipped" in check else ("ok" if check["passed"] else "FAILED")
+        print(f"  {name:36s} {status}")
+        for problem in check["problems"]:
+            print(f"      {problem}")
+    bench = checks.get("overlap_benchmark", {})
+    if "overlap_on_vs_off_step_ratio" in bench:
+        print(f"  overlap on/off step {bench['overlap_on_vs_off_step_ratio']:.3f}, exposed a2a fraction "
+              f"{bench['exposed_comm_fraction']:.3f}, best possible {bench['best_possible_on_vs_off_ratio']:.3f}")
+    print(f"gpu-check: {'passed' if passed else 'FAILED'} in {env['seconds']:.0f}s"
+          f"{f' -> {args.json_out}' if args.json_out else ''}")
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
