@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -125,6 +126,11 @@ class RayTrainSession:
         if checkpoint is None:
             return contextlib.nullcontext(None)
         return checkpoint.as_directory()
+
+    def log(self, message: str) -> None:
+        # Ray Train tees a worker's print() to its logger as well, so a print would reach the
+        # driver twice; the root logger's console handler reaches it once.
+        logging.getLogger("moeops.train").info(message)
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         import ray.train
