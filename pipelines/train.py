@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import shutil
 import tempfile
 import time
@@ -125,6 +127,11 @@ class RayTrainSession:
             return contextlib.nullcontext(None)
         return checkpoint.as_directory()
 
+    def log(self, message: str) -> None:
+        # Ray Train tees a worker's print() to its logger as well, so a print would reach the
+        # driver twice; the root logger's console handler reaches it once.
+        logging.getLogger("moeops.train").info(message)
+
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         import ray.train
 
@@ -196,6 +203,9 @@ def run_training(
         resume_from=resume_from,
     )
     storage_path, storage_fs = _storage(config)
+    # Ray Train reads this from the environment of the process that creates its controller (and
+    # passes it on); it has no constructor argument for it
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(t.worker_start_timeout_s)
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
         resources["GPU"] = t.gpus_per_worker

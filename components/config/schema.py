@@ -95,6 +95,9 @@ class ModelConfig:
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
     shared_expert: bool = False
+    # DeepSeek-V3 auxiliary-loss-free balancing: a per-expert router bias (selection only, never
+    # the gate weights) moved by bias_update_rate * sign(mean load - load) once per optimizer
+    # step, from the step's expert counts summed over its micro-batches and all ranks.
     bias_balancing: bool = False
     bias_update_rate: float = 0.001
     tie_embeddings: bool = True
@@ -129,9 +132,13 @@ class TrainConfig:
     gpus_per_worker: float = 0.0
     # "auto": nccl with GPUs, gloo otherwise.
     backend: str = "auto"
+    # ranks that share one copy of the experts (num_experts / expert_parallel_size on each);
+    # divides num_workers; 1 = experts replicated (plain data parallelism)
     expert_parallel_size: int = 1
-    # "fp32", "bf16" (autocast, GPU) or "fp16" (autocast + GradScaler, GPU).
+    # "fp32", "bf16" (autocast, GPU) or "fp16" (autocast + a loss scaler whose skip verdict all
+    # ranks agree on, GPU). A step whose global gradient norm is not finite is skipped everywhere.
     precision: str = "fp32"
+    # per rank and micro-batch; a step sees batch_size x grad_accum_steps x num_workers sequences
     batch_size: int = 8
     grad_accum_steps: int = 1
     max_steps: int = 200
@@ -149,6 +156,9 @@ class TrainConfig:
     checkpoint_uri: str = "${paths.root}/checkpoints"
     keep_checkpoints: int = 2
     max_failures: int = 2
+    # how long Ray Train waits for a worker group to start (placement + each worker importing
+    # torch) before it gives up and retries; Ray's own 60 s is too short on a busy machine
+    worker_start_timeout_s: float = 300.0
     # "auto": continue from the latest checkpoint of this run; "never"; or a checkpoint path.
     resume: str = "auto"
     # stop (after writing a checkpoint) once this many steps are done; 0 = run to max_steps.

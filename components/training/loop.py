@@ -78,6 +78,8 @@ class Session(Protocol):
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None: ...
 
+    def log(self, message: str) -> None: ...
+
 
 @dataclass
 class LocalSession:
@@ -97,6 +99,9 @@ class LocalSession:
 
     def latest_checkpoint(self):
         return contextlib.nullcontext(self.resume_dir)
+
+    def log(self, message: str) -> None:
+        print(message, flush=True)
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         self.reports.append(dict(metrics))
@@ -209,8 +214,7 @@ def train(config: Config, run: RunInfo, session: Session) -> dict[str, float]:
             if restored.reader_state is not None:
                 reader.load_state_dict(restored.reader_state)
             if is_main:
-                print(f"[train] resumed from {source} at step {step} (read {', '.join(restored.files_read)})",
-                      flush=True)
+                session.log(f"[train] resumed from {source} at step {step} (read {', '.join(restored.files_read)})")
     start_step = step
 
     parts = StepParts(model=model, wrapped=wrap_ddp(model, groups, device, t.overlap.ddp_bucket_mb),
@@ -237,7 +241,7 @@ def train(config: Config, run: RunInfo, session: Session) -> dict[str, float]:
     a2a_seconds(model)  # start the all-to-all clocks from zero
     interval_steps, interval_start = 0, time.perf_counter()
     last: dict[str, float] = {"step": float(step), "start_step": float(start_step)}
-    layer_counts: list[torch.Tensor] = []
+    layer_counts: list[list[float]] = []
     if step >= stop_at:
         # resumed from a finished run: nothing to train, but report what the model is worth
         last["train_loss"] = last["loss"] = float(resumed_meta.get("train_loss") or math.nan)
@@ -245,7 +249,7 @@ def train(config: Config, run: RunInfo, session: Session) -> dict[str, float]:
         last["val_loss"] = evaluate(parts.wrapped, val_reader, t.eval_batches, config, device, groups)
         session.report(last, None)
         if is_main:
-            print(f"[train] checkpoint is already at step {step} >= {stop_at}: nothing to train", flush=True)
+            session.log(f"[train] checkpoint is already at step {step} >= {stop_at}: nothing to train")
 
     while step < stop_at:
         lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it after)
@@ -258,7 +262,7 @@ def train(config: Config, run: RunInfo, session: Session) -> dict[str, float]:
         # every report carries val_loss (Tune schedulers need their metric in each result)
         eval_now = step % t.eval_every == 0 or checkpoint_now
         if log_now or eval_now:
-            # the only reads of training metrics: one all-reduce, one copy to the host per interval
+            # the only reads of training metrics, once per interval (IntervalMetrics.read)
             values, layer_counts = interval.read(groups)
             now = time.perf_counter()
             last = {"step": float(step), "start_step": float(start_step), "lr": lr, **values,
@@ -269,17 +273,18 @@ def train(config: Config, run: RunInfo, session: Session) -> dict[str, float]:
             if not math.isfinite(last["loss"]) and t.precision != "fp16":
                 raise FloatingPointError(f"training loss is {last['loss']} at step {step}: lower train.lr or check the data")
             if is_main and log_now:
-                print(f"[train] step {step}/{t.max_steps} loss {last['loss']:.4f} aux {last['aux_loss']:.4f} "
-                      f"lr {lr:.2e} tok/s {last['tokens_per_s']:.0f} load {last['moe/load_max_over_mean']:.2f} "
-                      f"dropped {last['moe/dropped_fraction']:.3f} data {last['data_wait_s'] * 1e3:.1f}ms "
-                      f"comm {last['comm_s'] * 1e3:.1f}ms exposed a2a {last['comm/exposed_fraction']:.2f}"
-                      + (f" skipped {int(last['skipped_steps'])}" if last["skipped_steps"] else ""), flush=True)
+                session.log(f"[train] step {step}/{t.max_steps} loss {last['loss']:.4f} aux {last['aux_loss']:.4f} "
+                            f"lr {lr:.2e} tok/s {last['tokens_per_s']:.0f} "
+                            f"load {last['moe/load_max_over_mean']:.2f} dropped {last['moe/dropped_fraction']:.3f} "
+                            f"data {last['data_wait_s'] * 1e3:.1f}ms comm {last['comm_s'] * 1e3:.1f}ms "
+                            f"exposed a2a {last['comm/exposed_fraction']:.2f}"
+                            + (f" skipped {int(last['skipped_steps'])}" if last["skipped_steps"] else ""))
 
         side_start = time.perf_counter()
         if eval_now:
             last["val_loss"] = evaluate(parts.wrapped, val_reader, t.eval_batches, config, device, groups)
             if is_main:
-                print(f"[train] step {step} val_loss {last['val_loss']:.4f}", flush=True)
+                session.log(f"[train] step {step} val_loss {last['val_loss']:.4f}")
 
         if client is not None and step > skip_until and (log_now or eval_now):
             extra = expert_fractions(layer_counts) if eval_now else {}
@@ -301,8 +306,9 @@ def train(config: Config, run: RunInfo, session: Session) -> dict[str, float]:
                     )
                     ckpt_dir = tmp
                 session.report({k: float(v) for k, v in last.items() if v is not None}, ckpt_dir)
-            # evaluation and checkpointing are not training throughput
+            # evaluation and checkpointing are not training throughput, nor training communication
             interval_start += time.perf_counter() - side_start
+            a2a_seconds(model)
 
     stream.close()
     batches.close()

@@ -2,8 +2,8 @@
 
 Per micro-batch nothing leaves the device: losses and the MoE layers' expert counts are added
 to device tensors (:class:`IntervalMetrics`), and phase times are CUDA events on a GPU
-(:class:`StepTimer`). A logging step makes one all-reduce of one packed tensor and one copy to
-the host (``IntervalMetrics.read``), and resolves the events once.
+(:class:`StepTimer`). A logging (or evaluation) step reads them all at once
+(``IntervalMetrics.read``: two small all-reduces, two copies to the host) and resolves the events.
 
 Where a step's time goes: ``data_wait`` (host time blocked on the reader), ``compute`` and
 ``comm`` (communication the step waits for outside overlapped regions: the expert-gradient
@@ -17,10 +17,12 @@ import math
 import time
 from collections import defaultdict
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import torch
+import torch.distributed as dist
 
+from components.model.metrics import MoEMetricsAccumulator
 from components.training.parallel import ParallelGroups, all_reduce_sum
 
 PHASES = ("data_wait", "compute", "comm")
@@ -73,10 +75,11 @@ def tokens_per_second(tokens: int, seconds: float) -> float:
 class IntervalMetrics:
     """Device-side sums of one logging interval.
 
-    Per micro-batch (:meth:`add_micro_batch`): the loss terms (divided by the accumulation
-    steps, so a step's sum is its mean) and every MoE layer's expert counts before and after
-    capacity. Per optimizer step (:meth:`end_step`): the global grad norm and whether the step
-    was skipped. :meth:`read` is a collective: every rank calls it at the same steps.
+    Per micro-batch (:meth:`add_micro_batch`): the loss terms (divided by the accumulation steps,
+    so a step's sum is its mean) and the forward's routing, which goes to the model's
+    :class:`~components.model.metrics.MoEMetricsAccumulator` (expert counts before and after
+    capacity, per layer). Per optimizer step (:meth:`end_step`): the global grad norm and whether
+    the step was skipped. :meth:`read` is a collective: every rank calls it at the same steps.
     """
 
     def __init__(self, device: torch.device):
@@ -84,83 +87,65 @@ class IntervalMetrics:
         self.step_losses = torch.zeros(3, dtype=torch.float64, device=device)  # ce, aux, z of the current step
         self.last_losses = torch.zeros(3, dtype=torch.float64, device=device)
         self.grad_norm = torch.zeros((), dtype=torch.float64, device=device)
-        self.counts: torch.Tensor | None = None  # [L, E] assignments before capacity
-        self.kept: torch.Tensor | None = None    # [L, E] after capacity
-        self.steps = 0
+        self.moe = MoEMetricsAccumulator()
         self.skipped = 0
 
     @torch.no_grad()
-    def add_micro_batch(self, ce: torch.Tensor, aux_loss: torch.Tensor, z_loss: torch.Tensor,
-                        counts: Sequence[torch.Tensor], kept: Sequence[torch.Tensor], accum: int) -> None:
-        self.step_losses += torch.stack([ce.detach(), aux_loss.detach(), z_loss.detach()]).double() / accum
-        if counts:
-            c = torch.stack([x.detach() for x in counts]).double()
-            k = torch.stack([x.detach() for x in kept]).double()
-            self.counts = c if self.counts is None else self.counts + c
-            self.kept = k if self.kept is None else self.kept + k
+    def add_micro_batch(self, ce: torch.Tensor, aux: dict, accum: int) -> None:
+        self.step_losses += torch.stack([ce.detach(), aux["aux_loss"].detach(), aux["z_loss"].detach()]).double() / accum
+        self.moe.add(aux)
 
     @torch.no_grad()
     def end_step(self, grad_norm: torch.Tensor, skipped: bool) -> None:
         self.last_losses = self.step_losses
         self.step_losses = torch.zeros_like(self.step_losses)
         self.grad_norm = grad_norm.detach().double()
-        self.steps += 1
         self.skipped += int(skipped)
 
-    def read(self, groups: ParallelGroups) -> tuple[dict[str, float], list[torch.Tensor]]:
-        """Everything since the last read, averaged / summed over all ranks; then start over.
-
-        Returns (metrics, per-layer global expert counts ``[E]`` on the CPU). One all-reduce,
-        one device-to-host copy."""
-        parts = [self.last_losses]
-        if self.counts is not None:
-            parts += [self.counts.reshape(-1), self.kept.reshape(-1)]
-        reduced = all_reduce_sum(torch.cat(parts), groups)
-        host = torch.cat([reduced, self.grad_norm.view(1)]).cpu()  # the interval's one sync
+    def read(self, groups: ParallelGroups) -> tuple[dict[str, float], list[list[float]]]:
+        """Everything since the last read, over all ranks; then start over. Returns (metrics,
+        per-layer global expert counts). Two small all-reduces and two device-to-host copies
+        (the last step's losses and grad norm; the interval's routing)."""
+        reduced = all_reduce_sum(self.last_losses, groups)
+        host = torch.cat([reduced, self.grad_norm.view(1)]).cpu()
         ce, aux, z = (host[:3] / groups.world_size).tolist()
-        metrics = {"loss": ce, "train_loss": ce, "aux_loss": aux, "z_loss": z, "grad_norm": float(host[-1]),
+        metrics = {"loss": ce, "train_loss": ce, "aux_loss": aux, "z_loss": z, "grad_norm": float(host[3]),
                    "skipped_steps": float(self.skipped)}
-        layer_counts: list[torch.Tensor] = []
-        if self.counts is not None:
-            L, E = self.counts.shape
-            counts = host[3:3 + L * E].view(L, E)
-            kept = host[3 + L * E:3 + 2 * L * E].view(L, E)
-            metrics.update(expert_load_metrics(counts, kept))
-            layer_counts = list(counts.float())
-        else:
-            metrics.update(expert_load_metrics(None, None))
-        self.counts = self.kept = None
-        self.steps = self.skipped = 0
-        return metrics, layer_counts
+        self.skipped = 0
+        routing = self.moe.read(group=dist.group.WORLD if groups.distributed else None)
+        metrics.update(moe_interval_metrics(routing))
+        return metrics, layer_counts(routing)
 
 
-def expert_load_metrics(counts: torch.Tensor | None, kept: torch.Tensor | None) -> dict[str, float]:
-    """Balance of the router's assignments from ``[L, E]`` counts (before / after capacity).
-
-    ``moe/load_max_over_mean``: busiest expert over the mean expert (1.0 = balanced, E = all on
-    one expert), averaged over MoE layers; ``moe/load_cv``: coefficient of variation, averaged;
-    ``moe/dropped_fraction``: assignments dropped by capacity over all assignments. NaN without
-    MoE layers (a dense model)."""
-    if counts is None or counts.numel() == 0:
-        return {"moe/load_max_over_mean": NAN, "moe/load_cv": NAN, "moe/dropped_fraction": NAN}
-    counts = counts.double()
-    mean = counts.mean(dim=1).clamp_min(1e-9)
-    total = float(counts.sum())
-    return {
-        "moe/load_max_over_mean": float((counts.max(dim=1).values / mean).mean()),
-        "moe/load_cv": float((counts.std(dim=1, unbiased=False) / mean).mean()),
-        "moe/dropped_fraction": (total - float(kept.double().sum())) / total if total > 0 else 0.0,
-    }
+def moe_interval_metrics(routing: dict[str, float]) -> dict[str, float]:
+    """The interval's routing figures under their training names (NaN without MoE layers):
+    ``moe/load_max_over_mean`` (busiest expert over the mean, averaged over layers; 1.0 =
+    balanced), ``moe/dropped_fraction`` (assignments dropped by capacity), and both per layer."""
+    out = {"moe/load_max_over_mean": routing.get("moe/max_over_mean_load", NAN),
+           "moe/dropped_fraction": routing.get("moe/dropped_fraction", NAN)}
+    for key, value in routing.items():
+        if key.startswith("moe/layer") and not key.rsplit("/", 1)[-1].startswith("tokens_expert"):
+            out[key] = value
+    return out
 
 
-def expert_fractions(expert_counts: list[torch.Tensor]) -> dict[str, float]:
+def layer_counts(routing: dict[str, float]) -> list[list[float]]:
+    """``[[tokens of expert 0, 1, ...] per MoE layer]`` from ``MoEMetricsAccumulator.read``."""
+    layers: dict[int, dict[int, float]] = {}
+    for key, value in routing.items():
+        parts = key.split("/")
+        if len(parts) == 3 and parts[1].startswith("layer") and parts[2].startswith("tokens_expert"):
+            layers.setdefault(int(parts[1][5:]), {})[int(parts[2][13:])] = value
+    return [[experts[e] for e in sorted(experts)] for _, experts in sorted(layers.items())]
+
+
+def expert_fractions(counts: list[list[float]]) -> dict[str, float]:
     """``expert_frac/l<layer>/e<expert>``: each expert's share of its layer's assignments."""
     out = {}
-    for layer, counts in enumerate(expert_counts):
-        counts = counts.detach().float().cpu()
-        total = counts.sum().clamp_min(1e-9)
-        for expert, value in enumerate(counts / total):
-            out[f"expert_frac/l{layer}/e{expert}"] = float(value)
+    for layer, row in enumerate(counts):
+        total = max(sum(row), 1e-9)
+        for expert, value in enumerate(row):
+            out[f"expert_frac/l{layer}/e{expert}"] = value / total
     return out
 
 

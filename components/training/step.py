@@ -80,10 +80,9 @@ def forward_backward(parts: StepParts, micro_batches: Iterable[torch.Tensor], ac
             ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
             loss = (ce + aux["aux_loss"] + aux["z_loss"]) / accum
             (parts.scaler.scale(loss) if parts.scaler is not None else loss).backward()
-        counts = aux.get("expert_counts", [])
-        metrics.add_micro_batch(ce, aux["aux_loss"], aux["z_loss"], counts, aux.get("kept_counts", []), accum)
+        metrics.add_micro_batch(ce, aux, accum)
         if parts.balancer is not None:
-            parts.balancer.accumulate(counts)
+            parts.balancer.accumulate(aux.get("expert_counts", []))
 
 
 def optimizer_step(parts: StepParts, timer: StepTimer | None = None) -> tuple[torch.Tensor, bool]:

@@ -50,7 +50,7 @@ def test_sweep_nests_trials_stops_the_bad_one_and_feeds_training(sweep_env):
         f"+inputs.prepare={sweep_env.prepare_run_id}",
         "tune.max_concurrent_trials=1", "tune.grace_period=1",
         "tune.points_to_evaluate=[{train.lr: 0.003, model.top_k: 1}, {train.lr: 0.9, model.top_k: 2}]",
-        "train.max_steps=10", "train.warmup_steps=2", "train.num_workers=1",
+        "train.max_steps=10", "train.warmup_steps=2",
     ])
     result = run_pipeline(config, [TUNE, TRAIN])
     tune_out, tune_run = result.stages["tune"].outputs, result.stages["tune"].run_id

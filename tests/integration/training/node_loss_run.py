@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -30,7 +31,7 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
-def remove_node_on_request(callback_dir: Path):
+def remove_node_on_request(callback_dir: Path, address: str):
     """A Ray Train callback: after the first checkpoint at or past ``after_step``, write the node id
     of the training workers to ``callback_dir/remove`` and wait for ``callback_dir/removed``."""
     from ray.train import UserCallback
@@ -43,7 +44,8 @@ def remove_node_on_request(callback_dir: Path):
             after_step = int((callback_dir / "after_step").read_text())
             if checkpoint is None or request.exists() or int(metrics[0]["step"]) < after_step:
                 return
-            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            workers = list_actors(address=address,
+                                  filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
             request.write_text(json.dumps({"node_id": workers[0].node_id, "step": int(metrics[0]["step"])}))
             deadline = time.monotonic() + 120
             while not done.exists() and time.monotonic() < deadline:
@@ -70,7 +72,9 @@ def main(args_path: str) -> None:
         "object_store_memory": 100 * 1024**2})
     workers = [cluster.add_node(num_cpus=2, object_store_memory=100 * 1024**2) for _ in range(2)]
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address, runtime_env={"env_vars": WORKER_ENV})
+    # RAY_ADDRESS for Ray Train's helper actors that connect with address="auto": this cluster,
+    # not whichever other Ray on the machine started last
+    ray.init(address=cluster.address, runtime_env={"env_vars": {**WORKER_ENV, "RAY_ADDRESS": cluster.address}})
     print(f"[node-loss] cluster up in {time.monotonic() - started:.1f}s", flush=True)
 
     removed: dict = {}
@@ -91,13 +95,14 @@ def main(args_path: str) -> None:
     try:
         config = load_config(args["overrides"])
         result = run_training(config, args["manifest_uri"], mlflow_run_id=None, name=args["name"],
-                              callbacks=[remove_node_on_request(callback_dir)])
+                              callbacks=[remove_node_on_request(callback_dir, cluster.address)])
         alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
         print("RESULT " + json.dumps({"metrics": result.metrics, "removed": removed, "alive_nodes": alive,
                                       "worker_nodes": [n.node_id for n in workers]}), flush=True)
     finally:
         ray.shutdown()
         cluster.shutdown()
+        shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
 
 
 if __name__ == "__main__":

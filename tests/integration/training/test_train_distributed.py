@@ -58,7 +58,11 @@ def train(ws, name: str, overrides=(), resume_from=None, callbacks=None):
 def kill_a_worker_after_checkpoint(step: int, marker: Path):
     """A Ray Train callback (it runs in the controller) that SIGKILLs one training worker process,
     found through Ray's public state API, once the checkpoint of ``step`` is registered; once."""
+    import ray
     from ray.train import UserCallback
+
+    # this cluster's address, explicitly: other Ray instances may run on the machine
+    address = ray.get_runtime_context().gcs_address
 
     class KillWorker(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
@@ -69,7 +73,8 @@ def kill_a_worker_after_checkpoint(step: int, marker: Path):
 
             if checkpoint is None or marker.exists() or int(metrics[0]["step"]) < step:
                 return
-            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            workers = list_actors(address=address,
+                                  filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
             victim = max(workers, key=lambda w: w.pid)
             marker.write_text(f"killed pid {victim.pid} after the step-{step} checkpoint\n")
             os.kill(victim.pid, signal.SIGKILL)

@@ -79,8 +79,8 @@ def test_unknown_keys_and_wrong_types_fail_at_composition(override, needle, tmp_
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (["model.top_k=5"], "model.top_k=5: must be between 1 and model.num_experts (4)"),
-        (["train.expert_parallel_size=3"], "model.num_experts=4: must be divisible by train.expert_parallel_size (3)"),
+        (["model.top_k=9"], "model.top_k=9: must be between 1 and model.num_experts (8)"),
+        (["train.expert_parallel_size=3"], "model.num_experts=8: must be divisible by train.expert_parallel_size (3)"),
         (["train.num_workers=3", "train.expert_parallel_size=2"], "train.num_workers=3: must be a multiple of train.expert_parallel_size (2)"),
         (["serve.max_tokens=200"], "serve.max_tokens=200: serve.max_prompt_tokens (128) + serve.max_tokens must fit"),
         (["data.seq_len=512"], "data.seq_len=512: must be <= model.max_seq_len (256)"),

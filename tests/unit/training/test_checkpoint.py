@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import random
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -135,14 +137,22 @@ def test_rng_state_is_restored_at_same_world_size(tmp_path, train_cfg):
     model = ToyModel()
     opt, sched = trained(model, train_cfg, steps=1)
     torch.manual_seed(123)
+    random.seed(5)
+    np.random.seed(6)
+    np.random.randn()  # numpy caches the second gaussian of a pair: that is state too
     ckpt.save_checkpoint(tmp_path, model=model, optimizer=opt, scheduler=sched, scaler=None,
                          groups=groups(0, 1, 1), step=1, reader_state={"pos": 7}, meta={})
-    expected = torch.rand(3)
+    expected = (torch.rand(3), random.random(), np.random.randn(3))
     torch.manual_seed(999)
+    random.seed(0)
+    np.random.seed(0)
+    # weights_only=True: the RNG states are stored as tensors and plain values
     restored = ckpt.load_checkpoint(tmp_path, model=ToyModel(), optimizer=None, scheduler=None, scaler=None,
                                     groups=groups(0, 1, 1))
     assert restored.reader_state == {"pos": 7}
-    assert torch.equal(torch.rand(3), expected)
+    assert torch.equal(torch.rand(3), expected[0])
+    assert random.random() == expected[1]
+    assert np.array_equal(np.random.randn(3), expected[2])
 
 
 def test_clear_errors_for_wrong_directory_or_model(tmp_path, train_cfg):
@@ -156,3 +166,49 @@ def test_clear_errors_for_wrong_directory_or_model(tmp_path, train_cfg):
     other.norm = nn.LayerNorm(5)
     with pytest.raises(ValueError, match="norm.weight has shape"):
         ckpt.load_checkpoint(tmp_path, model=other, optimizer=None, scheduler=None, scaler=None, groups=groups(0, 1, 1))
+
+
+def _ep2_checkpoint(tmp_path, train_cfg):
+    for rank in range(2):
+        shard_model = ToyModel(ep_size=2)
+        shard_model.load_state_dict(_slice(full_initial_state(), rank))
+        opt, sched = trained(shard_model, train_cfg, ep_rank=rank)
+        ckpt.save_checkpoint(tmp_path, model=shard_model, optimizer=opt, scheduler=sched, scaler=None,
+                             groups=groups(rank, 2, 2), step=2, reader_state={"rank": rank}, meta={})
+
+
+def test_same_ep_size_reads_only_the_ranks_own_shard(tmp_path, train_cfg, monkeypatch):
+    _ep2_checkpoint(tmp_path, train_cfg)
+    expected = torch.load(tmp_path / "experts-001-of-002.pt", weights_only=True)["model"]
+    (tmp_path / "experts-000-of-002.pt").unlink()  # rank 1 must not need rank 0's experts
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: loads.append(kw) or real_load(*a, **kw))
+
+    model = ToyModel(ep_size=2)
+    opt = build_optimizer(model, train_cfg)
+    restored = ckpt.load_checkpoint(tmp_path, model=model, optimizer=opt, scheduler=build_scheduler(opt, train_cfg),
+                                    scaler=None, groups=groups(1, 2, 2))
+    assert restored.files_read == ["shared.pt", "experts-001-of-002.pt", "rank-00001.pt"]
+    assert torch.equal(model.layers[0].moe.experts.w1.detach(), expected["layers.0.moe.experts.w1"])
+    assert loads and all(kw.get("weights_only") is True and kw.get("mmap") is True for kw in loads)
+    # at another EP size the missing shard is needed, and the error names it
+    with pytest.raises(FileNotFoundError, match="experts-000-of-002.pt"):
+        ckpt.load_checkpoint(tmp_path, model=ToyModel(ep_size=1), optimizer=None, scheduler=None, scaler=None,
+                             groups=groups(0, 1, 1))
+
+
+def test_resharding_reads_only_the_overlapping_shards(tmp_path, train_cfg):
+    """EP=2 -> EP=4: rank 1 of 4 holds expert 1, which lives in old shard 0 only."""
+    _ep2_checkpoint(tmp_path, train_cfg)
+    full = ckpt.load_full_model_state(tmp_path)["layers.0.moe.experts.w1"]
+    (tmp_path / "experts-001-of-002.pt").unlink()
+    model = ToyModel(ep_size=4)
+    opt = build_optimizer(model, train_cfg)
+    restored = ckpt.load_checkpoint(tmp_path, model=model, optimizer=opt, scheduler=None, scaler=None,
+                                    groups=groups(1, 4, 4))
+    assert restored.files_read == ["shared.pt", "experts-000-of-002.pt"]  # world size changed: no rank file
+    w1 = model.layers[0].moe.experts.w1
+    assert torch.equal(w1.detach(), full[1:2])
+    shard0 = torch.load(tmp_path / "experts-000-of-002.pt", weights_only=True)
+    assert torch.equal(opt.state[w1]["exp_avg"], shard0["optimizer"]["layers.0.moe.experts.w1"]["exp_avg"][1:2])

@@ -1,6 +1,7 @@
 """The training loop in one process (no Ray): loss falls, and stop + resume replays the same curve."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,8 @@ from components.config import load_config
 from components.training.loop import LocalSession, RunInfo, train
 
 TINY = ["experiment=tiny", "data.max_files=20", "data.max_bytes=300000", "data.vocab_size=512",
-        "model.dim=32", "model.ffn_dim=64", "train.num_workers=1", "train.batch_size=4",
+        "model.dim=32", "model.ffn_dim=64", "train.num_workers=1", "train.expert_parallel_size=1",
+        "tune.trial_num_workers=1", "train.batch_size=4",
         "train.eval_every=1", "train.eval_batches=1", "train.log_every=100", "train.warmup_steps=2",
         "train.checkpoint_every=3", "storage.hot_prefetch_batches=2"]
 
@@ -36,6 +38,10 @@ def test_stop_and_resume_reproduce_the_uninterrupted_curve(tiny_dataset):
     losses = {int(r["step"]): r["loss"] for r in straight.reports}
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
     assert losses[6] < losses[1]  # it learns
+    final = straight.reports[-1]
+    assert 1.0 <= final["moe/load_max_over_mean"] <= 8.0 and 0.0 <= final["moe/dropped_fraction"] < 1.0
+    assert math.isnan(final["comm/exposed_fraction"])  # one process: no all-to-all to expose
+    assert final["skipped_steps"] == 0.0 and final["grad_norm"] > 0
 
     first = run(root, manifest, "first", ["train.max_steps=6", "train.stop_at_step=3"])
     assert [int(r["step"]) for r in first.reports] == [1, 2, 3]

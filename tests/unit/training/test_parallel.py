@@ -68,3 +68,22 @@ def test_ep2_gradients_equal_ep1_gradients(tmp_path):
             # and every rank ends with the same (synchronised) gradient
             assert torch.allclose(grads2[name], ranks[0][2][0][name], atol=1e-7), (r, name)
         assert abs(norm1 - norm2) < 1e-5 * max(norm1, 1.0) and norm1 > 0
+
+
+def test_a_non_finite_global_norm_scales_no_gradient():
+    """An inf anywhere makes the norm inf; clipping must then leave the other gradients alone
+    (max_norm / inf = 0 would zero them, and 0 * inf would turn the inf into NaN)."""
+    from torch import nn
+
+    from components.training.parallel import ParallelGroups, clip_grad_norm
+
+    a, b = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(2))
+    a.grad = torch.tensor([3.0, 4.0, 0.0])
+    b.grad = torch.tensor([float("inf"), 1.0])
+    norm = clip_grad_norm([a], [b], 1.0, ParallelGroups(0, 1, 1, 0, None, 1, None, (0,)))
+    assert torch.isinf(norm)
+    assert torch.equal(a.grad, torch.tensor([3.0, 4.0, 0.0]))
+    assert b.grad[1] == 1.0 and torch.isinf(b.grad[0])
+    b.grad = torch.tensor([0.0, 0.0])
+    norm = clip_grad_norm([a], [b], 1.0, ParallelGroups(0, 1, 1, 0, None, 1, None, (0,)))
+    assert float(norm) == 5.0 and torch.allclose(a.grad, torch.tensor([0.6, 0.8, 0.0]), atol=1e-6)
