@@ -102,6 +102,8 @@ def validate(cfg: Config) -> None:
         p.append(f"train.keep_checkpoints={t.keep_checkpoints}: must be >= 1 (resume needs the latest checkpoint)")
     if t.max_failures < -1:
         p.append(f"train.max_failures={t.max_failures}: must be >= 0, or -1 for unlimited retries")
+    if t.worker_start_timeout_s <= 0:
+        p.append(f"train.worker_start_timeout_s={t.worker_start_timeout_s}: must be > 0 (seconds Ray Train waits for its workers to start)")
     if t.overlap.a2a_chunks < 1:
         p.append(f"train.overlap.a2a_chunks={t.overlap.a2a_chunks}: must be >= 1")
 

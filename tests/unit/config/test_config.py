@@ -115,9 +115,14 @@ def test_all_problems_reported_at_once(tmp_path):
 def test_tune_off_skips_the_sweep_rules(tmp_path):
     # 1 trial worker cannot hold 2 expert-parallel ranks: a problem only while the sweep runs
     with pytest.raises(ConfigError, match="tune.trial_num_workers=1: must be a multiple of train.expert_parallel_size"):
-        load_config(["train.expert_parallel_size=2", f"paths.root={tmp_path}"])
-    config = load_config(["tune=off", "train.expert_parallel_size=2", f"paths.root={tmp_path}"])
+        load_config(["train.expert_parallel_size=2", "tune.trial_num_workers=1", f"paths.root={tmp_path}"])
+    config = load_config(["tune=off", "train.expert_parallel_size=2", "tune.trial_num_workers=1", f"paths.root={tmp_path}"])
     assert config.tune.enabled is False and config.train.expert_parallel_size == 2
+
+
+def test_worker_start_timeout_must_be_positive(tmp_path):
+    with pytest.raises(ConfigError, match="train.worker_start_timeout_s=0.0: must be > 0"):
+        load_config(["train.worker_start_timeout_s=0", f"paths.root={tmp_path}"])
 
 
 def test_registry_metric_is_one_the_evaluate_stage_measures(tmp_path):
