@@ -201,7 +201,9 @@ def test_node_loss_finishes_from_the_latest_checkpoint(workspace, reference, tmp
                                 "name": "node-loss", "after_step": 3, "workdir": str(tmp_path)}))
     repo = Path(__file__).resolve().parents[3]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    # its own cluster, also for the state API (the session's dashboard is exported in this process)
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_API_SERVER_ADDRESS", None)
     proc = subprocess.run([sys.executable, str(Path(__file__).with_name("node_loss_run.py")), str(args)],
                           env=env, capture_output=True, text=True, timeout=300, cwd=repo)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
