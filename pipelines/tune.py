@@ -159,7 +159,7 @@ def train_trial(sampled: dict[str, Any], *, base_config: dict[str, Any], manifes
 
 # --------------------------------------------------------------------------- driver side
 
-def _search_alg(config: Config):
+def _search_alg(config: Config, max_concurrent: int):
     tu = config.tune
     points = [dict(p) for p in tu.points_to_evaluate] or None
     if tu.search_alg == "optuna":
@@ -171,7 +171,9 @@ def _search_alg(config: Config):
             print("[tune] optuna is not installed; falling back to random search", flush=True)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    return BasicVariantGenerator(points_to_evaluate=points, random_state=tu.seed)
+    # the limit goes here: Tune ignores TuneConfig.max_concurrent_trials for a SearchGenerator (it
+    # warns so), and more trials than fit would wait on each other's CPUs
+    return BasicVariantGenerator(points_to_evaluate=points, random_state=tu.seed, max_concurrent=max_concurrent)
 
 
 def _scheduler(config: Config):
@@ -244,7 +246,7 @@ def run_sweep(config: Config, manifest_uri: str, *, parent_run_id: str, experime
         trainable,
         param_space=search_space(tu.search_space),
         tune_config=tune.TuneConfig(
-            metric=tu.metric, mode=tu.mode, num_samples=tu.num_samples, search_alg=_search_alg(config),
+            metric=tu.metric, mode=tu.mode, num_samples=tu.num_samples, search_alg=_search_alg(config, concurrency),
             scheduler=_scheduler(config), max_concurrent_trials=concurrency,
         ),
         run_config=tune.RunConfig(name=sweep, storage_path=str(storage_dir), verbose=1,
