@@ -26,7 +26,9 @@ from pathlib import Path
 # Before Ray is imported: a private temp dir (sockets, session files, the "current cluster"
 # address file) so nothing touches another Ray on this machine, and loopback addresses for every
 # node (Ray resolves "the node's IP" to 127.0.0.1 when clusters are "not enabled").
-os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="moeops-nl-", dir="/tmp")
+# (the caller may name it in ARGS.json as ``ray_tmpdir``, to remove it should this process be killed)
+os.environ["RAY_TMPDIR"] = (json.loads(Path(sys.argv[1]).read_text()).get("ray_tmpdir")
+                            or tempfile.mkdtemp(prefix="moeops-nl-", dir="/tmp"))
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -98,9 +100,13 @@ def main(args_path: str) -> None:
         while not request.exists():
             time.sleep(0.1)
         wanted = json.loads(request.read_text())
-        node = next(n for n in workers if n.node_id == wanted["node_id"])
-        print(f"[node-loss] removing node {wanted['node_id'][:12]} after the step-{wanted['step']} checkpoint",
-              flush=True)
+        node = next((n for n in workers if n.node_id == wanted["node_id"]), None)
+        if node is None:  # not one of this cluster's worker nodes: let the callback go on, the test fails
+            print(f"[node-loss] node {wanted['node_id']} is not a worker node of this cluster", flush=True)
+            (callback_dir / "removed").write_text("not found")
+            return
+        print(f"[node-loss] removing node {wanted['node_id'][:12]} after the step-{wanted['step']} checkpoint "
+              f"({time.monotonic() - started:.1f}s)", flush=True)
         cluster.remove_node(node, allow_graceful=False)
         removed.update(wanted)
         (callback_dir / "removed").write_text("done")
@@ -110,6 +116,7 @@ def main(args_path: str) -> None:
         config = load_config(args["overrides"])
         result = run_training(config, args["manifest_uri"], mlflow_run_id=None, name=args["name"],
                               callbacks=[remove_node_on_request(callback_dir, cluster.address)])
+        print(f"[node-loss] training finished ({time.monotonic() - started:.1f}s)", flush=True)
         alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
         print("RESULT " + json.dumps({"metrics": result.metrics, "removed": removed, "alive_nodes": alive,
                                       "worker_nodes": [n.node_id for n in workers]}), flush=True)
