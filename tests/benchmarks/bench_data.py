@@ -36,6 +36,8 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -362,6 +364,8 @@ def main(argv: list[str] | None = None) -> dict:
         if getattr(args, key) is not None:
             p[key] = getattr(args, key)
     torch.set_num_threads(1)
+    # a SIGTERM (timeout, kill) unwinds like Ctrl-C, so the server is stopped and the GiBs removed
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     started = time.perf_counter()
     results: dict = {"quick": args.quick, "cpus": os.cpu_count(), "load_1m_start": load_avg(),
                      "batch_size": p["batch_size"]}
@@ -376,16 +380,25 @@ def main(argv: list[str] | None = None) -> dict:
             return server.storage("bench", warm_dir=str(work / f"warm-{tag}"), warm_limit_bytes=4 * GIB,
                                   retries=3, backoff_base_s=0.05, backoff_max_s=1.0)
 
-        manifest, mds_remote, figures = build_datasets(server, storage_for("build"), work, p)
+        def phase(name: str, fn, *a):
+            t0 = time.perf_counter()
+            out = fn(*a)
+            results[f"phase_{name}_s"] = time.perf_counter() - t0
+            print(f"[bench_data] {name}: {results[f'phase_{name}_s']:.1f}s (load {load_avg():.1f})", flush=True)
+            return out
+
+        manifest, mds_remote, figures = phase("build", build_datasets, server, storage_for("build"), work, p)
         results.update(figures)
-        results.update(bench_s3(manifest, storage_for("s3"), server, p["connections"]))
-        results.update(bench_cold(manifest, storage_for, p["batch_size"]))
-        results.update(bench_warm(manifest, storage_for("cold"), p["batch_size"], p["repeats"]))
-        results.update(bench_streaming(mds_remote, work, p["batch_size"], seed=0))
-        results.update(bench_data_wait(manifest, storage_for, p["wait_batch"], p["wait_steps"], p["compute_dim"]))
-        results.update(bench_prepare(storage_for("prepare"), p["text_mb"]))
+        results.update(phase("s3", bench_s3, manifest, storage_for("s3"), server, p["connections"]))
+        results.update(phase("cold", bench_cold, manifest, storage_for, p["batch_size"]))
+        results.update(phase("warm", bench_warm, manifest, storage_for("cold"), p["batch_size"], p["repeats"]))
+        results.update(phase("streaming", bench_streaming, mds_remote, work, p["batch_size"], 0))
+        results.update(phase("data_wait", bench_data_wait, manifest, storage_for, p["wait_batch"], p["wait_steps"],
+                             p["compute_dim"]))
+        results.update(phase("prepare", bench_prepare, storage_for("prepare"), p["text_mb"]))
     finally:
         server.close()
+        shutil.rmtree(work, ignore_errors=True)  # GiBs of shards, caches and server data
         for k, v in saved_env.items():
             if v is None:
                 os.environ.pop(k, None)
