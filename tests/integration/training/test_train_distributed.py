@@ -142,6 +142,18 @@ def test_resume_after_stop_reproduces_the_curve(workspace, reference, stopped):
     assert sorted(loss_history(workspace, second_run)) == [4, 5, 6]
     for step in range(1, MAX_STEPS + 1):
         assert curve[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-6), step
+    assert_same_batches(reference[0], second)
+
+
+def assert_same_batches(a, b) -> None:
+    """Both runs' data-flow reports fingerprint the same batches at every step, per rank too."""
+    from components.data.flow import batch_entries, first_difference, load_report
+
+    flow_a, flow_b = load_report(a.flow_report_path), load_report(b.flow_report_path)
+    assert first_difference(flow_a, flow_b) is None
+    assert sorted((e["step"], e["rank"], e["fingerprint"]) for e in batch_entries(flow_a)) == \
+        sorted((e["step"], e["rank"], e["fingerprint"]) for e in batch_entries(flow_b))
+    assert len(batch_entries(flow_b)) == 2 * MAX_STEPS
 
 
 def test_killed_worker_resumes_from_checkpoint(workspace, reference, tmp_path):
@@ -155,6 +167,7 @@ def test_killed_worker_resumes_from_checkpoint(workspace, reference, tmp_path):
     losses = loss_history(workspace, run_id)  # no step logged twice across attempts
     assert sorted(losses) == list(range(1, MAX_STEPS + 1))
     assert losses[MAX_STEPS] == pytest.approx(expected[MAX_STEPS], rel=1e-6)
+    assert_same_batches(reference[0], result)  # the restarted attempt's report covers steps 1-3 too
 
 
 def test_ep2_checkpoint_reshards_to_ep1(workspace, stopped):
