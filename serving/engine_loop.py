@@ -162,7 +162,11 @@ class EngineLoop:
         with self._cond:
             self._waiting = waiting
         if self.metrics is not None:
-            self.metrics.set_queue(waiting, sum(len(e.running) for e in self._engines))
+            per_version: dict[str, tuple[int, int]] = {}
+            for e in self._engines:  # an old and a new engine of one version (a resize) add up
+                w, r = per_version.get(e.label, (0, 0))
+                per_version[e.label] = (w + len(e.waiting), r + len(e.running))
+            self.metrics.set_queue(per_version)
 
 
 def _deliver(outputs: list[tuple[Sequence, Any]]) -> None:
