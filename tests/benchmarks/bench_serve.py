@@ -18,7 +18,9 @@ Figures (all in the JSON, with the raw numbers behind every ratio):
   Ray Serve itself costs on this machine), ``serve_floor_fastapi_ms_p50`` (the same with a FastAPI
   ingress parsing a JSON body) and ``app_healthz_ms_p50`` (our app's middleware, no engine).
 - ``short_behind_long_latency_ratio``: a 4-token request's latency while 8 x 64-token requests
-  decode (streamed, each has produced its first token), over its latency alone (goal <= 1.5).
+  decode (the replica's running-sequences gauge shows all 8), over its latency alone (goal <= 1.5);
+  ``short_behind_long_streamed_latency_ratio``: the same with the long requests streamed (each has
+  sent its first token).
 - ``batched_vs_unbatched_rps_ratio_c32``: requests/s of 32 closed-loop clients, the deployment
   as configured over the same deployment reconfigured in place with ``serve.max_num_seqs=1``
   (goal >= 3).
@@ -115,9 +117,28 @@ def c1_p50_ms(http, method: str, url: str, repeats: int, body: dict | None = Non
     return statistics.median(times)
 
 
+def replica_latency(http, app_url: str, route: str = "/v1/completions") -> tuple[float, float]:
+    """(sum of seconds, count) of the replica's own request-latency histogram for ``route`` (its /metrics)."""
+    text = http.get(f"{app_url}/metrics").text
+    total = count = 0.0
+    for line in text.splitlines():
+        if line.startswith("moeops_request_latency_seconds_") and f'route="{route}"' in line:
+            value = float(line.rsplit(" ", 1)[1])
+            if line.startswith("moeops_request_latency_seconds_sum"):
+                total += value
+            elif line.startswith("moeops_request_latency_seconds_count"):
+                count += value
+    return total, count
+
+
 def paired_overhead(http, app_url: str, engine, repeats: int) -> dict[str, float]:
-    """HTTP and in-process runs of the same request, alternated; medians and the paired difference."""
+    """HTTP and in-process runs of the same request, alternated; medians and the paired difference.
+
+    The replica's own latency histogram (handler start to response ready) splits the overhead into
+    what happens inside the replica's handler (FastAPI handler, engine loop, queues, rendering) and
+    what happens around it (client, Serve's proxy, proxy -> replica, ASGI plumbing)."""
     http_ms, local_ms = [], []
+    replica_before = None
     for n in range(repeats + 3):
         prompt = f"def task_{n}("
         started = time.perf_counter()
@@ -131,9 +152,18 @@ def paired_overhead(http, app_url: str, engine, repeats: int) -> dict[str, float
         if n >= 3:
             http_ms.append(h)
             local_ms.append(local)
+        if n == 2:
+            replica_before = replica_latency(http, app_url)
+    replica_after = replica_latency(http, app_url)
+    replica_mean_ms = 1000 * (replica_after[0] - replica_before[0]) / max(1.0, replica_after[1] - replica_before[1])
     diffs = [h - l for h, l in zip(http_ms, local_ms)]
     return {"http_ms_p50_c1": statistics.median(http_ms), "inprocess_ms_p50_c1": statistics.median(local_ms),
             "serve_overhead_ms_p50": statistics.median(diffs), "serve_overhead_ms_p90": percentile(diffs, 90),
+            "http_ms_mean_c1": statistics.fmean(http_ms), "inprocess_ms_mean_c1": statistics.fmean(local_ms),
+            "replica_handler_ms_mean_c1": replica_mean_ms,
+            # inside the replica's handler beyond the engine's own decode / around the handler
+            "overhead_in_handler_ms_mean": replica_mean_ms - statistics.fmean(local_ms),
+            "overhead_around_handler_ms_mean": statistics.fmean(http_ms) - replica_mean_ms,
             "overhead_pairs": float(len(diffs)), "overhead_tokens": float(OVERHEAD_TOKENS)}
 
 
@@ -172,11 +202,21 @@ async def closed_loop(app_url: str, concurrency: int, duration_s: float, max_tok
             "seconds": elapsed}
 
 
-async def short_behind_long(app_url: str, repeats: int) -> dict[str, float]:
-    """A short request's latency alone, and while ``LONG_REQUESTS`` long ones decode."""
+async def running_sequences(http, app_url: str) -> float:
+    """The replica's running-sequences gauge (its /metrics), all model versions."""
+    text = (await http.get(f"{app_url}/metrics")).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("moeops_running_sequences"))
+
+
+async def short_behind_long(app_url: str, repeats: int, streamed: bool) -> dict[str, float]:
+    """A short request's latency alone, and while ``LONG_REQUESTS`` long ones decode.
+
+    The long requests count as decoding once the replica runs all of them (its running-sequences
+    gauge; streamed: once each has sent its first token); then the short one is sent."""
     import httpx
 
-    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=LONG_REQUESTS + 2)) as http:
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=LONG_REQUESTS + 4)) as http:
         async def short(n: int) -> float:
             started = time.perf_counter()
             response = await http.post(f"{app_url}/v1/completions", json=completion_body(f"x = {n}", SHORT_TOKENS))
@@ -184,30 +224,41 @@ async def short_behind_long(app_url: str, repeats: int) -> dict[str, float]:
             response.raise_for_status()
             return elapsed * 1000
 
-        async def long(n: int, decoding: asyncio.Event, started: list) -> None:
-            body = completion_body(f"def long_{n}(", LONG_TOKENS, stream=True)
+        async def long(n: int, decoding: asyncio.Event) -> None:
+            body = completion_body(f"def long_{n}(", LONG_TOKENS, stream=streamed)
+            if not streamed:
+                (await http.post(f"{app_url}/v1/completions", json=body)).raise_for_status()
+                return
             async with http.stream("POST", f"{app_url}/v1/completions", json=body) as response:
                 response.raise_for_status()
                 async for _ in response.aiter_lines():
-                    if not decoding.is_set():
-                        started.append(n)
-                        decoding.set()
+                    decoding.set()
+
+        async def all_decoding(events: list[asyncio.Event]) -> None:
+            if streamed:
+                await asyncio.gather(*(e.wait() for e in events))
+                return
+            deadline = time.monotonic() + 60
+            while await running_sequences(http, app_url) < LONG_REQUESTS:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the long requests never ran together")
+                await asyncio.sleep(0.002)
 
         alone = [await short(i) for i in range(repeats + 2)][2:]
         behind, long_ms = [], []
         for r in range(repeats):
             events = [asyncio.Event() for _ in range(LONG_REQUESTS)]
-            started: list = []
             t0 = time.perf_counter()
-            longs = [asyncio.create_task(long(r * LONG_REQUESTS + i, events[i], started)) for i in range(LONG_REQUESTS)]
-            await asyncio.gather(*(e.wait() for e in events))  # every long request has its first token
+            longs = [asyncio.create_task(long(r * LONG_REQUESTS + i, events[i])) for i in range(LONG_REQUESTS)]
+            await all_decoding(events)
             behind.append(await short(1000 + r))
             await asyncio.gather(*longs)
             long_ms.append((time.perf_counter() - t0) * 1000)
-    return {"short_alone_ms_p50": statistics.median(alone), "short_behind_long_ms_p50": statistics.median(behind),
-            "short_behind_long_latency_ratio": statistics.median(behind) / statistics.median(alone),
-            "long_batch_ms_p50": statistics.median(long_ms), "short_tokens": float(SHORT_TOKENS),
-            "long_tokens": float(LONG_TOKENS), "long_requests": float(LONG_REQUESTS)}
+    tag = "_streamed" if streamed else ""
+    return {f"short_alone_ms_p50{tag}": statistics.median(alone),
+            f"short_behind_long{tag}_ms_p50": statistics.median(behind),
+            f"short_behind_long{tag}_latency_ratio": statistics.median(behind) / statistics.median(alone),
+            f"long_batch{tag}_ms_p50": statistics.median(long_ms)}
 
 
 def deploy_floor() -> None:
@@ -290,12 +341,17 @@ def run_serve(quick: bool) -> dict[str, float | str]:
         log(f"floor {out['serve_floor_ms_p50']:.2f} ms, FastAPI floor {out['serve_floor_fastapi_ms_p50']:.2f} ms, "
             f"/healthz {out['app_healthz_ms_p50']:.2f} ms; {OVERHEAD_TOKENS}-token request: HTTP "
             f"{out['http_ms_p50_c1']:.2f} ms, in process {out['inprocess_ms_p50_c1']:.2f} ms, overhead "
-            f"{out['serve_overhead_ms_p50']:.2f} ms")
+            f"{out['serve_overhead_ms_p50']:.2f} ms (mean: {out['overhead_in_handler_ms_mean']:.2f} ms in the replica's "
+            f"handler, {out['overhead_around_handler_ms_mean']:.2f} ms around it)")
 
-        out.update(asyncio.run(short_behind_long(app_url, 3 if quick else 10)))
-        log(f"{SHORT_TOKENS}-token request alone {out['short_alone_ms_p50']:.1f} ms, behind {LONG_REQUESTS} x "
-            f"{LONG_TOKENS} tokens {out['short_behind_long_ms_p50']:.1f} ms "
-            f"(ratio {out['short_behind_long_latency_ratio']:.2f})")
+        out.update({"short_tokens": float(SHORT_TOKENS), "long_tokens": float(LONG_TOKENS),
+                    "long_requests": float(LONG_REQUESTS)})
+        for streamed in (False, True):
+            out.update(asyncio.run(short_behind_long(app_url, 3 if quick else 10, streamed)))
+            tag = "_streamed" if streamed else ""
+            log(f"{SHORT_TOKENS}-token request alone {out[f'short_alone_ms_p50{tag}']:.1f} ms, behind {LONG_REQUESTS} x "
+                f"{LONG_TOKENS} tokens{' streamed' if streamed else ''} {out[f'short_behind_long{tag}_ms_p50']:.1f} ms "
+                f"(ratio {out[f'short_behind_long{tag}_latency_ratio']:.2f})")
 
         asyncio.run(closed_loop(app_url, CONCURRENCY, 1.0, LOAD_TOKENS))  # warm the path at this concurrency
         batched = asyncio.run(closed_loop(app_url, CONCURRENCY, duration, LOAD_TOKENS))
