@@ -16,7 +16,10 @@ Figures (all in the JSON, with the raw numbers behind every ratio):
   concurrency 1; the median of the paired differences (goal <= 5 ms). Shown against
   ``serve_floor_ms_p50``: a trivial Serve deployment's p50 over HTTP with the same client (what
   Ray Serve itself costs on this machine), ``serve_floor_fastapi_ms_p50`` (the same with a FastAPI
-  ingress parsing a JSON body) and ``app_healthz_ms_p50`` (our app's middleware, no engine).
+  ingress parsing a JSON body), ``app_healthz_ms_p50`` (our app's middleware, no engine) and
+  ``app_overhead_ms_p50`` (our app's ASGI path in process, without Serve or sockets, over the engine
+  alone: the part of the overhead that is ours). CPU milliseconds per request of the engine, the
+  replica and Serve's proxy (``*_cpu_ms_per_request_c1``) split it independently of the machine's load.
 - ``short_behind_long_latency_ratio``: a 4-token request's latency while 8 x 64-token requests
   decode (the replica's running-sequences gauge shows all 8), over its latency alone (goal <= 1.5);
   ``short_behind_long_streamed_latency_ratio``: the same with the long requests streamed (each has
@@ -89,18 +92,79 @@ def inprocess_request(engine, prompt: str, max_tokens: int) -> int:
     return outs[-1].completion_tokens
 
 
-def inprocess_tokens_per_s(engine, batch: int, max_tokens: int, duration_s: float) -> dict[str, float]:
-    """The engine's own batched throughput: batches of ``batch`` requests decoded back to back."""
+def inprocess_batches(engine, batch: int, max_tokens: int, duration_s: float) -> dict[str, float]:
+    """The engine's own batched decoding: batches of ``batch`` requests decoded back to back."""
     from serving.engine import GenerationParams
 
     params = GenerationParams(max_tokens=max_tokens, ignore_eos=True)
-    tokens, n, started = 0, 0, time.perf_counter()
+    tokens, n, started, cpu = 0, 0, time.perf_counter(), time.thread_time()
     while time.perf_counter() - started < duration_s:
         seqs = [engine.sequence(engine.encode(f"def task_{n}_{i}("), params) for i in range(batch)]
         tokens += sum(outs[-1].completion_tokens for outs in engine.run_to_completion(seqs))
         n += 1
-    elapsed = time.perf_counter() - started
-    return {"tokens_per_s": tokens / elapsed, "requests_per_s": n * batch / elapsed, "seconds": elapsed}
+    return {"tokens": float(tokens), "requests": float(n * batch), "seconds": time.perf_counter() - started,
+            "cpu_s": time.thread_time() - cpu}
+
+
+# ------------------------------------------------------------------------------ CPU time of Serve's processes
+def serve_pids(app_name: str) -> dict[str, int]:
+    """The pids of the app's replica and of Serve's HTTP proxy (Ray's state API, this cluster's dashboard)."""
+    from ray.util.state import list_actors
+
+    from pipelines.runtime import API_SERVER_ENV
+
+    actors = list_actors(address=os.environ.get(API_SERVER_ENV), filters=[("state", "=", "ALIVE")], detail=True,
+                         limit=1000)
+    pids = {}
+    for actor in actors:
+        if actor.class_name.startswith(f"ServeReplica:{app_name}:"):
+            pids["replica"] = actor.pid
+        elif actor.class_name == "ProxyActor":
+            pids["proxy"] = actor.pid
+    return pids
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_of(pids: dict[str, int]) -> dict[str, float]:
+    return {name: cpu_seconds(pid) for name, pid in pids.items()}
+
+
+def http_and_inprocess(app_url: str, engine, pids: dict[str, int], duration_s: float, slices: int) -> dict[str, float]:
+    """Concurrency-32 load over HTTP and the same work in process, in alternating slices (the machine's
+    load varies: both see it alike), with the CPU seconds of the replica, the proxy and the engine."""
+    totals: dict[str, float] = {}
+
+    def add(key: str, value: float) -> None:
+        totals[key] = totals.get(key, 0.0) + value
+
+    latencies_p50, latencies_p99 = [], []
+    for _ in range(slices):
+        before = cpu_of(pids)
+        result = asyncio.run(closed_loop(app_url, CONCURRENCY, duration_s / slices, LOAD_TOKENS))
+        after = cpu_of(pids)
+        for name in pids:
+            add(f"{name}_cpu_s", after[name] - before[name])
+        for key in ("requests", "tokens", "errors", "seconds"):
+            add(key, result[key])
+        latencies_p50.append(result["p50_ms"])
+        latencies_p99.append(result["p99_ms"])
+        local = inprocess_batches(engine, CONCURRENCY, LOAD_TOKENS, duration_s / slices)
+        for key, value in local.items():
+            add(f"inprocess_{key}", value)
+    out = {"rps": totals["requests"] / totals["seconds"], "tokens_per_s": totals["tokens"] / totals["seconds"],
+           "p50_ms": statistics.median(latencies_p50), "p99_ms": max(latencies_p99), **totals,
+           "inprocess_tokens_per_s": totals["inprocess_tokens"] / totals["inprocess_seconds"],
+           "inprocess_tokens_per_cpu_s": totals["inprocess_tokens"] / totals["inprocess_cpu_s"]}
+    if "replica_cpu_s" in totals:
+        out["replica_tokens_per_cpu_s"] = totals["tokens"] / totals["replica_cpu_s"]
+    if "proxy_cpu_s" in totals:
+        out["proxy_cpu_ms_per_request"] = 1000 * totals["proxy_cpu_s"] / max(1.0, totals["requests"])
+    return out
 
 
 # ------------------------------------------------------------------------------ over HTTP
@@ -131,14 +195,14 @@ def replica_latency(http, app_url: str, route: str = "/v1/completions") -> tuple
     return total, count
 
 
-def paired_overhead(http, app_url: str, engine, repeats: int) -> dict[str, float]:
+def paired_overhead(http, app_url: str, engine, repeats: int, pids: dict[str, int]) -> dict[str, float]:
     """HTTP and in-process runs of the same request, alternated; medians and the paired difference.
 
     The replica's own latency histogram (handler start to response ready) splits the overhead into
     what happens inside the replica's handler (FastAPI handler, engine loop, queues, rendering) and
     what happens around it (client, Serve's proxy, proxy -> replica, ASGI plumbing)."""
-    http_ms, local_ms = [], []
-    replica_before = None
+    http_ms, local_ms, local_cpu_s = [], [], 0.0
+    replica_before, cpu_before = None, {}
     for n in range(repeats + 3):
         prompt = f"def task_{n}("
         started = time.perf_counter()
@@ -146,14 +210,17 @@ def paired_overhead(http, app_url: str, engine, repeats: int) -> dict[str, float
         h = (time.perf_counter() - started) * 1000
         response.raise_for_status()
         assert response.json()["usage"]["completion_tokens"] == OVERHEAD_TOKENS, response.text
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.thread_time()
         inprocess_request(engine, prompt, OVERHEAD_TOKENS)
         local = (time.perf_counter() - started) * 1000
         if n >= 3:
             http_ms.append(h)
             local_ms.append(local)
+            local_cpu_s += time.thread_time() - cpu
         if n == 2:
             replica_before = replica_latency(http, app_url)
+            cpu_before = cpu_of(pids)
+    cpu_after = cpu_of(pids)
     replica_after = replica_latency(http, app_url)
     replica_mean_ms = 1000 * (replica_after[0] - replica_before[0]) / max(1.0, replica_after[1] - replica_before[1])
     diffs = [h - l for h, l in zip(http_ms, local_ms)]
@@ -164,7 +231,72 @@ def paired_overhead(http, app_url: str, engine, repeats: int) -> dict[str, float
             # inside the replica's handler beyond the engine's own decode / around the handler
             "overhead_in_handler_ms_mean": replica_mean_ms - statistics.fmean(local_ms),
             "overhead_around_handler_ms_mean": statistics.fmean(http_ms) - replica_mean_ms,
-            "overhead_pairs": float(len(diffs)), "overhead_tokens": float(OVERHEAD_TOKENS)}
+            "overhead_pairs": float(len(diffs)), "overhead_tokens": float(OVERHEAD_TOKENS),
+            # CPU per request, whatever share of the cores each process got: the engine alone, the
+            # replica (engine + our handler + Serve's replica side), Serve's proxy
+            "inprocess_cpu_ms_per_request_c1": 1000 * local_cpu_s / len(diffs),
+            **{f"{name}_cpu_ms_per_request_c1": 1000 * (cpu_after[name] - cpu_before[name]) / len(diffs)
+               for name in pids}}
+
+
+# ------------------------------------------------------------------------------ the app without Serve
+class InProcessServer:
+    """What serving/api.py needs of a replica, built in this process without Serve: the same model
+    store, engine loop and metrics as :class:`serving.app.CompletionServer`, so the app's ASGI path
+    (FastAPI, middleware, parsing, the engine loop's queues, rendering) is timed without Serve's."""
+
+    def __init__(self, config, loop: asyncio.AbstractEventLoop):
+        from serving.app import make_engine
+        from serving.engine_loop import EngineLoop
+        from serving.metrics import ServeMetrics
+        from serving.model_store import ModelSettings, ModelStore
+
+        s = config.serve
+        self.config, self.replica_id, self.auth_token = config, "in-process", None
+        self.ready_at = self.first_request_at = None
+        self.metrics = ServeMetrics(ray_enabled=False)
+        self.engine_loop = EngineLoop(loop, s.max_queued_sequences, self.metrics)
+        self.store = ModelStore(config.tracking.uri, lambda loaded, q, label: make_engine(loaded, q, label, s))
+        self.store.apply(ModelSettings.from_config(config), (s.max_num_seqs, s.max_num_batched_tokens, ""))
+
+    @property
+    def ready(self) -> bool:
+        return self.store.ready
+
+    def not_ready_reason(self) -> str:
+        return self.store.last_error
+
+
+async def asgi_overhead(config, engine, repeats: int) -> dict[str, float]:
+    """The app's ASGI path in process (no Serve, no sockets) against the engine alone, alternated."""
+    import httpx
+
+    from serving.api import build_asgi_app
+
+    server = InProcessServer(config, asyncio.get_running_loop())
+    app_ms, local_ms, app_cpu, local_cpu = [], [], 0.0, 0.0
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=build_asgi_app(server)),
+                                     base_url="http://app") as http:
+            for n in range(repeats + 3):
+                prompt = f"def task_{n}("
+                started, cpu = time.perf_counter(), time.process_time()  # all threads: the engine loop's too
+                response = await http.post("/v1/completions", json=completion_body(prompt, OVERHEAD_TOKENS))
+                a, a_cpu = (time.perf_counter() - started) * 1000, time.process_time() - cpu
+                response.raise_for_status()
+                started, cpu = time.perf_counter(), time.process_time()
+                inprocess_request(engine, prompt, OVERHEAD_TOKENS)
+                if n >= 3:
+                    local_ms.append((time.perf_counter() - started) * 1000)
+                    local_cpu += time.process_time() - cpu
+                    app_ms.append(a)
+                    app_cpu += a_cpu
+    finally:
+        server.engine_loop.close()
+    return {"asgi_app_ms_p50_c1": statistics.median(app_ms),
+            "app_overhead_ms_p50": statistics.median([a - b for a, b in zip(app_ms, local_ms)]),
+            "asgi_app_cpu_ms_per_request_c1": 1000 * app_cpu / len(app_ms),
+            "app_overhead_cpu_ms_per_request_c1": 1000 * (app_cpu - local_cpu) / len(app_ms)}
 
 
 async def closed_loop(app_url: str, concurrency: int, duration_s: float, max_tokens: int) -> dict[str, float]:
@@ -199,7 +331,7 @@ async def closed_loop(app_url: str, concurrency: int, duration_s: float, max_tok
         elapsed = time.monotonic() - started
     return {"rps": len(latencies) / elapsed, "tokens_per_s": tokens / elapsed, "p50_ms": percentile(latencies, 50) * 1000,
             "p99_ms": percentile(latencies, 99) * 1000, "errors": float(errors), "requests": float(len(latencies)),
-            "seconds": elapsed}
+            "tokens": float(tokens), "seconds": elapsed}
 
 
 async def running_sequences(http, app_url: str) -> float:
@@ -324,6 +456,10 @@ def run_serve(quick: bool) -> dict[str, float | str]:
     loaded, _ = load_registered(f"models:/{config.registry.model_name}@{config.registry.champion_alias}",
                                 config.tracking.uri)
     engine = make_engine(loaded, "none", "inprocess", config.serve)
+    out.update(asyncio.run(asgi_overhead(config, engine, repeats)))
+    log(f"the app's ASGI path in process: {out['asgi_app_ms_p50_c1']:.2f} ms, "
+        f"{out['app_overhead_ms_p50']:.2f} ms over the engine alone (CPU per request "
+        f"{out['app_overhead_cpu_ms_per_request_c1']:.2f} ms more)")
     ensure_ray(config)
     try:
         app_url = deploy(config)
@@ -337,12 +473,15 @@ def run_serve(quick: bool) -> dict[str, float | str]:
             out["serve_floor_fastapi_ms_p50"] = c1_p50_ms(http, "POST", base + FLOOR_FASTAPI_PREFIX + "/", repeats,
                                                           completion_body("def f(", OVERHEAD_TOKENS))
             out["app_healthz_ms_p50"] = c1_p50_ms(http, "GET", f"{app_url}/healthz", repeats)
-            out.update(paired_overhead(http, app_url, engine, repeats))
+            pids = serve_pids(config.serve.app_name)
+            out.update(paired_overhead(http, app_url, engine, repeats, pids))
         log(f"floor {out['serve_floor_ms_p50']:.2f} ms, FastAPI floor {out['serve_floor_fastapi_ms_p50']:.2f} ms, "
             f"/healthz {out['app_healthz_ms_p50']:.2f} ms; {OVERHEAD_TOKENS}-token request: HTTP "
             f"{out['http_ms_p50_c1']:.2f} ms, in process {out['inprocess_ms_p50_c1']:.2f} ms, overhead "
             f"{out['serve_overhead_ms_p50']:.2f} ms (mean: {out['overhead_in_handler_ms_mean']:.2f} ms in the replica's "
-            f"handler, {out['overhead_around_handler_ms_mean']:.2f} ms around it)")
+            f"handler, {out['overhead_around_handler_ms_mean']:.2f} ms around it); CPU per request: engine "
+            f"{out['inprocess_cpu_ms_per_request_c1']:.2f} ms, replica {out.get('replica_cpu_ms_per_request_c1', -1):.2f} ms, "
+            f"proxy {out.get('proxy_cpu_ms_per_request_c1', -1):.2f} ms")
 
         out.update({"short_tokens": float(SHORT_TOKENS), "long_tokens": float(LONG_TOKENS),
                     "long_requests": float(LONG_REQUESTS)})
@@ -354,8 +493,7 @@ def run_serve(quick: bool) -> dict[str, float | str]:
                 f"(ratio {out[f'short_behind_long{tag}_latency_ratio']:.2f})")
 
         asyncio.run(closed_loop(app_url, CONCURRENCY, 1.0, LOAD_TOKENS))  # warm the path at this concurrency
-        batched = asyncio.run(closed_loop(app_url, CONCURRENCY, duration, LOAD_TOKENS))
-        local = inprocess_tokens_per_s(engine, CONCURRENCY, LOAD_TOKENS, duration)
+        batched = http_and_inprocess(app_url, engine, pids, duration, 2 if quick else 5)
         deploy(with_overrides(config, {"serve.max_num_seqs": 1}))  # reconfigure in place: one KV slot
         wait_ready(app_url, timeout_s=300)
         asyncio.run(closed_loop(app_url, 4, 1.0, LOAD_TOKENS))
@@ -364,16 +502,23 @@ def run_serve(quick: bool) -> dict[str, float | str]:
         serve.shutdown()
         ray.shutdown()
     for label, result in (("batched", batched), ("unbatched", unbatched)):
-        out.update({f"{key}_c{CONCURRENCY}_{label}": value for key, value in result.items()})
+        out.update({f"{key}_c{CONCURRENCY}_{label}": value for key, value in result.items()
+                    if not key.startswith("inprocess_")})
         log(f"{label:9s} c={CONCURRENCY}: {result['rps']:6.1f} req/s, {result['tokens_per_s']:7.0f} tok/s, p50 "
             f"{result['p50_ms']:6.0f} ms, p99 {result['p99_ms']:6.0f} ms, errors {result['errors']:.0f}")
-    out.update({f"inprocess_{key}_b{CONCURRENCY}": value for key, value in local.items()})
+    out.update({f"inprocess_{key[len('inprocess_'):]}_b{CONCURRENCY}": value for key, value in batched.items()
+                if key.startswith("inprocess_")})
     out["load_tokens"] = float(LOAD_TOKENS)
     out["batched_vs_unbatched_rps_ratio_c32"] = batched["rps"] / max(unbatched["rps"], 1e-9)
     out["decode_tokens_per_s_c32"] = batched["tokens_per_s"]
-    out["decode_vs_inprocess_ratio_c32"] = batched["tokens_per_s"] / local["tokens_per_s"]
-    log(f"in process b{CONCURRENCY}: {local['tokens_per_s']:.0f} tok/s; HTTP/in-process "
-        f"{out['decode_vs_inprocess_ratio_c32']:.2f}; batched/unbatched rps {out['batched_vs_unbatched_rps_ratio_c32']:.2f}")
+    out["decode_vs_inprocess_ratio_c32"] = batched["tokens_per_s"] / batched["inprocess_tokens_per_s"]
+    if "replica_tokens_per_cpu_s" in batched:
+        # per CPU second: what the replica spends beyond the engine, whatever share of the cores it got
+        out["decode_vs_inprocess_cpu_ratio_c32"] = batched["replica_tokens_per_cpu_s"] / batched["inprocess_tokens_per_cpu_s"]
+    log(f"in process b{CONCURRENCY}: {batched['inprocess_tokens_per_s']:.0f} tok/s; HTTP/in-process "
+        f"{out['decode_vs_inprocess_ratio_c32']:.2f} (per CPU second "
+        f"{out.get('decode_vs_inprocess_cpu_ratio_c32', float('nan')):.2f}); batched/unbatched rps "
+        f"{out['batched_vs_unbatched_rps_ratio_c32']:.2f}")
     return out
 
 
