@@ -49,7 +49,7 @@ def serving_config(tmp, port: int, extra: tuple[str, ...] = ()) -> Config:
         "experiment=tiny", "model.dim=32", "model.n_layers=1", "model.ffn_dim=64",
         "model.max_seq_len=512", "serve.num_cpus=0.25", "serve.max_num_seqs=16", "serve.max_queued_sequences=64",
         "serve.load_retry_s=0.5", "serve.max_body_bytes=4096", "serve.max_prompts=4",
-        "serve.max_prompt_tokens=48", "serve.max_tokens=448", "serve.app_name=moeops-test",
+        "serve.max_prompt_tokens=64", "serve.max_tokens=448", "serve.app_name=moeops-test",
         "serve.route_prefix=/serving-test", "serve.auth_token_env=MOEOPS_TEST_NO_TOKEN", f"serve.port={port}", *extra,
     ])
 
@@ -104,13 +104,16 @@ def wait_for(predicate, timeout_s: float, interval_s: float = 0.02) -> float:
     return time.monotonic() - start
 
 
-def token_ids(url: str, text: str) -> list[int]:
-    return httpx.post(f"{url}/v1/score", json={"text": text}, timeout=60).json()["token_ids"]
-
-
 def ids_of(logprobs_tokens: list[str]) -> list[int]:
     """Token ids from logprobs' tokens named "token_id:<id>" (return_tokens_as_token_ids)."""
     return [int(t.removeprefix("token_id:")) for t in logprobs_tokens]
+
+
+def token_ids(url: str, text: str) -> list[int]:
+    """How the served tokenizer encodes ``text``: echoed back with its tokens named by id."""
+    r = complete(url, prompt=text, max_tokens=0, echo=True, logprobs=0, return_tokens_as_token_ids=True)
+    assert r.status_code == 200, r.text
+    return ids_of(r.json()["choices"][0]["logprobs"]["tokens"])
 
 
 # --------------------------------------------------------------------------- basics
@@ -543,14 +546,12 @@ def test_disconnected_stream_stops_its_sequence(deployment):
     with httpx.Client(timeout=60) as http:
         with http.stream("POST", f"{url}/v1/completions", json={
                 "prompt": "def long(", "max_tokens": LONG, "ignore_eos": True, "stream": True}) as r:
-            received = []
+            received = 0
             for line in r.iter_lines():
-                if line.startswith("data: "):
-                    received.append(line)
-                    if len(received) == 3:
-                        break
-            assert _running(url) == 1
-        # leaving the block closes the connection
+                received += line.startswith("data: ")
+                if received == 3:
+                    assert _running(url) == 1
+                    break  # leaving httpx's line iterator closes the connection: the client is gone
     gone = time.monotonic()
     took = wait_for(lambda: _running(url) == 0, timeout_s=5)
     assert took < 1.0, f"the sequence ran on for {took:.2f}s after its client left"
@@ -961,7 +962,11 @@ def test_deploy_stage_writes_serve_config_and_smoke_tests(deployment, tmp_path):
 def test_replica_log_has_no_per_request_errors(deployment):
     """After every request of this module (streamed, cancelled, rejected, reconfigured) the replica's
     stdout/stderr hold no "Future exception was never retrieved" (asyncio's note of a dropped error)."""
+    import os
+
     from ray.util.state import get_log, list_actors
+
+    from pipelines.runtime import API_SERVER_ENV
 
     prefix = f"ServeReplica:{deployment.config.serve.app_name}:"
     replicas = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
@@ -969,6 +974,8 @@ def test_replica_log_has_no_per_request_errors(deployment):
     assert replicas, "no live replica of the app found through Ray's state API"
     for actor in replicas:
         for suffix in ("err", "out"):
-            text = "".join(get_log(actor_id=actor.actor_id, suffix=suffix, tail=-1))
+            # this cluster's state API by address: other Ray instances may run on the machine
+            text = "".join(get_log(address=os.environ[API_SERVER_ENV], actor_id=actor.actor_id, suffix=suffix,
+                                   tail=-1))
             assert "never retrieved" not in text, text[text.find("never retrieved") - 2000:][:4000]
     assert httpx.get(f"{deployment.url}/readyz").status_code == 200
