@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -89,7 +90,8 @@ class Generation:
         for i, prompt in enumerate(plan.prompts):
             for j in range(plan.best_of):
                 params = dataclasses.replace(plan.params, seed=plan.seed(j))
-                self.seqs.append(engine.sequence(prompt.ids, params, sink=_Tagged(self.queue, len(self.seqs))))
+                self.seqs.append(engine.sequence(prompt.ids, params, sink=_Tagged(self.queue, len(self.seqs)),
+                                                 streamed=plan.stream))
                 self.prompt_of.append(i)
 
     def start(self) -> None:
@@ -133,7 +135,10 @@ class Generation:
 
 def build_asgi_app(server) -> FastAPI:
     """``server``: the CompletionServer replica (config, store, engine_loop, metrics, readiness)."""
-    serve_cfg = server.config.serve
+    # limits are read per request: a user_config change (reconfigure) applies without a restart
+    def limits():
+        return server.config.serve
+
     app = FastAPI(title="moeops", version="1", description="OpenAI-compatible completions and chat completions "
                   "from the MLflow-registered MoE model (champion, optional challenger canary).")
 
@@ -147,7 +152,7 @@ def build_asgi_app(server) -> FastAPI:
     def served_for(model: Optional[str]):
         if not server.ready:
             raise APIError(503, f"model not ready: {server.not_ready_reason()}", type="service_unavailable",
-                           code="not_ready", headers={"retry-after": str(serve_cfg.retry_after_s)})
+                           code="not_ready", headers={"retry-after": str(limits().retry_after_s)})
         try:
             return server.store.choose(model)
         except KeyError:
@@ -162,7 +167,7 @@ def build_asgi_app(server) -> FastAPI:
     @app.get("/healthz", tags=["probes"])
     async def healthz() -> dict[str, Any]:
         """Liveness: the replica process answers (whether or not its model is loaded yet)."""
-        return {"status": "alive", "replica": server.replica_id, "ready_at": server.ready_at,
+        return {"status": "alive", "replica": server.replica_id, "pid": os.getpid(), "ready_at": server.ready_at,
                 "first_request_at": server.first_request_at}
 
     @app.get("/readyz", tags=["probes"], responses={503: {"model": ErrorResponse}})
@@ -232,7 +237,7 @@ def build_asgi_app(server) -> FastAPI:
     @app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS, tags=["openai"])
     async def completions(body: CompletionRequest):
         served = served_for(body.model)
-        plan = plan_completion(body, serve_cfg, served.engine)
+        plan = plan_completion(body, limits(), served.engine)
         ident = Ident(f"cmpl-{uuid.uuid4().hex}", int(time.time()), served)
         if plan.max_tokens == 0:  # echo only: score the prompt, generate nothing
             return JSONResponse(echo_only(ident, plan, await prompt_logprobs(served, plan) if plan.logprobs
@@ -244,7 +249,7 @@ def build_asgi_app(server) -> FastAPI:
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS, tags=["openai"])
     async def chat_completions(body: ChatCompletionRequest):
         served = served_for(body.model)
-        plan = plan_chat(body, serve_cfg, served.engine)
+        plan = plan_chat(body, limits(), served.engine)
         ident = Ident(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), served)
         return await respond("/v1/chat/completions", served, plan,
                              lambda g, choices, extra: chat_body(ident, g, choices),
@@ -257,7 +262,7 @@ def build_asgi_app(server) -> FastAPI:
         served = served_for(body.model)
         engine = served.engine
         token_ids = engine.encode(body.text)
-        check_score_text(token_ids, serve_cfg, engine)
+        check_score_text(token_ids, limits(), engine)
         values = await server.engine_loop.call(engine, lambda e: e.score(token_ids))
         total = float(sum(values))
         n = len(token_ids)
@@ -269,7 +274,7 @@ def build_asgi_app(server) -> FastAPI:
         server.metrics.observe_request("/v1/score", 200, served.fingerprint, timer.seconds)
         return JSONResponse(response.model_dump(), headers=headers_for(served))
 
-    app.add_middleware(BodyGuardMiddleware, max_body_bytes=serve_cfg.max_body_bytes)
+    app.add_middleware(BodyGuardMiddleware, max_body_bytes=lambda: limits().max_body_bytes)
     app.add_middleware(BearerAuthMiddleware, token=server.auth_token)
     app.add_middleware(FirstRequestMiddleware, server=server)  # added last = runs first
     return app
@@ -323,41 +328,60 @@ def _finish(out: Optional[StepOutput]) -> Optional[str]:
 # ------------------------------------------------------------------ completions bodies
 
 
-def _completion_logprobs(tokenizer, entries: list[Optional[TokenLogprob]], offset: int) -> dict[str, Any]:
-    """OpenAI's legacy shape: parallel lists of tokens, their logprobs, top alternatives and text offsets."""
+class TokenNames:
+    """How logprobs name a token: its text, or ``token_id:<id>`` (vLLM's ``return_tokens_as_token_ids``)."""
+
+    def __init__(self, tokenizer, as_ids: bool = False):
+        self.tokenizer, self.as_ids = tokenizer, as_ids
+
+    def text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def label(self, token_id: int) -> str:
+        return f"token_id:{token_id}" if self.as_ids else self.text(token_id)
+
+
+def _names(generation: "Generation") -> TokenNames:
+    return TokenNames(generation.served.engine.tokenizer, generation.plan.tokens_as_ids)
+
+
+def _completion_logprobs(names: TokenNames, entries: list[Optional[TokenLogprob]], offset: int
+                         ) -> tuple[dict[str, Any], int]:
+    """OpenAI's legacy shape: parallel lists of tokens, their logprobs, top alternatives and text offsets;
+    and the text offset after the last token."""
     tokens, values, tops, offsets = [], [], [], []
     for entry in entries:
         if entry is None:  # the first prompt token: no context, no logprob
             continue
-        text = tokenizer.decode([entry.token_id])
-        tokens.append(text)
+        label = names.label(entry.token_id)
+        tokens.append(label)
         values.append(entry.logprob)
-        top = {tokenizer.decode([t]): lp for t, lp in entry.top}
-        top.setdefault(text, entry.logprob)
+        top = {names.label(t): lp for t, lp in entry.top}
+        top.setdefault(label, entry.logprob)
         tops.append(top)
         offsets.append(offset)
-        offset += len(text)
-    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+        offset += len(names.text(entry.token_id))
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}, offset
 
 
-def _prompt_entries(tokenizer, prompt_ids: list[int], entries: list[Optional[TokenLogprob]]) -> dict[str, Any]:
-    first = tokenizer.decode(prompt_ids[:1])
-    rest = _completion_logprobs(tokenizer, entries[1:], len(first))
-    return {"tokens": [first, *rest["tokens"]], "token_logprobs": [None, *rest["token_logprobs"]],
+def _prompt_entries(names: TokenNames, prompt_ids: list[int], entries: list[Optional[TokenLogprob]]
+                    ) -> dict[str, Any]:
+    rest, _ = _completion_logprobs(names, entries[1:], len(names.text(prompt_ids[0])))
+    return {"tokens": [names.label(prompt_ids[0]), *rest["tokens"]], "token_logprobs": [None, *rest["token_logprobs"]],
             "top_logprobs": [None, *rest["top_logprobs"]], "text_offset": [0, *rest["text_offset"]]}
 
 
 def completion_body(ident: Ident, generation: Generation, choices: list[Choice], prompt_lps) -> dict[str, Any]:
-    plan, tokenizer = generation.plan, generation.served.engine.tokenizer
+    plan, names = generation.plan, _names(generation)
     body_choices = []
     for index, choice in enumerate(generation.selected(choices)):
         prompt = plan.prompts[choice.prompt]
         text = "".join(choice.text)
         logprobs = None
         if plan.logprobs is not None:
-            logprobs = _completion_logprobs(tokenizer, choice.logprobs, len(prompt.text) if plan.echo else 0)
+            logprobs, _ = _completion_logprobs(names, choice.logprobs, len(prompt.text) if plan.echo else 0)
             if plan.echo:
-                head = _prompt_entries(tokenizer, prompt.ids, prompt_lps[choice.prompt])
+                head = _prompt_entries(names, prompt.ids, prompt_lps[choice.prompt])
                 logprobs = {key: head[key] + logprobs[key] for key in head}
         body_choices.append({"index": index, "text": (prompt.text if plan.echo else "") + text,
                              "logprobs": logprobs, "finish_reason": _finish(choice.last),
@@ -370,11 +394,12 @@ def completion_body(ident: Ident, generation: Generation, choices: list[Choice],
 def echo_only(ident: Ident, plan: Plan, prompt_lps) -> dict[str, Any]:
     """``echo`` with ``max_tokens: 0``: the prompts back (with their logprobs), nothing generated."""
     choices, index = [], 0
+    names = TokenNames(ident.served.engine.tokenizer, plan.tokens_as_ids)
     for i, prompt in enumerate(plan.prompts):
         for _ in range(plan.n):
             logprobs = None
             if prompt_lps is not None:
-                logprobs = _prompt_entries(ident.served.engine.tokenizer, prompt.ids, prompt_lps[i])
+                logprobs = _prompt_entries(names, prompt.ids, prompt_lps[i])
             choices.append({"index": index, "text": prompt.text, "logprobs": logprobs, "finish_reason": "length",
                             "stop_reason": None})
             index += 1
@@ -383,7 +408,7 @@ def echo_only(ident: Ident, plan: Plan, prompt_lps) -> dict[str, Any]:
 
 async def completion_events(ident: Ident, generation: Generation) -> AsyncIterator[bytes]:
     """Server-sent events in OpenAI's completion-chunk shape, ending with ``data: [DONE]``."""
-    plan, tokenizer = generation.plan, generation.served.engine.tokenizer
+    plan, names = generation.plan, _names(generation)
     head = ident.head("text_completion")
     completion_tokens = [0] * len(generation.seqs)
     offsets = [len(plan.prompts[p].text) if plan.echo else 0 for p in generation.prompt_of]
@@ -397,8 +422,7 @@ async def completion_events(ident: Ident, generation: Generation) -> AsyncIterat
             continue
         logprobs = None
         if plan.logprobs is not None:
-            logprobs = _completion_logprobs(tokenizer, out.logprobs, offsets[index])
-            offsets[index] += sum(len(t) for t in logprobs["tokens"])
+            logprobs, offsets[index] = _completion_logprobs(names, out.logprobs, offsets[index])
         chunk = {**head, "choices": [{"index": index, "text": out.text, "logprobs": logprobs,
                                       "finish_reason": _finish(out), "stop_reason": out.stop_reason}]}
         if plan.continuous_usage:
@@ -412,19 +436,19 @@ async def completion_events(ident: Ident, generation: Generation) -> AsyncIterat
 # ------------------------------------------------------------------ chat bodies
 
 
-def _chat_logprobs(tokenizer, entries: list[TokenLogprob]) -> list[dict[str, Any]]:
+def _chat_logprobs(names: TokenNames, entries: list[TokenLogprob]) -> list[dict[str, Any]]:
     def item(token_id: int, logprob: float) -> dict[str, Any]:
-        text = tokenizer.decode([token_id])
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        return {"token": names.label(token_id), "logprob": logprob,
+                "bytes": list(names.text(token_id).encode("utf-8"))}
 
     return [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries]
 
 
 def chat_body(ident: Ident, generation: Generation, choices: list[Choice]) -> dict[str, Any]:
-    plan, tokenizer = generation.plan, generation.served.engine.tokenizer
+    plan, names = generation.plan, _names(generation)
     body_choices = []
     for index, choice in enumerate(generation.selected(choices)):
-        logprobs = {"content": _chat_logprobs(tokenizer, choice.logprobs)} if plan.logprobs is not None else None
+        logprobs = {"content": _chat_logprobs(names, choice.logprobs)} if plan.logprobs is not None else None
         body_choices.append({"index": index, "message": {"role": "assistant", "content": "".join(choice.text)},
                              "logprobs": logprobs, "finish_reason": _finish(choice.last),
                              "stop_reason": choice.last.stop_reason})
@@ -435,7 +459,7 @@ def chat_body(ident: Ident, generation: Generation, choices: list[Choice]) -> di
 
 async def chat_events(ident: Ident, generation: Generation) -> AsyncIterator[bytes]:
     """``chat.completion.chunk`` events: a role delta first, then content deltas, then the finish reason."""
-    plan, tokenizer = generation.plan, generation.served.engine.tokenizer
+    plan, names = generation.plan, _names(generation)
     head = ident.head("chat.completion.chunk")
     completion_tokens = [0] * len(generation.seqs)
     for index in range(len(generation.seqs)):
@@ -445,7 +469,7 @@ async def chat_events(ident: Ident, generation: Generation) -> AsyncIterator[byt
         completion_tokens[index] = out.completion_tokens
         if not (out.text or out.finished or (plan.logprobs is not None and out.logprobs)):
             continue
-        logprobs = {"content": _chat_logprobs(tokenizer, out.logprobs)} if plan.logprobs is not None else None
+        logprobs = {"content": _chat_logprobs(names, out.logprobs)} if plan.logprobs is not None else None
         delta = {"content": out.text} if out.text else {}
         chunk = {**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                                       "finish_reason": _finish(out)}]}

@@ -5,21 +5,25 @@ a replica buffer an arbitrarily large upload; the checked body is replayed to th
 """
 from __future__ import annotations
 
+from typing import Callable, Union
+
 from serving.auth import send_json
 from serving.errors import error_body
 
 
 class BodyGuardMiddleware:
-    def __init__(self, app, max_body_bytes: int):
-        self.app, self.max_body_bytes = app, max_body_bytes
+    def __init__(self, app, max_body_bytes: Union[int, Callable[[], int]]):
+        """``max_body_bytes``: the limit, or a function returning the current one (it can change in place)."""
+        self.app = app
+        self._limit = max_body_bytes if callable(max_body_bytes) else (lambda: max_body_bytes)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
-        too_large = error_body(f"request body exceeds serve.max_body_bytes ({self.max_body_bytes} bytes)",
-                               code="body_too_large")
+        limit = self._limit()
+        too_large = error_body(f"request body exceeds serve.max_body_bytes ({limit} bytes)", code="body_too_large")
         declared = dict(scope.get("headers") or ()).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+        if declared is not None and declared.isdigit() and int(declared) > limit:
             return await send_json(send, 413, too_large)
 
         chunks, size = [], 0
@@ -29,7 +33,7 @@ class BodyGuardMiddleware:
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_body_bytes:
+            if size > limit:
                 return await send_json(send, 413, too_large)
             chunks.append(chunk)
             if not message.get("more_body", False):

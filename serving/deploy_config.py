@@ -17,6 +17,8 @@ DEPLOYMENT_NAME = "CompletionServer"
 # in-flight requests finish before a replica is stopped (scale-down, redeploy)
 GRACEFUL_SHUTDOWN_TIMEOUT_S = 30.0
 HEALTH_CHECK_PERIOD_S = 5.0
+# Serve's default autoscaling metrics push interval (ray.serve.config.DEFAULT_METRICS_INTERVAL_S)
+RAY_DEFAULT_METRICS_INTERVAL_S = 10.0
 
 
 def champion_uri(config: Config) -> str:
@@ -72,6 +74,9 @@ def deployment_options(config: Config, model_uri: Optional[str] = None, revision
             "downscale_delay_s": float(a.downscale_delay_s),
             "look_back_period_s": float(a.look_back_period_s),
         }
+        if a.metrics_interval_s != RAY_DEFAULT_METRICS_INTERVAL_S:
+            # deprecated by Ray 2.60 (its replacement env vars are not read yet): only sent when changed
+            options["autoscaling_config"]["metrics_interval_s"] = float(a.metrics_interval_s)
     else:
         options["num_replicas"] = int(s.num_replicas)
     return options

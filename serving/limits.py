@@ -44,6 +44,7 @@ class Plan:
     stream: bool = False
     include_usage: bool = False
     continuous_usage: bool = False
+    tokens_as_ids: bool = False             # logprobs name tokens "token_id:<id>" (vLLM's return_tokens_as_token_ids)
 
     @property
     def prompt_tokens(self) -> int:
@@ -160,7 +161,8 @@ def plan_completion(body: CompletionRequest, serve_cfg: ServeConfig, engine) -> 
     stream, include_usage, continuous = _stream_flags(body)
     params = _generation(body, engine, serve_cfg, max_tokens, body.logprobs, best_of, n)
     return Plan(prompts, params, n, best_of, max_tokens, echo=bool(body.echo), logprobs=body.logprobs,
-                stream=stream, include_usage=include_usage, continuous_usage=continuous)
+                stream=stream, include_usage=include_usage, continuous_usage=continuous,
+                tokens_as_ids=bool(body.return_tokens_as_token_ids))
 
 
 def plan_chat(body: ChatCompletionRequest, serve_cfg: ServeConfig, engine) -> Plan:
@@ -183,7 +185,8 @@ def plan_chat(body: ChatCompletionRequest, serve_cfg: ServeConfig, engine) -> Pl
     params = _generation(body, engine, serve_cfg, max_tokens, logprobs, best_of, n,
                          extra_stop=(chat_template.TURN_STOP,))
     return Plan([prompt], params, n, best_of, max_tokens, logprobs=logprobs, stream=stream,
-                include_usage=include_usage, continuous_usage=continuous)
+                include_usage=include_usage, continuous_usage=continuous,
+                tokens_as_ids=bool(body.return_tokens_as_token_ids))
 
 
 def check_score_text(token_ids: list[int], serve_cfg: ServeConfig, engine) -> None:

@@ -4,7 +4,7 @@ Every field of OpenAI's ``POST /v1/completions`` and ``POST /v1/chat/completions
 accepted, and ``null`` means the field's default (clients such as LangChain send explicit
 ``null``s and neutral values). vLLM's extra sampling fields that moeops implements (``top_k``,
 ``min_p``, ``repetition_penalty``, ``stop_token_ids``, ``ignore_eos``, ``min_tokens``,
-``include_stop_str_in_output``) are accepted too. A field in no schema is a 400 that names it, and
+``include_stop_str_in_output``, ``return_tokens_as_token_ids``) are accepted too. A field in no schema is a 400 that names it, and
 types are strict (``"5"`` is not an int). Features a base model cannot serve (``suffix``, tool
 calls, JSON response formats, audio) are accepted only at their neutral value and are otherwise a
 400 saying so. Limits that depend on the deployment's config (``serve.max_tokens`` ...) are checked
@@ -64,6 +64,8 @@ class _Sampling(_Request):
     ignore_eos: Optional[bool] = None
     min_tokens: Optional[int] = Field(None, ge=0)
     include_stop_str_in_output: Optional[bool] = None
+    # vLLM: tokens in logprobs as "token_id:<id>" (exact even where a token is part of a character)
+    return_tokens_as_token_ids: Optional[bool] = None
 
     @field_validator("stop")
     @classmethod

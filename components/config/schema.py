@@ -239,8 +239,11 @@ class AutoscalingConfig:
     # how long load must stay above / below target before a replica is added / removed
     upscale_delay_s: float = 30.0
     downscale_delay_s: float = 600.0
-    # window the load is averaged over (Serve pushes load figures every 10 s: keep it above that)
+    # window the load is averaged over (Serve pushes load figures every metrics_interval_s: keep it above that)
     look_back_period_s: float = 30.0
+    # how often replicas and proxies push their load to Serve's controller (Ray's default: 10 s). Ray 2.60
+    # marks the field deprecated in favour of env vars it does not read yet; it is sent only when changed
+    metrics_interval_s: float = 10.0
 
 
 @dataclass

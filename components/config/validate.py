@@ -233,10 +233,15 @@ def validate(cfg: Config) -> None:
         p.append(f"serve.autoscaling.min_replicas={a.min_replicas}: need 1 <= min_replicas <= max_replicas "
                  f"({a.max_replicas})")
     if a.enabled and (a.upscale_delay_s < 0 or a.downscale_delay_s < 0 or a.look_back_period_s <= 0
-                      or a.target_ongoing_requests <= 0):
-        p.append(f"serve.autoscaling: delays must be >= 0, look_back_period_s and target_ongoing_requests > 0 "
+                      or a.target_ongoing_requests <= 0 or a.metrics_interval_s <= 0):
+        p.append(f"serve.autoscaling: delays must be >= 0, look_back_period_s, target_ongoing_requests and "
+                 "metrics_interval_s > 0 "
                  f"(got upscale_delay_s={a.upscale_delay_s}, downscale_delay_s={a.downscale_delay_s}, "
-                 f"look_back_period_s={a.look_back_period_s}, target_ongoing_requests={a.target_ongoing_requests})")
+                 f"look_back_period_s={a.look_back_period_s}, target_ongoing_requests={a.target_ongoing_requests}, "
+                 f"metrics_interval_s={a.metrics_interval_s})")
+    if a.enabled and 0 < a.look_back_period_s <= a.metrics_interval_s:
+        p.append(f"serve.autoscaling.look_back_period_s={a.look_back_period_s}: must be > "
+                 f"serve.autoscaling.metrics_interval_s ({a.metrics_interval_s}), the window must hold load figures")
     if not a.enabled and s.num_replicas < 1:
         p.append(f"serve.num_replicas={s.num_replicas}: must be >= 1")
 
