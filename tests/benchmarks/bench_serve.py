@@ -168,17 +168,21 @@ def http_and_inprocess(app_url: str, engine, pids: dict[str, int], duration_s: f
 
 
 # ------------------------------------------------------------------------------ over HTTP
-def c1_p50_ms(http, method: str, url: str, repeats: int, body: dict | None = None) -> float:
-    """p50 of one request at a time (after a few warm-up requests)."""
-    times = []
+def c1_p50_ms(http, method: str, url: str, repeats: int, body: dict | None = None,
+              pids: dict[str, int] | None = None) -> tuple[float, dict[str, float]]:
+    """p50 of one request at a time (after a few warm-up requests), and the CPU ms per request of ``pids``."""
+    times, before = [], {}
     for i in range(repeats + 3):
+        if i == 3:
+            before = cpu_of(pids or {})
         started = time.perf_counter()
         response = http.request(method, url, json=body)
         elapsed = (time.perf_counter() - started) * 1000
         response.raise_for_status()
         if i >= 3:
             times.append(elapsed)
-    return statistics.median(times)
+    after = cpu_of(pids or {})
+    return statistics.median(times), {name: 1000 * (after[name] - before[name]) / repeats for name in before}
 
 
 def replica_latency(http, app_url: str, route: str = "/v1/completions") -> tuple[float, float]:
@@ -469,13 +473,22 @@ def run_serve(quick: bool) -> dict[str, float | str]:
         log(f"deployed at {app_url}")
 
         with httpx.Client(timeout=60) as http:
-            out["serve_floor_ms_p50"] = c1_p50_ms(http, "GET", base + FLOOR_PREFIX, repeats)
-            out["serve_floor_fastapi_ms_p50"] = c1_p50_ms(http, "POST", base + FLOOR_FASTAPI_PREFIX + "/", repeats,
-                                                          completion_body("def f(", OVERHEAD_TOKENS))
-            out["app_healthz_ms_p50"] = c1_p50_ms(http, "GET", f"{app_url}/healthz", repeats)
             pids = serve_pids(config.serve.app_name)
+            for key, method, url, app, body in (
+                    ("serve_floor", "GET", base + FLOOR_PREFIX, "floor", None),
+                    ("serve_floor_fastapi", "POST", base + FLOOR_FASTAPI_PREFIX + "/", "floor-fastapi",
+                     completion_body("def f(", OVERHEAD_TOKENS)),
+                    ("app_healthz", "GET", f"{app_url}/healthz", config.serve.app_name, None)):
+                # the replica's CPU per request here is Ray Serve's replica side (+ a trivial handler)
+                p50, cpu = c1_p50_ms(http, method, url, repeats, body,
+                                     {"replica": serve_pids(app)["replica"], "proxy": pids["proxy"]})
+                out[f"{key}_ms_p50"] = p50
+                out.update({f"{key}_{name}_cpu_ms_per_request": value for name, value in cpu.items()})
             out.update(paired_overhead(http, app_url, engine, repeats, pids))
-        log(f"floor {out['serve_floor_ms_p50']:.2f} ms, FastAPI floor {out['serve_floor_fastapi_ms_p50']:.2f} ms, "
+        log(f"floor {out['serve_floor_ms_p50']:.2f} ms (CPU per request: replica "
+            f"{out['serve_floor_replica_cpu_ms_per_request']:.2f} ms, proxy {out['serve_floor_proxy_cpu_ms_per_request']:.2f} ms), "
+            f"FastAPI floor {out['serve_floor_fastapi_ms_p50']:.2f} ms (replica CPU "
+            f"{out['serve_floor_fastapi_replica_cpu_ms_per_request']:.2f} ms), "
             f"/healthz {out['app_healthz_ms_p50']:.2f} ms; {OVERHEAD_TOKENS}-token request: HTTP "
             f"{out['http_ms_p50_c1']:.2f} ms, in process {out['inprocess_ms_p50_c1']:.2f} ms, overhead "
             f"{out['serve_overhead_ms_p50']:.2f} ms (mean: {out['overhead_in_handler_ms_mean']:.2f} ms in the replica's "
