@@ -85,7 +85,7 @@ class TrainOutputs(StageOutputs):
     tokens_per_s: float
     moe_dropped_fraction: float     # tokens dropped by expert capacity (last eval window)
     moe_load_max_over_mean: float   # busiest expert's load over the mean load (1.0 = balanced)
-    comm_exposed_fraction: float    # share of step time waiting on all-to-all (not overlapped)
+    comm_exposed_fraction: float    # exposed all-to-all time over total all-to-all time (0 = fully hidden)
 
     @property
     def model_uri(self) -> str:

@@ -14,8 +14,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
 
@@ -156,7 +159,7 @@ def train_trial(sampled: dict[str, Any], *, base_config: dict[str, Any], manifes
 
 # --------------------------------------------------------------------------- driver side
 
-def _search_alg(config: Config):
+def _search_alg(config: Config, max_concurrent: int):
     tu = config.tune
     points = [dict(p) for p in tu.points_to_evaluate] or None
     if tu.search_alg == "optuna":
@@ -168,7 +171,9 @@ def _search_alg(config: Config):
             print("[tune] optuna is not installed; falling back to random search", flush=True)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    return BasicVariantGenerator(points_to_evaluate=points, random_state=tu.seed)
+    # the limit goes here: Tune ignores TuneConfig.max_concurrent_trials for a SearchGenerator (it
+    # warns so), and more trials than fit would wait on each other's CPUs
+    return BasicVariantGenerator(points_to_evaluate=points, random_state=tu.seed, max_concurrent=max_concurrent)
 
 
 def _scheduler(config: Config):
@@ -181,6 +186,38 @@ def _scheduler(config: Config):
     max_t = max(1, math.ceil(tu.trial_max_steps / tu.trial_eval_every))
     return ASHAScheduler(time_attr="training_iteration", max_t=max_t,
                          grace_period=min(tu.grace_period, max_t), reduction_factor=tu.reduction_factor)
+
+
+SIGINT_HANDLER_ENV = "TUNE_DISABLE_SIGINT_HANDLER"
+
+
+@contextmanager
+def signals_stop_the_sweep() -> Iterator[None]:
+    """While Tune runs, Ctrl-C (SIGINT) stops the pipeline as SIGTERM does.
+
+    ``Tuner.fit`` otherwise replaces the process' SIGINT handler with its own, which stops the
+    trials, saves the experiment state and makes ``fit`` *return* as if the sweep had ended: the
+    pipeline went on to ``train`` with whatever the interrupted trials had reported (or failed the
+    stage when none had). Tune also leaves that handler installed after ``fit``, so a Ctrl-C in a
+    later stage was swallowed once. Tune's documented ``TUNE_DISABLE_SIGINT_HANDLER`` (read when
+    ``fit`` starts) keeps the process' handler, the pipeline's (``pipelines.pipeline.signals_end_runs``),
+    which raises ``Interrupted``: the trial, tune and parent runs end KILLED and no later stage runs.
+    An interrupted sweep stays restorable: Tune saves its experiment state periodically while it runs.
+    """
+    previous_env = os.environ.get(SIGINT_HANDLER_ENV)
+    previous_handler = signal.getsignal(signal.SIGINT)
+    os.environ[SIGINT_HANDLER_ENV] = "1"
+    try:
+        yield
+    finally:
+        if previous_env is None:
+            os.environ.pop(SIGINT_HANDLER_ENV, None)
+        else:
+            os.environ[SIGINT_HANDLER_ENV] = previous_env
+        # (belt and braces should a Tune version ignore the variable; only the main thread may)
+        if (threading.current_thread() is threading.main_thread() and previous_handler is not None
+                and signal.getsignal(signal.SIGINT) is not previous_handler):
+            signal.signal(signal.SIGINT, previous_handler)
 
 
 def run_sweep(config: Config, manifest_uri: str, *, parent_run_id: str, experiment_id: str,
@@ -199,8 +236,9 @@ def run_sweep(config: Config, manifest_uri: str, *, parent_run_id: str, experime
     path = storage_dir / sweep
     if tune.Tuner.can_restore(str(path)):
         print(f"[tune] restoring interrupted sweep {path}", flush=True)
-        return tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,
-                                  restart_errored=True).fit(), True
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, restart_errored=True)
+        with signals_stop_the_sweep():
+            return tuner.fit(), True
     concurrency = max_concurrent_trials(config, ray.available_resources())
     print(f"[tune] {tu.num_samples} trials, {concurrency} at a time, search={tu.search_alg}, "
           f"scheduler={tu.scheduler}, dir={path}", flush=True)
@@ -208,13 +246,14 @@ def run_sweep(config: Config, manifest_uri: str, *, parent_run_id: str, experime
         trainable,
         param_space=search_space(tu.search_space),
         tune_config=tune.TuneConfig(
-            metric=tu.metric, mode=tu.mode, num_samples=tu.num_samples, search_alg=_search_alg(config),
+            metric=tu.metric, mode=tu.mode, num_samples=tu.num_samples, search_alg=_search_alg(config, concurrency),
             scheduler=_scheduler(config), max_concurrent_trials=concurrency,
         ),
         run_config=tune.RunConfig(name=sweep, storage_path=str(storage_dir), verbose=1,
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
-    return tuner.fit(), False
+    with signals_stop_the_sweep():
+        return tuner.fit(), False
 
 
 def _plain(value: Any) -> Any:

@@ -91,7 +91,8 @@ class Generation:
         for i, prompt in enumerate(plan.prompts):
             for j in range(plan.best_of):
                 params = dataclasses.replace(plan.params, seed=plan.seed(j))
-                self.seqs.append(engine.sequence(prompt.ids, params, sink=_Tagged(self.queue, len(self.seqs))))
+                self.seqs.append(engine.sequence(prompt.ids, params, sink=_Tagged(self.queue, len(self.seqs)),
+                                                 streamed=plan.stream))
                 self.prompt_of.append(i)
 
     def start(self) -> None:

@@ -81,10 +81,15 @@ class Sequence:
     """One prompt being completed. Created by the API side, stepped only by the engine's thread."""
 
     def __init__(self, prompt_ids: list[int], params: GenerationParams, tokenizer, sink: Any = None,
-                 byte_table: Optional[list[bytes]] = None):
+                 byte_table: Optional[list[bytes]] = None, streamed: bool = True):
         self.prompt_ids = list(prompt_ids)
         self.params = params
         self.sink = sink                        # where the engine loop delivers StepOutputs (asyncio.Queue)
+        # False: nobody reads the outputs before the last one (a non-streamed request), so the engine
+        # loop hands them over all at once when the sequence ends instead of waking the event loop
+        # every step (see serving/engine_loop.py)
+        self.streamed = streamed
+        self.held: list[Any] = []               # outputs held back by the engine loop (streamed=False)
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little")
         self.rng = random.Random(seed)
         self.stream = TextStream(tokenizer, params.stop, params.include_stop_str_in_output, byte_table)
@@ -127,9 +132,11 @@ class Engine:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
 
-    def sequence(self, prompt_ids: list[int], params: GenerationParams, sink: Any = None) -> Sequence:
-        """A new sequence for this engine's tokenizer (``sink``: where the engine loop delivers its outputs)."""
-        return Sequence(prompt_ids, params, self.tokenizer, sink, self.byte_table)
+    def sequence(self, prompt_ids: list[int], params: GenerationParams, sink: Any = None,
+                 streamed: bool = True) -> Sequence:
+        """A new sequence for this engine's tokenizer (``sink``: where the engine loop delivers its outputs;
+        ``streamed=False``: delivered all at once when the sequence ends)."""
+        return Sequence(prompt_ids, params, self.tokenizer, sink, self.byte_table, streamed)
 
     def add(self, seq: Sequence) -> None:
         if len(seq.prompt_ids) + seq.params.max_tokens > self.max_seq_len:

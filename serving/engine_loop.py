@@ -3,8 +3,9 @@
 Requests reach it from the event loop through :meth:`EngineLoop.submit` (a thread-safe command
 list; no thread hop per step). Each iteration applies new sequences and aborts, steps each engine
 that has work (a canary replica steps the champion's and the challenger's engines side by side)
-and hands all of that iteration's outputs to the event loop with one ``call_soon_threadsafe``,
-which puts each into its sequence's own ``asyncio.Queue``.
+and hands that iteration's outputs to the event loop with one ``call_soon_threadsafe``, which
+puts each into its sequence's own ``asyncio.Queue``. A non-streamed sequence's outputs are held on
+the loop thread and handed over together when it ends: nobody reads them earlier.
 
 Backpressure: at most ``serve.max_queued_sequences`` sequences wait for a KV slot across the
 replica; :meth:`submit` raises :class:`QueueFull` beyond that (the API answers 429 with
@@ -105,6 +106,7 @@ class EngineLoop:
                     continue
                 outputs.extend(self._step(engine))
             self._account()
+            outputs = _due(outputs)
             if outputs:
                 try:
                     self._loop.call_soon_threadsafe(_deliver, outputs)
@@ -162,7 +164,29 @@ class EngineLoop:
         with self._cond:
             self._waiting = waiting
         if self.metrics is not None:
-            self.metrics.set_queue(waiting, sum(len(e.running) for e in self._engines))
+            per_version: dict[str, tuple[int, int]] = {}
+            for e in self._engines:  # an old and a new engine of one version (a resize) add up
+                w, r = per_version.get(e.label, (0, 0))
+                per_version[e.label] = (w + len(e.waiting), r + len(e.running))
+            self.metrics.set_queue(per_version)
+
+
+def _due(outputs: list[tuple[Sequence, Any]]) -> list[tuple[Sequence, Any]]:
+    """What to hand to the event loop now: every output of a streamed sequence; a non-streamed one's
+    only when it ends (an error, or its last output), all at once. A non-streamed request then costs
+    the event loop one wake-up instead of one per decode step, which it would otherwise spend
+    taking the GIL from the engine thread."""
+    due = []
+    for seq, out in outputs:
+        if seq.streamed:
+            due.append((seq, out))
+        elif isinstance(out, BaseException) or out.finished:
+            due.extend((seq, held) for held in seq.held)
+            seq.held = []
+            due.append((seq, out))
+        else:
+            seq.held.append(out)
+    return due
 
 
 def _deliver(outputs: list[tuple[Sequence, Any]]) -> None:

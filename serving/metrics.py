@@ -6,10 +6,14 @@ metrics agent on every node exports every replica's series, tagged with ``applic
 ``ray_moeops_requests_total``). The private ``prometheus_client`` registry backs ``GET /metrics``
 for a local run without a Prometheus (one scrape reaches one replica).
 
-Series (all but the gauges labelled by ``model_version``, the served ``<name>/<version>``):
+Series (all but errors and readiness labelled by ``model_version``, the served ``<name>/<version>``):
 requests by route/status, errors by route/status/code, request latency, time to first token,
 inter-token latency, generated tokens, tokens/s, queue depth (sequences waiting for a KV slot),
 running sequences, readiness.
+
+The engine-side series are recorded from the engine-loop thread between decode steps, while it
+holds the GIL: gauges are recorded only when their value changes, so an idle or steady replica
+pays nothing per step for them.
 """
 from __future__ import annotations
 
@@ -83,10 +87,13 @@ class ServeMetrics:
         self.tokens = series("counter", "moeops_generated_tokens", "Generated tokens", ("model_version",))
         self.tokens_per_s = series("gauge", "moeops_tokens_per_second", "Generated tokens per second over the "
                                    "last second of decoding", ("model_version",))
-        self.queue_depth = series("gauge", "moeops_queue_depth", "Sequences waiting for a KV-cache slot")
-        self.running = series("gauge", "moeops_running_sequences", "Sequences decoding (holding a KV slot)")
+        self.queue_depth = series("gauge", "moeops_queue_depth", "Sequences waiting for a KV-cache slot",
+                                  ("model_version",))
+        self.running = series("gauge", "moeops_running_sequences", "Sequences decoding (holding a KV slot)",
+                              ("model_version",))
         self.ready = series("gauge", "moeops_ready", "1 when the replica has a loaded, warmed-up model")
         self._window: dict[str, tuple[float, int]] = {}
+        self._queue: dict[str, tuple[int, int]] = {}      # last recorded (waiting, running) per version
 
     # ------------------------------------------------------------------ request side (event loop)
     def observe_request(self, route: str, status: int, version: str, seconds: float) -> None:
@@ -123,9 +130,17 @@ class ServeMetrics:
             started, count = now, 0
         self._window[version] = (started, count)
 
-    def set_queue(self, waiting: int, running: int) -> None:
-        self.queue_depth.record(waiting)
-        self.running.record(running)
+    def set_queue(self, per_version: dict[str, tuple[int, int]]) -> None:
+        """(waiting, running) sequences per model version; a version missing from ``per_version`` has none."""
+        for version in self._queue.keys() - per_version.keys():
+            per_version = {**per_version, version: (0, 0)}
+        for version, (waiting, running) in per_version.items():
+            last = self._queue.get(version)
+            if last is None or last[0] != waiting:
+                self.queue_depth.record(waiting, model_version=version)
+            if last is None or last[1] != running:
+                self.running.record(running, model_version=version)
+            self._queue[version] = (waiting, running)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -8,7 +8,7 @@ Layout of one checkpoint directory (Ray Train merges the files every rank report
     experts-<i>-of-<E>.pt           expert shard i of E: expert weights [E/EP, ...] and their
                                     optimiser moments, keyed by parameter name (first replica only)
     rank-<r>.pt                     RNG states and data-reader position of rank r
-    flow_report.json                data-flow report of all ranks (final checkpoint only)
+    flow_report.json                data-flow report of all ranks, every step so far (rank 0)
 
 Expert tensors are stacked ``[num_local_experts, ...]`` with experts sharded contiguously, so
 a full tensor is the concatenation of the shards along dim 0 in shard order, and a new shard
@@ -169,6 +169,12 @@ def save_checkpoint(
 
 
 # ------------------------------------------------------------------------ load
+
+def read_flow_report(ckpt_dir: str | Path) -> list[dict] | None:
+    """The checkpoint's data-flow report (``components.data.flow``), or None if it has none."""
+    path = Path(ckpt_dir) / FLOW_REPORT_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
 
 def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
     path = Path(ckpt_dir) / META_FILE

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from components.config import config_from_dict
 from components.config.schema import Config, StorageConfig
+from components.data.flow import merge_reports
 from components.training import checkpoint as ckpt
 from components.training.metrics import (
     NAN,
@@ -204,12 +205,15 @@ def train(config: Config, run: RunInfo, session: Session) -> dict[str, float]:
 
     step = 0
     resumed_meta: dict[str, Any] = {}
+    prior_flow: list[dict] | None = None  # the data-flow report of the steps before the checkpoint
     with session.latest_checkpoint() as latest:
         source = latest or run.resume_from
         if source:
             with _local_checkpoint(source, config.storage) as local_dir:
                 restored = ckpt.load_checkpoint(local_dir, model=model, optimizer=optimizer, scheduler=scheduler,
                                                 scaler=scaler, groups=groups)
+                if is_main:
+                    prior_flow = ckpt.read_flow_report(local_dir)
             step, resumed_meta = restored.step, restored.meta
             if restored.reader_state is not None:
                 reader.load_state_dict(restored.reader_state)
@@ -255,6 +259,7 @@ def train(config: Config, run: RunInfo, session: Session) -> dict[str, float]:
         lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it after)
         train_step(parts, stream, t.grad_accum_steps, interval, timer)
         step += 1
+        reader.mark_step(step)  # this step's micro-batches -> its fingerprint in the data-flow report
         interval_steps += 1
 
         log_now = step % t.log_every == 0 or step == stop_at
@@ -291,8 +296,10 @@ def train(config: Config, run: RunInfo, session: Session) -> dict[str, float]:
             _log_to_mlflow(client, run.mlflow_run_id, {**last, **extra}, step)
 
         if eval_now:
-            final = step == stop_at
-            flow = _gather_flow_reports(reader, groups) if final else None
+            # every checkpoint carries the report of all steps so far (a resumed run continues it)
+            flow = _gather_flow_reports(reader, groups) if checkpoint_now else None
+            if flow is not None and is_main:
+                flow = merge_reports(prior_flow, flow, upto_step=start_step)
             with tempfile.TemporaryDirectory(prefix=f"moeops-ckpt-r{groups.rank}-") as tmp:
                 ckpt_dir = None
                 if checkpoint_now:

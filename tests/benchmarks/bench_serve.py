@@ -1,18 +1,39 @@
-"""Serving benchmark: dynamic batching on vs off, Serve overhead, int8 vs fp32.
+"""Serving benchmark: the Serve path against the engine in process, continuous batching, int8.
 
-    python tests/benchmarks/bench_serve.py --json serve.json          # full run (~2-3 min)
-    python tests/benchmarks/bench_serve.py --quick --json serve.json  # smoke run for tests
+    python tests/benchmarks/bench_serve.py --json serve.json          # full run (~8 min idle, int8 included)
+    python tests/benchmarks/bench_serve.py --quick --json serve.json  # smoke run for the test suite
 
-Starts its own local Ray + Serve on a free loopback port, registers a tiny random model in
-a fresh sqlite MLflow registry, and drives the app with N concurrent HTTP clients
-(closed loop, each sends its next request when the previous one returns). Batching "off"
-is the same deployment reconfigured in place with ``max_batch_size=1``.
+Starts its own local Ray + Serve on a free loopback port, registers a seeded random model
+(``experiment=tiny``) in a fresh sqlite MLflow registry, deploys moeops' app (one replica,
+``serve.num_cpus=1``: one torch thread) and, beside it, the same model's :class:`serving.engine.Engine`
+in this process (also one torch thread). Every request decodes a fixed number of tokens
+(``ignore_eos``, greedy), so HTTP and in-process runs do the same work.
 
-Figures (all in the JSON): ``rps_c{N}_{batched,unbatched}``, ``p50_ms_c{N}_*``, ``p99_ms_c{N}_*``,
-``errors_c{N}_*``, ``batched_vs_unbatched_rps_ratio_c{N}``, ``serve_overhead_ms_p50`` (median of
-paired differences: one request over HTTP through Serve minus the same generation called in
-process, alternated, concurrency 1; includes the batcher's wait), ``int8_vs_fp32_speed_ratio``
-(generated tokens/s, batch of 8, in process, runs alternated) and ``int8_perplexity_change_pct``.
+Figures (all in the JSON, with the raw numbers behind every ratio):
+
+- ``serve_overhead_ms_p50``: one request through HTTP + Serve minus the same request decoded by
+  the engine in process, alternated request by request (other processes' load hits both alike),
+  concurrency 1; the median of the paired differences (goal <= 5 ms). Shown against
+  ``serve_floor_ms_p50``: a trivial Serve deployment's p50 over HTTP with the same client (what
+  Ray Serve itself costs on this machine), ``serve_floor_fastapi_ms_p50`` (the same with a FastAPI
+  ingress parsing a JSON body), ``app_healthz_ms_p50`` (our app's middleware, no engine) and
+  ``app_overhead_ms_p50`` (our app's ASGI path in process, without Serve or sockets, over the engine
+  alone: the part of the overhead that is ours). CPU milliseconds per request of the engine, the
+  replica and Serve's proxy (``*_cpu_ms_per_request_c1``) split it independently of the machine's load.
+- ``short_behind_long_latency_ratio``: a 4-token request's latency while 8 x 64-token requests
+  decode (the replica's running-sequences gauge shows all 8), over its latency alone (goal <= 1.5);
+  ``short_behind_long_streamed_latency_ratio``: the same with the long requests streamed (each has
+  sent its first token).
+- ``batched_vs_unbatched_rps_ratio_c32``: requests/s of 32 closed-loop clients, the deployment
+  as configured over the same deployment reconfigured in place with ``serve.max_num_seqs=1``
+  (goal >= 3).
+- ``decode_tokens_per_s_c32``: generated tokens/s over HTTP at concurrency 32;
+  ``decode_vs_inprocess_ratio_c32``: that over the engine's own batched throughput in process
+  (the same 32-request batches decoded to the end, back to back; goal >= 0.8).
+- ``int8_vs_fp32_speed_ratio``, ``int8_vs_fp32_speed_ratio_compute_bound``,
+  ``int8_perplexity_change_pct``: from ``tests/benchmarks/bench_int8.py``'s ``run`` (its full
+  figures under ``int8.*``), run after Serve is shut down.
+- ``load_1m_start`` / ``load_1m_end`` / ``uptime``: the machine's load (a shared 2-core box).
 """
 from __future__ import annotations
 
@@ -21,6 +42,7 @@ import asyncio
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,46 +50,276 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_int8, beside this file
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 from pipelines.runtime import free_port  # noqa: E402
 
-# long enough that decoding, not the HTTP path, dominates a request (as in LLM serving benchmarks)
-MAX_TOKENS = 32
-SCORE_TEXT = "def main(argv):\n    parser = argparse.ArgumentParser()\n    return parser.parse_args(argv)\n"
+GOALS = {"serve_overhead_ms_p50": "<= 5", "short_behind_long_latency_ratio": "<= 1.5",
+         "batched_vs_unbatched_rps_ratio_c32": ">= 3", "decode_vs_inprocess_ratio_c32": ">= 0.8",
+         "int8_vs_fp32_speed_ratio_compute_bound": ">= 1.5", "int8_perplexity_change_pct": "<= 2"}
+OVERHEAD_TOKENS = 16       # one request of the overhead figure
+LOAD_TOKENS = 32           # each request of the concurrency-32 load
+SHORT_TOKENS, LONG_TOKENS, LONG_REQUESTS = 4, 64, 8
+CONCURRENCY = 32
+FLOOR_PREFIX, FLOOR_FASTAPI_PREFIX = "/floor", "/floor-fastapi"
+
+
+def log(msg: str) -> None:
+    print(f"[bench_serve] {msg}", flush=True)
 
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     if not ordered:
         return float("nan")
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
-async def closed_loop(url: str, concurrency: int, duration_s: float) -> dict[str, float]:
-    """``concurrency`` clients for ``duration_s``; requests/s, latency percentiles and errors."""
+def completion_body(prompt: str, max_tokens: int, stream: bool = False) -> dict:
+    """Greedy, exactly ``max_tokens`` tokens: HTTP and in-process runs decode the same."""
+    return {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": stream}
+
+
+# ------------------------------------------------------------------------------ in process
+def inprocess_request(engine, prompt: str, max_tokens: int) -> int:
+    from serving.engine import GenerationParams
+
+    [outs] = engine.run_to_completion([engine.sequence(engine.encode(prompt),
+                                                       GenerationParams(max_tokens=max_tokens, ignore_eos=True))])
+    return outs[-1].completion_tokens
+
+
+def inprocess_batches(engine, batch: int, max_tokens: int, duration_s: float) -> dict[str, float]:
+    """The engine's own batched decoding: batches of ``batch`` requests decoded back to back."""
+    from serving.engine import GenerationParams
+
+    params = GenerationParams(max_tokens=max_tokens, ignore_eos=True)
+    tokens, n, started, cpu = 0, 0, time.perf_counter(), time.thread_time()
+    while time.perf_counter() - started < duration_s:
+        seqs = [engine.sequence(engine.encode(f"def task_{n}_{i}("), params) for i in range(batch)]
+        tokens += sum(outs[-1].completion_tokens for outs in engine.run_to_completion(seqs))
+        n += 1
+    return {"tokens": float(tokens), "requests": float(n * batch), "seconds": time.perf_counter() - started,
+            "cpu_s": time.thread_time() - cpu}
+
+
+# ------------------------------------------------------------------------------ CPU time of Serve's processes
+def serve_pids(app_name: str) -> dict[str, int]:
+    """The pids of the app's replica and of Serve's HTTP proxy (Ray's state API, this cluster's dashboard)."""
+    from ray.util.state import list_actors
+
+    from pipelines.runtime import API_SERVER_ENV
+
+    actors = list_actors(address=os.environ.get(API_SERVER_ENV), filters=[("state", "=", "ALIVE")], detail=True,
+                         limit=1000)
+    pids = {}
+    for actor in actors:
+        if actor.class_name.startswith(f"ServeReplica:{app_name}:"):
+            pids["replica"] = actor.pid
+        elif actor.class_name == "ProxyActor":
+            pids["proxy"] = actor.pid
+    return pids
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_of(pids: dict[str, int]) -> dict[str, float]:
+    return {name: cpu_seconds(pid) for name, pid in pids.items()}
+
+
+def http_and_inprocess(app_url: str, engine, pids: dict[str, int], duration_s: float, slices: int) -> dict[str, float]:
+    """Concurrency-32 load over HTTP and the same work in process, in alternating slices (the machine's
+    load varies: both see it alike), with the CPU seconds of the replica, the proxy and the engine."""
+    totals: dict[str, float] = {}
+
+    def add(key: str, value: float) -> None:
+        totals[key] = totals.get(key, 0.0) + value
+
+    latencies_p50, latencies_p99 = [], []
+    for _ in range(slices):
+        before = cpu_of(pids)
+        result = asyncio.run(closed_loop(app_url, CONCURRENCY, duration_s / slices, LOAD_TOKENS))
+        after = cpu_of(pids)
+        for name in pids:
+            add(f"{name}_cpu_s", after[name] - before[name])
+        for key in ("requests", "tokens", "errors", "seconds"):
+            add(key, result[key])
+        latencies_p50.append(result["p50_ms"])
+        latencies_p99.append(result["p99_ms"])
+        local = inprocess_batches(engine, CONCURRENCY, LOAD_TOKENS, duration_s / slices)
+        for key, value in local.items():
+            add(f"inprocess_{key}", value)
+    out = {"rps": totals["requests"] / totals["seconds"], "tokens_per_s": totals["tokens"] / totals["seconds"],
+           "p50_ms": statistics.median(latencies_p50), "p99_ms": max(latencies_p99), **totals,
+           "inprocess_tokens_per_s": totals["inprocess_tokens"] / totals["inprocess_seconds"],
+           "inprocess_tokens_per_cpu_s": totals["inprocess_tokens"] / totals["inprocess_cpu_s"]}
+    if "replica_cpu_s" in totals:
+        out["replica_tokens_per_cpu_s"] = totals["tokens"] / totals["replica_cpu_s"]
+    if "proxy_cpu_s" in totals:
+        out["proxy_cpu_ms_per_request"] = 1000 * totals["proxy_cpu_s"] / max(1.0, totals["requests"])
+    return out
+
+
+# ------------------------------------------------------------------------------ over HTTP
+def c1_p50_ms(http, method: str, url: str, repeats: int, body: dict | None = None) -> float:
+    """p50 of one request at a time (after a few warm-up requests)."""
+    times = []
+    for i in range(repeats + 3):
+        started = time.perf_counter()
+        response = http.request(method, url, json=body)
+        elapsed = (time.perf_counter() - started) * 1000
+        response.raise_for_status()
+        if i >= 3:
+            times.append(elapsed)
+    return statistics.median(times)
+
+
+def replica_latency(http, app_url: str, route: str = "/v1/completions") -> tuple[float, float]:
+    """(sum of seconds, count) of the replica's own request-latency histogram for ``route`` (its /metrics)."""
+    text = http.get(f"{app_url}/metrics").text
+    total = count = 0.0
+    for line in text.splitlines():
+        if line.startswith("moeops_request_latency_seconds_") and f'route="{route}"' in line:
+            value = float(line.rsplit(" ", 1)[1])
+            if line.startswith("moeops_request_latency_seconds_sum"):
+                total += value
+            elif line.startswith("moeops_request_latency_seconds_count"):
+                count += value
+    return total, count
+
+
+def paired_overhead(http, app_url: str, engine, repeats: int, pids: dict[str, int]) -> dict[str, float]:
+    """HTTP and in-process runs of the same request, alternated; medians and the paired difference.
+
+    The replica's own latency histogram (handler start to response ready) splits the overhead into
+    what happens inside the replica's handler (FastAPI handler, engine loop, queues, rendering) and
+    what happens around it (client, Serve's proxy, proxy -> replica, ASGI plumbing)."""
+    http_ms, local_ms, local_cpu_s = [], [], 0.0
+    replica_before, cpu_before = None, {}
+    for n in range(repeats + 3):
+        prompt = f"def task_{n}("
+        started = time.perf_counter()
+        response = http.post(f"{app_url}/v1/completions", json=completion_body(prompt, OVERHEAD_TOKENS))
+        h = (time.perf_counter() - started) * 1000
+        response.raise_for_status()
+        assert response.json()["usage"]["completion_tokens"] == OVERHEAD_TOKENS, response.text
+        started, cpu = time.perf_counter(), time.thread_time()
+        inprocess_request(engine, prompt, OVERHEAD_TOKENS)
+        local = (time.perf_counter() - started) * 1000
+        if n >= 3:
+            http_ms.append(h)
+            local_ms.append(local)
+            local_cpu_s += time.thread_time() - cpu
+        if n == 2:
+            replica_before = replica_latency(http, app_url)
+            cpu_before = cpu_of(pids)
+    cpu_after = cpu_of(pids)
+    replica_after = replica_latency(http, app_url)
+    replica_mean_ms = 1000 * (replica_after[0] - replica_before[0]) / max(1.0, replica_after[1] - replica_before[1])
+    diffs = [h - l for h, l in zip(http_ms, local_ms)]
+    return {"http_ms_p50_c1": statistics.median(http_ms), "inprocess_ms_p50_c1": statistics.median(local_ms),
+            "serve_overhead_ms_p50": statistics.median(diffs), "serve_overhead_ms_p90": percentile(diffs, 90),
+            "http_ms_mean_c1": statistics.fmean(http_ms), "inprocess_ms_mean_c1": statistics.fmean(local_ms),
+            "replica_handler_ms_mean_c1": replica_mean_ms,
+            # inside the replica's handler beyond the engine's own decode / around the handler
+            "overhead_in_handler_ms_mean": replica_mean_ms - statistics.fmean(local_ms),
+            "overhead_around_handler_ms_mean": statistics.fmean(http_ms) - replica_mean_ms,
+            "overhead_pairs": float(len(diffs)), "overhead_tokens": float(OVERHEAD_TOKENS),
+            # CPU per request, whatever share of the cores each process got: the engine alone, the
+            # replica (engine + our handler + Serve's replica side), Serve's proxy
+            "inprocess_cpu_ms_per_request_c1": 1000 * local_cpu_s / len(diffs),
+            **{f"{name}_cpu_ms_per_request_c1": 1000 * (cpu_after[name] - cpu_before[name]) / len(diffs)
+               for name in pids}}
+
+
+# ------------------------------------------------------------------------------ the app without Serve
+class InProcessServer:
+    """What serving/api.py needs of a replica, built in this process without Serve: the same model
+    store, engine loop and metrics as :class:`serving.app.CompletionServer`, so the app's ASGI path
+    (FastAPI, middleware, parsing, the engine loop's queues, rendering) is timed without Serve's."""
+
+    def __init__(self, config, loop: asyncio.AbstractEventLoop):
+        from serving.app import make_engine
+        from serving.engine_loop import EngineLoop
+        from serving.metrics import ServeMetrics
+        from serving.model_store import ModelSettings, ModelStore
+
+        s = config.serve
+        self.config, self.replica_id, self.auth_token = config, "in-process", None
+        self.ready_at = self.first_request_at = None
+        self.metrics = ServeMetrics(ray_enabled=False)
+        self.engine_loop = EngineLoop(loop, s.max_queued_sequences, self.metrics)
+        self.store = ModelStore(config.tracking.uri, lambda loaded, q, label: make_engine(loaded, q, label, s))
+        self.store.apply(ModelSettings.from_config(config), (s.max_num_seqs, s.max_num_batched_tokens, ""))
+
+    @property
+    def ready(self) -> bool:
+        return self.store.ready
+
+    def not_ready_reason(self) -> str:
+        return self.store.last_error
+
+
+async def asgi_overhead(config, engine, repeats: int) -> dict[str, float]:
+    """The app's ASGI path in process (no Serve, no sockets) against the engine alone, alternated."""
+    import httpx
+
+    from serving.api import build_asgi_app
+
+    server = InProcessServer(config, asyncio.get_running_loop())
+    app_ms, local_ms, app_cpu, local_cpu = [], [], 0.0, 0.0
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=build_asgi_app(server)),
+                                     base_url="http://app") as http:
+            for n in range(repeats + 3):
+                prompt = f"def task_{n}("
+                started, cpu = time.perf_counter(), time.process_time()  # all threads: the engine loop's too
+                response = await http.post("/v1/completions", json=completion_body(prompt, OVERHEAD_TOKENS))
+                a, a_cpu = (time.perf_counter() - started) * 1000, time.process_time() - cpu
+                response.raise_for_status()
+                started, cpu = time.perf_counter(), time.process_time()
+                inprocess_request(engine, prompt, OVERHEAD_TOKENS)
+                if n >= 3:
+                    local_ms.append((time.perf_counter() - started) * 1000)
+                    local_cpu += time.process_time() - cpu
+                    app_ms.append(a)
+                    app_cpu += a_cpu
+    finally:
+        server.engine_loop.close()
+    return {"asgi_app_ms_p50_c1": statistics.median(app_ms),
+            "app_overhead_ms_p50": statistics.median([a - b for a, b in zip(app_ms, local_ms)]),
+            "asgi_app_cpu_ms_per_request_c1": 1000 * app_cpu / len(app_ms),
+            "app_overhead_cpu_ms_per_request_c1": 1000 * (app_cpu - local_cpu) / len(app_ms)}
+
+
+async def closed_loop(app_url: str, concurrency: int, duration_s: float, max_tokens: int) -> dict[str, float]:
+    """``concurrency`` clients, each sending its next request when the previous returns."""
     import httpx
 
     latencies: list[float] = []
-    errors = 0
+    tokens, errors = 0, 0
 
     async def client(worker: int, http: httpx.AsyncClient, deadline: float) -> None:
-        nonlocal errors
+        nonlocal tokens, errors
         n = 0
         while time.monotonic() < deadline:
-            body = {"prompt": f"def task_{worker}_{n}(", "max_tokens": MAX_TOKENS, "temperature": 0.8,
-                    "seed": n, "stop": ["\x00"]}
             started = time.perf_counter()
             try:
-                response = await http.post(f"{url}/v1/completions", json=body)
+                response = await http.post(f"{app_url}/v1/completions",
+                                           json=completion_body(f"def task_{worker}_{n}(", max_tokens))
                 ok = response.status_code == 200
             except httpx.HTTPError:
                 ok = False
             if ok:
                 latencies.append(time.perf_counter() - started)
+                tokens += response.json()["usage"]["completion_tokens"]
             else:
                 errors += 1
             n += 1
@@ -75,76 +327,108 @@ async def closed_loop(url: str, concurrency: int, duration_s: float) -> dict[str
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=120, limits=limits) as http:
         started = time.monotonic()
-        deadline = started + duration_s
-        await asyncio.gather(*(client(i, http, deadline) for i in range(concurrency)))
+        await asyncio.gather(*(client(i, http, started + duration_s) for i in range(concurrency)))
         elapsed = time.monotonic() - started
-    return {"rps": len(latencies) / elapsed, "p50_ms": percentile(latencies, 50) * 1000,
-            "p99_ms": percentile(latencies, 99) * 1000, "errors": float(errors), "requests": float(len(latencies))}
+    return {"rps": len(latencies) / elapsed, "tokens_per_s": tokens / elapsed, "p50_ms": percentile(latencies, 50) * 1000,
+            "p99_ms": percentile(latencies, 99) * 1000, "errors": float(errors), "requests": float(len(latencies)),
+            "tokens": float(tokens), "seconds": elapsed}
 
 
-def paired_overhead_ms(url: str, engine, repeats: int) -> tuple[float, float, float]:
-    """(HTTP p50, in-process p50, p50 of per-pair differences) at concurrency 1.
+async def running_sequences(http, app_url: str) -> float:
+    """The replica's running-sequences gauge (its /metrics), all model versions."""
+    text = (await http.get(f"{app_url}/metrics")).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("moeops_running_sequences"))
 
-    The two are interleaved request by request so that load from other processes on the
-    machine hits both alike; the overhead is the median of paired differences.
-    """
+
+async def short_behind_long(app_url: str, repeats: int, streamed: bool) -> dict[str, float]:
+    """A short request's latency alone, and while ``LONG_REQUESTS`` long ones decode.
+
+    The long requests count as decoding once the replica runs all of them (its running-sequences
+    gauge; streamed: once each has sent its first token); then the short one is sent."""
     import httpx
 
-    from serving.generation import SamplingParams
-
-    http_ms, local_ms = [], []
-    with httpx.Client(timeout=60) as http:
-        for n in range(repeats):
-            prompt = f"def task_0_{n}("
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=LONG_REQUESTS + 4)) as http:
+        async def short(n: int) -> float:
             started = time.perf_counter()
-            response = http.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": MAX_TOKENS,
-                                                                "temperature": 0.8, "seed": n, "stop": ["\x00"]})
-            http_ms.append((time.perf_counter() - started) * 1000)
+            response = await http.post(f"{app_url}/v1/completions", json=completion_body(f"x = {n}", SHORT_TOKENS))
+            elapsed = time.perf_counter() - started
             response.raise_for_status()
-            started = time.perf_counter()
-            engine.generate(prompt, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.8, seed=n, stop=("\x00",)))
-            local_ms.append((time.perf_counter() - started) * 1000)
-    diffs = [h - l for h, l in zip(http_ms, local_ms)]
-    return statistics.median(http_ms), statistics.median(local_ms), statistics.median(diffs)
+            return elapsed * 1000
+
+        async def long(n: int, decoding: asyncio.Event) -> None:
+            body = completion_body(f"def long_{n}(", LONG_TOKENS, stream=streamed)
+            if not streamed:
+                (await http.post(f"{app_url}/v1/completions", json=body)).raise_for_status()
+                return
+            async with http.stream("POST", f"{app_url}/v1/completions", json=body) as response:
+                response.raise_for_status()
+                async for _ in response.aiter_lines():
+                    decoding.set()
+
+        async def all_decoding(events: list[asyncio.Event]) -> None:
+            if streamed:
+                await asyncio.gather(*(e.wait() for e in events))
+                return
+            deadline = time.monotonic() + 60
+            while await running_sequences(http, app_url) < LONG_REQUESTS:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the long requests never ran together")
+                await asyncio.sleep(0.002)
+
+        alone = [await short(i) for i in range(repeats + 2)][2:]
+        behind, long_ms = [], []
+        for r in range(repeats):
+            events = [asyncio.Event() for _ in range(LONG_REQUESTS)]
+            t0 = time.perf_counter()
+            longs = [asyncio.create_task(long(r * LONG_REQUESTS + i, events[i])) for i in range(LONG_REQUESTS)]
+            await all_decoding(events)
+            behind.append(await short(1000 + r))
+            await asyncio.gather(*longs)
+            long_ms.append((time.perf_counter() - t0) * 1000)
+    tag = "_streamed" if streamed else ""
+    return {f"short_alone_ms_p50{tag}": statistics.median(alone),
+            f"short_behind_long{tag}_ms_p50": statistics.median(behind),
+            f"short_behind_long{tag}_latency_ratio": statistics.median(behind) / statistics.median(alone),
+            f"long_batch{tag}_ms_p50": statistics.median(long_ms)}
 
 
-def decode_seconds(engine, batch: int) -> tuple[float, int]:
-    from serving.generation import SamplingParams
+def deploy_floor() -> None:
+    """Two trivial deployments on the same proxy: what Ray Serve itself costs per request here."""
+    from fastapi import FastAPI
+    from ray import serve
 
-    prompts = [engine.encode(f"def task_{i}(") for i in range(batch)]
-    params = [SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, stop=("\x00",))] * batch
-    started = time.perf_counter()
-    decoding = engine.start(prompts, params)
-    while not decoding.done:
-        decoding.step()
-    return time.perf_counter() - started, decoding.generated_tokens
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    class Floor:
+        async def __call__(self, request) -> str:
+            return "ok"
+
+    floor_api = FastAPI()
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    @serve.ingress(floor_api)
+    class FloorFastAPI:
+        @floor_api.post("/")
+        async def echo(self, body: dict) -> dict:
+            return {"n": len(body)}
+
+    serve.run(Floor.bind(), name="floor", route_prefix=FLOOR_PREFIX)
+    serve.run(FloorFastAPI.bind(), name="floor-fastapi", route_prefix=FLOOR_FASTAPI_PREFIX)
 
 
-def int8_vs_fp32_tokens_per_s(fp32, int8, batch: int, repeats: int) -> tuple[float, float]:
-    """Median tokens/s of each, runs alternated so machine load affects both alike."""
-    speeds: dict[str, list[float]] = {"fp32": [], "int8": []}
-    for _ in range(repeats):
-        for name, engine in (("fp32", fp32), ("int8", int8)):
-            seconds, tokens = decode_seconds(engine, batch)
-            speeds[name].append(tokens / seconds)
-    return statistics.median(speeds["fp32"]), statistics.median(speeds["int8"])
+# ------------------------------------------------------------------------------ run
+def machine_load() -> tuple[float, str]:
+    uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    return os.getloadavg()[0], uptime
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", required=True, help="write the figures here")
-    parser.add_argument("--quick", action="store_true", help="short smoke run")
-    parser.add_argument("--duration", type=float, default=None, help="seconds per load point")
-    args = parser.parse_args()
-    duration = args.duration or (1.5 if args.quick else 10.0)
-    concurrencies = (1, 8, 32)
-
+def run_serve(quick: bool) -> dict[str, float | str]:
+    import httpx
     import ray
     import torch
     from ray import serve
 
-    # the replica decodes with one thread (serve.num_cpus=1); the in-process baseline must too
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # what the replica gets (serve.num_cpus=1)
 
     from components.config import load_config, with_overrides
     from components.tracking.registry import load_registered
@@ -153,63 +437,115 @@ def main() -> None:
     from serving.launch import deploy, wait_ready
     from serving.tiny_model import register_tiny_models
 
+    duration = 3.0 if quick else 15.0
+    repeats = 10 if quick else 60
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     config = load_config([
         f"paths.root={tmp / 'moeops'}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
         f"tracking.artifact_location={(tmp / 'mlartifacts').as_uri()}", "experiment=tiny",
-        f"serve.port={free_port()}", "serve.num_cpus=1", "serve.max_batch_size=32",
-        "serve.batch_wait_timeout_s=0.01", "serve.max_ongoing_requests=128", "serve.app_name=bench",
-        "serve.auth_token_env=MOEOPS_BENCH_NO_TOKEN", "cluster.num_cpus=4",
-        "serve.max_prompt_tokens=32", f"serve.max_tokens={MAX_TOKENS}",
+        f"serve.port={free_port()}", "serve.num_cpus=1", "serve.app_name=bench", "serve.quantize=none",
+        f"serve.max_num_seqs={CONCURRENCY}", "serve.max_queued_sequences=64", "serve.max_ongoing_requests=128",
+        f"serve.max_tokens={LONG_TOKENS}", "serve.auth_token_env=MOEOPS_BENCH_NO_TOKEN", "cluster.num_cpus=4",
     ])
-    figures: dict[str, float | str] = {"quick": str(args.quick), "duration_s": duration, "max_tokens": MAX_TOKENS,
-                                       "model": f"{config.model.name} dim={config.model.dim} "
-                                                f"layers={config.model.n_layers} experts={config.model.num_experts}"}
-    t0 = time.perf_counter()
+    c = config.model
+    out: dict[str, float | str] = {
+        "model": f"{c.name} dim={c.dim} layers={c.n_layers} experts={c.num_experts} top_k={c.top_k}",
+        "max_num_seqs": float(config.serve.max_num_seqs), "replica_num_cpus": float(config.serve.num_cpus),
+        "load_duration_s": duration}
     register_tiny_models(config, versions=1, work_dir=tmp / "work")
-    loaded, _ = load_registered(f"models:/{config.registry.model_name}@champion", config.tracking.uri)
-    fp32, int8 = make_engine(loaded, "none"), make_engine(loaded, "int8")
-    repeats = 10 if args.quick else 40
+    loaded, _ = load_registered(f"models:/{config.registry.model_name}@{config.registry.champion_alias}",
+                                config.tracking.uri)
+    engine = make_engine(loaded, "none", "inprocess", config.serve)
+    out.update(asyncio.run(asgi_overhead(config, engine, repeats)))
+    log(f"the app's ASGI path in process: {out['asgi_app_ms_p50_c1']:.2f} ms, "
+        f"{out['app_overhead_ms_p50']:.2f} ms over the engine alone (CPU per request "
+        f"{out['app_overhead_cpu_ms_per_request_c1']:.2f} ms more)")
     ensure_ray(config)
     try:
-        url = deploy(config)
-        wait_ready(url, timeout_s=180)
-        for label, batch_size in (("batched", config.serve.max_batch_size), ("unbatched", 1)):
-            deploy(with_overrides(config, {"serve.max_batch_size": batch_size}))  # reconfigure in place
-            asyncio.run(closed_loop(url, 4, 0.5))  # warm the path
-            for c in concurrencies:
-                result = asyncio.run(closed_loop(url, c, duration))
-                for key, value in result.items():
-                    figures[f"{key}_c{c}_{label}"] = round(value, 3)
-                print(f"[bench] {label:9s} c={c:2d}: {result['rps']:7.1f} req/s  p50 {result['p50_ms']:7.1f} ms  "
-                      f"p99 {result['p99_ms']:7.1f} ms  errors {result['errors']:.0f}", flush=True)
-        for c in concurrencies:
-            figures[f"batched_vs_unbatched_rps_ratio_c{c}"] = round(
-                figures[f"rps_c{c}_batched"] / max(figures[f"rps_c{c}_unbatched"], 1e-9), 3)
-        deploy(config)  # batching back on for the overhead figure (c=1, as deployed)
-        http_p50, local_p50, overhead = paired_overhead_ms(url, fp32, repeats)
+        app_url = deploy(config)
+        wait_ready(app_url, timeout_s=300)
+        deploy_floor()
+        base = app_url.rsplit("/", 1)[0] if config.serve.route_prefix != "/" else app_url
+        log(f"deployed at {app_url}")
+
+        with httpx.Client(timeout=60) as http:
+            out["serve_floor_ms_p50"] = c1_p50_ms(http, "GET", base + FLOOR_PREFIX, repeats)
+            out["serve_floor_fastapi_ms_p50"] = c1_p50_ms(http, "POST", base + FLOOR_FASTAPI_PREFIX + "/", repeats,
+                                                          completion_body("def f(", OVERHEAD_TOKENS))
+            out["app_healthz_ms_p50"] = c1_p50_ms(http, "GET", f"{app_url}/healthz", repeats)
+            pids = serve_pids(config.serve.app_name)
+            out.update(paired_overhead(http, app_url, engine, repeats, pids))
+        log(f"floor {out['serve_floor_ms_p50']:.2f} ms, FastAPI floor {out['serve_floor_fastapi_ms_p50']:.2f} ms, "
+            f"/healthz {out['app_healthz_ms_p50']:.2f} ms; {OVERHEAD_TOKENS}-token request: HTTP "
+            f"{out['http_ms_p50_c1']:.2f} ms, in process {out['inprocess_ms_p50_c1']:.2f} ms, overhead "
+            f"{out['serve_overhead_ms_p50']:.2f} ms (mean: {out['overhead_in_handler_ms_mean']:.2f} ms in the replica's "
+            f"handler, {out['overhead_around_handler_ms_mean']:.2f} ms around it); CPU per request: engine "
+            f"{out['inprocess_cpu_ms_per_request_c1']:.2f} ms, replica {out.get('replica_cpu_ms_per_request_c1', -1):.2f} ms, "
+            f"proxy {out.get('proxy_cpu_ms_per_request_c1', -1):.2f} ms")
+
+        out.update({"short_tokens": float(SHORT_TOKENS), "long_tokens": float(LONG_TOKENS),
+                    "long_requests": float(LONG_REQUESTS)})
+        for streamed in (False, True):
+            out.update(asyncio.run(short_behind_long(app_url, 3 if quick else 10, streamed)))
+            tag = "_streamed" if streamed else ""
+            log(f"{SHORT_TOKENS}-token request alone {out[f'short_alone_ms_p50{tag}']:.1f} ms, behind {LONG_REQUESTS} x "
+                f"{LONG_TOKENS} tokens{' streamed' if streamed else ''} {out[f'short_behind_long{tag}_ms_p50']:.1f} ms "
+                f"(ratio {out[f'short_behind_long{tag}_latency_ratio']:.2f})")
+
+        asyncio.run(closed_loop(app_url, CONCURRENCY, 1.0, LOAD_TOKENS))  # warm the path at this concurrency
+        batched = http_and_inprocess(app_url, engine, pids, duration, 2 if quick else 5)
+        deploy(with_overrides(config, {"serve.max_num_seqs": 1}))  # reconfigure in place: one KV slot
+        wait_ready(app_url, timeout_s=300)
+        asyncio.run(closed_loop(app_url, 4, 1.0, LOAD_TOKENS))
+        unbatched = asyncio.run(closed_loop(app_url, CONCURRENCY, duration, LOAD_TOKENS))
     finally:
         serve.shutdown()
         ray.shutdown()
+    for label, result in (("batched", batched), ("unbatched", unbatched)):
+        out.update({f"{key}_c{CONCURRENCY}_{label}": value for key, value in result.items()
+                    if not key.startswith("inprocess_")})
+        log(f"{label:9s} c={CONCURRENCY}: {result['rps']:6.1f} req/s, {result['tokens_per_s']:7.0f} tok/s, p50 "
+            f"{result['p50_ms']:6.0f} ms, p99 {result['p99_ms']:6.0f} ms, errors {result['errors']:.0f}")
+    out.update({f"inprocess_{key[len('inprocess_'):]}_b{CONCURRENCY}": value for key, value in batched.items()
+                if key.startswith("inprocess_")})
+    out["load_tokens"] = float(LOAD_TOKENS)
+    out["batched_vs_unbatched_rps_ratio_c32"] = batched["rps"] / max(unbatched["rps"], 1e-9)
+    out["decode_tokens_per_s_c32"] = batched["tokens_per_s"]
+    out["decode_vs_inprocess_ratio_c32"] = batched["tokens_per_s"] / batched["inprocess_tokens_per_s"]
+    if "replica_tokens_per_cpu_s" in batched:
+        # per CPU second: what the replica spends beyond the engine, whatever share of the cores it got
+        out["decode_vs_inprocess_cpu_ratio_c32"] = batched["replica_tokens_per_cpu_s"] / batched["inprocess_tokens_per_cpu_s"]
+    log(f"in process b{CONCURRENCY}: {batched['inprocess_tokens_per_s']:.0f} tok/s; HTTP/in-process "
+        f"{out['decode_vs_inprocess_ratio_c32']:.2f} (per CPU second "
+        f"{out.get('decode_vs_inprocess_cpu_ratio_c32', float('nan')):.2f}); batched/unbatched rps "
+        f"{out['batched_vs_unbatched_rps_ratio_c32']:.2f}")
+    return out
 
-    figures["http_p50_ms_c1"] = round(http_p50, 3)
-    figures["in_process_p50_ms_c1"] = round(local_p50, 3)
-    figures["serve_overhead_ms_p50"] = round(overhead, 3)
-    figures["batch_wait_timeout_ms"] = config.serve.batch_wait_timeout_s * 1000  # part of the c=1 overhead
-    speed_fp32, speed_int8 = int8_vs_fp32_tokens_per_s(fp32, int8, 8, 3 if args.quick else 7)
-    figures["fp32_tokens_per_s_b8"] = round(speed_fp32, 1)
-    figures["int8_tokens_per_s_b8"] = round(speed_int8, 1)
-    figures["int8_vs_fp32_speed_ratio"] = round(speed_int8 / speed_fp32, 3)
-    ppl_fp32 = fp32.score(fp32.encode(SCORE_TEXT)).perplexity
-    ppl_int8 = int8.score(int8.encode(SCORE_TEXT)).perplexity
-    figures["fp32_perplexity"] = round(ppl_fp32, 4)
-    figures["int8_perplexity"] = round(ppl_int8, 4)
-    figures["int8_perplexity_change_pct"] = round(100 * (ppl_int8 - ppl_fp32) / ppl_fp32, 3)
-    figures["wall_s"] = round(time.perf_counter() - t0, 1)
 
-    Path(args.json).write_text(json.dumps(figures, indent=2, sort_keys=True))
-    print(json.dumps({k: figures[k] for k in ("batched_vs_unbatched_rps_ratio_c32", "p99_ms_c32_batched",
-                                              "serve_overhead_ms_p50", "int8_vs_fp32_speed_ratio")}, indent=2))
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", dest="json_out", required=True, help="write the figures here")
+    parser.add_argument("--quick", action="store_true", help="short smoke run (int8 at its quick sizes)")
+    args = parser.parse_args(argv)
+    t0 = time.perf_counter()
+    load_start, uptime_start = machine_load()
+    figures: dict = {"benchmark": "bench_serve", "goals": GOALS, "quick": args.quick, "cpu_count": os.cpu_count(),
+                     "load_1m_start": load_start, "uptime_start": uptime_start}
+    figures.update(run_serve(args.quick))
+
+    import bench_int8  # tests/benchmarks/, beside this file
+
+    int8 = bench_int8.run(quick=args.quick)
+    figures.update({f"int8.{key}": value for key, value in int8.items()})
+    for key in ("int8_vs_fp32_speed_ratio", "int8_vs_fp32_speed_ratio_compute_bound", "int8_perplexity_change_pct"):
+        figures[key] = int8[key]
+    figures["load_1m_end"], figures["uptime"] = machine_load()
+    figures["wall_s"] = time.perf_counter() - t0
+    figures = {k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}
+    Path(args.json_out).write_text(json.dumps(figures, indent=2, sort_keys=True))
+    print(json.dumps({k: figures[k] for k in (*GOALS, "serve_floor_ms_p50", "decode_tokens_per_s_c32", "load_1m_start",
+                                             "load_1m_end")}, indent=2), flush=True)
+    return figures
 
 
 if __name__ == "__main__":

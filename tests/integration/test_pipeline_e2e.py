@@ -60,6 +60,12 @@ def test_full_pipeline_then_fully_cached(ray_session, root_overrides, mlflow_uri
     assert len(trials) == config.tune.num_samples
     assert all("train.lr" in trial.data.params and "val_loss" in trial.data.metrics for trial in trials)
 
+    # the train run carries the data-flow report; its per-step fingerprints compare with themselves
+    from pipelines.flow_diff import main as flow_diff
+
+    train_run_id = by_stage["train"].info.run_id
+    assert flow_diff([train_run_id, train_run_id, "--tracking-uri", mlflow_uri]) == 0
+
     register = first.stages["register"].outputs
     version = client.get_model_version(register.model_name, register.model_version)
     assert config.registry.challenger_alias in version.aliases

@@ -86,6 +86,49 @@ def test_signal_ends_stage_and_parent_runs_killed(signum, tmp_path, mlflow_uri):
     assert runs["prepare"].info.run_id == (root / "working").read_text()
 
 
+def test_ctrl_c_during_tune_ends_the_pipeline(ray_session, tmp_path, mlflow_uri):
+    """``python -m pipelines.run`` gets SIGINT while a trial trains: Tune must not swallow it (its own
+    handler would stop the sweep and let the pipeline go on to train); every run ends KILLED."""
+    from components.config import load_config
+    from pipelines.pipeline import run_pipeline
+    from pipelines.prepare import SPEC as PREPARE
+
+    overrides = [f"paths.root={tmp_path / 'moeops'}", f"tracking.uri={mlflow_uri}",
+                 f"tracking.artifact_location={(tmp_path / 'mlartifacts').as_uri()}", "experiment=tiny",
+                 "data.max_files=20", "data.max_bytes=300000", "data.vocab_size=512", "model.dim=32",
+                 "model.ffn_dim=64", "train.expert_parallel_size=1", "tune.trial_num_workers=1",
+                 "tune.search_alg=random", "tune.scheduler=fifo", "tune.max_concurrent_trials=1",
+                 "tune.trial_max_steps=100000", "tune.trial_eval_every=100000"]  # trials outlast the test
+    run_pipeline(load_config(overrides), [PREPARE])  # reused by the pipeline below: it starts at tune
+    client = MlflowClient(mlflow_uri)
+    address = ray_session.get_runtime_context().gcs_address
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.run", *overrides, "cluster=remote", f"cluster.address={address}"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+
+    def stage_runs(stage: str):
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        return client.search_runs(experiments, f"tags.`moeops.stage` = '{stage}'")
+
+    try:
+        # a trial run exists once Tune runs the trial: well inside Tuner.fit
+        wait_for(lambda: stage_runs("tune-trial"), 300, proc, "a tune trial started")
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGINT, stderr[-3000:]
+    assert "interrupted (SIGINT)" in stderr
+    (tune_run,) = stage_runs("tune")
+    assert tune_run.info.status == "KILLED"
+    assert client.get_run(tune_run.data.tags["mlflow.parentRunId"]).info.status == "KILLED"
+    assert {r.info.status for r in stage_runs("tune-trial")} == {"KILLED"}
+    assert not stage_runs("train"), "the pipeline went on after the interrupted sweep"
+
+
 def test_serving_deploy_stopped_with_sigterm_ends_its_runs(ray_session, serve_port, tmp_path, mlflow_uri):
     """``python -m pipelines.deploy serve.block=true`` (what ``make serve`` runs), stopped with SIGTERM."""
     from ray import serve

@@ -26,7 +26,9 @@ from pathlib import Path
 # Before Ray is imported: a private temp dir (sockets, session files, the "current cluster"
 # address file) so nothing touches another Ray on this machine, and loopback addresses for every
 # node (Ray resolves "the node's IP" to 127.0.0.1 when clusters are "not enabled").
-os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="moeops-nl-", dir="/tmp")
+# (the caller may name it in ARGS.json as ``ray_tmpdir``, to remove it should this process be killed)
+os.environ["RAY_TMPDIR"] = (json.loads(Path(sys.argv[1]).read_text()).get("ray_tmpdir")
+                            or tempfile.mkdtemp(prefix="moeops-nl-", dir="/tmp"))
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -40,12 +42,18 @@ def remove_node_on_request(callback_dir: Path, address: str):
         def after_report(self, run_context, metrics, checkpoint):
             from ray.util.state import list_actors
 
+            from pipelines.runtime import API_SERVER_ENV
+
             request, done = callback_dir / "remove", callback_dir / "removed"
             after_step = int((callback_dir / "after_step").read_text())
-            if checkpoint is None or request.exists() or int(metrics[0]["step"]) < after_step:
+            if checkpoint is None or not metrics or request.exists() or int(metrics[0]["step"]) < after_step:
                 return
             workers = list_actors(address=address,
                                   filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            if not workers:
+                # (the symptom when the state API answered for another cluster: see main())
+                raise RuntimeError(f"the state API at {os.environ.get(API_SERVER_ENV) or address} lists no "
+                                   "ALIVE RayTrainWorker while training reports")
             request.write_text(json.dumps({"node_id": workers[0].node_id, "step": int(metrics[0]["step"])}))
             deadline = time.monotonic() + 120
             while not done.exists() and time.monotonic() < deadline:
@@ -59,7 +67,7 @@ def main(args_path: str) -> None:
     from ray.cluster_utils import Cluster
 
     from components.config import load_config
-    from pipelines.runtime import WORKER_ENV, free_port
+    from pipelines.runtime import API_SERVER_ENV, WORKER_ENV, free_port
     from pipelines.train import run_training
 
     args = json.loads(Path(args_path).read_text())
@@ -67,8 +75,16 @@ def main(args_path: str) -> None:
     (callback_dir / "after_step").write_text(str(args["after_step"]))
 
     started = time.monotonic()
+    # The state API of *this* cluster for every client in it (the fault callback's list_actors, Train's
+    # placement-group cleaner), set before the nodes start so their processes inherit it. Ray's state
+    # client prefers RAY_API_SERVER_ADDRESS over the address it is given, and the test process exports
+    # its own session cluster's dashboard there (tests/conftest.py): inherited, it made list_actors
+    # answer for the wrong cluster (no workers -> "list index out of range" in the controller) and
+    # would let the cleaner see this run's controller as dead and remove its placement group.
+    dashboard_port = free_port()
+    os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{dashboard_port}"
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": free_port(),
+        "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port,
         "object_store_memory": 100 * 1024**2})
     workers = [cluster.add_node(num_cpus=2, object_store_memory=100 * 1024**2) for _ in range(2)]
     cluster.wait_for_nodes()
@@ -84,9 +100,13 @@ def main(args_path: str) -> None:
         while not request.exists():
             time.sleep(0.1)
         wanted = json.loads(request.read_text())
-        node = next(n for n in workers if n.node_id == wanted["node_id"])
-        print(f"[node-loss] removing node {wanted['node_id'][:12]} after the step-{wanted['step']} checkpoint",
-              flush=True)
+        node = next((n for n in workers if n.node_id == wanted["node_id"]), None)
+        if node is None:  # not one of this cluster's worker nodes: let the callback go on, the test fails
+            print(f"[node-loss] node {wanted['node_id']} is not a worker node of this cluster", flush=True)
+            (callback_dir / "removed").write_text("not found")
+            return
+        print(f"[node-loss] removing node {wanted['node_id'][:12]} after the step-{wanted['step']} checkpoint "
+              f"({time.monotonic() - started:.1f}s)", flush=True)
         cluster.remove_node(node, allow_graceful=False)
         removed.update(wanted)
         (callback_dir / "removed").write_text("done")
@@ -96,6 +116,7 @@ def main(args_path: str) -> None:
         config = load_config(args["overrides"])
         result = run_training(config, args["manifest_uri"], mlflow_run_id=None, name=args["name"],
                               callbacks=[remove_node_on_request(callback_dir, cluster.address)])
+        print(f"[node-loss] training finished ({time.monotonic() - started:.1f}s)", flush=True)
         alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
         print("RESULT " + json.dumps({"metrics": result.metrics, "removed": removed, "alive_nodes": alive,
                                       "worker_nodes": [n.node_id for n in workers]}), flush=True)

@@ -54,3 +54,12 @@ def test_stop_and_resume_reproduce_the_uninterrupted_curve(tiny_dataset):
         # same data order, weights, Adam moments, schedule and RNG: the same numbers
         assert report["loss"] == pytest.approx(losses[step], rel=1e-6, abs=1e-6), step
     assert second.reports[-1]["val_loss"] == pytest.approx(straight.reports[-1]["val_loss"], rel=1e-6)
+    # the data-flow report of every checkpoint covers every step so far; the resumed run's final one
+    # carries the first segment's steps and fingerprints the same batches as the uninterrupted run
+    from components.data.flow import first_difference, global_steps, load_report
+
+    straight_flow = load_report(Path(straight.checkpoints[-1]) / "flow_report.json")
+    resumed_flow = load_report(Path(second.checkpoints[-1]) / "flow_report.json")
+    assert sorted(global_steps(straight_flow)) == sorted(global_steps(resumed_flow)) == [1, 2, 3, 4, 5, 6]
+    assert sorted(global_steps(load_report(Path(first.checkpoints[-1]) / "flow_report.json"))) == [1, 2, 3]
+    assert first_difference(straight_flow, resumed_flow) is None
