@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Optional
 
 from fastapi import FastAPI, Request
-from ray.exceptions import TaskCancelledError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray.exceptions import TaskCancelledError
 
 from serving.auth import BearerAuthMiddleware
 from serving.body_guard import BodyGuardMiddleware
