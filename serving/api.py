@@ -19,6 +19,7 @@ from typing import Any, AsyncIterator, Callable, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray.exceptions import TaskCancelledError
 
 from serving.auth import BearerAuthMiddleware
 from serving.body_guard import BodyGuardMiddleware
@@ -276,8 +277,35 @@ def build_asgi_app(server) -> FastAPI:
 
     app.add_middleware(BodyGuardMiddleware, max_body_bytes=lambda: limits().max_body_bytes)
     app.add_middleware(BearerAuthMiddleware, token=server.auth_token)
-    app.add_middleware(FirstRequestMiddleware, server=server)  # added last = runs first
+    app.add_middleware(FirstRequestMiddleware, server=server)
+    app.add_middleware(ClientGoneMiddleware)  # added last = runs first
     return app
+
+
+class ClientGoneMiddleware:
+    """A client that went away is an ``http.disconnect`` message, as ASGI specifies.
+
+    When Serve's proxy cancels a request (client disconnected), the ``receive`` Ray Serve 2.60 hands
+    the app raises ``TaskCancelledError`` instead. A streaming response listens on ``receive`` for the
+    disconnect, so the error escaped the app and the replica logged "Future exception was never
+    retrieved" for every dropped stream. Given the message, the response stops cleanly (the request's
+    sequences are aborted in ``guarded_stream``).
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def receive_or_disconnect():
+            try:
+                return await receive()
+            except TaskCancelledError:
+                return {"type": "http.disconnect"}
+
+        await self.app(scope, receive_or_disconnect, send)
 
 
 class FirstRequestMiddleware:

@@ -82,7 +82,7 @@ def test_scale_up_and_down_without_failed_requests(autoscaled):
                 if i > 0 and not heavy.is_set():  # under light load only client 0 keeps sending
                     time.sleep(0.05)
                     continue
-                tokens = 48 if heavy.is_set() else 4
+                tokens = 32 if heavy.is_set() else 4  # serve.max_tokens of experiment=tiny: 32
                 try:
                     r = http.post(f"{url}/v1/completions",
                                   json={"prompt": f"c{i} {n}", "max_tokens": tokens, "ignore_eos": True})

@@ -542,7 +542,7 @@ def test_disconnected_stream_stops_its_sequence(deployment):
     """A client that goes away mid-stream: its sequence is aborted (running count back to 0 within a
     second) long before max_tokens, and the replica keeps serving."""
     url = deployment.url
-    assert wait_for(lambda: _running(url) == 0, timeout_s=30) >= 0
+    wait_for(lambda: _running(url) == 0, timeout_s=30)
     tokens_before = metric(url, "moeops_generated_tokens_total")
     with httpx.Client(timeout=60) as http:
         with http.stream("POST", f"{url}/v1/completions", json={
@@ -553,24 +553,26 @@ def test_disconnected_stream_stops_its_sequence(deployment):
                 if received == 3:
                     assert _running(url) == 1
                     break  # leaving httpx's line iterator closes the connection: the client is gone
-    gone = time.monotonic()
     took = wait_for(lambda: _running(url) == 0, timeout_s=5)
     assert took < 1.0, f"the sequence ran on for {took:.2f}s after its client left"
     time.sleep(0.3)
     generated = metric(url, "moeops_generated_tokens_total") - tokens_before
     assert generated < LONG, f"{generated} tokens generated for a stream dropped after 3 chunks"
-    assert time.monotonic() - gone < 5
     assert complete(url, prompt="x", max_tokens=2).status_code == 200
 
 
 def test_disconnected_non_streamed_request_stops_its_sequences(deployment):
     url = deployment.url
     wait_for(lambda: _running(url) == 0, timeout_s=30)
-    with httpx.Client(timeout=httpx.Timeout(60, read=0.5)) as http:
+    tokens_before = metric(url, "moeops_generated_tokens_total")
+    with httpx.Client(timeout=httpx.Timeout(60, read=0.3)) as http:
         with pytest.raises(httpx.ReadTimeout):  # the client gives up (and closes the connection)
             _long_request(url, http, prompt=["def a(", "def b("], n=2)
     took = wait_for(lambda: _running(url) == 0, timeout_s=5)
     assert took < 1.0, f"the sequences ran on for {took:.2f}s after their client left"
+    time.sleep(0.3)
+    generated = metric(url, "moeops_generated_tokens_total") - tokens_before
+    assert generated < 4 * LONG, f"{generated} tokens generated for 4 sequences dropped after 0.3 s"
 
 
 # --------------------------------------------------------------------------- bad input

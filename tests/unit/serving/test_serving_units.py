@@ -62,6 +62,8 @@ def test_serve_config_is_a_valid_deterministic_serve_deploy_file(config):
 def test_serve_config_autoscaling_and_pinned_version(config, tmp_path):
     from ray.serve.schema import ServeDeploySchema
 
+    from components.config import ConfigError, with_overrides
+
     scaled = load_config([f"paths.root={tmp_path}", "experiment=tiny", "serve.autoscaling.enabled=true",
                           "serve.autoscaling.max_replicas=4", "serve.num_gpus=1", "serve.host=0.0.0.0"])
     file = serve_config(scaled, "models:/moeops-moe/3", revision="3")
@@ -71,6 +73,13 @@ def test_serve_config_autoscaling_and_pinned_version(config, tmp_path):
     assert deployment["autoscaling_config"]["max_replicas"] == 4
     assert deployment["autoscaling_config"]["upscale_delay_s"] == scaled.serve.autoscaling.upscale_delay_s
     assert deployment["ray_actor_options"]["num_gpus"] == 1.0
+    # Ray's default push interval is not sent (the field is deprecated in Ray 2.60); a changed one is
+    assert "metrics_interval_s" not in deployment["autoscaling_config"]
+    fast = with_overrides(scaled, {"serve.autoscaling.metrics_interval_s": 0.5,
+                                   "serve.autoscaling.look_back_period_s": 2.0})
+    assert serve_config(fast)["applications"][0]["deployments"][0]["autoscaling_config"]["metrics_interval_s"] == 0.5
+    with pytest.raises(ConfigError, match="serve.autoscaling.look_back_period_s"):
+        with_overrides(scaled, {"serve.autoscaling.metrics_interval_s": 40.0})
     assert deployment["user_config"]["serve"]["model_uri"] == "models:/moeops-moe/3"
     assert deployment["user_config"]["revision"] == "3"
     with pytest.raises(ValueError, match="models:/"):
