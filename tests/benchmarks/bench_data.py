@@ -316,7 +316,7 @@ def bench_data_wait(manifest, storage_for, batch_size: int, steps: int, compute_
     return out
 
 
-def bench_prepare(storage: StorageConfig, text_mb: float) -> dict:
+def bench_prepare(storage: StorageConfig, text_mb: float, repeats: int) -> dict:
     """The prepare stage's chunk work (tokenize + pack + write shards to the cold tier) vs HF
     tokenizers' encode_batch on the same text, in the same batches, nothing else."""
     data = DataConfig(name="bench-prepare", max_files=100_000, max_bytes=int(text_mb * MB), vocab_size=4096,
@@ -331,17 +331,19 @@ def bench_prepare(storage: StorageConfig, text_mb: float) -> dict:
             break
     tok = TextTokenizer.train(iter(sample), vocab_size=data.vocab_size)
     encode = getattr(tok._tok, "encode_batch_fast", tok._tok.encode_batch)  # the library itself
-    t0 = time.perf_counter()
-    tokens = sum(len(e.ids) for batch in text_batches(texts) for e in encode(batch, add_special_tokens=False))
-    limit_s = time.perf_counter() - t0
     chunks = plan_chunks(docs, 4 * MB)  # several chunks: the stage's unit of work
-    t0 = time.perf_counter()
-    written = 0
-    for i, chunk in enumerate(chunks):
-        entries = build_chunk(i, [asdict(d) for d in chunk], tok.to_str(), join(storage.cold_uri, "prepare"),
-                              data, storage)
-        written += sum(e["rows"] for e in entries)
-    prepare_s = time.perf_counter() - t0
+    limit_s = prepare_s = float("inf")
+    for attempt in range(repeats):  # interleaved, best of n: the machine is shared
+        t0 = time.perf_counter()
+        tokens = sum(len(e.ids) for batch in text_batches(texts) for e in encode(batch, add_special_tokens=False))
+        limit_s = min(limit_s, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        written = 0
+        for i, chunk in enumerate(chunks):
+            entries = build_chunk(i, [asdict(d) for d in chunk], tok.to_str(),
+                                  join(storage.cold_uri, f"prepare-{attempt}"), data, storage)
+            written += sum(e["rows"] for e in entries)
+        prepare_s = min(prepare_s, time.perf_counter() - t0)
     tokens_out = tokens + len(texts)  # each document also gets its EOS
     return {"prepare_text_mb": sum(len(t) for t in texts) / MB, "prepare_tokens": tokens_out,
             "tokenizer_limit_tokens_per_s": tokens / limit_s, "prepare_tokens_per_s": tokens_out / prepare_s,
@@ -401,7 +403,7 @@ def main(argv: list[str] | None = None) -> dict:
         results.update(phase("streaming", bench_streaming, mds_remote, work, p["batch_size"], 0))
         results.update(phase("data_wait", bench_data_wait, manifest, storage_for, p["wait_batch"], p["wait_steps"],
                              p["compute_dim"]))
-        results.update(phase("prepare", bench_prepare, storage_for("prepare"), p["text_mb"]))
+        results.update(phase("prepare", bench_prepare, storage_for("prepare"), p["text_mb"], p["repeats"]))
     finally:
         server.close()
         shutil.rmtree(work, ignore_errors=True)  # GiBs of shards, caches and server data
