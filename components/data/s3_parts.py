@@ -23,6 +23,14 @@ MAX_CONNECTIONS = 16  # part GETs in flight per process, over all shards being f
 _lock = threading.Lock()
 _clients: dict[tuple, Any] = {}
 _pool: ThreadPoolExecutor | None = None
+_owner = os.getpid()  # a forked child starts afresh: the parent's pool threads do not exist there
+
+
+def _forget_if_forked() -> None:
+    global _pool, _owner
+    if os.getpid() != _owner:
+        _clients.clear()
+        _pool, _owner = None, os.getpid()
 
 
 def _client(storage: StorageConfig):
@@ -31,6 +39,7 @@ def _client(storage: StorageConfig):
     secret = os.environ.get(storage.secret_key_env or "AWS_SECRET_ACCESS_KEY")
     cache_key = (storage.endpoint_url, storage.region, key_id, secret)
     with _lock:
+        _forget_if_forked()
         client = _clients.get(cache_key)
         if client is None:
             import botocore.session
@@ -49,6 +58,7 @@ def _client(storage: StorageConfig):
 def _part_pool() -> ThreadPoolExecutor:
     global _pool
     with _lock:
+        _forget_if_forked()
         if _pool is None:
             _pool = ThreadPoolExecutor(MAX_CONNECTIONS, thread_name_prefix="moeops-s3-part")
         return _pool
