@@ -62,19 +62,16 @@ def remove_node_on_request(callback_dir: Path, address: str):
     return RemoveWorkersNode()
 
 
-def start_cluster(api_server_env: str, free_port, attempts: int = 3):
-    """A head without CPUs and two 2-CPU worker nodes; returns (cluster, worker nodes).
-
-    Ray waits a fixed 30 s for a starting node's raylet to register with the GCS
-    (``ray._private.node.Node``, not configurable); on the loaded 2-core CI machine that wait ran out
-    ("The current node timed out during startup"). So a failed start is cleaned up (the nodes it
-    brought up, and any process it left behind: only this process' own new children) and retried.
-    """
-    import psutil
+def start_cluster(api_server_env: str, free_port):
+    """A head without CPUs and two 2-CPU worker nodes; returns (cluster, worker nodes). Retried when
+    Ray's fixed 30 s node start-up wait runs out on a loaded machine (``tests/fixtures/ray_start.py``)."""
     from ray.cluster_utils import Cluster
 
-    for attempt in range(1, attempts + 1):
-        before = {child.pid for child in psutil.Process().children(recursive=True)}
+    from tests.fixtures.ray_start import start_with_retries
+
+    started: list = []
+
+    def start():
         # The state API of *this* cluster for every client in it (the fault callback's list_actors,
         # Train's placement-group cleaner), set before the nodes start so their processes inherit it.
         # Ray's state client prefers RAY_API_SERVER_ADDRESS over the address it is given, and the test
@@ -84,28 +81,20 @@ def start_cluster(api_server_env: str, free_port, attempts: int = 3):
         # placement group.
         dashboard_port = free_port()
         os.environ[api_server_env] = f"http://127.0.0.1:{dashboard_port}"
-        cluster = None
-        try:
-            cluster = Cluster(initialize_head=True, head_node_args={
-                "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1",
-                "dashboard_port": dashboard_port, "object_store_memory": 100 * 1024**2})
-            workers = [cluster.add_node(num_cpus=2, object_store_memory=100 * 1024**2) for _ in range(2)]
-            cluster.wait_for_nodes(timeout=120)
-            return cluster, workers
-        except Exception as err:
-            if attempt == attempts:
-                raise
-            print(f"[node-loss] cluster start {attempt} failed ({err}); retrying", flush=True)
-            if cluster is not None:
-                try:
-                    cluster.shutdown()
-                except Exception as shutdown_err:  # the children are killed below anyway
-                    print(f"[node-loss] shutdown of the failed start: {shutdown_err}", flush=True)
-            for child in psutil.Process().children(recursive=True):
-                if child.pid not in before:
-                    child.kill()
-            psutil.wait_procs([c for c in psutil.Process().children(recursive=True) if c.pid not in before],
-                              timeout=30)
+        started.clear()
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1",
+            "dashboard_port": dashboard_port, "object_store_memory": 100 * 1024**2})
+        started.append(cluster)
+        workers = [cluster.add_node(num_cpus=2, object_store_memory=100 * 1024**2) for _ in range(2)]
+        cluster.wait_for_nodes(timeout=120)
+        return cluster, workers
+
+    def cleanup():
+        if started:
+            started[0].shutdown()
+
+    return start_with_retries(start, cleanup, log=lambda line: print(line, flush=True))
 
 
 def main(args_path: str) -> None:
