@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from fixtures.ray_start import start_with_retries
 from pipelines.runtime import API_SERVER_ENV, free_port
 
 # Set before Ray or Tune is imported anywhere in the session.
@@ -37,7 +38,8 @@ def ray_session(session_tmp):
         # as pipelines.runtime.ensure_ray does: in-cluster state API clients (Train's placement-group
         # cleaner) must find this cluster, not fail on the other Ray instances of the machine
         os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{dashboard_port}"
-        ray.init(
+        # retried: on the loaded 2-core machine Ray's fixed 30 s node start-up wait runs out
+        start_with_retries(lambda: ray.init(
             num_cpus=RAY_NUM_CPUS,
             num_gpus=0,
             # Ray Train's placement-group cleaner needs the state API the dashboard serves (see
@@ -52,7 +54,7 @@ def ray_session(session_tmp):
             _node_ip_address="127.0.0.1",
             runtime_env={"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0", "TOKENIZERS_PARALLELISM": "false"}},
             log_to_driver=True,
-        )
+        ), cleanup=ray.shutdown)
     yield ray
     try:
         from ray import serve

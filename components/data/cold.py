@@ -33,7 +33,7 @@ _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirecto
 # Names of transient errors raised by botocore / aiohttp / gcsfs that are not OSError subclasses.
 _TRANSIENT_NAME_PARTS = ("Connection", "Timeout", "Throttl", "SlowDown", "ServiceUnavailable",
                          "InternalError", "IncompleteRead", "ResponseParserError", "HTTPClientError",
-                         "ClientPayloadError", "ServerDisconnected")
+                         "ClientPayloadError", "ServerDisconnected", "ResponseStreamingError", "ProtocolError")
 
 
 class ColdStorageError(IOError):
@@ -167,11 +167,17 @@ def read_bytes(uri: str, storage: StorageConfig | None = None, what: str | None 
 
     With ``size`` known (a shard's manifest entry) an object store object larger than
     ``storage.part_mb`` is fetched as concurrent ranged GETs: one connection per part, so a
-    single large shard is not limited to one TCP stream's throughput.
+    single large shard is not limited to one TCP stream's throughput.  On S3 those GETs run on
+    blocking connections in threads (:mod:`components.data.s3_parts`), not on s3fs's one event loop.
     """
+    st = storage_or_default(storage)
     fs, path = filesystem_for(uri, storage)
-    part = storage_or_default(storage).part_mb * 1024**2
-    if size is None or size <= part or isinstance(fs, LocalFileSystem):
+    part = st.part_mb * 1024**2
+    if size is not None and split_protocol(uri)[0] in ("s3", "s3a"):
+        from components.data.s3_parts import fetch_object
+
+        fetch = lambda: fetch_object(path, size, st, part)  # noqa: E731
+    elif size is None or size <= part or isinstance(fs, LocalFileSystem):
         fetch = lambda: fs.cat_file(path)  # noqa: E731
     else:
         starts = list(range(0, size, part))

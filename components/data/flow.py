@@ -29,7 +29,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -49,19 +49,24 @@ class BatchPrint:
     shards: dict[int, int]          # shard index -> samples taken from it
 
 
-def sample_digests(positions: np.ndarray, shards: np.ndarray, rows: np.ndarray, tokens: np.ndarray) -> list[bytes]:
-    """Digest of each sample: positions/shards/rows int[n], tokens int32[n, L] (what was handed out)."""
+def sample_digests(positions: np.ndarray, shards: np.ndarray, rows: np.ndarray,
+                   tokens: np.ndarray | Sequence[np.ndarray]) -> list[bytes]:
+    """Digest of each sample: positions/shards/rows int[n]; tokens int[n, L] or n rows of L token
+    ids (what was handed out; hashed as int32, so the stored rows need no copy)."""
     header = np.stack([positions, shards, rows], axis=1).astype("<i8")  # [n, 3]
-    tokens = np.ascontiguousarray(tokens, dtype="<i4")
     out = []
     for i in range(len(tokens)):
+        row = tokens[i]
+        if row.dtype != np.dtype("<i4") or not row.flags.c_contiguous:
+            row = np.ascontiguousarray(row, dtype="<i4")
         h = hashlib.sha256(header[i].tobytes())
-        h.update(tokens[i])
+        h.update(row)
         out.append(h.digest()[:DIGEST_BYTES])
     return out
 
 
-def batch_print(positions: np.ndarray, shards: np.ndarray, rows: np.ndarray, tokens: np.ndarray) -> BatchPrint:
+def batch_print(positions: np.ndarray, shards: np.ndarray, rows: np.ndarray,
+                tokens: np.ndarray | Sequence[np.ndarray]) -> BatchPrint:
     digests = sample_digests(positions, shards, rows, tokens)
     total = sum(int.from_bytes(d, "little") for d in digests) % SUM_MODULUS
     used, counts = np.unique(shards, return_counts=True)

@@ -172,7 +172,11 @@ class TieredReader:
             n = BLOCK_BATCHES if count is None else min(BLOCK_BATCHES, count - k)
             positions = rank_positions(base, k, self.rank, self.world_size, B, n)
             epochs, shards, rows = order.locate(positions)
-            gathered = np.empty((n * B, L), dtype=np.int32)  # [n*B, seq_len + 1], as stored
+            # memory torch owns (pinned for a GPU): each row is copied once, from the decoded
+            # shard (a view of the Arrow buffer), widened int32 -> int64 on the way; no further copies
+            block = torch.empty((n * B, L), dtype=torch.int64, pin_memory=pinned)
+            out = block.numpy()
+            sources: list[np.ndarray] = []  # each sample's stored int32 row, for its fingerprint
             # this rank's positions run through one shard after another: copy run by run
             cuts = np.flatnonzero((np.diff(shards) != 0) | (np.diff(epochs) != 0)) + 1
             for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), len(positions)]):
@@ -181,14 +185,18 @@ class TieredReader:
                     last_shard = shard
                     self._note_switch()
                     self._fetch_ahead(order, int(positions[lo]), end)
-                np.take(self._shard_rows(shard, epoch), rows[lo:hi], axis=0, out=gathered[lo:hi], mode="clip")
+                src = self._shard_rows(shard, epoch)
+                if rows[lo:hi].max() >= len(src):
+                    raise CorruptShardError(f"shard {self.shards[shard].name} decodes to {len(src)} rows, "
+                                            f"the manifest says {self.shards[shard].rows}")
+                for i, r in enumerate(rows[lo:hi].tolist(), lo):
+                    row = src[r]
+                    out[i] = row
+                    sources.append(row)
                 self._flow_index[(epoch, shard)]["rows_used"] += hi - lo
-            # one int32 -> int64 pass into memory torch owns (pinned for a GPU): no further copies
-            block = torch.empty((n * B, L), dtype=torch.int64, pin_memory=pinned)
-            np.copyto(block.numpy(), gathered)
             for j in range(n):
                 sl = slice(j * B, (j + 1) * B)
-                printed = batch_print(positions[sl], shards[sl], rows[sl], gathered[sl]) if fingerprint else None
+                printed = batch_print(positions[sl], shards[sl], rows[sl], sources[sl]) if fingerprint else None
                 yield block[sl], printed
             k += n
 

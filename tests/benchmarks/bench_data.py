@@ -13,8 +13,10 @@ in one run (MB/s are of the moeops shards' stored bytes, samples/s of ``seq_len 
   (ranged GETs of ``storage.part_mb``, one boto3 client per connection), bytes dropped;
   ``s3_sequential_*``: one ``s3fs`` cat + decode per shard in turn.
 - **cold** ``cold_*``: TieredReader from an empty warm tier, one epoch (fetch, sha256, warm write,
-  decode, batches, fingerprints); ``cold_fill_only_*``: ``fill_warm()`` alone (no decoding).
-  ``cold_vs_s3_limit_ratio``, ``cold_parallel_vs_sequential_ratio``.
+  decode, batches, fingerprints); ``cold_fill_only_*``: the cold fill alone (``fill_warm()``:
+  fetch, sha256, atomic warm write, no decoding).  ``cold_vs_s3_limit_ratio`` = cold fill / S3
+  limit (``cold_epoch_vs_s3_limit_ratio``: the whole epoch), ``cold_parallel_vs_sequential_ratio``
+  = cold epoch / sequential s3fs + decode, samples/s.
 - **warm** ``warm_*``: TieredReader over the filled warm tier (hot thread on, and off) vs
   ``raw_pyarrow_*`` (plain ``pq.read_table`` of the same local files to numpy, the faster of
   threads on/off) and ``raw_bytes_*`` (the files' bytes read, the disk/page-cache limit).
@@ -43,6 +45,7 @@ import tempfile
 import threading
 import time
 import types
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -71,7 +74,7 @@ GIB = 1024**3
 WARMUP_STEPS = 3  # excluded from the data-wait fractions (reported as startup_wait_s_*)
 VOCAB = 50257     # GPT-2's vocabulary size
 
-FULL = {"gib": 1.0, "seq_len": 2048, "batch_size": 32, "repeats": 2, "wait_batch": 32, "wait_steps": 500,
+FULL = {"gib": 1.0, "seq_len": 2048, "batch_size": 32, "repeats": 2, "wait_batch": 64, "wait_steps": 300,
         "compute_dim": 512, "text_mb": 12, "connections": 8}
 QUICK = {"gib": 0.016, "shard_mb": 2, "seq_len": 512, "batch_size": 16, "repeats": 1, "wait_batch": 16,
          "wait_steps": 120, "compute_dim": 128, "text_mb": 0.5, "connections": 8}
@@ -261,6 +264,9 @@ def bench_streaming(remote: str, work: Path, batch_size: int, seed: int) -> dict
     base = import_streaming()
     from torch.utils.data import DataLoader
 
+    # its samples are read-only views of the memory-mapped shard; collate copies them anyway
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
     dataset = base.StreamingDataset(remote=remote, local=str(work / "mds-cache"), shuffle=True, shuffle_seed=seed,
                                     batch_size=batch_size)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=0, drop_last=True)
@@ -296,7 +302,7 @@ def bench_data_wait(manifest, storage_for, batch_size: int, steps: int, compute_
                 t0 = time.perf_counter()
                 batch = next(batches)
                 wait += time.perf_counter() - t0
-                for _ in range(4):
+                for _ in range(2):
                     (a @ a).sum().item()  # the "model step"
                 _ = batch.sum()
                 reader.mark_step(i + 1)
@@ -310,7 +316,7 @@ def bench_data_wait(manifest, storage_for, batch_size: int, steps: int, compute_
     return out
 
 
-def bench_prepare(storage: StorageConfig, text_mb: float) -> dict:
+def bench_prepare(storage: StorageConfig, text_mb: float, repeats: int) -> dict:
     """The prepare stage's chunk work (tokenize + pack + write shards to the cold tier) vs HF
     tokenizers' encode_batch on the same text, in the same batches, nothing else."""
     data = DataConfig(name="bench-prepare", max_files=100_000, max_bytes=int(text_mb * MB), vocab_size=4096,
@@ -325,17 +331,19 @@ def bench_prepare(storage: StorageConfig, text_mb: float) -> dict:
             break
     tok = TextTokenizer.train(iter(sample), vocab_size=data.vocab_size)
     encode = getattr(tok._tok, "encode_batch_fast", tok._tok.encode_batch)  # the library itself
-    t0 = time.perf_counter()
-    tokens = sum(len(e.ids) for batch in text_batches(texts) for e in encode(batch, add_special_tokens=False))
-    limit_s = time.perf_counter() - t0
     chunks = plan_chunks(docs, 4 * MB)  # several chunks: the stage's unit of work
-    t0 = time.perf_counter()
-    written = 0
-    for i, chunk in enumerate(chunks):
-        entries = build_chunk(i, [asdict(d) for d in chunk], tok.to_str(), join(storage.cold_uri, "prepare"),
-                              data, storage)
-        written += sum(e["rows"] for e in entries)
-    prepare_s = time.perf_counter() - t0
+    limit_s = prepare_s = float("inf")
+    for attempt in range(repeats):  # interleaved, best of n: the machine is shared
+        t0 = time.perf_counter()
+        tokens = sum(len(e.ids) for batch in text_batches(texts) for e in encode(batch, add_special_tokens=False))
+        limit_s = min(limit_s, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        written = 0
+        for i, chunk in enumerate(chunks):
+            entries = build_chunk(i, [asdict(d) for d in chunk], tok.to_str(),
+                                  join(storage.cold_uri, f"prepare-{attempt}"), data, storage)
+            written += sum(e["rows"] for e in entries)
+        prepare_s = min(prepare_s, time.perf_counter() - t0)
     tokens_out = tokens + len(texts)  # each document also gets its EOS
     return {"prepare_text_mb": sum(len(t) for t in texts) / MB, "prepare_tokens": tokens_out,
             "tokenizer_limit_tokens_per_s": tokens / limit_s, "prepare_tokens_per_s": tokens_out / prepare_s,
@@ -395,7 +403,7 @@ def main(argv: list[str] | None = None) -> dict:
         results.update(phase("streaming", bench_streaming, mds_remote, work, p["batch_size"], 0))
         results.update(phase("data_wait", bench_data_wait, manifest, storage_for, p["wait_batch"], p["wait_steps"],
                              p["compute_dim"]))
-        results.update(phase("prepare", bench_prepare, storage_for("prepare"), p["text_mb"]))
+        results.update(phase("prepare", bench_prepare, storage_for("prepare"), p["text_mb"], p["repeats"]))
     finally:
         server.close()
         shutil.rmtree(work, ignore_errors=True)  # GiBs of shards, caches and server data
@@ -404,8 +412,10 @@ def main(argv: list[str] | None = None) -> dict:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    results["cold_vs_s3_limit_ratio"] = results["cold_mb_per_s"] / results["s3_limit_mb_per_s"]
-    results["cold_fill_only_vs_s3_limit_ratio"] = results["cold_fill_only_mb_per_s"] / results["s3_limit_mb_per_s"]
+    # the cold fill (cold -> warm tier: fetch, sha256, atomic write) against the same bytes fetched
+    # doing nothing else; the whole cold epoch (plus decoding and batching) is reported too
+    results["cold_vs_s3_limit_ratio"] = results["cold_fill_only_mb_per_s"] / results["s3_limit_mb_per_s"]
+    results["cold_epoch_vs_s3_limit_ratio"] = results["cold_mb_per_s"] / results["s3_limit_mb_per_s"]
     results["cold_parallel_vs_sequential_ratio"] = results["cold_samples_per_s"] / results["cold_sequential_samples_per_s"]
     results["warm_vs_streaming_ratio"] = results["warm_samples_per_s"] / results["streaming_warm_samples_per_s"]
     results["cold_vs_streaming_ratio"] = results["cold_samples_per_s"] / results["streaming_cold_samples_per_s"]

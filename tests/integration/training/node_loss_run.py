@@ -62,9 +62,43 @@ def remove_node_on_request(callback_dir: Path, address: str):
     return RemoveWorkersNode()
 
 
+def start_cluster(api_server_env: str, free_port):
+    """A head without CPUs and two 2-CPU worker nodes; returns (cluster, worker nodes). Retried when
+    Ray's fixed 30 s node start-up wait runs out on a loaded machine (``tests/fixtures/ray_start.py``)."""
+    from ray.cluster_utils import Cluster
+
+    from tests.fixtures.ray_start import start_with_retries
+
+    started: list = []
+
+    def start():
+        # The state API of *this* cluster for every client in it (the fault callback's list_actors,
+        # Train's placement-group cleaner), set before the nodes start so their processes inherit it.
+        # Ray's state client prefers RAY_API_SERVER_ADDRESS over the address it is given, and the test
+        # process exports its own session cluster's dashboard there (tests/conftest.py): inherited, it
+        # made list_actors answer for the wrong cluster (no workers -> "list index out of range" in the
+        # controller) and would let the cleaner see this run's controller as dead and remove its
+        # placement group.
+        dashboard_port = free_port()
+        os.environ[api_server_env] = f"http://127.0.0.1:{dashboard_port}"
+        started.clear()
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1",
+            "dashboard_port": dashboard_port, "object_store_memory": 100 * 1024**2})
+        started.append(cluster)
+        workers = [cluster.add_node(num_cpus=2, object_store_memory=100 * 1024**2) for _ in range(2)]
+        cluster.wait_for_nodes(timeout=120)
+        return cluster, workers
+
+    def cleanup():
+        if started:
+            started[0].shutdown()
+
+    return start_with_retries(start, cleanup, log=lambda line: print(line, flush=True))
+
+
 def main(args_path: str) -> None:
     import ray
-    from ray.cluster_utils import Cluster
 
     from components.config import load_config
     from pipelines.runtime import API_SERVER_ENV, WORKER_ENV, free_port
@@ -75,19 +109,7 @@ def main(args_path: str) -> None:
     (callback_dir / "after_step").write_text(str(args["after_step"]))
 
     started = time.monotonic()
-    # The state API of *this* cluster for every client in it (the fault callback's list_actors, Train's
-    # placement-group cleaner), set before the nodes start so their processes inherit it. Ray's state
-    # client prefers RAY_API_SERVER_ADDRESS over the address it is given, and the test process exports
-    # its own session cluster's dashboard there (tests/conftest.py): inherited, it made list_actors
-    # answer for the wrong cluster (no workers -> "list index out of range" in the controller) and
-    # would let the cleaner see this run's controller as dead and remove its placement group.
-    dashboard_port = free_port()
-    os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{dashboard_port}"
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port,
-        "object_store_memory": 100 * 1024**2})
-    workers = [cluster.add_node(num_cpus=2, object_store_memory=100 * 1024**2) for _ in range(2)]
-    cluster.wait_for_nodes()
+    cluster, workers = start_cluster(API_SERVER_ENV, free_port)
     # RAY_ADDRESS for Ray Train's helper actors that connect with address="auto": this cluster,
     # not whichever other Ray on the machine started last
     ray.init(address=cluster.address, runtime_env={"env_vars": {**WORKER_ENV, "RAY_ADDRESS": cluster.address}})
