@@ -7,7 +7,8 @@ Writes the equivalent Serve config file (``serve deploy serve_config.yaml``, Ray
 ``serveConfigV2``) as an artifact, deploys with ``serve.run`` (non-blocking), waits for
 ``/readyz``, and sends one real completion request whose response is logged as evidence.
 A redeploy after the champion alias moved changes only ``user_config`` (its ``revision``
-is the champion's version), so running replicas switch in place without dropping requests.
+is the champion's version): a rolling update whose replacements take traffic once warm, so no
+request is dropped (``serve deploy`` of the logged config file reconfigures in place).
 """
 from __future__ import annotations
 

@@ -12,13 +12,12 @@ Every replica rebuilds the typed :class:`components.config.Config` from the plai
 is given and applies ``user_config`` (the ``serve`` and ``registry`` sections) on top; the model
 version, canary share, quantisation and engine sizes come from those typed sections.
 ``reconfigure`` (a ``serve deploy`` of an edited ``user_config``) loads a new version beside the
-serving one and switches when it is warm.
+serving one and switches when it is warm; a ``serve.run`` redeploy from Python is a rolling update.
 """
 from __future__ import annotations
 
 import asyncio
 import copy
-import functools
 import logging
 import os
 import sys
@@ -221,25 +220,11 @@ def make_application(config: Config, model_uri: Optional[str] = None, revision: 
         options["ray_actor_options"] = {**options["ray_actor_options"],
                                         "runtime_env": {"env_vars": {token_env: os.environ[token_env]}}}
     deployment = CompletionServer.options(**options)
-    # A stable code version makes a redeploy that only changes user_config a lightweight update
-    # (reconfigure in place, no replica restart), as `serve deploy` of a config file does; without it
-    # serve.run gives every deployment a random version and rolls all replicas. Serve has no public way
-    # to set it from Python (`version` is reserved since 2.x), hence the private `_internal=True`.
-    deployment = deployment.options(_internal=True, version=code_version())
+    # serve.run from Python gives the deployment a new version on every call, so a redeploy (new
+    # user_config included) is a rolling update: replacements start beside the serving replicas
+    # (serve.max_surge_percent) and take traffic only once their model is loaded and warm. Pinning
+    # the version would make it an in-place reconfigure, but Serve offers that from Python only
+    # through a private flag; `serve deploy` of the config file (deploy_config.serve_config) updates
+    # user_config in place through the public path.
     return deployment.bind(app_args(config, model_uri))
-
-
-@functools.lru_cache(maxsize=1)
-def code_version() -> str:
-    """Hash of the code a replica runs (serving/ and components/), taken once per process."""
-    import hashlib
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    digest = hashlib.sha256()
-    for package in ("serving", "components"):
-        for path in sorted((root / package).rglob("*.py")):
-            digest.update(path.relative_to(root).as_posix().encode())
-            digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
 

@@ -711,15 +711,10 @@ def test_unready_until_model_exists_then_auth_protects_all_but_probes(deployment
 
 # --------------------------------------------------------------------------- canary and switch
 
-def _replica(url: str) -> str:
-    return httpx.get(f"{url}/healthz").json()["replica"]
-
-
 def test_canary_split(deployment):
     from components.config import with_overrides
     from serving.launch import deploy
 
-    replica = _replica(deployment.url)
     fraction, n = 0.3, 240
     deploy(with_overrides(deployment.config, {"serve.canary_fraction": fraction}))
     models = {m["id"]: m for m in httpx.get(f"{deployment.url}/v1/models").json()["data"]}
@@ -743,7 +738,6 @@ def test_canary_split(deployment):
     metrics = httpx.get(f"{deployment.url}/metrics").text
     for version in deployment.versions:
         assert f'moeops_generated_tokens_total{{model_version="{deployment.name}/{version}"' in metrics
-    assert _replica(deployment.url) == replica, "reconfiguring must not restart the replica"
     deploy(deployment.config)  # canary off again
 
 
@@ -760,12 +754,12 @@ def _stream_until(url: str, stop: threading.Event, body: dict) -> int:
 
 
 def test_queue_limit_answers_429_and_replica_stays_ready(deployment):
-    """serve.max_queued_sequences (changed in place): a request beyond it gets 429 with Retry-After,
-    /readyz stays 200, and the replica serves again once the queue drains."""
+    """serve.max_queued_sequences: a request beyond it gets 429 with Retry-After, /readyz stays 200,
+    and the replica serves again once the queue drains (checked before the redeploy replaces it)."""
     from components.config import with_overrides
     from serving.launch import deploy
 
-    url, replica = deployment.url, _replica(deployment.url)
+    url = deployment.url
     deploy(with_overrides(deployment.config, {"serve.max_queued_sequences": 4}))
     stop = threading.Event()
     long = {"max_tokens": LONG, "ignore_eos": True, "n": 4}
@@ -786,24 +780,25 @@ def test_queue_limit_answers_429_and_replica_stays_ready(deployment):
         ready = httpx.get(f"{url}/readyz")
         assert ready.status_code == 200 and ready.json()["ready"] is True
         assert not filling.done() and not waiting.done(), "the long requests ended before the checks"
-    finally:
         stop.set()  # both clients go away: their 24 sequences are aborted
+        assert filling.result() < LONG * 16 and waiting.result() < LONG * 8
+        wait_for(lambda: _running(url) == 0, timeout_s=5)
+        assert complete(url, prompt="x", max_tokens=2).status_code == 200
+        rejections = [line for line in httpx.get(f"{url}/metrics").text.splitlines()
+                      if line.startswith("moeops_errors_total") and 'code="queue_full"' in line
+                      and 'status="429"' in line]
+        assert sum(float(line.rsplit(" ", 1)[1]) for line in rejections) >= 3, rejections
+    finally:
+        stop.set()
         pool.shutdown(wait=True)
         deploy(deployment.config)
-    assert filling.result() < LONG * 16 and waiting.result() < LONG * 8
-    wait_for(lambda: _running(url) == 0, timeout_s=5)
-    assert complete(url, prompt="x", max_tokens=2).status_code == 200
-    rejections = [line for line in httpx.get(f"{url}/metrics").text.splitlines()
-                  if line.startswith("moeops_errors_total") and 'code="queue_full"' in line and 'status="429"' in line]
-    assert sum(float(line.rsplit(" ", 1)[1]) for line in rejections) >= 3, rejections
-    assert _replica(url) == replica
 
 
-def test_int8_quantized_replica_in_place(deployment):
+def test_int8_quantized_replica(deployment):
     from components.config import with_overrides
     from serving.launch import deploy
 
-    url, replica = deployment.url, _replica(deployment.url)
+    url = deployment.url
     fp32 = httpx.post(f"{url}/v1/score", json={"text": "def main():\n    return 0\n"}).json()["perplexity"]
     deploy(with_overrides(deployment.config, {"serve.quantize": "int8"}))
     try:
@@ -811,7 +806,6 @@ def test_int8_quantized_replica_in_place(deployment):
         assert r.status_code == 200 and r.headers[VERSION_HEADER].endswith("-int8"), r.headers
         int8 = httpx.post(f"{url}/v1/score", json={"text": "def main():\n    return 0\n"}).json()["perplexity"]
         assert abs(int8 - fp32) / fp32 < 0.2  # dynamic int8 barely moves perplexity
-        assert _replica(url) == replica
     finally:
         deploy(deployment.config)
     assert not complete(url, prompt="x", max_tokens=1).headers[VERSION_HEADER].endswith("-int8")
@@ -823,7 +817,6 @@ def test_version_switch_under_continuous_requests(deployment):
     from serving.launch import deploy
 
     url, (v1, v2) = deployment.url, deployment.versions
-    replica = _replica(url)
     stop = threading.Event()
     results: list[tuple[float, int, str]] = []
 
@@ -841,7 +834,8 @@ def test_version_switch_under_continuous_requests(deployment):
     try:
         time.sleep(1.5)
         MlflowClient(deployment.config.tracking.uri).set_registered_model_alias(deployment.name, "champion", v2)
-        deploy(deployment.config, revision=v2)  # user_config changes: reconfigure in place
+        # a rolling update: the replacement takes traffic once warm, the old replica finishes its requests
+        deploy(deployment.config, revision=v2)
         switched_at = time.monotonic()
         time.sleep(2.0)
     finally:
@@ -854,7 +848,6 @@ def test_version_switch_under_continuous_requests(deployment):
     assert f"{deployment.name}/{v1}" in served
     after = [version for at, _, version in results if at > switched_at + 0.5]
     assert after and set(after) == {f"{deployment.name}/{v2}"}, set(after)
-    assert _replica(url) == replica, "the switch must not restart the replica"
 
 
 # --------------------------------------------------------------------------- bounded load
