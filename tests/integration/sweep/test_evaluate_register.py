@@ -61,7 +61,9 @@ def test_evaluate_report_and_registry_gate(sweep_env, tmp_path):
     logged = client.get_logged_model(trained.model_id)
     assert logged.source_run_id == train_run.info.run_id
     assert logged.tags["dataset_digest"] == prepared.dataset_digest
-    assert logged.params["model.num_experts"] == "4" and logged.params["train.max_steps"] == "6"
+    trained_config = load_config(base)
+    assert logged.params["model.num_experts"] == str(trained_config.model.num_experts)
+    assert logged.params["train.max_steps"] == str(trained_config.train.max_steps) == "6"
     assert [(o.model_id, o.step) for o in train_run.outputs.model_outputs] == [(trained.model_id, 6)]
     assert client.search_logged_models([first.experiment_id],
                                        filter_string=f"source_run_id = '{evaluate_run}'").to_list() == []
