@@ -82,8 +82,9 @@ def smoke_request(config: Config, endpoint: str) -> dict:
 
 
 def block_until_interrupted(endpoint: str) -> None:
-    print(f"[deploy] serving at {endpoint} until Ctrl-C (serve.block=true)", flush=True)
     try:
+        # inside the try: a signal sent as soon as this line is read may arrive before the loop
+        print(f"[deploy] serving at {endpoint} until Ctrl-C (serve.block=true)", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
