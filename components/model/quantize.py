@@ -169,8 +169,3 @@ def quantize_for_inference(model: nn.Module, mode: str, device: torch.device | s
     if device.type == "cuda":
         return torchao_int8(_linears_for_int8(model)), "int8-torchao"
     raise ValueError(f"no int8 path for device {device}: use quantize mode 'none'")
-
-
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """A dynamically int8-quantised copy of a CPU ``model`` (the original is untouched)."""
-    return quantize_for_inference(model, "int8", torch.device("cpu"))[0]

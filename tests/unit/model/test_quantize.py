@@ -16,7 +16,7 @@ from components.data.tokenizer import TextTokenizer
 from components.model import Transformer
 from components.model.generate import generate
 from components.model.quantize import (AUTO_CPU_MIN_EXPERT_ELEMENTS, ExpertLinears, int8_pays, quantize_for_inference,
-                                       quantize_int8, torchao_int8)
+                                       torchao_int8)
 
 CPU = torch.device("cpu")
 # the conftest's tiny MoE (shared expert included), trained once for this module
@@ -78,7 +78,7 @@ def test_int8_close_to_fp32_on_trained_model(trained):
 
 def test_experts_run_int8_gemms(trained):
     model, held_out = trained
-    int8 = quantize_int8(model)
+    int8, _ = quantize_for_inference(model, "int8", CPU)
     for moe in int8.moe_layers():
         assert isinstance(moe.experts, ExpertLinears)
         assert all(type(lin) is DynamicInt8Linear for lin in [*moe.experts.w13, *moe.experts.w2])
