@@ -1,8 +1,10 @@
-"""GPU check of the MoE layer, for an operator on one node with 1-8 GPUs (`make gpu-check`, minutes).
+"""GPU check of the MoE layer, for an operator on one node with 1-8 GPUs (`make gpu-check`,
+minutes).
 
     python infra/gpu_check.py --json gpu-check.json            # every visible GPU (at most 8)
     python infra/gpu_check.py --gpus 4 --json gpu-check.json   # the first 4
-    python infra/gpu_check.py --device cpu --gpus 2 --quick    # rehearsal of the same checks on CPU + gloo
+    python infra/gpu_check.py --device cpu --gpus 2 --quick    # rehearsal of the same checks on CPU
+    + gloo
 
 One process per GPU, NCCL, expert parallelism over all of them (EP size = GPUs). Checks, each
 recorded pass/fail in the JSON with its figures:
@@ -24,11 +26,11 @@ recorded pass/fail in the JSON with its figures:
 
 Exit status: 0 all checks passed, 1 a check failed, 2 no CUDA (or bad arguments).
 """
+
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -104,7 +106,9 @@ def check_grouped_mm(results: dict, device, quick: bool) -> None:
     grouped.load_state_dict(loop.state_dict())
     auto = GroupedExperts(E, D, H, "auto").to(device)
     gen = torch.Generator().manual_seed(1)
-    counts = torch.multinomial(torch.ones(E), rows, replacement=True, generator=gen).bincount(minlength=E)
+    counts = torch.multinomial(torch.ones(E), rows, replacement=True, generator=gen).bincount(
+        minlength=E
+    )
     counts[1] = 0  # an empty group
     x = torch.randn(int(counts.sum()), D, generator=gen).to(device)
     grad = torch.randn(x.shape, generator=gen).to(device)
@@ -126,18 +130,37 @@ def check_grouped_mm(results: dict, device, quick: bool) -> None:
     for name, a, b in zip(("x", "w1", "w3", "w2"), grads_loop, grads_grouped):
         e = (a.float() - b.float()).abs().max().item()
         grad_errs.append(e)
-        check.expect(e <= tol * max(a.abs().max().item(), 1.0), f"gradient of {name} differs by {e:.3g}")
+        check.expect(
+            e <= tol * max(a.abs().max().item(), 1.0), f"gradient of {name} differs by {e:.3g}"
+        )
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         auto_picks = "grouped_mm" if auto.uses_grouped_mm(x) else "loop"
     loop_s = _time_cuda(lambda: run(loop, counts.tolist()), device, 3 if quick else 10)
     grouped_s = _time_cuda(lambda: run(grouped, counts.to(device)), device, 3 if quick else 10)
-    check.figure(dtype=str(dtype), max_output_diff=err, max_grad_diff=max(grad_errs), auto_picks=auto_picks,
-                 loop_fwd_bwd_s=loop_s, grouped_mm_fwd_bwd_s=grouped_s, grouped_mm_speedup=loop_s / grouped_s)
+    check.figure(
+        dtype=str(dtype),
+        max_output_diff=err,
+        max_grad_diff=max(grad_errs),
+        auto_picks=auto_picks,
+        loop_fwd_bwd_s=loop_s,
+        grouped_mm_fwd_bwd_s=grouped_s,
+        grouped_mm_speedup=loop_s / grouped_s,
+    )
 
 
 def _model_cfg(world: int, quick: bool, **overrides) -> ModelConfig:
-    base = dict(dim=64, n_heads=4, n_layers=2, ffn_dim=128, num_experts=2 * world, top_k=2, capacity_factor=1.0,
-                shared_expert=True, max_seq_len=64, moe_layer_interval=1)
+    base = dict(
+        dim=64,
+        n_heads=4,
+        n_layers=2,
+        ffn_dim=128,
+        num_experts=2 * world,
+        top_k=2,
+        capacity_factor=1.0,
+        shared_expert=True,
+        max_seq_len=64,
+        moe_layer_interval=1,
+    )
     return ModelConfig(**{**base, **overrides})
 
 
@@ -150,7 +173,11 @@ def check_expert_parallel(results: dict, device, rank: int, world: int, group, q
         "overlap_on_chunks3_loop": (OverlapConfig(async_a2a=True, a2a_chunks=3), "loop", False),
     }
     if bf16:  # F.grouped_mm runs bf16 on CUDA
-        variants["overlap_on_grouped_mm_bf16"] = (OverlapConfig(async_a2a=True, a2a_chunks=2), "grouped_mm", True)
+        variants["overlap_on_grouped_mm_bf16"] = (
+            OverlapConfig(async_a2a=True, a2a_chunks=2),
+            "grouped_mm",
+            True,
+        )
     gen = torch.Generator().manual_seed(7)
     batches = [torch.randint(0, 128, (2, 17), generator=gen).to(device) for _ in range(world)]
     figures = {}
@@ -174,18 +201,23 @@ def check_expert_parallel(results: dict, device, rank: int, world: int, group, q
         loss.backward()
         tol = 3e-2 if autocast else 1e-4
         logit_err = (logits.detach().float() - ref_logits[rank]).abs().max().item()
-        check.expect(logit_err <= tol * max(ref_logits[rank].abs().max().item(), 1.0),
-                     f"{name}: logits differ by {logit_err:.3g}")
+        check.expect(
+            logit_err <= tol * max(ref_logits[rank].abs().max().item(), 1.0),
+            f"{name}: logits differ by {logit_err:.3g}",
+        )
         El = cfg.num_experts // world
         worst = 0.0
         for pname, p in model.named_parameters():
             if is_expert_param(p):
-                want = sum(g[pname] for g in ref_grads)[rank * El:(rank + 1) * El]
+                want = sum(g[pname] for g in ref_grads)[rank * El : (rank + 1) * El]
             else:
                 want = ref_grads[rank][pname]
             err = (p.grad - want).abs().max().item()
             worst = max(worst, err)
-            check.expect(err <= tol * max(want.abs().max().item(), 1.0), f"{name}: gradient of {pname} differs by {err:.3g}")
+            check.expect(
+                err <= tol * max(want.abs().max().item(), 1.0),
+                f"{name}: gradient of {pname} differs by {err:.3g}",
+            )
         figures[name] = {"max_logit_diff": logit_err, "max_grad_diff": worst}
     check.figure(variants=figures)
 
@@ -194,9 +226,15 @@ def check_bf16_payloads(results: dict, device, rank: int, world: int, group, qui
     check = Check(results, "bf16_payloads")
     cfg = _model_cfg(world, quick)
     torch.manual_seed(0)
-    model = Transformer(cfg, 128, ep_group=group, overlap=OverlapConfig(async_a2a=True, a2a_chunks=2)).to(device).train()
+    model = (
+        Transformer(cfg, 128, ep_group=group, overlap=OverlapConfig(async_a2a=True, a2a_chunks=2))
+        .to(device)
+        .train()
+    )
     received = []
-    model.moe_layers()[0].experts.register_forward_pre_hook(lambda mod, args: received.append(args[0].dtype))
+    model.moe_layers()[0].experts.register_forward_pre_hook(
+        lambda mod, args: received.append(args[0].dtype)
+    )
     batch = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(rank)).to(device)
     with torch.no_grad():
         _, fp32_logits = _loss(model, batch)
@@ -204,9 +242,16 @@ def check_bf16_payloads(results: dict, device, rank: int, world: int, group, qui
         with torch.autocast(device.type, dtype=torch.bfloat16):
             moe_out, _ = model.moe_layers()[0](torch.randn(34, cfg.dim, device=device))
             _, bf16_logits = _loss(model, batch)
-    check.expect(all(d == torch.bfloat16 for d in received) and received, f"experts received {received}")
-    check.expect(moe_out.dtype == torch.float32, f"MoE output {moe_out.dtype}: the combine must accumulate in fp32")
-    rel = ((bf16_logits.float() - fp32_logits).abs().max() / fp32_logits.abs().max().clamp(min=1e-6)).item()
+    check.expect(
+        all(d == torch.bfloat16 for d in received) and received, f"experts received {received}"
+    )
+    check.expect(
+        moe_out.dtype == torch.float32,
+        f"MoE output {moe_out.dtype}: the combine must accumulate in fp32",
+    )
+    rel = (
+        (bf16_logits.float() - fp32_logits).abs().max() / fp32_logits.abs().max().clamp(min=1e-6)
+    ).item()
     check.expect(rel < 0.05, f"bf16 logits differ from fp32 by {rel:.3g} of their scale")
     check.figure(received_dtypes=sorted({str(d) for d in received}), bf16_vs_fp32_rel_diff=rel)
 
@@ -215,7 +260,11 @@ def check_host_syncs(results: dict, device, world: int, group, quick: bool) -> N
     check = Check(results, "host_syncs")
     cfg = _model_cfg(world, quick)
     torch.manual_seed(0)
-    model = Transformer(cfg, 128, ep_group=group, overlap=OverlapConfig(async_a2a=True, a2a_chunks=2)).to(device).train()
+    model = (
+        Transformer(cfg, 128, ep_group=group, overlap=OverlapConfig(async_a2a=True, a2a_chunks=2))
+        .to(device)
+        .train()
+    )
     layer = model.moe_layers()[0]
     x = torch.randn(256, cfg.dim, device=device)
     layer(x)  # warm up: first calls may allocate and initialise NCCL
@@ -233,10 +282,20 @@ def check_host_syncs(results: dict, device, world: int, group, quick: bool) -> N
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         cuda_syncs = sum("synchroniz" in str(w.message) for w in caught)
-        check.expect(cuda_syncs <= expected, f"CUDA's sync detector saw {cuda_syncs} syncs, expected {expected}")
-    check.expect(syncs.total == expected, f"counted {syncs.total} host syncs ({dict(syncs.by_op)}), expected {expected}")
-    check.figure(counted=syncs.total, by_op=dict(syncs.by_op), cuda_sync_debug_mode_warnings=cuda_syncs,
-                 expected=expected)
+        check.expect(
+            cuda_syncs <= expected,
+            f"CUDA's sync detector saw {cuda_syncs} syncs, expected {expected}",
+        )
+    check.expect(
+        syncs.total == expected,
+        f"counted {syncs.total} host syncs ({dict(syncs.by_op)}), expected {expected}",
+    )
+    check.figure(
+        counted=syncs.total,
+        by_op=dict(syncs.by_op),
+        cuda_sync_debug_mode_warnings=cuda_syncs,
+        expected=expected,
+    )
 
 
 def overlap_benchmark(results: dict, device, rank: int, world: int, group, quick: bool) -> None:
@@ -245,10 +304,22 @@ def overlap_benchmark(results: dict, device, rank: int, world: int, group, quick
         record["skipped"] = "needs 2+ GPUs (expert parallelism)"
         return
     D, heads, layers, ffn, batch, seq, steps = BENCH_SIZES["quick" if quick else "full"]
-    cfg = ModelConfig(dim=D, n_heads=heads, n_layers=layers, ffn_dim=ffn, num_experts=max(8, 2 * world) // world * world,
-                      top_k=2, dropless=True, max_seq_len=seq, moe_layer_interval=1)
+    cfg = ModelConfig(
+        dim=D,
+        n_heads=heads,
+        n_layers=layers,
+        ffn_dim=ffn,
+        num_experts=max(8, 2 * world) // world * world,
+        top_k=2,
+        dropless=True,
+        max_seq_len=seq,
+        moe_layer_interval=1,
+    )
     autocast = device.type == "cuda"
-    variants = {"off": OverlapConfig(async_a2a=False, a2a_chunks=1), "on": OverlapConfig(async_a2a=True, a2a_chunks=2)}
+    variants = {
+        "off": OverlapConfig(async_a2a=False, a2a_chunks=1),
+        "on": OverlapConfig(async_a2a=True, a2a_chunks=2),
+    }
     models, optims = {}, {}
     for name, overlap in variants.items():
         torch.manual_seed(0)
@@ -281,13 +352,21 @@ def overlap_benchmark(results: dict, device, rank: int, world: int, group, quick
     for _ in range(steps):
         for name in variants:
             figures[name].append(step(name))
-    summary = {name: {k: statistics.fmean(r[k] for r in recs) for k in recs[0]} for name, recs in figures.items()}
+    summary = {
+        name: {k: statistics.fmean(r[k] for r in recs) for k in recs[0]}
+        for name, recs in figures.items()
+    }
     off, on = summary["off"], summary["on"]
     record.update(
-        off=off, on=on, tokens_per_gpu=batch * seq, model=cfg.__dict__, precision="bf16" if autocast else "fp32",
+        off=off,
+        on=on,
+        tokens_per_gpu=batch * seq,
+        model=cfg.__dict__,
+        precision="bf16" if autocast else "fp32",
         overlap_on_vs_off_step_ratio=on["step_s"] / off["step_s"],
         exposed_comm_fraction=on["a2a_exposed_s"] / max(on["a2a_total_s"], 1e-12),
-        best_possible_on_vs_off_ratio=1 - off["a2a_exposed_s"] / off["step_s"])
+        best_possible_on_vs_off_ratio=1 - off["a2a_exposed_s"] / off["step_s"],
+    )
 
 
 # ----------------------------------------------------------------------------- driver
@@ -300,17 +379,27 @@ def _worker(rank: int, world: int, port: int, opts: dict, out_dir: str) -> None:
         torch.backends.cudnn.allow_tf32 = False
     else:
         torch.set_num_threads(1)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=rank, world_size=world)
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+    )
     group = dist.group.WORLD if world > 1 else None
     results: dict = {}
     quick = opts["quick"]
     steps = [
         ("grouped_mm_equals_loop", lambda: check_grouped_mm(results, device, quick)),
-        ("expert_parallel_matches_reference", lambda: check_expert_parallel(results, device, rank, world, group, quick)),
+        (
+            "expert_parallel_matches_reference",
+            lambda: check_expert_parallel(results, device, rank, world, group, quick),
+        ),
         ("bf16_payloads", lambda: check_bf16_payloads(results, device, rank, world, group, quick)),
         ("host_syncs", lambda: check_host_syncs(results, device, world, group, quick)),
-        ("overlap_benchmark", lambda: overlap_benchmark(results, device, rank, world, group, quick)),
+        (
+            "overlap_benchmark",
+            lambda: overlap_benchmark(results, device, rank, world, group, quick),
+        ),
     ]
     try:
         for name, run in steps:
@@ -329,29 +418,58 @@ def _merge(per_rank: list[dict]) -> dict:
     """Checks pass only if they pass on every rank; figures of rank 0, problems of all ranks."""
     merged = {}
     for name, record in per_rank[0].items():
-        problems = [f"rank {r}: {p}" for r, res in enumerate(per_rank) for p in res[name]["problems"]]
-        merged[name] = {**record, "passed": all(res[name]["passed"] for res in per_rank), "problems": problems}
+        problems = [
+            f"rank {r}: {p}" for r, res in enumerate(per_rank) for p in res[name]["problems"]
+        ]
+        merged[name] = {
+            **record,
+            "passed": all(res[name]["passed"] for res in per_rank),
+            "problems": problems,
+        }
     return merged
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gpus", type=int, default=0, help=f"GPUs to use (default: all visible, at most {MAX_GPUS})")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--gpus",
+        type=int,
+        default=0,
+        help=f"GPUs to use (default: all visible, at most {MAX_GPUS})",
+    )
     parser.add_argument("--json", dest="json_out", help="write the results here")
-    parser.add_argument("--quick", action="store_true", help="small sizes (seconds instead of minutes)")
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                        help="cpu: rehearse the same checks with gloo processes (no CUDA-only figures)")
+    parser.add_argument(
+        "--quick", action="store_true", help="small sizes (seconds instead of minutes)"
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cuda", "cpu"),
+        default="cuda",
+        help="cpu: rehearse the same checks with gloo processes (no CUDA-only figures)",
+    )
     args = parser.parse_args(argv)
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
-        print(f"gpu-check: no CUDA device visible (torch {torch.__version__}, {build}). Run it on a GPU node "
-              f"with a CUDA build of torch; `--device cpu` only rehearses the checks.", file=sys.stderr)
+        build = (
+            "a CPU-only build"
+            if torch.version.cuda is None
+            else f"built for CUDA {torch.version.cuda}"
+        )
+        print(
+            f"gpu-check: no CUDA device visible (torch {torch.__version__}, {build}). Run it on a GPU node "
+            f"with a CUDA build of torch; `--device cpu` only rehearses the checks.",
+            file=sys.stderr,
+        )
         return 2
     available = torch.cuda.device_count() if args.device == "cuda" else MAX_GPUS
     world = args.gpus or min(available, MAX_GPUS)
     if not 1 <= world <= min(available, MAX_GPUS):
-        print(f"gpu-check: --gpus {args.gpus}: this node has {available} usable (at most {MAX_GPUS})", file=sys.stderr)
+        print(
+            f"gpu-check: --gpus {args.gpus}: this node has {available} usable (at most {MAX_GPUS})",
+            file=sys.stderr,
+        )
         return 2
     if args.device == "cuda" and not dist.is_nccl_available():
         print("gpu-check: this torch build has no NCCL", file=sys.stderr)
@@ -361,23 +479,40 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipelines.runtime import free_port
 
-    print(f"gpu-check: {world} {'GPU' if args.device == 'cuda' else 'CPU process'}(es), EP size {world}"
-          f"{' (quick)' if args.quick else ''} ...", flush=True)
+    print(
+        f"gpu-check: {world} {'GPU' if args.device == 'cuda' else 'CPU process'}(es), EP size {world}"
+        f"{' (quick)' if args.quick else ''} ...",
+        flush=True,
+    )
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            mp.spawn(_worker, args=(world, free_port(), {"device": args.device, "quick": args.quick}, tmp), nprocs=world)
-        except mp.ProcessException as err:  # a crash, not a failed comparison: the traceback says where
+            mp.spawn(
+                _worker,
+                args=(world, free_port(), {"device": args.device, "quick": args.quick}, tmp),
+                nprocs=world,
+            )
+        except (
+            mp.ProcessException
+        ) as err:  # a crash, not a failed comparison: the traceback says where
             print(f"gpu-check: FAILED, a worker crashed: {err}", file=sys.stderr)
             return 1
         per_rank = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world)]
     checks = _merge(per_rank)
-    env = {"device": args.device, "processes": world, "torch": torch.__version__, "quick": args.quick,
-           "seconds": time.perf_counter() - started}
+    env = {
+        "device": args.device,
+        "processes": world,
+        "torch": torch.__version__,
+        "quick": args.quick,
+        "seconds": time.perf_counter() - started,
+    }
     if args.device == "cuda":
         nccl = torch.cuda.nccl.version()
-        env.update(gpu=torch.cuda.get_device_name(0), capability=list(torch.cuda.get_device_capability(0)),
-                   nccl=".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl))
+        env.update(
+            gpu=torch.cuda.get_device_name(0),
+            capability=list(torch.cuda.get_device_capability(0)),
+            nccl=".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl),
+        )
     passed = all(c["passed"] for c in checks.values())
     report = {"passed": passed, "environment": env, "checks": checks}
     text = json.dumps(report, indent=2, default=str)
@@ -390,10 +525,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"      {problem}")
     bench = checks.get("overlap_benchmark", {})
     if "overlap_on_vs_off_step_ratio" in bench:
-        print(f"  overlap on/off step {bench['overlap_on_vs_off_step_ratio']:.3f}, exposed a2a fraction "
-              f"{bench['exposed_comm_fraction']:.3f}, best possible {bench['best_possible_on_vs_off_ratio']:.3f}")
-    print(f"gpu-check: {'passed' if passed else 'FAILED'} in {env['seconds']:.0f}s"
-          f"{f' -> {args.json_out}' if args.json_out else ''}")
+        print(
+            f"  overlap on/off step {bench['overlap_on_vs_off_step_ratio']:.3f}, exposed a2a fraction "
+            f"{bench['exposed_comm_fraction']:.3f}, best possible {bench['best_possible_on_vs_off_ratio']:.3f}"
+        )
+    print(
+        f"gpu-check: {'passed' if passed else 'FAILED'} in {env['seconds']:.0f}s"
+        f"{f' -> {args.json_out}' if args.json_out else ''}"
+    )
     return 0 if passed else 1
 
 

@@ -2,7 +2,8 @@
 job needs from your shell without writing it to any file:
 
     ray job submit --address http://HEAD:8265 --working-dir . \\
-        --runtime-env-json "$(python infra/runtime_env_json.py)" -- python -m pipelines.run experiment=gpu_small
+        --runtime-env-json "$(python infra/runtime_env_json.py)" -- python -m pipelines.run
+        experiment=gpu_small
 
 - the tracking URI, MLflow auth, object-store credentials and moeops' own settings, taken from
   the environment variables in FORWARDED_ENV that are set here (unset ones are left out);
@@ -18,6 +19,7 @@ Anyone who can read the cluster's dashboard can read a job's runtime env: on a s
 give the nodes their credentials instead (Kubernetes Secret, instance role) and use
 ``--runtime-env infra/runtime_env.yaml`` as is.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,10 +48,20 @@ PIP_HEADER = """\
 # torch comes from PyPI (the CUDA build). Credentials are not here: see runtime_env.yaml.
 """
 FORWARDED_ENV = (
-    "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
     "MLFLOW_S3_ENDPOINT_URL",
-    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL",
-    "MOEOPS_BUCKET", "MOEOPS_CORPUS", "MOEOPS_S3_ENDPOINT", "MOEOPS_API_TOKEN",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL",
+    "MOEOPS_BUCKET",
+    "MOEOPS_CORPUS",
+    "MOEOPS_S3_ENDPOINT",
+    "MOEOPS_API_TOKEN",
 )
 
 
@@ -60,7 +72,10 @@ def project_requirements() -> list[str]:
 
 def runtime_env(environ: dict[str, str], pip: bool = False) -> dict:
     env = yaml.safe_load(RUNTIME_ENV.read_text())
-    env["env_vars"] = {**env.get("env_vars", {}), **{k: environ[k] for k in FORWARDED_ENV if environ.get(k)}}
+    env["env_vars"] = {
+        **env.get("env_vars", {}),
+        **{k: environ[k] for k in FORWARDED_ENV if environ.get(k)},
+    }
     if pip:
         env["pip"] = {"packages": project_requirements(), "pip_check": False}
     return env
@@ -73,11 +88,22 @@ def pip_runtime_env_yaml() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python infra/runtime_env_json.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pip", action="store_true", help="add pyproject.toml's dependencies (stock Ray image)")
-    parser.add_argument("--write-pip-yaml", action="store_true", help=f"regenerate {PIP_RUNTIME_ENV.relative_to(REPO)}")
-    parser.add_argument("--check-pip-yaml", action="store_true",
-                        help=f"exit 1 if {PIP_RUNTIME_ENV.relative_to(REPO)} differs from a fresh generation")
+    parser = argparse.ArgumentParser(
+        prog="python infra/runtime_env_json.py", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--pip", action="store_true", help="add pyproject.toml's dependencies (stock Ray image)"
+    )
+    parser.add_argument(
+        "--write-pip-yaml",
+        action="store_true",
+        help=f"regenerate {PIP_RUNTIME_ENV.relative_to(REPO)}",
+    )
+    parser.add_argument(
+        "--check-pip-yaml",
+        action="store_true",
+        help=f"exit 1 if {PIP_RUNTIME_ENV.relative_to(REPO)} differs from a fresh generation",
+    )
     args = parser.parse_args(argv)
     if args.write_pip_yaml:
         PIP_RUNTIME_ENV.write_text(pip_runtime_env_yaml())
@@ -86,8 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_pip_yaml:
         current = PIP_RUNTIME_ENV.read_text() if PIP_RUNTIME_ENV.exists() else ""
         if current != pip_runtime_env_yaml():
-            print(f"{PIP_RUNTIME_ENV.relative_to(REPO)} is out of date: run python infra/runtime_env_json.py "
-                  "--write-pip-yaml", file=sys.stderr)
+            print(
+                f"{PIP_RUNTIME_ENV.relative_to(REPO)} is out of date: run python infra/runtime_env_json.py "
+                "--write-pip-yaml",
+                file=sys.stderr,
+            )
             return 1
         return 0
     print(json.dumps(runtime_env(dict(os.environ), pip=args.pip)))

@@ -1,9 +1,10 @@
 """The Hydra entry point shared by every `python -m pipelines.<stage>` and `pipelines.run`."""
+
 from __future__ import annotations
 
 import signal
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import hydra
 from omegaconf import DictConfig
@@ -12,7 +13,9 @@ from components.config import CONF_DIR, Config, ConfigError, finalize
 from components.tracking.stages import StageInputError, StageSpec
 
 
-def pipeline_main(select: Callable[[Config], list[StageSpec]], entry_point: str) -> Callable[[], None]:
+def pipeline_main(
+    select: Callable[[Config], list[StageSpec]], entry_point: str
+) -> Callable[[], None]:
     """``main`` running the stages ``select(config)`` picks, in order, under one parent run."""
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
@@ -29,8 +32,10 @@ def pipeline_main(select: Callable[[Config], list[StageSpec]], entry_point: str)
         except KeyboardInterrupt as err:
             # The open MLflow runs were ended KILLED on the way out; exit as a signal would.
             signum = err.signum if isinstance(err, Interrupted) else signal.SIGINT
-            print(f"interrupted ({signal.Signals(signum).name}): the open MLflow runs are marked KILLED",
-                  file=sys.stderr)
+            print(
+                f"interrupted ({signal.Signals(signum).name}): the open MLflow runs are marked KILLED",
+                file=sys.stderr,
+            )
             sys.exit(128 + signum)
 
     return main

@@ -1,6 +1,7 @@
 """The ``deploy`` stage: serve the registry's champion over HTTP with Ray Serve.
 
-    python -m pipelines.deploy                       # after register; endpoint up while the process lives
+    python -m pipelines.deploy                       # after register; endpoint up while the process
+    lives
     python -m pipelines.deploy serve.block=true      # keep serving until Ctrl-C
 
 Writes the equivalent Serve config file (``serve deploy serve_config.yaml``, RayService
@@ -10,6 +11,7 @@ A redeploy after the champion alias moved changes only ``user_config`` (its ``re
 is the champion's version): a rolling update whose replacements take traffic once warm, so no
 request is dropped (``serve deploy`` of the logged config file reconfigures in place).
 """
+
 from __future__ import annotations
 
 import json
@@ -35,14 +37,20 @@ def run(ctx: StageContext) -> DeployOutputs:
 
     config = ctx.config
     model_uri = resolved_model_uri(config)
-    champion = get_version(model_uri, ctx.tracking_uri)  # fails clearly when nothing is registered yet
+    champion = get_version(
+        model_uri, ctx.tracking_uri
+    )  # fails clearly when nothing is registered yet
     registered = ctx.input(RegisterOutputs)
-    print(f"[deploy] serving {model_uri} = version {champion.version} "
-          f"(register stage produced version {registered.model_version})", flush=True)
+    print(
+        f"[deploy] serving {model_uri} = version {champion.version} "
+        f"(register stage produced version {registered.model_version})",
+        flush=True,
+    )
 
     config_file = ctx.work_dir / "serve_config.yaml"
-    config_file.write_text(yaml.safe_dump(serve_config(config, model_uri, revision=champion.version),
-                                          sort_keys=False))
+    config_file.write_text(
+        yaml.safe_dump(serve_config(config, model_uri, revision=champion.version), sort_keys=False)
+    )
     ctx.log_artifact(config_file)
 
     ensure_ray(config)
@@ -55,13 +63,20 @@ def run(ctx: StageContext) -> DeployOutputs:
     ctx.log_text(json.dumps({"readyz": ready, **smoke}, indent=2), "smoke_response.json")
     ctx.log_metrics({"deploy_s": deploy_s, "smoke_latency_ms": smoke["latency_ms"]})
     ctx.set_tags({"moeops.endpoint": endpoint, "moeops.served_version": champion.version})
-    print(f"[deploy] {endpoint}/v1/completions ready with {champion.name}/{champion.version}; "
-          f"smoke completion: {smoke['response']['choices'][0]['text']!r}", flush=True)
+    print(
+        f"[deploy] {endpoint}/v1/completions ready with {champion.name}/{champion.version}; "
+        f"smoke completion: {smoke['response']['choices'][0]['text']!r}",
+        flush=True,
+    )
 
     if config.serve.block:
         block_until_interrupted(endpoint)
-    return DeployOutputs(endpoint=endpoint, model_uri=model_uri, model_version=champion.version,
-                         serve_config_path=str(config_file))
+    return DeployOutputs(
+        endpoint=endpoint,
+        model_uri=model_uri,
+        model_version=champion.version,
+        serve_config_path=str(config_file),
+    )
 
 
 def auth_headers(config: Config) -> dict[str, str]:
@@ -73,12 +88,20 @@ def smoke_request(config: Config, endpoint: str) -> dict:
     """One real completion over HTTP; raises with the server's answer if it is not a 200."""
     body = {"prompt": config.serve.smoke_prompt, "max_tokens": SMOKE_MAX_TOKENS, "seed": 0}
     started = time.perf_counter()
-    response = httpx.post(f"{endpoint}/v1/completions", json=body, headers=auth_headers(config), timeout=60)
+    response = httpx.post(
+        f"{endpoint}/v1/completions", json=body, headers=auth_headers(config), timeout=60
+    )
     latency_ms = (time.perf_counter() - started) * 1000
     if response.status_code != 200:
-        raise RuntimeError(f"smoke completion failed: HTTP {response.status_code}: {response.text[:500]}")
-    return {"request": body, "response": response.json(), "latency_ms": latency_ms,
-            "model_version_header": response.headers.get("x-moeops-model-version", "")}
+        raise RuntimeError(
+            f"smoke completion failed: HTTP {response.status_code}: {response.text[:500]}"
+        )
+    return {
+        "request": body,
+        "response": response.json(),
+        "latency_ms": latency_ms,
+        "model_version_header": response.headers.get("x-moeops-model-version", ""),
+    }
 
 
 def block_until_interrupted(endpoint: str) -> None:
@@ -92,7 +115,8 @@ def block_until_interrupted(endpoint: str) -> None:
 
 
 def still_serving(config: Config, outputs: DeployOutputs) -> bool:
-    """A cached deploy is reused only while its endpoint is ready and serves the recorded version."""
+    """A cached deploy is reused only while its endpoint is ready and serves the recorded
+    version."""
     endpoint = outputs.endpoint
     if not endpoint:
         return False
@@ -105,8 +129,14 @@ def still_serving(config: Config, outputs: DeployOutputs) -> bool:
     return outputs.model_version in response.json().get("versions", {}).values()
 
 
-SPEC = StageSpec(name="deploy", config_keys=("serve", "registry"), upstream=(RegisterOutputs,), fn=run,
-                 outputs=DeployOutputs, still_valid=still_serving)
+SPEC = StageSpec(
+    name="deploy",
+    config_keys=("serve", "registry"),
+    upstream=(RegisterOutputs,),
+    fn=run,
+    outputs=DeployOutputs,
+    still_valid=still_serving,
+)
 main = stage_main(SPEC)
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Evaluate stage: the trained MoE, its dense baseline and the current champion on the held-out split.
+"""Evaluate stage: the trained MoE, its dense baseline and the current champion on the held-out
+split.
 
     python -m pipelines.evaluate experiment=tiny      # after pipelines.train
 
@@ -7,6 +8,7 @@ expert-utilisation plot and sample completions are artifacts of this stage's run
 baseline (equal active parameters) is trained here with ``run_training`` in a run nested under
 this one; its Ray Train run name is deterministic, so a rerun reuses its checkpoints.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,8 +35,14 @@ def held_out_batches(config: Config, manifest_uri: str) -> list[torch.Tensor]:
     (read through the same warm cache as training: ``storage.warm_dir``)."""
     from components.data.reader import TieredReader
 
-    reader = TieredReader(manifest_uri, split="val", storage=config.storage,
-                          seed=config.data.seed, batch_size=config.train.batch_size, shuffle=False)
+    reader = TieredReader(
+        manifest_uri,
+        split="val",
+        storage=config.storage,
+        seed=config.data.seed,
+        batch_size=config.train.batch_size,
+        shuffle=False,
+    )
     batches = []
     for batch in reader:
         batches.append(batch.cpu())
@@ -52,8 +60,9 @@ def download_model_export(model_uri: str, tracking_uri: str, dst: Path) -> Path:
     return download_logged_export(model_uri, tracking_uri, dst)
 
 
-def dense_baseline_config(config: Config, moe_model_cfg: dict[str, Any], train_overrides: dict[str, Any],
-                          steps: int) -> Config:
+def dense_baseline_config(
+    config: Config, moe_model_cfg: dict[str, Any], train_overrides: dict[str, Any], steps: int
+) -> Config:
     """Same data and optimisation, ``model.kind=dense`` with equal active parameters."""
     from components.model.transformer import dense_equivalent
 
@@ -67,22 +76,35 @@ def dense_baseline_config(config: Config, moe_model_cfg: dict[str, Any], train_o
     return with_overrides(config, overrides)
 
 
-def train_dense_baseline(ctx: StageContext, manifest_uri: str, moe_model_cfg: dict[str, Any],
-                         moe_steps: int) -> tuple[Path, str]:
-    """Train the dense baseline in a run nested under this stage's run; returns (export dir, run id)."""
+def train_dense_baseline(
+    ctx: StageContext, manifest_uri: str, moe_model_cfg: dict[str, Any], moe_steps: int
+) -> tuple[Path, str]:
+    """Train the dense baseline in a run nested under this stage's run; returns (export dir, run
+    id)."""
     from pipelines.train import run_training, training_name
 
     steps = ctx.config.evaluate.dense_max_steps or moe_steps or ctx.config.train.max_steps
-    config = dense_baseline_config(ctx.config, moe_model_cfg, ctx.input(TrainOutputs).tuned_params, steps)
-    run = ctx.client.create_run(ctx.experiment_id, run_name="dense-baseline", tags={
-        "mlflow.parentRunId": ctx.run_id, "moeops.stage": "dense-baseline"})
+    config = dense_baseline_config(
+        ctx.config, moe_model_cfg, ctx.input(TrainOutputs).tuned_params, steps
+    )
+    run = ctx.client.create_run(
+        ctx.experiment_id,
+        run_name="dense-baseline",
+        tags={"mlflow.parentRunId": ctx.run_id, "moeops.stage": "dense-baseline"},
+    )
     run_id = run.info.run_id
     container = to_container(config)
-    mlflow_utils.log_params(ctx.client, run_id, flatten({"model": container["model"], "train": container["train"]}))
+    mlflow_utils.log_params(
+        ctx.client, run_id, flatten({"model": container["model"], "train": container["train"]})
+    )
     error: BaseException | None = None
     try:
-        result = run_training(config, manifest_uri, mlflow_run_id=run_id,
-                              name=training_name(config, manifest_uri, prefix="dense"))
+        result = run_training(
+            config,
+            manifest_uri,
+            mlflow_run_id=run_id,
+            name=training_name(config, manifest_uri, prefix="dense"),
+        )
     except BaseException as err:
         error = err
         raise
@@ -104,15 +126,23 @@ def run(ctx: StageContext) -> EvaluateOutputs:
     def evaluate(label: str, loaded, source: str) -> ModelEvaluation:
         return evaluate_model(label, loaded, batches, source=source, evaluation=ev)
 
-    moe_loaded = load_export(download_model_export(train.model_uri, ctx.tracking_uri, ctx.work_dir / "moe"))
+    moe_loaded = load_export(
+        download_model_export(train.model_uri, ctx.tracking_uri, ctx.work_dir / "moe")
+    )
     evaluations: list[ModelEvaluation] = [evaluate("moe", moe_loaded, train.model_uri)]
-    context: dict[str, Any] = {"dataset_digest": prepare.dataset_digest, "model_id": train.model_id,
-                               "held_out_batches": len(batches), "batch_shape": list(batches[0].shape),
-                               "training_run_id": ctx.input_run_ids.get("train", "")}
+    context: dict[str, Any] = {
+        "dataset_digest": prepare.dataset_digest,
+        "model_id": train.model_id,
+        "held_out_batches": len(batches),
+        "batch_shape": list(batches[0].shape),
+        "training_run_id": ctx.input_run_ids.get("train", ""),
+    }
 
     if ev.compare_dense:
         ensure_ray(config)
-        dense_dir, dense_run = train_dense_baseline(ctx, prepare.manifest_uri, moe_loaded.model_cfg, train.steps)
+        dense_dir, dense_run = train_dense_baseline(
+            ctx, prepare.manifest_uri, moe_loaded.model_cfg, train.steps
+        )
         evaluations.append(evaluate("dense_baseline", load_export(dense_dir), f"runs:/{dense_run}"))
         context["dense_baseline_run_id"] = dense_run
 
@@ -121,10 +151,14 @@ def run(ctx: StageContext) -> EvaluateOutputs:
         if find_version(champion_uri, ctx.tracking_uri) is None:
             context["champion"] = f"none ({champion_uri} does not exist yet)"
         else:
-            loaded, info = load_registered(champion_uri, ctx.tracking_uri, dst_dir=ctx.work_dir / "champion")
+            loaded, info = load_registered(
+                champion_uri, ctx.tracking_uri, dst_dir=ctx.work_dir / "champion"
+            )
             if loaded.tokenizer.digest != moe_loaded.tokenizer.digest:
                 # Other token ids: its loss on these batches would be meaningless.
-                context["champion"] = f"{info.model_uri}: trained with another tokenizer, not comparable"
+                context["champion"] = (
+                    f"{info.model_uri}: trained with another tokenizer, not comparable"
+                )
             else:
                 evaluations.append(evaluate("champion", loaded, info.model_uri))
                 context["champion"] = info.model_uri
@@ -135,17 +169,26 @@ def run(ctx: StageContext) -> EvaluateOutputs:
     (out_dir / "report.md").write_text(report_markdown(evaluations, context))
     (out_dir / "report.json").write_text(report_json(evaluations, context))
     if evaluations[0].expert_counts:
-        plot_expert_utilisation(evaluations[0].expert_counts, out_dir / "expert_utilisation.png",
-                                title=f"Expert utilisation on held-out data ({evaluations[0].label})")
+        plot_expert_utilisation(
+            evaluations[0].expert_counts,
+            out_dir / "expert_utilisation.png",
+            title=f"Expert utilisation on held-out data ({evaluations[0].label})",
+        )
     ctx.log_artifact(out_dir, REPORT_DIR)
 
     # The trained model's held-out figures, linked to its LoggedModel and to the dataset they were
     # measured on; the comparison models' figures are run metrics with their label as prefix.
     by_label = {e.label: e for e in evaluations}
     dataset = dataset_of(config.data.name, prepare)
-    mlflow.log_metrics(finite(by_label["moe"].headline()), run_id=ctx.run_id, model_id=train.model_id,
-                       dataset=dataset)
-    ctx.log_metrics({f"{e.label}_{k}": v for e in evaluations[1:] for k, v in finite(e.headline()).items()})
+    mlflow.log_metrics(
+        finite(by_label["moe"].headline()),
+        run_id=ctx.run_id,
+        model_id=train.model_id,
+        dataset=dataset,
+    )
+    ctx.log_metrics(
+        {f"{e.label}_{k}": v for e in evaluations[1:] for k, v in finite(e.headline()).items()}
+    )
 
     nan = float("nan")
     moe, dense, champion = by_label["moe"], by_label.get("dense_baseline"), by_label.get("champion")
@@ -169,13 +212,16 @@ def finite(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def champion_unchanged(config: Config, outputs: EvaluateOutputs) -> bool:
-    """A cached evaluation holds only while the champion it compared against still is the champion."""
+    """A cached evaluation holds only while the champion it compared against still is the
+    champion."""
     from components.tracking.registry import find_version
 
     if not config.evaluate.compare_champion:
         return True
-    current = find_version(f"models:/{config.registry.model_name}@{config.registry.champion_alias}",
-                           config.tracking.uri)
+    current = find_version(
+        f"models:/{config.registry.model_name}@{config.registry.champion_alias}",
+        config.tracking.uri,
+    )
     if (current.version if current else "") == outputs.champion_version:
         return True
     # The champion is now the very model this run evaluated (it was promoted from it):
@@ -183,9 +229,14 @@ def champion_unchanged(config: Config, outputs: EvaluateOutputs) -> bool:
     return bool(current) and current.tags.get("model_digest", "") == outputs.model_digest
 
 
-SPEC = StageSpec(name="evaluate", config_keys=("evaluate", "train", "registry.model_name", "registry.champion_alias"),
-                 upstream=(PrepareOutputs, TrainOutputs), fn=run, outputs=EvaluateOutputs,
-                 still_valid=champion_unchanged)
+SPEC = StageSpec(
+    name="evaluate",
+    config_keys=("evaluate", "train", "registry.model_name", "registry.champion_alias"),
+    upstream=(PrepareOutputs, TrainOutputs),
+    fn=run,
+    outputs=EvaluateOutputs,
+    still_valid=champion_unchanged,
+)
 main = stage_main(SPEC)
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ world size can be checked against an uninterrupted one.
 Exit code 0: every step's global batch is the same; 1: they differ (the first differing step,
 its ranks, stream positions and shards are printed); 2: a report cannot be found or read.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,10 @@ def resolve_report(ref: str, tracking_uri: str | None = None) -> tuple[list[dict
         except ValueError as err:
             raise ReportNotFound(str(err)) from err
     if not _RUN_ID.match(ref):
-        raise ReportNotFound(f"{ref!r} is neither a report file, a directory with {REPORT_FILE}, "
-                             "nor an MLflow run id (32 hex characters)")
+        raise ReportNotFound(
+            f"{ref!r} is neither a report file, a directory with {REPORT_FILE}, "
+            "nor an MLflow run id (32 hex characters)"
+        )
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -68,8 +71,10 @@ def resolve_report(ref: str, tracking_uri: str | None = None) -> tuple[list[dict
         try:
             local = client.download_artifacts(ref, ARTIFACT_PATH, tmp)
         except (MlflowException, OSError) as err:
-            raise ReportNotFound(f"run {ref} has no artifact {ARTIFACT_PATH} (is it a train stage run that "
-                                 f"finished?): {err}") from err
+            raise ReportNotFound(
+                f"run {ref} has no artifact {ARTIFACT_PATH} (is it a train stage run that "
+                f"finished?): {err}"
+            ) from err
         try:
             return load_report(local), f"run {ref} ({uri})"
         except ValueError as err:
@@ -80,12 +85,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipelines.flow_diff",
         description="Compare two runs' data-flow reports step by step and name the first step whose "
-                    "global batch differs. Exit 0: identical; 1: different; 2: a report is missing.",
+        "global batch differs. Exit 0: identical; 1: different; 2: a report is missing.",
     )
-    parser.add_argument("a", metavar="A", help="MLflow run id of a train run, a flow_report.json, or a directory with one")
+    parser.add_argument(
+        "a",
+        metavar="A",
+        help="MLflow run id of a train run, a flow_report.json, or a directory with one",
+    )
     parser.add_argument("b", metavar="B", help="the run or report to compare with")
-    parser.add_argument("--tracking-uri", default=None,
-                        help="MLflow tracking URI for run ids (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    parser.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI for run ids (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+    )
     args = parser.parse_args(argv)
     try:
         a, where_a = resolve_report(args.a, args.tracking_uri)
@@ -98,10 +110,14 @@ def main(argv: list[str] | None = None) -> int:
         empty = where_a if not steps_a else where_b
         print(f"error: {empty} has no per-step batch fingerprints", file=sys.stderr)
         return 2
-    print(f"A: {where_a}: steps {min(steps_a)}-{max(steps_a)}, world size "
-          f"{sorted({s.world_size for s in steps_a.values()})}")
-    print(f"B: {where_b}: steps {min(steps_b)}-{max(steps_b)}, world size "
-          f"{sorted({s.world_size for s in steps_b.values()})}")
+    print(
+        f"A: {where_a}: steps {min(steps_a)}-{max(steps_a)}, world size "
+        f"{sorted({s.world_size for s in steps_a.values()})}"
+    )
+    print(
+        f"B: {where_b}: steps {min(steps_b)}-{max(steps_b)}, world size "
+        f"{sorted({s.world_size for s in steps_b.values()})}"
+    )
     diff = first_difference(a, b)
     if diff is None:
         print(f"same batches at every step ({len(steps_a)} steps)")

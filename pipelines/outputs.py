@@ -7,6 +7,7 @@ could not measure are NaN, never a missing key. ``cache_digest`` is what downstr
 hold: a content digest where one exists (dataset, weights), so an identical recomputed result
 still lets later stages be reused.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,8 +30,8 @@ def _num(value: float, fmt: str = ".4f") -> str:
 class PrepareOutputs(StageOutputs):
     stage: ClassVar[str] = "prepare"
 
-    manifest_uri: str        # the dataset's manifest in the cold tier
-    dataset_digest: str      # content digest of every shard (and the tokenizer)
+    manifest_uri: str  # the dataset's manifest in the cold tier
+    dataset_digest: str  # content digest of every shard (and the tokenizer)
     tokenizer_uri: str
     tokenizer_hash: str
     vocab_size: int
@@ -49,9 +50,9 @@ class PrepareOutputs(StageOutputs):
 class TuneOutputs(StageOutputs):
     stage: ClassVar[str] = "tune"
 
-    enabled: bool                   # false with tune=off (then nothing else is set)
-    metric: str                     # tune.metric
-    best_params: dict[str, Any]     # dotted config key -> the best trial's value
+    enabled: bool  # false with tune=off (then nothing else is set)
+    metric: str  # tune.metric
+    best_params: dict[str, Any]  # dotted config key -> the best trial's value
     best_metric: float
     best_trial_run_id: str
     num_trials: int
@@ -66,26 +67,32 @@ class TuneOutputs(StageOutputs):
     def headline(self) -> str:
         if not self.enabled:
             return "sweep off"
-        return (f"best {self.metric}={_num(self.best_metric)} of {self.num_trials} trials "
-                f"({self.num_stopped_early} stopped early, {self.num_errored} errored)")
+        return (
+            f"best {self.metric}={_num(self.best_metric)} of {self.num_trials} trials "
+            f"({self.num_stopped_early} stopped early, {self.num_errored} errored)"
+        )
 
 
 @dataclass(frozen=True)
 class TrainOutputs(StageOutputs):
     stage: ClassVar[str] = "train"
 
-    model_id: str                   # the MLflow LoggedModel this run logged (models:/<model_id>)
-    model_digest: str               # digest of the exported weights
-    export_dir: str                 # the export on the driver's disk (a download skips it when present)
-    checkpoint_uri: str             # latest Ray Train checkpoint (resume)
-    tuned_params: dict[str, Any]    # the sweep's best params applied on top of the config ({} without)
+    model_id: str  # the MLflow LoggedModel this run logged (models:/<model_id>)
+    model_digest: str  # digest of the exported weights
+    export_dir: str  # the export on the driver's disk (a download skips it when present)
+    checkpoint_uri: str  # latest Ray Train checkpoint (resume)
+    tuned_params: dict[
+        str, Any
+    ]  # the sweep's best params applied on top of the config ({} without)
     steps: int
     val_loss: float
     train_loss: float
     tokens_per_s: float
-    moe_dropped_fraction: float     # tokens dropped by expert capacity (last eval window)
-    moe_load_max_over_mean: float   # busiest expert's load over the mean load (1.0 = balanced)
-    comm_exposed_fraction: float    # exposed all-to-all time over total all-to-all time (0 = fully hidden)
+    moe_dropped_fraction: float  # tokens dropped by expert capacity (last eval window)
+    moe_load_max_over_mean: float  # busiest expert's load over the mean load (1.0 = balanced)
+    comm_exposed_fraction: (
+        float  # exposed all-to-all time over total all-to-all time (0 = fully hidden)
+    )
 
     @property
     def model_uri(self) -> str:
@@ -95,8 +102,10 @@ class TrainOutputs(StageOutputs):
         return self.model_digest
 
     def headline(self) -> str:
-        return (f"val_loss={_num(self.val_loss)}  expert load max/mean={_num(self.moe_load_max_over_mean, '.2f')}  "
-                f"dropped={_pct(self.moe_dropped_fraction)}  exposed comm={_pct(self.comm_exposed_fraction)}")
+        return (
+            f"val_loss={_num(self.val_loss)}  expert load max/mean={_num(self.moe_load_max_over_mean, '.2f')}  "
+            f"dropped={_pct(self.moe_dropped_fraction)}  exposed comm={_pct(self.comm_exposed_fraction)}"
+        )
 
 
 @dataclass(frozen=True)
@@ -104,14 +113,14 @@ class EvaluateOutputs(StageOutputs):
     stage: ClassVar[str] = "evaluate"
 
     report_uri: str
-    model_digest: str               # the evaluated model (train's), see pipelines.evaluate.champion_unchanged
-    dataset_digest: str             # the held-out split's dataset
+    model_digest: str  # the evaluated model (train's), see pipelines.evaluate.champion_unchanged
+    dataset_digest: str  # the held-out split's dataset
     val_loss: float
     perplexity: float
     generation_tokens_per_s: float
-    dense_val_loss: float           # NaN without evaluate.compare_dense
-    champion_version: str           # "" when no comparable champion was evaluated
-    champion_val_loss: float        # NaN without a champion
+    dense_val_loss: float  # NaN without evaluate.compare_dense
+    champion_version: str  # "" when no comparable champion was evaluated
+    champion_val_loss: float  # NaN without a champion
     champion_perplexity: float
     champion_generation_tokens_per_s: float
 
@@ -141,11 +150,11 @@ class RegisterOutputs(StageOutputs):
 
     model_name: str
     model_version: str
-    model_id: str                   # the train run's LoggedModel this version was created from
+    model_id: str  # the train run's LoggedModel this version was created from
     aliases: list[str]
     promoted: bool
     reason: str
-    previous_champion: str          # "" when there was none
+    previous_champion: str  # "" when there was none
 
     @property
     def model_uri(self) -> str:
@@ -163,8 +172,8 @@ class DeployOutputs(StageOutputs):
     stage: ClassVar[str] = "deploy"
 
     endpoint: str
-    model_uri: str                  # what the app serves (models:/<name>@<alias>)
-    model_version: str              # the version it resolved to when deployed
+    model_uri: str  # what the app serves (models:/<name>@<alias>)
+    model_version: str  # the version it resolved to when deployed
     serve_config_path: str
 
     def headline(self) -> str:

@@ -7,12 +7,14 @@ The work itself is :func:`components.data.build.prepare_dataset`; this module fa
 as Ray tasks and records the result in MLflow: the tokenizer and manifest as artifacts and the
 dataset as a run input carrying its digest (lineage data -> model -> deployment).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from components.config import Config
 from components.data.build import PrepareResult, prepare_dataset
@@ -22,21 +24,23 @@ from components.tracking.stages import StageContext, StageSpec
 from pipelines._cli import stage_main
 from pipelines.outputs import PrepareOutputs
 
-
 _SECTIONS = ("data", "storage")  # typed config sections in a job's kwargs
 
 
 def _call_with_typed_sections(fn: Callable[..., Any], **kwargs: Any) -> Any:
-    """On the Ray worker: rebuild the config sections that crossed as plain dicts, then run ``fn``."""
+    """On the Ray worker: rebuild the config sections that crossed as plain dicts, then run
+    ``fn``."""
     from components.config import config_from_dict
 
     config = config_from_dict({name: kwargs[name] for name in _SECTIONS if name in kwargs})
     return fn(**{**kwargs, **{name: getattr(config, name) for name in _SECTIONS if name in kwargs}})
 
 
-def ray_map(parallelism: int, on_done: Callable[[], None],
-            env: dict[str, str] | None = None) -> Callable[[Callable[..., Any], Sequence[dict]], list]:
-    """A ``map_fn`` for prepare_dataset: at most ``parallelism`` Ray tasks in flight, results in order.
+def ray_map(
+    parallelism: int, on_done: Callable[[], None], env: dict[str, str] | None = None
+) -> Callable[[Callable[..., Any], Sequence[dict]], list]:
+    """A ``map_fn`` for prepare_dataset: at most ``parallelism`` Ray tasks in flight, results in
+    order.
 
     ``env``: variables the tasks need (the cold tier's credentials), passed in their runtime env
     rather than in arguments or config.
@@ -53,8 +57,15 @@ def ray_map(parallelism: int, on_done: Callable[[], None],
         shared = {}
         if kwargs_list:
             first = kwargs_list[0]
-            shared = {key: ray.put(dataclasses.asdict(first[key]) if dataclasses.is_dataclass(first[key]) else first[key])
-                      for key in ("tokenizer_json", *_SECTIONS) if key in first}
+            shared = {
+                key: ray.put(
+                    dataclasses.asdict(first[key])
+                    if dataclasses.is_dataclass(first[key])
+                    else first[key]
+                )
+                for key in ("tokenizer_json", *_SECTIONS)
+                if key in first
+            }
         refs: list = [None] * len(kwargs_list)
         pending: dict = {}
         results: list = [None] * len(kwargs_list)
@@ -78,16 +89,31 @@ def dataset_of(name: str, outputs: PrepareOutputs):
     dataset the evaluate stage's metrics are linked to."""
     from components.tracking.datasets import dataset_entity
 
-    return dataset_entity(f"{name}-{outputs.dataset_digest[:12]}", outputs.dataset_digest, outputs.manifest_uri,
-                          profile={"train_rows": outputs.train_rows, "val_rows": outputs.val_rows,
-                                   "seq_len": outputs.seq_len, "vocab_size": outputs.vocab_size})
+    return dataset_entity(
+        f"{name}-{outputs.dataset_digest[:12]}",
+        outputs.dataset_digest,
+        outputs.manifest_uri,
+        profile={
+            "train_rows": outputs.train_rows,
+            "val_rows": outputs.val_rows,
+            "seq_len": outputs.seq_len,
+            "vocab_size": outputs.vocab_size,
+        },
+    )
 
 
 def outputs_of(result: PrepareResult) -> PrepareOutputs:
     m = result.manifest
-    return PrepareOutputs(manifest_uri=m.uri, dataset_digest=m.dataset_digest, tokenizer_uri=m.tokenizer_uri,
-                          tokenizer_hash=m.tokenizer_hash, vocab_size=m.vocab_size, seq_len=m.seq_len,
-                          train_rows=m.rows("train"), val_rows=m.rows("val"))
+    return PrepareOutputs(
+        manifest_uri=m.uri,
+        dataset_digest=m.dataset_digest,
+        tokenizer_uri=m.tokenizer_uri,
+        tokenizer_hash=m.tokenizer_hash,
+        vocab_size=m.vocab_size,
+        seq_len=m.seq_len,
+        train_rows=m.rows("train"),
+        val_rows=m.rows("val"),
+    )
 
 
 def run(ctx: StageContext) -> PrepareOutputs:
@@ -103,14 +129,19 @@ def run(ctx: StageContext) -> PrepareOutputs:
 
     def map_fn(fn, kwargs_list):
         progress.total = max(len(kwargs_list), 1)
-        return ray_map(config.data.prepare_parallelism, chunk_done, credential_env(storage))(fn, kwargs_list)
+        return ray_map(config.data.prepare_parallelism, chunk_done, credential_env(storage))(
+            fn, kwargs_list
+        )
 
     storage = config.storage
     result = prepare_dataset(config.data, storage, map_fn=map_fn)
     m = result.manifest
     if result.reused:
         progress.set(progress.total)
-        print(f"[prepare] reusing committed dataset {m.root_uri} (digest {m.dataset_digest[:12]})", flush=True)
+        print(
+            f"[prepare] reusing committed dataset {m.root_uri} (digest {m.dataset_digest[:12]})",
+            flush=True,
+        )
 
     tokenizer_file = ctx.work_dir / "tokenizer.json"
     tokenizer_file.write_bytes(read_bytes(m.tokenizer_uri, storage, what="tokenizer.json"))
@@ -119,18 +150,29 @@ def run(ctx: StageContext) -> PrepareOutputs:
     ctx.log_artifact(tokenizer_file, "tokenizer")
     ctx.log_artifact(manifest_file, "dataset")
     outputs = outputs_of(result)
-    log_dataset_input(ctx.client, ctx.run_id, dataset_of(config.data.name, outputs), m.dataset_digest, "training")
-    ctx.set_tags({"moeops.dataset_digest": m.dataset_digest, "moeops.tokenizer_hash": m.tokenizer_hash})
-    ctx.log_metrics({
-        "prepare_s": time.perf_counter() - started,
-        "documents": float(result.documents),
-        "train_rows": float(m.rows("train")), "val_rows": float(m.rows("val")),
-        "train_shards": float(len(m.shards("train"))), "val_shards": float(len(m.shards("val"))),
-        "dataset_bytes": float(sum(s.bytes for split in m.splits.values() for s in split)),
-        "reused": float(result.reused),
-    })
-    print(f"[prepare] {m.rows('train')} train / {m.rows('val')} val rows of {m.seq_len + 1} tokens, "
-          f"vocab {m.vocab_size}, digest {m.dataset_digest[:12]} -> {m.uri}", flush=True)
+    log_dataset_input(
+        ctx.client, ctx.run_id, dataset_of(config.data.name, outputs), m.dataset_digest, "training"
+    )
+    ctx.set_tags(
+        {"moeops.dataset_digest": m.dataset_digest, "moeops.tokenizer_hash": m.tokenizer_hash}
+    )
+    ctx.log_metrics(
+        {
+            "prepare_s": time.perf_counter() - started,
+            "documents": float(result.documents),
+            "train_rows": float(m.rows("train")),
+            "val_rows": float(m.rows("val")),
+            "train_shards": float(len(m.shards("train"))),
+            "val_shards": float(len(m.shards("val"))),
+            "dataset_bytes": float(sum(s.bytes for split in m.splits.values() for s in split)),
+            "reused": float(result.reused),
+        }
+    )
+    print(
+        f"[prepare] {m.rows('train')} train / {m.rows('val')} val rows of {m.seq_len + 1} tokens, "
+        f"vocab {m.vocab_size}, digest {m.dataset_digest[:12]} -> {m.uri}",
+        flush=True,
+    )
     print(json.dumps({"corpus": m.corpus}), flush=True)
     return outputs
 
@@ -141,12 +183,18 @@ def manifest_still_there(config: Config, outputs: PrepareOutputs) -> bool:
 
     try:
         return exists(outputs.manifest_uri, config.storage)
-    except Exception:  # noqa: BLE001 - unreachable storage: rerun (which reports the real error)
+    except Exception:
         return False
 
 
-SPEC = StageSpec(name="prepare", config_keys=("data", "storage.cold_uri"), upstream=(), fn=run,
-                 outputs=PrepareOutputs, still_valid=manifest_still_there)
+SPEC = StageSpec(
+    name="prepare",
+    config_keys=("data", "storage.cold_uri"),
+    upstream=(),
+    fn=run,
+    outputs=PrepareOutputs,
+    still_valid=manifest_still_there,
+)
 main = stage_main(SPEC)
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ current champion on ``registry.metric`` by ``registry.min_improvement`` (both me
 evaluate stage on the same held-out batches). The decision and its reason are tags of this run
 and of the version.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,11 +35,17 @@ def candidate_metrics(train: TrainOutputs, evaluate: EvaluateOutputs) -> dict[st
 
 def run(ctx: StageContext) -> RegisterOutputs:
     reg = ctx.config.registry
-    prepare, train, evaluate = ctx.input(PrepareOutputs), ctx.input(TrainOutputs), ctx.input(EvaluateOutputs)
+    prepare, train, evaluate = (
+        ctx.input(PrepareOutputs),
+        ctx.input(TrainOutputs),
+        ctx.input(EvaluateOutputs),
+    )
     metrics = candidate_metrics(train, evaluate)
     if reg.metric not in metrics:
-        raise ValueError(f"registry.metric={reg.metric!r}: the evaluate stage measured no finite value "
-                         f"(it reports {sorted(metrics)})")
+        raise ValueError(
+            f"registry.metric={reg.metric!r}: the evaluate stage measured no finite value "
+            f"(it reports {sorted(metrics)})"
+        )
     tags = {
         "dataset_digest": prepare.dataset_digest,
         "tokenizer_hash": prepare.tokenizer_hash,
@@ -50,13 +57,20 @@ def run(ctx: StageContext) -> RegisterOutputs:
         "report_uri": evaluate.report_uri,
     }
     registration = register_logged_model(
-        train.model_id, tracking_uri=ctx.tracking_uri, registry=reg, metrics=metrics, tags=tags,
+        train.model_id,
+        tracking_uri=ctx.tracking_uri,
+        registry=reg,
+        metrics=metrics,
+        tags=tags,
         champion_metric=finite_or_none(evaluate.champion_metric(reg.metric)),
     )
     record_decision(ctx.client, ctx.run_id, registration)
     ctx.set_tags({f"moeops.version_tag.{k}": v for k, v in tags.items()})
     ctx.log_text(registration_json(registration), "registration.json")
-    print(f"[register] {registration.model_uri} from {train.model_uri}: {registration.reason}", flush=True)
+    print(
+        f"[register] {registration.model_uri} from {train.model_uri}: {registration.reason}",
+        flush=True,
+    )
     return RegisterOutputs(
         model_name=registration.model_name,
         model_version=registration.version,
@@ -68,8 +82,13 @@ def run(ctx: StageContext) -> RegisterOutputs:
     )
 
 
-SPEC = StageSpec(name="register", config_keys=("registry",), upstream=(PrepareOutputs, TrainOutputs, EvaluateOutputs),
-                 fn=run, outputs=RegisterOutputs)
+SPEC = StageSpec(
+    name="register",
+    config_keys=("registry",),
+    upstream=(PrepareOutputs, TrainOutputs, EvaluateOutputs),
+    fn=run,
+    outputs=RegisterOutputs,
+)
 main = stage_main(SPEC)
 
 if __name__ == "__main__":

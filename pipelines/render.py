@@ -1,15 +1,19 @@
 """Render the Kubernetes (KubeRay) manifests from the one config, so they cannot drift from it.
 
     python -m pipelines.render                       # re-render the checked-in infra/k8s/ tree
-    python -m pipelines.render --check               # exit 1 if infra/k8s/ differs from a fresh render
-    python -m pipelines.render --out build/k8s experiment=gpu_multinode cluster.k8s.image=REG/moeops:0.1.0
+    python -m pipelines.render --check               # exit 1 if infra/k8s/ differs from a fresh
+    render
+    python -m pipelines.render --out build/k8s experiment=gpu_multinode
+    cluster.k8s.image=REG/moeops:0.1.0
 
 Each rendering holds a RayJob (the pipeline, entrypoint ``python -m pipelines.run`` with the same
-overrides), a RayService whose ``serveConfigV2`` is :func:`serving.deploy_config.serve_config` of the
+overrides), a RayService whose ``serveConfigV2`` is :func:`serving.deploy_config.serve_config` of
+the
 same config (what the deploy stage uses locally), and, unless ``cluster.k8s.tracking_uri`` points at
 an existing server, an MLflow tracking server with a PostgreSQL backend and S3 artifacts.
 Secrets are never rendered: pods read them from the Secret named by ``cluster.k8s.secret_name``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,9 +21,10 @@ import math
 import os
 import shlex
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 
@@ -40,20 +45,32 @@ POD_ROOT = "/tmp/moeops"
 PRESETS: dict[str, list[str]] = {
     "gpu": ["experiment=gpu_small"],
     "cpu": [
-        "experiment=tiny", "cluster=remote", "storage=s3", "tracking=server",
+        "experiment=tiny",
+        "cluster=remote",
+        "storage=s3",
+        "tracking=server",
         "train.checkpoint_uri=s3://moeops/checkpoints",
-        "cluster.k8s.image=moeops:latest-cpu", "cluster.k8s.gpus_per_node=0",
-        "cluster.k8s.head_cpus=2", "cluster.k8s.head_memory=8Gi",
-        "cluster.k8s.worker_cpus=8", "cluster.k8s.worker_memory=16Gi",
+        "cluster.k8s.image=moeops:latest-cpu",
+        "cluster.k8s.gpus_per_node=0",
+        "cluster.k8s.head_cpus=2",
+        "cluster.k8s.head_memory=8Gi",
+        "cluster.k8s.worker_cpus=8",
+        "cluster.k8s.worker_memory=16Gi",
     ],
 }
 # Environment variables the config reads at composition time (conf/ `oc.env`); the checked-in
 # tree is rendered without them so it is the same on every machine.
 CONFIG_ENV_VARS = (
-    "MOEOPS_HOME", "MOEOPS_BUCKET", "MOEOPS_CORPUS", "MOEOPS_S3_ENDPOINT", "AWS_DEFAULT_REGION",
-    "MLFLOW_TRACKING_URI", "RAY_ADDRESS",
+    "MOEOPS_HOME",
+    "MOEOPS_BUCKET",
+    "MOEOPS_CORPUS",
+    "MOEOPS_S3_ENDPOINT",
+    "AWS_DEFAULT_REGION",
+    "MLFLOW_TRACKING_URI",
+    "RAY_ADDRESS",
 )
-# Stages a RayJob runs: its cluster is deleted when the job ends, so serving is the RayService's job.
+# Stages a RayJob runs: its cluster is deleted when the job ends, so serving is the RayService's
+# job.
 JOB_EXCLUDED_STAGES = ("deploy",)
 
 
@@ -61,7 +78,8 @@ JOB_EXCLUDED_STAGES = ("deploy",)
 
 
 def tracking_uri(config: Config) -> str:
-    """The MLflow server every pod talks to: the rendered one unless an existing one is configured."""
+    """The MLflow server every pod talks to: the rendered one unless an existing one is
+    configured."""
     k8s = config.cluster.k8s
     if k8s.tracking_uri:
         return k8s.tracking_uri
@@ -96,9 +114,14 @@ def load_cluster_config(overrides: list[str]) -> tuple[Config, list[str]]:
     if config.serve.port != 8000:
         problems.append(f"serve.port={config.serve.port}: KubeRay serves on port 8000")
     # Pods share no disk: what one stage writes, another pod (or the next job) must read.
-    for key, uri in (("storage.cold_uri", config.storage.cold_uri), ("train.checkpoint_uri", config.train.checkpoint_uri)):
+    for key, uri in (
+        ("storage.cold_uri", config.storage.cold_uri),
+        ("train.checkpoint_uri", config.train.checkpoint_uri),
+    ):
         if "://" not in uri or uri.startswith("file://"):
-            problems.append(f"{key}={uri!r}: pods share no local disk; use an object store (storage=s3, s3://...)")
+            problems.append(
+                f"{key}={uri!r}: pods share no local disk; use an object store (storage=s3, s3://...)"
+            )
     if problems:
         raise ConfigError(problems)
     return config, full
@@ -128,7 +151,9 @@ def _ray_env(config: Config) -> list[dict[str, str]]:
     return [{"name": k, "value": v} for k, v in env.items()]
 
 
-def _ray_container(config: Config, name: str, cpus: int, memory: str, gpus: int, ports: list[dict]) -> dict:
+def _ray_container(
+    config: Config, name: str, cpus: int, memory: str, gpus: int, ports: list[dict]
+) -> dict:
     limits: dict[str, Any] = {"cpu": str(cpus), "memory": memory}
     if gpus:
         limits["nvidia.com/gpu"] = str(gpus)
@@ -156,7 +181,9 @@ def _pod_template(config: Config, component: str, container: dict, gpu: bool) ->
     }
     k8s = config.cluster.k8s
     if gpu:
-        spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        spec["tolerations"] = [
+            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+        ]
         if k8s.gpu_product:
             spec["nodeSelector"] = {"nvidia.com/gpu.product": k8s.gpu_product}
     return {"metadata": {"labels": _labels(component)}, "spec": spec}
@@ -182,7 +209,9 @@ def _head_group(config: Config, component: str, serve: bool) -> dict:
 def _worker_group(config: Config, component: str, replicas: int, max_replicas: int) -> dict:
     k8s = config.cluster.k8s
     gpu = k8s.gpus_per_node > 0
-    container = _ray_container(config, "ray-worker", k8s.worker_cpus, k8s.worker_memory, k8s.gpus_per_node, [])
+    container = _ray_container(
+        config, "ray-worker", k8s.worker_cpus, k8s.worker_memory, k8s.gpus_per_node, []
+    )
     return {
         "groupName": "gpu" if gpu else "cpu",
         "replicas": replicas,
@@ -269,11 +298,18 @@ def ray_service(config: Config) -> dict:
 
 
 def namespace(config: Config) -> dict:
-    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": config.cluster.k8s.namespace}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": config.cluster.k8s.namespace},
+    }
 
 
 def _secret_env(config: Config, key: str) -> dict:
-    return {"name": key, "valueFrom": {"secretKeyRef": {"name": config.cluster.k8s.secret_name, "key": key}}}
+    return {
+        "name": key,
+        "valueFrom": {"secretKeyRef": {"name": config.cluster.k8s.secret_name, "key": key}},
+    }
 
 
 def postgres(config: Config) -> list[dict]:
@@ -289,8 +325,14 @@ def postgres(config: Config) -> list[dict]:
             {"name": "PGDATA", "value": "/var/lib/postgresql/data/pgdata"},
         ],
         "volumeMounts": [{"name": "data", "mountPath": "/var/lib/postgresql/data"}],
-        "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}},
-        "readinessProbe": {"exec": {"command": ["pg_isready", "-U", "mlflow"]}, "periodSeconds": 10},
+        "resources": {
+            "requests": {"cpu": "500m", "memory": "1Gi"},
+            "limits": {"cpu": "2", "memory": "4Gi"},
+        },
+        "readinessProbe": {
+            "exec": {"command": ["pg_isready", "-U", "mlflow"]},
+            "periodSeconds": 10,
+        },
     }
     statefulset = {
         "apiVersion": "apps/v1",
@@ -300,11 +342,19 @@ def postgres(config: Config) -> list[dict]:
             "serviceName": name,
             "replicas": 1,
             "selector": {"matchLabels": _labels("postgres")},
-            "template": {"metadata": {"labels": _labels("postgres")}, "spec": {"containers": [container]}},
-            "volumeClaimTemplates": [{
-                "metadata": {"name": "data"},
-                "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "20Gi"}}},
-            }],
+            "template": {
+                "metadata": {"labels": _labels("postgres")},
+                "spec": {"containers": [container]},
+            },
+            "volumeClaimTemplates": [
+                {
+                    "metadata": {"name": "data"},
+                    "spec": {
+                        "accessModes": ["ReadWriteOnce"],
+                        "resources": {"requests": {"storage": "20Gi"}},
+                    },
+                }
+            ],
         },
     }
     return [statefulset, _service(config, name, "postgres", POSTGRES_PORT)]
@@ -331,8 +381,14 @@ def mlflow_server(config: Config) -> list[dict]:
         "env": [_secret_env(config, "POSTGRES_PASSWORD")],
         # AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and MLFLOW_S3_ENDPOINT_URL for MinIO/SeaweedFS)
         "envFrom": [{"secretRef": {"name": k8s.secret_name}}],
-        "readinessProbe": {"httpGet": {"path": "/health", "port": MLFLOW_PORT}, "periodSeconds": 10},
-        "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}},
+        "readinessProbe": {
+            "httpGet": {"path": "/health", "port": MLFLOW_PORT},
+            "periodSeconds": 10,
+        },
+        "resources": {
+            "requests": {"cpu": "500m", "memory": "1Gi"},
+            "limits": {"cpu": "2", "memory": "4Gi"},
+        },
     }
     deployment = {
         "apiVersion": "apps/v1",
@@ -341,7 +397,10 @@ def mlflow_server(config: Config) -> list[dict]:
         "spec": {
             "replicas": 1,
             "selector": {"matchLabels": _labels("mlflow")},
-            "template": {"metadata": {"labels": _labels("mlflow")}, "spec": {"containers": [container]}},
+            "template": {
+                "metadata": {"labels": _labels("mlflow")},
+                "spec": {"containers": [container]},
+            },
         },
     }
     return [deployment, _service(config, name, "mlflow", MLFLOW_PORT)]
@@ -352,12 +411,19 @@ def _service(config: Config, name: str, component: str, port: int) -> dict:
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": _metadata(config, name, component),
-        "spec": {"selector": _labels(component), "ports": [{"name": component, "port": port, "targetPort": port}]},
+        "spec": {
+            "selector": _labels(component),
+            "ports": [{"name": component, "port": port, "targetPort": port}],
+        },
     }
 
 
 def kustomization(resources: list[str]) -> dict:
-    return {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "resources": resources}
+    return {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": resources,
+    }
 
 
 # ---------------------------------------------------------------- files
@@ -379,7 +445,8 @@ def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
 
 _Dumper.add_representer(str, _str)
 _Dumper.add_representer(
-    Literal, lambda dumper, value: dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|")
+    Literal,
+    lambda dumper, value: dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|"),
 )
 
 
@@ -419,7 +486,9 @@ def render_tree() -> dict[str, str]:
             if name == "gpu":
                 files["base/namespace.yaml"] = flat.pop("namespace.yaml")
                 files["base/mlflow.yaml"] = flat.pop("mlflow.yaml")
-                files["base/kustomization.yaml"] = _file([kustomization(["namespace.yaml", "mlflow.yaml"])], overrides)
+                files["base/kustomization.yaml"] = _file(
+                    [kustomization(["namespace.yaml", "mlflow.yaml"])], overrides
+                )
             else:
                 flat.pop("namespace.yaml")
                 flat.pop("mlflow.yaml", None)
@@ -449,7 +518,9 @@ def write(files: dict[str, str], out: Path) -> None:
 def drift(files: dict[str, str], out: Path) -> list[str]:
     """Paths whose checked-in text differs from ``files`` (or that are missing or extra)."""
     on_disk = {str(p.relative_to(out)) for p in out.rglob("*.yaml")}
-    changed = [p for p, text in files.items() if not (out / p).is_file() or (out / p).read_text() != text]
+    changed = [
+        p for p, text in files.items() if not (out / p).is_file() or (out / p).read_text() != text
+    ]
     return sorted(set(changed) | (on_disk - set(files)))
 
 
@@ -459,7 +530,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Render KubeRay manifests from the config (Hydra overrides as arguments).",
     )
     parser.add_argument("--out", type=Path, help="write one flat rendering of OVERRIDES here")
-    parser.add_argument("--check", action="store_true", help="fail if infra/k8s/ differs from a fresh render")
+    parser.add_argument(
+        "--check", action="store_true", help="fail if infra/k8s/ differs from a fresh render"
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=gpu_small")
     args = parser.parse_args(argv)
     try:
@@ -474,7 +547,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.check:
             stale = drift(files, K8S_DIR)
             if stale:
-                print("infra/k8s/ is stale; run `python -m pipelines.render`:\n  " + "\n  ".join(stale), file=sys.stderr)
+                print(
+                    "infra/k8s/ is stale; run `python -m pipelines.render`:\n  "
+                    + "\n  ".join(stale),
+                    file=sys.stderr,
+                )
                 return 1
             print("infra/k8s/ matches the config")
             return 0

@@ -5,6 +5,7 @@ register → deploy) under one MLflow parent run.
     python -m pipelines.run experiment=tiny      # the smallest end-to-end run
     python -m pipelines.run --help               # config groups and keys
 """
+
 from __future__ import annotations
 
 import importlib

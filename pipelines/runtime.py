@@ -1,4 +1,5 @@
 """Starting or joining Ray: the one place batch stages get their cluster from."""
+
 from __future__ import annotations
 
 import json
@@ -6,8 +7,8 @@ import os
 import signal
 import socket
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import ray
 
@@ -34,7 +35,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 @contextmanager
 def keep_sigterm_handler() -> Iterator[None]:
-    """Keep a Python SIGTERM handler installed before ``ray.init`` (the pipeline's, which ends MLflow
+    """Keep a Python SIGTERM handler installed before ``ray.init`` (the pipeline's, which ends
+    MLflow
     runs as KILLED): ``ray.init`` replaces it with one that exits at once. Ray's own cleanup of a
     local cluster still runs, from its ``atexit`` hook, when the interrupted pipeline exits."""
     main = threading.current_thread() is threading.main_thread()
@@ -47,7 +49,8 @@ def keep_sigterm_handler() -> Iterator[None]:
 
 
 def ensure_ray(config: Config) -> None:
-    """Reuse an initialised Ray (tests, Hydra multirun); else start or join one per ``cluster.*``."""
+    """Reuse an initialised Ray (tests, Hydra multirun); else start or join one per
+    ``cluster.*``."""
     if ray.is_initialized():
         return
     # A submitted job's runtime env is already in this process' environment, and Ray refuses a
@@ -75,8 +78,10 @@ def ensure_ray(config: Config) -> None:
             num_cpus=cluster.num_cpus,
             num_gpus=cluster.num_gpus,
             object_store_memory=cluster.object_store_memory_mb * 1024**2,
-            # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner needs to
-            # see a dead controller (an ASHA-stopped trial, a killed worker); without it the dead run's
+            # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner needs
+            # to
+            # see a dead controller (an ASHA-stopped trial, a killed worker); without it the dead
+            # run's
             # placement group keeps its CPUs forever and later runs wait on them.
             include_dashboard=True,
             dashboard_host="127.0.0.1",
@@ -99,7 +104,8 @@ def cluster_tags() -> dict[str, str]:
     return {
         "moeops.ray.address": context.gcs_address,
         "moeops.ray.resources": json.dumps(
-            {k: v for k, v in ray.cluster_resources().items() if not k.startswith("node:")}, sort_keys=True
+            {k: v for k, v in ray.cluster_resources().items() if not k.startswith("node:")},
+            sort_keys=True,
         ),
         "moeops.ray.job_id": context.get_job_id(),
     }

@@ -1,11 +1,14 @@
 """The ``train`` stage: Ray Train's TorchTrainer over ``components.training.loop``, then the export.
 
-    python -m pipelines.train experiment=tiny            # uses the latest finished prepare (and tune) run
-    python -m pipelines.train train.stop_at_step=100     # stop early; the same command without it resumes
+    python -m pipelines.train experiment=tiny            # uses the latest finished prepare (and
+    tune) run
+    python -m pipelines.train train.stop_at_step=100     # stop early; the same command without it
+    resumes
 
 :func:`run_training` is also what Tune trials (``pipelines.tune``) and the dense baseline
 (``pipelines.evaluate``) call.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,8 +31,20 @@ from pipelines.outputs import PrepareOutputs, TrainOutputs, TuneOutputs
 
 # config keys that change the trained weights: a run with the same ones (and the same dataset)
 # continues the same checkpoints when train.resume=auto
-_CURVE_KEYS = ("lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip",
-               "batch_size", "grad_accum_steps", "max_steps", "seed", "precision")
+_CURVE_KEYS = (
+    "lr",
+    "min_lr_ratio",
+    "warmup_steps",
+    "weight_decay",
+    "beta1",
+    "beta2",
+    "grad_clip",
+    "batch_size",
+    "grad_accum_steps",
+    "max_steps",
+    "seed",
+    "precision",
+)
 
 
 @dataclass
@@ -37,8 +52,8 @@ class TrainResult:
     # at least val_loss, train_loss, tokens_per_s, steps, and over the last logging interval
     # moe/dropped_fraction, moe/load_max_over_mean, comm/exposed_fraction (NaN: not measured)
     metrics: dict[str, float]
-    checkpoint_path: str        # latest Ray Train checkpoint dir (local path or URI)
-    export_dir: str             # local dir holding save_export(...) output (EP-size independent)
+    checkpoint_path: str  # latest Ray Train checkpoint dir (local path or URI)
+    export_dir: str  # local dir holding save_export(...) output (EP-size independent)
     flow_report_path: str = ""  # JSON list of every rank's data-flow report entries
 
 
@@ -59,7 +74,7 @@ def _storage(config: Config) -> tuple[str, Any]:
     Object stores reuse the cold tier's settings (endpoint, region, credential variables)."""
     uri = config.train.checkpoint_uri
     if "://" not in uri or uri.startswith("file://"):
-        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        path = uri[len("file://") :] if uri.startswith("file://") else uri
         Path(path).mkdir(parents=True, exist_ok=True)
         return path, None
     from pyarrow.fs import FSSpecHandler, PyFileSystem
@@ -108,8 +123,8 @@ class RayTrainSession:
     """The training loop's view of Ray Train (``components.training.loop.Session``)."""
 
     def device(self, use_gpu: bool):
-        import torch
         import ray.train.torch
+        import torch
 
         if not use_gpu:
             return torch.device("cpu")
@@ -239,12 +254,16 @@ def run_training(
     flow_report_path = out_root / FLOW_REPORT_FILE
     with result.checkpoint.as_directory() as ckpt_dir, tempfile.TemporaryDirectory() as tmp:
         state = load_full_model_state(ckpt_dir)
-        tokenizer = _local_tokenizer(manifest.tokenizer_uri, config.storage, Path(tmp) / "tokenizer.json")
+        tokenizer = _local_tokenizer(
+            manifest.tokenizer_uri, config.storage, Path(tmp) / "tokenizer.json"
+        )
         save_export(state, config.model, manifest.vocab_size, tokenizer, export_dir)
         if (Path(ckpt_dir) / FLOW_REPORT_FILE).exists():
             shutil.copyfile(Path(ckpt_dir) / FLOW_REPORT_FILE, flow_report_path)
 
-    metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+    metrics = {
+        k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))
+    }
     metrics["steps"] = metrics.get("step", 0.0)
     for key in ("moe/dropped_fraction", "moe/load_max_over_mean", "comm/exposed_fraction"):
         metrics.setdefault(key, float("nan"))
@@ -266,7 +285,10 @@ def model_params(config: Config) -> dict[str, str]:
     from components.tracking.registry import mlflow_param
 
     container = to_container(config)
-    return {k: mlflow_param(v) for k, v in flatten({"model": container["model"], "train": container["train"]}).items()}
+    return {
+        k: mlflow_param(v)
+        for k, v in flatten({"model": container["model"], "train": container["train"]}).items()
+    }
 
 
 def run(ctx: StageContext) -> TrainOutputs:
@@ -286,7 +308,10 @@ def run(ctx: StageContext) -> TrainOutputs:
     dataset = dataset_of(config.data.name, prepare)
     log_dataset_input(ctx.client, ctx.run_id, dataset, prepare.dataset_digest, "training")
     result = run_training(
-        config, prepare.manifest_uri, mlflow_run_id=ctx.run_id, name=training_name(config, prepare.manifest_uri),
+        config,
+        prepare.manifest_uri,
+        mlflow_run_id=ctx.run_id,
+        name=training_name(config, prepare.manifest_uri),
     )
     if result.flow_report_path:
         ctx.log_artifact(result.flow_report_path, "data_flow")
@@ -298,10 +323,17 @@ def run(ctx: StageContext) -> TrainOutputs:
     summary = {f"final_{k}": m[k] for k in ("val_loss", "train_loss", "tokens_per_s") if k in m}
     mlflow.log_metrics(summary, step=steps, run_id=ctx.run_id, dataset=dataset)
     model_id = log_model(
-        result.export_dir, run_id=ctx.run_id, tracking_uri=ctx.tracking_uri, params=model_params(config),
+        result.export_dir,
+        run_id=ctx.run_id,
+        tracking_uri=ctx.tracking_uri,
+        params=model_params(config),
         step=steps,
-        tags={"dataset_digest": prepare.dataset_digest, "tokenizer_hash": prepare.tokenizer_hash,
-              "model_digest": digest, "git_commit": code_tags()["moeops.git_commit"]},
+        tags={
+            "dataset_digest": prepare.dataset_digest,
+            "tokenizer_hash": prepare.tokenizer_hash,
+            "model_digest": digest,
+            "git_commit": code_tags()["moeops.git_commit"],
+        },
     )
     nan = float("nan")
     return TrainOutputs(
@@ -321,8 +353,14 @@ def run(ctx: StageContext) -> TrainOutputs:
     )
 
 
-SPEC = StageSpec(name="train", config_keys=("data", "model", "train"), upstream=upstream, fn=run,
-                 outputs=TrainOutputs, system_metrics=True)
+SPEC = StageSpec(
+    name="train",
+    config_keys=("data", "model", "train"),
+    upstream=upstream,
+    fn=run,
+    outputs=TrainOutputs,
+    system_metrics=True,
+)
 main = stage_main(SPEC)
 
 if __name__ == "__main__":

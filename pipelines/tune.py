@@ -1,14 +1,17 @@
-"""Tune stage: Ray Tune over shortened training runs; every trial is an MLflow run nested under this one.
+"""Tune stage: Ray Tune over shortened training runs; every trial is an MLflow run nested under this
+one.
 
     python -m pipelines.tune experiment=tiny              # after pipelines.prepare
     python -m pipelines.tune tune=large cluster=remote    # a real sweep on a cluster
 
-Each trial is a function trainable that drives one Ray Train V2 run (``pipelines.train.run_training``)
+Each trial is a function trainable that drives one Ray Train V2 run
+(``pipelines.train.run_training``)
 with a ``TuneReportCallback`` so ASHA sees ``val_loss`` at every eval. Train V2 takes no Tune
 callbacks, so MLflow logging is explicit: the trial creates (or, after a restart, finds) its own
 run tagged ``mlflow.parentRunId`` = this stage's run, and rank 0 logs step metrics to it.
 The sweep directory is named after the config, so rerunning after the driver died restores it.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,22 +19,23 @@ import math
 import os
 import signal
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
 
-import ray  # noqa: E402
-from mlflow import MlflowClient  # noqa: E402
-from ray import tune  # noqa: E402
+import ray
+from mlflow import MlflowClient
+from ray import tune
 
-from components.config import Config, config_from_dict, flatten, to_container, with_overrides  # noqa: E402
-from components.evaluation.sweep_report import write_sweep_summary  # noqa: E402
-from components.tracking import mlflow_utils  # noqa: E402
-from components.tracking.stages import StageContext, StageSpec, digest_of  # noqa: E402
-from pipelines._cli import stage_main  # noqa: E402
-from pipelines.outputs import PrepareOutputs, TuneOutputs  # noqa: E402
+from components.config import Config, config_from_dict, flatten, to_container, with_overrides
+from components.evaluation.sweep_report import write_sweep_summary
+from components.tracking import mlflow_utils
+from components.tracking.stages import StageContext, StageSpec, digest_of
+from pipelines._cli import stage_main
+from pipelines.outputs import PrepareOutputs, TuneOutputs
 
 SWEEP_TAG = "moeops.sweep"
 TRIAL_TAG = "moeops.trial_id"
@@ -41,6 +45,7 @@ _MLFLOW_STATUS = {COMPLETED: "FINISHED", STOPPED_EARLY: "KILLED", ERRORED: "FAIL
 
 
 # --------------------------------------------------------------------------- search space
+
 
 def search_space(spec: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """``tune.search_space`` (dotted key -> {type, low, high, values, q}) -> Tune domains."""
@@ -54,7 +59,9 @@ def search_space(spec: dict[str, dict[str, Any]]) -> dict[str, Any]:
         elif kind == "quniform":
             space[key] = tune.quniform(s["low"], s["high"], s.get("q", 1))
         elif kind == "randint":
-            space[key] = tune.randint(int(s["low"]), int(s["high"]) + 1)  # high inclusive, like the YAML reads
+            space[key] = tune.randint(
+                int(s["low"]), int(s["high"]) + 1
+            )  # high inclusive, like the YAML reads
         elif kind == "choice":
             space[key] = tune.choice(list(s["values"]))
         else:
@@ -111,26 +118,50 @@ def sweep_name(config: Config, upstream_digest: str) -> str:
 
 # --------------------------------------------------------------------------- trial side
 
-def trial_run_id(client: MlflowClient, experiment_id: str, parent_run_id: str, sweep: str,
-                 trial_id: str, trial_name: str) -> str:
-    """The trial's MLflow run: found again after a trial restart or a restored sweep, else created."""
+
+def trial_run_id(
+    client: MlflowClient,
+    experiment_id: str,
+    parent_run_id: str,
+    sweep: str,
+    trial_id: str,
+    trial_name: str,
+) -> str:
+    """The trial's MLflow run: found again after a trial restart or a restored sweep, else
+    created."""
     found = client.search_runs(
-        [experiment_id], f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`{TRIAL_TAG}` = '{trial_id}'", max_results=1
+        [experiment_id],
+        f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`{TRIAL_TAG}` = '{trial_id}'",
+        max_results=1,
     )
     if found:
         run_id = found[0].info.run_id
         client.set_tag(run_id, "mlflow.parentRunId", parent_run_id)
         client.update_run(run_id, status="RUNNING")
         return run_id
-    run = client.create_run(experiment_id, run_name=trial_name, tags={
-        "mlflow.parentRunId": parent_run_id, SWEEP_TAG: sweep, TRIAL_TAG: trial_id,
-        "moeops.stage": "tune-trial", TRIAL_STATUS_TAG: "running",
-    })
+    run = client.create_run(
+        experiment_id,
+        run_name=trial_name,
+        tags={
+            "mlflow.parentRunId": parent_run_id,
+            SWEEP_TAG: sweep,
+            TRIAL_TAG: trial_id,
+            "moeops.stage": "tune-trial",
+            TRIAL_STATUS_TAG: "running",
+        },
+    )
     return run.info.run_id
 
 
-def train_trial(sampled: dict[str, Any], *, base_config: dict[str, Any], manifest_uri: str,
-                parent_run_id: str, experiment_id: str, sweep: str) -> None:
+def train_trial(
+    sampled: dict[str, Any],
+    *,
+    base_config: dict[str, Any],
+    manifest_uri: str,
+    parent_run_id: str,
+    experiment_id: str,
+    sweep: str,
+) -> None:
     """One trial (runs in the trial's process): a shortened, distributed training run."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -148,16 +179,29 @@ def train_trial(sampled: dict[str, Any], *, base_config: dict[str, Any], manifes
         client.log_text(run_id, str(err), "error.txt")
         raise
     container = to_container(config)
-    mlflow_utils.log_params(client, run_id, {**flatten({"model": container["model"], "train": container["train"]})})
-    mlflow_utils.set_tags(client, run_id, {"moeops.sampled": json.dumps(sampled, sort_keys=True, default=str)})
-    result = run_training(config, manifest_uri, mlflow_run_id=run_id, name=f"{sweep}-{trial_id}",
-                          callbacks=[TuneReportCallback()])
+    mlflow_utils.log_params(
+        client, run_id, {**flatten({"model": container["model"], "train": container["train"]})}
+    )
+    mlflow_utils.set_tags(
+        client, run_id, {"moeops.sampled": json.dumps(sampled, sort_keys=True, default=str)}
+    )
+    result = run_training(
+        config,
+        manifest_uri,
+        mlflow_run_id=run_id,
+        name=f"{sweep}-{trial_id}",
+        callbacks=[TuneReportCallback()],
+    )
     client.set_tag(run_id, TRIAL_STATUS_TAG, COMPLETED)
-    mlflow_utils.log_metrics(client, run_id, {f"final_{k}": v for k, v in result.metrics.items()
-                                               if isinstance(v, (int, float))})
+    mlflow_utils.log_metrics(
+        client,
+        run_id,
+        {f"final_{k}": v for k, v in result.metrics.items() if isinstance(v, (int, float))},
+    )
 
 
 # --------------------------------------------------------------------------- driver side
+
 
 def _search_alg(config: Config, max_concurrent: int):
     tu = config.tune
@@ -173,7 +217,9 @@ def _search_alg(config: Config, max_concurrent: int):
 
     # the limit goes here: Tune ignores TuneConfig.max_concurrent_trials for a SearchGenerator (it
     # warns so), and more trials than fit would wait on each other's CPUs
-    return BasicVariantGenerator(points_to_evaluate=points, random_state=tu.seed, max_concurrent=max_concurrent)
+    return BasicVariantGenerator(
+        points_to_evaluate=points, random_state=tu.seed, max_concurrent=max_concurrent
+    )
 
 
 def _scheduler(config: Config):
@@ -184,8 +230,12 @@ def _scheduler(config: Config):
 
     # Time is counted in evals (one Tune report per eval); a trial's last eval is max_t.
     max_t = max(1, math.ceil(tu.trial_max_steps / tu.trial_eval_every))
-    return ASHAScheduler(time_attr="training_iteration", max_t=max_t,
-                         grace_period=min(tu.grace_period, max_t), reduction_factor=tu.reduction_factor)
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=max_t,
+        grace_period=min(tu.grace_period, max_t),
+        reduction_factor=tu.reduction_factor,
+    )
 
 
 SIGINT_HANDLER_ENV = "TUNE_DISABLE_SIGINT_HANDLER"
@@ -200,9 +250,12 @@ def signals_stop_the_sweep() -> Iterator[None]:
     pipeline went on to ``train`` with whatever the interrupted trials had reported (or failed the
     stage when none had). Tune also leaves that handler installed after ``fit``, so a Ctrl-C in a
     later stage was swallowed once. Tune's documented ``TUNE_DISABLE_SIGINT_HANDLER`` (read when
-    ``fit`` starts) keeps the process' handler, the pipeline's (``pipelines.pipeline.signals_end_runs``),
-    which raises ``Interrupted``: the trial, tune and parent runs end KILLED and no later stage runs.
-    An interrupted sweep stays restorable: Tune saves its experiment state periodically while it runs.
+    ``fit`` starts) keeps the process' handler, the pipeline's
+    (``pipelines.pipeline.signals_end_runs``),
+    which raises ``Interrupted``: the trial, tune and parent runs end KILLED and no later stage
+    runs.
+    An interrupted sweep stays restorable: Tune saves its experiment state periodically while it
+    runs.
     """
     previous_env = os.environ.get(SIGINT_HANDLER_ENV)
     previous_handler = signal.getsignal(signal.SIGINT)
@@ -215,13 +268,23 @@ def signals_stop_the_sweep() -> Iterator[None]:
         else:
             os.environ[SIGINT_HANDLER_ENV] = previous_env
         # (belt and braces should a Tune version ignore the variable; only the main thread may)
-        if (threading.current_thread() is threading.main_thread() and previous_handler is not None
-                and signal.getsignal(signal.SIGINT) is not previous_handler):
+        if (
+            threading.current_thread() is threading.main_thread()
+            and previous_handler is not None
+            and signal.getsignal(signal.SIGINT) is not previous_handler
+        ):
             signal.signal(signal.SIGINT, previous_handler)
 
 
-def run_sweep(config: Config, manifest_uri: str, *, parent_run_id: str, experiment_id: str,
-              sweep: str, storage_dir: str | Path) -> tuple[tune.ResultGrid, bool]:
+def run_sweep(
+    config: Config,
+    manifest_uri: str,
+    *,
+    parent_run_id: str,
+    experiment_id: str,
+    sweep: str,
+    storage_dir: str | Path,
+) -> tuple[tune.ResultGrid, bool]:
     """Fit a new sweep, or restore ``<storage_dir>/<sweep>`` when an interrupted one exists.
 
     Returns (results, restored)."""
@@ -229,35 +292,55 @@ def run_sweep(config: Config, manifest_uri: str, *, parent_run_id: str, experime
     storage_dir = Path(storage_dir).resolve()
     storage_dir.mkdir(parents=True, exist_ok=True)
     trainable = tune.with_resources(
-        tune.with_parameters(train_trial, base_config=to_container(config), manifest_uri=manifest_uri,
-                             parent_run_id=parent_run_id, experiment_id=experiment_id, sweep=sweep),
+        tune.with_parameters(
+            train_trial,
+            base_config=to_container(config),
+            manifest_uri=manifest_uri,
+            parent_run_id=parent_run_id,
+            experiment_id=experiment_id,
+            sweep=sweep,
+        ),
         {"cpu": tu.trial_driver_cpus},
     )
     path = storage_dir / sweep
     if tune.Tuner.can_restore(str(path)):
         print(f"[tune] restoring interrupted sweep {path}", flush=True)
-        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, restart_errored=True)
+        tuner = tune.Tuner.restore(
+            str(path), trainable=trainable, resume_unfinished=True, restart_errored=True
+        )
         with signals_stop_the_sweep():
             return tuner.fit(), True
     concurrency = max_concurrent_trials(config, ray.available_resources())
-    print(f"[tune] {tu.num_samples} trials, {concurrency} at a time, search={tu.search_alg}, "
-          f"scheduler={tu.scheduler}, dir={path}", flush=True)
+    print(
+        f"[tune] {tu.num_samples} trials, {concurrency} at a time, search={tu.search_alg}, "
+        f"scheduler={tu.scheduler}, dir={path}",
+        flush=True,
+    )
     tuner = tune.Tuner(
         trainable,
         param_space=search_space(tu.search_space),
         tune_config=tune.TuneConfig(
-            metric=tu.metric, mode=tu.mode, num_samples=tu.num_samples, search_alg=_search_alg(config, concurrency),
-            scheduler=_scheduler(config), max_concurrent_trials=concurrency,
+            metric=tu.metric,
+            mode=tu.mode,
+            num_samples=tu.num_samples,
+            search_alg=_search_alg(config, concurrency),
+            scheduler=_scheduler(config),
+            max_concurrent_trials=concurrency,
         ),
-        run_config=tune.RunConfig(name=sweep, storage_path=str(storage_dir), verbose=1,
-                                  failure_config=tune.FailureConfig(max_failures=0)),
+        run_config=tune.RunConfig(
+            name=sweep,
+            storage_path=str(storage_dir),
+            verbose=1,
+            failure_config=tune.FailureConfig(max_failures=0),
+        ),
     )
     with signals_stop_the_sweep():
         return tuner.fit(), False
 
 
 def _plain(value: Any) -> Any:
-    """numpy scalars (from the search algorithms) -> Python numbers, so JSON and the schema accept them."""
+    """numpy scalars (from the search algorithms) -> Python numbers, so JSON and the schema accept
+    them."""
     return value.item() if hasattr(value, "item") else value
 
 
@@ -270,12 +353,17 @@ def _trial_id(result) -> str:
     return "_".join(parts[1:3]) if len(parts) > 2 else Path(result.path).name
 
 
-def close_trial_runs(client: MlflowClient, experiment_id: str, parent_run_id: str, sweep: str,
-                     grid, config: Config) -> list[dict[str, Any]]:
+def close_trial_runs(
+    client: MlflowClient, experiment_id: str, parent_run_id: str, sweep: str, grid, config: Config
+) -> list[dict[str, Any]]:
     """Final status of each trial run (completed / stopped early / errored) and the summary rows."""
     tu = config.tune
-    runs = {r.data.tags.get(TRIAL_TAG): r for r in client.search_runs(
-        [experiment_id], f"tags.`{SWEEP_TAG}` = '{sweep}'", max_results=1000)}
+    runs = {
+        r.data.tags.get(TRIAL_TAG): r
+        for r in client.search_runs(
+            [experiment_id], f"tags.`{SWEEP_TAG}` = '{sweep}'", max_results=1000
+        )
+    }
     rows = []
     for result in grid:
         trial_id = _trial_id(result)
@@ -284,22 +372,30 @@ def close_trial_runs(client: MlflowClient, experiment_id: str, parent_run_id: st
         steps = int(metrics.get("step", 0) or 0)
         if result.error is not None:
             status = ERRORED
-        elif (run and run.data.tags.get(TRIAL_STATUS_TAG) == COMPLETED) or steps >= tu.trial_max_steps:
+        elif (
+            run and run.data.tags.get(TRIAL_STATUS_TAG) == COMPLETED
+        ) or steps >= tu.trial_max_steps:
             status = COMPLETED
         else:
             status = STOPPED_EARLY
         sampled = {k: _plain(v) for k, v in (result.config or {}).items() if k in tu.search_space}
-        row: dict[str, Any] = {"trial_id": trial_id, "status": status, "steps": steps,
-                               tu.metric: metrics.get(tu.metric, float("nan")),
-                               "evals": metrics.get("training_iteration", 0),
-                               **{f"param.{k}": v for k, v in sampled.items()},
-                               "run_id": run.info.run_id if run else ""}
+        row: dict[str, Any] = {
+            "trial_id": trial_id,
+            "status": status,
+            "steps": steps,
+            tu.metric: metrics.get(tu.metric, float("nan")),
+            "evals": metrics.get("training_iteration", 0),
+            **{f"param.{k}": v for k, v in sampled.items()},
+            "run_id": run.info.run_id if run else "",
+        }
         rows.append(row)
         if run is None:
             continue
         run_id = run.info.run_id
         # A restored sweep's finished trials keep their runs: move them under this stage run.
-        mlflow_utils.set_tags(client, run_id, {"mlflow.parentRunId": parent_run_id, TRIAL_STATUS_TAG: status})
+        mlflow_utils.set_tags(
+            client, run_id, {"mlflow.parentRunId": parent_run_id, TRIAL_STATUS_TAG: status}
+        )
         if result.error is not None:
             client.log_text(run_id, f"{type(result.error).__name__}: {result.error}", "error.txt")
         if run.info.status != _MLFLOW_STATUS[status]:
@@ -308,16 +404,29 @@ def close_trial_runs(client: MlflowClient, experiment_id: str, parent_run_id: st
 
 
 def disabled_outputs(config: Config) -> TuneOutputs:
-    return TuneOutputs(enabled=False, metric=config.tune.metric, best_params={}, best_metric=float("nan"),
-                       best_trial_run_id="", num_trials=0, num_completed=0, num_stopped_early=0, num_errored=0,
-                       sweep_dir="")
+    return TuneOutputs(
+        enabled=False,
+        metric=config.tune.metric,
+        best_params={},
+        best_metric=float("nan"),
+        best_trial_run_id="",
+        num_trials=0,
+        num_completed=0,
+        num_stopped_early=0,
+        num_errored=0,
+        sweep_dir="",
+    )
 
 
 def end_open_trial_runs(client: MlflowClient, experiment_id: str, sweep: str, status: str) -> None:
-    """Trial runs still RUNNING when the sweep's driver stops (Ctrl-C, SIGTERM, an error) get ``status``:
+    """Trial runs still RUNNING when the sweep's driver stops (Ctrl-C, SIGTERM, an error) get
+    ``status``:
     their processes die with the driver and would leave them RUNNING forever."""
-    for run in client.search_runs([experiment_id], f"tags.`{SWEEP_TAG}` = '{sweep}' and attributes.status = 'RUNNING'",
-                                  max_results=1000):
+    for run in client.search_runs(
+        [experiment_id],
+        f"tags.`{SWEEP_TAG}` = '{sweep}' and attributes.status = 'RUNNING'",
+        max_results=1000,
+    ):
         client.set_terminated(run.info.run_id, status)
 
 
@@ -331,8 +440,10 @@ def run(ctx: StageContext) -> TuneOutputs:
         ctx.set_tags({"moeops.tune": "disabled"})
         return disabled_outputs(config)
     if not tu.search_space:
-        raise ValueError("tune.search_space is empty: declare at least one dotted key in conf/tune/ "
-                         "(or use tune=off to train with the config as composed)")
+        raise ValueError(
+            "tune.search_space is empty: declare at least one dotted key in conf/tune/ "
+            "(or use tune=off to train with the config as composed)"
+        )
     ensure_ray(config)
     sweep = sweep_name(config, prepare.dataset_digest)
     if config.force or not tu.resume:
@@ -340,8 +451,14 @@ def run(ctx: StageContext) -> TuneOutputs:
     ctx.set_tags({SWEEP_TAG: sweep})
     sweep_dir = Path(config.paths.root) / "tune" / sweep
     try:
-        grid, restored = run_sweep(config, prepare.manifest_uri, parent_run_id=ctx.run_id,
-                                   experiment_id=ctx.experiment_id, sweep=sweep, storage_dir=sweep_dir.parent)
+        grid, restored = run_sweep(
+            config,
+            prepare.manifest_uri,
+            parent_run_id=ctx.run_id,
+            experiment_id=ctx.experiment_id,
+            sweep=sweep,
+            storage_dir=sweep_dir.parent,
+        )
     except BaseException as err:
         end_open_trial_runs(ctx.client, ctx.experiment_id, sweep, final_status(err))
         raise
@@ -349,20 +466,26 @@ def run(ctx: StageContext) -> TuneOutputs:
     rows = close_trial_runs(ctx.client, ctx.experiment_id, ctx.run_id, sweep, grid, config)
 
     log_params = [k for k, s in tu.search_space.items() if s.get("type") == "loguniform"]
-    files = write_sweep_summary(rows, tu.metric, tu.mode, list(tu.search_space), log_params, ctx.work_dir / "sweep")
+    files = write_sweep_summary(
+        rows, tu.metric, tu.mode, list(tu.search_space), log_params, ctx.work_dir / "sweep"
+    )
     for path in files.values():
         ctx.log_artifact(path, "sweep")
     counts = {s: sum(r["status"] == s for r in rows) for s in (COMPLETED, STOPPED_EARLY, ERRORED)}
     ctx.log_metrics({"num_trials": len(rows), **{f"trials_{k}": v for k, v in counts.items()}})
 
     try:
-        best = grid.get_best_result(metric=tu.metric, mode=tu.mode, scope="last", filter_nan_and_inf=True)
+        best = grid.get_best_result(
+            metric=tu.metric, mode=tu.mode, scope="last", filter_nan_and_inf=True
+        )
     except RuntimeError:
         best = None
     if best is None or best.metrics is None or tu.metric not in best.metrics:
         errors = "; ".join(f"{_trial_id(r)}: {r.error}" for r in grid if r.error is not None)
-        raise RuntimeError(f"sweep {sweep}: no trial reported {tu.metric} ({errors or 'no errors recorded'}); "
-                           f"see the trial runs under MLflow run {ctx.run_id}")
+        raise RuntimeError(
+            f"sweep {sweep}: no trial reported {tu.metric} ({errors or 'no errors recorded'}); "
+            f"see the trial runs under MLflow run {ctx.run_id}"
+        )
     best_params = {k: _plain(best.config[k]) for k in tu.search_space}
     best_metric = float(best.metrics[tu.metric])
     best_run = next((r["run_id"] for r in rows if r["trial_id"] == _trial_id(best)), "")
@@ -370,14 +493,27 @@ def run(ctx: StageContext) -> TuneOutputs:
     ctx.set_tags({"moeops.best_trial": _trial_id(best), "moeops.best_trial_run": best_run})
     ctx.log_text(json.dumps(best_params, sort_keys=True), "sweep/best_params.json")
     return TuneOutputs(
-        enabled=True, metric=tu.metric, best_params=best_params, best_metric=best_metric,
-        best_trial_run_id=best_run, num_trials=len(rows), num_completed=counts[COMPLETED],
-        num_stopped_early=counts[STOPPED_EARLY], num_errored=counts[ERRORED], sweep_dir=str(sweep_dir),
+        enabled=True,
+        metric=tu.metric,
+        best_params=best_params,
+        best_metric=best_metric,
+        best_trial_run_id=best_run,
+        num_trials=len(rows),
+        num_completed=counts[COMPLETED],
+        num_stopped_early=counts[STOPPED_EARLY],
+        num_errored=counts[ERRORED],
+        sweep_dir=str(sweep_dir),
     )
 
 
-SPEC = StageSpec(name="tune", config_keys=("data", "model", "train", "tune"), upstream=(PrepareOutputs,),
-                 fn=run, outputs=TuneOutputs, system_metrics=True)
+SPEC = StageSpec(
+    name="tune",
+    config_keys=("data", "model", "train", "tune"),
+    upstream=(PrepareOutputs,),
+    fn=run,
+    outputs=TuneOutputs,
+    system_metrics=True,
+)
 main = stage_main(SPEC)
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""The Ray Serve application: one FastAPI-ingress deployment that loads and decodes with continuous batching.
+"""The Ray Serve application: one FastAPI-ingress deployment that loads and decodes with continuous
+batching.
 
     serve run serving.app:build_app          # args from the CLI / a config file's ``args``
-    serve deploy serve_config.yaml           # written by the deploy stage (serving/deploy_config.py)
+    serve deploy serve_config.yaml           # written by the deploy stage
+    (serving/deploy_config.py)
 
 A replica comes up *alive* at once and becomes *ready* when its model is loaded from the MLflow
 registry and warmed up (``/healthz`` vs ``/readyz``, as KServe probes). Serve routes requests to a
@@ -14,6 +16,7 @@ version, canary share, quantisation and engine sizes come from those typed secti
 ``reconfigure`` (a ``serve deploy`` of an edited ``user_config``) loads a new version beside the
 serving one and switches when it is warm; a ``serve.run`` redeploy from Python is a rolling update.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -22,7 +25,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Optional
+from typing import Any
 
 import mlflow
 import torch
@@ -49,7 +52,8 @@ GIL_SWITCH_INTERVAL_S = 0.001
 
 
 def inference_model(model: torch.nn.Module, quantize: str, device: str) -> torch.nn.Module:
-    """The one place a served model is prepared for inference: moved to its device, quantised if asked."""
+    """The one place a served model is prepared for inference: moved to its device, quantised if
+    asked."""
     from components.model.quantize import quantize_for_inference
 
     # "auto" quantises only where int8 measured faster (components.model.quantize.int8_pays)
@@ -59,9 +63,12 @@ def inference_model(model: torch.nn.Module, quantize: str, device: str) -> torch
 
 
 def make_engine(loaded, quantize: str, label: str, serve_cfg, device: str = "cpu") -> Engine:
-    """An engine for a freshly loaded version, warmed up: the first forwards allocate and pick kernels,
+    """An engine for a freshly loaded version, warmed up: the first forwards allocate and pick
+    kernels,
     at one sequence and at a full batch, for prefill and decode."""
-    engine = Engine(inference_model(loaded.model, quantize, device), loaded.tokenizer, serve_cfg, label)
+    engine = Engine(
+        inference_model(loaded.model, quantize, device), loaded.tokenizer, serve_cfg, label
+    )
     prompt = engine.encode("def ") or [engine.eos_id]
     warm = GenerationParams(max_tokens=WARMUP_TOKENS, ignore_eos=True)
     engine.run_to_completion([engine.sequence(prompt, warm)])
@@ -77,7 +84,7 @@ def device_for(serve_cfg) -> str:
 @serve.ingress()
 class CompletionServer:
     async def __init__(self, args: dict[str, Any]):
-        self._base = copy.deepcopy(dict(args))          # the plain container; user_config applies on top
+        self._base = copy.deepcopy(dict(args))  # the plain container; user_config applies on top
         self.config: Config = config_from_dict(self._base)
         tracking_uri = self.config.tracking.uri
         # The replica is its own process: it must point MLflow at the store itself.
@@ -89,14 +96,17 @@ class CompletionServer:
         self.replica_id = str(context.replica_tag)
         self.metrics = ServeMetrics(ray_enabled=True)
         self.metrics.set_ready(False)
-        self.ready_at: Optional[float] = None           # wall clock of the first successful warm-up
-        self.first_request_at: Optional[float] = None   # wall clock of the first HTTP request
-        self.engine_loop = EngineLoop(asyncio.get_running_loop(), self.config.serve.max_queued_sequences,
-                                      self.metrics)
-        self.store = ModelStore(tracking_uri, self._make_engine, device=device_for(self.config.serve))
+        self.ready_at: float | None = None  # wall clock of the first successful warm-up
+        self.first_request_at: float | None = None  # wall clock of the first HTTP request
+        self.engine_loop = EngineLoop(
+            asyncio.get_running_loop(), self.config.serve.max_queued_sequences, self.metrics
+        )
+        self.store = ModelStore(
+            tracking_uri, self._make_engine, device=device_for(self.config.serve)
+        )
         self.auth_token = token_from_env(self.config.serve.auth_token_env)
-        self._desired: Optional[tuple] = None
-        self._applied: Optional[tuple] = None
+        self._desired: tuple | None = None
+        self._applied: tuple | None = None
         self._wake = asyncio.Event()
         self._switched = asyncio.Event()
         self._attempted = asyncio.Event()
@@ -118,22 +128,32 @@ class CompletionServer:
         container = copy.deepcopy(self._base)
         for section in ("serve", "registry"):
             container[section] = {**container.get(section, {}), **user_config.get(section, {})}
-        config = config_from_dict(container)  # raises on a malformed user_config: the deploy fails loudly
+        config = config_from_dict(
+            container
+        )  # raises on a malformed user_config: the deploy fails loudly
         was_ready = self.store.ready
         self._apply(config, revision=str(user_config.get("revision", "")))
         if was_ready:
             # A version switch: give the caller (serve deploy) the new version when it returns.
             try:
                 await asyncio.wait_for(self._switched.wait(), timeout=SWITCH_WAIT_S)
-            except asyncio.TimeoutError:
-                log.warning("model switch still in progress after %.0fs; old version keeps serving", SWITCH_WAIT_S)
+            except TimeoutError:
+                log.warning(
+                    "model switch still in progress after %.0fs; old version keeps serving",
+                    SWITCH_WAIT_S,
+                )
 
     def _apply(self, config: Config, revision: str) -> None:
         self.config = config
         s = config.serve
         self.engine_loop.max_queued = s.max_queued_sequences
         # what the engines are built from: a change loads (and warms) new ones
-        desired = (ModelSettings.from_config(config), s.max_num_seqs, s.max_num_batched_tokens, revision)
+        desired = (
+            ModelSettings.from_config(config),
+            s.max_num_seqs,
+            s.max_num_batched_tokens,
+            revision,
+        )
         self._desired = desired
         if desired == self._applied:
             self._switched.set()  # only request limits changed: nothing to load
@@ -142,10 +162,13 @@ class CompletionServer:
         self._wake.set()
 
     def _make_engine(self, loaded, quantize: str, label: str) -> Engine:
-        return make_engine(loaded, quantize, label, self.config.serve, device_for(self.config.serve))
+        return make_engine(
+            loaded, quantize, label, self.config.serve, device_for(self.config.serve)
+        )
 
     async def _load_forever(self) -> None:
-        """Keep the served versions equal to the desired settings; retry while the registry is not ready."""
+        """Keep the served versions equal to the desired settings; retry while the registry is not
+        ready."""
         while True:
             self._wake.clear()  # cleared before reading, so a reconfigure during a load is never missed
             desired = self._desired
@@ -159,11 +182,17 @@ class CompletionServer:
                     self.metrics.set_ready(True)
                     if desired is self._desired:
                         self._switched.set()
-                except Exception as err:  # registry not reachable, alias not set yet, bad artifact ...
+                except (
+                    Exception
+                ) as err:  # registry not reachable, alias not set yet, bad artifact ...
                     self.store.last_error = f"{type(err).__name__}: {err}"
                     retry_s = max(0.1, float(self.config.serve.load_retry_s))
-                    log.warning("cannot load %s yet (retrying in %.1fs): %s", settings.model_uri, retry_s,
-                                self.store.last_error)
+                    log.warning(
+                        "cannot load %s yet (retrying in %.1fs): %s",
+                        settings.model_uri,
+                        retry_s,
+                        self.store.last_error,
+                    )
                     self._attempted.set()
                     await asyncio.sleep(retry_s)
                     continue
@@ -208,7 +237,9 @@ def build_app(args: dict[str, Any]) -> Application:
     return make_application(config, model_uri=config.serve.model_uri or None)
 
 
-def make_application(config: Config, model_uri: Optional[str] = None, revision: str = "") -> Application:
+def make_application(
+    config: Config, model_uri: str | None = None, revision: str = ""
+) -> Application:
     """The bound application with the same deployment options the Serve config file carries."""
     from serving.deploy_config import app_args
 
@@ -216,9 +247,12 @@ def make_application(config: Config, model_uri: Optional[str] = None, revision: 
     options.pop("name")
     token_env = config.serve.auth_token_env
     if token_from_env(token_env):
-        # The token reaches replicas as an env var of their runtime env, never through a config file.
-        options["ray_actor_options"] = {**options["ray_actor_options"],
-                                        "runtime_env": {"env_vars": {token_env: os.environ[token_env]}}}
+        # The token reaches replicas as an env var of their runtime env, never through a config
+        # file.
+        options["ray_actor_options"] = {
+            **options["ray_actor_options"],
+            "runtime_env": {"env_vars": {token_env: os.environ[token_env]}},
+        }
     deployment = CompletionServer.options(**options)
     # serve.run from Python gives the deployment a new version on every call, so a redeploy (new
     # user_config included) is a rolling update: replacements start beside the serving replicas
@@ -227,4 +261,3 @@ def make_application(config: Config, model_uri: Optional[str] = None, revision: 
     # through a private flag; `serve deploy` of the config file (deploy_config.serve_config) updates
     # user_config in place through the public path.
     return deployment.bind(app_args(config, model_uri))
-

@@ -18,9 +18,10 @@ turn (the stop sequence ``"\\n### "``, never part of the returned text) besides 
 ``stop`` sequences, EOS and ``max_tokens``. An assistant message last in ``messages`` is continued
 rather than closed (the model completes that turn).
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 HEADERS = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
 TURN_SEPARATOR = "\n\n"

@@ -5,10 +5,11 @@ Pure and deterministic (no Ray, no MLflow, no clock): the deploy stage writes it
 RayService's ``serveConfigV2``. :func:`serving.app.build_app` applies the same
 deployment options, so ``serve.run`` from Python and ``serve deploy <file>`` agree.
 """
+
 from __future__ import annotations
 
 import copy
-from typing import Any, Optional
+from typing import Any
 
 from components.config import Config, to_container
 
@@ -29,15 +30,18 @@ def challenger_uri(config: Config) -> str:
     return f"models:/{config.registry.model_name}@{config.registry.challenger_alias}"
 
 
-def resolved_model_uri(config: Config, model_uri: Optional[str] = None) -> str:
+def resolved_model_uri(config: Config, model_uri: str | None = None) -> str:
     uri = model_uri or config.serve.model_uri or champion_uri(config)
     if not uri.startswith("models:/"):
-        raise ValueError(f"model_uri={uri!r}: must be models:/<name>@<alias> or models:/<name>/<version>")
+        raise ValueError(
+            f"model_uri={uri!r}: must be models:/<name>@<alias> or models:/<name>/<version>"
+        )
     return uri
 
 
-def user_config(config: Config, model_uri: Optional[str] = None, revision: str = "") -> dict[str, Any]:
-    """What a running deployment can change in place (``reconfigure``): the ``serve`` and ``registry``
+def user_config(config: Config, model_uri: str | None = None, revision: str = "") -> dict[str, Any]:
+    """What a running deployment can change in place (``reconfigure``): the ``serve`` and
+    ``registry``
     sections, from which replicas rebuild their typed config.
 
     ``revision`` is opaque: a new value (e.g. the registered version the alias now points to)
@@ -49,7 +53,9 @@ def user_config(config: Config, model_uri: Optional[str] = None, revision: str =
     return {"serve": serve, "registry": container["registry"], "revision": str(revision)}
 
 
-def deployment_options(config: Config, model_uri: Optional[str] = None, revision: str = "") -> dict[str, Any]:
+def deployment_options(
+    config: Config, model_uri: str | None = None, revision: str = ""
+) -> dict[str, Any]:
     """Options of the one deployment, in the Serve config file's field names."""
     s = config.serve
     options: dict[str, Any] = {
@@ -75,21 +81,24 @@ def deployment_options(config: Config, model_uri: Optional[str] = None, revision
             "look_back_period_s": float(a.look_back_period_s),
         }
         if a.metrics_interval_s != RAY_DEFAULT_METRICS_INTERVAL_S:
-            # deprecated by Ray 2.60 (its replacement env vars are not read yet): only sent when changed
+            # deprecated by Ray 2.60 (its replacement env vars are not read yet): only sent when
+            # changed
             options["autoscaling_config"]["metrics_interval_s"] = float(a.metrics_interval_s)
     else:
         options["num_replicas"] = int(s.num_replicas)
     return options
 
 
-def app_args(config: Config, model_uri: Optional[str] = None) -> dict[str, Any]:
+def app_args(config: Config, model_uri: str | None = None) -> dict[str, Any]:
     """``build_app``'s argument: the plain config container with ``serve.model_uri`` filled in."""
     args = copy.deepcopy(to_container(config))
     args["serve"]["model_uri"] = resolved_model_uri(config, model_uri)
     return args
 
 
-def serve_config(config: Config, model_uri: Optional[str] = None, *, revision: str = "") -> dict[str, Any]:
+def serve_config(
+    config: Config, model_uri: str | None = None, *, revision: str = ""
+) -> dict[str, Any]:
     """The Serve config-file dict (``serve deploy``, RayService ``serveConfigV2``)."""
     s = config.serve
     return {

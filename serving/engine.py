@@ -17,6 +17,7 @@ Orca):
 The engine is not thread-safe: :class:`serving.engine_loop.EngineLoop` drives every engine of a
 replica from one thread. Warm-up (and unit tests) may step an engine directly before it is shared.
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,7 +26,7 @@ import random
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -52,27 +53,27 @@ class GenerationParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     include_stop_str_in_output: bool = False
-    logprobs: Optional[int] = None       # top-N alternatives per generated token; None: no logprobs
-    seed: Optional[int] = None
+    logprobs: int | None = None  # top-N alternatives per generated token; None: no logprobs
+    seed: int | None = None
 
 
 @dataclass
 class TokenLogprob:
     token_id: int
     logprob: float
-    top: list[tuple[int, float]]         # the N most likely (id, logprob), most likely first
+    top: list[tuple[int, float]]  # the N most likely (id, logprob), most likely first
 
 
 @dataclass
 class StepOutput:
     """What one iteration produced for one sequence (the last one has ``finished``)."""
 
-    text: str                                   # newly final text (may be empty: held back or stop)
+    text: str  # newly final text (may be empty: held back or stop)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finished: bool = False
-    finish_reason: Optional[str] = None         # "stop" | "length" | "abort"
-    stop_reason: Optional[Any] = None           # the stop string or stop token id that ended it
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: Any | None = None  # the stop string or stop token id that ended it
     completion_tokens: int = 0
     cumulative_logprob: float = 0.0
 
@@ -80,27 +81,37 @@ class StepOutput:
 class Sequence:
     """One prompt being completed. Created by the API side, stepped only by the engine's thread."""
 
-    def __init__(self, prompt_ids: list[int], params: GenerationParams, tokenizer, sink: Any = None,
-                 byte_table: Optional[list[bytes]] = None, streamed: bool = True):
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        params: GenerationParams,
+        tokenizer,
+        sink: Any = None,
+        byte_table: list[bytes] | None = None,
+        streamed: bool = True,
+    ):
         self.prompt_ids = list(prompt_ids)
         self.params = params
-        self.sink = sink                        # where the engine loop delivers StepOutputs (asyncio.Queue)
-        # False: nobody reads the outputs before the last one (a non-streamed request), so the engine
+        self.sink = sink  # where the engine loop delivers StepOutputs (asyncio.Queue)
+        # False: nobody reads the outputs before the last one (a non-streamed request), so the
+        # engine
         # loop hands them over all at once when the sequence ends instead of waking the event loop
         # every step (see serving/engine_loop.py)
         self.streamed = streamed
-        self.held: list[Any] = []               # outputs held back by the engine loop (streamed=False)
+        self.held: list[Any] = []  # outputs held back by the engine loop (streamed=False)
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little")
         self.rng = random.Random(seed)
-        self.stream = TextStream(tokenizer, params.stop, params.include_stop_str_in_output, byte_table)
-        self.cached = 0                         # tokens of this sequence in its KV slot
-        self.last_token: Optional[int] = None   # sampled, not yet in the cache
+        self.stream = TextStream(
+            tokenizer, params.stop, params.include_stop_str_in_output, byte_table
+        )
+        self.cached = 0  # tokens of this sequence in its KV slot
+        self.last_token: int | None = None  # sampled, not yet in the cache
         self.generated = 0
         self.cumulative_logprob = 0.0
         self.finished = False
         self.aborted = False
         self.arrived = time.perf_counter()
-        self.first_token_at: Optional[float] = None
+        self.first_token_at: float | None = None
 
     @property
     def needs_logprobs(self) -> bool:
@@ -113,7 +124,7 @@ class Engine:
     def __init__(self, model: torch.nn.Module, tokenizer, serve_cfg: ServeConfig, label: str = ""):
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.label = label                      # model version, for metrics and logs
+        self.label = label  # model version, for metrics and logs
         self.max_seq_len = int(model.cfg.max_seq_len)
         self.vocab_size = int(model.vocab_size)
         self.eos_id = tokenizer.eos_id
@@ -122,9 +133,11 @@ class Engine:
         self.token_budget = int(serve_cfg.max_num_batched_tokens)
         self.device = model.tok_embeddings.weight.device
         self.cache = model.new_cache(self.slots, max_len=self.max_seq_len)
-        self.output_counts = torch.zeros(self.slots, self.vocab_size, device=self.device)   # [slots, V]
+        self.output_counts = torch.zeros(
+            self.slots, self.vocab_size, device=self.device
+        )  # [slots, V]
         self.seen = torch.zeros(self.slots, self.vocab_size, dtype=torch.bool, device=self.device)
-        self.running: list[Sequence] = []       # running[i] holds KV slot i
+        self.running: list[Sequence] = []  # running[i] holds KV slot i
         self.waiting: deque[Sequence] = deque()
         self.steps = 0
 
@@ -132,20 +145,29 @@ class Engine:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
 
-    def sequence(self, prompt_ids: list[int], params: GenerationParams, sink: Any = None,
-                 streamed: bool = True) -> Sequence:
-        """A new sequence for this engine's tokenizer (``sink``: where the engine loop delivers its outputs;
+    def sequence(
+        self,
+        prompt_ids: list[int],
+        params: GenerationParams,
+        sink: Any = None,
+        streamed: bool = True,
+    ) -> Sequence:
+        """A new sequence for this engine's tokenizer (``sink``: where the engine loop delivers its
+        outputs;
         ``streamed=False``: delivered all at once when the sequence ends)."""
         return Sequence(prompt_ids, params, self.tokenizer, sink, self.byte_table, streamed)
 
     def add(self, seq: Sequence) -> None:
         if len(seq.prompt_ids) + seq.params.max_tokens > self.max_seq_len:
-            raise ValueError(f"prompt ({len(seq.prompt_ids)} tokens) + max_tokens ({seq.params.max_tokens}) "
-                             f"exceeds the model's context of {self.max_seq_len} tokens")
+            raise ValueError(
+                f"prompt ({len(seq.prompt_ids)} tokens) + max_tokens ({seq.params.max_tokens}) "
+                f"exceeds the model's context of {self.max_seq_len} tokens"
+            )
         self.waiting.append(seq)
 
     def abort(self, seq: Sequence) -> bool:
-        """Mark for removal at the start of the next step; True if it was still queued or running."""
+        """Mark for removal at the start of the next step; True if it was still queued or
+        running."""
         if seq.finished or seq.aborted:
             return False
         seq.aborted = True
@@ -164,7 +186,7 @@ class Engine:
         if not self.running:
             return outputs
         self.steps += 1
-        logits = self._forward(len(self.running) - len(new))                          # [B, V]
+        logits = self._forward(len(self.running) - len(new))  # [B, V]
         tokens, logprobs = self._sample(logits)
         finished: list[int] = []
         token_list = tokens.tolist()
@@ -193,8 +215,13 @@ class Engine:
 
     @staticmethod
     def _abort_output(seq: Sequence) -> StepOutput:
-        return StepOutput(text="", finished=True, finish_reason="abort", completion_tokens=seq.generated,
-                          cumulative_logprob=seq.cumulative_logprob)
+        return StepOutput(
+            text="",
+            finished=True,
+            finish_reason="abort",
+            completion_tokens=seq.generated,
+            cumulative_logprob=seq.cumulative_logprob,
+        )
 
     def _admit(self) -> list[Sequence]:
         new: list[Sequence] = []
@@ -215,7 +242,8 @@ class Engine:
         return new
 
     def _forward(self, decoding: int) -> torch.Tensor:
-        """Logits [B, V] of every running row's last real token; rows >= ``decoding`` are new prompts."""
+        """Logits [B, V] of every running row's last real token; rows >= ``decoding`` are new
+        prompts."""
         rows = self.running
         lengths = [1] * decoding + [len(s.prompt_ids) for s in rows[decoding:]]
         longest = max(lengths)
@@ -223,8 +251,12 @@ class Engine:
         if decoding and longest > 1 and padded - sum(lengths) > MAX_PADDING_SHARE * padded:
             # decoding rows and new prompts in separate forwards: padding every decoding row to the
             # longest prompt would cost more than the second forward
-            return torch.cat([self._run(rows[:decoding], lengths[:decoding], 0),
-                              self._run(rows[decoding:], lengths[decoding:], decoding)])
+            return torch.cat(
+                [
+                    self._run(rows[:decoding], lengths[:decoding], 0),
+                    self._run(rows[decoding:], lengths[decoding:], decoding),
+                ]
+            )
         return self._run(rows, lengths, 0)
 
     def _run(self, rows: list[Sequence], lengths: list[int], offset: int) -> torch.Tensor:
@@ -233,9 +265,11 @@ class Engine:
         for seq in rows:
             ids = seq.prompt_ids if seq.cached == 0 else [seq.last_token]
             token_rows.append(ids + [self.eos_id] * (T - len(ids)) if len(ids) < T else ids)
-        tokens = torch.tensor(token_rows, dtype=torch.long, device=self.device)                   # [B, T]
-        positions = SeqPositions.build([s.cached for s in rows], lengths, self.device, offset=offset)
-        logits, _ = self.model(tokens, self.cache, positions, last_only=True)                     # [B, 1, V]
+        tokens = torch.tensor(token_rows, dtype=torch.long, device=self.device)  # [B, T]
+        positions = SeqPositions.build(
+            [s.cached for s in rows], lengths, self.device, offset=offset
+        )
+        logits, _ = self.model(tokens, self.cache, positions, last_only=True)  # [B, 1, V]
         for seq, n in zip(rows, lengths):
             seq.cached += n
         return logits[:, 0]
@@ -247,10 +281,15 @@ class Engine:
         uniforms = [0.0 if p.greedy else s.rng.random() for s, p in zip(rows, params)]
         banned = [self._banned(s) for s in rows]
         tokens = process_and_sample(
-            logits, params, uniforms,
-            output_counts=self.output_counts[:B] if any(p.uses_output_counts for p in params) else None,
+            logits,
+            params,
+            uniforms,
+            output_counts=self.output_counts[:B]
+            if any(p.uses_output_counts for p in params)
+            else None,
             seen=self.seen[:B] if any(p.uses_prompt_tokens for p in params) else None,
-            banned=banned if any(banned) else None)
+            banned=banned if any(banned) else None,
+        )
         self.output_counts[torch.arange(B, device=self.device), tokens] += 1
         if any(p.uses_prompt_tokens for p in params):
             self.seen[torch.arange(B, device=self.device), tokens] = True
@@ -263,7 +302,9 @@ class Engine:
             chosen, top_ids, top_values = chosen.tolist(), top_ids.tolist(), top_values.tolist()
             for i, row in enumerate(wanted):
                 n = rows[row].params.logprobs
-                logprobs[row] = TokenLogprob(int(tokens[row]), chosen[i], list(zip(top_ids[i][:n], top_values[i][:n])))
+                logprobs[row] = TokenLogprob(
+                    int(tokens[row]), chosen[i], list(zip(top_ids[i][:n], top_values[i][:n]))
+                )
         return tokens, logprobs
 
     def _banned(self, seq: Sequence) -> tuple[int, ...]:
@@ -272,7 +313,7 @@ class Engine:
             return ()
         return tuple(p.stop_token_ids) + (() if p.ignore_eos else (self.eos_id,))
 
-    def _advance(self, seq: Sequence, token: int, logprob: Optional[TokenLogprob]) -> StepOutput:
+    def _advance(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> StepOutput:
         """Record one sampled token; its text, and whether the sequence ends here."""
         p = seq.params
         now = time.perf_counter()
@@ -295,12 +336,20 @@ class Engine:
                 finish_reason = "length"
                 text += seq.stream.flush()
         seq.finished = finish_reason is not None
-        return StepOutput(text=text, token_ids=token_ids, logprobs=[logprob] if logprob and token_ids else [],
-                          finished=seq.finished, finish_reason=finish_reason, stop_reason=stop_reason,
-                          completion_tokens=seq.generated, cumulative_logprob=seq.cumulative_logprob)
+        return StepOutput(
+            text=text,
+            token_ids=token_ids,
+            logprobs=[logprob] if logprob and token_ids else [],
+            finished=seq.finished,
+            finish_reason=finish_reason,
+            stop_reason=stop_reason,
+            completion_tokens=seq.generated,
+            cumulative_logprob=seq.cumulative_logprob,
+        )
 
     def _retire(self, rows: list[int]) -> None:
-        """Free the slots of ``rows``; the last live slot moves into each hole (highest row first)."""
+        """Free the slots of ``rows``; the last live slot moves into each hole (highest row
+        first)."""
         for row in sorted(rows, reverse=True):
             last = len(self.running) - 1
             if row != last:
@@ -312,14 +361,16 @@ class Engine:
             self.running.pop()
 
     def fail_all(self) -> list[Sequence]:
-        """After a failed step: every sequence ends (the caller reports the error); slots are reset."""
+        """After a failed step: every sequence ends (the caller reports the error); slots are
+        reset."""
         failed = [*self.running, *self.waiting]
         for seq in failed:
             seq.finished = True
         self.running, self.waiting = [], deque()
         return failed
 
-    # ------------------------------------------------------------------ direct use (warm-up, tests, benchmark)
+    # ------------------------------------------------------------------ direct use (warm-up, tests,
+    # benchmark)
     def run_to_completion(self, seqs: list[Sequence]) -> list[list[StepOutput]]:
         """Decode ``seqs`` to the end on this thread (the engine must not be shared yet)."""
         for seq in seqs:
@@ -335,17 +386,22 @@ class Engine:
         [outs] = self.run_to_completion([self.sequence(self.encode(prompt), params)])
         return "".join(o.text for o in outs), outs[-1].finish_reason, outs[-1].completion_tokens
 
-    def prompt_logprobs(self, token_ids: list[int], top_n: int) -> list[Optional[TokenLogprob]]:
-        """log p(token_i | tokens_<i) of a prompt (``echo`` with ``logprobs``); the first is None."""
+    def prompt_logprobs(self, token_ids: list[int], top_n: int) -> list[TokenLogprob | None]:
+        """log p(token_i | tokens_<i) of a prompt (``echo`` with ``logprobs``); the first is
+        None."""
         tokens = torch.tensor([token_ids], dtype=torch.long, device=self.device)
         with torch.inference_mode():
-            logits, _ = self.model(tokens)                                                  # [1, T, V]
+            logits, _ = self.model(tokens)  # [1, T, V]
         if len(token_ids) < 2:
             return [None]
         chosen, top_ids, top_values = token_logprobs(logits[0, :-1], tokens[0, 1:], top_n)
-        entries: list[Optional[TokenLogprob]] = [None]
+        entries: list[TokenLogprob | None] = [None]
         for i, token in enumerate(token_ids[1:]):
-            entries.append(TokenLogprob(token, float(chosen[i]), list(zip(top_ids[i].tolist(), top_values[i].tolist()))))
+            entries.append(
+                TokenLogprob(
+                    token, float(chosen[i]), list(zip(top_ids[i].tolist(), top_values[i].tolist()))
+                )
+            )
         return entries
 
     def score(self, token_ids: list[int]) -> list[float]:

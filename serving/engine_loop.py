@@ -1,4 +1,5 @@
-"""The replica's engine loop: one thread that steps every model version's engine, iteration by iteration.
+"""The replica's engine loop: one thread that steps every model version's engine, iteration by
+iteration.
 
 Requests reach it from the event loop through :meth:`EngineLoop.submit` (a thread-safe command
 list; no thread hop per step). Each iteration applies new sequences and aborts, steps each engine
@@ -11,13 +12,15 @@ Backpressure: at most ``serve.max_queued_sequences`` sequences wait for a KV slo
 replica; :meth:`submit` raises :class:`QueueFull` beyond that (the API answers 429 with
 ``Retry-After``), so an overloaded replica sheds load early and stays ready.
 """
+
 from __future__ import annotations
 
 import asyncio
 import logging
 import threading
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from serving.engine import Engine, Sequence, StepOutput
 
@@ -26,24 +29,27 @@ log = logging.getLogger("moeops.serving")
 
 class QueueFull(Exception):
     def __init__(self, queued: int, limit: int):
-        super().__init__(f"{queued} sequences already wait for a decoding slot (serve.max_queued_sequences={limit})")
+        super().__init__(
+            f"{queued} sequences already wait for a decoding slot (serve.max_queued_sequences={limit})"
+        )
         self.queued, self.limit = queued, limit
 
 
 class EngineFailed(Exception):
-    """A step raised: the sequences of that engine end with this error (the replica keeps serving)."""
+    """A step raised: the sequences of that engine end with this error (the replica keeps
+    serving)."""
 
 
 class EngineLoop:
     def __init__(self, loop: asyncio.AbstractEventLoop, max_queued: int, metrics: Any = None):
         self._loop = loop
         self.max_queued = max_queued
-        self.metrics = metrics                      # serving.metrics.ServeMetrics (engine-side hooks)
+        self.metrics = metrics  # serving.metrics.ServeMetrics (engine-side hooks)
         self._cond = threading.Condition()
         self._commands: list[tuple[str, Any, Any]] = []
-        self._pending = 0                           # submitted, not yet handed to an engine
-        self._waiting = 0                           # in engines' queues, as of the last iteration
-        self._engines: list[Engine] = []            # engines with work (this thread only)
+        self._pending = 0  # submitted, not yet handed to an engine
+        self._waiting = 0  # in engines' queues, as of the last iteration
+        self._engines: list[Engine] = []  # engines with work (this thread only)
         self._closed = False
         self._last_step_at: dict[int, float] = {}
         self._thread = threading.Thread(target=self._run, name="moeops-engine-loop", daemon=True)
@@ -51,7 +57,8 @@ class EngineLoop:
 
     # ------------------------------------------------------------------ event-loop side
     def submit(self, engine: Engine, seqs: list[Sequence]) -> None:
-        """Queue ``seqs`` (each with an ``asyncio.Queue`` sink) on ``engine``; :class:`QueueFull` when full.
+        """Queue ``seqs`` (each with an ``asyncio.Queue`` sink) on ``engine``; :class:`QueueFull`
+        when full.
 
         An empty queue always takes a request, so one request larger than the limit still runs.
         """
@@ -72,7 +79,8 @@ class EngineLoop:
                 self._cond.notify()
 
     async def call(self, engine: Engine, fn: Callable[[Engine], Any]) -> Any:
-        """Run ``fn(engine)`` on the loop thread between two iterations (scoring, prompt logprobs)."""
+        """Run ``fn(engine)`` on the loop thread between two iterations (scoring, prompt
+        logprobs)."""
         future = self._loop.create_future()
         with self._cond:
             self._commands.append(("call", engine, (fn, future)))
@@ -115,7 +123,9 @@ class EngineLoop:
 
     def _apply(self, kind: str, engine: Engine, payload: Any, outputs: list) -> None:
         if kind == "add":
-            with self._cond:  # from pending straight to waiting: the queue never looks emptier than it is
+            with (
+                self._cond
+            ):  # from pending straight to waiting: the queue never looks emptier than it is
                 self._pending -= len(payload)
                 self._waiting += len(payload)
             for seq in payload:
@@ -145,8 +155,11 @@ class EngineLoop:
         try:
             outputs = engine.step()
         except Exception as err:
-            log.exception("engine step failed (%s); its %d sequences end with the error", engine.label,
-                          len(engine.running) + len(engine.waiting))
+            log.exception(
+                "engine step failed (%s); its %d sequences end with the error",
+                engine.label,
+                len(engine.running) + len(engine.waiting),
+            )
             failed = engine.fail_all()
             error = EngineFailed(f"generation failed: {type(err).__name__}: {err}")
             return [(seq, error) for seq in failed]
@@ -195,7 +208,7 @@ def _deliver(outputs: list[tuple[Sequence, Any]]) -> None:
             seq.sink.put_nowait(out)
 
 
-def _settle(future: asyncio.Future, result: Any, error: Optional[BaseException]) -> None:
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
     if future.done():
         return
     if error is not None:

@@ -4,9 +4,11 @@ FastAPI's own 422 bodies list pydantic internals; clients written for OpenAI exp
 400 whose ``param`` names the offending field, so every validation problem is turned
 into that shape here.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -17,25 +19,45 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 class APIError(Exception):
     """An error a handler raises to answer with a given status and OpenAI error body."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None,
-                 headers: Optional[dict[str, str]] = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.status, self.message, self.type, self.param, self.code = (
+            status,
+            message,
+            type,
+            param,
+            code,
+        )
         self.headers = headers or {}
 
 
-def error_body(message: str, type: str = "invalid_request_error", param: Optional[str] = None,
-               code: Optional[str] = None) -> dict[str, Any]:
+def error_body(
+    message: str,
+    type: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
 def error_response(err: APIError) -> JSONResponse:
-    return JSONResponse(error_body(err.message, err.type, err.param, err.code), status_code=err.status,
-                        headers=err.headers)
+    return JSONResponse(
+        error_body(err.message, err.type, err.param, err.code),
+        status_code=err.status,
+        headers=err.headers,
+    )
 
 
-def _field_name(loc: tuple) -> Optional[str]:
+def _field_name(loc: tuple) -> str | None:
     """``("body", "prompt", 2)`` -> ``"prompt[2]"``; pydantic union branch names are dropped."""
     parts: list[str] = []
     for item in loc:
@@ -43,7 +65,9 @@ def _field_name(loc: tuple) -> Optional[str]:
             continue
         if isinstance(item, int):
             parts.append(f"[{item}]")
-        elif isinstance(item, str) and ("[" in item or item in ("str", "int", "float", "bool", "list")):
+        elif isinstance(item, str) and (
+            "[" in item or item in ("str", "int", "float", "bool", "list")
+        ):
             continue  # "list[str]", "function-after[...]": names of union branches, not fields
         else:
             parts.append(("." if parts else "") + item)
@@ -57,21 +81,31 @@ def validation_error(exc: RequestValidationError) -> APIError:
     first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": "value_error"}
     kind, param = first.get("type", ""), _field_name(tuple(first.get("loc", ())))
     if kind == "json_invalid":
-        return APIError(400, f"request body is not valid JSON: {first.get('msg')}", code="invalid_json")
+        return APIError(
+            400, f"request body is not valid JSON: {first.get('msg')}", code="invalid_json"
+        )
     if kind == "extra_forbidden":
         return APIError(400, f"unknown field {param!r}", param=param, code="unknown_field")
     if kind == "missing":
         return APIError(400, f"missing required field {param!r}", param=param, code="missing_field")
     if param is None:
-        return APIError(400, f"request body must be a JSON object: {first.get('msg')}", code="invalid_body")
+        return APIError(
+            400, f"request body must be a JSON object: {first.get('msg')}", code="invalid_body"
+        )
     msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    return APIError(400, f"invalid value for {param!r}: {msg} (got {first.get('input')!r})"[:500],
-                    param=param, code="invalid_value")
+    return APIError(
+        400,
+        f"invalid value for {param!r}: {msg} (got {first.get('input')!r})"[:500],
+        param=param,
+        code="invalid_value",
+    )
 
 
-def install_error_handlers(app: FastAPI, on_error: Optional[Callable[[Request, int, Optional[str]], None]] = None
-                           ) -> None:
-    """OpenAI-shaped bodies for every error; ``on_error(request, status, code)`` counts them (metrics)."""
+def install_error_handlers(
+    app: FastAPI, on_error: Callable[[Request, int, str | None], None] | None = None
+) -> None:
+    """OpenAI-shaped bodies for every error; ``on_error(request, status, code)`` counts them
+    (metrics)."""
 
     def respond(request: Request, err: APIError) -> JSONResponse:
         if on_error is not None:
@@ -94,5 +128,12 @@ def install_error_handlers(app: FastAPI, on_error: Optional[Callable[[Request, i
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         # A bug must cost one request, never the replica.
-        return respond(request, APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error",
-                                         code="internal_error"))
+        return respond(
+            request,
+            APIError(
+                500,
+                f"internal error: {type(exc).__name__}: {exc}",
+                type="server_error",
+                code="internal_error",
+            ),
+        )

@@ -1,8 +1,9 @@
-"""Start Serve, deploy moeops' application, wait until it is ready (deploy stage, tests, benchmark)."""
+"""Start Serve, deploy moeops' application, wait until it is ready (deploy stage, tests,
+benchmark)."""
+
 from __future__ import annotations
 
 import time
-from typing import Optional
 
 import httpx
 import ray
@@ -24,22 +25,29 @@ def ensure_serve(host: str, port: int, proxy_location: str = "HeadOnly") -> str:
     base = f"http://{connect_host}:{int(port)}"
     if not serve.status().proxies:  # no Serve controller on this cluster yet
         try:
-            serve.start(proxy_location=proxy_location, http_options={"host": host, "port": int(port)})
+            serve.start(
+                proxy_location=proxy_location, http_options={"host": host, "port": int(port)}
+            )
         except ray.exceptions.RayActorError as err:
             # On an overloaded machine the first proxy can miss its readiness deadline; the
             # controller then replaces it (with a longer deadline), so wait for that one.
-            print(f"[serve] first HTTP proxy did not come up ({type(err).__name__}); waiting for its replacement",
-                  flush=True)
+            print(
+                f"[serve] first HTTP proxy did not come up ({type(err).__name__}); waiting for its replacement",
+                flush=True,
+            )
         _wait_for_proxies(PROXY_START_TIMEOUT_S)
     if not _proxy_answers(base):
-        raise RuntimeError(f"Serve runs on this Ray cluster but its HTTP proxy does not answer at {base}: HTTP "
-                           "options are fixed for the life of a Serve instance, so serve.host/serve.port must "
-                           "match the running one (or `serve shutdown` first)")
+        raise RuntimeError(
+            f"Serve runs on this Ray cluster but its HTTP proxy does not answer at {base}: HTTP "
+            "options are fixed for the life of a Serve instance, so serve.host/serve.port must "
+            "match the running one (or `serve shutdown` first)"
+        )
     return base
 
 
 def _proxy_answers(base: str, timeout_s: float = 30.0) -> bool:
-    """Serve's proxy answers ``/-/routes`` (200 with its route table; 503 while no app is deployed)."""
+    """Serve's proxy answers ``/-/routes`` (200 with its route table; 503 while no app is
+    deployed)."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -56,29 +64,44 @@ def _wait_for_proxies(timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     states: dict = {}
     while time.monotonic() < deadline:
-        states = {node: str(getattr(state, "value", state)) for node, state in serve.status().proxies.items()}
+        states = {
+            node: str(getattr(state, "value", state))
+            for node, state in serve.status().proxies.items()
+        }
         if states and all(state == "HEALTHY" for state in states.values()):
             return
         time.sleep(1.0)
     raise TimeoutError(f"Serve's HTTP proxies not healthy after {timeout_s:.0f}s: {states}")
 
 
-def deploy(config: Config, model_uri: Optional[str] = None, *, revision: str = "", name: Optional[str] = None,
-           route_prefix: Optional[str] = None) -> str:
+def deploy(
+    config: Config,
+    model_uri: str | None = None,
+    *,
+    revision: str = "",
+    name: str | None = None,
+    route_prefix: str | None = None,
+) -> str:
     """``serve.run`` the app (non-blocking); returns the application's base URL (without /v1).
 
     A redeploy of a running app is Serve's rolling update: the replacements start beside the old
-    replicas (``serve.max_surge_percent``) and take traffic once warm; the old ones finish what they run.
+    replicas (``serve.max_surge_percent``) and take traffic once warm; the old ones finish what they
+    run.
     """
     base = ensure_serve(config.serve.host, config.serve.port, config.serve.proxy_location)
     prefix = route_prefix if route_prefix is not None else config.serve.route_prefix
-    serve.run(make_application(config, model_uri, revision), name=name or config.serve.app_name,
-              route_prefix=prefix, blocking=False)
+    serve.run(
+        make_application(config, model_uri, revision),
+        name=name or config.serve.app_name,
+        route_prefix=prefix,
+        blocking=False,
+    )
     return base + ("" if prefix == "/" else prefix.rstrip("/"))
 
 
-def wait_ready(app_url: str, timeout_s: float = 180.0, expect_version: Optional[str] = None) -> dict:
-    """Poll ``/readyz`` until 200 (and, if given, the champion is ``expect_version``); returns its body."""
+def wait_ready(app_url: str, timeout_s: float = 180.0, expect_version: str | None = None) -> dict:
+    """Poll ``/readyz`` until 200 (and, if given, the champion is ``expect_version``); returns its
+    body."""
     deadline = time.monotonic() + timeout_s
     last = "no answer"
     while time.monotonic() < deadline:

@@ -5,13 +5,15 @@ a new ``user_config`` loads whatever version an alias now points to *next to* th
 serving ones, warms it up, and only then swaps the reference; requests already running
 keep the object they started with, so a version switch drops nothing.
 """
+
 from __future__ import annotations
 
 import logging
 import random
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 from components.config import Config
 from components.tracking.registry import VersionInfo, get_version, load_registered, parse_model_uri
@@ -23,7 +25,8 @@ CHAMPION, CHALLENGER, PINNED = "champion", "challenger", "pinned"
 
 @dataclass(frozen=True)
 class ModelSettings:
-    """What is loaded and how default traffic is split: read from the typed config, nothing re-declared."""
+    """What is loaded and how default traffic is split: read from the typed config, nothing
+    re-declared."""
 
     model_uri: str
     challenger_uri: str
@@ -31,12 +34,16 @@ class ModelSettings:
     quantize: str
 
     @classmethod
-    def from_config(cls, config: Config) -> "ModelSettings":
+    def from_config(cls, config: Config) -> ModelSettings:
         from serving.deploy_config import challenger_uri, resolved_model_uri
 
         s = config.serve
-        settings = cls(model_uri=resolved_model_uri(config), challenger_uri=challenger_uri(config),
-                       canary_fraction=float(s.canary_fraction), quantize=s.quantize)
+        settings = cls(
+            model_uri=resolved_model_uri(config),
+            challenger_uri=challenger_uri(config),
+            canary_fraction=float(s.canary_fraction),
+            quantize=s.quantize,
+        )
         parse_model_uri(settings.model_uri)
         parse_model_uri(settings.challenger_uri)
         return settings
@@ -47,8 +54,8 @@ class ServedModel:
     """One loaded, warmed-up version and the engine that decodes with it."""
 
     info: VersionInfo
-    engine: Any            # serving.engine.Engine
-    role: str              # champion | challenger | pinned
+    engine: Any  # serving.engine.Engine
+    role: str  # champion | challenger | pinned
     quantize: str
 
     @property
@@ -65,24 +72,31 @@ class ServedModel:
 
 
 def fingerprint(info: VersionInfo, quantize: str) -> str:
-    """``<name>/<version>``, ``-int8`` appended when quantised: names a served version in responses and metrics."""
-    # "auto" serves float until app.inference_model applies quantize_for_inference (its label then names it)
+    """``<name>/<version>``, ``-int8`` appended when quantised: names a served version in responses
+    and metrics."""
+    # "auto" serves float until app.inference_model applies quantize_for_inference (its label then
+    # names it)
     return f"{info.name}/{info.version}" + ("" if quantize in ("none", "auto") else f"-{quantize}")
 
 
 class ModelStore:
     """Thread-safe holder of the served versions; ``apply`` runs off the event loop."""
 
-    def __init__(self, tracking_uri: str, make_engine: Callable[[Any, str, str], Any], seed: Optional[int] = None,
-                 device: str = "cpu"):
+    def __init__(
+        self,
+        tracking_uri: str,
+        make_engine: Callable[[Any, str, str], Any],
+        seed: int | None = None,
+        device: str = "cpu",
+    ):
         self.tracking_uri = tracking_uri
         self.device = device
         self._make_engine = make_engine  # (LoadedModel, quantize, fingerprint) -> warmed-up Engine
         self._lock = threading.Lock()
         self._rng = random.Random(seed)
-        self.champion: Optional[ServedModel] = None
-        self.challenger: Optional[ServedModel] = None
-        self.settings: Optional[ModelSettings] = None
+        self.champion: ServedModel | None = None
+        self.challenger: ServedModel | None = None
+        self.settings: ModelSettings | None = None
         self.shape: tuple = ()
         self.last_error: str = ""
 
@@ -93,9 +107,11 @@ class ModelStore:
     def apply(self, settings: ModelSettings, shape: tuple = ()) -> bool:
         """Resolve aliases; load and warm up what changed; swap. Returns True if anything changed.
 
-        ``shape``: what an engine is built with (its slot count ...); a new shape rebuilds the engines.
+        ``shape``: what an engine is built with (its slot count ...); a new shape rebuilds the
+        engines.
 
-        Raises (and keeps serving the current versions) when the champion cannot be resolved or loaded.
+        Raises (and keeps serving the current versions) when the champion cannot be resolved or
+        loaded.
         """
         champion_info = get_version(settings.model_uri, self.tracking_uri)
         challenger_info = None
@@ -104,45 +120,77 @@ class ModelStore:
                 challenger_info = get_version(settings.challenger_uri, self.tracking_uri)
             except LookupError as err:
                 log.warning("canary disabled: %s", err)
-        champion = self._load_or_reuse(champion_info, settings.quantize,
-                                       CHAMPION if "@" in settings.model_uri else PINNED, shape)
+        champion = self._load_or_reuse(
+            champion_info,
+            settings.quantize,
+            CHAMPION if "@" in settings.model_uri else PINNED,
+            shape,
+        )
         challenger = None
         if challenger_info is not None and challenger_info.version != champion_info.version:
             challenger = self._load_or_reuse(challenger_info, settings.quantize, CHALLENGER, shape)
         with self._lock:
-            changed = (self.settings != settings or self.shape != shape
-                       or _version(self.champion) != _version(champion)
-                       or _version(self.challenger) != _version(challenger))
-            self.champion, self.challenger, self.settings, self.shape = champion, challenger, settings, shape
+            changed = (
+                self.settings != settings
+                or self.shape != shape
+                or _version(self.champion) != _version(champion)
+                or _version(self.challenger) != _version(challenger)
+            )
+            self.champion, self.challenger, self.settings, self.shape = (
+                champion,
+                challenger,
+                settings,
+                shape,
+            )
             self.last_error = ""
         if changed:
-            log.info("serving %s%s", champion.fingerprint,
-                     f" + canary {challenger.fingerprint} at {settings.canary_fraction:.0%}" if challenger else "")
+            log.info(
+                "serving %s%s",
+                champion.fingerprint,
+                f" + canary {challenger.fingerprint} at {settings.canary_fraction:.0%}"
+                if challenger
+                else "",
+            )
         return changed
 
-    def _load_or_reuse(self, info: VersionInfo, quantize: str, role: str, shape: tuple) -> ServedModel:
+    def _load_or_reuse(
+        self, info: VersionInfo, quantize: str, role: str, shape: tuple
+    ) -> ServedModel:
         for current in (self.champion, self.challenger):
-            if (current is not None and current.version == info.version and current.quantize == quantize
-                    and self.shape == shape):
+            if (
+                current is not None
+                and current.version == info.version
+                and current.quantize == quantize
+                and self.shape == shape
+            ):
                 return ServedModel(info=info, engine=current.engine, role=role, quantize=quantize)
         loaded, loaded_info = load_registered(info.model_uri, self.tracking_uri, device=self.device)
         engine = self._make_engine(loaded, quantize, fingerprint(loaded_info, quantize))
         return ServedModel(info=loaded_info, engine=engine, role=role, quantize=quantize)
 
-    def choose(self, requested: Optional[str]) -> ServedModel:
-        """The version for one request: canary split by default, or pinned by ``<name>@<alias>``/``<name>/<v>``."""
+    def choose(self, requested: str | None) -> ServedModel:
+        """The version for one request: canary split by default, or pinned by
+        ``<name>@<alias>``/``<name>/<v>``."""
         with self._lock:
             champion, challenger, settings = self.champion, self.challenger, self.settings
         if champion is None:
             raise LookupError("no model loaded yet")
         if requested in (None, "", champion.name):
-            if challenger is not None and settings is not None and self._rng.random() < settings.canary_fraction:
+            if (
+                challenger is not None
+                and settings is not None
+                and self._rng.random() < settings.canary_fraction
+            ):
                 return challenger
             return champion
         for served in (champion, challenger):
             if served is None:
                 continue
-            if requested in (f"{served.name}@{served.role}", f"{served.name}/{served.version}", served.fingerprint):
+            if requested in (
+                f"{served.name}@{served.role}",
+                f"{served.name}/{served.version}",
+                served.fingerprint,
+            ):
                 return served
         raise KeyError(requested)
 
@@ -152,12 +200,17 @@ class ModelStore:
             champion, challenger, settings = self.champion, self.challenger, self.settings
         if champion is None:
             return []
-        share = settings.canary_fraction if (challenger is not None and settings is not None) else 0.0
-        cards = [(champion.name, champion, 1.0 - share), (f"{champion.name}@{champion.role}", champion, 1.0 - share)]
+        share = (
+            settings.canary_fraction if (challenger is not None and settings is not None) else 0.0
+        )
+        cards = [
+            (champion.name, champion, 1.0 - share),
+            (f"{champion.name}@{champion.role}", champion, 1.0 - share),
+        ]
         if challenger is not None:
             cards.append((f"{challenger.name}@{challenger.role}", challenger, share))
         return cards
 
 
-def _version(served: Optional[ServedModel]) -> Optional[tuple[str, str]]:
+def _version(served: ServedModel | None) -> tuple[str, str] | None:
     return None if served is None else (served.version, served.quantize)

@@ -1,18 +1,21 @@
-"""Request and response bodies of the HTTP API: OpenAI's completions and chat completions, as vLLM takes them.
+"""Request and response bodies of the HTTP API: OpenAI's completions and chat completions, as vLLM
+takes them.
 
 Every field of OpenAI's ``POST /v1/completions`` and ``POST /v1/chat/completions`` requests is
 accepted, and ``null`` means the field's default (clients such as LangChain send explicit
 ``null``s and neutral values). vLLM's extra sampling fields that moeops implements (``top_k``,
 ``min_p``, ``repetition_penalty``, ``stop_token_ids``, ``ignore_eos``, ``min_tokens``,
-``include_stop_str_in_output``, ``return_tokens_as_token_ids``) are accepted too. A field in no schema is a 400 that names it, and
+``include_stop_str_in_output``, ``return_tokens_as_token_ids``) are accepted too. A field in no
+schema is a 400 that names it, and
 types are strict (``"5"`` is not an int). Features a base model cannot serve (``suffix``, tool
 calls, JSON response formats, audio) are accepted only at their neutral value and are otherwise a
 400 saying so. Limits that depend on the deployment's config (``serve.max_tokens`` ...) are checked
 in :mod:`serving.limits`, after parsing.
 """
+
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -28,7 +31,9 @@ def _require_unicode(text: str, where: str = "") -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
-        raise ValueError(f"is not valid Unicode text{where}: {err.reason} at position {err.start}") from None
+        raise ValueError(
+            f"is not valid Unicode text{where}: {err.reason} at position {err.start}"
+        ) from None
 
 
 class _Request(BaseModel):
@@ -36,40 +41,40 @@ class _Request(BaseModel):
 
 
 class StreamOptions(_Request):
-    include_usage: Optional[bool] = None
+    include_usage: bool | None = None
     # vLLM: usage in every chunk
-    continuous_usage_stats: Optional[bool] = None
+    continuous_usage_stats: bool | None = None
 
 
 class _Sampling(_Request):
     """Fields shared by both endpoints. ``None`` (JSON ``null``) always means the default."""
 
-    model: Optional[str] = None
-    frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
-    presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
-    logit_bias: Optional[dict[str, float]] = None
-    n: Optional[int] = Field(None, ge=1)
-    seed: Optional[int] = Field(None, ge=-INT64 - 1, le=INT64)
-    stop: Union[str, list[str], None] = None
-    stream: Optional[bool] = None
-    stream_options: Optional[StreamOptions] = None
-    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
-    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
-    user: Optional[str] = None
+    model: str | None = None
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    n: int | None = Field(None, ge=1)
+    seed: int | None = Field(None, ge=-INT64 - 1, le=INT64)
+    stop: str | list[str] | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    user: str | None = None
     # vLLM's sampling extras
-    top_k: Optional[int] = Field(None, ge=-1)
-    min_p: Optional[float] = Field(None, ge=0.0, le=1.0)
-    repetition_penalty: Optional[float] = Field(None, gt=0.0, le=2.0)
-    stop_token_ids: Optional[list[int]] = None
-    ignore_eos: Optional[bool] = None
-    min_tokens: Optional[int] = Field(None, ge=0)
-    include_stop_str_in_output: Optional[bool] = None
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = None
+    min_tokens: int | None = Field(None, ge=0)
+    include_stop_str_in_output: bool | None = None
     # vLLM: tokens in logprobs as "token_id:<id>" (exact even where a token is part of a character)
-    return_tokens_as_token_ids: Optional[bool] = None
+    return_tokens_as_token_ids: bool | None = None
 
     @field_validator("stop")
     @classmethod
-    def _stop_sequences(cls, stop: Union[str, list[str], None]) -> Optional[list[str]]:
+    def _stop_sequences(cls, stop: str | list[str] | None) -> list[str] | None:
         if stop is None:
             return None
         stops = [stop] if isinstance(stop, str) else stop
@@ -83,17 +88,17 @@ class _Sampling(_Request):
 
     @field_validator("logit_bias")
     @classmethod
-    def _bias(cls, bias: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
+    def _bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
         for key, value in (bias or {}).items():
             if not key.strip().lstrip("-").isdigit():
-                raise ValueError(f"keys must be token ids as strings (e.g. \"50256\"), got {key!r}")
+                raise ValueError(f'keys must be token ids as strings (e.g. "50256"), got {key!r}')
             if not -100.0 <= value <= 100.0:
                 raise ValueError(f"bias for token {key} is {value}: must be in [-100, 100]")
         return bias
 
     @field_validator("stream_options")
     @classmethod
-    def _stream_options_need_stream(cls, options: Optional[StreamOptions], info: ValidationInfo):
+    def _stream_options_need_stream(cls, options: StreamOptions | None, info: ValidationInfo):
         if options is not None and not info.data.get("stream"):
             raise ValueError("only allowed when stream is true")
         return options
@@ -110,19 +115,21 @@ class CompletionRequest(_Sampling):
     """``POST /v1/completions``."""
 
     prompt: Prompt
-    max_tokens: Optional[int] = Field(None, ge=0)
-    best_of: Optional[int] = Field(None, ge=1)
-    echo: Optional[bool] = None
-    logprobs: Optional[int] = Field(None, ge=0)
+    max_tokens: int | None = Field(None, ge=0)
+    best_of: int | None = Field(None, ge=1)
+    echo: bool | None = None
+    logprobs: int | None = Field(None, ge=0)
     # OpenAI's insertion mode: no base model here was trained for fill-in-the-middle
-    suffix: Optional[str] = None
+    suffix: str | None = None
 
     @field_validator("prompt")
     @classmethod
     def _prompt_not_empty(cls, prompt: Prompt) -> Prompt:
         if isinstance(prompt, list) and not prompt:
-            raise ValueError("must be a non-empty string, list of strings, list of token ids or list of "
-                             "token-id lists")
+            raise ValueError(
+                "must be a non-empty string, list of strings, list of token ids or list of "
+                "token-id lists"
+            )
         single = isinstance(prompt, str) or isinstance(prompt[0], int)
         for i, item in enumerate([prompt] if single else prompt):
             where = "" if single else f" (item {i})"
@@ -138,7 +145,7 @@ class CompletionRequest(_Sampling):
 
     @field_validator("best_of")
     @classmethod
-    def _best_of(cls, best_of: Optional[int], info: ValidationInfo) -> Optional[int]:
+    def _best_of(cls, best_of: int | None, info: ValidationInfo) -> int | None:
         n = info.data.get("n") or 1
         if best_of is not None and best_of < n:
             raise ValueError(f"must be >= n ({n})")
@@ -148,13 +155,15 @@ class CompletionRequest(_Sampling):
 
     @field_validator("suffix")
     @classmethod
-    def _no_suffix(cls, suffix: Optional[str]) -> Optional[str]:
+    def _no_suffix(cls, suffix: str | None) -> str | None:
         if suffix is not None:
-            raise ValueError("not supported: the served base model has no fill-in-the-middle (insertion) mode")
+            raise ValueError(
+                "not supported: the served base model has no fill-in-the-middle (insertion) mode"
+            )
         return suffix
 
     @property
-    def prompts(self) -> list[Union[str, list[int]]]:
+    def prompts(self) -> list[str | list[int]]:
         """Each prompt: text, or token ids."""
         if isinstance(self.prompt, str):
             return [self.prompt]
@@ -175,16 +184,18 @@ class ChatMessage(_Request):
     """A message of ``messages``: system / developer / user / assistant, text only."""
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart], None] = None
-    name: Optional[str] = None
+    content: str | list[TextPart] | None = None
+    name: str | None = None
     # an assistant message from an earlier turn may carry these (as null)
-    refusal: Optional[str] = None
-    tool_calls: Optional[list[Any]] = None
+    refusal: str | None = None
+    tool_calls: list[Any] | None = None
 
     @model_validator(mode="after")
     def _text(self):
         if self.tool_calls:
-            raise ValueError("tool_calls: not supported (the served base model does not call tools)")
+            raise ValueError(
+                "tool_calls: not supported (the served base model does not call tools)"
+            )
         if self.content is None and self.role != "assistant":
             raise ValueError(f"content: a {self.role} message needs content")
         _require_unicode(self.text)
@@ -201,87 +212,91 @@ class ChatMessage(_Request):
 
 class ResponseFormat(_Request):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: Optional[dict[str, Any]] = None
+    json_schema: dict[str, Any] | None = None
 
 
 class ChatCompletionRequest(_Sampling):
     """``POST /v1/chat/completions``."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
-    max_tokens: Optional[int] = Field(None, ge=1)
-    logprobs: Optional[bool] = None
-    top_logprobs: Optional[int] = Field(None, ge=0)
-    response_format: Optional[ResponseFormat] = None
-    tools: Optional[list[Any]] = None
-    tool_choice: Union[str, dict[str, Any], None] = None
-    parallel_tool_calls: Optional[bool] = None
-    functions: Optional[list[Any]] = None
-    function_call: Union[str, dict[str, Any], None] = None
+    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0)
+    response_format: ResponseFormat | None = None
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[Any] | None = None
+    function_call: str | dict[str, Any] | None = None
     # accepted and without effect on generation: bookkeeping and options of OpenAI's hosted models
-    metadata: Optional[dict[str, str]] = None
-    store: Optional[bool] = None
-    service_tier: Optional[str] = None
-    modalities: Optional[list[str]] = None
-    audio: Optional[dict[str, Any]] = None
-    prediction: Optional[dict[str, Any]] = None
-    reasoning_effort: Optional[str] = None
-    verbosity: Optional[str] = None
-    web_search_options: Optional[dict[str, Any]] = None
-    safety_identifier: Optional[str] = None
-    prompt_cache_key: Optional[str] = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    web_search_options: dict[str, Any] | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
 
     @field_validator("tools", "functions")
     @classmethod
-    def _no_tools(cls, tools: Optional[list[Any]]) -> Optional[list[Any]]:
+    def _no_tools(cls, tools: list[Any] | None) -> list[Any] | None:
         if tools:
             raise ValueError("not supported: the served base model does not call tools")
         return tools
 
     @field_validator("tool_choice", "function_call")
     @classmethod
-    def _no_tool_choice(cls, choice: Union[str, dict[str, Any], None]) -> Union[str, dict[str, Any], None]:
+    def _no_tool_choice(cls, choice: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
         if choice not in (None, "none", "auto"):
             raise ValueError("not supported: no tools (only null, 'none' or 'auto')")
         return choice
 
     @field_validator("response_format")
     @classmethod
-    def _text_format(cls, fmt: Optional[ResponseFormat]) -> Optional[ResponseFormat]:
+    def _text_format(cls, fmt: ResponseFormat | None) -> ResponseFormat | None:
         if fmt is not None and fmt.type != "text":
             raise ValueError(f"type {fmt.type!r} is not supported, only 'text'")
         return fmt
 
     @field_validator("modalities")
     @classmethod
-    def _text_only(cls, modalities: Optional[list[str]]) -> Optional[list[str]]:
+    def _text_only(cls, modalities: list[str] | None) -> list[str] | None:
         if modalities is not None and set(modalities) - {"text"}:
             raise ValueError(f"only ['text'] is supported, got {modalities}")
         return modalities
 
     @field_validator("audio", "prediction", "web_search_options")
     @classmethod
-    def _unsupported(cls, value: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    def _unsupported(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         if value is not None:
             raise ValueError("not supported by the served base model (only null)")
         return value
 
     @field_validator("top_logprobs")
     @classmethod
-    def _top_needs_logprobs(cls, top: Optional[int], info: ValidationInfo) -> Optional[int]:
+    def _top_needs_logprobs(cls, top: int | None, info: ValidationInfo) -> int | None:
         if top and not info.data.get("logprobs"):
             raise ValueError("needs logprobs=true")
         return top
 
     @property
-    def requested_max_tokens(self) -> Optional[int]:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+    def requested_max_tokens(self) -> int | None:
+        return (
+            self.max_completion_tokens
+            if self.max_completion_tokens is not None
+            else self.max_tokens
+        )
 
 
 class ScoreRequest(_Request):
     """``POST /v1/score``: log-probability of every token of ``text`` given the tokens before it."""
 
-    model: Optional[str] = None
+    model: str | None = None
     text: str
 
     @field_validator("text")
@@ -304,18 +319,18 @@ class Usage(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[Optional[float]]
-    top_logprobs: list[Optional[dict[str, float]]]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: Optional[CompletionLogprobs] = None
-    finish_reason: Optional[Literal["stop", "length"]] = None
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
     # vLLM: the stop string or stop token id that ended the text (null for EOS or length)
-    stop_reason: Union[str, int, None] = None
+    stop_reason: str | int | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -327,13 +342,13 @@ class CompletionResponse(BaseModel):
     system_fingerprint: str
     model_version: str
     choices: list[CompletionChoice]
-    usage: Optional[Usage] = None
+    usage: Usage | None = None
 
 
 class TopLogprob(BaseModel):
     token: str
     logprob: float
-    bytes: Optional[list[int]] = None
+    bytes: list[int] | None = None
 
 
 class ChatTokenLogprob(TopLogprob):
@@ -341,7 +356,7 @@ class ChatTokenLogprob(TopLogprob):
 
 
 class ChatLogprobs(BaseModel):
-    content: Optional[list[ChatTokenLogprob]] = None
+    content: list[ChatTokenLogprob] | None = None
 
 
 class AssistantMessage(BaseModel):
@@ -352,9 +367,9 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: Optional[ChatLogprobs] = None
-    finish_reason: Optional[Literal["stop", "length"]] = None
-    stop_reason: Union[str, int, None] = None
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+    stop_reason: str | int | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -375,7 +390,7 @@ class ScoreResponse(BaseModel):
     tokens: list[str]
     token_ids: list[int]
     # log p(token_i | tokens_<i); the first token has no context, so None
-    token_logprobs: list[Optional[float]]
+    token_logprobs: list[float | None]
     total_logprob: float
     perplexity: float
     usage: Usage
@@ -387,7 +402,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "moeops"
     version: str
-    alias: Optional[str] = None
+    alias: str | None = None
     traffic_share: float
     max_model_len: int
 
@@ -400,8 +415,8 @@ class ModelList(BaseModel):
 class ErrorBody(BaseModel):
     message: str
     type: str
-    param: Optional[str] = None
-    code: Optional[str] = None
+    param: str | None = None
+    code: str | None = None
 
 
 class ErrorResponse(BaseModel):

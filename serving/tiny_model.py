@@ -6,6 +6,7 @@ Real artifacts through the real path: a BPE tokenizer trained on a few KB of Pyt
 source, ``save_export``, and ``log_and_register`` into the configured MLflow registry.
 The weights are random (seeded), so the text is gibberish but deterministic.
 """
+
 from __future__ import annotations
 
 import sys
@@ -38,8 +39,9 @@ def _corpus() -> list[str]:
     return texts
 
 
-def register_tiny_models(config: Config, versions: int = 2, work_dir: str | Path | None = None,
-                         vocab_size: int = 512) -> list[Registration]:
+def register_tiny_models(
+    config: Config, versions: int = 2, work_dir: str | Path | None = None, vocab_size: int = 512
+) -> list[Registration]:
     """Register ``versions`` seeded random models; v1 becomes champion, later ones challengers.
 
     Later versions get a worse ``val_loss`` so the gate refuses them: the champion stays v1
@@ -47,20 +49,32 @@ def register_tiny_models(config: Config, versions: int = 2, work_dir: str | Path
     """
     work = Path(work_dir or tempfile.mkdtemp(prefix="moeops-tiny-"))
     work.mkdir(parents=True, exist_ok=True)
-    tokenizer_path = TextTokenizer.train(_corpus(), vocab_size=vocab_size).save(str(work / "tokenizer.json"))
+    tokenizer_path = TextTokenizer.train(_corpus(), vocab_size=vocab_size).save(
+        str(work / "tokenizer.json")
+    )
     vocab = TextTokenizer.load(tokenizer_path).vocab_size
     client = MlflowClient(config.tracking.uri)
-    experiment_id = mlflow_utils.ensure_experiment(client, config.tracking.experiment,
-                                                   config.tracking.artifact_location)
+    experiment_id = mlflow_utils.ensure_experiment(
+        client, config.tracking.experiment, config.tracking.artifact_location
+    )
     registrations = []
     for i in range(versions):
         torch.manual_seed(1000 + i)
         model = Transformer(config.model, vocab).eval()
-        export_dir = save_export(model.state_dict(), config.model, vocab, tokenizer_path, work / f"export-{i}")
+        export_dir = save_export(
+            model.state_dict(), config.model, vocab, tokenizer_path, work / f"export-{i}"
+        )
         run_id = client.create_run(experiment_id, run_name=f"tiny-model-{i}").info.run_id
-        registrations.append(log_and_register(
-            export_dir, run_id=run_id, tracking_uri=config.tracking.uri, registry=config.registry,
-            metrics={config.registry.metric: 5.0 + i}, tags={"moeops.source": "serving.tiny_model"}))
+        registrations.append(
+            log_and_register(
+                export_dir,
+                run_id=run_id,
+                tracking_uri=config.tracking.uri,
+                registry=config.registry,
+                metrics={config.registry.metric: 5.0 + i},
+                tags={"moeops.source": "serving.tiny_model"},
+            )
+        )
         client.set_terminated(run_id)
     return registrations
 

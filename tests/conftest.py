@@ -1,4 +1,5 @@
 """Shared fixtures: one local Ray per test session, a fresh sqlite MLflow store per test."""
+
 from __future__ import annotations
 
 import os
@@ -35,26 +36,33 @@ def ray_session(session_tmp):
 
     if not ray.is_initialized():
         dashboard_port = free_port()
-        # as pipelines.runtime.ensure_ray does: in-cluster state API clients (Train's placement-group
+        # as pipelines.runtime.ensure_ray does: in-cluster state API clients (Train's
+        # placement-group
         # cleaner) must find this cluster, not fail on the other Ray instances of the machine
         os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{dashboard_port}"
         # retried: on the loaded 2-core machine Ray's fixed 30 s node start-up wait runs out
-        start_with_retries(lambda: ray.init(
-            num_cpus=RAY_NUM_CPUS,
-            num_gpus=0,
-            # Ray Train's placement-group cleaner needs the state API the dashboard serves (see
-            # pipelines/runtime.py); loopback only, on a free port.
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            dashboard_port=dashboard_port,
-            object_store_memory=400 * 1024**2,
-            namespace="moeops-tests",
-            # private on purpose, as in pipelines/runtime.py: ray.init has no public way to keep a
-            # local node on loopback (`ray start --node-ip-address` starts a detached cluster)
-            _node_ip_address="127.0.0.1",
-            runtime_env={"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0", "TOKENIZERS_PARALLELISM": "false"}},
-            log_to_driver=True,
-        ), cleanup=ray.shutdown)
+        start_with_retries(
+            lambda: ray.init(
+                num_cpus=RAY_NUM_CPUS,
+                num_gpus=0,
+                # Ray Train's placement-group cleaner needs the state API the dashboard serves (see
+                # pipelines/runtime.py); loopback only, on a free port.
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                dashboard_port=dashboard_port,
+                object_store_memory=400 * 1024**2,
+                namespace="moeops-tests",
+                # private on purpose, as in pipelines/runtime.py: ray.init has no public way to keep
+                # a
+                # local node on loopback (`ray start --node-ip-address` starts a detached cluster)
+                _node_ip_address="127.0.0.1",
+                runtime_env={
+                    "env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0", "TOKENIZERS_PARALLELISM": "false"}
+                },
+                log_to_driver=True,
+            ),
+            cleanup=ray.shutdown,
+        )
     yield ray
     try:
         from ray import serve
@@ -83,5 +91,8 @@ def mlflow_uri(tmp_path, monkeypatch) -> str:
 @pytest.fixture
 def root_overrides(tmp_path, mlflow_uri) -> list[str]:
     """Hydra overrides that keep a test's state under its tmp dir."""
-    return [f"paths.root={tmp_path / 'moeops'}", f"tracking.uri={mlflow_uri}",
-            f"tracking.artifact_location={(tmp_path / 'mlartifacts').as_uri()}"]
+    return [
+        f"paths.root={tmp_path / 'moeops'}",
+        f"tracking.uri={mlflow_uri}",
+        f"tracking.artifact_location={(tmp_path / 'mlartifacts').as_uri()}",
+    ]

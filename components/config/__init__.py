@@ -1,4 +1,5 @@
 """One schema for moeops' configuration: compose, validate once, ship plain dicts."""
+
 from components.config.compose import (
     CONF_DIR,
     config_from_dict,

@@ -3,13 +3,15 @@
 Entry points get a DictConfig from ``@hydra.main`` and call :func:`finalize`; tests and
 library users call :func:`load_config` with the same override strings.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -61,7 +63,9 @@ def finalize(cfg: DictConfig) -> Config:
         cfg.tracking.uri = default_tracking_uri()
     cfg.tracking.uri = _absolute_sqlite(cfg.tracking.uri)
     if not cfg.tracking.artifact_location and cfg.tracking.uri.startswith("sqlite:"):
-        cfg.tracking.artifact_location = (Path(cfg.tracking.uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+        cfg.tracking.artifact_location = (
+            Path(cfg.tracking.uri[len("sqlite:///") :]).parent / "mlartifacts"
+        ).as_uri()
     config: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))
     for field_name in ("cold_uri", "warm_dir"):
         setattr(config.storage, field_name, _absolute_local(getattr(config.storage, field_name)))
@@ -79,7 +83,9 @@ def _unknown_keys(data: dict, schema: type, prefix: str = "") -> list[str]:
             problems.append(f"{prefix}{key}: unknown key; allowed keys: {', '.join(fields)}")
             continue
         sub = fields[key].type
-        sub_type = getattr(sys.modules[schema.__module__], sub, None) if isinstance(sub, str) else sub
+        sub_type = (
+            getattr(sys.modules[schema.__module__], sub, None) if isinstance(sub, str) else sub
+        )
         if dataclasses.is_dataclass(sub_type) and isinstance(value, dict):
             problems += _unknown_keys(value, sub_type, f"{prefix}{key}.")
     return problems
@@ -87,8 +93,8 @@ def _unknown_keys(data: dict, schema: type, prefix: str = "") -> list[str]:
 
 def _absolute_sqlite(uri: str) -> str:
     prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-        return prefix + str(Path(uri[len(prefix):]).resolve())
+    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
+        return prefix + str(Path(uri[len(prefix) :]).resolve())
     return uri
 
 

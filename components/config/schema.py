@@ -5,10 +5,11 @@ unknown key or a wrongly typed value fails at composition time.  Rules that span
 several fields live in :mod:`components.config.validate`.  Each section's doc
 string is the reference for its config group (see ``docs/config.md``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List
+from typing import Any
 
 
 @dataclass
@@ -36,7 +37,8 @@ class DataConfig:
     val_fraction: float = 0.05
     # rows (of seq_len + 1 tokens) per shard; 0: as many as fit ``shard_mb`` MiB of int32 tokens
     rows_per_shard: int = 0
-    # shard size when rows_per_shard is 0 (before compression; mosaicml-streaming's default is 64 MB too)
+    # shard size when rows_per_shard is 0 (before compression; mosaicml-streaming's default is 64 MB
+    # too)
     shard_mb: int = 64
     seed: int = 1234
     # chunks of the corpus tokenized and written at once (Ray tasks in flight)
@@ -74,7 +76,8 @@ class StorageConfig:
 
 @dataclass
 class ModelConfig:
-    """Decoder-only transformer; MoE FFN on every ``moe_layer_interval``-th layer (group ``model``)."""
+    """Decoder-only transformer; MoE FFN on every ``moe_layer_interval``-th layer (group
+    ``model``)."""
 
     name: str = "moe_tiny"
     # "moe" or "dense"; a dense model with the same dims has ffn_dim = top_k * expert ffn_dim
@@ -103,7 +106,8 @@ class ModelConfig:
     tie_embeddings: bool = True
     init_std: float = 0.02
     # how the experts run: "grouped_mm" (torch.nn.functional.grouped_mm, one kernel for all local
-    # experts), "loop" (one matmul per expert) or "auto" (grouped_mm for CUDA bf16 on SM90/SM100, else loop)
+    # experts), "loop" (one matmul per expert) or "auto" (grouped_mm for CUDA bf16 on SM90/SM100,
+    # else loop)
     expert_backend: str = "auto"
 
 
@@ -189,9 +193,9 @@ class TuneConfig:
     trial_num_workers: int = 1
     trial_eval_every: int = 10
     # dotted config key -> {type: loguniform|uniform|choice|randint, low, high, values}
-    search_space: Dict[str, Any] = field(default_factory=dict)
+    search_space: dict[str, Any] = field(default_factory=dict)
     # trials to run first, before the search algorithm proposes any: [{"train.lr": 0.003}, ...]
-    points_to_evaluate: List[Dict[str, Any]] = field(default_factory=list)
+    points_to_evaluate: list[dict[str, Any]] = field(default_factory=list)
     # CPUs reserved for each trial's own process (it drives one Ray Train run)
     trial_driver_cpus: float = 0.5
     # continue an interrupted sweep with the same config (Tuner.restore) instead of starting over
@@ -207,7 +211,7 @@ class EvaluateConfig:
     compare_dense: bool = True
     dense_max_steps: int = 0  # 0: same number of steps as the MoE training
     compare_champion: bool = True
-    prompts: List[str] = field(
+    prompts: list[str] = field(
         default_factory=lambda: ["def main(", "import os\n", "class Config:", "# Licensed"]
     )
     max_new_tokens: int = 32
@@ -234,15 +238,19 @@ class AutoscalingConfig:
     enabled: bool = False
     min_replicas: int = 1
     max_replicas: int = 2
-    # requests in flight per replica that Serve steers towards (running + queued sequences' requests)
+    # requests in flight per replica that Serve steers towards (running + queued sequences'
+    # requests)
     target_ongoing_requests: float = 8.0
     # how long load must stay above / below target before a replica is added / removed
     upscale_delay_s: float = 30.0
     downscale_delay_s: float = 600.0
-    # window the load is averaged over (Serve pushes load figures every metrics_interval_s: keep it above that)
+    # window the load is averaged over (Serve pushes load figures every metrics_interval_s: keep it
+    # above that)
     look_back_period_s: float = 30.0
-    # how often replicas and proxies push their load to Serve's controller (Ray's default: 10 s). Ray 2.60
-    # marks the field deprecated in favour of env vars it does not read yet; it is sent only when changed
+    # how often replicas and proxies push their load to Serve's controller (Ray's default: 10 s).
+    # Ray 2.60
+    # marks the field deprecated in favour of env vars it does not read yet; it is sent only when
+    # changed
     metrics_interval_s: float = 10.0
 
 
@@ -286,15 +294,18 @@ class ServeConfig:
     auth_token_env: str = "MOEOPS_API_TOKEN"
     smoke_prompt: str = "def "
     # HTTP requests Serve sends a replica at once; must cover max_num_seqs + max_queued_sequences
-    # (each request is at least one sequence) plus probes, or the proxy queues what the engine could take
+    # (each request is at least one sequence) plus probes, or the proxy queues what the engine could
+    # take
     max_ongoing_requests: int = 96
-    # extra replicas (percent) during a rolling update: old replicas serve until the new ones are warm
+    # extra replicas (percent) during a rolling update: old replicas serve until the new ones are
+    # warm
     max_surge_percent: int = 100
     # "HeadOnly" (one proxy, local) or "EveryNode" (a proxy per node, clusters)
     proxy_location: str = "HeadOnly"
     # a replica that cannot load its model yet (alias not set) retries this often, staying unready
     load_retry_s: float = 2.0
-    # deploy stage: how long to wait for /readyz, and whether to keep the process serving until Ctrl-C
+    # deploy stage: how long to wait for /readyz, and whether to keep the process serving until
+    # Ctrl-C
     ready_timeout_s: float = 180.0
     block: bool = False
 
@@ -372,8 +383,8 @@ class Config:
     run_name: str = ""
     # upstream stage name -> MLflow run id or runs:/<id> URI to take its outputs from
     # (empty: the latest finished run of that stage in the experiment)
-    inputs: Dict[str, str] = field(default_factory=dict)
+    inputs: dict[str, str] = field(default_factory=dict)
     # stages pipelines.run executes, in order
-    stages: List[str] = field(
+    stages: list[str] = field(
         default_factory=lambda: ["prepare", "tune", "train", "evaluate", "register", "deploy"]
     )

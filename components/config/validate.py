@@ -1,4 +1,5 @@
 """Cross-field rules of the config, checked once on the driver before any Ray or MLflow work."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -14,7 +15,8 @@ REGISTRY_METRICS = ("val_loss", "perplexity", "generation_tokens_per_s")
 
 
 class ConfigError(ValueError):
-    """A config that cannot run; the message names every offending key, its value and what is allowed."""
+    """A config that cannot run; the message names every offending key, its value and what is
+    allowed."""
 
     def __init__(self, problems: list[str]):
         self.problems = problems
@@ -45,20 +47,28 @@ def validate(cfg: Config) -> None:
     if m.dim % m.n_heads:
         p.append(f"model.dim={m.dim}: must be divisible by model.n_heads ({m.n_heads})")
     elif (m.dim // m.n_heads) % 2:
-        p.append(f"model.dim={m.dim}: head size dim/n_heads={m.dim // m.n_heads} must be even for rotary embeddings")
+        p.append(
+            f"model.dim={m.dim}: head size dim/n_heads={m.dim // m.n_heads} must be even for rotary embeddings"
+        )
     for key in ("dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len", "num_experts"):
         if getattr(m, key) < 1:
             p.append(f"model.{key}={getattr(m, key)}: must be >= 1")
     if m.kind == "moe":
         if not 1 <= m.top_k <= m.num_experts:
-            p.append(f"model.top_k={m.top_k}: must be between 1 and model.num_experts ({m.num_experts})")
+            p.append(
+                f"model.top_k={m.top_k}: must be between 1 and model.num_experts ({m.num_experts})"
+            )
         if m.capacity_factor <= 0 and not m.dropless:
-            p.append(f"model.capacity_factor={m.capacity_factor}: must be > 0 (or set model.dropless=true)")
+            p.append(
+                f"model.capacity_factor={m.capacity_factor}: must be > 0 (or set model.dropless=true)"
+            )
         if m.moe_layer_interval < 1:
             p.append(f"model.moe_layer_interval={m.moe_layer_interval}: must be >= 1")
         elif m.moe_layer_interval > m.n_layers:
-            p.append(f"model.moe_layer_interval={m.moe_layer_interval}: exceeds model.n_layers ({m.n_layers}), "
-                     "so no layer would be MoE (use model.kind=dense for that)")
+            p.append(
+                f"model.moe_layer_interval={m.moe_layer_interval}: exceeds model.n_layers ({m.n_layers}), "
+                "so no layer would be MoE (use model.kind=dense for that)"
+            )
         for key in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
             if getattr(m, key) < 0:
                 p.append(f"model.{key}={getattr(m, key)}: must be >= 0")
@@ -80,36 +90,55 @@ def validate(cfg: Config) -> None:
     _one_of(p, "train.precision", t.precision, ("fp32", "bf16", "fp16"))
     _one_of(p, "train.backend", t.backend, ("auto", "gloo", "nccl"))
     if t.precision in ("bf16", "fp16") and not t.use_gpu:
-        p.append(f"train.precision={t.precision!r}: mixed precision needs train.use_gpu=true (CPU trains in fp32)")
+        p.append(
+            f"train.precision={t.precision!r}: mixed precision needs train.use_gpu=true (CPU trains in fp32)"
+        )
     if t.backend == "nccl" and not t.use_gpu:
         p.append("train.backend='nccl': needs train.use_gpu=true (use 'gloo' or 'auto' on CPU)")
     if t.use_gpu and t.gpus_per_worker <= 0:
         p.append(f"train.gpus_per_worker={t.gpus_per_worker}: must be > 0 when train.use_gpu=true")
-    for key in ("batch_size", "grad_accum_steps", "max_steps", "eval_every", "log_every", "checkpoint_every"):
+    for key in (
+        "batch_size",
+        "grad_accum_steps",
+        "max_steps",
+        "eval_every",
+        "log_every",
+        "checkpoint_every",
+    ):
         if getattr(t, key) < 1:
             p.append(f"train.{key}={getattr(t, key)}: must be >= 1")
     if t.warmup_steps < 0 or t.warmup_steps >= t.max_steps:
-        p.append(f"train.warmup_steps={t.warmup_steps}: must be >= 0 and < train.max_steps ({t.max_steps})")
+        p.append(
+            f"train.warmup_steps={t.warmup_steps}: must be >= 0 and < train.max_steps ({t.max_steps})"
+        )
     if not 0 < t.lr < 1:
         p.append(f"train.lr={t.lr}: must be in (0, 1)")
     if not 0 <= t.min_lr_ratio <= 1:
         p.append(f"train.min_lr_ratio={t.min_lr_ratio}: must be in [0, 1]")
     if not 0 <= t.stop_at_step <= t.max_steps:
-        p.append(f"train.stop_at_step={t.stop_at_step}: must be between 0 (off) and train.max_steps ({t.max_steps})")
+        p.append(
+            f"train.stop_at_step={t.stop_at_step}: must be between 0 (off) and train.max_steps ({t.max_steps})"
+        )
     if not t.resume.strip():
         p.append("train.resume='': must be 'auto', 'never' or a checkpoint path/URI")
     if t.keep_checkpoints < 1:
-        p.append(f"train.keep_checkpoints={t.keep_checkpoints}: must be >= 1 (resume needs the latest checkpoint)")
+        p.append(
+            f"train.keep_checkpoints={t.keep_checkpoints}: must be >= 1 (resume needs the latest checkpoint)"
+        )
     if t.max_failures < -1:
         p.append(f"train.max_failures={t.max_failures}: must be >= 0, or -1 for unlimited retries")
     if t.worker_start_timeout_s <= 0:
-        p.append(f"train.worker_start_timeout_s={t.worker_start_timeout_s}: must be > 0 (seconds Ray Train waits for its workers to start)")
+        p.append(
+            f"train.worker_start_timeout_s={t.worker_start_timeout_s}: must be > 0 (seconds Ray Train waits for its workers to start)"
+        )
     if t.overlap.a2a_chunks < 1:
         p.append(f"train.overlap.a2a_chunks={t.overlap.a2a_chunks}: must be >= 1")
 
     _one_of(p, "data.source", d.source, ("stdlib", "files"))
     if d.source == "files" and not d.uri:
-        p.append("data.uri='': data.source='files' needs an fsspec URI or glob of text/JSONL/Parquet files")
+        p.append(
+            "data.uri='': data.source='files' needs an fsspec URI or glob of text/JSONL/Parquet files"
+        )
     if d.seq_len < 8:
         p.append(f"data.seq_len={d.seq_len}: must be >= 8")
     if d.seq_len > m.max_seq_len:
@@ -119,7 +148,9 @@ def validate(cfg: Config) -> None:
     if d.vocab_size < 300:
         p.append(f"data.vocab_size={d.vocab_size}: must be >= 300 (256 byte symbols plus merges)")
     if d.rows_per_shard < 0:
-        p.append(f"data.rows_per_shard={d.rows_per_shard}: must be >= 1, or 0 to size shards by data.shard_mb")
+        p.append(
+            f"data.rows_per_shard={d.rows_per_shard}: must be >= 1, or 0 to size shards by data.shard_mb"
+        )
     if d.shard_mb < 1:
         p.append(f"data.shard_mb={d.shard_mb}: must be >= 1")
 
@@ -133,11 +164,17 @@ def validate(cfg: Config) -> None:
     if st.part_mb < 1:
         p.append(f"storage.part_mb={st.part_mb}: must be >= 1")
     if st.hot_prefetch_batches < 0:
-        p.append(f"storage.hot_prefetch_batches={st.hot_prefetch_batches}: must be >= 0 (0 = no prefetch thread)")
+        p.append(
+            f"storage.hot_prefetch_batches={st.hot_prefetch_batches}: must be >= 0 (0 = no prefetch thread)"
+        )
     if not 0 < st.backoff_base_s <= st.backoff_max_s:
-        p.append(f"storage.backoff_base_s={st.backoff_base_s}: must be > 0 and <= storage.backoff_max_s ({st.backoff_max_s})")
+        p.append(
+            f"storage.backoff_base_s={st.backoff_base_s}: must be > 0 and <= storage.backoff_max_s ({st.backoff_max_s})"
+        )
     if not st.cold_uri:
-        p.append("storage.cold_uri='': needs a local directory or an fsspec URI (s3://bucket/prefix, gs://...)")
+        p.append(
+            "storage.cold_uri='': needs a local directory or an fsspec URI (s3://bucket/prefix, gs://...)"
+        )
     if d.max_files < 1 or d.max_bytes < 1:
         p.append(f"data.max_files={d.max_files}, data.max_bytes={d.max_bytes}: must be >= 1")
 
@@ -151,7 +188,9 @@ def validate(cfg: Config) -> None:
         if tu.num_samples < 1:
             p.append(f"tune.num_samples={tu.num_samples}: must be >= 1")
         if tu.trial_max_steps < 1 or tu.trial_eval_every < 1:
-            p.append(f"tune.trial_max_steps={tu.trial_max_steps}, tune.trial_eval_every={tu.trial_eval_every}: must be >= 1")
+            p.append(
+                f"tune.trial_max_steps={tu.trial_max_steps}, tune.trial_eval_every={tu.trial_eval_every}: must be >= 1"
+            )
         if tu.trial_num_workers % t.expert_parallel_size:
             p.append(
                 f"tune.trial_num_workers={tu.trial_num_workers}: must be a multiple of "
@@ -165,14 +204,21 @@ def validate(cfg: Config) -> None:
                 continue
             kind = spec.get("type") if isinstance(spec, dict) else None
             if kind not in SEARCH_TYPES:
-                p.append(f"tune.search_space.{key}.type={kind!r}: must be one of {', '.join(SEARCH_TYPES)}")
+                p.append(
+                    f"tune.search_space.{key}.type={kind!r}: must be one of {', '.join(SEARCH_TYPES)}"
+                )
             elif kind == "choice" and not spec.get("values"):
-                p.append(f"tune.search_space.{key}.values: a choice needs a non-empty list of values")
+                p.append(
+                    f"tune.search_space.{key}.values: a choice needs a non-empty list of values"
+                )
             elif kind != "choice" and not (
-                isinstance(spec.get("low"), (int, float)) and isinstance(spec.get("high"), (int, float))
+                isinstance(spec.get("low"), (int, float))
+                and isinstance(spec.get("high"), (int, float))
                 and spec["low"] < spec["high"]
             ):
-                p.append(f"tune.search_space.{key}: {kind} needs numbers low < high, got low={spec.get('low')!r} high={spec.get('high')!r}")
+                p.append(
+                    f"tune.search_space.{key}: {kind} needs numbers low < high, got low={spec.get('low')!r} high={spec.get('high')!r}"
+                )
             elif kind == "loguniform" and spec["low"] <= 0:
                 p.append(f"tune.search_space.{key}.low={spec['low']}: loguniform needs low > 0")
 
@@ -188,7 +234,9 @@ def validate(cfg: Config) -> None:
     _one_of(p, "registry.mode", cfg.registry.mode, ("min", "max"))
     _one_of(p, "registry.metric", cfg.registry.metric, REGISTRY_METRICS)
     if cfg.registry.champion_alias == cfg.registry.challenger_alias:
-        p.append(f"registry.challenger_alias={cfg.registry.challenger_alias!r}: must differ from registry.champion_alias")
+        p.append(
+            f"registry.challenger_alias={cfg.registry.challenger_alias!r}: must differ from registry.champion_alias"
+        )
 
     if s.max_tokens < 1:
         p.append(f"serve.max_tokens={s.max_tokens}: must be >= 1")
@@ -199,18 +247,24 @@ def validate(cfg: Config) -> None:
         )
     if not 0 <= s.canary_fraction <= 1:
         p.append(f"serve.canary_fraction={s.canary_fraction}: must be in [0, 1]")
-    _one_of(p, "serve.quantize", s.quantize, ("none", "int8", "auto"))  # components.model.quantize.QUANTIZE_MODES
+    _one_of(
+        p, "serve.quantize", s.quantize, ("none", "int8", "auto")
+    )  # components.model.quantize.QUANTIZE_MODES
     if s.quantize == "int8" and s.num_gpus > 0 and importlib.util.find_spec("torchao") is None:
-        p.append("serve.quantize='int8' on GPU replicas (serve.num_gpus > 0) uses torchao, which is not installed: "
-                 "pip install 'moeops[cuda-int8]', or set serve.quantize=auto or none")
+        p.append(
+            "serve.quantize='int8' on GPU replicas (serve.num_gpus > 0) uses torchao, which is not installed: "
+            "pip install 'moeops[cuda-int8]', or set serve.quantize=auto or none"
+        )
     if not 0 < s.port < 65536:
         p.append(f"serve.port={s.port}: must be a TCP port (1-65535)")
     for key in ("max_num_seqs", "max_prompts", "max_n", "max_queued_sequences", "retry_after_s"):
         if getattr(s, key) < 1:
             p.append(f"serve.{key}={getattr(s, key)}: must be >= 1")
     if s.max_num_batched_tokens < s.max_prompt_tokens:
-        p.append(f"serve.max_num_batched_tokens={s.max_num_batched_tokens}: must be >= serve.max_prompt_tokens "
-                 f"({s.max_prompt_tokens}) or a long prompt could never be admitted")
+        p.append(
+            f"serve.max_num_batched_tokens={s.max_num_batched_tokens}: must be >= serve.max_prompt_tokens "
+            f"({s.max_prompt_tokens}) or a long prompt could never be admitted"
+        )
     if s.max_logprobs < 0:
         p.append(f"serve.max_logprobs={s.max_logprobs}: must be >= 0")
     if not 0 <= s.max_surge_percent <= 100:
@@ -219,29 +273,46 @@ def validate(cfg: Config) -> None:
         p.append(f"serve.num_cpus={s.num_cpus}: a replica needs some CPU or GPU")
     _one_of(p, "serve.proxy_location", s.proxy_location, ("HeadOnly", "EveryNode", "Disabled"))
     if s.max_ongoing_requests < s.max_num_seqs:
-        p.append(f"serve.max_ongoing_requests={s.max_ongoing_requests}: must be >= serve.max_num_seqs "
-                 f"({s.max_num_seqs}) or the decoding slots can never fill")
+        p.append(
+            f"serve.max_ongoing_requests={s.max_ongoing_requests}: must be >= serve.max_num_seqs "
+            f"({s.max_num_seqs}) or the decoding slots can never fill"
+        )
     if s.max_prompt_tokens < 1 or s.max_body_bytes < 256:
-        p.append(f"serve.max_prompt_tokens={s.max_prompt_tokens}, serve.max_body_bytes={s.max_body_bytes}: "
-                 "must be >= 1 and >= 256")
+        p.append(
+            f"serve.max_prompt_tokens={s.max_prompt_tokens}, serve.max_body_bytes={s.max_body_bytes}: "
+            "must be >= 1 and >= 256"
+        )
     if not s.route_prefix.startswith("/"):
         p.append(f"serve.route_prefix={s.route_prefix!r}: must start with '/'")
     if s.model_uri and not s.model_uri.startswith("models:/"):
-        p.append(f"serve.model_uri={s.model_uri!r}: must be models:/<name>@<alias> or models:/<name>/<version>")
+        p.append(
+            f"serve.model_uri={s.model_uri!r}: must be models:/<name>@<alias> or models:/<name>/<version>"
+        )
     a = s.autoscaling
     if a.enabled and not 1 <= a.min_replicas <= a.max_replicas:
-        p.append(f"serve.autoscaling.min_replicas={a.min_replicas}: need 1 <= min_replicas <= max_replicas "
-                 f"({a.max_replicas})")
-    if a.enabled and (a.upscale_delay_s < 0 or a.downscale_delay_s < 0 or a.look_back_period_s <= 0
-                      or a.target_ongoing_requests <= 0 or a.metrics_interval_s <= 0):
-        p.append(f"serve.autoscaling: delays must be >= 0, look_back_period_s, target_ongoing_requests and "
-                 "metrics_interval_s > 0 "
-                 f"(got upscale_delay_s={a.upscale_delay_s}, downscale_delay_s={a.downscale_delay_s}, "
-                 f"look_back_period_s={a.look_back_period_s}, target_ongoing_requests={a.target_ongoing_requests}, "
-                 f"metrics_interval_s={a.metrics_interval_s})")
+        p.append(
+            f"serve.autoscaling.min_replicas={a.min_replicas}: need 1 <= min_replicas <= max_replicas "
+            f"({a.max_replicas})"
+        )
+    if a.enabled and (
+        a.upscale_delay_s < 0
+        or a.downscale_delay_s < 0
+        or a.look_back_period_s <= 0
+        or a.target_ongoing_requests <= 0
+        or a.metrics_interval_s <= 0
+    ):
+        p.append(
+            f"serve.autoscaling: delays must be >= 0, look_back_period_s, target_ongoing_requests and "
+            "metrics_interval_s > 0 "
+            f"(got upscale_delay_s={a.upscale_delay_s}, downscale_delay_s={a.downscale_delay_s}, "
+            f"look_back_period_s={a.look_back_period_s}, target_ongoing_requests={a.target_ongoing_requests}, "
+            f"metrics_interval_s={a.metrics_interval_s})"
+        )
     if a.enabled and 0 < a.look_back_period_s <= a.metrics_interval_s:
-        p.append(f"serve.autoscaling.look_back_period_s={a.look_back_period_s}: must be > "
-                 f"serve.autoscaling.metrics_interval_s ({a.metrics_interval_s}), the window must hold load figures")
+        p.append(
+            f"serve.autoscaling.look_back_period_s={a.look_back_period_s}: must be > "
+            f"serve.autoscaling.metrics_interval_s ({a.metrics_interval_s}), the window must hold load figures"
+        )
     if not a.enabled and s.num_replicas < 1:
         p.append(f"serve.num_replicas={s.num_replicas}: must be >= 1")
 
@@ -272,7 +343,9 @@ def validate(cfg: Config) -> None:
         if not getattr(k8s, key):
             p.append(f"cluster.k8s.{key}='': must be set")
     if k8s.tracking_uri and "://" not in k8s.tracking_uri:
-        p.append(f"cluster.k8s.tracking_uri={k8s.tracking_uri!r}: must be a URI such as http://mlflow.example:5000")
+        p.append(
+            f"cluster.k8s.tracking_uri={k8s.tracking_uri!r}: must be a URI such as http://mlflow.example:5000"
+        )
 
     for stage in cfg.stages:
         _one_of(p, "stages[]", stage, STAGES)

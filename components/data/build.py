@@ -7,12 +7,14 @@ of text straight into one int32 token stream (memory stays near the size of the 
 :func:`prepare_dataset` takes a ``map_fn`` so that ``pipelines/prepare.py`` can fan the chunks
 out as Ray tasks while tests run them in-process with :func:`serial_map`.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -20,7 +22,13 @@ from components.config.schema import DataConfig, StorageConfig
 from components.data.cold import join, storage_or_default, write_atomic
 from components.data.corpus import DocFile, iter_texts, list_corpus, read_documents
 from components.data.manifest import (
-    FORMAT, MANIFEST_NAME, Manifest, ShardInfo, compute_digest, load_manifest, write_manifest,
+    FORMAT,
+    MANIFEST_NAME,
+    Manifest,
+    ShardInfo,
+    compute_digest,
+    load_manifest,
+    write_manifest,
 )
 from components.data.shards import encode_shard, sha256_bytes
 from components.data.tokenizer import TextTokenizer
@@ -30,8 +38,20 @@ ENCODE_BATCH_BYTES = 2 << 20
 TOKENIZER_SAMPLE_BYTES = 32_000_000
 TOKEN_BYTES = 4  # int32 in the shards
 # Data config keys that change the dataset's bytes (prepare_parallelism and name do not).
-CONTENT_KEYS = ("source", "uri", "text_field", "max_files", "max_bytes", "vocab_size", "byte_fallback",
-                "seq_len", "val_fraction", "rows_per_shard", "shard_mb", "seed")
+CONTENT_KEYS = (
+    "source",
+    "uri",
+    "text_field",
+    "max_files",
+    "max_bytes",
+    "vocab_size",
+    "byte_fallback",
+    "seq_len",
+    "val_fraction",
+    "rows_per_shard",
+    "shard_mb",
+    "seed",
+)
 
 MapFn = Callable[[Callable[..., Any], Sequence[dict]], list]
 
@@ -43,15 +63,22 @@ def serial_map(fn: Callable[..., Any], kwargs_list: Sequence[dict]) -> list:
 @dataclass
 class PrepareResult:
     manifest: Manifest
-    reused: bool                # an identical dataset was already committed
+    reused: bool  # an identical dataset was already committed
     documents: int
 
     def outputs(self) -> dict[str, str]:
         m = self.manifest
-        return {"manifest_uri": m.uri, "digest": m.dataset_digest, "dataset_digest": m.dataset_digest,
-                "tokenizer_uri": m.tokenizer_uri, "tokenizer_hash": m.tokenizer_hash,
-                "vocab_size": str(m.vocab_size), "seq_len": str(m.seq_len),
-                "train_rows": str(m.rows("train")), "val_rows": str(m.rows("val"))}
+        return {
+            "manifest_uri": m.uri,
+            "digest": m.dataset_digest,
+            "dataset_digest": m.dataset_digest,
+            "tokenizer_uri": m.tokenizer_uri,
+            "tokenizer_hash": m.tokenizer_hash,
+            "vocab_size": str(m.vocab_size),
+            "seq_len": str(m.seq_len),
+            "train_rows": str(m.rows("train")),
+            "val_rows": str(m.rows("val")),
+        }
 
 
 def plan_chunks(docs: Sequence[DocFile], chunk_bytes: int = CHUNK_BYTES) -> list[list[DocFile]]:
@@ -67,14 +94,16 @@ def plan_chunks(docs: Sequence[DocFile], chunk_bytes: int = CHUNK_BYTES) -> list
 
 
 def shard_rows(data: DataConfig) -> int:
-    """Rows per shard: ``data.rows_per_shard``, or as many as fit ``data.shard_mb`` of int32 tokens."""
+    """Rows per shard: ``data.rows_per_shard``, or as many as fit ``data.shard_mb`` of int32
+    tokens."""
     if data.rows_per_shard > 0:
         return data.rows_per_shard
     return max(1, data.shard_mb * 1024**2 // (TOKEN_BYTES * (data.seq_len + 1)))
 
 
 def chunk_bytes(data: DataConfig) -> int:
-    """Corpus bytes per chunk: about one shard (a token is 3-4 bytes of text and 4 bytes in a shard)."""
+    """Corpus bytes per chunk: about one shard (a token is 3-4 bytes of text and 4 bytes in a
+    shard)."""
     return max(CHUNK_BYTES, shard_rows(data) * (data.seq_len + 1) * TOKEN_BYTES)
 
 
@@ -99,17 +128,24 @@ def token_stream(token_lists: Iterable[Sequence[int]], eos_id: int) -> np.ndarra
     return np.concatenate(parts) if parts else np.empty(0, dtype=np.int32)
 
 
-def pack_rows(token_lists: Iterable[Sequence[int]] | np.ndarray, eos_id: int, row_len: int) -> np.ndarray:
+def pack_rows(
+    token_lists: Iterable[Sequence[int]] | np.ndarray, eos_id: int, row_len: int
+) -> np.ndarray:
     """Documents joined with EOS, cut into rows of ``row_len`` tokens; the remainder is dropped.
 
     ``token_lists`` may also be a stream already joined by :func:`token_stream`."""
-    stream = token_lists if isinstance(token_lists, np.ndarray) else token_stream(token_lists, eos_id)
+    stream = (
+        token_lists if isinstance(token_lists, np.ndarray) else token_stream(token_lists, eos_id)
+    )
     n_rows = len(stream) // row_len
     return stream[: n_rows * row_len].reshape(n_rows, row_len)
 
 
-def text_batches(texts: Iterable[str], batch_bytes: int = ENCODE_BATCH_BYTES) -> Iterator[list[str]]:
-    """Documents grouped into batches of about ``batch_bytes`` (the tokenizer parallelises a batch)."""
+def text_batches(
+    texts: Iterable[str], batch_bytes: int = ENCODE_BATCH_BYTES
+) -> Iterator[list[str]]:
+    """Documents grouped into batches of about ``batch_bytes`` (the tokenizer parallelises a
+    batch)."""
     batch: list[str] = []
     size = 0
     for text in texts:
@@ -128,7 +164,9 @@ def tokenize_chunk(tok: TextTokenizer, texts: Iterable[str]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.empty(0, dtype=np.int32)
 
 
-def split_rows(rows: np.ndarray, val_fraction: float, seed: int, chunk_index: int) -> dict[str, np.ndarray]:
+def split_rows(
+    rows: np.ndarray, val_fraction: float, seed: int, chunk_index: int
+) -> dict[str, np.ndarray]:
     """Deterministic train/val split of one chunk's rows (row order kept inside each split)."""
     n_val = int(round(len(rows) * val_fraction))
     is_val = np.zeros(len(rows), dtype=bool)
@@ -138,8 +176,14 @@ def split_rows(rows: np.ndarray, val_fraction: float, seed: int, chunk_index: in
     return {"train": rows[~is_val], "val": rows[is_val]}
 
 
-def build_chunk(chunk_index: int, docs: list[dict], tokenizer_json: str, dataset_uri: str, data: DataConfig,
-                storage: StorageConfig) -> list[dict]:
+def build_chunk(
+    chunk_index: int,
+    docs: list[dict],
+    tokenizer_json: str,
+    dataset_uri: str,
+    data: DataConfig,
+    storage: StorageConfig,
+) -> list[dict]:
     """Tokenize, pack, split and write one chunk's shards; returns their manifest entries."""
     tok = TextTokenizer.from_str(tokenizer_json)
     texts = (t for d in docs for t in read_documents(DocFile(**d), storage, data.text_field))
@@ -148,23 +192,37 @@ def build_chunk(chunk_index: int, docs: list[dict], tokenizer_json: str, dataset
     per = shard_rows(data)
     for split, split_rows_ in split_rows(rows, data.val_fraction, data.seed, chunk_index).items():
         for k, start in enumerate(range(0, len(split_rows_), per)):
-            blob = encode_shard(split_rows_[start:start + per])
+            blob = encode_shard(split_rows_[start : start + per])
             name = f"{split}/part-{chunk_index:05d}-{k:04d}.parquet"
             write_atomic(join(dataset_uri, name), blob, storage)
-            entries.append({"split": split, "name": name, "bytes": len(blob),
-                            "rows": min(per, len(split_rows_) - start), "sha256": sha256_bytes(blob)})
+            entries.append(
+                {
+                    "split": split,
+                    "name": name,
+                    "bytes": len(blob),
+                    "rows": min(per, len(split_rows_) - start),
+                    "sha256": sha256_bytes(blob),
+                }
+            )
     return entries
 
 
-def prepare_dataset(data: DataConfig, storage: StorageConfig, map_fn: MapFn = serial_map,
-                    on_chunk_done: Callable[[int], None] | None = None) -> PrepareResult:
+def prepare_dataset(
+    data: DataConfig,
+    storage: StorageConfig,
+    map_fn: MapFn = serial_map,
+    on_chunk_done: Callable[[int], None] | None = None,
+) -> PrepareResult:
     """The whole prepare step; reuses an identical committed dataset instead of rewriting it."""
     storage = storage_or_default(storage)
     if not storage.cold_uri:
         raise ValueError("storage.cold_uri is empty: set it to a local directory or an fsspec URI")
     docs = list_corpus(data, storage)
-    tok = TextTokenizer.train(iter_texts(docs, storage, data.text_field, TOKENIZER_SAMPLE_BYTES),
-                              vocab_size=data.vocab_size, byte_fallback=data.byte_fallback)
+    tok = TextTokenizer.train(
+        iter_texts(docs, storage, data.text_field, TOKENIZER_SAMPLE_BYTES),
+        vocab_size=data.vocab_size,
+        byte_fallback=data.byte_fallback,
+    )
     key = dataset_key(data, docs, tok.digest)
     dataset_uri = join(storage.cold_uri, f"{data.name}-{key}")
     try:
@@ -177,8 +235,17 @@ def prepare_dataset(data: DataConfig, storage: StorageConfig, map_fn: MapFn = se
     tokenizer_uri = join(dataset_uri, "tokenizer.json")
     write_atomic(tokenizer_uri, tok.to_str().encode("utf-8"), storage)
     chunks = plan_chunks(docs, chunk_bytes(data))
-    jobs = [{"chunk_index": i, "docs": [asdict(d) for d in chunk], "tokenizer_json": tok.to_str(),
-             "dataset_uri": dataset_uri, "data": data, "storage": storage} for i, chunk in enumerate(chunks)]
+    jobs = [
+        {
+            "chunk_index": i,
+            "docs": [asdict(d) for d in chunk],
+            "tokenizer_json": tok.to_str(),
+            "dataset_uri": dataset_uri,
+            "data": data,
+            "storage": storage,
+        }
+        for i, chunk in enumerate(chunks)
+    ]
     results = map_fn(build_chunk, jobs)
     splits: dict[str, list[ShardInfo]] = {"train": [], "val": []}
     for i, entries in enumerate(results):
@@ -196,8 +263,13 @@ def prepare_dataset(data: DataConfig, storage: StorageConfig, map_fn: MapFn = se
     manifest = Manifest(
         root_uri=dataset_uri,
         dataset_digest=compute_digest(tok.digest, data.seq_len, splits),
-        tokenizer_hash=tok.digest, tokenizer_uri=tokenizer_uri, vocab_size=tok.vocab_size,
-        seq_len=data.seq_len, eos_id=tok.eos_id, pad_id=tok.pad_id, splits=splits,
+        tokenizer_hash=tok.digest,
+        tokenizer_uri=tokenizer_uri,
+        vocab_size=tok.vocab_size,
+        seq_len=data.seq_len,
+        eos_id=tok.eos_id,
+        pad_id=tok.pad_id,
+        splits=splits,
         config=content_config(data),
         corpus={"documents": len(docs), "bytes": sum(d.size for d in docs), "chunks": len(chunks)},
     )

@@ -11,13 +11,15 @@ retries transient faults with exponential backoff and jitter (:func:`with_retrie
 Datasets commit by writing their manifest last, so a crash mid-``prepare`` leaves shards
 nobody references, never a manifest that points at missing bytes.
 """
+
 from __future__ import annotations
 
 import os
 import random
 import time
 import uuid
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import fsspec
 import fsspec.core
@@ -28,12 +30,31 @@ from components.config.schema import StorageConfig
 T = TypeVar("T")
 
 # Failures that retrying cannot fix: the object is not there, we may not read it, the URI is wrong.
-_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
-              ValueError, TypeError, KeyError)
+_PERMANENT = (
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+    ValueError,
+    TypeError,
+    KeyError,
+)
 # Names of transient errors raised by botocore / aiohttp / gcsfs that are not OSError subclasses.
-_TRANSIENT_NAME_PARTS = ("Connection", "Timeout", "Throttl", "SlowDown", "ServiceUnavailable",
-                         "InternalError", "IncompleteRead", "ResponseParserError", "HTTPClientError",
-                         "ClientPayloadError", "ServerDisconnected", "ResponseStreamingError", "ProtocolError")
+_TRANSIENT_NAME_PARTS = (
+    "Connection",
+    "Timeout",
+    "Throttl",
+    "SlowDown",
+    "ServiceUnavailable",
+    "InternalError",
+    "IncompleteRead",
+    "ResponseParserError",
+    "HTTPClientError",
+    "ClientPayloadError",
+    "ServerDisconnected",
+    "ResponseStreamingError",
+    "ProtocolError",
+)
 
 
 class ColdStorageError(IOError):
@@ -45,8 +66,10 @@ def storage_or_default(storage: StorageConfig | None) -> StorageConfig:
     if storage is None:
         return StorageConfig()
     if not isinstance(storage, StorageConfig):
-        raise TypeError(f"storage must be a StorageConfig (components.config.schema), got {type(storage).__name__}; "
-                        "on a Ray worker rebuild it with components.config.config_from_dict")
+        raise TypeError(
+            f"storage must be a StorageConfig (components.config.schema), got {type(storage).__name__}; "
+            "on a Ray worker rebuild it with components.config.config_from_dict"
+        )
     return storage
 
 
@@ -56,7 +79,9 @@ def split_protocol(uri: str) -> tuple[str, str]:
     return protocol or "file", path
 
 
-def filesystem_for(uri: str, storage: StorageConfig | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+def filesystem_for(
+    uri: str, storage: StorageConfig | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem for ``uri`` plus the path inside it.
 
     S3 options come from the storage config: ``endpoint_url``, ``region`` and credentials from the
@@ -64,7 +89,9 @@ def filesystem_for(uri: str, storage: StorageConfig | None = None) -> tuple[fssp
     are turned off so that :func:`with_retries` alone decides how long to keep trying.
     """
     if not uri:
-        raise ColdStorageError("empty URI: expected a local path or an fsspec URI such as s3://bucket/prefix")
+        raise ColdStorageError(
+            "empty URI: expected a local path or an fsspec URI such as s3://bucket/prefix"
+        )
     st = storage_or_default(storage)
     protocol, path = split_protocol(uri)
     if protocol == "file":
@@ -82,20 +109,29 @@ def filesystem_for(uri: str, storage: StorageConfig | None = None) -> tuple[fssp
             options.update(key=key, secret=secret)
         options.update(
             client_kwargs=client_kwargs,
-            config_kwargs={"retries": {"max_attempts": 1, "mode": "standard"},
-                           "connect_timeout": 5, "read_timeout": 60},
+            config_kwargs={
+                "retries": {"max_attempts": 1, "mode": "standard"},
+                "connect_timeout": 5,
+                "read_timeout": 60,
+            },
         )
     try:
         return fsspec.core.url_to_fs(uri, **options)
     except (ImportError, ValueError) as exc:
-        raise ColdStorageError(f"{uri!r}: no usable fsspec filesystem for protocol {protocol!r}: {exc}") from exc
+        raise ColdStorageError(
+            f"{uri!r}: no usable fsspec filesystem for protocol {protocol!r}: {exc}"
+        ) from exc
 
 
 def credential_env(storage: StorageConfig | None) -> dict[str, str]:
-    """The credential variables the storage config names, as set here (to forward to Ray workers)."""
+    """The credential variables the storage config names, as set here (to forward to Ray
+    workers)."""
     st = storage_or_default(storage)
-    names = [st.access_key_env or "AWS_ACCESS_KEY_ID", st.secret_key_env or "AWS_SECRET_ACCESS_KEY",
-             "AWS_SESSION_TOKEN"]
+    names = [
+        st.access_key_env or "AWS_ACCESS_KEY_ID",
+        st.secret_key_env or "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+    ]
     return {name: os.environ[name] for name in names if os.environ.get(name)}
 
 
@@ -129,14 +165,22 @@ def _http_status(exc: BaseException) -> int | None:
     return None
 
 
-def backoff_delay(attempt: int, base_s: float, max_s: float, rng: random.Random | None = None) -> float:
+def backoff_delay(
+    attempt: int, base_s: float, max_s: float, rng: random.Random | None = None
+) -> float:
     """Full jitter: uniform in [0, min(max, base * 2**attempt)] so retrying clients spread out."""
-    cap = min(max_s, base_s * (2 ** attempt))
+    cap = min(max_s, base_s * (2**attempt))
     return (rng or random).uniform(0.0, cap)
 
 
-def with_retries(fn: Callable[[], T], *, what: str, uri: str, storage: StorageConfig | None = None,
-                 on_retry: Callable[[int, BaseException], None] | None = None) -> T:
+def with_retries(
+    fn: Callable[[], T],
+    *,
+    what: str,
+    uri: str,
+    storage: StorageConfig | None = None,
+    on_retry: Callable[[int, BaseException], None] | None = None,
+) -> T:
     """Run ``fn``; retry transient errors ``storage.retries`` times with backoff and jitter.
 
     After the last attempt the raised :class:`ColdStorageError` names ``what`` (e.g. the shard)
@@ -147,7 +191,7 @@ def with_retries(fn: Callable[[], T], *, what: str, uri: str, storage: StorageCo
     for attempt in range(retries + 1):
         try:
             return fn()
-        except Exception as exc:  # noqa: BLE001 - classified below
+        except Exception as exc:
             if not is_transient(exc):
                 raise
             if attempt == retries:
@@ -161,8 +205,13 @@ def with_retries(fn: Callable[[], T], *, what: str, uri: str, storage: StorageCo
     raise AssertionError("unreachable")
 
 
-def read_bytes(uri: str, storage: StorageConfig | None = None, what: str | None = None,
-               on_retry: Callable[[int, BaseException], None] | None = None, size: int | None = None) -> bytes:
+def read_bytes(
+    uri: str,
+    storage: StorageConfig | None = None,
+    what: str | None = None,
+    on_retry: Callable[[int, BaseException], None] | None = None,
+    size: int | None = None,
+) -> bytes:
     """Whole object from the cold tier, with retries.
 
     With ``size`` known (a shard's manifest entry) an object store object larger than
@@ -183,7 +232,9 @@ def read_bytes(uri: str, storage: StorageConfig | None = None, what: str | None 
         starts = list(range(0, size, part))
         ends = [min(start + part, size) for start in starts]
         # a length mismatch (the object changed) is caught by the caller's size/sha256 check
-        fetch = lambda: b"".join(fs.cat_ranges([path] * len(starts), starts, ends, on_error="raise"))  # noqa: E731
+        fetch = lambda: b"".join(
+            fs.cat_ranges([path] * len(starts), starts, ends, on_error="raise")
+        )
     return with_retries(fetch, what=what or path, uri=uri, storage=storage, on_retry=on_retry)
 
 

@@ -5,6 +5,7 @@ A corpus is a deterministic list of :class:`DocFile` (sorted, then a seeded shuf
 yields one or more documents: a text file is one document, a JSONL file one per line
 (``text_field``), a Parquet file one per row of the ``text_field`` column.
 """
+
 from __future__ import annotations
 
 import io
@@ -12,24 +13,53 @@ import json
 import os
 import random
 import sysconfig
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from components.config.schema import DataConfig, StorageConfig
 from components.data.cold import ColdStorageError, filesystem_for, split_protocol, with_retries
 
 # Stdlib subtrees that are not representative prose/code (test fixtures with odd encodings,
 # vendored packages) or not part of the stdlib at all.
-_STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__",
-                     "lib2to3", "ensurepip", "config-3"}
-TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".c", ".h", ".js", ".ts", ".go", ".rs", ".java",
-                 ".json", ".yaml", ".yml", ".toml", ".html", ".css", ".sh", ".cfg", ".ini")
+_STDLIB_SKIP_DIRS = {
+    "site-packages",
+    "dist-packages",
+    "test",
+    "tests",
+    "idle_test",
+    "__pycache__",
+    "lib2to3",
+    "ensurepip",
+    "config-3",
+}
+TEXT_SUFFIXES = (
+    ".txt",
+    ".md",
+    ".rst",
+    ".py",
+    ".c",
+    ".h",
+    ".js",
+    ".ts",
+    ".go",
+    ".rs",
+    ".java",
+    ".json",
+    ".yaml",
+    ".yml",
+    ".toml",
+    ".html",
+    ".css",
+    ".sh",
+    ".cfg",
+    ".ini",
+)
 
 
 @dataclass(frozen=True)
 class DocFile:
-    uri: str     # local path or fsspec URI
-    size: int    # bytes on storage
+    uri: str  # local path or fsspec URI
+    size: int  # bytes on storage
 
 
 def stdlib_dir() -> str:
@@ -40,8 +70,9 @@ def list_stdlib(max_files: int, max_bytes: int, seed: int) -> list[DocFile]:
     root = stdlib_dir()
     found: list[DocFile] = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames
-                             if d not in _STDLIB_SKIP_DIRS and not d.startswith("config-"))
+        dirnames[:] = sorted(
+            d for d in dirnames if d not in _STDLIB_SKIP_DIRS and not d.startswith("config-")
+        )
         for name in sorted(filenames):
             if name.endswith(".py"):
                 path = os.path.join(dirpath, name)
@@ -51,10 +82,14 @@ def list_stdlib(max_files: int, max_bytes: int, seed: int) -> list[DocFile]:
     return _select(sorted(found, key=lambda d: d.uri), max_files, max_bytes, seed)
 
 
-def list_files(uri: str, storage: StorageConfig | None, max_files: int, max_bytes: int, seed: int) -> list[DocFile]:
+def list_files(
+    uri: str, storage: StorageConfig | None, max_files: int, max_bytes: int, seed: int
+) -> list[DocFile]:
     """Files matching ``uri`` (a file, a directory or a glob) at any fsspec location."""
     if not uri:
-        raise ValueError("data.uri is empty: data.source='files' needs a file, directory or glob URI")
+        raise ValueError(
+            "data.uri is empty: data.source='files' needs a file, directory or glob URI"
+        )
     fs, path = filesystem_for(uri, storage)
     protocol, _ = split_protocol(uri)
 
@@ -104,7 +139,9 @@ def list_corpus(data: DataConfig, storage: StorageConfig | None) -> list[DocFile
     raise ValueError(f"data.source={data.source!r}: must be 'stdlib' or 'files'")
 
 
-def read_documents(doc: DocFile, storage: StorageConfig | None = None, text_field: str = "text") -> Iterator[str]:
+def read_documents(
+    doc: DocFile, storage: StorageConfig | None = None, text_field: str = "text"
+) -> Iterator[str]:
     """The documents in one file (see the module doc for the formats)."""
     name = doc.uri.lower()
     if "://" in doc.uri:
@@ -130,7 +167,9 @@ def read_documents(doc: DocFile, storage: StorageConfig | None = None, text_fiel
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{doc.uri}:{lineno}: not valid JSON ({exc.msg})") from exc
             if not isinstance(record, dict) or text_field not in record:
-                raise ValueError(f"{doc.uri}:{lineno}: expected an object with a {text_field!r} field")
+                raise ValueError(
+                    f"{doc.uri}:{lineno}: expected an object with a {text_field!r} field"
+                )
             if record[text_field]:
                 yield str(record[text_field])
     else:
@@ -139,9 +178,14 @@ def read_documents(doc: DocFile, storage: StorageConfig | None = None, text_fiel
             yield text
 
 
-def iter_texts(docs: list[DocFile], storage: StorageConfig | None = None, text_field: str = "text",
-               max_bytes: int | None = None) -> Iterator[str]:
-    """All documents of ``docs`` in order, stopping after ``max_bytes`` of text (tokenizer sample)."""
+def iter_texts(
+    docs: list[DocFile],
+    storage: StorageConfig | None = None,
+    text_field: str = "text",
+    max_bytes: int | None = None,
+) -> Iterator[str]:
+    """All documents of ``docs`` in order, stopping after ``max_bytes`` of text (tokenizer
+    sample)."""
     seen = 0
     for doc in docs:
         for text in read_documents(doc, storage, text_field):
@@ -151,4 +195,11 @@ def iter_texts(docs: list[DocFile], storage: StorageConfig | None = None, text_f
                 return
 
 
-__all__ = ["ColdStorageError", "DocFile", "iter_texts", "list_corpus", "read_documents", "stdlib_dir"]
+__all__ = [
+    "ColdStorageError",
+    "DocFile",
+    "iter_texts",
+    "list_corpus",
+    "read_documents",
+    "stdlib_dir",
+]

@@ -15,21 +15,24 @@ stream positions (``world_size * batch_size * grad_accum_steps`` samples, see
 
 The report is a JSON list of entries, each with ``kind`` and ``rank``:
 
-- ``reader``: one per rank and segment (``split``, ``seed``, ``dataset_digest``, ``world_size``, ``batch_size``);
-- ``shard``: one per shard load (``epoch``, ``shard``, ``sha256``, ``bytes``, ``tier``, ``rows_used``);
+- ``reader``: one per rank and segment (``split``, ``seed``, ``dataset_digest``, ``world_size``,
+``batch_size``);
+- ``shard``: one per shard load (``epoch``, ``shard``, ``sha256``, ``bytes``, ``tier``,
+``rows_used``);
 - ``batch``: one per rank and step (``step``, ``world_size``, ``samples``, ``positions`` as
   ``[start, count]`` runs, ``shards`` as ``{name: samples}``, ``fingerprint``, ``sample_sum``).
 
 A resumed run carries the report of the checkpoint it started from (:func:`merge_reports`), so its
 report covers every step from 1.  :func:`first_difference` compares two reports step by step.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -42,15 +45,19 @@ REPORT_FILE = "flow_report.json"
 class BatchPrint:
     """The fingerprint material of one batch handed to training (one rank, one micro-batch)."""
 
-    start: int                      # stream position of its first sample (its samples are contiguous)
+    start: int  # stream position of its first sample (its samples are contiguous)
     samples: int
-    digest: bytes                   # sha256 of its sample digests
-    sample_sum: int                 # sum of its sample digests mod 2**128
-    shards: dict[int, int]          # shard index -> samples taken from it
+    digest: bytes  # sha256 of its sample digests
+    sample_sum: int  # sum of its sample digests mod 2**128
+    shards: dict[int, int]  # shard index -> samples taken from it
 
 
-def sample_digests(positions: np.ndarray, shards: np.ndarray, rows: np.ndarray,
-                   tokens: np.ndarray | Sequence[np.ndarray]) -> list[bytes]:
+def sample_digests(
+    positions: np.ndarray,
+    shards: np.ndarray,
+    rows: np.ndarray,
+    tokens: np.ndarray | Sequence[np.ndarray],
+) -> list[bytes]:
     """Digest of each sample: positions/shards/rows int[n]; tokens int[n, L] or n rows of L token
     ids (what was handed out; hashed as int32, so the stored rows need no copy)."""
     header = np.stack([positions, shards, rows], axis=1).astype("<i8")  # [n, 3]
@@ -65,16 +72,27 @@ def sample_digests(positions: np.ndarray, shards: np.ndarray, rows: np.ndarray,
     return out
 
 
-def batch_print(positions: np.ndarray, shards: np.ndarray, rows: np.ndarray,
-                tokens: np.ndarray | Sequence[np.ndarray]) -> BatchPrint:
+def batch_print(
+    positions: np.ndarray,
+    shards: np.ndarray,
+    rows: np.ndarray,
+    tokens: np.ndarray | Sequence[np.ndarray],
+) -> BatchPrint:
     digests = sample_digests(positions, shards, rows, tokens)
     total = sum(int.from_bytes(d, "little") for d in digests) % SUM_MODULUS
     used, counts = np.unique(shards, return_counts=True)
-    return BatchPrint(start=int(positions[0]), samples=len(digests), digest=hashlib.sha256(b"".join(digests)).digest(),
-                      sample_sum=total, shards=dict(zip(used.tolist(), counts.tolist())))
+    return BatchPrint(
+        start=int(positions[0]),
+        samples=len(digests),
+        digest=hashlib.sha256(b"".join(digests)).digest(),
+        sample_sum=total,
+        shards=dict(zip(used.tolist(), counts.tolist())),
+    )
 
 
-def step_entry(step: int, rank: int, world_size: int, prints: list[BatchPrint], shard_names: list[str]) -> dict:
+def step_entry(
+    step: int, rank: int, world_size: int, prints: list[BatchPrint], shard_names: list[str]
+) -> dict:
     """The ``batch`` entry of one rank's training step (its micro-batches in order)."""
     runs: list[list[int]] = []
     for p in prints:
@@ -87,38 +105,53 @@ def step_entry(step: int, rank: int, world_size: int, prints: list[BatchPrint], 
         for index, count in p.shards.items():
             shards[shard_names[index]] = shards.get(shard_names[index], 0) + count
     return {
-        "kind": "batch", "step": step, "rank": rank, "world_size": world_size,
-        "samples": sum(p.samples for p in prints), "positions": runs, "shards": shards,
-        "fingerprint": hashlib.sha256(b"".join(p.digest for p in prints)).hexdigest()[:2 * DIGEST_BYTES],
+        "kind": "batch",
+        "step": step,
+        "rank": rank,
+        "world_size": world_size,
+        "samples": sum(p.samples for p in prints),
+        "positions": runs,
+        "shards": shards,
+        "fingerprint": hashlib.sha256(b"".join(p.digest for p in prints)).hexdigest()[
+            : 2 * DIGEST_BYTES
+        ],
         "sample_sum": f"{sum(p.sample_sum for p in prints) % SUM_MODULUS:0{2 * DIGEST_BYTES}x}",
     }
 
 
 # ----------------------------------------------------------------------------- reports
 
+
 def batch_entries(report: Iterable[dict]) -> list[dict]:
     return [e for e in report if e.get("kind") == "batch"]
 
 
-def merge_reports(prior: list[dict] | None, current: list[dict], upto_step: int | None = None) -> list[dict]:
+def merge_reports(
+    prior: list[dict] | None, current: list[dict], upto_step: int | None = None
+) -> list[dict]:
     """The report of a resumed run: the checkpoint's report (steps <= ``upto_step``, the step it was
     taken at) followed by this segment's entries; a (step, rank) entry of this segment wins."""
     if not prior:
         return list(current)
     new_keys = {(e["step"], e["rank"]) for e in batch_entries(current)}
-    kept = [e for e in prior
-            if e.get("kind") != "batch"
-            or ((upto_step is None or e["step"] <= upto_step) and (e["step"], e["rank"]) not in new_keys)]
+    kept = [
+        e
+        for e in prior
+        if e.get("kind") != "batch"
+        or (
+            (upto_step is None or e["step"] <= upto_step) and (e["step"], e["rank"]) not in new_keys
+        )
+    ]
     return kept + list(current)
 
 
 @dataclass
 class GlobalStep:
     step: int
-    fingerprint: str                        # sum of every rank's sample_sum, hex
+    fingerprint: str  # sum of every rank's sample_sum, hex
     samples: int
     world_size: int
-    ranks: dict[int, dict] = field(default_factory=dict)   # rank -> its batch entry
+    ranks: dict[int, dict] = field(default_factory=dict)  # rank -> its batch entry
 
 
 def global_steps(report: Iterable[dict]) -> dict[int, GlobalStep]:
@@ -129,16 +162,20 @@ def global_steps(report: Iterable[dict]) -> dict[int, GlobalStep]:
     out = {}
     for step, ranks in sorted(per_step.items()):
         total = sum(int(e["sample_sum"], 16) for e in ranks.values()) % SUM_MODULUS
-        out[step] = GlobalStep(step=step, fingerprint=f"{total:0{2 * DIGEST_BYTES}x}",
-                               samples=sum(int(e["samples"]) for e in ranks.values()),
-                               world_size=max(int(e["world_size"]) for e in ranks.values()), ranks=ranks)
+        out[step] = GlobalStep(
+            step=step,
+            fingerprint=f"{total:0{2 * DIGEST_BYTES}x}",
+            samples=sum(int(e["samples"]) for e in ranks.values()),
+            world_size=max(int(e["world_size"]) for e in ranks.values()),
+            ranks=ranks,
+        )
     return out
 
 
 @dataclass
 class Difference:
     step: int
-    reason: str                     # what differs, in words
+    reason: str  # what differs, in words
     a: GlobalStep | None
     b: GlobalStep | None
 
@@ -155,9 +192,16 @@ def first_difference(a: Iterable[dict], b: Iterable[dict]) -> Difference | None:
         incomplete = [(name, s) for name, s in (("A", x), ("B", y)) if len(s.ranks) != s.world_size]
         if incomplete:
             name, s = incomplete[0]
-            return Difference(step, f"report {name} has {len(s.ranks)} of {s.world_size} ranks at step {step}", x, y)
+            return Difference(
+                step,
+                f"report {name} has {len(s.ranks)} of {s.world_size} ranks at step {step}",
+                x,
+                y,
+            )
         if x.samples != y.samples:
-            return Difference(step, f"global batch of {x.samples} samples in A, {y.samples} in B", x, y)
+            return Difference(
+                step, f"global batch of {x.samples} samples in A, {y.samples} in B", x, y
+            )
         if x.fingerprint != y.fingerprint:
             return Difference(step, "the global batches differ", x, y)
     return None
@@ -169,13 +213,25 @@ def describe(diff: Difference) -> str:
     for name, side in (("A", diff.a), ("B", diff.b)):
         if side is None:
             continue
-        lines.append(f"  {name}: fingerprint {side.fingerprint}, {side.samples} samples, world size {side.world_size}")
+        lines.append(
+            f"  {name}: fingerprint {side.fingerprint}, {side.samples} samples, world size {side.world_size}"
+        )
         other = diff.b if name == "A" else diff.a
         for rank, e in sorted(side.ranks.items()):
-            twin = other.ranks.get(rank) if other is not None and other.world_size == side.world_size else None
-            mark = "" if twin is None else ("  (same)" if twin["fingerprint"] == e["fingerprint"] else "  (differs)")
+            twin = (
+                other.ranks.get(rank)
+                if other is not None and other.world_size == side.world_size
+                else None
+            )
+            mark = (
+                ""
+                if twin is None
+                else ("  (same)" if twin["fingerprint"] == e["fingerprint"] else "  (differs)")
+            )
             shards = ", ".join(f"{k} x{v}" for k, v in sorted(e["shards"].items()))
-            lines.append(f"    rank {rank}: {e['fingerprint']} positions {e['positions']} from {shards}{mark}")
+            lines.append(
+                f"    rank {rank}: {e['fingerprint']} positions {e['positions']} from {shards}{mark}"
+            )
     return "\n".join(lines)
 
 

@@ -1,14 +1,17 @@
-"""The hot tier: a bounded background thread that produces the next batches while the model computes.
+"""The hot tier: a bounded background thread that produces the next batches while the model
+computes.
 
 ``Prefetcher(make_iter, depth)`` runs ``make_iter()`` on a daemon thread and keeps at most ``depth``
 items ready in a queue (depth 0 = no thread: items are produced on demand).  Errors raised by the
 producer re-raise in the consumer; ``close()`` stops the producer promptly.
 """
+
 from __future__ import annotations
 
 import queue
 import threading
-from typing import Callable, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 T = TypeVar("T")
 _END = object()
@@ -31,8 +34,9 @@ class Prefetcher(Iterator[T]):
             return
         self._iter = None
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._thread = threading.Thread(target=self._produce, args=(make_iter,), name="moeops-hot-prefetch",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._produce, args=(make_iter,), name="moeops-hot-prefetch", daemon=True
+        )
         self._thread.start()
 
     def _produce(self, make_iter: Callable[[], Iterator[T]]) -> None:
@@ -40,7 +44,7 @@ class Prefetcher(Iterator[T]):
             for item in make_iter():
                 if not self._put(item):
                     return
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+        except BaseException as exc:
             self._put(_Failed(exc))
             return
         self._put(_END)

@@ -10,6 +10,7 @@ Layout of a dataset directory (``<storage.cold_uri>/<data.name>-<key>/``)::
 ``dataset_digest`` is the sha256 of the canonical JSON of (format, tokenizer hash, seq_len and
 every shard's name, rows and sha256), so the same input and config give the same digest.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -27,7 +28,7 @@ SPLITS = ("train", "val")
 
 @dataclass(frozen=True)
 class ShardInfo:
-    name: str      # path relative to the dataset directory
+    name: str  # path relative to the dataset directory
     bytes: int
     rows: int
     sha256: str
@@ -35,7 +36,7 @@ class ShardInfo:
 
 @dataclass
 class Manifest:
-    root_uri: str                 # the dataset directory
+    root_uri: str  # the dataset directory
     dataset_digest: str
     tokenizer_hash: str
     tokenizer_uri: str
@@ -58,7 +59,9 @@ class Manifest:
 
     def shards(self, split: str) -> list[ShardInfo]:
         if split not in self.splits:
-            raise KeyError(f"split {split!r} not in manifest {self.uri}; splits: {', '.join(self.splits)}")
+            raise KeyError(
+                f"split {split!r} not in manifest {self.uri}; splits: {', '.join(self.splits)}"
+            )
         return self.splits[split]
 
     def shard_uri(self, shard: ShardInfo) -> str:
@@ -70,8 +73,11 @@ class Manifest:
     def to_json(self) -> str:
         data = asdict(self)
         data.pop("root_uri")
-        data["tokenizer_uri"] = "tokenizer.json" if self.tokenizer_uri == join(self.root_uri, "tokenizer.json") \
+        data["tokenizer_uri"] = (
+            "tokenizer.json"
+            if self.tokenizer_uri == join(self.root_uri, "tokenizer.json")
             else self.tokenizer_uri
+        )
         return json.dumps(data, indent=1, sort_keys=True)
 
 
@@ -88,7 +94,9 @@ def compute_digest(tokenizer_hash: str, seq_len: int, splits: dict[str, list[Sha
 def manifest_from_json(text: str, root_uri: str) -> Manifest:
     data = json.loads(text)
     if data.get("format") != FORMAT:
-        raise ValueError(f"{join(root_uri, MANIFEST_NAME)}: format {data.get('format')!r}, expected {FORMAT!r}")
+        raise ValueError(
+            f"{join(root_uri, MANIFEST_NAME)}: format {data.get('format')!r}, expected {FORMAT!r}"
+        )
     data["splits"] = {k: [ShardInfo(**s) for s in v] for k, v in data["splits"].items()}
     tok = data["tokenizer_uri"]
     if "://" not in tok and not tok.startswith("/"):
@@ -96,8 +104,10 @@ def manifest_from_json(text: str, root_uri: str) -> Manifest:
     manifest = Manifest(root_uri=root_uri, **data)
     expected = compute_digest(manifest.tokenizer_hash, manifest.seq_len, manifest.splits)
     if expected != manifest.dataset_digest:
-        raise ValueError(f"{manifest.uri}: dataset_digest {manifest.dataset_digest} does not match its "
-                         f"shard list (expected {expected}); the manifest was modified or is corrupt")
+        raise ValueError(
+            f"{manifest.uri}: dataset_digest {manifest.dataset_digest} does not match its "
+            f"shard list (expected {expected}); the manifest was modified or is corrupt"
+        )
     return manifest
 
 

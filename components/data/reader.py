@@ -10,15 +10,19 @@
                                       # leaves position and epoch alone
     reader.state_dict() / load_state_dict(d)   # {"position": global samples consumed, ...}:
                                       # resume at the exact next sample, at any world size
-    reader.mark_step(step)            # training: the batches handed out since the last call made this step
+    reader.mark_step(step)            # training: the batches handed out since the last call made
+    this step
     reader.stats()                    # warm_hit_rate, bytes_cold/warm/hot, data_wait_s, steps, ...
-    reader.flow_report()              # shard loads and per-step batch fingerprints (components.data.flow)
-    reader.fill_warm()                # pre-warm: every shard of the split into the warm tier, no decoding
+    reader.flow_report()              # shard loads and per-step batch fingerprints
+    (components.data.flow)
+    reader.fill_warm()                # pre-warm: every shard of the split into the warm tier, no
+    decoding
 
 Tiers: cold = ``manifest.root_uri`` (any fsspec URI, retried with backoff, large shards as parallel
 ranged GETs); warm = ``cache_dir`` (:class:`~components.data.warm.WarmCache`, shared by the node's
 processes); hot = decoded shards in memory plus ``prefetch_batches`` batches made ready by a
-background thread (the batch block is allocated pinned and copied non-blocking when ``device`` is a GPU).
+background thread (the batch block is allocated pinned and copied non-blocking when ``device`` is a
+GPU).
 
 Shards are fetched *and decoded* ahead on a pool of ``storage.parallel_fetches`` threads, as many
 shards ahead as the measured time to bring one in (fetch or warm hit, plus decode) needs to stay
@@ -27,14 +31,15 @@ A decoded shard is a zero-copy int32 view of the Arrow buffer; batches are gathe
 one int64 block per ``BLOCK_BATCHES`` batches that torch shares without a copy.
 Sample order: :mod:`components.data.sampler`.  Fingerprints: :mod:`components.data.flow`.
 """
+
 from __future__ import annotations
 
 import math
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -54,10 +59,21 @@ EMA = 0.3  # weight of the newest measurement in the fetch / consume time averag
 
 
 class TieredReader:
-    def __init__(self, manifest_uri: str, split: str = "train", storage: StorageConfig | None = None,
-                 cache_dir: str | None = None, rank: int = 0, world_size: int = 1, seed: int = 0, batch_size: int = 8,
-                 prefetch_batches: int | None = None, device: str | torch.device = "cpu",
-                 expected_tokenizer_hash: str | None = None, shuffle: bool | None = None):
+    def __init__(
+        self,
+        manifest_uri: str,
+        split: str = "train",
+        storage: StorageConfig | None = None,
+        cache_dir: str | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        batch_size: int = 8,
+        prefetch_batches: int | None = None,
+        device: str | torch.device = "cpu",
+        expected_tokenizer_hash: str | None = None,
+        shuffle: bool | None = None,
+    ):
         self.storage = storage_or_default(storage)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
@@ -70,37 +86,76 @@ class TieredReader:
                 f"{self.manifest.tokenizer_hash}, but {expected_tokenizer_hash} was expected "
                 "(the model and the data must share one tokenizer; re-run prepare or fix the input)"
             )
-        self.split, self.rank, self.world_size, self.batch_size, self.seed = split, rank, world_size, batch_size, seed
+        self.split, self.rank, self.world_size, self.batch_size, self.seed = (
+            split,
+            rank,
+            world_size,
+            batch_size,
+            seed,
+        )
         self.shards: list[ShardInfo] = self.manifest.shards(split)
         self._shard_names = [s.name for s in self.shards]
-        self.order = GlobalOrder([s.rows for s in self.shards], seed, shuffle if shuffle is not None else split == "train")
+        self.order = GlobalOrder(
+            [s.rows for s in self.shards],
+            seed,
+            shuffle if shuffle is not None else split == "train",
+        )
         if self.order.epoch_size < world_size * batch_size:
-            raise ValueError(f"split {split!r} has {self.order.epoch_size} rows, fewer than one global batch "
-                             f"(world_size {world_size} x batch_size {batch_size})")
+            raise ValueError(
+                f"split {split!r} has {self.order.epoch_size} rows, fewer than one global batch "
+                f"(world_size {world_size} x batch_size {batch_size})"
+            )
         cache_dir = cache_dir or self.storage.warm_dir
         if not cache_dir or "${" in cache_dir:
             raise ValueError("no warm cache directory: pass cache_dir or set storage.warm_dir")
-        self.cache = WarmCache(cache_dir, self.storage.warm_limit_bytes, verify_on_open=self.storage.verify_on_open)
-        self.prefetch_batches = self.storage.hot_prefetch_batches if prefetch_batches is None else prefetch_batches
+        self.cache = WarmCache(
+            cache_dir, self.storage.warm_limit_bytes, verify_on_open=self.storage.verify_on_open
+        )
+        self.prefetch_batches = (
+            self.storage.hot_prefetch_batches if prefetch_batches is None else prefetch_batches
+        )
         self.parallel_fetches = max(1, self.storage.parallel_fetches)
         self.device = torch.device(device)
         self.position = 0  # global samples consumed (all ranks agree)
 
-        self._hot: OrderedDict[int, np.ndarray] = OrderedDict()       # producer thread only
-        self._ahead: dict[int, Future] = {}                            # shard index -> (rows, tier) load
+        self._hot: OrderedDict[int, np.ndarray] = OrderedDict()  # producer thread only
+        self._ahead: dict[int, Future] = {}  # shard index -> (rows, tier) load
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
-        self._fetch_s: float | None = None      # EMA: seconds to bring one shard in (fill or hit + decode)
-        self._consume_s: float | None = None    # EMA: seconds the stream spends on one shard (not waiting)
+        self._fetch_s: float | None = (
+            None  # EMA: seconds to bring one shard in (fill or hit + decode)
+        )
+        self._consume_s: float | None = (
+            None  # EMA: seconds the stream spends on one shard (not waiting)
+        )
         self._switch_at: float | None = None
         self._waited_since_switch = 0.0
-        self._pending: list[BatchPrint] = []    # consumer side: batches handed out since mark_step
-        self._stats = {"warm_hits": 0, "cold_fills": 0, "bytes_cold": 0, "bytes_warm": 0, "bytes_hot": 0,
-                       "data_wait_s": 0.0, "steps": 0, "corrupt_refetches": 0, "cold_retries": 0}
-        self._flow: list[dict] = [{"kind": "reader", "rank": rank, "world_size": world_size, "split": split,
-                                   "seed": seed, "batch_size": batch_size,
-                                   "dataset_digest": self.manifest.dataset_digest}]
-        self._flow_index: dict[tuple[int, int], dict] = {}  # (epoch, shard) -> its latest flow entry
+        self._pending: list[BatchPrint] = []  # consumer side: batches handed out since mark_step
+        self._stats = {
+            "warm_hits": 0,
+            "cold_fills": 0,
+            "bytes_cold": 0,
+            "bytes_warm": 0,
+            "bytes_hot": 0,
+            "data_wait_s": 0.0,
+            "steps": 0,
+            "corrupt_refetches": 0,
+            "cold_retries": 0,
+        }
+        self._flow: list[dict] = [
+            {
+                "kind": "reader",
+                "rank": rank,
+                "world_size": world_size,
+                "split": split,
+                "seed": seed,
+                "batch_size": batch_size,
+                "dataset_digest": self.manifest.dataset_digest,
+            }
+        ]
+        self._flow_index: dict[
+            tuple[int, int], dict
+        ] = {}  # (epoch, shard) -> its latest flow entry
 
     # ---- iteration -------------------------------------------------------------------------
     @property
@@ -134,8 +189,12 @@ class TieredReader:
             count = min(count, max_batches)
         yield from self._consume(in_order, 0, count, advance=False)
 
-    def _consume(self, order: GlobalOrder, base: int, count: int | None, advance: bool) -> Iterator[torch.Tensor]:
-        prefetcher = Prefetcher(lambda: self._produce(order, base, count, fingerprint=advance), self.prefetch_batches)
+    def _consume(
+        self, order: GlobalOrder, base: int, count: int | None, advance: bool
+    ) -> Iterator[torch.Tensor]:
+        prefetcher = Prefetcher(
+            lambda: self._produce(order, base, count, fingerprint=advance), self.prefetch_batches
+        )
         step_samples = self.world_size * self.batch_size
         try:
             while True:
@@ -159,9 +218,11 @@ class TieredReader:
             prefetcher.close()
             self._drain_ahead()
 
-    def _produce(self, order: GlobalOrder, base: int, count: int | None,
-                 fingerprint: bool) -> Iterator[tuple[torch.Tensor, BatchPrint | None]]:
-        """(batch, its fingerprint) from ``base`` on; located and gathered BLOCK_BATCHES at a time."""
+    def _produce(
+        self, order: GlobalOrder, base: int, count: int | None, fingerprint: bool
+    ) -> Iterator[tuple[torch.Tensor, BatchPrint | None]]:
+        """(batch, its fingerprint) from ``base`` on; located and gathered BLOCK_BATCHES at a
+        time."""
         k = 0
         last_shard = None
         B, L = self.batch_size, self.manifest.row_len
@@ -173,7 +234,8 @@ class TieredReader:
             positions = rank_positions(base, k, self.rank, self.world_size, B, n)
             epochs, shards, rows = order.locate(positions)
             # memory torch owns (pinned for a GPU): each row is copied once, from the decoded
-            # shard (a view of the Arrow buffer), widened int32 -> int64 on the way; no further copies
+            # shard (a view of the Arrow buffer), widened int32 -> int64 on the way; no further
+            # copies
             block = torch.empty((n * B, L), dtype=torch.int64, pin_memory=pinned)
             out = block.numpy()
             sources: list[np.ndarray] = []  # each sample's stored int32 row, for its fingerprint
@@ -187,8 +249,10 @@ class TieredReader:
                     self._fetch_ahead(order, int(positions[lo]), end)
                 src = self._shard_rows(shard, epoch)
                 if rows[lo:hi].max() >= len(src):
-                    raise CorruptShardError(f"shard {self.shards[shard].name} decodes to {len(src)} rows, "
-                                            f"the manifest says {self.shards[shard].rows}")
+                    raise CorruptShardError(
+                        f"shard {self.shards[shard].name} decodes to {len(src)} rows, "
+                        f"the manifest says {self.shards[shard].rows}"
+                    )
                 for i, r in enumerate(rows[lo:hi].tolist(), lo):
                     row = src[r]
                     out[i] = row
@@ -196,13 +260,18 @@ class TieredReader:
                 self._flow_index[(epoch, shard)]["rows_used"] += hi - lo
             for j in range(n):
                 sl = slice(j * B, (j + 1) * B)
-                printed = batch_print(positions[sl], shards[sl], rows[sl], sources[sl]) if fingerprint else None
+                printed = (
+                    batch_print(positions[sl], shards[sl], rows[sl], sources[sl])
+                    if fingerprint
+                    else None
+                )
                 yield block[sl], printed
             k += n
 
     # ---- tiers -----------------------------------------------------------------------------
     def _shard_rows(self, index: int, epoch: int) -> np.ndarray:
-        """The decoded rows of shard ``index`` (int32[rows, seq_len + 1]), from memory or its load."""
+        """The decoded rows of shard ``index`` (int32[rows, seq_len + 1]), from memory or its
+        load."""
         if index in self._hot:
             self._hot.move_to_end(index)
             if (epoch, index) not in self._flow_index:
@@ -219,7 +288,8 @@ class TieredReader:
         return rows
 
     def _load(self, index: int) -> tuple[np.ndarray, str]:
-        """Bring shard ``index`` in: warm hit (memory-mapped) or cold fill, then decode (a pool thread)."""
+        """Bring shard ``index`` in: warm hit (memory-mapped) or cold fill, then decode (a pool
+        thread)."""
         started = time.perf_counter()
         shard = self.shards[index]
         tier = "warm"
@@ -244,12 +314,19 @@ class TieredReader:
                 self._observe(fetch_s=time.perf_counter() - started)
                 return rows, tier
             self.cache.discard(shard.sha256)
-        raise CorruptShardError(f"shard {shard.name} ({self.manifest.shard_uri(shard)}) does not decode even "
-                                "after a fresh copy from the cold tier")
+        raise CorruptShardError(
+            f"shard {shard.name} ({self.manifest.shard_uri(shard)}) does not decode even "
+            "after a fresh copy from the cold tier"
+        )
 
     def _fetch_cold(self, shard: ShardInfo) -> bytes:
-        return read_bytes(self.manifest.shard_uri(shard), self.storage, what=f"shard {shard.name}",
-                          on_retry=self._count_retry, size=shard.bytes)
+        return read_bytes(
+            self.manifest.shard_uri(shard),
+            self.storage,
+            what=f"shard {shard.name}",
+            on_retry=self._count_retry,
+            size=shard.bytes,
+        )
 
     def _count_retry(self, attempt: int, exc: BaseException) -> None:
         with self._lock:
@@ -257,12 +334,15 @@ class TieredReader:
 
     def _get_pool(self) -> ThreadPoolExecutor:
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.parallel_fetches, thread_name_prefix="moeops-shard-load")
+            self._pool = ThreadPoolExecutor(
+                self.parallel_fetches, thread_name_prefix="moeops-shard-load"
+            )
         return self._pool
 
     def shards_ahead(self) -> int:
         """How many shards to have in flight: enough that a load started now is done before the
-        stream has used up the shards before it, by the measured times (at most parallel_fetches)."""
+        stream has used up the shards before it, by the measured times (at most
+        parallel_fetches)."""
         with self._lock:
             fetch_s, consume_s = self._fetch_s, self._consume_s
         if fetch_s is None or consume_s is None:
@@ -277,7 +357,8 @@ class TieredReader:
                 self._ahead[index] = pool.submit(self._load, index)
 
     def _note_switch(self) -> None:
-        """The stream moved on to another shard: time spent on the last one, minus waiting for it."""
+        """The stream moved on to another shard: time spent on the last one, minus waiting for
+        it."""
         now = time.perf_counter()
         if self._switch_at is not None:
             self._observe(consume_s=max(now - self._switch_at - self._waited_since_switch, 0.0))
@@ -286,12 +367,19 @@ class TieredReader:
     def _observe(self, fetch_s: float | None = None, consume_s: float | None = None) -> None:
         with self._lock:
             if fetch_s is not None:
-                self._fetch_s = fetch_s if self._fetch_s is None else (1 - EMA) * self._fetch_s + EMA * fetch_s
+                self._fetch_s = (
+                    fetch_s if self._fetch_s is None else (1 - EMA) * self._fetch_s + EMA * fetch_s
+                )
             if consume_s is not None:
-                self._consume_s = consume_s if self._consume_s is None else (1 - EMA) * self._consume_s + EMA * consume_s
+                self._consume_s = (
+                    consume_s
+                    if self._consume_s is None
+                    else (1 - EMA) * self._consume_s + EMA * consume_s
+                )
 
     def _drain_ahead(self) -> None:
-        """Cancel loads nobody will use and wait for those running (they hold warm-cache reservations)."""
+        """Cancel loads nobody will use and wait for those running (they hold warm-cache
+        reservations)."""
         pending, self._ahead = list(self._ahead.values()), {}
         for load in pending:
             load.cancel()
@@ -312,14 +400,27 @@ class TieredReader:
         with self._lock:
             self._stats["cold_fills"] += len(cold)
             self._stats["bytes_cold"] += sum(cold)
-        return {"shards": float(len(indices)), "cold_fills": float(len(cold)), "bytes_cold": float(sum(cold)),
-                "seconds": time.perf_counter() - started}
+        return {
+            "shards": float(len(indices)),
+            "cold_fills": float(len(cold)),
+            "bytes_cold": float(sum(cold)),
+            "seconds": time.perf_counter() - started,
+        }
 
     def _record_flow(self, epoch: int, index: int, tier: str) -> None:
         shard = self.shards[index]
-        entry = {"kind": "shard", "epoch": epoch, "rank": self.rank, "world_size": self.world_size,
-                 "split": self.split, "shard": shard.name, "sha256": shard.sha256, "bytes": shard.bytes,
-                 "tier": tier, "rows_used": 0}
+        entry = {
+            "kind": "shard",
+            "epoch": epoch,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "split": self.split,
+            "shard": shard.name,
+            "sha256": shard.sha256,
+            "bytes": shard.bytes,
+            "tier": tier,
+            "rows_used": 0,
+        }
         with self._lock:
             self._flow.append(entry)
         self._flow_index[(epoch, index)] = entry
@@ -337,15 +438,26 @@ class TieredReader:
         return entry
 
     def state_dict(self) -> dict:
-        return {"position": self.position, "epoch": self.epoch, "seed": self.seed, "split": self.split,
-                "dataset_digest": self.manifest.dataset_digest, "samples_per_epoch": self.order.epoch_size}
+        return {
+            "position": self.position,
+            "epoch": self.epoch,
+            "seed": self.seed,
+            "split": self.split,
+            "dataset_digest": self.manifest.dataset_digest,
+            "samples_per_epoch": self.order.epoch_size,
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        for key, mine in (("dataset_digest", self.manifest.dataset_digest), ("split", self.split),
-                          ("seed", self.seed)):
+        for key, mine in (
+            ("dataset_digest", self.manifest.dataset_digest),
+            ("split", self.split),
+            ("seed", self.seed),
+        ):
             if key in state and state[key] != mine:
-                raise ValueError(f"reader state is for {key}={state[key]!r}, this reader has {mine!r}: "
-                                 "resume with the same dataset, split and seed")
+                raise ValueError(
+                    f"reader state is for {key}={state[key]!r}, this reader has {mine!r}: "
+                    "resume with the same dataset, split and seed"
+                )
         self.position = int(state["position"])
 
     def stats(self) -> dict[str, float]:

@@ -9,6 +9,7 @@ parts of ``storage.part_mb`` on a shared pool of threads, one connection each.
 botocore comes with s3fs (through aiobotocore), so this adds no dependency.  Its own retries are
 off: :func:`components.data.cold.with_retries` decides, as for every other cold-tier call.
 """
+
 from __future__ import annotations
 
 import os
@@ -45,12 +46,23 @@ def _client(storage: StorageConfig):
             import botocore.session
             from botocore.config import Config
 
-            credentials = {"aws_access_key_id": key_id, "aws_secret_access_key": secret} if key_id and secret else {}
+            credentials = (
+                {"aws_access_key_id": key_id, "aws_secret_access_key": secret}
+                if key_id and secret
+                else {}
+            )
             client = botocore.session.get_session().create_client(
-                "s3", endpoint_url=storage.endpoint_url or None, region_name=storage.region or None,
-                config=Config(max_pool_connections=MAX_CONNECTIONS, retries={"max_attempts": 1, "mode": "standard"},
-                              connect_timeout=5, read_timeout=60),
-                **credentials)
+                "s3",
+                endpoint_url=storage.endpoint_url or None,
+                region_name=storage.region or None,
+                config=Config(
+                    max_pool_connections=MAX_CONNECTIONS,
+                    retries={"max_attempts": 1, "mode": "standard"},
+                    connect_timeout=5,
+                    read_timeout=60,
+                ),
+                **credentials,
+            )
             _clients[cache_key] = client
         return client
 

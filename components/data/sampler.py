@@ -2,11 +2,14 @@
 
 The stream is epoch 0's order, then epoch 1's, ... Epoch ``e``'s order visits shards in a seeded
 permutation and, inside each shard, rows in a seeded permutation (reading whole shards keeps the
-warm and hot tiers effective).  Counting from the resume point ``P``, global batch ``k`` is stream positions
-``P + [k*W*B, (k+1)*W*B)`` and rank ``r`` takes ``P + k*W*B + [r*B, (r+1)*B)``.  Ranks therefore read disjoint samples, and
+warm and hot tiers effective).  Counting from the resume point ``P``, global batch ``k`` is stream
+positions
+``P + [k*W*B, (k+1)*W*B)`` and rank ``r`` takes ``P + k*W*B + [r*B, (r+1)*B)``.  Ranks therefore
+read disjoint samples, and
 the only state is ``position`` (global samples consumed): resuming at any world size continues at
 exactly the next sample, with nothing skipped or repeated.
 """
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -28,7 +31,11 @@ class GlobalOrder:
     def _shard_order_uncached(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(shard index per slot, cumulative rows at the end of each slot)"""
         n = len(self.shard_rows)
-        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+        order = (
+            np.random.default_rng([self.seed, epoch]).permutation(n)
+            if self.shuffle
+            else np.arange(n)
+        )
         return order, np.cumsum(self.shard_rows[order])
 
     def _row_order_uncached(self, epoch: int, shard: int) -> np.ndarray:
@@ -56,7 +63,8 @@ class GlobalOrder:
         return epochs, shards, rows
 
     def shards_from(self, position: int, count: int, end: int | None = None) -> list[int]:
-        """The next ``count`` shards the stream visits from ``position`` (before ``end``), for prefetching."""
+        """The next ``count`` shards the stream visits from ``position`` (before ``end``), for
+        prefetching."""
         epoch, i = divmod(position, self.epoch_size)
         out: list[int] = []
         while len(out) < count and len(out) < len(self.shard_rows) * 2:
@@ -71,10 +79,17 @@ class GlobalOrder:
         return out
 
 
-def rank_positions(base: int, k: int, rank: int, world_size: int, batch_size: int, n_batches: int = 1) -> np.ndarray:
-    """Stream positions of rank ``rank``'s part of global batches ``k .. k + n_batches - 1`` after ``base``.
+def rank_positions(
+    base: int, k: int, rank: int, world_size: int, batch_size: int, n_batches: int = 1
+) -> np.ndarray:
+    """Stream positions of rank ``rank``'s part of global batches ``k .. k + n_batches - 1`` after
+    ``base``.
 
     Returns int64[n_batches * batch_size], batch after batch.
     """
-    starts = base + (k + np.arange(n_batches, dtype=np.int64)) * world_size * batch_size + rank * batch_size
+    starts = (
+        base
+        + (k + np.arange(n_batches, dtype=np.int64)) * world_size * batch_size
+        + rank * batch_size
+    )
     return (starts[:, None] + np.arange(batch_size, dtype=np.int64)[None, :]).reshape(-1)

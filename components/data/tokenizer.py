@@ -9,11 +9,13 @@ characters to ``<unk>``.
     tok.save("tokenizer.json"); tok = TextTokenizer.load("tokenizer.json")   # or an fsspec URI
     ids = tok.encode("def main():"); tok.decode(ids); tok.digest
 """
+
 from __future__ import annotations
 
 import hashlib
 import os
-from typing import TYPE_CHECKING, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -32,38 +34,54 @@ class TextTokenizer:
         self._json = tokenizer.to_str()
         for token in (PAD, EOS):
             if tokenizer.token_to_id(token) is None:
-                raise ValueError(f"tokenizer has no {token!r} special token; train it with TextTokenizer.train")
+                raise ValueError(
+                    f"tokenizer has no {token!r} special token; train it with TextTokenizer.train"
+                )
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
-    def train(cls, texts_iter: Iterable[str], vocab_size: int, byte_fallback: bool = True,
-              special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS) -> "TextTokenizer":
+    def train(
+        cls,
+        texts_iter: Iterable[str],
+        vocab_size: int,
+        byte_fallback: bool = True,
+        special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS,
+    ) -> TextTokenizer:
         specials = list(dict.fromkeys([*special_tokens, PAD, EOS]))
         if byte_fallback:
             if vocab_size < 256 + len(specials):
-                raise ValueError(f"vocab_size={vocab_size}: byte-level BPE needs at least 256 + {len(specials)}")
+                raise ValueError(
+                    f"vocab_size={vocab_size}: byte-level BPE needs at least 256 + {len(specials)}"
+                )
             tok = Tokenizer(models.BPE())
             tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
             tok.decoder = decoders.ByteLevel()
-            trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
-                                          special_tokens=specials,
-                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+            trainer = trainers.BpeTrainer(
+                vocab_size=vocab_size,
+                min_frequency=2,
+                show_progress=False,
+                special_tokens=specials,
+                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            )
         else:
             specials.append(UNK)
             tok = Tokenizer(models.BPE(unk_token=UNK))
             tok.pre_tokenizer = pre_tokenizers.Metaspace()
             tok.decoder = decoders.Metaspace()
-            trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
-                                          special_tokens=specials)
+            trainer = trainers.BpeTrainer(
+                vocab_size=vocab_size, min_frequency=2, show_progress=False, special_tokens=specials
+            )
         tok.train_from_iterator(texts_iter, trainer=trainer)
         return cls(tok)
 
     @classmethod
-    def from_str(cls, text: str) -> "TextTokenizer":
+    def from_str(cls, text: str) -> TextTokenizer:
         return cls(Tokenizer.from_str(text))
 
     @classmethod
-    def load(cls, path: str, storage: StorageConfig | None = None, expected_hash: str | None = None) -> "TextTokenizer":
+    def load(
+        cls, path: str, storage: StorageConfig | None = None, expected_hash: str | None = None
+    ) -> TextTokenizer:
         """From a local ``tokenizer.json`` or any fsspec URI; optionally check its hash."""
         if "://" in str(path):
             from components.data.cold import read_bytes  # local import: fsspec only when needed
@@ -118,5 +136,6 @@ class TextTokenizer:
 
     @property
     def digest(self) -> str:
-        """sha256 of the serialized tokenizer: the identity datasets and models are checked against."""
+        """sha256 of the serialized tokenizer: the identity datasets and models are checked
+        against."""
         return hashlib.sha256(self._json.encode("utf-8")).hexdigest()

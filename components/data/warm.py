@@ -28,6 +28,7 @@ hands back the bytes it just verified, so the new file is not read again.  The b
 the LRU touch, the index under the lock on fills and evictions) runs on whichever thread asks for a
 shard: the reader does that on its fetch threads, never on the thread that hands out batches.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -37,9 +38,10 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, IO, Iterator
+from typing import IO
 
 import pyarrow as pa
 
@@ -64,13 +66,19 @@ def _pid_alive(pid: int) -> bool:
 @dataclass
 class WarmRead:
     data: bytes | pa.Buffer  # the fetched bytes (fill) or the memory-mapped warm file (hit)
-    tier: str            # "warm": was resident; "cold": this call fetched it from the cold tier
-    cold_bytes: int      # bytes downloaded by this call
+    tier: str  # "warm": was resident; "cold": this call fetched it from the cold tier
+    cold_bytes: int  # bytes downloaded by this call
 
 
 class WarmCache:
-    def __init__(self, directory: str, limit_bytes: int, verify_on_open: bool = False,
-                 wait_timeout_s: float = 300.0, poll_s: float = 0.02):
+    def __init__(
+        self,
+        directory: str,
+        limit_bytes: int,
+        verify_on_open: bool = False,
+        wait_timeout_s: float = 300.0,
+        poll_s: float = 0.02,
+    ):
         if limit_bytes <= 0:
             raise ValueError(f"warm cache limit must be > 0 bytes, got {limit_bytes}")
         self.dir = os.path.abspath(directory)
@@ -89,7 +97,8 @@ class WarmCache:
         return os.path.join(self.dir, "shards", f"{sha256}.parquet")
 
     def _pin(self, sha256: str) -> IO:
-        """A shared lock on the shard's pin file: eviction leaves the shard alone while we hold it."""
+        """A shared lock on the shard's pin file: eviction leaves the shard alone while we hold
+        it."""
         handle = open(os.path.join(self.dir, "pins", sha256), "a+")
         fcntl.flock(handle, fcntl.LOCK_SH)
         return handle
@@ -139,8 +148,11 @@ class WarmCache:
 
     def _scan_shards(self) -> dict[str, int]:
         shard_dir = os.path.join(self.dir, "shards")
-        return {name[: -len(".parquet")]: os.path.getsize(os.path.join(shard_dir, name))
-                for name in os.listdir(shard_dir) if name.endswith(".parquet")}
+        return {
+            name[: -len(".parquet")]: os.path.getsize(os.path.join(shard_dir, name))
+            for name in os.listdir(shard_dir)
+            if name.endswith(".parquet")
+        }
 
     def _drop_dead(self, index: dict) -> None:
         for sha, res in list(index["reserved"].items()):
@@ -175,7 +187,9 @@ class WarmCache:
             finally:
                 pin.close()
             self.discard(shard.sha256)  # corrupt or truncated: drop and refetch
-        raise WarmCacheError(f"shard {shard.name}: warm copy in {self.dir} kept failing verification")
+        raise WarmCacheError(
+            f"shard {shard.name}: warm copy in {self.dir} kept failing verification"
+        )
 
     def read(self, shard: ShardInfo, fetch: Callable[[], bytes]) -> WarmRead:
         """The shard's bytes (a copy), from the cache or filled from ``fetch`` first."""
@@ -196,20 +210,30 @@ class WarmCache:
 
     def usage(self) -> dict:
         with self._locked() as index:
-            return {"used_bytes": self._used(index), "limit_bytes": self.limit,
-                    "max_used_bytes": index["max_used"], "resident": sorted(index["entries"]),
-                    "fills": dict(index["fills"]), "evictions": dict(index["evictions"])}
+            return {
+                "used_bytes": self._used(index),
+                "limit_bytes": self.limit,
+                "max_used_bytes": index["max_used"],
+                "resident": sorted(index["entries"]),
+                "fills": dict(index["fills"]),
+                "evictions": dict(index["evictions"]),
+            }
 
     # ---- internals -------------------------------------------------------------------------
-    def _pin_or_fill(self, shard: ShardInfo, fetch: Callable[[], bytes]) -> tuple[str, int, IO, bytes | None]:
+    def _pin_or_fill(
+        self, shard: ShardInfo, fetch: Callable[[], bytes]
+    ) -> tuple[str, int, IO, bytes | None]:
         """(tier, cold bytes, pin, the verified bytes when this call filled the shard)."""
         if shard.bytes > self.limit:
-            raise WarmCacheError(f"shard {shard.name} ({shard.bytes} bytes) is larger than the whole warm "
-                                 f"cache limit ({self.limit} bytes): raise storage.warm_limit_bytes")
+            raise WarmCacheError(
+                f"shard {shard.name} ({shard.bytes} bytes) is larger than the whole warm "
+                f"cache limit ({self.limit} bytes): raise storage.warm_limit_bytes"
+            )
         sha, path = shard.sha256, self.shard_path(shard.sha256)
         deadline = time.monotonic() + self.wait_timeout_s
         while True:
-            # Hit: pin first, then look; an eviction racing us either saw the pin or already unlinked.
+            # Hit: pin first, then look; an eviction racing us either saw the pin or already
+            # unlinked.
             pin = self._pin(sha)
             if os.path.exists(path):
                 _touch(path)  # LRU recency
@@ -221,7 +245,11 @@ class WarmCache:
                 index["entries"].pop(sha, None)  # a vanished file is not resident
                 if sha not in index["reserved"] and self._make_room(index, shard.bytes):
                     token = uuid.uuid4().hex[:8]
-                    index["reserved"][sha] = {"pid": os.getpid(), "bytes": shard.bytes, "token": token}
+                    index["reserved"][sha] = {
+                        "pid": os.getpid(),
+                        "bytes": shard.bytes,
+                        "token": token,
+                    }
                     break
             if time.monotonic() > deadline:
                 raise WarmCacheError(
@@ -248,7 +276,9 @@ class WarmCache:
                 return True
         return False
 
-    def _fill(self, shard: ShardInfo, fetch: Callable[[], bytes], token: str) -> tuple[str, int, IO, bytes]:
+    def _fill(
+        self, shard: ShardInfo, fetch: Callable[[], bytes], token: str
+    ) -> tuple[str, int, IO, bytes]:
         sha = shard.sha256
         tmp = os.path.join(self.dir, "tmp", f"{sha}.{os.getpid()}.{token}")
         committed = False
@@ -277,15 +307,19 @@ class WarmCache:
             if not committed:
                 _unlink(tmp)
                 with self._locked() as index:
-                    if sha not in index["entries"]:  # renamed but never recorded: only we could fill it
+                    if (
+                        sha not in index["entries"]
+                    ):  # renamed but never recorded: only we could fill it
                         _unlink(self.shard_path(sha))
                     if index["reserved"].get(sha, {}).get("token") == token:
                         del index["reserved"][sha]
 
     def _map_pinned(self, shard: ShardInfo) -> pa.Buffer | None:
-        """The pinned file memory-mapped, or None if its size (or sha256 with verify_on_open) is wrong.
+        """The pinned file memory-mapped, or None if its size (or sha256 with verify_on_open) is
+        wrong.
 
-        The map lives as long as any buffer made from it, even after the file is evicted (unlinked)."""
+        The map lives as long as any buffer made from it, even after the file is evicted
+        (unlinked)."""
         try:
             with pa.memory_map(self.shard_path(shard.sha256), "r") as mapped:
                 data = mapped.read_buffer()

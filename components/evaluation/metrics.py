@@ -1,14 +1,17 @@
-"""Held-out figures of one model: loss, perplexity, expert utilisation, generation throughput, samples.
+"""Held-out figures of one model: loss, perplexity, expert utilisation, generation throughput,
+samples.
 
 Every model in a comparison (MoE, dense baseline, champion) is scored on the *same* list of
 held-out batches, so the numbers are comparable side by side.
 """
+
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +22,8 @@ from components.config.schema import EvaluateConfig
 @dataclass
 class ModelEvaluation:
     label: str
-    source: str                       # where the model came from (run / registry URI)
-    kind: str                         # "moe" or "dense"
+    source: str  # where the model came from (run / registry URI)
+    kind: str  # "moe" or "dense"
     val_loss: float
     perplexity: float
     tokens_evaluated: int
@@ -37,14 +40,19 @@ class ModelEvaluation:
 
     def headline(self) -> dict[str, float]:
         """The numeric figures compared in the report and logged to MLflow."""
-        return {"val_loss": self.val_loss, "perplexity": self.perplexity,
-                "generation_tokens_per_s": self.generation_tokens_per_s,
-                "params_total": float(self.params_total), "params_active": float(self.params_active)}
+        return {
+            "val_loss": self.val_loss,
+            "perplexity": self.perplexity,
+            "generation_tokens_per_s": self.generation_tokens_per_s,
+            "params_total": float(self.params_total),
+            "params_active": float(self.params_active),
+        }
 
 
 @torch.no_grad()
-def held_out_loss(model: torch.nn.Module, batches: Sequence[torch.Tensor],
-                  device: str | torch.device = "cpu") -> tuple[float, int, list[list[int]]]:
+def held_out_loss(
+    model: torch.nn.Module, batches: Sequence[torch.Tensor], device: str | torch.device = "cpu"
+) -> tuple[float, int, list[list[int]]]:
     """Token-weighted mean cross-entropy over ``batches`` (each LongTensor[B, T+1]).
 
     Returns (mean loss, tokens scored, per-layer expert token counts summed over the batches).
@@ -56,9 +64,11 @@ def held_out_loss(model: torch.nn.Module, batches: Sequence[torch.Tensor],
     counts: list[torch.Tensor] = []
     for batch in batches:
         batch = batch.to(device)
-        inputs, targets = batch[:, :-1], batch[:, 1:]           # [B, T] each
-        logits, aux = model(inputs)                              # [B, T, V]
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
+        inputs, targets = batch[:, :-1], batch[:, 1:]  # [B, T] each
+        logits, aux = model(inputs)  # [B, T, V]
+        loss = F.cross_entropy(
+            logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum"
+        )
         total_loss += float(loss)
         total_tokens += targets.numel()
         for i, layer_counts in enumerate(aux.get("expert_counts", [])):
@@ -90,7 +100,9 @@ def timed(fn, *args, **kwargs) -> tuple[Any, float]:
     return out, time.perf_counter() - start
 
 
-def generation_throughput(model: torch.nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> float:
+def generation_throughput(
+    model: torch.nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int
+) -> float:
     """New tokens per second of greedy, KV-cached batch generation (no early stop at EOS)."""
     from components.model.generate import generate
 
@@ -99,8 +111,15 @@ def generation_throughput(model: torch.nn.Module, prompts: Sequence[Sequence[int
     return sum(len(tokens) for tokens in new) / max(seconds, 1e-9)
 
 
-def evaluate_model(label: str, loaded, batches: Sequence[torch.Tensor], *, source: str,
-                   evaluation: EvaluateConfig, device: str | torch.device = "cpu") -> ModelEvaluation:
+def evaluate_model(
+    label: str,
+    loaded,
+    batches: Sequence[torch.Tensor],
+    *,
+    source: str,
+    evaluation: EvaluateConfig,
+    device: str | torch.device = "cpu",
+) -> ModelEvaluation:
     """All held-out figures of one ``LoadedModel`` (from ``components.model.export.load_export``):
     loss on ``batches``, greedy samples for ``evaluation.prompts`` and generation throughput at
     ``evaluation.throughput_batch_size`` x ``evaluation.max_new_tokens``."""
@@ -113,12 +132,22 @@ def evaluate_model(label: str, loaded, batches: Sequence[torch.Tensor], *, sourc
     encoded = [tokenizer.encode(p) or [tokenizer.eos_id] for p in prompts] or [[tokenizer.eos_id]]
     batch = [encoded[i % len(encoded)] for i in range(evaluation.throughput_batch_size)]
     tokens_per_s = generation_throughput(model, batch, evaluation.max_new_tokens)
-    completions = (generate_text(model, tokenizer, prompts, evaluation.max_new_tokens, temperature=0.0)
-                   if prompts else [])
+    completions = (
+        generate_text(model, tokenizer, prompts, evaluation.max_new_tokens, temperature=0.0)
+        if prompts
+        else []
+    )
     return ModelEvaluation(
-        label=label, source=source, kind=model_kind(loaded.model_cfg), val_loss=loss,
-        perplexity=perplexity(loss), tokens_evaluated=tokens, params_total=total, params_active=active,
-        generation_tokens_per_s=tokens_per_s, expert_counts=expert_counts,
+        label=label,
+        source=source,
+        kind=model_kind(loaded.model_cfg),
+        val_loss=loss,
+        perplexity=perplexity(loss),
+        tokens_evaluated=tokens,
+        params_total=total,
+        params_active=active,
+        generation_tokens_per_s=tokens_per_s,
+        expert_counts=expert_counts,
         samples=dict(zip(prompts, completions)),
     )
 

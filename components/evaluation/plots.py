@@ -1,12 +1,16 @@
 """Evaluation plots (matplotlib, Agg backend: no display on cluster nodes)."""
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 
-def plot_expert_utilisation(expert_counts: Sequence[Sequence[int]], out_path: str | Path,
-                            title: str = "Expert utilisation on held-out data") -> Path:
+def plot_expert_utilisation(
+    expert_counts: Sequence[Sequence[int]],
+    out_path: str | Path,
+    title: str = "Expert utilisation on held-out data",
+) -> Path:
     """One panel per MoE layer: each expert's share of routed tokens against the uniform share."""
     import matplotlib
 
@@ -14,7 +18,9 @@ def plot_expert_utilisation(expert_counts: Sequence[Sequence[int]], out_path: st
     import matplotlib.pyplot as plt
 
     if not expert_counts:
-        raise ValueError("plot_expert_utilisation: no MoE layers reported expert counts (a dense model?)")
+        raise ValueError(
+            "plot_expert_utilisation: no MoE layers reported expert counts (a dense model?)"
+        )
     n = len(expert_counts)
     fig, axes = plt.subplots(1, n, figsize=(max(4.0, 3.2 * n), 3.4), squeeze=False, sharey=True)
     for layer, (ax, counts) in enumerate(zip(axes[0], expert_counts)):
@@ -32,7 +38,8 @@ def plot_expert_utilisation(expert_counts: Sequence[Sequence[int]], out_path: st
 
 
 def save_figure(fig, out_path: str | Path) -> Path:
-    """Lay out, write as PNG (parent dirs created) and free the figure: pyplot keeps every open one."""
+    """Lay out, write as PNG (parent dirs created) and free the figure: pyplot keeps every open
+    one."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()

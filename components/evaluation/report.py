@@ -1,9 +1,11 @@
 """The evaluation report: MoE, dense baseline and champion side by side (Markdown + JSON)."""
+
 from __future__ import annotations
 
 import json
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from components.evaluation.metrics import ModelEvaluation
 
@@ -17,7 +19,11 @@ ROWS = (
 
 
 def _fmt(template: str, value: float) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else template.format(value)
+    return (
+        "n/a"
+        if value is None or (isinstance(value, float) and math.isnan(value))
+        else template.format(value)
+    )
 
 
 def report_dict(evaluations: Sequence[ModelEvaluation], context: dict[str, Any]) -> dict[str, Any]:
@@ -29,15 +35,31 @@ def report_markdown(evaluations: Sequence[ModelEvaluation], context: dict[str, A
     labels = [e.label for e in evaluations]
     lines = ["# Evaluation report", ""]
     lines += [f"- **{k}**: {v}" for k, v in context.items()]
-    lines += ["", "## Held-out metrics", "", "| metric | " + " | ".join(labels) + " |",
-              "|---|" + "---|" * len(labels)]
+    lines += [
+        "",
+        "## Held-out metrics",
+        "",
+        "| metric | " + " | ".join(labels) + " |",
+        "|---|" + "---|" * len(labels),
+    ]
     for key, name, template in ROWS:
-        lines.append(f"| {name} | " + " | ".join(_fmt(template, e.headline()[key]) for e in evaluations) + " |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(_fmt(template, e.headline()[key]) for e in evaluations)
+            + " |"
+        )
     lines.append("| source | " + " | ".join(f"`{e.source}`" for e in evaluations) + " |")
     moe = next((e for e in evaluations if e.expert_counts), None)
     if moe is not None:
-        lines += ["", f"## Expert utilisation ({moe.label})", "", "![expert utilisation](expert_utilisation.png)", "",
-                  "| layer | tokens per expert | max/mean load |", "|---|---|---|"]
+        lines += [
+            "",
+            f"## Expert utilisation ({moe.label})",
+            "",
+            "![expert utilisation](expert_utilisation.png)",
+            "",
+            "| layer | tokens per expert | max/mean load |",
+            "|---|---|---|",
+        ]
         for i, counts in enumerate(moe.expert_counts):
             mean = sum(counts) / max(len(counts), 1)
             lines.append(f"| {i} | {counts} | {max(counts) / mean if mean else float('nan'):.2f} |")

@@ -2,11 +2,13 @@
 
 Pure pandas/matplotlib, so it is testable without Ray; the tune stage builds the rows.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pandas as pd
 
@@ -23,7 +25,9 @@ def trials_frame(rows: Sequence[dict[str, Any]], metric: str, mode: str = "min")
     ascending = mode == "min"
     frame["_missing"] = frame[metric].isna() if metric in frame else True
     sort_cols = ["_missing", metric] if metric in frame else ["_missing"]
-    frame = frame.sort_values(sort_cols, ascending=[True, ascending][: len(sort_cols)], kind="stable")
+    frame = frame.sort_values(
+        sort_cols, ascending=[True, ascending][: len(sort_cols)], kind="stable"
+    )
     return frame.drop(columns="_missing").reset_index(drop=True)
 
 
@@ -44,9 +48,15 @@ def to_markdown(frame: pd.DataFrame, title: str = "Sweep trials") -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_metric_vs_params(frame: pd.DataFrame, metric: str, params: Sequence[str],
-                          log_params: Sequence[str], out_path: str | Path) -> Path:
-    """One panel per searched parameter: the trial's last ``metric`` against its value, coloured by status."""
+def plot_metric_vs_params(
+    frame: pd.DataFrame,
+    metric: str,
+    params: Sequence[str],
+    log_params: Sequence[str],
+    out_path: str | Path,
+) -> Path:
+    """One panel per searched parameter: the trial's last ``metric`` against its value, coloured by
+    status."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,8 +69,13 @@ def plot_metric_vs_params(frame: pd.DataFrame, metric: str, params: Sequence[str
         for status, group in frame.groupby("status") if not frame.empty else []:
             values = group[column] if column in group else group.index
             y = group[metric] if metric in group else [float("nan")] * len(group)
-            ax.scatter(values.astype(str) if values.dtype == object else values, y,
-                       label=status, color=STATUS_COLOURS.get(status, "tab:blue"), s=40)
+            ax.scatter(
+                values.astype(str) if values.dtype == object else values,
+                y,
+                label=status,
+                color=STATUS_COLOURS.get(status, "tab:blue"),
+                s=40,
+            )
         if param in log_params:
             ax.set_xscale("log")
         ax.set_xlabel(param)
@@ -71,8 +86,14 @@ def plot_metric_vs_params(frame: pd.DataFrame, metric: str, params: Sequence[str
     return save_figure(fig, out_path)
 
 
-def write_sweep_summary(rows: Sequence[dict[str, Any]], metric: str, mode: str, params: Sequence[str],
-                        log_params: Sequence[str], out_dir: str | Path) -> dict[str, Path]:
+def write_sweep_summary(
+    rows: Sequence[dict[str, Any]],
+    metric: str,
+    mode: str,
+    params: Sequence[str],
+    log_params: Sequence[str],
+    out_dir: str | Path,
+) -> dict[str, Path]:
     """trials.csv, trials.md and metric_vs_params.png under ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""How long the expert-parallel all-to-alls take (*total*) and how much of that the compute waited (*exposed*).
+"""How long the expert-parallel all-to-alls take (*total*) and how much of that the compute waited
+(*exposed*).
 
 * **total** — from the moment a collective's inputs are ready to its completion, i.e. how long
   it is in flight. With overlap on, most of it runs under other work.
@@ -17,11 +18,12 @@ Why two clocks:
   (``TORCH_NCCL_BLOCKING_WAIT=1`` makes ``work.wait()`` block the host too, which serialises every
   all-to-all and defeats the overlap: leave it unset for training.)
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Callable
 
 import torch
 
@@ -34,14 +36,16 @@ MAX_PENDING_EVENTS = 4096
 class CommTimes:
     """All-to-all times of one or more MoE layers since the last reset (seconds)."""
 
-    exposed_s: float = 0.0            # compute blocked on all-to-alls (forward + backward)
-    total_s: float = 0.0              # all-to-alls in flight (forward + backward)
+    exposed_s: float = 0.0  # compute blocked on all-to-alls (forward + backward)
+    total_s: float = 0.0  # all-to-alls in flight (forward + backward)
     forward_exposed_s: float = 0.0
     backward_exposed_s: float = 0.0
     calls: int = 0
 
-    def __add__(self, other: "CommTimes") -> "CommTimes":
-        return CommTimes(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+    def __add__(self, other: CommTimes) -> CommTimes:
+        return CommTimes(
+            **{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)}
+        )
 
     @property
     def exposed_fraction(self) -> float:
@@ -84,7 +88,7 @@ class CommTimer:
 
     def __init__(self):
         self._times = CommTimes()
-        self._cuda_pending: list[tuple] = []   # (start, done, wait_start, wait_end, backward)
+        self._cuda_pending: list[tuple] = []  # (start, done, wait_start, wait_end, backward)
         self._timing_streams: dict[torch.device, torch.cuda.Stream] = {}
 
     # ---------------------------------------------------------------- launch / wait
@@ -110,7 +114,7 @@ class CommTimer:
             wait_start = torch.cuda.Event(enable_timing=True)
             wait_end = torch.cuda.Event(enable_timing=True)
             wait_start.record()
-            timed.work.wait()   # the compute stream waits; the host does not
+            timed.work.wait()  # the compute stream waits; the host does not
             wait_end.record()
             self._cuda_pending.append((timed.start, timed.done, wait_start, wait_end, backward))
             if len(self._cuda_pending) > MAX_PENDING_EVENTS:
@@ -126,7 +130,8 @@ class CommTimer:
 
     # ------------------------------------------------------------------- reading
     def read(self, reset: bool = False) -> CommTimes:
-        """Times so far; resolves pending CUDA events (a host sync: call once per logging interval)."""
+        """Times so far; resolves pending CUDA events (a host sync: call once per logging
+        interval)."""
         for record in self._cuda_pending:
             self._add_cuda(record)
         self._cuda_pending.clear()
@@ -161,7 +166,7 @@ class CommTimer:
                 keep.append(record)
         self._cuda_pending = keep
 
-    def _timing_stream(self, device: torch.device) -> "torch.cuda.Stream":
+    def _timing_stream(self, device: torch.device) -> torch.cuda.Stream:
         if device not in self._timing_streams:
             self._timing_streams[device] = torch.cuda.Stream(device=device)
         return self._timing_streams[device]

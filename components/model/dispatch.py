@@ -1,4 +1,5 @@
-"""Token dispatch: group routed tokens by expert, send them to the rank holding that expert, combine.
+"""Token dispatch: group routed tokens by expert, send them to the rank holding that expert,
+combine.
 
 Every assignment (token n's j-th choice, flat index ``n * k + j``) gets a sort key: its expert,
 or ``E`` when capacity dropped it. One stable ``argsort`` groups the kept assignments by expert
@@ -31,9 +32,10 @@ the count exchange stays exposed.
 Payloads travel in the compute dtype (bf16 under bf16 autocast), cast once per token before the
 gather; gates and the combine stay fp32.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -42,13 +44,16 @@ from components.config.schema import OverlapConfig
 from components.model.comm_timing import CommTimer, CommTimes
 from components.model.experts import compute_dtype
 
-# experts(rows [M, D] grouped by local expert, counts: host list or device tensor [E_local]) -> [M, D]
+# experts(rows [M, D] grouped by local expert, counts: host list or device tensor [E_local]) -> [M,
+# D]
 ExpertFn = Callable[[torch.Tensor, "list[int] | torch.Tensor"], torch.Tensor]
 # the shared expert: rows [n, D] -> [n, D], applied to every token
 SharedFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-def expert_histogram(ids: torch.Tensor, bins: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+def expert_histogram(
+    ids: torch.Tensor, bins: int, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """How many of ``ids`` fall in each of ``bins`` bins ([bins] long), without a host sync:
     ``torch.bincount`` reads ``max()`` back to the host on CUDA to size its output."""
     ids = ids.reshape(-1)
@@ -57,7 +62,8 @@ def expert_histogram(ids: torch.Tensor, bins: int, weights: torch.Tensor | None 
 
 
 def chunk_of_token(num_tokens: int, chunks: int, device) -> torch.Tensor:
-    """[N] chunk index of each token for ``chunks`` near-equal contiguous chunks (see chunk_bounds)."""
+    """[N] chunk index of each token for ``chunks`` near-equal contiguous chunks (see
+    chunk_bounds)."""
     n = torch.arange(num_tokens, device=device)
     # largest c with floor(N c / C) <= n, i.e. ceil((n + 1) C / N) - 1
     return ((n + 1) * chunks + num_tokens - 1) // max(num_tokens, 1) - 1
@@ -72,7 +78,7 @@ class _A2AStart(torch.autograd.Function):
     """Issue an async all_to_all_single; the returned buffer is valid once _A2AWait has run."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, pending: "_Pending") -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, pending: _Pending) -> torch.Tensor:
         ctx.pending = pending
         return pending.launch(x, pending.in_splits, pending.out_splits)
 
@@ -86,7 +92,7 @@ class _A2AWait(torch.autograd.Function):
     """Wait for the all-to-all _A2AStart issued; in backward, issue the reverse all-to-all."""
 
     @staticmethod
-    def forward(ctx, out: torch.Tensor, pending: "_Pending") -> torch.Tensor:
+    def forward(ctx, out: torch.Tensor, pending: _Pending) -> torch.Tensor:
         ctx.pending = pending
         pending.finish(backward=False)
         return out.view_as(out)
@@ -105,16 +111,29 @@ class _Pending:
     __slots__ = ("in_splits", "out_splits", "group", "timer", "timed", "received")
 
     def __init__(self, in_splits: list[int], out_splits: list[int], group, timer: CommTimer):
-        self.in_splits, self.out_splits, self.group, self.timer = in_splits, out_splits, group, timer
+        self.in_splits, self.out_splits, self.group, self.timer = (
+            in_splits,
+            out_splits,
+            group,
+            timer,
+        )
         self.timed = self.received = None
 
     def launch(self, x: torch.Tensor, in_splits: list[int], out_splits: list[int]) -> torch.Tensor:
         send = x.contiguous()
         out = send.new_empty((sum(out_splits),) + tuple(send.shape[1:]))
         self.timed = self.timer.launch(
-            lambda: dist.all_to_all_single(out, send, output_split_sizes=out_splits, input_split_sizes=in_splits,
-                                           group=self.group, async_op=True),
-            send.device, keep=(send, out))
+            lambda: dist.all_to_all_single(
+                out,
+                send,
+                output_split_sizes=out_splits,
+                input_split_sizes=in_splits,
+                group=self.group,
+                async_op=True,
+            ),
+            send.device,
+            keep=(send, out),
+        )
         self.received = out
         return out
 
@@ -124,8 +143,9 @@ class _Pending:
         return received
 
 
-def a2a_start(x: torch.Tensor, in_splits: list[int], out_splits: list[int], group, timer: CommTimer
-              ) -> tuple[torch.Tensor, _Pending]:
+def a2a_start(
+    x: torch.Tensor, in_splits: list[int], out_splits: list[int], group, timer: CommTimer
+) -> tuple[torch.Tensor, _Pending]:
     pending = _Pending(list(in_splits), list(out_splits), group, timer)
     return _A2AStart.apply(x, pending), pending
 
@@ -143,7 +163,9 @@ class TokenDispatcher:
         self.ep_size = dist.get_world_size(group) if group is not None else 1
         self.ep_rank = dist.get_rank(group) if group is not None else 0
         if num_experts % self.ep_size:
-            raise ValueError(f"num_experts={num_experts} is not divisible by the expert-parallel size {self.ep_size}")
+            raise ValueError(
+                f"num_experts={num_experts} is not divisible by the expert-parallel size {self.ep_size}"
+            )
         self.num_local_experts = num_experts // self.ep_size
         self.expert_offset = self.ep_rank * self.num_local_experts
         self.async_a2a = overlap.async_a2a
@@ -154,9 +176,17 @@ class TokenDispatcher:
         return self.timer.read(reset)
 
     # ------------------------------------------------------------------ public
-    def __call__(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor,
-                 experts: ExpertFn, shared: SharedFn | None = None) -> torch.Tensor:
-        """x [N, D], expert_ids / weights (fp32 gates) / keep [N, k] -> fp32 [N, D]: the gate-weighted
+    def __call__(
+        self,
+        x: torch.Tensor,
+        expert_ids: torch.Tensor,
+        weights: torch.Tensor,
+        keep: torch.Tensor,
+        experts: ExpertFn,
+        shared: SharedFn | None = None,
+    ) -> torch.Tensor:
+        """x [N, D], expert_ids / weights (fp32 gates) / keep [N, k] -> fp32 [N, D]: the
+        gate-weighted
         sum of each token's kept expert outputs, plus the shared expert's output if given."""
         N, k = expert_ids.shape
         dtype = compute_dtype(x)
@@ -169,16 +199,18 @@ class TokenDispatcher:
     def _local(self, x, key, weights, dtype, experts, shared) -> torch.Tensor:
         N, k = key.shape
         E = self.num_experts
-        order = torch.argsort(key.reshape(-1), stable=True)   # [N*k] kept grouped by expert, dropped last
+        order = torch.argsort(
+            key.reshape(-1), stable=True
+        )  # [N*k] kept grouped by expert, dropped last
         token = order // k
-        gate = weights.reshape(-1)[order]                        # fp32 [N*k]
+        gate = weights.reshape(-1)[order]  # fp32 [N*k]
         out = x.new_zeros((N, x.shape[1]), dtype=torch.float32)
         if _uses_grouped_mm(experts, x):
-            counts = expert_histogram(key, E + 1)                # [E + 1] on device
+            counts = expert_histogram(key, E + 1)  # [E + 1] on device
             # dropped rows join the last expert's group: computed, then multiplied by a zero gate
-            counts = torch.cat([counts[:E - 1], counts[E - 1:].sum(0, keepdim=True)])
+            counts = torch.cat([counts[: E - 1], counts[E - 1 :].sum(0, keepdim=True)])
         else:
-            host = expert_histogram(key, E + 1).tolist()         # the loop's one host sync
+            host = expert_histogram(key, E + 1).tolist()  # the loop's one host sync
             kept = sum(host[:E])
             token, gate, counts = token[:kept], gate[:kept], host[:E]
         y = experts(x.to(dtype)[token], counts)
@@ -197,21 +229,25 @@ class TokenDispatcher:
         chunk = chunk_of_token(N, C, device).repeat_interleave(k, output_size=N * k)  # [N*k]
         sort_key = chunk * (E + 1) + key.reshape(-1)
         order = torch.argsort(sort_key, stable=True)
-        counts = expert_histogram(sort_key, C * (E + 1)).view(C, E + 1)   # [C, E+1] incl. dropped
+        counts = expert_histogram(sort_key, C * (E + 1)).view(C, E + 1)  # [C, E+1] incl. dropped
 
         # 1. exchange counts: [C, E] -> per destination rank [P, C, El]; receive [P(src), C, El]
         counts_out = counts[:, :E].reshape(C, P, El).transpose(0, 1).contiguous()
-        exchange = a2a_start(counts_out, [1] * P, [1] * P, self.group, self.timer)  # one [C, El] block per rank
+        exchange = a2a_start(
+            counts_out, [1] * P, [1] * P, self.group, self.timer
+        )  # one [C, El] block per rank
         # device work queued before the host waits: the GPU runs it during the count round trip
         token = order // k
-        gate = weights.reshape(-1)[order]                  # fp32
-        rows = x.to(dtype)[token]                          # [N*k, D] payload in the compute dtype
-        counts_in = a2a_wait(*exchange)                   # [P(src), C, El]
+        gate = weights.reshape(-1)[order]  # fp32
+        rows = x.to(dtype)[token]  # [N*k, D] payload in the compute dtype
+        counts_in = a2a_wait(*exchange)  # [P(src), C, El]
         # the one host sync of the layer: split sizes for every chunk's all-to-alls
         host = torch.cat([counts.reshape(-1), counts_in.reshape(-1)]).tolist()
-        counts_host = [host[c * (E + 1):(c + 1) * (E + 1)] for c in range(C)]       # [C][E+1]
-        flat_in = host[C * (E + 1):]
-        recv_per_expert = [[[flat_in[(p * C + c) * El + e] for e in range(El)] for c in range(C)] for p in range(P)]
+        counts_host = [host[c * (E + 1) : (c + 1) * (E + 1)] for c in range(C)]  # [C][E+1]
+        flat_in = host[C * (E + 1) :]
+        recv_per_expert = [
+            [[flat_in[(p * C + c) * El + e] for e in range(El)] for c in range(C)] for p in range(P)
+        ]
 
         starts = []  # first sorted row of each chunk
         pos = 0
@@ -220,7 +256,7 @@ class TokenDispatcher:
             pos += sum(counts_host[c])
 
         def splits(c: int) -> tuple[list[int], list[int]]:
-            sent = [sum(counts_host[c][p * El:(p + 1) * El]) for p in range(P)]
+            sent = [sum(counts_host[c][p * El : (p + 1) * El]) for p in range(P)]
             received = [sum(recv_per_expert[p][c]) for p in range(P)]
             return sent, received
 
@@ -232,7 +268,9 @@ class TokenDispatcher:
             return a2a_start(rows[kept_rows(c)], sent, received, self.group, self.timer)
 
         def run_experts(c: int, received: torch.Tensor) -> torch.Tensor:
-            return self._run_local_experts(received, counts_in[:, c], [recv_per_expert[p][c] for p in range(P)], experts)
+            return self._run_local_experts(
+                received, counts_in[:, c], [recv_per_expert[p][c] for p in range(P)], experts
+            )
 
         out = x.new_zeros((N, x.shape[1]), dtype=torch.float32)
         shared_out = None
@@ -273,28 +311,38 @@ class TokenDispatcher:
             out = out + shared_out
         return out
 
-    def _run_local_experts(self, received: torch.Tensor, counts_in: torch.Tensor, counts_host: list[list[int]],
-                           experts: ExpertFn) -> torch.Tensor:
-        """received rows come as [src 0: e0.., e1..][src 1: e0.., e1..]; regroup them by local expert,
+    def _run_local_experts(
+        self,
+        received: torch.Tensor,
+        counts_in: torch.Tensor,
+        counts_host: list[list[int]],
+        experts: ExpertFn,
+    ) -> torch.Tensor:
+        """received rows come as [src 0: e0.., e1..][src 1: e0.., e1..]; regroup them by local
+        expert,
         run the experts, and return the outputs in the received layout.
 
         counts_in: [P, El] on the device; counts_host: the same as nested lists."""
         P, El = len(counts_host), self.num_local_experts
         R = received.shape[0]
         per_expert_host = [sum(counts_host[p][e] for p in range(P)) for e in range(El)]
-        per_expert = counts_in.sum(0)                                      # [El] on the device
+        per_expert = counts_in.sum(0)  # [El] on the device
         grouped_counts = per_expert if _uses_grouped_mm(experts, received) else per_expert_host
         if El == 1 or P == 1:
             return experts(received, grouped_counts)
         # destination of received row j in block (p, e), at offset i inside it:
         #   start of expert e's group + rows of e from sources before p + i
-        sizes = counts_in.reshape(-1)                                      # [P*El], source-major
-        expert_start = torch.cumsum(per_expert, 0) - per_expert            # [El]
-        before_p = torch.cumsum(counts_in, 0) - counts_in                  # [P, El]
+        sizes = counts_in.reshape(-1)  # [P*El], source-major
+        expert_start = torch.cumsum(per_expert, 0) - per_expert  # [El]
+        before_p = torch.cumsum(counts_in, 0) - counts_in  # [P, El]
         block_dest = (expert_start[None, :] + before_p).reshape(-1)
         block_src = torch.cumsum(sizes, 0) - sizes
-        dest = (block_dest - block_src).repeat_interleave(sizes, output_size=R) + torch.arange(R, device=received.device)
-        inverse = torch.empty_like(dest).index_copy_(0, dest, torch.arange(R, device=received.device))
+        dest = (block_dest - block_src).repeat_interleave(sizes, output_size=R) + torch.arange(
+            R, device=received.device
+        )
+        inverse = torch.empty_like(dest).index_copy_(
+            0, dest, torch.arange(R, device=received.device)
+        )
         y = experts(received[inverse], grouped_counts)
         return y[dest]
 

@@ -12,6 +12,7 @@ Two ways to run them over rows already grouped by expert (``counts[e]`` contiguo
 ``model.expert_backend`` picks one; ``auto`` means grouped_mm for CUDA bf16 and the loop
 elsewhere. Both give the same outputs and gradients (tests/unit/model/test_experts.py).
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,7 +23,8 @@ BACKENDS = ("auto", "grouped_mm", "loop")
 
 
 def mark_expert(param: nn.Parameter) -> nn.Parameter:
-    """Tag a parameter as expert-sharded: synchronised in its expert-data-parallel group, not by DDP."""
+    """Tag a parameter as expert-sharded: synchronised in its expert-data-parallel group, not by
+    DDP."""
     param._moeops_expert = True
     return param
 
@@ -46,13 +48,21 @@ def grouped_mm_supported(dtype: torch.dtype, dims: tuple[int, ...]) -> bool:
     return all((d * item) % 16 == 0 for d in dims)
 
 
-def grouped_mm_is_faster(device_type: str, dtype: torch.dtype, capability: tuple[int, int] | None) -> bool:
-    """Where the grouped kernel beats the loop: CUDA bf16 on SM90 / SM100 (``capability`` of the GPU),
+def grouped_mm_is_faster(
+    device_type: str, dtype: torch.dtype, capability: tuple[int, int] | None
+) -> bool:
+    """Where the grouped kernel beats the loop: CUDA bf16 on SM90 / SM100 (``capability`` of the
+    GPU),
     the devices torch's CUTLASS grouped GEMM runs on (aten ``_grouped_mm_cuda``'s fast path). Other
     GPUs (e.g. A100, SM80) get torch's fallback: a loop over groups after copying the offsets to
     the host, i.e. our loop plus a sync. On CPU it is a per-group loop inside one op
     (tests/benchmarks/bench_moe.py measures it level with the Python loop)."""
-    return device_type == "cuda" and dtype == torch.bfloat16 and capability is not None and capability[0] in (9, 10)
+    return (
+        device_type == "cuda"
+        and dtype == torch.bfloat16
+        and capability is not None
+        and capability[0] in (9, 10)
+    )
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -97,16 +107,21 @@ class GroupedExperts(nn.Module):
             if not grouped_mm_supported(dtype, dims):
                 raise ValueError(
                     f"model.expert_backend='grouped_mm' cannot run dim/ffn_dim {dims} in {dtype}: "
-                    f"F.grouped_mm needs rows of a multiple of 16 bytes (use 'auto' or 'loop')")
+                    f"F.grouped_mm needs rows of a multiple of 16 bytes (use 'auto' or 'loop')"
+                )
             return True
         capability = torch.cuda.get_device_capability(x.device) if x.device.type == "cuda" else None
-        return grouped_mm_is_faster(x.device.type, dtype, capability) and grouped_mm_supported(dtype, dims)
+        return grouped_mm_is_faster(x.device.type, dtype, capability) and grouped_mm_supported(
+            dtype, dims
+        )
 
     def forward(self, x: torch.Tensor, counts: list[int] | torch.Tensor) -> torch.Tensor:
         if isinstance(counts, torch.Tensor):
             return self._grouped(x, counts)
         if len(counts) != self.num_local_experts or sum(counts) != x.shape[0]:
-            raise ValueError(f"counts {counts} do not describe {x.shape[0]} rows over {self.num_local_experts} experts")
+            raise ValueError(
+                f"counts {counts} do not describe {x.shape[0]} rows over {self.num_local_experts} experts"
+            )
         return self._loop(x, counts)
 
     def _grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -114,7 +129,9 @@ class GroupedExperts(nn.Module):
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)  # [E_local] end row of each group
         x = x.to(dtype)
         w1, w3, w2 = (w.to(dtype) for w in (self.w1, self.w3, self.w2))
-        hidden = F.silu(F.grouped_mm(x, w1, offs=offsets)) * F.grouped_mm(x, w3, offs=offsets)  # [M, F]
+        hidden = F.silu(F.grouped_mm(x, w1, offs=offsets)) * F.grouped_mm(
+            x, w3, offs=offsets
+        )  # [M, F]
         return _ContiguousGrad.apply(F.grouped_mm(hidden, w2, offs=offsets))  # [M, D]
 
     def _loop(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:

@@ -4,14 +4,16 @@ An export is independent of the expert-parallel size it was trained at: expert t
 ``num_experts`` along dim 0. ``shard_experts`` / ``merge_expert_shards`` convert between a full
 state dict and the per-rank state dicts of an expert-parallel model.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -39,12 +41,14 @@ def clean_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     for name, tensor in state.items():
         for prefix in _WRAPPER_PREFIXES:
             while name.startswith(prefix):
-                name = name[len(prefix):]
+                name = name[len(prefix) :]
         out[name] = tensor.detach().cpu().contiguous()
     return out
 
 
-def shard_experts(state: Mapping[str, torch.Tensor], ep_rank: int, ep_size: int) -> dict[str, torch.Tensor]:
+def shard_experts(
+    state: Mapping[str, torch.Tensor], ep_rank: int, ep_size: int
+) -> dict[str, torch.Tensor]:
     """Full state dict -> the state dict of expert-parallel rank ``ep_rank`` of ``ep_size``
     (expert tensors sliced to its contiguous block of experts; everything else unchanged)."""
     if not 0 <= ep_rank < ep_size:
@@ -53,9 +57,11 @@ def shard_experts(state: Mapping[str, torch.Tensor], ep_rank: int, ep_size: int)
     for name, tensor in state.items():
         if is_expert_key(name):
             if tensor.shape[0] % ep_size:
-                raise ValueError(f"{name}: {tensor.shape[0]} experts cannot be split over ep_size={ep_size}")
+                raise ValueError(
+                    f"{name}: {tensor.shape[0]} experts cannot be split over ep_size={ep_size}"
+                )
             size = tensor.shape[0] // ep_size
-            tensor = tensor[ep_rank * size:(ep_rank + 1) * size]
+            tensor = tensor[ep_rank * size : (ep_rank + 1) * size]
         out[name] = tensor.clone()
     return out
 
@@ -68,9 +74,13 @@ def merge_expert_shards(states: list[Mapping[str, torch.Tensor]]) -> dict[str, t
     names = set(states[0])
     for i, state in enumerate(states[1:], 1):
         if set(state) != names:
-            raise ValueError(f"state {i} has keys {sorted(set(state) ^ names)} that state 0 does not (or vice versa)")
+            raise ValueError(
+                f"state {i} has keys {sorted(set(state) ^ names)} that state 0 does not (or vice versa)"
+            )
     return {
-        name: torch.cat([s[name] for s in states], dim=0) if is_expert_key(name) else states[0][name].clone()
+        name: torch.cat([s[name] for s in states], dim=0)
+        if is_expert_key(name)
+        else states[0][name].clone()
         for name in states[0]
     }
 
@@ -84,7 +94,9 @@ def weights_digest(export_dir: str | Path) -> str:
     return h.hexdigest()
 
 
-def _check_against_model(state: Mapping[str, torch.Tensor], cfg: ModelConfig, vocab_size: int) -> None:
+def _check_against_model(
+    state: Mapping[str, torch.Tensor], cfg: ModelConfig, vocab_size: int
+) -> None:
     """Keys and shapes must be those of a single-rank model (no weights are materialised)."""
     with torch.device("meta"):
         reference = Transformer(cfg, vocab_size)
@@ -99,11 +111,13 @@ def _check_against_model(state: Mapping[str, torch.Tensor], cfg: ModelConfig, vo
         raise ValueError(
             f"state dict does not match model config {cfg.name!r} with vocab_size={vocab_size}: "
             f"missing={missing[:5]}, unexpected={unexpected[:5]}, "
-            f"wrong shape={[(k, tuple(state[k].shape), expected[k]) for k in wrong[:5]]}{hint}")
+            f"wrong shape={[(k, tuple(state[k].shape), expected[k]) for k in wrong[:5]]}{hint}"
+        )
 
 
 def _copy_tokenizer(tokenizer_path: str | Path, dst: Path) -> None:
-    """Local file or directory, or any URI the data tier reads (credentials from the environment)."""
+    """Local file or directory, or any URI the data tier reads (credentials from the
+    environment)."""
     from components.data.tokenizer import TextTokenizer
 
     src = str(tokenizer_path)
@@ -112,9 +126,13 @@ def _copy_tokenizer(tokenizer_path: str | Path, dst: Path) -> None:
     TextTokenizer.load(src).save(str(dst))
 
 
-def save_export(model_state: Mapping[str, torch.Tensor], model_cfg: ModelConfig | Mapping[str, Any],
-                vocab_size: int | str | Path | None, tokenizer_path: str | Path | None = None,
-                out_dir: str | Path | None = None) -> Path:
+def save_export(
+    model_state: Mapping[str, torch.Tensor],
+    model_cfg: ModelConfig | Mapping[str, Any],
+    vocab_size: int | str | Path | None,
+    tokenizer_path: str | Path | None = None,
+    out_dir: str | Path | None = None,
+) -> Path:
     """Write ``model.safetensors`` (full weights), ``model_config.json`` and ``tokenizer.json``.
 
     ``save_export(state, cfg, vocab_size, tokenizer_path, out_dir)``; the 4-argument form
@@ -152,9 +170,9 @@ def save_export(model_state: Mapping[str, torch.Tensor], model_cfg: ModelConfig 
 
 @dataclass
 class LoadedModel:
-    model: Transformer          # eval mode, all experts local
-    tokenizer: Any              # components.data.tokenizer.TextTokenizer
-    model_cfg: dict             # ModelConfig as a plain dict
+    model: Transformer  # eval mode, all experts local
+    tokenizer: Any  # components.data.tokenizer.TextTokenizer
+    model_cfg: dict  # ModelConfig as a plain dict
     vocab_size: int = 0
     export_dir: str = ""
 
@@ -165,7 +183,9 @@ def read_export_config(export_dir: str | Path) -> dict:
         raise FileNotFoundError(f"{export_dir}: no {CONFIG_FILE}; not a save_export directory")
     meta = json.loads(path.read_text())
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version={meta.get('format_version')!r}, this code reads {FORMAT_VERSION}")
+        raise ValueError(
+            f"{path}: format_version={meta.get('format_version')!r}, this code reads {FORMAT_VERSION}"
+        )
     return meta
 
 
@@ -181,4 +201,6 @@ def load_export(export_dir: str | Path, device: str | torch.device = "cpu") -> L
     model.load_state_dict(state, strict=True)
     model.to(device).eval()
     tokenizer = TextTokenizer.load(str(export_dir / TOKENIZER_FILE))
-    return LoadedModel(model, tokenizer, dataclasses.asdict(cfg), meta["vocab_size"], str(export_dir))
+    return LoadedModel(
+        model, tokenizer, dataclasses.asdict(cfg), meta["vocab_size"], str(export_dir)
+    )

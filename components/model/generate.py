@@ -5,10 +5,11 @@ keys and shifts positions per sequence, so every sequence decodes exactly as it 
 The model runs in eval mode here, where MoE routing is dropless (no capacity), so a sequence's
 tokens never depend on the other sequences in the batch.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,11 +40,14 @@ def _check_tokens(model: Transformer, seqs: Sequence[Sequence[int]], what: str) 
             raise ValueError(f"{what}[{i}] is empty: need at least one token")
         bad = [t for t in seq if not 0 <= int(t) < model.vocab_size]
         if bad:
-            raise ValueError(f"{what}[{i}] has token ids {bad[:5]} outside [0, vocab_size={model.vocab_size})")
+            raise ValueError(
+                f"{what}[{i}] has token ids {bad[:5]} outside [0, vocab_size={model.vocab_size})"
+            )
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
-                generator: torch.Generator | None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> torch.Tensor:
     """logits [B, V] -> next tokens [B]. Greedy at temperature 0; else nucleus sampling."""
     if temperature == 0:
         return logits.argmax(-1)
@@ -58,9 +62,15 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def iter_generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
-                  top_p: float = 1.0, seed: int | None = None, eos_id: int | None = None
-                  ) -> Iterator[list[int | None]]:
+def iter_generate(
+    model: Transformer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    eos_id: int | None = None,
+) -> Iterator[list[int | None]]:
     """Yield, per decoding step, the new token of every sequence (``None`` once a sequence has
     produced ``eos_id``). Stops after ``max_new_tokens`` steps or when every sequence is done."""
     _check_tokens(model, prompts, "prompts")
@@ -72,8 +82,10 @@ def iter_generate(model: Transformer, prompts: list[list[int]], max_new_tokens: 
         raise ValueError(f"top_p={top_p}: must be in (0, 1]")
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > model.cfg.max_seq_len:
-        raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds "
-                         f"model.max_seq_len={model.cfg.max_seq_len}")
+        raise ValueError(
+            f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds "
+            f"model.max_seq_len={model.cfg.max_seq_len}"
+        )
     if max_new_tokens == 0:
         return
     device = _device(model)
@@ -85,7 +97,7 @@ def iter_generate(model: Transformer, prompts: list[list[int]], max_new_tokens: 
     pad = torch.tensor([longest - len(p) for p in prompts], dtype=torch.long)
     tokens = torch.zeros(B, longest, dtype=torch.long)
     for i, p in enumerate(prompts):
-        tokens[i, longest - len(p):] = torch.tensor(p, dtype=torch.long)
+        tokens[i, longest - len(p) :] = torch.tensor(p, dtype=torch.long)
     tokens = tokens.to(device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
 
@@ -95,7 +107,9 @@ def iter_generate(model: Transformer, prompts: list[list[int]], max_new_tokens: 
         pos = longest
         for step in range(max_new_tokens):
             next_tokens = sample_next(logits[:, -1], temperature, top_p, generator)  # [B]
-            out: list[int | None] = [None if d else int(t) for t, d in zip(next_tokens.tolist(), done.tolist())]
+            out: list[int | None] = [
+                None if d else int(t) for t, d in zip(next_tokens.tolist(), done.tolist())
+            ]
             yield out
             if eos_id is not None:
                 done |= next_tokens == eos_id
@@ -107,12 +121,21 @@ def iter_generate(model: Transformer, prompts: list[list[int]], max_new_tokens: 
             pos += 1
 
 
-def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
-             top_p: float = 1.0, seed: int | None = None, eos_id: int | None = None) -> list[list[int]]:
+def generate(
+    model: Transformer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    eos_id: int | None = None,
+) -> list[list[int]]:
     """The new tokens of every prompt (without the prompt; generation stops before ``eos_id``)."""
     outputs: list[list[int]] = [[] for _ in prompts]
     finished = [False] * len(prompts)
-    for step_tokens in iter_generate(model, prompts, max_new_tokens, temperature, top_p, seed, eos_id):
+    for step_tokens in iter_generate(
+        model, prompts, max_new_tokens, temperature, top_p, seed, eos_id
+    ):
         for i, token in enumerate(step_tokens):
             if finished[i] or token is None:
                 continue
@@ -123,15 +146,24 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     return outputs
 
 
-def generate_text(model: Transformer, tokenizer, prompts: str | list[str], max_new_tokens: int,
-                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> str | list[str]:
+def generate_text(
+    model: Transformer,
+    tokenizer,
+    prompts: str | list[str],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+) -> str | list[str]:
     """Text in, completions out (a str for a str). Prompts longer than the model's window keep
     their last ``max_seq_len - max_new_tokens`` tokens."""
     single = isinstance(prompts, str)
     texts = [prompts] if single else list(prompts)
     budget = model.cfg.max_seq_len - max_new_tokens
     if budget < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in max_seq_len={model.cfg.max_seq_len}")
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} leaves no room for a prompt in max_seq_len={model.cfg.max_seq_len}"
+        )
     encoded = []
     for text in texts:
         ids = tokenizer.encode(text)[-budget:]
@@ -141,7 +173,9 @@ def generate_text(model: Transformer, tokenizer, prompts: str | list[str], max_n
     return completions[0] if single else completions
 
 
-def score(model: Transformer, tokens: torch.Tensor | list[list[int]]) -> torch.Tensor | list[list[float]]:
+def score(
+    model: Transformer, tokens: torch.Tensor | list[list[int]]
+) -> torch.Tensor | list[list[float]]:
     """Log-probability of every token given its prefix.
 
     ``tokens`` LongTensor [B, T] -> [B, T-1] (log p(tokens[:, t] | tokens[:, :t]) for t >= 1);
@@ -161,6 +195,6 @@ def score(model: Transformer, tokens: torch.Tensor | list[list[int]]) -> torch.T
     # right padding is harmless: causal attention never lets a real token see a later pad
     batch = torch.zeros(len(tokens), longest, dtype=torch.long)
     for i, seq in enumerate(tokens):
-        batch[i, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        batch[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
     per_token = score(model, batch)
-    return [per_token[i, :len(seq) - 1].tolist() for i, seq in enumerate(tokens)]
+    return [per_token[i, : len(seq) - 1].tolist() for i, seq in enumerate(tokens)]

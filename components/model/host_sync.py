@@ -19,6 +19,7 @@ Counted (``torch.utils._python_dispatch.TorchDispatchMode`` sees every aten op):
 ``torch.cuda.set_sync_debug_mode`` is the GPU's own detector; ``pipelines/gpu_check`` (the
 operator's GPU check) cross-checks with it.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -29,16 +30,27 @@ from torch.utils._python_dispatch import TorchDispatchMode
 aten = torch.ops.aten
 
 SIZE_FROM_VALUES = {
-    aten.nonzero.default, aten.masked_select.default, aten._unique2.default, aten.unique_dim.default,
-    aten.unique_consecutive.default, aten._local_scalar_dense.default, aten.bincount.default,
-    aten.histc.default, aten.is_nonzero.default, aten.equal.default,
+    aten.nonzero.default,
+    aten.masked_select.default,
+    aten._unique2.default,
+    aten.unique_dim.default,
+    aten.unique_consecutive.default,
+    aten._local_scalar_dense.default,
+    aten.bincount.default,
+    aten.histc.default,
+    aten.is_nonzero.default,
+    aten.equal.default,
 }
 # aten ops of the wrapped Tensor methods: torch.Tensor.tolist / numpy run none on CPU
 WRAPPED_METHODS = ("tolist", "numpy")
 
 
 def _has_bool_index(indices) -> bool:
-    return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices if i is not None)
+    return any(
+        isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
+        for i in indices
+        if i is not None
+    )
 
 
 def _is_device_to_host(func, args, kwargs) -> bool:
@@ -57,7 +69,11 @@ def sync_op_name(func, args, kwargs) -> str | None:
         return func.name()
     if func is aten.repeat_interleave.Tensor and kwargs.get("output_size") is None:
         return "repeat_interleave (no output_size)"
-    if func in (aten.index.Tensor, aten.index_put_.default, aten.index_put.default) and _has_bool_index(args[1]):
+    if func in (
+        aten.index.Tensor,
+        aten.index_put_.default,
+        aten.index_put.default,
+    ) and _has_bool_index(args[1]):
         return f"{func.name()} (boolean mask)"
     if _is_device_to_host(func, args, kwargs):
         return "device-to-host copy"
@@ -71,7 +87,9 @@ class HostSyncCounter(TorchDispatchMode):
         super().__init__()
         self.by_op: Counter[str] = Counter()
         self._saved: dict[str, object] = {}
-        self._in_method = False  # inside a wrapped tolist()/numpy(): its own copy is already counted
+        self._in_method = (
+            False  # inside a wrapped tolist()/numpy(): its own copy is already counted
+        )
 
     @property
     def total(self) -> int:

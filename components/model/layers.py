@@ -1,4 +1,6 @@
-"""Transformer building blocks: RMSNorm, rotary embeddings, causal attention with a KV cache, SwiGLU MLP."""
+"""Transformer building blocks: RMSNorm, rotary embeddings, causal attention with a KV cache, SwiGLU
+MLP."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -46,23 +48,32 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class SeqPositions:
     """Per-sequence positions of a ragged batch decoded against a slot cache (continuous batching).
 
-    Row ``b`` of the batch is the sequence in cache slot ``offset + b``; its first ``lengths[b]`` tokens are
+    Row ``b`` of the batch is the sequence in cache slot ``offset + b``; its first ``lengths[b]``
+    tokens are
     real and go to positions ``start[b], start[b] + 1, ...`` (the tokens it already holds in the
     cache come before). Tokens past ``lengths[b]`` are right padding: never written, never attended.
     """
 
-    start: torch.Tensor     # [B] long: tokens already in each row's slot
-    lengths: torch.Tensor   # [B] long: real tokens of each row in this forward (>= 1)
-    end: int                # max(start + lengths): the key positions attention reads
-    offset: int = 0         # slot of row 0
+    start: torch.Tensor  # [B] long: tokens already in each row's slot
+    lengths: torch.Tensor  # [B] long: real tokens of each row in this forward (>= 1)
+    end: int  # max(start + lengths): the key positions attention reads
+    offset: int = 0  # slot of row 0
 
     @classmethod
-    def build(cls, start: list[int], lengths: list[int], device: torch.device | str = "cpu",
-              offset: int = 0) -> "SeqPositions":
+    def build(
+        cls,
+        start: list[int],
+        lengths: list[int],
+        device: torch.device | str = "cpu",
+        offset: int = 0,
+    ) -> SeqPositions:
         """From Python lists (what a scheduler holds), so no device sync is needed for ``end``."""
-        return cls(torch.tensor(start, dtype=torch.long, device=device),
-                   torch.tensor(lengths, dtype=torch.long, device=device),
-                   max(s + n for s, n in zip(start, lengths)), offset)
+        return cls(
+            torch.tensor(start, dtype=torch.long, device=device),
+            torch.tensor(lengths, dtype=torch.long, device=device),
+            max(s + n for s, n in zip(start, lengths)),
+            offset,
+        )
 
 
 class KVCache:
@@ -78,9 +89,17 @@ class KVCache:
       sequence's slot is reused (:meth:`copy_slot` compacts slots so live rows stay 0..B-1).
     """
 
-    def __init__(self, n_layers: int, batch: int, n_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 pad: torch.Tensor | None = None):
+    def __init__(
+        self,
+        n_layers: int,
+        batch: int,
+        n_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        pad: torch.Tensor | None = None,
+    ):
         shape = (batch, n_heads, max_len, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
@@ -88,8 +107,9 @@ class KVCache:
         self.slots = batch
         self.pad = (pad if pad is not None else torch.zeros(batch, dtype=torch.long)).to(device)
 
-    def update(self, layer: int, start_pos: int | SeqPositions, k: torch.Tensor, v: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, layer: int, start_pos: int | SeqPositions, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, H, T, hd]; return the keys/values attention reads, [B, H, S, hd].
 
         ``int``: written at start_pos for every row, S = start_pos + T. ``SeqPositions``: row b's
@@ -109,24 +129,30 @@ class KVCache:
         end = rows.end
         first, last = rows.offset, rows.offset + B
         if last > self.slots or end > self.max_len:
-            raise ValueError(f"KV cache holds {self.slots} slots x {self.max_len} positions; "
-                             f"writing slots {first}..{last - 1} up to position {end}")
-        keys, values = self.keys[layer][first:last], self.values[layer][first:last]  # [B, H, L, hd] views
-        if T == 1:                                                               # decode: one token per row
+            raise ValueError(
+                f"KV cache holds {self.slots} slots x {self.max_len} positions; "
+                f"writing slots {first}..{last - 1} up to position {end}"
+            )
+        keys, values = (
+            self.keys[layer][first:last],
+            self.values[layer][first:last],
+        )  # [B, H, L, hd] views
+        if T == 1:  # decode: one token per row
             row = torch.arange(B, device=k.device)
             keys[row, :, rows.start] = k[:, :, 0]
             values[row, :, rows.start] = v[:, :, 0]
         else:
             t = torch.arange(T, device=k.device)
-            real = t[None, :] < rows.lengths[:, None]                            # [B, T]
-            row, col = real.nonzero(as_tuple=True)                               # [N] real tokens
+            real = t[None, :] < rows.lengths[:, None]  # [B, T]
+            row, col = real.nonzero(as_tuple=True)  # [N] real tokens
             pos = rows.start[row] + col
-            keys[row, :, pos] = k.transpose(1, 2)[row, col]                      # [N, H, hd]
+            keys[row, :, pos] = k.transpose(1, 2)[row, col]  # [N, H, hd]
             values[row, :, pos] = v.transpose(1, 2)[row, col]
         return keys[:, :, :end], values[:, :, :end]
 
     def copy_slot(self, src: int, dst: int, length: int | None = None) -> None:
-        """Move the first ``length`` cached positions of slot ``src`` into slot ``dst`` (all layers)."""
+        """Move the first ``length`` cached positions of slot ``src`` into slot ``dst`` (all
+        layers)."""
         n = self.max_len if length is None else length
         for keys, values in zip(self.keys, self.values):
             keys[dst, :, :n] = keys[src, :, :n]
@@ -141,14 +167,25 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(dim, 3 * dim, bias=False)
         self.wo = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None, cache: KVCache | None = None, layer_id: int = 0,
-                start_pos: int | SeqPositions = 0) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+        layer_id: int = 0,
+        start_pos: int | SeqPositions = 0,
+    ) -> torch.Tensor:
         B, T, D = x.shape
-        q, k, v = self.wqkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x [B, H, T, hd]
+        q, k, v = (
+            self.wqkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        )  # 3 x [B, H, T, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(layer_id, start_pos, k, v)  # [B, H, S, hd], S = end of the longest row
+            k, v = cache.update(
+                layer_id, start_pos, k, v
+            )  # [B, H, S, hd], S = end of the longest row
         if attn_mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:

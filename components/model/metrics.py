@@ -5,9 +5,11 @@ device tensors (no host sync); ``read(group)`` once per logging interval does on
 one packed buffer and one device -> host copy. ``moe_metrics(aux)`` flattens a single forward's
 ``aux`` directly (a host sync per value: fine for evaluation and tests, not for a training step).
 """
+
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -25,17 +27,21 @@ class MoEMetricsAccumulator:
 
     def __init__(self):
         self._sums: torch.Tensor | None = None  # float64 [3 + 2 * L * E] on the counts' device
-        self._shape: tuple[int, int] = (0, 0)   # (MoE layers L, experts E)
+        self._shape: tuple[int, int] = (0, 0)  # (MoE layers L, experts E)
 
     def add(self, aux: Mapping[str, Any]) -> None:
         counts = aux.get("expert_counts") or []
         if not counts:
             return
-        counts_le = torch.stack([c.detach() for c in counts])                 # [L, E]
-        kept_le = torch.stack([c.detach() for c in aux["kept_counts"]])        # [L, E]
-        head = torch.stack([torch.ones((), device=counts_le.device, dtype=torch.float64),
-                            aux["aux_loss"].detach().to(counts_le.device, torch.float64),
-                            aux["z_loss"].detach().to(counts_le.device, torch.float64)])
+        counts_le = torch.stack([c.detach() for c in counts])  # [L, E]
+        kept_le = torch.stack([c.detach() for c in aux["kept_counts"]])  # [L, E]
+        head = torch.stack(
+            [
+                torch.ones((), device=counts_le.device, dtype=torch.float64),
+                aux["aux_loss"].detach().to(counts_le.device, torch.float64),
+                aux["z_loss"].detach().to(counts_le.device, torch.float64),
+            ]
+        )
         packed = torch.cat([head, counts_le.reshape(-1).double(), kept_le.reshape(-1).double()])
         if self._sums is None or self._sums.shape != packed.shape:
             self._sums, self._shape = packed, tuple(counts_le.shape)
@@ -59,12 +65,16 @@ class MoEMetricsAccumulator:
             self.reset()
         L, E = self._shape
         forwards, aux_loss, z_loss = values[:3]
-        counts = values[3:3 + L * E]
-        kept = values[3 + L * E:]
-        out: dict[str, float] = {f"{prefix}forwards": forwards,
-                                 f"{prefix}aux_loss": aux_loss / max(forwards, 1.0),
-                                 f"{prefix}z_loss": z_loss / max(forwards, 1.0)}
-        layer_metrics = [_layer_metrics(counts[i * E:(i + 1) * E], kept[i * E:(i + 1) * E]) for i in range(L)]
+        counts = values[3 : 3 + L * E]
+        kept = values[3 + L * E :]
+        out: dict[str, float] = {
+            f"{prefix}forwards": forwards,
+            f"{prefix}aux_loss": aux_loss / max(forwards, 1.0),
+            f"{prefix}z_loss": z_loss / max(forwards, 1.0),
+        }
+        layer_metrics = [
+            _layer_metrics(counts[i * E : (i + 1) * E], kept[i * E : (i + 1) * E]) for i in range(L)
+        ]
         for i, layer in enumerate(layer_metrics):
             out.update({f"{prefix}layer{i}/{key}": value for key, value in layer.items()})
         for key in ("dropped_fraction", "max_over_mean_load"):
@@ -75,8 +85,10 @@ class MoEMetricsAccumulator:
 def _layer_metrics(counts: list[float], kept: list[float]) -> dict[str, float]:
     total = max(sum(counts), 1.0)
     mean = sum(counts) / len(counts)
-    out = {"dropped_fraction": (sum(counts) - sum(kept)) / total,
-           "max_over_mean_load": max(counts) / mean if mean > 0 else 0.0}
+    out = {
+        "dropped_fraction": (sum(counts) - sum(kept)) / total,
+        "max_over_mean_load": max(counts) / mean if mean > 0 else 0.0,
+    }
     out.update({f"tokens_expert{e}": float(c) for e, c in enumerate(counts)})
     return out
 
@@ -92,4 +104,3 @@ def moe_metrics(aux: Mapping[str, Any], prefix: str = "moe/") -> dict[str, float
         if key in aux:
             out[f"{prefix}{key}"] = float(torch.as_tensor(aux[key]).detach())
     return out
-

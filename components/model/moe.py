@@ -1,4 +1,6 @@
-"""The MoE feed-forward layer: router -> token dispatch -> grouped experts -> fp32 scatter-add combine."""
+"""The MoE feed-forward layer: router -> token dispatch -> grouped experts -> fp32 scatter-add
+combine."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,9 +19,9 @@ from components.model.router import TopKRouter
 class MoEStats:
     """What one MoE layer reports per forward (local tokens of this rank); all device tensors."""
 
-    aux_loss: torch.Tensor     # scalar, unweighted Switch balancing loss
-    z_loss: torch.Tensor       # scalar, unweighted router z-loss
-    counts: torch.Tensor       # [E] assignments routed to each expert (before capacity)
+    aux_loss: torch.Tensor  # scalar, unweighted Switch balancing loss
+    z_loss: torch.Tensor  # scalar, unweighted router z-loss
+    counts: torch.Tensor  # [E] assignments routed to each expert (before capacity)
     kept_counts: torch.Tensor  # [E] assignments each expert processed (after capacity)
 
     @property
@@ -47,11 +49,19 @@ class MoELayer(nn.Module):
         overlap = overlap if overlap is not None else OverlapConfig()
         self.num_experts = cfg.num_experts
         self.top_k = cfg.top_k
-        self.router = TopKRouter(cfg.dim, cfg.num_experts, cfg.top_k, capacity_factor=cfg.capacity_factor,
-                                 dropless=cfg.dropless, bias_balancing=cfg.bias_balancing,
-                                 bias_update_rate=cfg.bias_update_rate)
+        self.router = TopKRouter(
+            cfg.dim,
+            cfg.num_experts,
+            cfg.top_k,
+            capacity_factor=cfg.capacity_factor,
+            dropless=cfg.dropless,
+            bias_balancing=cfg.bias_balancing,
+            bias_update_rate=cfg.bias_update_rate,
+        )
         self.dispatcher = TokenDispatcher(cfg.num_experts, ep_group, overlap)
-        self.experts = GroupedExperts(self.dispatcher.num_local_experts, cfg.dim, cfg.ffn_dim, cfg.expert_backend)
+        self.experts = GroupedExperts(
+            self.dispatcher.num_local_experts, cfg.dim, cfg.ffn_dim, cfg.expert_backend
+        )
         self.shared_expert = FeedForward(cfg.dim, cfg.ffn_dim) if cfg.shared_expert else None
 
     @property
@@ -60,7 +70,8 @@ class MoELayer(nn.Module):
 
     @property
     def expert_offset(self) -> int:
-        """Global index of this rank's first expert; its experts are [offset, offset + num_local)."""
+        """Global index of this rank's first expert; its experts are [offset, offset +
+        num_local)."""
         return self.dispatcher.expert_offset
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
@@ -68,14 +79,17 @@ class MoELayer(nn.Module):
         x = x.reshape(-1, shape[-1])  # [N, D]
         routing = self.router(x)
         # fp32 [N, D]: gate-weighted expert outputs (+ shared expert), accumulated in fp32
-        out = self.dispatcher(x, routing.expert_ids, routing.weights, routing.keep, self.experts, self.shared_expert)
+        out = self.dispatcher(
+            x, routing.expert_ids, routing.weights, routing.keep, self.experts, self.shared_expert
+        )
         stats = MoEStats(routing.aux_loss, routing.z_loss, routing.counts, routing.kept_counts)
         return out.to(x.dtype).view(shape), stats
 
 
 def reference_moe_forward(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
     """The naive formulation, for tests and benchmarks: loop over experts, gather the tokens that
-    chose each one (boolean mask), run it, scatter-add weight x output. Same routing as ``layer``."""
+    chose each one (boolean mask), run it, scatter-add weight x output. Same routing as
+    ``layer``."""
     import torch.nn.functional as F
 
     routing = layer.router(x)

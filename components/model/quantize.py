@@ -17,6 +17,7 @@ backends quantise ``nn.Linear``s; so the experts are first rebuilt as :class:`Ex
 quantises with everything else. The router stays in float (a small logit change flips a
 routing decision) and so does the embedding lookup; the output projection is quantised.
 """
+
 from __future__ import annotations
 
 import copy
@@ -48,17 +49,25 @@ class ExpertLinears(nn.Module):
 
     def __init__(self, experts: GroupedExperts):
         super().__init__()
-        w1, w3, w2 = experts.w1.detach(), experts.w3.detach(), experts.w2.detach()  # [E, D, F] x2, [E, F, D]
+        w1, w3, w2 = (
+            experts.w1.detach(),
+            experts.w3.detach(),
+            experts.w2.detach(),
+        )  # [E, D, F] x2, [E, F, D]
         num_experts, dim, hidden = w1.shape
         self.num_local_experts = num_experts
-        self.w13 = nn.ModuleList(_linear(torch.cat([w1[e], w3[e]], dim=1)) for e in range(num_experts))
+        self.w13 = nn.ModuleList(
+            _linear(torch.cat([w1[e], w3[e]], dim=1)) for e in range(num_experts)
+        )
         self.w2 = nn.ModuleList(_linear(w2[e]) for e in range(num_experts))
 
     def forward(self, x: torch.Tensor, counts: list[int] | torch.Tensor) -> torch.Tensor:
         if isinstance(counts, torch.Tensor):
             counts = counts.tolist()
         if len(counts) != self.num_local_experts or sum(counts) != x.shape[0]:
-            raise ValueError(f"counts {counts} do not describe {x.shape[0]} rows over {self.num_local_experts} experts")
+            raise ValueError(
+                f"counts {counts} do not describe {x.shape[0]} rows over {self.num_local_experts} experts"
+            )
         outputs = []
         for e, rows in enumerate(torch.split(x, counts)):
             if rows.shape[0] == 0:
@@ -73,7 +82,9 @@ class ExpertLinears(nn.Module):
 def _linear(weight_in_out: torch.Tensor) -> nn.Linear:
     """nn.Linear computing x @ W for W [in, out] (nn.Linear stores [out, in])."""
     d_in, d_out = weight_in_out.shape
-    linear = nn.Linear(d_in, d_out, bias=False, device=weight_in_out.device, dtype=weight_in_out.dtype)
+    linear = nn.Linear(
+        d_in, d_out, bias=False, device=weight_in_out.device, dtype=weight_in_out.dtype
+    )
     with torch.no_grad():
         linear.weight.copy_(weight_in_out.t())
     return linear
@@ -110,8 +121,11 @@ def fbgemm_dynamic_int8(module: nn.Module) -> nn.Module:
     """
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-    specs = {name: per_channel_dynamic_qconfig for name, sub in module.named_modules()
-             if isinstance(sub, nn.Linear) and not _is_router(name)}
+    specs = {
+        name: per_channel_dynamic_qconfig
+        for name, sub in module.named_modules()
+        if isinstance(sub, nn.Linear) and not _is_router(name)
+    }
     with warnings.catch_warnings():
         if not sys.warnoptions:
             warnings.filterwarnings("default", category=DeprecationWarning, module=__name__)
@@ -125,8 +139,13 @@ def torchao_int8(module: nn.Module) -> nn.Module:
     except ImportError as exc:
         raise ImportError(
             "serve.quantize=int8 on CUDA uses torchao, which is not installed: pip install 'moeops[cuda-int8]' "
-            "(or torchao>=0.18), or set serve.quantize=auto or none") from exc
-    quantize_(module, Int8WeightOnlyConfig(), filter_fn=lambda sub, name: isinstance(sub, nn.Linear) and not _is_router(name))
+            "(or torchao>=0.18), or set serve.quantize=auto or none"
+        ) from exc
+    quantize_(
+        module,
+        Int8WeightOnlyConfig(),
+        filter_fn=lambda sub, name: isinstance(sub, nn.Linear) and not _is_router(name),
+    )
     return module
 
 
@@ -148,7 +167,9 @@ def int8_pays(model: nn.Module, device: torch.device) -> bool:
     return cfg.dim * cfg.ffn_dim >= AUTO_CPU_MIN_EXPERT_ELEMENTS
 
 
-def quantize_for_inference(model: nn.Module, mode: str, device: torch.device | str) -> tuple[nn.Module, str]:
+def quantize_for_inference(
+    model: nn.Module, mode: str, device: torch.device | str
+) -> tuple[nn.Module, str]:
     """(model to serve, label of what was applied: "fp32" | "int8-fbgemm" | "int8-torchao" | ...).
 
     ``mode`` is ``serve.quantize``: "none" serves ``model`` as is; "int8" quantises a copy with the
@@ -160,8 +181,10 @@ def quantize_for_inference(model: nn.Module, mode: str, device: torch.device | s
     device = torch.device(device)
     on = next(model.parameters()).device
     if on.type != device.type:
-        raise ValueError(f"the model is on {on} but quantize_for_inference was given device {device}: "
-                         "move the model there first")
+        raise ValueError(
+            f"the model is on {on} but quantize_for_inference was given device {device}: "
+            "move the model there first"
+        )
     if mode == "none" or (mode == "auto" and not int8_pays(model, device)):
         return model, _float_label(model)
     if device.type == "cpu":

@@ -1,4 +1,5 @@
-"""Top-k softmax router in fp32, with capacity, Switch load-balancing loss, z-loss and bias balancing.
+"""Top-k softmax router in fp32, with capacity, Switch load-balancing loss, z-loss and bias
+balancing.
 
 Bias balancing (DeepSeek-V3's auxiliary-loss-free method) never changes anything inside forward:
 the forward only *uses* ``expert_bias`` and returns its expert counts. :class:`ExpertBiasBalancer`
@@ -7,11 +8,12 @@ from an optimizer pre-step hook, with one all-reduce for all layers (as torchtit
 Because the counts travel through the forward's *return value*, a forward recomputed under
 activation checkpointing (whose outputs autograd discards) is never counted twice.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -24,13 +26,13 @@ from components.model.dispatch import expert_histogram
 class Routing:
     """Where each of N tokens goes. Assignments are token-major: row n holds token n's k choices."""
 
-    expert_ids: torch.Tensor   # [N, k] long, global expert index
-    weights: torch.Tensor      # [N, k] fp32 gate weights (0 for dropped assignments)
-    keep: torch.Tensor         # [N, k] bool, False = dropped by capacity
-    counts: torch.Tensor       # [E] long, assignments per expert *before* capacity
+    expert_ids: torch.Tensor  # [N, k] long, global expert index
+    weights: torch.Tensor  # [N, k] fp32 gate weights (0 for dropped assignments)
+    keep: torch.Tensor  # [N, k] bool, False = dropped by capacity
+    counts: torch.Tensor  # [E] long, assignments per expert *before* capacity
     kept_counts: torch.Tensor  # [E] long, assignments per expert after capacity
-    aux_loss: torch.Tensor     # scalar fp32, Switch balancing loss (unweighted)
-    z_loss: torch.Tensor       # scalar fp32, router z-loss (unweighted)
+    aux_loss: torch.Tensor  # scalar fp32, Switch balancing loss (unweighted)
+    z_loss: torch.Tensor  # scalar fp32, router z-loss (unweighted)
 
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
@@ -57,8 +59,17 @@ def capacity_keep_mask(expert_ids: torch.Tensor, num_experts: int, capacity: int
 
 
 class TopKRouter(nn.Module):
-    def __init__(self, dim: int, num_experts: int, top_k: int, *, capacity_factor: float = 1.25,
-                 dropless: bool = False, bias_balancing: bool = False, bias_update_rate: float = 1e-3):
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        capacity_factor: float = 1.25,
+        dropless: bool = False,
+        bias_balancing: bool = False,
+        bias_update_rate: float = 1e-3,
+    ):
         super().__init__()
         self.num_experts = num_experts
         self.top_k = top_k
@@ -123,7 +134,7 @@ class ExpertBiasBalancer:
         self.routers = [r for r in routers if r.bias_balancing]
         self.group = group
         self.pending: torch.Tensor | None = None  # [L, E] float, summed over micro-batches
-        self.updates = 0                          # optimizer steps that moved the bias
+        self.updates = 0  # optimizer steps that moved the bias
 
     @property
     def enabled(self) -> bool:
@@ -134,7 +145,9 @@ class ExpertBiasBalancer:
         if not self.enabled:
             return
         if len(counts) != len(self.routers):
-            raise ValueError(f"got expert counts of {len(counts)} MoE layers for {len(self.routers)} balanced routers")
+            raise ValueError(
+                f"got expert counts of {len(counts)} MoE layers for {len(self.routers)} balanced routers"
+            )
         stacked = torch.stack([c.detach().float() for c in counts])  # [L, E]
         self.pending = stacked if self.pending is None else self.pending + stacked
 

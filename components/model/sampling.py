@@ -18,10 +18,11 @@ whatever else shares its batch, and the whole batch is sampled with a few tensor
 Log-probabilities reported to clients (``logprobs``) are those of the *raw* model distribution
 (``log_softmax`` of the logits before any of the above), as vLLM reports by default.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,12 +34,12 @@ class SamplingParams:
 
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = 0                      # 0 or -1: off
+    top_k: int = 0  # 0 or -1: off
     min_p: float = 0.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
-    logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias) pairs
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs
 
     @property
     def greedy(self) -> bool:
@@ -57,8 +58,12 @@ class SamplingParams:
         return self.top_p < 1.0 or self.top_k > 0 or self.min_p > 0.0
 
 
-def apply_penalties(logits: torch.Tensor, params: Sequence[SamplingParams], output_counts: Optional[torch.Tensor],
-                    seen: Optional[torch.Tensor]) -> torch.Tensor:
+def apply_penalties(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    output_counts: torch.Tensor | None,
+    seen: torch.Tensor | None,
+) -> torch.Tensor:
     """Repetition, frequency and presence penalties; returns new logits [B, V] (float32).
 
     ``output_counts [B, V]``: how often each token was generated so far (float);
@@ -66,7 +71,7 @@ def apply_penalties(logits: torch.Tensor, params: Sequence[SamplingParams], outp
     """
     logits = logits.float()
     if seen is not None and any(p.uses_prompt_tokens for p in params):
-        rep = logits.new_tensor([p.repetition_penalty for p in params])[:, None]          # [B, 1]
+        rep = logits.new_tensor([p.repetition_penalty for p in params])[:, None]  # [B, 1]
         penalised = torch.where(logits > 0, logits / rep, logits * rep)
         logits = torch.where(seen, penalised, logits)
     if output_counts is not None and any(p.uses_output_counts for p in params):
@@ -87,7 +92,9 @@ def apply_logit_bias(logits: torch.Tensor, params: Sequence[SamplingParams]) -> 
         return logits
     logits = logits.clone()
     index = (torch.tensor(rows, device=logits.device), torch.tensor(ids, device=logits.device))
-    logits.index_put_(index, torch.tensor(values, dtype=logits.dtype, device=logits.device), accumulate=True)
+    logits.index_put_(
+        index, torch.tensor(values, dtype=logits.dtype, device=logits.device), accumulate=True
+    )
     return logits
 
 
@@ -98,31 +105,43 @@ def ban(logits: torch.Tensor, banned: Sequence[Sequence[int]]) -> torch.Tensor:
         return logits
     ids = [token for token_ids in banned for token in token_ids]
     logits = logits.clone()
-    logits[torch.tensor(rows, device=logits.device), torch.tensor(ids, device=logits.device)] = float("-inf")
+    logits[torch.tensor(rows, device=logits.device), torch.tensor(ids, device=logits.device)] = (
+        float("-inf")
+    )
     return logits
 
 
-def sample(logits: torch.Tensor, params: Sequence[SamplingParams], uniforms: Sequence[float]) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor, params: Sequence[SamplingParams], uniforms: Sequence[float]
+) -> torch.Tensor:
     """Processed logits [B, V] -> next token [B]; ``uniforms[b]`` in [0, 1) drives row b's draw."""
     B, V = logits.shape
     greedy_rows = [p.greedy for p in params]
     if all(greedy_rows):
         return logits.argmax(-1)
-    temperature = logits.new_tensor([p.temperature if not p.greedy else 1.0 for p in params])[:, None]
-    probs = F.softmax(logits / temperature, dim=-1)                                    # [B, V]
+    temperature = logits.new_tensor([p.temperature if not p.greedy else 1.0 for p in params])[
+        :, None
+    ]
+    probs = F.softmax(logits / temperature, dim=-1)  # [B, V]
     ids = None
     if any(p.filters for p in params):
-        probs, ids = probs.sort(dim=-1, descending=True)                               # [B, V] each
+        probs, ids = probs.sort(dim=-1, descending=True)  # [B, V] each
         rank = torch.arange(V, device=logits.device)[None, :]
-        top_k = torch.tensor([p.top_k if p.top_k > 0 else V for p in params], device=logits.device)[:, None]
+        top_k = torch.tensor([p.top_k if p.top_k > 0 else V for p in params], device=logits.device)[
+            :, None
+        ]
         top_p = logits.new_tensor([p.top_p for p in params])[:, None]
         min_p = logits.new_tensor([p.min_p for p in params])[:, None]
         # the most likely token always stays, whatever the filters say
-        drop = (rank >= top_k) | (probs.cumsum(-1) - probs >= top_p) | (probs < min_p * probs[:, :1])
+        drop = (
+            (rank >= top_k) | (probs.cumsum(-1) - probs >= top_p) | (probs < min_p * probs[:, :1])
+        )
         probs = probs.masked_fill(drop & (rank > 0), 0.0)
-    cdf = probs.double().cumsum(-1)                                                    # [B, V]
-    target = torch.tensor(uniforms, dtype=torch.float64, device=logits.device)[:, None] * cdf[:, -1:]
-    index = torch.searchsorted(cdf, target, right=True).clamp(max=V - 1)               # [B, 1]
+    cdf = probs.double().cumsum(-1)  # [B, V]
+    target = (
+        torch.tensor(uniforms, dtype=torch.float64, device=logits.device)[:, None] * cdf[:, -1:]
+    )
+    index = torch.searchsorted(cdf, target, right=True).clamp(max=V - 1)  # [B, 1]
     drawn = (ids.gather(-1, index) if ids is not None else index).squeeze(-1)
     if not any(greedy_rows):
         return drawn
@@ -130,9 +149,14 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], uniforms: Seq
     return torch.where(greedy, logits.argmax(-1), drawn)
 
 
-def process_and_sample(logits: torch.Tensor, params: Sequence[SamplingParams], uniforms: Sequence[float],
-                       output_counts: Optional[torch.Tensor] = None, seen: Optional[torch.Tensor] = None,
-                       banned: Optional[Sequence[Sequence[int]]] = None) -> torch.Tensor:
+def process_and_sample(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    uniforms: Sequence[float],
+    output_counts: torch.Tensor | None = None,
+    seen: torch.Tensor | None = None,
+    banned: Sequence[Sequence[int]] | None = None,
+) -> torch.Tensor:
     """All steps above for raw logits [B, V] -> next tokens [B]."""
     processed = apply_penalties(logits, params, output_counts, seen)
     processed = apply_logit_bias(processed, params)
@@ -141,10 +165,12 @@ def process_and_sample(logits: torch.Tensor, params: Sequence[SamplingParams], u
     return sample(processed, params, uniforms)
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top_n: int
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Raw-model log-probabilities: of ``tokens [B]`` ([B]) and the ``top_n`` most likely ([B, N] ids, values)."""
-    logp = F.log_softmax(logits.float(), dim=-1)                                       # [B, V]
+def token_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, top_n: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Raw-model log-probabilities: of ``tokens [B]`` ([B]) and the ``top_n`` most likely ([B, N]
+    ids, values)."""
+    logp = F.log_softmax(logits.float(), dim=-1)  # [B, V]
     chosen = logp.gather(-1, tokens[:, None]).squeeze(-1)
     if top_n <= 0:
         empty = logp.new_zeros((logp.shape[0], 0))

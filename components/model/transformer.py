@@ -3,11 +3,13 @@
 ``kind="dense"`` builds the same network with a plain SwiGLU FFN of ``ffn_dim`` everywhere
 (the dense baseline; see :func:`dense_equivalent` for equal active parameters).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +19,14 @@ from components.config.compose import section_from_dict
 from components.config.schema import ModelConfig, OverlapConfig
 from components.model.comm_timing import CommTimes
 from components.model.experts import is_expert_param
-from components.model.layers import Attention, FeedForward, KVCache, RMSNorm, SeqPositions, rope_tables
+from components.model.layers import (
+    Attention,
+    FeedForward,
+    KVCache,
+    RMSNorm,
+    SeqPositions,
+    rope_tables,
+)
 from components.model.metrics import moe_metrics  # noqa: F401  (re-exported: its historic home)
 from components.model.moe import MoELayer, MoEStats
 
@@ -28,7 +37,8 @@ def model_config(cfg: ModelConfig | Mapping[str, Any]) -> ModelConfig:
 
 
 def overlap_config(overlap: OverlapConfig | Mapping[str, Any] | None) -> OverlapConfig:
-    """The ``train.overlap`` section from the dataclass, its plain-dict form, or None (its defaults)."""
+    """The ``train.overlap`` section from the dataclass, its plain-dict form, or None (its
+    defaults)."""
     return section_from_dict(OverlapConfig, overlap if overlap is not None else {}, "train.overlap")
 
 
@@ -39,8 +49,16 @@ def dense_equivalent(cfg: ModelConfig | Mapping[str, Any]) -> ModelConfig:
     if cfg.kind == "dense":
         return cfg
     active = cfg.ffn_dim * (cfg.top_k + (1 if cfg.shared_expert else 0))
-    return dataclasses.replace(cfg, name=f"{cfg.name}_dense", kind="dense", ffn_dim=active,
-                               num_experts=1, top_k=1, shared_expert=False, bias_balancing=False)
+    return dataclasses.replace(
+        cfg,
+        name=f"{cfg.name}_dense",
+        kind="dense",
+        ffn_dim=active,
+        num_experts=1,
+        top_k=1,
+        shared_expert=False,
+        bias_balancing=False,
+    )
 
 
 def is_moe_layer(cfg: ModelConfig, layer_id: int) -> bool:
@@ -61,8 +79,12 @@ class Block(nn.Module):
         else:
             self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
 
-    def forward(self, x, cos, sin, attn_mask, cache, start_pos) -> tuple[torch.Tensor, MoEStats | None]:
-        h = x + self.attention(self.attention_norm(x), cos, sin, attn_mask, cache, self.layer_id, start_pos)
+    def forward(
+        self, x, cos, sin, attn_mask, cache, start_pos
+    ) -> tuple[torch.Tensor, MoEStats | None]:
+        h = x + self.attention(
+            self.attention_norm(x), cos, sin, attn_mask, cache, self.layer_id, start_pos
+        )
         if self.moe is not None:
             ffn_out, stats = self.moe(self.ffn_norm(h))
             return h + ffn_out, stats
@@ -70,7 +92,8 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """``forward(tokens [B, T], cache=None, start_pos=0, last_only=False) -> (logits [B, T, V], aux)``.
+    """``forward(tokens [B, T], cache=None, start_pos=0, last_only=False) -> (logits [B, T, V],
+    aux)``.
 
     ``aux``: ``aux_loss`` and ``z_loss`` (scalars summed over MoE layers, already multiplied by
     their coefficients), ``expert_counts`` / ``kept_counts`` (per MoE layer, [E] long, this rank's
@@ -81,8 +104,13 @@ class Transformer(nn.Module):
     ``async_a2a`` and ``a2a_chunks`` matter here.
     """
 
-    def __init__(self, cfg: ModelConfig | Mapping[str, Any], vocab_size: int, ep_group=None,
-                 overlap: OverlapConfig | Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        cfg: ModelConfig | Mapping[str, Any],
+        vocab_size: int,
+        ep_group=None,
+        overlap: OverlapConfig | Mapping[str, Any] | None = None,
+    ):
         super().__init__()
         cfg = model_config(cfg)
         if vocab_size < 1:
@@ -91,7 +119,9 @@ class Transformer(nn.Module):
         self.vocab_size = vocab_size
         self.overlap = overlap_config(overlap)
         self.tok_embeddings = nn.Embedding(vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg, i, ep_group, self.overlap) for i in range(cfg.n_layers))
+        self.layers = nn.ModuleList(
+            Block(cfg, i, ep_group, self.overlap) for i in range(cfg.n_layers)
+        )
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, vocab_size, bias=False)
         cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
@@ -124,7 +154,9 @@ class Transformer(nn.Module):
                 moe.router.expert_bias.zero_()
                 lo, hi = moe.expert_offset, moe.expert_offset + moe.num_local_experts
                 for name, param in moe.experts.named_parameters():
-                    full = torch.empty((moe.num_experts,) + tuple(param.shape[1:]), device=param.device)
+                    full = torch.empty(
+                        (moe.num_experts,) + tuple(param.shape[1:]), device=param.device
+                    )
                     nn.init.normal_(full, std=out_std if name == "w2" else std)
                     param.copy_(full[lo:hi])
                 if moe.shared_expert is not None:
@@ -149,7 +181,8 @@ class Transformer(nn.Module):
         return [n for n, p in self.named_parameters() if is_expert_param(p)]
 
     def comm_times(self, reset: bool = False) -> CommTimes:
-        """Expert-parallel all-to-all time since the last reset, summed over MoE layers: ``exposed_s``
+        """Expert-parallel all-to-all time since the last reset, summed over MoE layers:
+        ``exposed_s``
         (compute blocked on them) and ``total_s`` (in flight), split forward/backward. CUDA event
         timings are resolved here (a host sync): call once per logging interval, not per step."""
         total = CommTimes()
@@ -162,7 +195,8 @@ class Transformer(nn.Module):
         return self.comm_times(reset).exposed_s
 
     def num_params(self, active: bool = False) -> int:
-        """Global parameter count (all experts, whatever the EP size); ``active``: per-token active."""
+        """Global parameter count (all experts, whatever the EP size); ``active``: per-token
+        active."""
         total = 0
         for name, p in self.named_parameters():
             if is_expert_param(p):
@@ -176,16 +210,28 @@ class Transformer(nn.Module):
     def _moe_of(self, param_name: str) -> MoELayer:
         return self.layers[int(param_name.split(".")[1])].moe
 
-    def new_cache(self, batch: int, max_len: int | None = None, pad: torch.Tensor | None = None) -> KVCache:
+    def new_cache(
+        self, batch: int, max_len: int | None = None, pad: torch.Tensor | None = None
+    ) -> KVCache:
         """A KV cache of ``batch`` rows (lockstep batches) or slots (continuous batching)."""
         cfg = self.cfg
         device = self.tok_embeddings.weight.device
         dtype = self.tok_embeddings.weight.dtype
-        return KVCache(cfg.n_layers, batch, cfg.n_heads, max_len or cfg.max_seq_len, cfg.dim // cfg.n_heads,
-                       dtype=dtype, device=device, pad=pad)
+        return KVCache(
+            cfg.n_layers,
+            batch,
+            cfg.n_heads,
+            max_len or cfg.max_seq_len,
+            cfg.dim // cfg.n_heads,
+            dtype=dtype,
+            device=device,
+            pad=pad,
+        )
 
     # --------------------------------------------------------------- forward
-    def _positions_and_mask(self, B: int, T: int, cache: KVCache | None, start_pos: int | SeqPositions):
+    def _positions_and_mask(
+        self, B: int, T: int, cache: KVCache | None, start_pos: int | SeqPositions
+    ):
         if cache is None:
             if isinstance(start_pos, SeqPositions) or start_pos:
                 raise ValueError("start_pos > 0 needs a KV cache holding the earlier positions")
@@ -194,25 +240,37 @@ class Transformer(nn.Module):
         if isinstance(start_pos, SeqPositions):
             # each row at its own length; right padding (t >= lengths[b]) is computed but never read
             t = torch.arange(T, device=device)
-            query_pos = start_pos.start.to(device)[:, None] + t[None, :]          # [B, T]
-            key_pos = torch.arange(start_pos.end, device=device)                  # [S]
-            mask = key_pos[None, None, :] <= query_pos[:, :, None]                # [B, T, S]
+            query_pos = start_pos.start.to(device)[:, None] + t[None, :]  # [B, T]
+            key_pos = torch.arange(start_pos.end, device=device)  # [S]
+            mask = key_pos[None, None, :] <= query_pos[:, :, None]  # [B, T, S]
             positions = query_pos.clamp(max=self.cfg.max_seq_len - 1)
             return self.rope_cos[positions], self.rope_sin[positions], mask[:, None]
-        query_pos = start_pos + torch.arange(T, device=device)            # [T] cache slots
-        key_pos = torch.arange(start_pos + T, device=device)              # [S]
-        pad = cache.pad.to(device)                                         # [B]
-        positions = (query_pos[None, :] - pad[:, None]).clamp(min=0)       # [B, T] per-sequence positions
-        causal = key_pos[None, :] <= query_pos[:, None]                    # [T, S]
-        real_key = key_pos[None, :] >= pad[:, None]                        # [B, S]
-        mask = causal[None] & real_key[:, None]                            # [B, T, S]
+        query_pos = start_pos + torch.arange(T, device=device)  # [T] cache slots
+        key_pos = torch.arange(start_pos + T, device=device)  # [S]
+        pad = cache.pad.to(device)  # [B]
+        positions = (query_pos[None, :] - pad[:, None]).clamp(
+            min=0
+        )  # [B, T] per-sequence positions
+        causal = key_pos[None, :] <= query_pos[:, None]  # [T, S]
+        real_key = key_pos[None, :] >= pad[:, None]  # [B, S]
+        mask = causal[None] & real_key[:, None]  # [B, T, S]
         # a padding query has no real key before it; let it see itself so softmax stays finite
         mask |= (key_pos[None, :] == query_pos[:, None])[None]
-        return self.rope_cos[positions], self.rope_sin[positions], mask[:, None]  # mask [B, 1, T, S]
+        return (
+            self.rope_cos[positions],
+            self.rope_sin[positions],
+            mask[:, None],
+        )  # mask [B, 1, T, S]
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start_pos: int | SeqPositions = 0,
-                last_only: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
-        """``start_pos``: int (every row at the same position) or :class:`SeqPositions` (row b = cache
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache | None = None,
+        start_pos: int | SeqPositions = 0,
+        last_only: bool = False,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """``start_pos``: int (every row at the same position) or :class:`SeqPositions` (row b =
+        cache
         slot b at its own length, right-padded to T). ``last_only``: logits [B, 1, V] of each row's
         last real token instead of [B, T, V] (what decoding samples from; skips the vocab projection
         of every other position)."""
@@ -221,10 +279,14 @@ class Transformer(nn.Module):
             if cache is None:
                 raise ValueError("SeqPositions address cache slots: pass the KV cache")
             if start_pos.end > self.cfg.max_seq_len:
-                raise ValueError(f"sequence of {start_pos.end} positions exceeds model.max_seq_len="
-                                 f"{self.cfg.max_seq_len}")
+                raise ValueError(
+                    f"sequence of {start_pos.end} positions exceeds model.max_seq_len="
+                    f"{self.cfg.max_seq_len}"
+                )
         elif start_pos + T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {start_pos + T} positions exceeds model.max_seq_len={self.cfg.max_seq_len}")
+            raise ValueError(
+                f"sequence of {start_pos + T} positions exceeds model.max_seq_len={self.cfg.max_seq_len}"
+            )
         cos, sin, mask = self._positions_and_mask(B, T, cache, start_pos)
         h = self.tok_embeddings(tokens)  # [B, T, D]
         stats: list[MoEStats] = []
@@ -233,11 +295,16 @@ class Transformer(nn.Module):
             if layer_stats is not None:
                 stats.append(layer_stats)
         if last_only:
-            last = start_pos.lengths.to(h.device) - 1 if isinstance(start_pos, SeqPositions) else \
-                torch.full((B,), T - 1, dtype=torch.long, device=h.device)
-            h = h[torch.arange(B, device=h.device), last][:, None]                # [B, 1, D]
+            last = (
+                start_pos.lengths.to(h.device) - 1
+                if isinstance(start_pos, SeqPositions)
+                else torch.full((B,), T - 1, dtype=torch.long, device=h.device)
+            )
+            h = h[torch.arange(B, device=h.device), last][:, None]  # [B, 1, D]
         h = self.norm(h)
-        logits = F.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)  # [B, T, V]
+        logits = (
+            F.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)
+        )  # [B, T, V]
         zero = logits.new_zeros((), dtype=torch.float32)
         aux = {
             "aux_loss": self.cfg.aux_loss_coef * sum((s.aux_loss for s in stats), zero),
@@ -247,4 +314,3 @@ class Transformer(nn.Module):
             "dropped_fraction": [s.dropped_fraction for s in stats],
         }
         return logits, aux
-

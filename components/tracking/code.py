@@ -9,19 +9,22 @@ its syntax tree, so comments and formatting do not change a digest but any code 
 
 Third-party code is not part of the key: a new torch or Ray version does not rerun stages.
 """
+
 from __future__ import annotations
 
 import ast
 import hashlib
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 PROJECT_PACKAGES = ("pipelines", "components", "serving")
 # where the project packages live (this file is <root>/components/tracking/code.py)
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # "package.module:attribute", the import-path form Ray Serve, entry points and Hydra use
-_IMPORT_STRING = re.compile(r"^(?:%s)(?:\.[A-Za-z_]\w*)+:[A-Za-z_][\w.]*$" % "|".join(PROJECT_PACKAGES))
+_IMPORT_STRING = re.compile(
+    r"^(?:%s)(?:\.[A-Za-z_]\w*)+:[A-Za-z_][\w.]*$" % "|".join(PROJECT_PACKAGES)
+)
 
 
 def module_file(name: str, root: Path = PROJECT_ROOT) -> Path | None:
@@ -57,7 +60,11 @@ def imports_of(tree: ast.AST, name: str, is_package: bool, root: Path = PROJECT_
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
-            base = _resolve_relative(node.module, node.level, name, is_package) if node.level else node.module
+            base = (
+                _resolve_relative(node.module, node.level, name, is_package)
+                if node.level
+                else node.module
+            )
             if not base:
                 continue
             found.add(base)
@@ -65,7 +72,11 @@ def imports_of(tree: ast.AST, name: str, is_package: bool, root: Path = PROJECT_
                 # ``from components.model import export``: a submodule, if such a file exists
                 if module_file(f"{base}.{alias.name}", root) is not None:
                     found.add(f"{base}.{alias.name}")
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and _IMPORT_STRING.match(node.value):
+        elif (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and _IMPORT_STRING.match(node.value)
+        ):
             found.add(node.value.split(":", 1)[0])
     return {module for module in found if _is_project(module)}
 
@@ -99,11 +110,16 @@ def code_closure(modules: Iterable[str], root: Path = PROJECT_ROOT) -> dict[str,
         if path is None:
             continue  # a name imported from a module (caught above) or a missing optional module
         digests[name], imported = _parse(path, name, root)
-        pending.extend(parent for module in imported for parent in _with_parents(module) if parent not in digests)
+        pending.extend(
+            parent
+            for module in imported
+            for parent in _with_parents(module)
+            if parent not in digests
+        )
     return dict(sorted(digests.items()))
 
 
 def changed_modules(before: dict[str, str], after: dict[str, str]) -> list[str]:
     """Modules added, removed or edited between two closures (short digests compare fine)."""
     names = sorted(set(before) | set(after))
-    return [n for n in names if before.get(n, "")[: 12] != after.get(n, "")[: 12]]
+    return [n for n in names if before.get(n, "")[:12] != after.get(n, "")[:12]]

@@ -1,10 +1,12 @@
 """Small, explicit MLflow helpers: always a client and a run id, never global fluent state,
 so the same code works on the driver, in Ray workers and in Serve replicas."""
+
 from __future__ import annotations
 
 import json
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
@@ -29,15 +31,15 @@ def log_params(client: MlflowClient, run_id: str, flat_params: dict[str, Any]) -
     a retried stage or trial does not fail on MLflow's immutable params."""
     existing = client.get_run(run_id).data.params
     params = [
-        Param(key, param_value(value))
-        for key, value in flat_params.items()
-        if key not in existing
+        Param(key, param_value(value)) for key, value in flat_params.items() if key not in existing
     ]
     for batch in _chunks(params, MAX_PARAMS_PER_BATCH):
         client.log_batch(run_id, params=batch)
 
 
-def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+def log_metrics(
+    client: MlflowClient, run_id: str, metrics: dict[str, float], step: int | None = None
+) -> None:
     now = int(time.time() * 1000)
     items = [
         Metric(key, float(value), now, int(step or 0))
@@ -66,8 +68,11 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_location: str = 
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, artifact_location=artifact_location or None,
-                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+            return client.create_experiment(
+                name,
+                artifact_location=artifact_location or None,
+                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+            )
         except Exception:
             # Another process created it first (parallel trials or jobs).
             experiment = client.get_experiment_by_name(name)

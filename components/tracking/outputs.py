@@ -1,4 +1,5 @@
-"""Typed stage outputs: declared once per stage, stored on its MLflow run, read back with their types.
+"""Typed stage outputs: declared once per stage, stored on its MLflow run, read back with their
+types.
 
 A stage's outputs are a frozen dataclass deriving from :class:`StageOutputs` whose fields are
 plain JSON types (``str``, ``int``, ``float``, ``bool``, ``list[...]``, ``dict[str, ...]``).
@@ -7,6 +8,7 @@ MLflow UI and ``search_runs``, as one ``moeops.out.<field>`` tag per field. Read
 every field against its declared type, so a downstream stage never guesses a key or parses a
 number back from a string.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,8 +53,10 @@ class StageOutputs:
 
     def tags(self) -> dict[str, str]:
         """Per-field string forms for MLflow tags (display and search only; never read back)."""
-        return {name: value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-                for name, value in self.to_json().items()}
+        return {
+            name: value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+            for name, value in self.to_json().items()
+        }
 
     @classmethod
     def schema(cls) -> dict[str, str]:
@@ -73,8 +77,10 @@ class StageOutputs:
         missing = [n for n in names if n not in data]
         unknown = sorted(set(data) - set(names))
         if missing or unknown:
-            raise OutputsError(f"{cls.__name__}: recorded outputs do not match the declaration "
-                               f"(missing: {missing or 'none'}; unknown: {unknown or 'none'})")
+            raise OutputsError(
+                f"{cls.__name__}: recorded outputs do not match the declaration "
+                f"(missing: {missing or 'none'}; unknown: {unknown or 'none'})"
+            )
         return cls(**{n: _coerce(hints[n], data[n], f"{cls.__name__}.{n}") for n in names})
 
 

@@ -1,4 +1,5 @@
 """Line-based progress for long work: readable in a terminal, in `ray job logs` and in CI logs."""
+
 from __future__ import annotations
 
 import sys
@@ -19,7 +20,9 @@ class Progress:
     log sinks are not flooded.
     """
 
-    def __init__(self, stage: str, total: int, unit: str = "step", min_interval_s: float = 2.0, stream=None):
+    def __init__(
+        self, stage: str, total: int, unit: str = "step", min_interval_s: float = 2.0, stream=None
+    ):
         self.stage, self.total, self.unit = stage, max(int(total), 1), unit
         self.min_interval_s = min_interval_s
         self.stream = stream or sys.stdout

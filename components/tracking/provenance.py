@@ -1,4 +1,5 @@
 """Where a run came from: code version and working-tree state."""
+
 from __future__ import annotations
 
 import os

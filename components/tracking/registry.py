@@ -10,6 +10,7 @@ version (:func:`load_registered`) downloads the directory and calls ``load_expor
 Aliases, not stages: every new version gets ``challenger``; ``champion`` moves only when
 :func:`decide_promotion` says the new version beats the current champion.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,7 +39,9 @@ TAG_DECISION = "moeops.promotion"
 TAG_REASON = "moeops.promotion_reason"
 TAG_METRIC_PREFIX = "moeops.metric."
 
-_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[A-Za-z0-9_\-]+))$")
+_MODEL_URI = re.compile(
+    r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[A-Za-z0-9_\-]+))$"
+)
 _REQUIREMENT_PACKAGES = ("torch", "mlflow", "safetensors", "tokenizers")
 
 
@@ -68,7 +71,8 @@ class VersionInfo:
 
 
 def parse_model_uri(model_uri: str) -> tuple[str, str | None, str | None]:
-    """``models:/name/3`` -> (name, "3", None); ``models:/name@champion`` -> (name, None, "champion")."""
+    """``models:/name/3`` -> (name, "3", None); ``models:/name@champion`` -> (name, None,
+    "champion")."""
     match = _MODEL_URI.match(model_uri.strip())
     if not match:
         raise ValueError(
@@ -79,8 +83,12 @@ def parse_model_uri(model_uri: str) -> tuple[str, str | None, str | None]:
 
 def _version_info(mv) -> VersionInfo:
     return VersionInfo(
-        name=mv.name, version=str(mv.version), aliases=tuple(mv.aliases or ()),
-        run_id=mv.run_id or "", tags=dict(mv.tags or {}), source=mv.source or "",
+        name=mv.name,
+        version=str(mv.version),
+        aliases=tuple(mv.aliases or ()),
+        run_id=mv.run_id or "",
+        tags=dict(mv.tags or {}),
+        source=mv.source or "",
     )
 
 
@@ -89,33 +97,50 @@ def get_version(model_uri: str, tracking_uri: str) -> VersionInfo:
     name, version, alias = parse_model_uri(model_uri)
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     try:
-        mv = client.get_model_version(name, version) if version else client.get_model_version_by_alias(name, alias)
+        mv = (
+            client.get_model_version(name, version)
+            if version
+            else client.get_model_version_by_alias(name, alias)
+        )
     except mlflow.exceptions.MlflowException as exc:
-        raise LookupError(f"{model_uri}: no such registered model version in {tracking_uri} ({exc.message})") from exc
+        raise LookupError(
+            f"{model_uri}: no such registered model version in {tracking_uri} ({exc.message})"
+        ) from exc
     return _version_info(mv)
 
 
 def find_version(model_uri: str, tracking_uri: str) -> VersionInfo | None:
-    """Like :func:`get_version` but ``None`` when the model or alias does not exist (no champion yet)."""
+    """Like :func:`get_version` but ``None`` when the model or alias does not exist (no champion
+    yet)."""
     try:
         return get_version(model_uri, tracking_uri)
     except LookupError:
         return None
 
 
-def download_export(model_uri: str, tracking_uri: str, dst_dir: str | Path | None = None) -> tuple[Path, VersionInfo]:
+def download_export(
+    model_uri: str, tracking_uri: str, dst_dir: str | Path | None = None
+) -> tuple[Path, VersionInfo]:
     """Download a registered version's export directory; returns (local export dir, version)."""
     info = get_version(model_uri, tracking_uri)
-    dst = Path(dst_dir) if dst_dir else Path(tempfile.mkdtemp(prefix=f"moeops-{info.name}-v{info.version}-"))
+    dst = (
+        Path(dst_dir)
+        if dst_dir
+        else Path(tempfile.mkdtemp(prefix=f"moeops-{info.name}-v{info.version}-"))
+    )
     return download_logged_export(info.model_uri, tracking_uri, dst), info
 
 
 def download_logged_export(model_uri: str, tracking_uri: str, dst_dir: str | Path) -> Path:
-    """The export directory of a logged model (``models:/<model_id>``) or registered version, downloaded."""
+    """The export directory of a logged model (``models:/<model_id>``) or registered version,
+    downloaded."""
     dst = Path(dst_dir)
     dst.mkdir(parents=True, exist_ok=True)
     local = mlflow.artifacts.download_artifacts(
-        artifact_uri=model_uri, dst_path=str(dst), tracking_uri=tracking_uri, registry_uri=tracking_uri
+        artifact_uri=model_uri,
+        dst_path=str(dst),
+        tracking_uri=tracking_uri,
+        registry_uri=tracking_uri,
     )
     export_dir = _export_dir_of(Path(local))
     if export_dir is None:
@@ -127,7 +152,8 @@ def download_logged_export(model_uri: str, tracking_uri: str, dst_dir: str | Pat
 
 
 def _export_dir_of(model_dir: Path) -> Path | None:
-    """The export inside a downloaded pyfunc model dir (MLmodel records where its artifact landed)."""
+    """The export inside a downloaded pyfunc model dir (MLmodel records where its artifact
+    landed)."""
     import yaml
 
     mlmodel = model_dir / "MLmodel"
@@ -141,8 +167,9 @@ def _export_dir_of(model_dir: Path) -> Path | None:
     return path if path.is_dir() else None
 
 
-def load_registered(model_uri: str, tracking_uri: str, device: str = "cpu",
-                    dst_dir: str | Path | None = None):
+def load_registered(
+    model_uri: str, tracking_uri: str, device: str = "cpu", dst_dir: str | Path | None = None
+):
     """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` -> (LoadedModel, VersionInfo)."""
     from components.model.export import load_export
 
@@ -152,8 +179,15 @@ def load_registered(model_uri: str, tracking_uri: str, device: str = "cpu",
 
 # --------------------------------------------------------------------------- the gate
 
-def decide_promotion(candidate: float | None, champion: float | None, *, mode: str,
-                     min_improvement: float, metric: str) -> tuple[bool, str]:
+
+def decide_promotion(
+    candidate: float | None,
+    champion: float | None,
+    *,
+    mode: str,
+    min_improvement: float,
+    metric: str,
+) -> tuple[bool, str]:
     """Should the candidate replace the champion? Pure; returns (promote, human-readable reason).
 
     The candidate must be strictly better and by at least ``min_improvement`` (absolute units).
@@ -163,19 +197,26 @@ def decide_promotion(candidate: float | None, champion: float | None, *, mode: s
     if candidate is None or not math.isfinite(candidate):
         return False, f"refused: candidate {metric}={candidate!r} is missing or not finite"
     if champion is None or not math.isfinite(champion):
-        return True, f"promoted: no comparable champion (champion {metric}={champion!r}); candidate {metric}={candidate:.6g}"
+        return (
+            True,
+            f"promoted: no comparable champion (champion {metric}={champion!r}); candidate {metric}={candidate:.6g}",
+        )
     improvement = champion - candidate if mode == "min" else candidate - champion
-    verdict = (f"candidate {metric}={candidate:.6g} vs champion {metric}={champion:.6g} "
-               f"({'lower' if mode == 'min' else 'higher'} is better): improvement {improvement:.6g}, "
-               f"required > 0 and >= {min_improvement:.6g}")
+    verdict = (
+        f"candidate {metric}={candidate:.6g} vs champion {metric}={champion:.6g} "
+        f"({'lower' if mode == 'min' else 'higher'} is better): improvement {improvement:.6g}, "
+        f"required > 0 and >= {min_improvement:.6g}"
+    )
     promote = improvement > 0 and improvement >= min_improvement
     return promote, ("promoted: " if promote else "refused: ") + verdict
 
 
 # --------------------------------------------------------------------------- logging
 
+
 class MoeopsTextModel(PythonModel):
-    """Pyfunc wrapper: prompts in, completions out. Holds no state when pickled; loads the export."""
+    """Pyfunc wrapper: prompts in, completions out. Holds no state when pickled; loads the
+    export."""
 
     def load_context(self, context) -> None:
         from components.model.export import load_export
@@ -184,20 +225,33 @@ class MoeopsTextModel(PythonModel):
 
     # The hint tells MLflow the input is a DataFrame it cannot infer a schema from: the explicit
     # signature logged with the model (a `prompt` column) is the one it validates against.
-    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    def predict(
+        self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
         from components.model.generate import generate_text
 
         params = params or {}
         if isinstance(model_input, pd.DataFrame):
             prompts = [str(p) for p in model_input["prompt"]]
         elif isinstance(model_input, dict):
-            prompts = [str(p) for p in (model_input["prompt"] if isinstance(model_input["prompt"], list) else [model_input["prompt"]])]
+            prompts = [
+                str(p)
+                for p in (
+                    model_input["prompt"]
+                    if isinstance(model_input["prompt"], list)
+                    else [model_input["prompt"]]
+                )
+            ]
         else:
             prompts = [str(p) for p in model_input]
         loaded = self._loaded
-        completions = generate_text(loaded.model, loaded.tokenizer, prompts,
-                                    max_new_tokens=int(params.get("max_new_tokens", 16)),
-                                    temperature=float(params.get("temperature", 0.0)))
+        completions = generate_text(
+            loaded.model,
+            loaded.tokenizer,
+            prompts,
+            max_new_tokens=int(params.get("max_new_tokens", 16)),
+            temperature=float(params.get("temperature", 0.0)),
+        )
         return pd.DataFrame({"completion": completions})
 
 
@@ -215,7 +269,9 @@ def _signature_and_example():
     signature = ModelSignature(
         inputs=Schema([ColSpec("string", "prompt")]),
         outputs=Schema([ColSpec("string", "completion")]),
-        params=ParamSchema([ParamSpec("max_new_tokens", "long", 16), ParamSpec("temperature", "double", 0.0)]),
+        params=ParamSchema(
+            [ParamSpec("max_new_tokens", "long", 16), ParamSpec("temperature", "double", 0.0)]
+        ),
     )
     return signature, pd.DataFrame({"prompt": ["def main("]})
 
@@ -226,8 +282,8 @@ class Registration:
 
     model_name: str
     version: str
-    model_uri: str          # models:/<name>/<version>
-    model_id: str           # the LoggedModel the version was created from (models:/<model_id>)
+    model_uri: str  # models:/<name>/<version>
+    model_id: str  # the LoggedModel the version was created from (models:/<model_id>)
     aliases: list[str]
     promoted: bool
     reason: str
@@ -241,8 +297,15 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def log_model(export_dir: str | Path, *, run_id: str, tracking_uri: str, params: dict[str, Any] | None = None,
-              step: int = 0, tags: dict[str, str] | None = None) -> str:
+def log_model(
+    export_dir: str | Path,
+    *,
+    run_id: str,
+    tracking_uri: str,
+    params: dict[str, Any] | None = None,
+    step: int = 0,
+    tags: dict[str, str] | None = None,
+) -> str:
     """Log the export as a LoggedModel (a pyfunc) of run ``run_id``; returns its ``model_id``.
 
     The model's params are ``params`` plus the run's params (MLflow adds those), ``step`` links it
@@ -252,9 +315,13 @@ def log_model(export_dir: str | Path, *, run_id: str, tracking_uri: str, params:
     """
     export_dir = Path(export_dir)
     if not export_dir.is_dir():
-        raise FileNotFoundError(f"export_dir={export_dir}: not a directory (expected save_export output)")
+        raise FileNotFoundError(
+            f"export_dir={export_dir}: not a directory (expected save_export output)"
+        )
     signature, example = _signature_and_example()
-    code_dir = Path(__file__).resolve().parents[1]  # the `components` package, so the pyfunc imports anywhere
+    code_dir = (
+        Path(__file__).resolve().parents[1]
+    )  # the `components` package, so the pyfunc imports anywhere
     mlflow.set_tracking_uri(tracking_uri)
     active = mlflow.active_run()
     owns_run = active is None or active.info.run_id != run_id
@@ -290,10 +357,19 @@ def mlflow_param(value: Any) -> str:
     return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
-def register_logged_model(model_id: str, *, tracking_uri: str, registry: RegistryConfig, metrics: dict[str, float],
-                          tags: dict[str, str], champion_metric: float | None = None) -> Registration:
-    """A new version of ``registry.model_name`` from the LoggedModel ``models:/<model_id>``, tagged with
-    ``tags`` and ``moeops.metric.*``; ``registry.challenger_alias`` set, ``registry.champion_alias`` gated.
+def register_logged_model(
+    model_id: str,
+    *,
+    tracking_uri: str,
+    registry: RegistryConfig,
+    metrics: dict[str, float],
+    tags: dict[str, str],
+    champion_metric: float | None = None,
+) -> Registration:
+    """A new version of ``registry.model_name`` from the LoggedModel ``models:/<model_id>``, tagged
+    with
+    ``tags`` and ``moeops.metric.*``; ``registry.challenger_alias`` set, ``registry.champion_alias``
+    gated.
 
     ``champion_metric``: the current champion's ``registry.metric`` measured on the same held-out
     data (the evaluate stage's); when ``None`` the champion version's ``moeops.metric.<metric>`` tag
@@ -301,13 +377,20 @@ def register_logged_model(model_id: str, *, tracking_uri: str, registry: Registr
     """
     metric, name = registry.metric, registry.model_name
     if metric not in metrics:
-        raise KeyError(f"registry.metric={metric!r} is not among the candidate's metrics {sorted(metrics)}")
+        raise KeyError(
+            f"registry.metric={metric!r} is not among the candidate's metrics {sorted(metrics)}"
+        )
     champion = find_version(f"models:/{name}@{registry.champion_alias}", tracking_uri)
     if champion is not None and champion_metric is None:
         tagged = champion.tags.get(TAG_METRIC_PREFIX + metric)
         champion_metric = float(tagged) if tagged is not None else None
-    promote, reason = decide_promotion(metrics[metric], champion_metric, mode=registry.mode,
-                                       min_improvement=registry.min_improvement, metric=metric)
+    promote, reason = decide_promotion(
+        metrics[metric],
+        champion_metric,
+        mode=registry.mode,
+        min_improvement=registry.min_improvement,
+        metric=metric,
+    )
 
     version_tags = {str(k): str(v) for k, v in tags.items()}
     version_tags.update({TAG_METRIC_PREFIX + k: f"{float(v):.8g}" for k, v in metrics.items()})
@@ -323,22 +406,44 @@ def register_logged_model(model_id: str, *, tracking_uri: str, registry: Registr
         client.set_registered_model_alias(name, registry.champion_alias, version)
     aliases = sorted(client.get_model_version(name, version).aliases or [])
     return Registration(
-        model_name=name, version=version, model_uri=f"models:/{name}/{version}", model_id=model_id,
-        aliases=aliases, promoted=promote, reason=reason,
+        model_name=name,
+        version=version,
+        model_uri=f"models:/{name}/{version}",
+        model_id=model_id,
+        aliases=aliases,
+        promoted=promote,
+        reason=reason,
         previous_champion=champion.version if champion else None,
     )
 
 
-def log_and_register(export_dir: str | Path, *, run_id: str, tracking_uri: str, registry: RegistryConfig,
-                     metrics: dict[str, float], tags: dict[str, str], champion_metric: float | None = None,
-                     params: dict[str, Any] | None = None, step: int = 0) -> Registration:
+def log_and_register(
+    export_dir: str | Path,
+    *,
+    run_id: str,
+    tracking_uri: str,
+    registry: RegistryConfig,
+    metrics: dict[str, float],
+    tags: dict[str, str],
+    champion_metric: float | None = None,
+    params: dict[str, Any] | None = None,
+    step: int = 0,
+) -> Registration:
     """:func:`log_model` then :func:`register_logged_model` (demos, tests: one run does both).
 
     The pipeline splits them: the train stage logs the model, the register stage registers it.
     """
-    model_id = log_model(export_dir, run_id=run_id, tracking_uri=tracking_uri, params=params, step=step, tags=tags)
-    registration = register_logged_model(model_id, tracking_uri=tracking_uri, registry=registry, metrics=metrics,
-                                         tags=tags, champion_metric=champion_metric)
+    model_id = log_model(
+        export_dir, run_id=run_id, tracking_uri=tracking_uri, params=params, step=step, tags=tags
+    )
+    registration = register_logged_model(
+        model_id,
+        tracking_uri=tracking_uri,
+        registry=registry,
+        metrics=metrics,
+        tags=tags,
+        champion_metric=champion_metric,
+    )
     record_decision(MlflowClient(tracking_uri), run_id, registration)
     return registration
 

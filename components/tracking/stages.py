@@ -17,15 +17,17 @@ The cache key of a stage is the digest of
 Each part is also recorded on the run (``moeops.key.*`` tags), so a rerun can be explained:
 "config changed (train.lr)", "input changed (prepare)", "code changed (components.model.router)".
 """
+
 from __future__ import annotations
 
 import json
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import mlflow
 from mlflow import MlflowClient
@@ -37,8 +39,17 @@ from components.tracking.code import changed_modules, code_closure
 from components.tracking.outputs import OutputsError, StageOutputs, digest_of
 from components.tracking.progress import Progress
 
-__all__ = ["StageSpec", "StageContext", "StageOutcome", "StageInputError", "run_stage", "resolve_upstream",
-           "cache_key", "outputs_of_run", "digest_of"]
+__all__ = [
+    "StageSpec",
+    "StageContext",
+    "StageOutcome",
+    "StageInputError",
+    "run_stage",
+    "resolve_upstream",
+    "cache_key",
+    "outputs_of_run",
+    "digest_of",
+]
 
 OUT_PREFIX = "moeops.out."
 STAGE_TAG = "moeops.stage"
@@ -67,7 +78,7 @@ class StageSpec:
     # the outputs this stage reads (their classes name the upstream stages); a callable picks them
     # from the config (train reads tune's only when the sweep is on)
     upstream: tuple[OutputsType, ...] | Callable[[Config], tuple[OutputsType, ...]]
-    fn: Callable[["StageContext"], StageOutputs]
+    fn: Callable[[StageContext], StageOutputs]
     outputs: OutputsType
     # a cached run is reused only while this still holds (e.g. its files or endpoint exist)
     still_valid: Callable[[Config, Any], bool] | None = None
@@ -79,8 +90,10 @@ class StageSpec:
     def __post_init__(self) -> None:
         self.module = self.module or self.fn.__module__
         if self.outputs.stage != self.name:
-            raise ValueError(f"stage {self.name!r}: its outputs class {self.outputs.__name__} is "
-                             f"declared for stage {self.outputs.stage!r}")
+            raise ValueError(
+                f"stage {self.name!r}: its outputs class {self.outputs.__name__} is "
+                f"declared for stage {self.outputs.stage!r}"
+            )
 
     def upstream_for(self, config: Config) -> tuple[OutputsType, ...]:
         return self.upstream(config) if callable(self.upstream) else self.upstream
@@ -94,7 +107,7 @@ class StageOutcome:
     reused: bool
     duration_s: float
     reused_from: str = ""
-    reason: str = ""   # why the stage ran (empty when reused)
+    reason: str = ""  # why the stage ran (empty when reused)
 
 
 @dataclass
@@ -116,9 +129,13 @@ class StageContext:
         """The outputs of the upstream stage that produces ``kind``, typed."""
         outputs = self.inputs.get(kind.stage)
         if outputs is None:
-            raise StageInputError(f"stage '{self.name}' did not declare '{kind.stage}' as an upstream stage")
+            raise StageInputError(
+                f"stage '{self.name}' did not declare '{kind.stage}' as an upstream stage"
+            )
         if not isinstance(outputs, kind):
-            raise TypeError(f"inputs['{kind.stage}'] is a {type(outputs).__name__}, not a {kind.__name__}")
+            raise TypeError(
+                f"inputs['{kind.stage}'] is a {type(outputs).__name__}, not a {kind.__name__}"
+            )
         return outputs
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
@@ -146,6 +163,7 @@ class StageContext:
 
 # --------------------------------------------------------------------------- cache key
 
+
 def select_config(config_dict: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
     selected: dict[str, Any] = {}
     for key in keys:
@@ -161,9 +179,9 @@ class CacheKey:
     """The parts of a stage's cache key; ``value`` is what runs are matched on."""
 
     stage: str
-    config: dict[str, Any]          # the config slice
-    inputs: dict[str, str]          # upstream stage -> cache digest of its outputs
-    code: dict[str, str]            # module -> digest of its syntax tree
+    config: dict[str, Any]  # the config slice
+    inputs: dict[str, str]  # upstream stage -> cache digest of its outputs
+    code: dict[str, str]  # module -> digest of its syntax tree
     outputs_schema: str
 
     @property
@@ -176,8 +194,15 @@ class CacheKey:
 
     @property
     def value(self) -> str:
-        return digest_of({"stage": self.stage, "config": self.config_digest, "inputs": self.inputs,
-                          "code": self.code_digest, "outputs": self.outputs_schema})
+        return digest_of(
+            {
+                "stage": self.stage,
+                "config": self.config_digest,
+                "inputs": self.inputs,
+                "code": self.code_digest,
+                "outputs": self.outputs_schema,
+            }
+        )
 
     def tags(self) -> dict[str, str]:
         return {
@@ -191,7 +216,9 @@ class CacheKey:
         }
 
 
-def cache_key(spec: StageSpec, config_dict: dict[str, Any], upstream: dict[str, StageOutputs]) -> CacheKey:
+def cache_key(
+    spec: StageSpec, config_dict: dict[str, Any], upstream: dict[str, StageOutputs]
+) -> CacheKey:
     """Same code, relevant config and upstream outputs -> same key."""
     return CacheKey(
         stage=spec.name,
@@ -202,7 +229,9 @@ def cache_key(spec: StageSpec, config_dict: dict[str, Any], upstream: dict[str, 
     )
 
 
-def rerun_reason(spec: StageSpec, key: CacheKey, previous, *, forced: bool, invalid_run: str = "") -> str:
+def rerun_reason(
+    spec: StageSpec, key: CacheKey, previous, *, forced: bool, invalid_run: str = ""
+) -> str:
     """Why the stage runs instead of reusing ``previous`` (its latest finished run, if any)."""
     if forced:
         return "forced (force=true)"
@@ -213,17 +242,23 @@ def rerun_reason(spec: StageSpec, key: CacheKey, previous, *, forced: bool, inva
     tags, reasons = previous.data.tags, []
     if tags.get(KEY_CONFIG_TAG, key.config_digest) != key.config_digest:
         before = previous.data.params
-        changed = [k for k, v in flatten(key.config).items()
-                   if k in before and before[k] != mlflow_utils.param_value(v)]
+        changed = [
+            k
+            for k, v in flatten(key.config).items()
+            if k in before and before[k] != mlflow_utils.param_value(v)
+        ]
         reasons.append(f"config changed ({_names(changed) or ', '.join(key.config)})")
     before_inputs = json.loads(tags.get(KEY_INPUTS_TAG, "{}"))
-    changed_inputs = sorted(n for n in set(before_inputs) | set(key.inputs)
-                            if before_inputs.get(n) != key.inputs.get(n))
+    changed_inputs = sorted(
+        n for n in set(before_inputs) | set(key.inputs) if before_inputs.get(n) != key.inputs.get(n)
+    )
     if changed_inputs and KEY_INPUTS_TAG in tags:
         reasons.append(f"input changed ({', '.join(changed_inputs)})")
     if tags.get(KEY_CODE_TAG, key.code_digest) != key.code_digest:
         before_code = json.loads(tags.get(KEY_MODULES_TAG, "{}"))
-        reasons.append(f"code changed ({_names(changed_modules(before_code, key.code)) or 'modules'})")
+        reasons.append(
+            f"code changed ({_names(changed_modules(before_code, key.code)) or 'modules'})"
+        )
     if not reasons:
         if tags.get(SCHEMA_TAG, key.outputs_schema) != key.outputs_schema:
             return "outputs schema changed"
@@ -237,6 +272,7 @@ def _names(items: list[str], shown: int = 3) -> str:
 
 # --------------------------------------------------------------------------- outputs on runs
 
+
 def record_outputs(client: MlflowClient, run_id: str, outputs: StageOutputs) -> None:
     mlflow_utils.set_tags(client, run_id, {OUT_PREFIX + k: v for k, v in outputs.tags().items()})
     client.log_dict(run_id, outputs.to_json(), OUTPUTS_FILE)
@@ -246,8 +282,10 @@ def outputs_of_run(client: MlflowClient, run_id: str, kind: type[O]) -> O:
     """The typed outputs a finished stage run recorded."""
     try:
         with tempfile.TemporaryDirectory(prefix="moeops-outputs-") as tmp:
-            data = json.loads(Path(client.download_artifacts(run_id, OUTPUTS_FILE, tmp)).read_text())
-    except Exception as err:  # noqa: BLE001 - missing artifact, unreachable store: say which run
+            data = json.loads(
+                Path(client.download_artifacts(run_id, OUTPUTS_FILE, tmp)).read_text()
+            )
+    except Exception as err:
         raise StageInputError(f"run {run_id}: cannot read its {OUTPUTS_FILE} ({err})") from None
     try:
         return kind.from_json(data)
@@ -258,18 +296,26 @@ def outputs_of_run(client: MlflowClient, run_id: str, kind: type[O]) -> O:
 def parse_run_ref(ref: str) -> str:
     """``<run_id>`` or ``runs:/<run_id>[/path]`` -> run id."""
     if ref.startswith("runs:/"):
-        return ref[len("runs:/"):].strip("/").split("/")[0]
+        return ref[len("runs:/") :].strip("/").split("/")[0]
     return ref.strip()
 
 
-def latest_finished_run(client: MlflowClient, experiment_id: str, stage: str, *, cache: str | None = None,
-                        schema: str | None = None):
+def latest_finished_run(
+    client: MlflowClient,
+    experiment_id: str,
+    stage: str,
+    *,
+    cache: str | None = None,
+    schema: str | None = None,
+):
     query = f"tags.`{STAGE_TAG}` = '{stage}' and attributes.status = 'FINISHED'"
     if cache:
         query += f" and tags.`{CACHE_TAG}` = '{cache}'"
     if schema:
         query += f" and tags.`{SCHEMA_TAG}` = '{schema}'"
-    runs = client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1)
+    runs = client.search_runs(
+        [experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1
+    )
     return runs[0] if runs else None
 
 
@@ -280,7 +326,8 @@ def resolve_upstream(
     config: Config,
     produced: dict[str, StageOutcome],
 ) -> tuple[dict[str, StageOutputs], dict[str, str]]:
-    """Upstream outputs: from this invocation, ``inputs.<stage>=<run>``, or the latest finished run."""
+    """Upstream outputs: from this invocation, ``inputs.<stage>=<run>``, or the latest finished
+    run."""
     inputs: dict[str, StageOutputs] = {}
     run_ids: dict[str, str] = {}
     for kind in spec.upstream_for(config):
@@ -294,7 +341,9 @@ def resolve_upstream(
             try:
                 run = client.get_run(run_id)
             except Exception as err:
-                raise StageInputError(f"inputs.{name}={ref!r}: no such MLflow run ({err})") from None
+                raise StageInputError(
+                    f"inputs.{name}={ref!r}: no such MLflow run ({err})"
+                ) from None
             if run.data.tags.get(STAGE_TAG) != name or run.info.status != "FINISHED":
                 raise StageInputError(
                     f"inputs.{name}={ref!r}: run {run_id} is not a finished '{name}' stage run "
@@ -316,6 +365,7 @@ def resolve_upstream(
 
 # --------------------------------------------------------------------------- running
 
+
 def _start_nested_run(client, experiment_id, parent_run_id, name, tags) -> str:
     run = client.create_run(
         experiment_id,
@@ -326,7 +376,8 @@ def _start_nested_run(client, experiment_id, parent_run_id, name, tags) -> str:
 
 
 def final_status(error: BaseException | None) -> str:
-    """FINISHED; KILLED when stopped by a signal (Ctrl-C, SIGTERM, Ray's exit on SIGTERM); else FAILED."""
+    """FINISHED; KILLED when stopped by a signal (Ctrl-C, SIGTERM, Ray's exit on SIGTERM); else
+    FAILED."""
     if error is None:
         return RunStatus.to_string(RunStatus.FINISHED)
     if isinstance(error, (KeyboardInterrupt, SystemExit)):
@@ -352,52 +403,87 @@ def run_stage(
     started = time.monotonic()
 
     invalid_run = ""
-    cached = None if config.force else latest_finished_run(client, experiment_id, spec.name, cache=key.value)
+    cached = (
+        None
+        if config.force
+        else latest_finished_run(client, experiment_id, spec.name, cache=key.value)
+    )
     if cached is not None:
         outputs = outputs_of_run(client, cached.info.run_id, spec.outputs)
         if spec.still_valid is None or spec.still_valid(config, outputs):
             source = cached.data.tags.get("moeops.reused_from") or cached.info.run_id
             run_id = _start_nested_run(
-                client, experiment_id, parent_run_id, spec.name,
-                {**base_tags, **lineage_tags, **key.tags(), "moeops.reused": "true", "moeops.reused_from": source},
+                client,
+                experiment_id,
+                parent_run_id,
+                spec.name,
+                {
+                    **base_tags,
+                    **lineage_tags,
+                    **key.tags(),
+                    "moeops.reused": "true",
+                    "moeops.reused_from": source,
+                },
             )
             mlflow_utils.log_params(client, run_id, config_params)
             record_outputs(client, run_id, outputs)
             duration = time.monotonic() - started
             mlflow_utils.set_tags(client, run_id, {"moeops.duration_s": f"{duration:.2f}"})
             client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
-            print(f"[{spec.name}] reused run {source} (same code, inputs and config; force=true reruns)", flush=True)
+            print(
+                f"[{spec.name}] reused run {source} (same code, inputs and config; force=true reruns)",
+                flush=True,
+            )
             return StageOutcome(spec.name, run_id, outputs, True, duration, source)
         invalid_run = cached.info.run_id
 
-    previous = None if config.force or invalid_run else latest_finished_run(client, experiment_id, spec.name)
+    previous = (
+        None
+        if config.force or invalid_run
+        else latest_finished_run(client, experiment_id, spec.name)
+    )
     reason = rerun_reason(spec, key, previous, forced=config.force, invalid_run=invalid_run)
     run_id = _start_nested_run(
-        client, experiment_id, parent_run_id, spec.name,
+        client,
+        experiment_id,
+        parent_run_id,
+        spec.name,
         {**base_tags, **lineage_tags, **key.tags(), "moeops.reused": "false", REASON_TAG: reason},
     )
     mlflow_utils.log_params(client, run_id, config_params)
     work_dir = Path(config.paths.root) / "stages" / spec.name / run_id
     work_dir.mkdir(parents=True, exist_ok=True)
     ctx = StageContext(
-        name=spec.name, config=config, config_dict=config_dict, run_id=run_id,
-        parent_run_id=parent_run_id, experiment_id=experiment_id,
-        tracking_uri=config.tracking.uri, client=client, inputs=inputs,
-        work_dir=work_dir, input_run_ids=input_run_ids,
+        name=spec.name,
+        config=config,
+        config_dict=config_dict,
+        run_id=run_id,
+        parent_run_id=parent_run_id,
+        experiment_id=experiment_id,
+        tracking_uri=config.tracking.uri,
+        client=client,
+        inputs=inputs,
+        work_dir=work_dir,
+        input_run_ids=input_run_ids,
     )
     print(f"[{spec.name}] started (MLflow run {run_id}): {reason}", flush=True)
     # The stage's run is the active fluent run while it works, so MLflow's own APIs (log_model,
     # log_input, system metrics) attach to it.
     # System metrics: always for the stages that ask; for the others as MLflow's own setting says
     # (MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING).
-    mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None,
-                     log_system_metrics=True if spec.system_metrics else None)
+    mlflow.start_run(
+        run_id=run_id,
+        nested=mlflow.active_run() is not None,
+        log_system_metrics=True if spec.system_metrics else None,
+    )
     error: BaseException | None = None
     try:
         outputs = spec.fn(ctx)
         if not isinstance(outputs, spec.outputs):
-            raise TypeError(f"stage '{spec.name}' returned {type(outputs).__name__}, "
-                            f"not its declared {spec.outputs.__name__}")
+            raise TypeError(
+                f"stage '{spec.name}' returned {type(outputs).__name__}, "
+                f"not its declared {spec.outputs.__name__}"
+            )
         record_outputs(client, run_id, outputs)
     except BaseException as err:
         error = err

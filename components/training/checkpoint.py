@@ -21,6 +21,7 @@ shards that overlap its new block of experts and copies out just those rows. Eve
 read with ``torch.load(weights_only=True)``: the RNG states are stored as tensors and plain
 Python values (numpy's state is converted), so nothing needs the unsafe unpickler.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,21 +57,28 @@ class Restored:
     """What a worker needs besides the weights and optimiser to continue where it stopped."""
 
     step: int
-    reader_state: dict | None   # this rank's reader state (rank 0's when the world size changed)
+    reader_state: dict | None  # this rank's reader state (rank 0's when the world size changed)
     meta: dict
     files_read: list[str] = field(default_factory=list)  # checkpoint files this rank opened
 
 
 # ----------------------------------------------------------------------------- RNG
 
+
 def rng_state() -> dict[str, Any]:
-    """torch, CUDA, Python and numpy RNG states as tensors and plain values (``weights_only``-loadable)."""
+    """torch, CUDA, Python and numpy RNG states as tensors and plain values
+    (``weights_only``-loadable)."""
     kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
-        "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -82,7 +90,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state(
+        (
+            n["kind"],
+            n["keys"].numpy().astype(np.uint32),
+            n["pos"],
+            n["has_gauss"],
+            n["cached_gaussian"],
+        )
+    )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -90,6 +106,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ------------------------------------------------------------------- resharding
 # Weights go through the model's own helpers (components.model.export); optimiser moments are
 # shaped like their parameters and are merged / re-split the same way, one moment at a time.
+
 
 def _is_moment(value: Any) -> bool:
     """Adam's exp_avg / exp_avg_sq (shaped like the parameter), not its scalar step count."""
@@ -102,13 +119,18 @@ def _merge_optimizer_shards(shards: list[dict[str, dict]]) -> dict[str, dict]:
     merged: dict[str, dict] = {name: {} for name in shards[0]}
     for key in next(iter(shards[0].values())):
         per_shard = [{name: state[key] for name, state in shard.items()} for shard in shards]
-        full = merge_expert_shards(per_shard) if _is_moment(next(iter(per_shard[0].values()))) else per_shard[0]
+        full = (
+            merge_expert_shards(per_shard)
+            if _is_moment(next(iter(per_shard[0].values())))
+            else per_shard[0]
+        )
         for name, value in full.items():
             merged[name][key] = value
     return merged
 
 
 # ------------------------------------------------------------------------ save
+
 
 def save_checkpoint(
     out_dir: str | Path,
@@ -123,7 +145,8 @@ def save_checkpoint(
     meta: dict[str, Any],
     flow_report: list[dict] | None = None,
 ) -> Path:
-    """Write this rank's part of the checkpoint of ``step`` into ``out_dir`` (``model`` unwrapped)."""
+    """Write this rank's part of the checkpoint of ``step`` into ``out_dir`` (``model``
+    unwrapped)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     expert_names = set(expert_param_names(model))
@@ -164,11 +187,14 @@ def save_checkpoint(
             },
             out / expert_file(groups.ep_rank, groups.ep_size),
         )
-    torch.save({"rng": rng_state(), "reader": reader_state, "step": step}, out / rank_file(groups.rank))
+    torch.save(
+        {"rng": rng_state(), "reader": reader_state, "step": step}, out / rank_file(groups.rank)
+    )
     return out
 
 
 # ------------------------------------------------------------------------ load
+
 
 def read_flow_report(ckpt_dir: str | Path) -> list[dict] | None:
     """The checkpoint's data-flow report (``components.data.flow``), or None if it has none."""
@@ -197,7 +223,9 @@ def load_full_expert_state(ckpt_dir: str | Path, meta: dict | None = None) -> tu
     ep_size = int(meta["expert_parallel_size"])
     shards = [_load(ckpt_dir / expert_file(i, ep_size)) for i in range(ep_size)]
     weights = merge_expert_shards([s["model"] for s in shards]) if shards[0]["model"] else {}
-    optim = _merge_optimizer_shards([s["optimizer"] for s in shards]) if shards[0]["optimizer"] else {}
+    optim = (
+        _merge_optimizer_shards([s["optimizer"] for s in shards]) if shards[0]["optimizer"] else {}
+    )
     return weights, optim
 
 
@@ -214,12 +242,17 @@ def _slice_rows(state: dict, lo: int, hi: int) -> dict:
 
 
 def _slice_optimizer_rows(state: dict[str, dict], lo: int, hi: int) -> dict[str, dict]:
-    return {name: {key: (value[lo:hi] if _is_moment(value) else value) for key, value in moments.items()}
-            for name, moments in state.items()}
+    return {
+        name: {
+            key: (value[lo:hi] if _is_moment(value) else value) for key, value in moments.items()
+        }
+        for name, moments in state.items()
+    }
 
 
-def read_expert_block(ckpt_dir: Path, saved_ep_size: int, num_experts: int, ep_rank: int, ep_size: int
-                      ) -> tuple[dict, dict, list[str]]:
+def read_expert_block(
+    ckpt_dir: Path, saved_ep_size: int, num_experts: int, ep_rank: int, ep_size: int
+) -> tuple[dict, dict, list[str]]:
     """This rank's experts ``[ep_rank * n, (ep_rank + 1) * n)`` (``n = num_experts / ep_size``) from
     a checkpoint written at ``saved_ep_size``: (weights, optimiser state, files read).
 
@@ -230,8 +263,10 @@ def read_expert_block(ckpt_dir: Path, saved_ep_size: int, num_experts: int, ep_r
         shard = _load(ckpt_dir / name)
         return shard["model"], shard["optimizer"], [name]
     if num_experts % saved_ep_size or num_experts % ep_size:
-        raise ValueError(f"checkpoint {ckpt_dir}: {num_experts} experts cannot be split over expert-parallel "
-                         f"sizes {saved_ep_size} (saved) and {ep_size} (now)")
+        raise ValueError(
+            f"checkpoint {ckpt_dir}: {num_experts} experts cannot be split over expert-parallel "
+            f"sizes {saved_ep_size} (saved) and {ep_size} (now)"
+        )
     per_saved, per_new = num_experts // saved_ep_size, num_experts // ep_size
     lo, hi = ep_rank * per_new, (ep_rank + 1) * per_new
     weights, optim, names = [], [], []
@@ -271,7 +306,8 @@ def load_checkpoint(
     if expert_names:
         num_experts = model.get_parameter(expert_names[0]).shape[0] * groups.ep_size
         my_experts, my_expert_optim, shard_files = read_expert_block(
-            ckpt_dir, int(meta["expert_parallel_size"]), num_experts, groups.ep_rank, groups.ep_size)
+            ckpt_dir, int(meta["expert_parallel_size"]), num_experts, groups.ep_rank, groups.ep_size
+        )
         files_read += shard_files
 
     model_state = {**shared["model"], **my_experts}
@@ -302,4 +338,6 @@ def load_checkpoint(
         files_read.append(own_rank_file.name)
         set_rng_state(per_rank["rng"])
         reader_state = per_rank["reader"]
-    return Restored(step=int(meta["step"]), reader_state=reader_state, meta=meta, files_read=files_read)
+    return Restored(
+        step=int(meta["step"]), reader_state=reader_state, meta=meta, files_read=files_read
+    )

@@ -6,6 +6,7 @@ debugging) with :class:`LocalSession`. The worker receives ``components.config.t
 config)`` plus :data:`RUN_INFO_KEY` (:class:`RunInfo`: what the run is about beyond the config)
 and rebuilds the typed :class:`~components.config.schema.Config` from it (:func:`unpack_config`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -14,9 +15,10 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -64,11 +66,14 @@ def unpack_config(config_dict: dict[str, Any]) -> tuple[Config, RunInfo]:
     data = dict(config_dict)
     run = data.pop(RUN_INFO_KEY, None)
     if run is None:
-        raise KeyError(f"train_loop_per_worker: config dict has no {RUN_INFO_KEY!r} (build it with pack_config)")
+        raise KeyError(
+            f"train_loop_per_worker: config dict has no {RUN_INFO_KEY!r} (build it with pack_config)"
+        )
     return config_from_dict(data), RunInfo(**run)
 
 
 # ----------------------------------------------------------------------------- session
+
 
 class Session(Protocol):
     """What the loop needs from its runner (Ray Train or a plain process)."""
@@ -114,6 +119,7 @@ class LocalSession:
 
 # ----------------------------------------------------------------------------- helpers
 
+
 def seed_everything(seed: int) -> None:
     import random
 
@@ -124,7 +130,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_reader(config: Config, run: RunInfo, split: str, groups: ParallelGroups, device: torch.device, prefetch: int):
+def make_reader(
+    config: Config,
+    run: RunInfo,
+    split: str,
+    groups: ParallelGroups,
+    device: torch.device,
+    prefetch: int,
+):
     from components.data.reader import TieredReader
 
     return TieredReader(
@@ -141,13 +154,17 @@ def make_reader(config: Config, run: RunInfo, split: str, groups: ParallelGroups
     )
 
 
-def build_model(config: Config, vocab_size: int, groups: ParallelGroups, device: torch.device) -> torch.nn.Module:
+def build_model(
+    config: Config, vocab_size: int, groups: ParallelGroups, device: torch.device
+) -> torch.nn.Module:
     from components.model.transformer import Transformer
 
     # The model draws all experts' weights and keeps its shard, so the same seed on every rank
     # gives one consistent global model at any expert-parallel size.
     torch.manual_seed(config.train.seed)
-    model = Transformer(config.model, vocab_size, ep_group=groups.ep_group, overlap=config.train.overlap)
+    model = Transformer(
+        config.model, vocab_size, ep_group=groups.ep_group, overlap=config.train.overlap
+    )
     return model.to(device)
 
 
@@ -162,8 +179,11 @@ def last_logged_step(client, run_id: str, key: str = "loss") -> int:
 
 # ----------------------------------------------------------------------------- eval
 
+
 @torch.no_grad()
-def evaluate(model, val_reader, batches: int, config: Config, device, groups: ParallelGroups) -> float:
+def evaluate(
+    model, val_reader, batches: int, config: Config, device, groups: ParallelGroups
+) -> float:
     """Validation cross-entropy per token over the split's first ``batches`` global batches.
 
     ``iter_eval`` gives every rank the same number of batches: with expert parallelism each
@@ -177,8 +197,12 @@ def evaluate(model, val_reader, batches: int, config: Config, device, groups: Pa
             inputs, targets = batch[:, :-1], batch[:, 1:]
             with autocast_for(config.train.precision, device):
                 logits, _ = model(inputs)
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-            total += torch.stack([loss.double(), torch.tensor(targets.numel(), dtype=torch.float64, device=device)])
+            loss = F.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
+            )
+            total += torch.stack(
+                [loss.double(), torch.tensor(targets.numel(), dtype=torch.float64, device=device)]
+            )
     finally:
         model.train()
     total = all_reduce_sum(total, groups)
@@ -186,6 +210,7 @@ def evaluate(model, val_reader, batches: int, config: Config, device, groups: Pa
 
 
 # ----------------------------------------------------------------------------- the loop
+
 
 def train(config: Config, run: RunInfo, session: Session) -> dict[str, float]:
     """Train until ``train.max_steps`` (or ``train.stop_at_step``); returns the final metrics."""
@@ -210,20 +235,36 @@ def train(config: Config, run: RunInfo, session: Session) -> dict[str, float]:
         source = latest or run.resume_from
         if source:
             with _local_checkpoint(source, config.storage) as local_dir:
-                restored = ckpt.load_checkpoint(local_dir, model=model, optimizer=optimizer, scheduler=scheduler,
-                                                scaler=scaler, groups=groups)
+                restored = ckpt.load_checkpoint(
+                    local_dir,
+                    model=model,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    scaler=scaler,
+                    groups=groups,
+                )
                 if is_main:
                     prior_flow = ckpt.read_flow_report(local_dir)
             step, resumed_meta = restored.step, restored.meta
             if restored.reader_state is not None:
                 reader.load_state_dict(restored.reader_state)
             if is_main:
-                session.log(f"[train] resumed from {source} at step {step} (read {', '.join(restored.files_read)})")
+                session.log(
+                    f"[train] resumed from {source} at step {step} (read {', '.join(restored.files_read)})"
+                )
     start_step = step
 
-    parts = StepParts(model=model, wrapped=wrap_ddp(model, groups, device, t.overlap.ddp_bucket_mb),
-                      optimizer=optimizer, scheduler=scheduler, groups=groups, grad_clip=t.grad_clip,
-                      autocast=lambda: autocast_for(t.precision, device), scaler=scaler, balancer=balancer)
+    parts = StepParts(
+        model=model,
+        wrapped=wrap_ddp(model, groups, device, t.overlap.ddp_bucket_mb),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        groups=groups,
+        grad_clip=t.grad_clip,
+        autocast=lambda: autocast_for(t.precision, device),
+        scaler=scaler,
+        balancer=balancer,
+    )
     val_reader = make_reader(config, run, "val", groups, device, 0)
     # endless across epochs; the reader's position counts only batches handed out here, so
     # its state_dict() is exact even with batches prefetched ahead
@@ -249,17 +290,31 @@ def train(config: Config, run: RunInfo, session: Session) -> dict[str, float]:
     if step >= stop_at:
         # resumed from a finished run: nothing to train, but report what the model is worth
         last["train_loss"] = last["loss"] = float(resumed_meta.get("train_loss") or math.nan)
-        last.update({"moe/dropped_fraction": NAN, "moe/load_max_over_mean": NAN, "comm/exposed_fraction": NAN})
-        last["val_loss"] = evaluate(parts.wrapped, val_reader, t.eval_batches, config, device, groups)
+        last.update(
+            {
+                "moe/dropped_fraction": NAN,
+                "moe/load_max_over_mean": NAN,
+                "comm/exposed_fraction": NAN,
+            }
+        )
+        last["val_loss"] = evaluate(
+            parts.wrapped, val_reader, t.eval_batches, config, device, groups
+        )
         session.report(last, None)
         if is_main:
-            session.log(f"[train] checkpoint is already at step {step} >= {stop_at}: nothing to train")
+            session.log(
+                f"[train] checkpoint is already at step {step} >= {stop_at}: nothing to train"
+            )
 
     while step < stop_at:
-        lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it after)
+        lr = optimizer.param_groups[0][
+            "lr"
+        ]  # the rate this step uses (the scheduler moves it after)
         train_step(parts, stream, t.grad_accum_steps, interval, timer)
         step += 1
-        reader.mark_step(step)  # this step's micro-batches -> its fingerprint in the data-flow report
+        reader.mark_step(
+            step
+        )  # this step's micro-batches -> its fingerprint in the data-flow report
         interval_steps += 1
 
         log_now = step % t.log_every == 0 or step == stop_at
@@ -270,24 +325,37 @@ def train(config: Config, run: RunInfo, session: Session) -> dict[str, float]:
             # the only reads of training metrics, once per interval (IntervalMetrics.read)
             values, layer_counts = interval.read(groups)
             now = time.perf_counter()
-            last = {"step": float(step), "start_step": float(start_step), "lr": lr, **values,
-                    **_interval_times(timer, model, interval_steps, now - interval_start),
-                    "tokens_per_s": tokens_per_second(tokens_per_step * interval_steps, now - interval_start),
-                    **_reader_stats(reader)}
+            last = {
+                "step": float(step),
+                "start_step": float(start_step),
+                "lr": lr,
+                **values,
+                **_interval_times(timer, model, interval_steps, now - interval_start),
+                "tokens_per_s": tokens_per_second(
+                    tokens_per_step * interval_steps, now - interval_start
+                ),
+                **_reader_stats(reader),
+            }
             interval_steps, interval_start = 0, now
             if not math.isfinite(last["loss"]) and t.precision != "fp16":
-                raise FloatingPointError(f"training loss is {last['loss']} at step {step}: lower train.lr or check the data")
+                raise FloatingPointError(
+                    f"training loss is {last['loss']} at step {step}: lower train.lr or check the data"
+                )
             if is_main and log_now:
-                session.log(f"[train] step {step}/{t.max_steps} loss {last['loss']:.4f} aux {last['aux_loss']:.4f} "
-                            f"lr {lr:.2e} tok/s {last['tokens_per_s']:.0f} "
-                            f"load {last['moe/load_max_over_mean']:.2f} dropped {last['moe/dropped_fraction']:.3f} "
-                            f"data {last['data_wait_s'] * 1e3:.1f}ms comm {last['comm_s'] * 1e3:.1f}ms "
-                            f"exposed a2a {last['comm/exposed_fraction']:.2f}"
-                            + (f" skipped {int(last['skipped_steps'])}" if last["skipped_steps"] else ""))
+                session.log(
+                    f"[train] step {step}/{t.max_steps} loss {last['loss']:.4f} aux {last['aux_loss']:.4f} "
+                    f"lr {lr:.2e} tok/s {last['tokens_per_s']:.0f} "
+                    f"load {last['moe/load_max_over_mean']:.2f} dropped {last['moe/dropped_fraction']:.3f} "
+                    f"data {last['data_wait_s'] * 1e3:.1f}ms comm {last['comm_s'] * 1e3:.1f}ms "
+                    f"exposed a2a {last['comm/exposed_fraction']:.2f}"
+                    + (f" skipped {int(last['skipped_steps'])}" if last["skipped_steps"] else "")
+                )
 
         side_start = time.perf_counter()
         if eval_now:
-            last["val_loss"] = evaluate(parts.wrapped, val_reader, t.eval_batches, config, device, groups)
+            last["val_loss"] = evaluate(
+                parts.wrapped, val_reader, t.eval_batches, config, device, groups
+            )
             if is_main:
                 session.log(f"[train] step {step} val_loss {last['val_loss']:.4f}")
 
@@ -304,11 +372,21 @@ def train(config: Config, run: RunInfo, session: Session) -> dict[str, float]:
                 ckpt_dir = None
                 if checkpoint_now:
                     ckpt.save_checkpoint(
-                        tmp, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                        groups=groups, step=step, reader_state=reader.state_dict(),
-                        meta={"max_steps": t.max_steps, "vocab_size": run.vocab_size,
-                              "model": asdict(config.model), "val_loss": last.get("val_loss"),
-                              "train_loss": last.get("train_loss")},
+                        tmp,
+                        model=model,
+                        optimizer=optimizer,
+                        scheduler=scheduler,
+                        scaler=scaler,
+                        groups=groups,
+                        step=step,
+                        reader_state=reader.state_dict(),
+                        meta={
+                            "max_steps": t.max_steps,
+                            "vocab_size": run.vocab_size,
+                            "model": asdict(config.model),
+                            "val_loss": last.get("val_loss"),
+                            "train_loss": last.get("train_loss"),
+                        },
                         flow_report=flow if is_main else None,
                     )
                     ckpt_dir = tmp
@@ -324,7 +402,9 @@ def train(config: Config, run: RunInfo, session: Session) -> dict[str, float]:
     return last
 
 
-def _interval_times(timer: StepTimer, model: torch.nn.Module, steps: int, wall_s: float) -> dict[str, float]:
+def _interval_times(
+    timer: StepTimer, model: torch.nn.Module, steps: int, wall_s: float
+) -> dict[str, float]:
     """Per-step averages over the interval: data wait, compute, exposed communication, step time;
     and the all-to-all's exposed / total time (``comm/exposed_fraction``)."""
     phases = timer.read()
@@ -360,7 +440,11 @@ def _gather_flow_reports(reader, groups: ParallelGroups) -> list[dict]:
 def _log_to_mlflow(client, run_id: str, metrics: dict[str, float], step: int) -> None:
     from components.tracking.mlflow_utils import log_metrics
 
-    keep = {k: v for k, v in metrics.items() if k not in ("step", "start_step") and v is not None and math.isfinite(v)}
+    keep = {
+        k: v
+        for k, v in metrics.items()
+        if k not in ("step", "start_step") and v is not None and math.isfinite(v)
+    }
     try:
         log_metrics(client, run_id, keep, step)
     except Exception as err:  # tracking hiccups must not kill a long run
@@ -372,9 +456,11 @@ def _local_checkpoint(source: str, storage: StorageConfig) -> Iterator[str]:
     """A local directory for a checkpoint given as a path or a URI (downloaded to a temp dir
     with the cold tier's filesystem settings: endpoint, region, credential variables)."""
     if "://" not in source or source.startswith("file://"):
-        path = source[len("file://"):] if source.startswith("file://") else source
+        path = source[len("file://") :] if source.startswith("file://") else source
         if not Path(path).is_dir():
-            raise FileNotFoundError(f"train.resume / resume_from={source!r}: no such checkpoint directory")
+            raise FileNotFoundError(
+                f"train.resume / resume_from={source!r}: no such checkpoint directory"
+            )
         yield path
         return
     from components.data.cold import filesystem_for

@@ -11,13 +11,14 @@ all-reduce, the global grad-norm reduction; DDP's bucketed all-reduce runs insid
 only shows up in ``compute`` when it is not hidden). All-to-all times come from the model's
 dispatchers (:func:`a2a_seconds`).
 """
+
 from __future__ import annotations
 
 import math
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -57,12 +58,15 @@ class StepTimer:
             self.seconds[name] += time.perf_counter() - began
 
     def read(self) -> dict[str, float]:
-        """``<phase>_s`` summed since the last read (one wait for the GPU's last event), then start over."""
+        """``<phase>_s`` summed since the last read (one wait for the GPU's last event), then start
+        over."""
         out = {f"{name}_s": self.seconds.get(name, 0.0) for name in PHASES}
         for name, pairs in self.events.items():
             if pairs:
                 pairs[-1][1].synchronize()
-                out[f"{name}_s"] = out.get(f"{name}_s", 0.0) + sum(s.elapsed_time(e) for s, e in pairs) / 1e3
+                out[f"{name}_s"] = (
+                    out.get(f"{name}_s", 0.0) + sum(s.elapsed_time(e) for s, e in pairs) / 1e3
+                )
         self.seconds = defaultdict(float)
         self.events = defaultdict(list)
         return out
@@ -84,7 +88,9 @@ class IntervalMetrics:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.step_losses = torch.zeros(3, dtype=torch.float64, device=device)  # ce, aux, z of the current step
+        self.step_losses = torch.zeros(
+            3, dtype=torch.float64, device=device
+        )  # ce, aux, z of the current step
         self.last_losses = torch.zeros(3, dtype=torch.float64, device=device)
         self.grad_norm = torch.zeros((), dtype=torch.float64, device=device)
         self.moe = MoEMetricsAccumulator()
@@ -92,7 +98,10 @@ class IntervalMetrics:
 
     @torch.no_grad()
     def add_micro_batch(self, ce: torch.Tensor, aux: dict, accum: int) -> None:
-        self.step_losses += torch.stack([ce.detach(), aux["aux_loss"].detach(), aux["z_loss"].detach()]).double() / accum
+        self.step_losses += (
+            torch.stack([ce.detach(), aux["aux_loss"].detach(), aux["z_loss"].detach()]).double()
+            / accum
+        )
         self.moe.add(aux)
 
     @torch.no_grad()
@@ -109,8 +118,14 @@ class IntervalMetrics:
         reduced = all_reduce_sum(self.last_losses, groups)
         host = torch.cat([reduced, self.grad_norm.view(1)]).cpu()
         ce, aux, z = (host[:3] / groups.world_size).tolist()
-        metrics = {"loss": ce, "train_loss": ce, "aux_loss": aux, "z_loss": z, "grad_norm": float(host[3]),
-                   "skipped_steps": float(self.skipped)}
+        metrics = {
+            "loss": ce,
+            "train_loss": ce,
+            "aux_loss": aux,
+            "z_loss": z,
+            "grad_norm": float(host[3]),
+            "skipped_steps": float(self.skipped),
+        }
         self.skipped = 0
         routing = self.moe.read(group=dist.group.WORLD if groups.distributed else None)
         metrics.update(moe_interval_metrics(routing))
@@ -121,8 +136,10 @@ def moe_interval_metrics(routing: dict[str, float]) -> dict[str, float]:
     """The interval's routing figures under their training names (NaN without MoE layers):
     ``moe/load_max_over_mean`` (busiest expert over the mean, averaged over layers; 1.0 =
     balanced), ``moe/dropped_fraction`` (assignments dropped by capacity), and both per layer."""
-    out = {"moe/load_max_over_mean": routing.get("moe/max_over_mean_load", NAN),
-           "moe/dropped_fraction": routing.get("moe/dropped_fraction", NAN)}
+    out = {
+        "moe/load_max_over_mean": routing.get("moe/max_over_mean_load", NAN),
+        "moe/dropped_fraction": routing.get("moe/dropped_fraction", NAN),
+    }
     for key, value in routing.items():
         if key.startswith("moe/layer") and not key.rsplit("/", 1)[-1].startswith("tokens_expert"):
             out[key] = value
@@ -134,7 +151,11 @@ def layer_counts(routing: dict[str, float]) -> list[list[float]]:
     layers: dict[int, dict[int, float]] = {}
     for key, value in routing.items():
         parts = key.split("/")
-        if len(parts) == 3 and parts[1].startswith("layer") and parts[2].startswith("tokens_expert"):
+        if (
+            len(parts) == 3
+            and parts[1].startswith("layer")
+            and parts[2].startswith("tokens_expert")
+        ):
             layers.setdefault(int(parts[1][5:]), {})[int(parts[2][13:])] = value
     return [[experts[e] for e in sorted(experts)] for _, experts in sorted(layers.items())]
 
@@ -161,7 +182,8 @@ def a2a_seconds(model: torch.nn.Module, reset: bool = True) -> tuple[float, floa
 
 
 def exposed_fraction(exposed_s: float, total_s: float) -> float:
-    """Exposed over total all-to-all time; NaN where the total is not measured (or nothing was sent)."""
+    """Exposed over total all-to-all time; NaN where the total is not measured (or nothing was
+    sent)."""
     if not math.isfinite(total_s) or total_s <= 0:
         return NAN
     return min(exposed_s / total_s, 1.0)

@@ -1,4 +1,6 @@
-"""AdamW with decoupled weight decay on matrices only, and a warmup + cosine learning-rate schedule."""
+"""AdamW with decoupled weight decay on matrices only, and a warmup + cosine learning-rate
+schedule."""
+
 from __future__ import annotations
 
 import math
@@ -43,7 +45,8 @@ def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.AdamW:
 def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
     """Multiplier of the peak learning rate before optimiser step ``step`` (0-based).
 
-    Linear warmup from 1/warmup to 1, then a cosine from 1 down to ``min_lr_ratio`` at ``max_steps``.
+    Linear warmup from 1/warmup to 1, then a cosine from 1 down to ``min_lr_ratio`` at
+    ``max_steps``.
     """
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
@@ -53,14 +56,18 @@ def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float)
     return min_lr_ratio + (1.0 - min_lr_ratio) * cosine
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, train: TrainConfig
+) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: lr_factor(step, train.warmup_steps, train.max_steps, train.min_lr_ratio),
     )
 
 
-def optimizer_state_by_name(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, dict]:
+def optimizer_state_by_name(
+    optimizer: torch.optim.Optimizer, names: dict[int, str]
+) -> dict[str, dict]:
     """``{param name: {"exp_avg": ..., "exp_avg_sq": ..., "step": ...}}``.
 
     Keyed by name rather than by position so that a subset (the expert shard) can be saved by
@@ -73,7 +80,9 @@ def optimizer_state_by_name(optimizer: torch.optim.Optimizer, names: dict[int, s
         for param in group["params"]:
             state = optimizer.state.get(param)
             if state:
-                by_name[names[id(param)]] = {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in state.items()}
+                by_name[names[id(param)]] = {
+                    k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in state.items()
+                }
     return by_name
 
 
@@ -96,6 +105,8 @@ def load_optimizer_state_by_name(
                         )
                     value = value.to(device=param.device, dtype=param.dtype, copy=True)
                 elif torch.is_tensor(value):
-                    value = value.clone()  # e.g. AdamW's step count; never keep a memory-mapped file's tensor
+                    value = (
+                        value.clone()
+                    )  # e.g. AdamW's step count; never keep a memory-mapped file's tensor
                 restored[key] = value
             optimizer.state[param] = restored

@@ -8,6 +8,7 @@ With world size W and expert-parallel size E (E divides W):
   gradients are averaged only there;
 * every other parameter is replicated on all W ranks and synchronised by DDP.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,10 +26,10 @@ class ParallelGroups:
     rank: int
     world_size: int
     ep_size: int
-    ep_rank: int               # position inside this rank's EP group = which expert shard it holds
-    ep_group: object | None    # None when ep_size == 1 (no all-to-all)
-    edp_size: int              # replicas of this rank's expert shard = world_size / ep_size
-    edp_group: object | None   # None when edp_size == 1 (nothing to average)
+    ep_rank: int  # position inside this rank's EP group = which expert shard it holds
+    ep_group: object | None  # None when ep_size == 1 (no all-to-all)
+    edp_size: int  # replicas of this rank's expert shard = world_size / ep_size
+    edp_group: object | None  # None when edp_size == 1 (nothing to average)
     edp_ranks: tuple[int, ...]
 
     @property
@@ -40,11 +41,15 @@ def build_groups(ep_size: int) -> ParallelGroups:
     """Create the EP and EDP groups; every rank must call this with the same ``ep_size``."""
     if not (dist.is_available() and dist.is_initialized()):
         if ep_size != 1:
-            raise ValueError(f"train.expert_parallel_size={ep_size}: needs an initialised process group of that size")
+            raise ValueError(
+                f"train.expert_parallel_size={ep_size}: needs an initialised process group of that size"
+            )
         return ParallelGroups(0, 1, 1, 0, None, 1, None, (0,))
     rank, world = dist.get_rank(), dist.get_world_size()
     if ep_size < 1 or world % ep_size:
-        raise ValueError(f"train.expert_parallel_size={ep_size}: must divide the world size ({world})")
+        raise ValueError(
+            f"train.expert_parallel_size={ep_size}: must divide the world size ({world})"
+        )
     ep_group = edp_group = None
     # new_group is collective: all ranks create all groups, in the same order.
     for start in range(0, world, ep_size):
@@ -59,7 +64,9 @@ def build_groups(ep_size: int) -> ParallelGroups:
         group = dist.new_group(ranks) if edp_size > 1 else None
         if rank in ranks:
             edp_group, my_edp_ranks = group, tuple(ranks)
-    return ParallelGroups(rank, world, ep_size, rank % ep_size, ep_group, edp_size, edp_group, my_edp_ranks)
+    return ParallelGroups(
+        rank, world, ep_size, rank % ep_size, ep_group, edp_size, edp_group, my_edp_ranks
+    )
 
 
 def expert_param_names(model: nn.Module) -> list[str]:
@@ -75,7 +82,9 @@ def split_params(model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tenso
     return dense, experts
 
 
-def wrap_ddp(model: nn.Module, groups: ParallelGroups, device: torch.device, bucket_mb: int) -> nn.Module:
+def wrap_ddp(
+    model: nn.Module, groups: ParallelGroups, device: torch.device, bucket_mb: int
+) -> nn.Module:
     """DDP over the non-expert parameters only; the expert parameters are left to
     :func:`sync_expert_grads`. Gradients of a bucket are all-reduced as soon as the bucket is
     ready, overlapping the rest of backward (``bucket_mb`` sets the bucket size)."""
@@ -155,16 +164,22 @@ def global_grad_norm(
 
 
 def clip_grad_norm(
-    dense_params: list[torch.Tensor], expert_params: list[torch.Tensor], max_norm: float, groups: ParallelGroups
+    dense_params: list[torch.Tensor],
+    expert_params: list[torch.Tensor],
+    max_norm: float,
+    groups: ParallelGroups,
 ) -> torch.Tensor:
-    """Clip by the global norm (:func:`global_grad_norm`) and return it; ``max_norm <= 0`` only measures.
+    """Clip by the global norm (:func:`global_grad_norm`) and return it; ``max_norm <= 0`` only
+    measures.
 
     A non-finite norm scales nothing (the step will be skipped on every rank): multiplying by
     ``max_norm / inf = 0`` would turn an inf into NaN, and the verdict stays on the device.
     """
     total = global_grad_norm(dense_params, expert_params, groups)
     if max_norm > 0:
-        usable = torch.where(torch.isfinite(total), total, torch.zeros_like(total))  # 0: coefficient clamps to 1
+        usable = torch.where(
+            torch.isfinite(total), total, torch.zeros_like(total)
+        )  # 0: coefficient clamps to 1
         torch.nn.utils.clip_grads_with_norm_(dense_params + expert_params, max_norm, usable)
     return total
 

@@ -1,4 +1,5 @@
-"""Mixed precision under expert parallelism: autocast, and an fp16 loss scaler whose verdict all ranks share.
+"""Mixed precision under expert parallelism: autocast, and an fp16 loss scaler whose verdict all
+ranks share.
 
 bf16 needs no scaler. fp16 does, and expert parallelism breaks the stock one: ``GradScaler``
 decides "inf/NaN found, skip this step" from its own rank's gradients, but each rank's expert
@@ -11,6 +12,7 @@ all ranks before anyone steps, so every rank skips together and keeps the same s
 (``ShardedGradScaler`` was written for FSDP, but the agreement it adds is exactly what any
 sharded-parameter layout needs; it works on plain parameters.)
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,7 +44,8 @@ def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractCon
 
 
 def grad_scaler_for(precision: str, device: torch.device, groups: ParallelGroups):
-    """None unless fp16; a scaler whose inf/NaN verdict is agreed over all ranks when distributed."""
+    """None unless fp16; a scaler whose inf/NaN verdict is agreed over all ranks when
+    distributed."""
     if autocast_dtype(precision) is not torch.float16:
         return None
     if groups.distributed:

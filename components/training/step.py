@@ -1,22 +1,25 @@
 """One optimizer step over ``grad_accum_steps`` micro-batches, identical on every rank.
 
-    forward + backward per micro-batch (DDP syncs only on the last; counts and losses stay on the device)
+    forward + backward per micro-batch (DDP syncs only on the last; counts and losses stay on the
+    device)
     -> expert-gradient all-reduce in the expert-data-parallel group
     -> fp16: unscale, with the inf/NaN verdict all-reduced over all ranks (ShardedGradScaler)
     -> global grad norm (one all-reduce, identical on every rank) and clipping
     -> step, or skip on *every* rank when the global norm is not finite
-       (the router-bias update runs as the optimizer's pre-step hook, so a skipped step moves nothing)
+       (the router-bias update runs as the optimizer's pre-step hook, so a skipped step moves
+       nothing)
     -> scaler update (same verdict everywhere: same scale), zero grads, LR schedule
 
 The only host synchronisation of a step is reading that verdict (``bool(isfinite(norm))``):
 the host must know whether to call ``optimizer.step()``. GradScaler's own ``step`` reads its
 inf flag the same way.
 """
+
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -24,12 +27,18 @@ from torch import nn
 
 from components.model.router import ExpertBiasBalancer
 from components.training.metrics import IntervalMetrics, StepTimer
-from components.training.parallel import ParallelGroups, clip_grad_norm, split_params, sync_expert_grads
+from components.training.parallel import (
+    ParallelGroups,
+    clip_grad_norm,
+    split_params,
+    sync_expert_grads,
+)
 
 
 @dataclass
 class StepParts:
-    """Everything a step touches. ``model`` is the plain module, ``wrapped`` the DDP one (or the same)."""
+    """Everything a step touches. ``model`` is the plain module, ``wrapped`` the DDP one (or the
+    same)."""
 
     model: nn.Module
     wrapped: nn.Module
@@ -57,8 +66,13 @@ def build_balancer(model: nn.Module, optimizer: torch.optim.Optimizer) -> Expert
     return balancer
 
 
-def forward_backward(parts: StepParts, micro_batches: Iterable[torch.Tensor], accum: int,
-                     metrics: IntervalMetrics, timer: StepTimer | None = None) -> None:
+def forward_backward(
+    parts: StepParts,
+    micro_batches: Iterable[torch.Tensor],
+    accum: int,
+    metrics: IntervalMetrics,
+    timer: StepTimer | None = None,
+) -> None:
     """Forward and backward over ``accum`` micro-batches ``[B, T + 1]`` (gradients accumulate).
 
     The loss of each micro-batch is divided by ``accum``: the step's gradient is that of the mean
@@ -73,7 +87,11 @@ def forward_backward(parts: StepParts, micro_batches: Iterable[torch.Tensor], ac
         inputs, targets = batch[:, :-1], batch[:, 1:]
         # DDP all-reduces only on the last micro-batch; earlier ones just accumulate
         last_micro = micro == accum - 1
-        no_sync = wrapped.no_sync() if (not last_micro and wrapped is not model) else contextlib.nullcontext()
+        no_sync = (
+            wrapped.no_sync()
+            if (not last_micro and wrapped is not model)
+            else contextlib.nullcontext()
+        )
         with timer.phase("compute"), no_sync:
             with parts.autocast():
                 logits, aux = wrapped(inputs)  # [B, T, V]
@@ -86,7 +104,8 @@ def forward_backward(parts: StepParts, micro_batches: Iterable[torch.Tensor], ac
 
 
 def optimizer_step(parts: StepParts, timer: StepTimer | None = None) -> tuple[torch.Tensor, bool]:
-    """Synchronise, check, clip and apply the accumulated gradients. Returns (global grad norm, stepped).
+    """Synchronise, check, clip and apply the accumulated gradients. Returns (global grad norm,
+    stepped).
 
     Every rank reaches the same verdict: the norm comes out of one all-reduce, so it is the same
     number everywhere, and fp16's inf flag is all-reduced too."""
@@ -96,7 +115,9 @@ def optimizer_step(parts: StepParts, timer: StepTimer | None = None) -> tuple[to
     if parts.scaler is not None:
         parts.scaler.unscale_(parts.optimizer)
     with timer.phase("comm"):
-        norm = clip_grad_norm(parts.dense_params, parts.expert_params, parts.grad_clip, parts.groups)
+        norm = clip_grad_norm(
+            parts.dense_params, parts.expert_params, parts.grad_clip, parts.groups
+        )
     stepped = bool(torch.isfinite(norm))  # the step's one host sync (see the module docstring)
     with timer.phase("compute"):
         if stepped:
@@ -114,8 +135,13 @@ def optimizer_step(parts: StepParts, timer: StepTimer | None = None) -> tuple[to
     return norm, stepped
 
 
-def train_step(parts: StepParts, micro_batches: Iterable[torch.Tensor], accum: int, metrics: IntervalMetrics,
-               timer: StepTimer | None = None) -> bool:
+def train_step(
+    parts: StepParts,
+    micro_batches: Iterable[torch.Tensor],
+    accum: int,
+    metrics: IntervalMetrics,
+    timer: StepTimer | None = None,
+) -> bool:
     """One optimizer step; returns whether the weights moved (False: skipped on every rank)."""
     forward_backward(parts, micro_batches, accum, metrics, timer)
     norm, stepped = optimizer_step(parts, timer)

@@ -32,6 +32,7 @@ in one run (MB/s are of the moeops shards' stored bytes, samples/s of ``seq_len 
 
 ``load_1m_start`` / ``load_1m_end`` / ``uptime`` say how busy the machine was.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,12 +73,31 @@ from fixtures.token_data import commit_token_dataset  # noqa: E402
 MB = 1024**2
 GIB = 1024**3
 WARMUP_STEPS = 3  # excluded from the data-wait fractions (reported as startup_wait_s_*)
-VOCAB = 50257     # GPT-2's vocabulary size
+VOCAB = 50257  # GPT-2's vocabulary size
 
-FULL = {"gib": 1.0, "seq_len": 2048, "batch_size": 32, "repeats": 2, "wait_batch": 64, "wait_steps": 300,
-        "compute_dim": 512, "text_mb": 12, "connections": 8}
-QUICK = {"gib": 0.016, "shard_mb": 2, "seq_len": 512, "batch_size": 16, "repeats": 1, "wait_batch": 16,
-         "wait_steps": 120, "compute_dim": 128, "text_mb": 0.5, "connections": 8}
+FULL = {
+    "gib": 1.0,
+    "seq_len": 2048,
+    "batch_size": 32,
+    "repeats": 2,
+    "wait_batch": 64,
+    "wait_steps": 300,
+    "compute_dim": 512,
+    "text_mb": 12,
+    "connections": 8,
+}
+QUICK = {
+    "gib": 0.016,
+    "shard_mb": 2,
+    "seq_len": 512,
+    "batch_size": 16,
+    "repeats": 1,
+    "wait_batch": 16,
+    "wait_steps": 120,
+    "compute_dim": 128,
+    "text_mb": 0.5,
+    "connections": 8,
+}
 
 
 def synthetic_shard(rows: int, row_len: int, seed: int) -> np.ndarray:
@@ -112,6 +132,7 @@ def load_avg() -> float:
 
 # ----------------------------------------------------------------------------- datasets
 
+
 def build_datasets(server: SeaweedS3, storage: StorageConfig, work: Path, p: dict) -> tuple:
     """The moeops dataset and the same tokens as MDS, both on the server. Returns (manifest, mds
     remote URI, figures)."""
@@ -120,33 +141,53 @@ def build_datasets(server: SeaweedS3, storage: StorageConfig, work: Path, p: dic
     shards = max(2, round(p["gib"] * GIB / (rows_per_shard * row_len * 4) + 0.4999))
     t0 = time.perf_counter()
     with ThreadPoolExecutor(2) as pool:
-        arrays = list(pool.map(lambda k: synthetic_shard(rows_per_shard, row_len, 1000 + k), range(shards)))
+        arrays = list(
+            pool.map(lambda k: synthetic_shard(rows_per_shard, row_len, 1000 + k), range(shards))
+        )
     generate_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    manifest = commit_token_dataset(join(storage.cold_uri, "tokens"), {"train": arrays}, p["seq_len"], VOCAB,
-                                    storage, workers=2)
+    manifest = commit_token_dataset(
+        join(storage.cold_uri, "tokens"), {"train": arrays}, p["seq_len"], VOCAB, storage, workers=2
+    )
     commit_s = time.perf_counter() - t0
 
     base = import_streaming()
     remote = f"s3://{server.bucket}/bench-mds"
     t0 = time.perf_counter()
-    with base.MDSWriter(out=(str(work / "mds-out"), remote), columns={"tokens": f"ndarray:int32:{row_len}"},
-                        compression="zstd:1", size_limit=p["shard_mb"] * MB, max_workers=2) as writer:
+    with base.MDSWriter(
+        out=(str(work / "mds-out"), remote),
+        columns={"tokens": f"ndarray:int32:{row_len}"},
+        compression="zstd:1",
+        size_limit=p["shard_mb"] * MB,
+        max_workers=2,
+    ) as writer:
         for rows in arrays:
             for row in rows:
                 writer.write({"tokens": row})
     mds_s = time.perf_counter() - t0
     token_bytes = sum(a.nbytes for a in arrays)
-    return manifest, remote, {
-        "bench_bytes": token_bytes, "bench_gib": token_bytes / GIB,
-        "bench_stored_bytes": sum(s.bytes for s in manifest.shards("train")),
-        "shard_mb": p["shard_mb"], "shard_stored_mb": sum(s.bytes for s in manifest.shards("train")) / shards / MB,
-        "shards": shards, "rows_per_shard": rows_per_shard, "samples": shards * rows_per_shard,
-        "seq_len": p["seq_len"], "generate_s": generate_s, "commit_shards_s": commit_s, "write_mds_s": mds_s,
-    }
+    return (
+        manifest,
+        remote,
+        {
+            "bench_bytes": token_bytes,
+            "bench_gib": token_bytes / GIB,
+            "bench_stored_bytes": sum(s.bytes for s in manifest.shards("train")),
+            "shard_mb": p["shard_mb"],
+            "shard_stored_mb": sum(s.bytes for s in manifest.shards("train")) / shards / MB,
+            "shards": shards,
+            "rows_per_shard": rows_per_shard,
+            "samples": shards * rows_per_shard,
+            "seq_len": p["seq_len"],
+            "generate_s": generate_s,
+            "commit_shards_s": commit_s,
+            "write_mds_s": mds_s,
+        },
+    )
 
 
 # ----------------------------------------------------------------------------- measurements
+
 
 def epoch(reader: TieredReader) -> tuple[float, int]:
     t0 = time.perf_counter()
@@ -155,23 +196,31 @@ def epoch(reader: TieredReader) -> tuple[float, int]:
 
 
 def bench_s3(manifest, storage: StorageConfig, server: SeaweedS3, connections: int) -> dict:
-    """The server's limit (N connections, ranged GETs, nothing else) and sequential s3fs + decode."""
+    """The server's limit (N connections, ranged GETs, nothing else) and sequential s3fs +
+    decode."""
     import boto3
 
     shards = manifest.shards("train")
     stored = sum(s.bytes for s in shards)
     part = storage.part_mb * MB
     bucket = server.bucket
-    keys = [manifest.shard_uri(s)[len(f"s3://{bucket}/"):] for s in shards]
-    work = [(key, start, min(start + part, s.bytes) - 1) for key, s in zip(keys, shards)
-            for start in range(0, s.bytes, part)]
+    keys = [manifest.shard_uri(s)[len(f"s3://{bucket}/") :] for s in shards]
+    work = [
+        (key, start, min(start + part, s.bytes) - 1)
+        for key, s in zip(keys, shards)
+        for start in range(0, s.bytes, part)
+    ]
     local = threading.local()
 
     def get(item) -> int:
         if not hasattr(local, "client"):
             local.client = boto3.session.Session().client(
-                "s3", endpoint_url=server.endpoint, region_name="us-east-1",
-                aws_access_key_id=server.access_key, aws_secret_access_key=server.secret_key)
+                "s3",
+                endpoint_url=server.endpoint,
+                region_name="us-east-1",
+                aws_access_key_id=server.access_key,
+                aws_secret_access_key=server.secret_key,
+            )
         key, lo, hi = item
         body = local.client.get_object(Bucket=bucket, Key=key, Range=f"bytes={lo}-{hi}")["Body"]
         n = 0
@@ -190,12 +239,19 @@ def bench_s3(manifest, storage: StorageConfig, server: SeaweedS3, connections: i
     t0 = time.perf_counter()
     rows = 0
     for s in shards:
-        rows += decode_shard(fs.cat_file(manifest.shard_uri(s)[len("s3://"):]), manifest.row_len).shape[0]
+        rows += decode_shard(
+            fs.cat_file(manifest.shard_uri(s)[len("s3://") :]), manifest.row_len
+        ).shape[0]
     sequential_s = time.perf_counter() - t0
-    return {"s3_limit_mb_per_s": stored / MB / limit_s, "s3_limit_connections": connections,
-            "s3_limit_s": limit_s,
-            "s3_sequential_mb_per_s": stored / MB / sequential_s, "s3_sequential_samples_per_s": rows / sequential_s,
-            "cold_sequential_samples_per_s": rows / sequential_s, "cold_sequential_mb_per_s": stored / MB / sequential_s}
+    return {
+        "s3_limit_mb_per_s": stored / MB / limit_s,
+        "s3_limit_connections": connections,
+        "s3_limit_s": limit_s,
+        "s3_sequential_mb_per_s": stored / MB / sequential_s,
+        "s3_sequential_samples_per_s": rows / sequential_s,
+        "cold_sequential_samples_per_s": rows / sequential_s,
+        "cold_sequential_mb_per_s": stored / MB / sequential_s,
+    }
 
 
 def bench_cold(manifest, storage_for, batch_size: int) -> dict:
@@ -207,10 +263,16 @@ def bench_cold(manifest, storage_for, batch_size: int) -> dict:
     filler = TieredReader(manifest.uri, "train", storage_for("fill-only"), batch_size=batch_size)
     fill = filler.fill_warm()
     filler.close()
-    return {"cold_samples_per_s": samples / elapsed, "cold_mb_per_s": stored / MB / elapsed, "cold_s": elapsed,
-            "cold_parallel_samples_per_s": samples / elapsed, "cold_parallel_mb_per_s": stored / MB / elapsed,
-            "cold_shards_ahead": stats["shards_ahead"], "cold_shard_load_s": stats["shard_load_s"],
-            "cold_fill_only_mb_per_s": fill["bytes_cold"] / MB / fill["seconds"]}
+    return {
+        "cold_samples_per_s": samples / elapsed,
+        "cold_mb_per_s": stored / MB / elapsed,
+        "cold_s": elapsed,
+        "cold_parallel_samples_per_s": samples / elapsed,
+        "cold_parallel_mb_per_s": stored / MB / elapsed,
+        "cold_shards_ahead": stats["shards_ahead"],
+        "cold_shard_load_s": stats["shard_load_s"],
+        "cold_fill_only_mb_per_s": fill["bytes_cold"] / MB / fill["seconds"],
+    }
 
 
 def bench_warm(manifest, storage: StorageConfig, batch_size: int, repeats: int) -> dict:
@@ -221,8 +283,13 @@ def bench_warm(manifest, storage: StorageConfig, batch_size: int, repeats: int) 
     files = [probe.cache.shard_path(s.sha256) for s in shards]
     probe.close()
     assert all(os.path.exists(f) for f in files), "the warm tier is not filled"
-    best = {"warm": float("inf"), "warm_no_hot": float("inf"), "raw_bytes": float("inf"),
-            "raw_pyarrow": float("inf"), "raw_pyarrow_threads": float("inf")}
+    best = {
+        "warm": float("inf"),
+        "warm_no_hot": float("inf"),
+        "raw_bytes": float("inf"),
+        "raw_pyarrow": float("inf"),
+        "raw_pyarrow_threads": float("inf"),
+    }
     samples = raw_rows = 0
     for _ in range(repeats):  # interleaved, best of n: the machine is shared
         t0 = time.perf_counter()
@@ -239,17 +306,23 @@ def bench_warm(manifest, storage: StorageConfig, batch_size: int, repeats: int) 
                 raw_rows += len(values) // manifest.row_len
             best[key] = min(best[key], time.perf_counter() - t0)
         for key, prefetch in (("warm", None), ("warm_no_hot", 0)):
-            reader = TieredReader(manifest.uri, "train", storage, batch_size=batch_size, prefetch_batches=prefetch)
+            reader = TieredReader(
+                manifest.uri, "train", storage, batch_size=batch_size, prefetch_batches=prefetch
+            )
             elapsed, samples = epoch(reader)
             reader.close()
             best[key] = min(best[key], elapsed)
     pyarrow_s = min(best["raw_pyarrow"], best["raw_pyarrow_threads"])
     warm_s = min(best["warm"], best["warm_no_hot"])
     return {
-        "warm_samples_per_s": samples / warm_s, "warm_mb_per_s": stored / MB / warm_s,
-        "warm_reader_samples_per_s": samples / warm_s, "warm_reader_mb_per_s": stored / MB / warm_s,
-        "warm_hot_on_samples_per_s": samples / best["warm"], "warm_hot_off_samples_per_s": samples / best["warm_no_hot"],
-        "raw_pyarrow_samples_per_s": raw_rows / pyarrow_s, "raw_pyarrow_mb_per_s": stored / MB / pyarrow_s,
+        "warm_samples_per_s": samples / warm_s,
+        "warm_mb_per_s": stored / MB / warm_s,
+        "warm_reader_samples_per_s": samples / warm_s,
+        "warm_reader_mb_per_s": stored / MB / warm_s,
+        "warm_hot_on_samples_per_s": samples / best["warm"],
+        "warm_hot_off_samples_per_s": samples / best["warm_no_hot"],
+        "raw_pyarrow_samples_per_s": raw_rows / pyarrow_s,
+        "raw_pyarrow_mb_per_s": stored / MB / pyarrow_s,
         "raw_pyarrow_single_thread_samples_per_s": raw_rows / best["raw_pyarrow"],
         "raw_pyarrow_threads_samples_per_s": raw_rows / best["raw_pyarrow_threads"],
         "raw_bytes_mb_per_s": stored / MB / best["raw_bytes"],
@@ -267,8 +340,13 @@ def bench_streaming(remote: str, work: Path, batch_size: int, seed: int) -> dict
     # its samples are read-only views of the memory-mapped shard; collate copies them anyway
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
-    dataset = base.StreamingDataset(remote=remote, local=str(work / "mds-cache"), shuffle=True, shuffle_seed=seed,
-                                    batch_size=batch_size)
+    dataset = base.StreamingDataset(
+        remote=remote,
+        local=str(work / "mds-cache"),
+        shuffle=True,
+        shuffle_seed=seed,
+        batch_size=batch_size,
+    )
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=0, drop_last=True)
     out = {}
     for name in ("cold", "warm"):
@@ -292,7 +370,9 @@ def bench_data_wait(manifest, storage_for, batch_size: int, steps: int, compute_
     for start, tag in (("", "cold"), ("_cold_start", None)):
         for name, prefetch in (("on", None), ("off", 0)):
             storage = storage_for(tag or f"wait-{name}")
-            reader = TieredReader(manifest.uri, "train", storage, batch_size=batch_size, prefetch_batches=prefetch)
+            reader = TieredReader(
+                manifest.uri, "train", storage, batch_size=batch_size, prefetch_batches=prefetch
+            )
             batches = reader.iter_steps()
             wait, startup_wait = 0.0, 0.0
             t_start = time.perf_counter()
@@ -312,15 +392,24 @@ def bench_data_wait(manifest, storage_for, batch_size: int, steps: int, compute_
             out[f"data_wait_fraction_prefetch_{name}{start}"] = wait / total
             out[f"step_ms_prefetch_{name}{start}"] = 1000 * total / steps
             out[f"startup_wait_s_prefetch_{name}{start}"] = startup_wait
-    out["data_wait_shards_crossed"] = (WARMUP_STEPS + steps) * batch_size / manifest.shards("train")[0].rows
+    out["data_wait_shards_crossed"] = (
+        (WARMUP_STEPS + steps) * batch_size / manifest.shards("train")[0].rows
+    )
     return out
 
 
 def bench_prepare(storage: StorageConfig, text_mb: float, repeats: int) -> dict:
     """The prepare stage's chunk work (tokenize + pack + write shards to the cold tier) vs HF
     tokenizers' encode_batch on the same text, in the same batches, nothing else."""
-    data = DataConfig(name="bench-prepare", max_files=100_000, max_bytes=int(text_mb * MB), vocab_size=4096,
-                      seq_len=2048, val_fraction=0.0, seed=1)
+    data = DataConfig(
+        name="bench-prepare",
+        max_files=100_000,
+        max_bytes=int(text_mb * MB),
+        vocab_size=4096,
+        seq_len=2048,
+        val_fraction=0.0,
+        seed=1,
+    )
     docs = list_corpus(data, storage)
     texts = [t for d in docs for t in read_documents(d, storage, data.text_field)]
     sample, size = [], 0
@@ -335,36 +424,65 @@ def bench_prepare(storage: StorageConfig, text_mb: float, repeats: int) -> dict:
     limit_s = prepare_s = float("inf")
     for attempt in range(repeats):  # interleaved, best of n: the machine is shared
         t0 = time.perf_counter()
-        tokens = sum(len(e.ids) for batch in text_batches(texts) for e in encode(batch, add_special_tokens=False))
+        tokens = sum(
+            len(e.ids)
+            for batch in text_batches(texts)
+            for e in encode(batch, add_special_tokens=False)
+        )
         limit_s = min(limit_s, time.perf_counter() - t0)
         t0 = time.perf_counter()
         written = 0
         for i, chunk in enumerate(chunks):
-            entries = build_chunk(i, [asdict(d) for d in chunk], tok.to_str(),
-                                  join(storage.cold_uri, f"prepare-{attempt}"), data, storage)
+            entries = build_chunk(
+                i,
+                [asdict(d) for d in chunk],
+                tok.to_str(),
+                join(storage.cold_uri, f"prepare-{attempt}"),
+                data,
+                storage,
+            )
             written += sum(e["rows"] for e in entries)
         prepare_s = min(prepare_s, time.perf_counter() - t0)
     tokens_out = tokens + len(texts)  # each document also gets its EOS
-    return {"prepare_text_mb": sum(len(t) for t in texts) / MB, "prepare_tokens": tokens_out,
-            "tokenizer_limit_tokens_per_s": tokens / limit_s, "prepare_tokens_per_s": tokens_out / prepare_s,
-            "prepare_rows_written": written,
-            "prepare_vs_tokenizer_limit_ratio": (tokens_out / prepare_s) / (tokens / limit_s)}
+    return {
+        "prepare_text_mb": sum(len(t) for t in texts) / MB,
+        "prepare_tokens": tokens_out,
+        "tokenizer_limit_tokens_per_s": tokens / limit_s,
+        "prepare_tokens_per_s": tokens_out / prepare_s,
+        "prepare_rows_written": written,
+        "prepare_vs_tokenizer_limit_ratio": (tokens_out / prepare_s) / (tokens / limit_s),
+    }
 
 
 # ----------------------------------------------------------------------------- main
 
-HEADLINE = ("bench_bytes", "shard_mb", "warm_vs_raw_ratio", "cold_vs_s3_limit_ratio", "cold_parallel_vs_sequential_ratio",
-            "warm_vs_streaming_ratio", "cold_vs_streaming_ratio", "data_wait_fraction_prefetch_on",
-            "data_wait_fraction_prefetch_off", "prepare_vs_tokenizer_limit_ratio")
+HEADLINE = (
+    "bench_bytes",
+    "shard_mb",
+    "warm_vs_raw_ratio",
+    "cold_vs_s3_limit_ratio",
+    "cold_parallel_vs_sequential_ratio",
+    "warm_vs_streaming_ratio",
+    "cold_vs_streaming_ratio",
+    "data_wait_fraction_prefetch_on",
+    "data_wait_fraction_prefetch_off",
+    "prepare_vs_tokenizer_limit_ratio",
+)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", dest="json_out", help="write the results here")
     parser.add_argument("--quick", action="store_true", help="small smoke run (tens of MB)")
-    parser.add_argument("--gib", type=float, help="GiB of tokens in the shards (default 1, --quick 0.03)")
-    parser.add_argument("--shard-mb", type=int, help="shard size, MiB of tokens (default: data.shard_mb)")
-    parser.add_argument("--connections", type=int, help="parallel connections of the S3 limit (default 8)")
+    parser.add_argument(
+        "--gib", type=float, help="GiB of tokens in the shards (default 1, --quick 0.03)"
+    )
+    parser.add_argument(
+        "--shard-mb", type=int, help="shard size, MiB of tokens (default: data.shard_mb)"
+    )
+    parser.add_argument(
+        "--connections", type=int, help="parallel connections of the S3 limit (default 8)"
+    )
     args = parser.parse_args(argv)
     p = dict(QUICK if args.quick else FULL)
     p.setdefault("shard_mb", DataConfig().shard_mb)
@@ -375,8 +493,12 @@ def main(argv: list[str] | None = None) -> dict:
     # a SIGTERM (timeout, kill) unwinds like Ctrl-C, so the server is stopped and the GiBs removed
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     started = time.perf_counter()
-    results: dict = {"quick": args.quick, "cpus": os.cpu_count(), "load_1m_start": load_avg(),
-                     "batch_size": p["batch_size"]}
+    results: dict = {
+        "quick": args.quick,
+        "cpus": os.cpu_count(),
+        "load_1m_start": load_avg(),
+        "batch_size": p["batch_size"],
+    }
     work = Path(tempfile.mkdtemp(prefix="moeops-bench-data-"))
     server = SeaweedS3(work / "s3")
     saved_env = {k: os.environ.get(k) for k in [*server.env(), "S3_ENDPOINT_URL"]}
@@ -384,26 +506,51 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ["S3_ENDPOINT_URL"] = server.endpoint  # mosaicml-streaming's way to name the endpoint
     server.start()
     try:
+
         def storage_for(tag: str) -> StorageConfig:
-            return server.storage("bench", warm_dir=str(work / f"warm-{tag}"), warm_limit_bytes=4 * GIB,
-                                  retries=3, backoff_base_s=0.05, backoff_max_s=1.0)
+            return server.storage(
+                "bench",
+                warm_dir=str(work / f"warm-{tag}"),
+                warm_limit_bytes=4 * GIB,
+                retries=3,
+                backoff_base_s=0.05,
+                backoff_max_s=1.0,
+            )
 
         def phase(name: str, fn, *a):
             t0 = time.perf_counter()
             out = fn(*a)
             results[f"phase_{name}_s"] = time.perf_counter() - t0
-            print(f"[bench_data] {name}: {results[f'phase_{name}_s']:.1f}s (load {load_avg():.1f})", flush=True)
+            print(
+                f"[bench_data] {name}: {results[f'phase_{name}_s']:.1f}s (load {load_avg():.1f})",
+                flush=True,
+            )
             return out
 
-        manifest, mds_remote, figures = phase("build", build_datasets, server, storage_for("build"), work, p)
+        manifest, mds_remote, figures = phase(
+            "build", build_datasets, server, storage_for("build"), work, p
+        )
         results.update(figures)
         results.update(phase("s3", bench_s3, manifest, storage_for("s3"), server, p["connections"]))
         results.update(phase("cold", bench_cold, manifest, storage_for, p["batch_size"]))
-        results.update(phase("warm", bench_warm, manifest, storage_for("cold"), p["batch_size"], p["repeats"]))
+        results.update(
+            phase("warm", bench_warm, manifest, storage_for("cold"), p["batch_size"], p["repeats"])
+        )
         results.update(phase("streaming", bench_streaming, mds_remote, work, p["batch_size"], 0))
-        results.update(phase("data_wait", bench_data_wait, manifest, storage_for, p["wait_batch"], p["wait_steps"],
-                             p["compute_dim"]))
-        results.update(phase("prepare", bench_prepare, storage_for("prepare"), p["text_mb"], p["repeats"]))
+        results.update(
+            phase(
+                "data_wait",
+                bench_data_wait,
+                manifest,
+                storage_for,
+                p["wait_batch"],
+                p["wait_steps"],
+                p["compute_dim"],
+            )
+        )
+        results.update(
+            phase("prepare", bench_prepare, storage_for("prepare"), p["text_mb"], p["repeats"])
+        )
     finally:
         server.close()
         shutil.rmtree(work, ignore_errors=True)  # GiBs of shards, caches and server data
@@ -414,16 +561,30 @@ def main(argv: list[str] | None = None) -> dict:
                 os.environ[k] = v
     # the cold fill (cold -> warm tier: fetch, sha256, atomic write) against the same bytes fetched
     # doing nothing else; the whole cold epoch (plus decoding and batching) is reported too
-    results["cold_vs_s3_limit_ratio"] = results["cold_fill_only_mb_per_s"] / results["s3_limit_mb_per_s"]
-    results["cold_epoch_vs_s3_limit_ratio"] = results["cold_mb_per_s"] / results["s3_limit_mb_per_s"]
-    results["cold_parallel_vs_sequential_ratio"] = results["cold_samples_per_s"] / results["cold_sequential_samples_per_s"]
-    results["warm_vs_streaming_ratio"] = results["warm_samples_per_s"] / results["streaming_warm_samples_per_s"]
-    results["cold_vs_streaming_ratio"] = results["cold_samples_per_s"] / results["streaming_cold_samples_per_s"]
+    results["cold_vs_s3_limit_ratio"] = (
+        results["cold_fill_only_mb_per_s"] / results["s3_limit_mb_per_s"]
+    )
+    results["cold_epoch_vs_s3_limit_ratio"] = (
+        results["cold_mb_per_s"] / results["s3_limit_mb_per_s"]
+    )
+    results["cold_parallel_vs_sequential_ratio"] = (
+        results["cold_samples_per_s"] / results["cold_sequential_samples_per_s"]
+    )
+    results["warm_vs_streaming_ratio"] = (
+        results["warm_samples_per_s"] / results["streaming_warm_samples_per_s"]
+    )
+    results["cold_vs_streaming_ratio"] = (
+        results["cold_samples_per_s"] / results["streaming_cold_samples_per_s"]
+    )
     results["load_1m_end"] = load_avg()
     results["uptime"] = f"load average: {', '.join(f'{x:.2f}' for x in os.getloadavg())}"
     results["total_s"] = time.perf_counter() - started
     for key in HEADLINE:
-        print(f"{key}: {results[key]:.3f}" if isinstance(results[key], float) else f"{key}: {results[key]}")
+        print(
+            f"{key}: {results[key]:.3f}"
+            if isinstance(results[key], float)
+            else f"{key}: {results[key]}"
+        )
     print(f"total_s: {results['total_s']:.0f} ({results['uptime']})")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=2))

@@ -5,7 +5,8 @@ expert-parallel overlap on vs off.
     python tests/benchmarks/bench_moe.py --quick --json /tmp/quick.json # smoke run (seconds)
 
 Part 1 — one MoE layer, forward + backward, fp32 on CPU (D=256, F=512, 8 experts, top-2, 4096
-tokens, dropless; 1 intra-op thread for the headline ratios, 2 threads under ``layer_2threads``) against
+tokens, dropless; 1 intra-op thread for the headline ratios, 2 threads under ``layer_2threads``)
+against
   * a dense SwiGLU MLP with ffn = top_k x F, i.e. the same active FLOPs (the upper limit), and
   * the naive per-expert loop (boolean mask per expert, gather, scatter-add);
   the MoE layer runs with ``expert_backend=auto`` (the loop on CPU) and with ``grouped_mm``.
@@ -24,6 +25,7 @@ gradient all-reduce (what DDP would do), and compute (the rest).
 ``best_possible_on_vs_off_ratio`` = 1 - (all-to-all share of the step with overlap off): the
 step ratio if every all-to-all were hidden.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,14 +41,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from components.config.schema import ModelConfig  # noqa: E402
-from components.model.layers import FeedForward  # noqa: E402
-from components.model.host_sync import HostSyncCounter  # noqa: E402
-from components.model.moe import MoELayer, reference_moe_forward  # noqa: E402
-from pipelines.runtime import free_port  # noqa: E402
+from components.config.schema import ModelConfig
+from components.model.host_sync import HostSyncCounter
+from components.model.layers import FeedForward
+from components.model.moe import MoELayer, reference_moe_forward
+from pipelines.runtime import free_port
 
-GOALS = {"moe_vs_dense_ratio": ">= 0.95 (1 thread)", "overlap_on_vs_off_step_ratio": "<= 0.88",
-         "exposed_comm_fraction": "<= 0.3", "host_syncs_per_moe_layer_forward": "1 (the all-to-all split sizes)"}
+GOALS = {
+    "moe_vs_dense_ratio": ">= 0.95 (1 thread)",
+    "overlap_on_vs_off_step_ratio": "<= 0.88",
+    "exposed_comm_fraction": "<= 0.3",
+    "host_syncs_per_moe_layer_forward": "1 (the all-to-all split sizes)",
+}
 
 
 def _median_time(fn, warmup: int, iters: int) -> float:
@@ -74,7 +80,9 @@ def layer_benchmark(quick: bool, threads: int) -> dict:
 
 def _moe_layer(D: int, F: int, E: int, k: int, backend: str) -> MoELayer:
     torch.manual_seed(0)
-    moe = MoELayer(ModelConfig(dim=D, ffn_dim=F, num_experts=E, top_k=k, dropless=True, expert_backend=backend)).train()
+    moe = MoELayer(
+        ModelConfig(dim=D, ffn_dim=F, num_experts=E, top_k=k, dropless=True, expert_backend=backend)
+    ).train()
     with torch.no_grad():
         for p in moe.parameters():
             p.normal_(std=0.02)
@@ -109,8 +117,15 @@ def _layer_benchmark(D: int, F: int, E: int, k: int, N: int, warmup: int, iters:
     med = {name: statistics.median(t) for name, t in times.items()}
     cpu = {name: statistics.median(t) for name, t in cpu_times.items()}
     return {
-        "shape": {"dim": D, "ffn_dim": F, "num_experts": E, "top_k": k, "tokens": N, "dtype": "fp32",
-                  "threads": torch.get_num_threads()},
+        "shape": {
+            "dim": D,
+            "ffn_dim": F,
+            "num_experts": E,
+            "top_k": k,
+            "tokens": N,
+            "dtype": "fp32",
+            "threads": torch.get_num_threads(),
+        },
         **{f"{name}_step_s": value for name, value in med.items()},
         **{f"{name}_best_step_s": min(t) for name, t in times.items()},
         **{f"{name}_tokens_per_s": N / value for name, value in med.items()},
@@ -171,7 +186,11 @@ def _ep_worker(rank: int, world: int, port: int, settings: dict, out_path: str) 
         t_data = time.perf_counter() - t0
         model.comm_times(reset=True)
         logits, aux = model(tokens[:, :-1])
-        loss = Fn.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()) + aux["aux_loss"] + aux["z_loss"]
+        loss = (
+            Fn.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+            + aux["aux_loss"]
+            + aux["z_loss"]
+        )
         loss.backward()
         comm = model.comm_times(reset=True)
         a2a_exposed = comm.exposed_s
@@ -183,9 +202,16 @@ def _ep_worker(rank: int, world: int, port: int, settings: dict, out_path: str) 
         optim.step()
         optim.zero_grad(set_to_none=True)
         total = time.perf_counter() - t0
-        return {"step_s": total, "data_wait_s": t_data, "a2a_exposed_s": a2a_exposed, "allreduce_s": t_allreduce,
-                "compute_s": total - t_data - a2a_exposed - t_allreduce, "a2a_total_s": comm.total_s,
-                "a2a_forward_exposed_s": comm.forward_exposed_s, "a2a_backward_exposed_s": comm.backward_exposed_s}
+        return {
+            "step_s": total,
+            "data_wait_s": t_data,
+            "a2a_exposed_s": a2a_exposed,
+            "allreduce_s": t_allreduce,
+            "compute_s": total - t_data - a2a_exposed - t_allreduce,
+            "a2a_total_s": comm.total_s,
+            "a2a_forward_exposed_s": comm.forward_exposed_s,
+            "a2a_backward_exposed_s": comm.backward_exposed_s,
+        }
 
     for _ in range(settings["warmup"]):
         for name in variants:
@@ -194,10 +220,15 @@ def _ep_worker(rank: int, world: int, port: int, settings: dict, out_path: str) 
         for name in variants:
             records[name].append(step(name))
     # means (not medians) so the breakdown adds up to the step time
-    summary = {name: {key: statistics.fmean(r[key] for r in recs) for key in recs[0]} for name, recs in records.items()}
+    summary = {
+        name: {key: statistics.fmean(r[key] for r in recs) for key in recs[0]}
+        for name, recs in records.items()
+    }
     x = torch.randn(batch * seq, cfg.dim)
     for name, model in models.items():
-        summary[name]["host_syncs_per_moe_layer_forward"] = count_layer_host_syncs(model.moe_layers()[0], x)
+        summary[name]["host_syncs_per_moe_layer_forward"] = count_layer_host_syncs(
+            model.moe_layers()[0], x
+        )
     gathered = [None] * world
     dist.all_gather_object(gathered, summary)
     if rank == 0:
@@ -210,10 +241,28 @@ def ep_benchmark(quick: bool, chunks: int) -> dict:
     import torch.multiprocessing as mp
 
     if quick:
-        model = dict(dim=64, n_heads=4, n_layers=2, ffn_dim=128, num_experts=4, top_k=2, max_seq_len=64, dropless=True)
+        model = dict(
+            dim=64,
+            n_heads=4,
+            n_layers=2,
+            ffn_dim=128,
+            num_experts=4,
+            top_k=2,
+            max_seq_len=64,
+            dropless=True,
+        )
         settings = dict(model=model, vocab=256, batch=2, seq=32, warmup=1, steps=3)
     else:
-        model = dict(dim=256, n_heads=4, n_layers=2, ffn_dim=512, num_experts=8, top_k=2, max_seq_len=256, dropless=True)
+        model = dict(
+            dim=256,
+            n_heads=4,
+            n_layers=2,
+            ffn_dim=512,
+            num_experts=8,
+            top_k=2,
+            max_seq_len=256,
+            dropless=True,
+        )
         settings = dict(model=model, vocab=2048, batch=8, seq=256, warmup=2, steps=8)
     settings["variants"] = {
         "off": {"async_a2a": False, "a2a_chunks": 1},
@@ -224,27 +273,45 @@ def ep_benchmark(quick: bool, chunks: int) -> dict:
         mp.spawn(_ep_worker, args=(2, free_port(), settings, out_path), nprocs=2, join=True)
         per_rank = json.loads(Path(out_path).read_text())
     # a synchronous step is bounded by the slower rank: report that rank's breakdown
-    merged = {name: max((r[name] for r in per_rank), key=lambda fig: fig["step_s"]) for name in settings["variants"]}
+    merged = {
+        name: max((r[name] for r in per_rank), key=lambda fig: fig["step_s"])
+        for name in settings["variants"]
+    }
     off, on = merged["off"], merged["on"]
     return {
-        "setup": {"workers": 2, "backend": "gloo", "threads_per_worker": 1, "tokens_per_worker": settings["batch"] * settings["seq"],
-                  "model": model, "vocab": settings["vocab"], "steps": settings["steps"], "variants": settings["variants"]},
-        "off": off, "on": on, "per_rank": per_rank,
+        "setup": {
+            "workers": 2,
+            "backend": "gloo",
+            "threads_per_worker": 1,
+            "tokens_per_worker": settings["batch"] * settings["seq"],
+            "model": model,
+            "vocab": settings["vocab"],
+            "steps": settings["steps"],
+            "variants": settings["variants"],
+        },
+        "off": off,
+        "on": on,
+        "per_rank": per_rank,
         "overlap_on_vs_off_step_ratio": on["step_s"] / off["step_s"],
         "exposed_comm_fraction": on["a2a_exposed_s"] / max(on["a2a_total_s"], 1e-9),
         "exposed_comm_fraction_off": off["a2a_exposed_s"] / max(off["a2a_total_s"], 1e-9),
         "a2a_total_on_vs_off_ratio": on["a2a_total_s"] / max(off["a2a_total_s"], 1e-9),
         "a2a_share_of_step_off": off["a2a_exposed_s"] / off["step_s"],
-        # hiding *all* all-to-all time can at best remove its share of the step: the floor of the ratio
+        # hiding *all* all-to-all time can at best remove its share of the step: the floor of the
+        # ratio
         "best_possible_on_vs_off_ratio": 1.0 - off["a2a_exposed_s"] / off["step_s"],
     }
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--json", dest="json_out", help="write the results here")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run for tests")
-    parser.add_argument("--chunks", type=int, default=2, help="a2a chunks with overlap on (default 2)")
+    parser.add_argument(
+        "--chunks", type=int, default=2, help="a2a chunks with overlap on (default 2)"
+    )
     args = parser.parse_args(argv)
 
     # headline figures single-threaded: on a shared 2-core machine every intra-op parallel region
@@ -275,8 +342,12 @@ def main(argv: list[str] | None = None) -> dict:
         "best_possible_on_vs_off_ratio": ep["best_possible_on_vs_off_ratio"],
         "host_syncs_per_moe_layer_forward": syncs_ep["on"]["total"],
         "grouped_mm_vs_loop_ratio": layer["grouped_mm_vs_loop_ratio"],
-        "host_syncs": {"expert_parallel_overlap_on": syncs_ep["on"], "expert_parallel_overlap_off": syncs_ep["off"],
-                       "single_rank_loop": syncs_single["loop"], "single_rank_grouped_mm": syncs_single["grouped_mm"]},
+        "host_syncs": {
+            "expert_parallel_overlap_on": syncs_ep["on"],
+            "expert_parallel_overlap_off": syncs_ep["off"],
+            "single_rank_loop": syncs_single["loop"],
+            "single_rank_grouped_mm": syncs_single["grouped_mm"],
+        },
         "measured_on": "cpu (no GPU figure in this file)",
         "goals": GOALS,
         "layer": layer,
@@ -286,18 +357,36 @@ def main(argv: list[str] | None = None) -> dict:
     text = json.dumps(result, indent=2)
     if args.json_out:
         Path(args.json_out).write_text(text)
-    print(json.dumps({k: result[k] for k in ("moe_vs_dense_ratio", "moe_vs_dense_ratio_best",
-                                              "moe_vs_dense_ratio_cpu_time", "moe_vs_naive_ratio",
-                                              "grouped_mm_vs_loop_ratio",
-                                              "overlap_on_vs_off_step_ratio", "exposed_comm_fraction",
-                                              "best_possible_on_vs_off_ratio", "host_syncs_per_moe_layer_forward",
-                                              "load_average_1m")}, indent=2))
-    print(f"MoE layer, 2 threads: vs dense {layer_2['moe_vs_dense_ratio']:.2f}x, vs naive {layer_2['moe_vs_naive_ratio']:.2f}x")
+    print(
+        json.dumps(
+            {
+                k: result[k]
+                for k in (
+                    "moe_vs_dense_ratio",
+                    "moe_vs_dense_ratio_best",
+                    "moe_vs_dense_ratio_cpu_time",
+                    "moe_vs_naive_ratio",
+                    "grouped_mm_vs_loop_ratio",
+                    "overlap_on_vs_off_step_ratio",
+                    "exposed_comm_fraction",
+                    "best_possible_on_vs_off_ratio",
+                    "host_syncs_per_moe_layer_forward",
+                    "load_average_1m",
+                )
+            },
+            indent=2,
+        )
+    )
+    print(
+        f"MoE layer, 2 threads: vs dense {layer_2['moe_vs_dense_ratio']:.2f}x, vs naive {layer_2['moe_vs_naive_ratio']:.2f}x"
+    )
     for name in ("off", "on"):
         r = ep[name]
-        print(f"EP step overlap {name:>3}: {r['step_s'] * 1e3:8.1f} ms = compute {r['compute_s'] * 1e3:7.1f} "
-              f"+ exposed a2a {r['a2a_exposed_s'] * 1e3:6.1f} (of {r['a2a_total_s'] * 1e3:6.1f} in flight) "
-              f"+ grad all-reduce {r['allreduce_s'] * 1e3:6.1f} + data wait {r['data_wait_s'] * 1e3:5.2f}")
+        print(
+            f"EP step overlap {name:>3}: {r['step_s'] * 1e3:8.1f} ms = compute {r['compute_s'] * 1e3:7.1f} "
+            f"+ exposed a2a {r['a2a_exposed_s'] * 1e3:6.1f} (of {r['a2a_total_s'] * 1e3:6.1f} in flight) "
+            f"+ grad all-reduce {r['allreduce_s'] * 1e3:6.1f} + data wait {r['data_wait_s'] * 1e3:5.2f}"
+        )
     return result
 
 

@@ -1,11 +1,13 @@
 """Serving benchmark: the Serve path against the engine in process, continuous batching, int8.
 
-    python tests/benchmarks/bench_serve.py --json serve.json          # full run (~8 min idle, int8 included)
+    python tests/benchmarks/bench_serve.py --json serve.json          # full run (~8 min idle, int8
+    included)
     python tests/benchmarks/bench_serve.py --quick --json serve.json  # smoke run for the test suite
 
 Starts its own local Ray + Serve on a free loopback port, registers a seeded random model
 (``experiment=tiny``) in a fresh sqlite MLflow registry, deploys moeops' app (one replica,
-``serve.num_cpus=1``: one torch thread) and, beside it, the same model's :class:`serving.engine.Engine`
+``serve.num_cpus=1``: one torch thread) and, beside it, the same model's
+:class:`serving.engine.Engine`
 in this process (also one torch thread). Every request decodes a fixed number of tokens
 (``ignore_eos``, greedy), so HTTP and in-process runs do the same work.
 
@@ -19,7 +21,8 @@ Figures (all in the JSON, with the raw numbers behind every ratio):
   ingress parsing a JSON body), ``app_healthz_ms_p50`` (our app's middleware, no engine) and
   ``app_overhead_ms_p50`` (our app's ASGI path in process, without Serve or sockets, over the engine
   alone: the part of the overhead that is ours). CPU milliseconds per request of the engine, the
-  replica and Serve's proxy (``*_cpu_ms_per_request_c1``) split it independently of the machine's load.
+  replica and Serve's proxy (``*_cpu_ms_per_request_c1``) split it independently of the machine's
+  load.
 - ``short_behind_long_latency_ratio``: a 4-token request's latency while 8 x 64-token requests
   decode (the replica's running-sequences gauge shows all 8), over its latency alone (goal <= 1.5);
   ``short_behind_long_streamed_latency_ratio``: the same with the long requests streamed (each has
@@ -35,6 +38,7 @@ Figures (all in the JSON, with the raw numbers behind every ratio):
   figures under ``int8.*``), run after Serve is shut down.
 - ``load_1m_start`` / ``load_1m_end`` / ``uptime``: the machine's load (a shared 2-core box).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,11 +61,16 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 from pipelines.runtime import free_port  # noqa: E402
 
-GOALS = {"serve_overhead_ms_p50": "<= 5", "short_behind_long_latency_ratio": "<= 1.5",
-         "batched_vs_unbatched_rps_ratio_c32": ">= 3", "decode_vs_inprocess_ratio_c32": ">= 0.8",
-         "int8_vs_fp32_speed_ratio_compute_bound": ">= 1.5", "int8_perplexity_change_pct": "<= 2"}
-OVERHEAD_TOKENS = 16       # one request of the overhead figure
-LOAD_TOKENS = 32           # each request of the concurrency-32 load
+GOALS = {
+    "serve_overhead_ms_p50": "<= 5",
+    "short_behind_long_latency_ratio": "<= 1.5",
+    "batched_vs_unbatched_rps_ratio_c32": ">= 3",
+    "decode_vs_inprocess_ratio_c32": ">= 0.8",
+    "int8_vs_fp32_speed_ratio_compute_bound": ">= 1.5",
+    "int8_perplexity_change_pct": "<= 2",
+}
+OVERHEAD_TOKENS = 16  # one request of the overhead figure
+LOAD_TOKENS = 32  # each request of the concurrency-32 load
 SHORT_TOKENS, LONG_TOKENS, LONG_REQUESTS = 4, 64, 8
 CONCURRENCY = 32
 FLOOR_PREFIX, FLOOR_FASTAPI_PREFIX = "/floor", "/floor-fastapi"
@@ -80,15 +89,26 @@ def percentile(values: list[float], q: float) -> float:
 
 def completion_body(prompt: str, max_tokens: int, stream: bool = False) -> dict:
     """Greedy, exactly ``max_tokens`` tokens: HTTP and in-process runs decode the same."""
-    return {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": stream}
+    return {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": stream,
+    }
 
 
 # ------------------------------------------------------------------------------ in process
 def inprocess_request(engine, prompt: str, max_tokens: int) -> int:
     from serving.engine import GenerationParams
 
-    [outs] = engine.run_to_completion([engine.sequence(engine.encode(prompt),
-                                                       GenerationParams(max_tokens=max_tokens, ignore_eos=True))])
+    [outs] = engine.run_to_completion(
+        [
+            engine.sequence(
+                engine.encode(prompt), GenerationParams(max_tokens=max_tokens, ignore_eos=True)
+            )
+        ]
+    )
     return outs[-1].completion_tokens
 
 
@@ -102,19 +122,29 @@ def inprocess_batches(engine, batch: int, max_tokens: int, duration_s: float) ->
         seqs = [engine.sequence(engine.encode(f"def task_{n}_{i}("), params) for i in range(batch)]
         tokens += sum(outs[-1].completion_tokens for outs in engine.run_to_completion(seqs))
         n += 1
-    return {"tokens": float(tokens), "requests": float(n * batch), "seconds": time.perf_counter() - started,
-            "cpu_s": time.thread_time() - cpu}
+    return {
+        "tokens": float(tokens),
+        "requests": float(n * batch),
+        "seconds": time.perf_counter() - started,
+        "cpu_s": time.thread_time() - cpu,
+    }
 
 
-# ------------------------------------------------------------------------------ CPU time of Serve's processes
+# ------------------------------------------------------------------------------ CPU time of Serve's
+# processes
 def serve_pids(app_name: str) -> dict[str, int]:
-    """The pids of the app's replica and of Serve's HTTP proxy (Ray's state API, this cluster's dashboard)."""
+    """The pids of the app's replica and of Serve's HTTP proxy (Ray's state API, this cluster's
+    dashboard)."""
     from ray.util.state import list_actors
 
     from pipelines.runtime import API_SERVER_ENV
 
-    actors = list_actors(address=os.environ.get(API_SERVER_ENV), filters=[("state", "=", "ALIVE")], detail=True,
-                         limit=1000)
+    actors = list_actors(
+        address=os.environ.get(API_SERVER_ENV),
+        filters=[("state", "=", "ALIVE")],
+        detail=True,
+        limit=1000,
+    )
     pids = {}
     for actor in actors:
         if actor.class_name.startswith(f"ServeReplica:{app_name}:"):
@@ -134,9 +164,13 @@ def cpu_of(pids: dict[str, int]) -> dict[str, float]:
     return {name: cpu_seconds(pid) for name, pid in pids.items()}
 
 
-def http_and_inprocess(app_url: str, engine, pids: dict[str, int], duration_s: float, slices: int) -> dict[str, float]:
-    """Concurrency-32 load over HTTP and the same work in process, in alternating slices (the machine's
-    load varies: both see it alike), with the CPU seconds of the replica, the proxy and the engine."""
+def http_and_inprocess(
+    app_url: str, engine, pids: dict[str, int], duration_s: float, slices: int
+) -> dict[str, float]:
+    """Concurrency-32 load over HTTP and the same work in process, in alternating slices (the
+    machine's
+    load varies: both see it alike), with the CPU seconds of the replica, the proxy and the
+    engine."""
     totals: dict[str, float] = {}
 
     def add(key: str, value: float) -> None:
@@ -156,21 +190,35 @@ def http_and_inprocess(app_url: str, engine, pids: dict[str, int], duration_s: f
         local = inprocess_batches(engine, CONCURRENCY, LOAD_TOKENS, duration_s / slices)
         for key, value in local.items():
             add(f"inprocess_{key}", value)
-    out = {"rps": totals["requests"] / totals["seconds"], "tokens_per_s": totals["tokens"] / totals["seconds"],
-           "p50_ms": statistics.median(latencies_p50), "p99_ms": max(latencies_p99), **totals,
-           "inprocess_tokens_per_s": totals["inprocess_tokens"] / totals["inprocess_seconds"],
-           "inprocess_tokens_per_cpu_s": totals["inprocess_tokens"] / totals["inprocess_cpu_s"]}
+    out = {
+        "rps": totals["requests"] / totals["seconds"],
+        "tokens_per_s": totals["tokens"] / totals["seconds"],
+        "p50_ms": statistics.median(latencies_p50),
+        "p99_ms": max(latencies_p99),
+        **totals,
+        "inprocess_tokens_per_s": totals["inprocess_tokens"] / totals["inprocess_seconds"],
+        "inprocess_tokens_per_cpu_s": totals["inprocess_tokens"] / totals["inprocess_cpu_s"],
+    }
     if "replica_cpu_s" in totals:
         out["replica_tokens_per_cpu_s"] = totals["tokens"] / totals["replica_cpu_s"]
     if "proxy_cpu_s" in totals:
-        out["proxy_cpu_ms_per_request"] = 1000 * totals["proxy_cpu_s"] / max(1.0, totals["requests"])
+        out["proxy_cpu_ms_per_request"] = (
+            1000 * totals["proxy_cpu_s"] / max(1.0, totals["requests"])
+        )
     return out
 
 
 # ------------------------------------------------------------------------------ over HTTP
-def c1_p50_ms(http, method: str, url: str, repeats: int, body: dict | None = None,
-              pids: dict[str, int] | None = None) -> tuple[float, dict[str, float]]:
-    """p50 of one request at a time (after a few warm-up requests), and the CPU ms per request of ``pids``."""
+def c1_p50_ms(
+    http,
+    method: str,
+    url: str,
+    repeats: int,
+    body: dict | None = None,
+    pids: dict[str, int] | None = None,
+) -> tuple[float, dict[str, float]]:
+    """p50 of one request at a time (after a few warm-up requests), and the CPU ms per request of
+    ``pids``."""
     times, before = [], {}
     for i in range(repeats + 3):
         if i == 3:
@@ -182,11 +230,14 @@ def c1_p50_ms(http, method: str, url: str, repeats: int, body: dict | None = Non
         if i >= 3:
             times.append(elapsed)
     after = cpu_of(pids or {})
-    return statistics.median(times), {name: 1000 * (after[name] - before[name]) / repeats for name in before}
+    return statistics.median(times), {
+        name: 1000 * (after[name] - before[name]) / repeats for name in before
+    }
 
 
 def replica_latency(http, app_url: str, route: str = "/v1/completions") -> tuple[float, float]:
-    """(sum of seconds, count) of the replica's own request-latency histogram for ``route`` (its /metrics)."""
+    """(sum of seconds, count) of the replica's own request-latency histogram for ``route`` (its
+    /metrics)."""
     text = http.get(f"{app_url}/metrics").text
     total = count = 0.0
     for line in text.splitlines():
@@ -199,7 +250,9 @@ def replica_latency(http, app_url: str, route: str = "/v1/completions") -> tuple
     return total, count
 
 
-def paired_overhead(http, app_url: str, engine, repeats: int, pids: dict[str, int]) -> dict[str, float]:
+def paired_overhead(
+    http, app_url: str, engine, repeats: int, pids: dict[str, int]
+) -> dict[str, float]:
     """HTTP and in-process runs of the same request, alternated; medians and the paired difference.
 
     The replica's own latency histogram (handler start to response ready) splits the overhead into
@@ -210,7 +263,9 @@ def paired_overhead(http, app_url: str, engine, repeats: int, pids: dict[str, in
     for n in range(repeats + 3):
         prompt = f"def task_{n}("
         started = time.perf_counter()
-        response = http.post(f"{app_url}/v1/completions", json=completion_body(prompt, OVERHEAD_TOKENS))
+        response = http.post(
+            f"{app_url}/v1/completions", json=completion_body(prompt, OVERHEAD_TOKENS)
+        )
         h = (time.perf_counter() - started) * 1000
         response.raise_for_status()
         assert response.json()["usage"]["completion_tokens"] == OVERHEAD_TOKENS, response.text
@@ -226,24 +281,39 @@ def paired_overhead(http, app_url: str, engine, repeats: int, pids: dict[str, in
             cpu_before = cpu_of(pids)
     cpu_after = cpu_of(pids)
     replica_after = replica_latency(http, app_url)
-    replica_mean_ms = 1000 * (replica_after[0] - replica_before[0]) / max(1.0, replica_after[1] - replica_before[1])
+    replica_mean_ms = (
+        1000
+        * (replica_after[0] - replica_before[0])
+        / max(1.0, replica_after[1] - replica_before[1])
+    )
     diffs = [h - l for h, l in zip(http_ms, local_ms)]
-    return {"http_ms_p50_c1": statistics.median(http_ms), "inprocess_ms_p50_c1": statistics.median(local_ms),
-            "serve_overhead_ms_p50": statistics.median(diffs), "serve_overhead_ms_p90": percentile(diffs, 90),
-            "http_ms_mean_c1": statistics.fmean(http_ms), "inprocess_ms_mean_c1": statistics.fmean(local_ms),
-            "replica_handler_ms_mean_c1": replica_mean_ms,
-            # inside the replica's handler beyond the engine's own decode / around the handler
-            "overhead_in_handler_ms_mean": replica_mean_ms - statistics.fmean(local_ms),
-            "overhead_around_handler_ms_mean": statistics.fmean(http_ms) - replica_mean_ms,
-            "overhead_pairs": float(len(diffs)), "overhead_tokens": float(OVERHEAD_TOKENS),
-            # CPU per request, whatever share of the cores each process got: the engine alone, the
-            # replica (engine + our handler + Serve's replica side), Serve's proxy
-            "inprocess_cpu_ms_per_request_c1": 1000 * local_cpu_s / len(diffs),
-            **{f"{name}_cpu_ms_per_request_c1": 1000 * (cpu_after[name] - cpu_before[name]) / len(diffs)
-               for name in pids}}
+    return {
+        "http_ms_p50_c1": statistics.median(http_ms),
+        "inprocess_ms_p50_c1": statistics.median(local_ms),
+        "serve_overhead_ms_p50": statistics.median(diffs),
+        "serve_overhead_ms_p90": percentile(diffs, 90),
+        "http_ms_mean_c1": statistics.fmean(http_ms),
+        "inprocess_ms_mean_c1": statistics.fmean(local_ms),
+        "replica_handler_ms_mean_c1": replica_mean_ms,
+        # inside the replica's handler beyond the engine's own decode / around the handler
+        "overhead_in_handler_ms_mean": replica_mean_ms - statistics.fmean(local_ms),
+        "overhead_around_handler_ms_mean": statistics.fmean(http_ms) - replica_mean_ms,
+        "overhead_pairs": float(len(diffs)),
+        "overhead_tokens": float(OVERHEAD_TOKENS),
+        # CPU per request, whatever share of the cores each process got: the engine alone, the
+        # replica (engine + our handler + Serve's replica side), Serve's proxy
+        "inprocess_cpu_ms_per_request_c1": 1000 * local_cpu_s / len(diffs),
+        **{
+            f"{name}_cpu_ms_per_request_c1": 1000
+            * (cpu_after[name] - cpu_before[name])
+            / len(diffs)
+            for name in pids
+        },
+    }
 
 
-# ------------------------------------------------------------------------------ the app without Serve
+# ------------------------------------------------------------------------------ the app without
+# Serve
 class InProcessServer:
     """What serving/api.py needs of a replica, built in this process without Serve: the same model
     store, engine loop and metrics as :class:`serving.app.CompletionServer`, so the app's ASGI path
@@ -260,8 +330,12 @@ class InProcessServer:
         self.ready_at = self.first_request_at = None
         self.metrics = ServeMetrics(ray_enabled=False)
         self.engine_loop = EngineLoop(loop, s.max_queued_sequences, self.metrics)
-        self.store = ModelStore(config.tracking.uri, lambda loaded, q, label: make_engine(loaded, q, label, s))
-        self.store.apply(ModelSettings.from_config(config), (s.max_num_seqs, s.max_num_batched_tokens, ""))
+        self.store = ModelStore(
+            config.tracking.uri, lambda loaded, q, label: make_engine(loaded, q, label, s)
+        )
+        self.store.apply(
+            ModelSettings.from_config(config), (s.max_num_seqs, s.max_num_batched_tokens, "")
+        )
 
     @property
     def ready(self) -> bool:
@@ -272,7 +346,8 @@ class InProcessServer:
 
 
 async def asgi_overhead(config, engine, repeats: int) -> dict[str, float]:
-    """The app's ASGI path in process (no Serve, no sockets) against the engine alone, alternated."""
+    """The app's ASGI path in process (no Serve, no sockets) against the engine alone,
+    alternated."""
     import httpx
 
     from serving.api import build_asgi_app
@@ -280,12 +355,18 @@ async def asgi_overhead(config, engine, repeats: int) -> dict[str, float]:
     server = InProcessServer(config, asyncio.get_running_loop())
     app_ms, local_ms, app_cpu, local_cpu = [], [], 0.0, 0.0
     try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=build_asgi_app(server)),
-                                     base_url="http://app") as http:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=build_asgi_app(server)), base_url="http://app"
+        ) as http:
             for n in range(repeats + 3):
                 prompt = f"def task_{n}("
-                started, cpu = time.perf_counter(), time.process_time()  # all threads: the engine loop's too
-                response = await http.post("/v1/completions", json=completion_body(prompt, OVERHEAD_TOKENS))
+                started, cpu = (
+                    time.perf_counter(),
+                    time.process_time(),
+                )  # all threads: the engine loop's too
+                response = await http.post(
+                    "/v1/completions", json=completion_body(prompt, OVERHEAD_TOKENS)
+                )
                 a, a_cpu = (time.perf_counter() - started) * 1000, time.process_time() - cpu
                 response.raise_for_status()
                 started, cpu = time.perf_counter(), time.process_time()
@@ -297,13 +378,17 @@ async def asgi_overhead(config, engine, repeats: int) -> dict[str, float]:
                     app_cpu += a_cpu
     finally:
         server.engine_loop.close()
-    return {"asgi_app_ms_p50_c1": statistics.median(app_ms),
-            "app_overhead_ms_p50": statistics.median([a - b for a, b in zip(app_ms, local_ms)]),
-            "asgi_app_cpu_ms_per_request_c1": 1000 * app_cpu / len(app_ms),
-            "app_overhead_cpu_ms_per_request_c1": 1000 * (app_cpu - local_cpu) / len(app_ms)}
+    return {
+        "asgi_app_ms_p50_c1": statistics.median(app_ms),
+        "app_overhead_ms_p50": statistics.median([a - b for a, b in zip(app_ms, local_ms)]),
+        "asgi_app_cpu_ms_per_request_c1": 1000 * app_cpu / len(app_ms),
+        "app_overhead_cpu_ms_per_request_c1": 1000 * (app_cpu - local_cpu) / len(app_ms),
+    }
 
 
-async def closed_loop(app_url: str, concurrency: int, duration_s: float, max_tokens: int) -> dict[str, float]:
+async def closed_loop(
+    app_url: str, concurrency: int, duration_s: float, max_tokens: int
+) -> dict[str, float]:
     """``concurrency`` clients, each sending its next request when the previous returns."""
     import httpx
 
@@ -316,8 +401,10 @@ async def closed_loop(app_url: str, concurrency: int, duration_s: float, max_tok
         while time.monotonic() < deadline:
             started = time.perf_counter()
             try:
-                response = await http.post(f"{app_url}/v1/completions",
-                                           json=completion_body(f"def task_{worker}_{n}(", max_tokens))
+                response = await http.post(
+                    f"{app_url}/v1/completions",
+                    json=completion_body(f"def task_{worker}_{n}(", max_tokens),
+                )
                 ok = response.status_code == 200
             except httpx.HTTPError:
                 ok = False
@@ -333,16 +420,26 @@ async def closed_loop(app_url: str, concurrency: int, duration_s: float, max_tok
         started = time.monotonic()
         await asyncio.gather(*(client(i, http, started + duration_s) for i in range(concurrency)))
         elapsed = time.monotonic() - started
-    return {"rps": len(latencies) / elapsed, "tokens_per_s": tokens / elapsed, "p50_ms": percentile(latencies, 50) * 1000,
-            "p99_ms": percentile(latencies, 99) * 1000, "errors": float(errors), "requests": float(len(latencies)),
-            "tokens": float(tokens), "seconds": elapsed}
+    return {
+        "rps": len(latencies) / elapsed,
+        "tokens_per_s": tokens / elapsed,
+        "p50_ms": percentile(latencies, 50) * 1000,
+        "p99_ms": percentile(latencies, 99) * 1000,
+        "errors": float(errors),
+        "requests": float(len(latencies)),
+        "tokens": float(tokens),
+        "seconds": elapsed,
+    }
 
 
 async def running_sequences(http, app_url: str) -> float:
     """The replica's running-sequences gauge (its /metrics), all model versions."""
     text = (await http.get(f"{app_url}/metrics")).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("moeops_running_sequences"))
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("moeops_running_sequences")
+    )
 
 
 async def short_behind_long(app_url: str, repeats: int, streamed: bool) -> dict[str, float]:
@@ -352,10 +449,15 @@ async def short_behind_long(app_url: str, repeats: int, streamed: bool) -> dict[
     gauge; streamed: once each has sent its first token); then the short one is sent."""
     import httpx
 
-    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=LONG_REQUESTS + 4)) as http:
+    async with httpx.AsyncClient(
+        timeout=120, limits=httpx.Limits(max_connections=LONG_REQUESTS + 4)
+    ) as http:
+
         async def short(n: int) -> float:
             started = time.perf_counter()
-            response = await http.post(f"{app_url}/v1/completions", json=completion_body(f"x = {n}", SHORT_TOKENS))
+            response = await http.post(
+                f"{app_url}/v1/completions", json=completion_body(f"x = {n}", SHORT_TOKENS)
+            )
             elapsed = time.perf_counter() - started
             response.raise_for_status()
             return elapsed * 1000
@@ -385,16 +487,22 @@ async def short_behind_long(app_url: str, repeats: int, streamed: bool) -> dict[
         for r in range(repeats):
             events = [asyncio.Event() for _ in range(LONG_REQUESTS)]
             t0 = time.perf_counter()
-            longs = [asyncio.create_task(long(r * LONG_REQUESTS + i, events[i])) for i in range(LONG_REQUESTS)]
+            longs = [
+                asyncio.create_task(long(r * LONG_REQUESTS + i, events[i]))
+                for i in range(LONG_REQUESTS)
+            ]
             await all_decoding(events)
             behind.append(await short(1000 + r))
             await asyncio.gather(*longs)
             long_ms.append((time.perf_counter() - t0) * 1000)
     tag = "_streamed" if streamed else ""
-    return {f"short_alone_ms_p50{tag}": statistics.median(alone),
-            f"short_behind_long{tag}_ms_p50": statistics.median(behind),
-            f"short_behind_long{tag}_latency_ratio": statistics.median(behind) / statistics.median(alone),
-            f"long_batch{tag}_ms_p50": statistics.median(long_ms)}
+    return {
+        f"short_alone_ms_p50{tag}": statistics.median(alone),
+        f"short_behind_long{tag}_ms_p50": statistics.median(behind),
+        f"short_behind_long{tag}_latency_ratio": statistics.median(behind)
+        / statistics.median(alone),
+        f"long_batch{tag}_ms_p50": statistics.median(long_ms),
+    }
 
 
 def deploy_floor() -> None:
@@ -444,26 +552,43 @@ def run_serve(quick: bool) -> dict[str, float | str]:
     duration = 3.0 if quick else 15.0
     repeats = 10 if quick else 60
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    config = load_config([
-        f"paths.root={tmp / 'moeops'}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
-        f"tracking.artifact_location={(tmp / 'mlartifacts').as_uri()}", "experiment=tiny",
-        f"serve.port={free_port()}", "serve.num_cpus=1", "serve.app_name=bench", "serve.quantize=none",
-        f"serve.max_num_seqs={CONCURRENCY}", "serve.max_queued_sequences=64", "serve.max_ongoing_requests=128",
-        f"serve.max_tokens={LONG_TOKENS}", "serve.auth_token_env=MOEOPS_BENCH_NO_TOKEN", "cluster.num_cpus=4",
-    ])
+    config = load_config(
+        [
+            f"paths.root={tmp / 'moeops'}",
+            f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
+            f"tracking.artifact_location={(tmp / 'mlartifacts').as_uri()}",
+            "experiment=tiny",
+            f"serve.port={free_port()}",
+            "serve.num_cpus=1",
+            "serve.app_name=bench",
+            "serve.quantize=none",
+            f"serve.max_num_seqs={CONCURRENCY}",
+            "serve.max_queued_sequences=64",
+            "serve.max_ongoing_requests=128",
+            f"serve.max_tokens={LONG_TOKENS}",
+            "serve.auth_token_env=MOEOPS_BENCH_NO_TOKEN",
+            "cluster.num_cpus=4",
+        ]
+    )
     c = config.model
     out: dict[str, float | str] = {
         "model": f"{c.name} dim={c.dim} layers={c.n_layers} experts={c.num_experts} top_k={c.top_k}",
-        "max_num_seqs": float(config.serve.max_num_seqs), "replica_num_cpus": float(config.serve.num_cpus),
-        "load_duration_s": duration}
+        "max_num_seqs": float(config.serve.max_num_seqs),
+        "replica_num_cpus": float(config.serve.num_cpus),
+        "load_duration_s": duration,
+    }
     register_tiny_models(config, versions=1, work_dir=tmp / "work")
-    loaded, _ = load_registered(f"models:/{config.registry.model_name}@{config.registry.champion_alias}",
-                                config.tracking.uri)
+    loaded, _ = load_registered(
+        f"models:/{config.registry.model_name}@{config.registry.champion_alias}",
+        config.tracking.uri,
+    )
     engine = make_engine(loaded, "none", "inprocess", config.serve)
     out.update(asyncio.run(asgi_overhead(config, engine, repeats)))
-    log(f"the app's ASGI path in process: {out['asgi_app_ms_p50_c1']:.2f} ms, "
+    log(
+        f"the app's ASGI path in process: {out['asgi_app_ms_p50_c1']:.2f} ms, "
         f"{out['app_overhead_ms_p50']:.2f} ms over the engine alone (CPU per request "
-        f"{out['app_overhead_cpu_ms_per_request_c1']:.2f} ms more)")
+        f"{out['app_overhead_cpu_ms_per_request_c1']:.2f} ms more)"
+    )
     ensure_ray(config)
     try:
         app_url = deploy(config)
@@ -475,17 +600,33 @@ def run_serve(quick: bool) -> dict[str, float | str]:
         with httpx.Client(timeout=60) as http:
             pids = serve_pids(config.serve.app_name)
             for key, method, url, app, body in (
-                    ("serve_floor", "GET", base + FLOOR_PREFIX, "floor", None),
-                    ("serve_floor_fastapi", "POST", base + FLOOR_FASTAPI_PREFIX + "/", "floor-fastapi",
-                     completion_body("def f(", OVERHEAD_TOKENS)),
-                    ("app_healthz", "GET", f"{app_url}/healthz", config.serve.app_name, None)):
-                # the replica's CPU per request here is Ray Serve's replica side (+ a trivial handler)
-                p50, cpu = c1_p50_ms(http, method, url, repeats, body,
-                                     {"replica": serve_pids(app)["replica"], "proxy": pids["proxy"]})
+                ("serve_floor", "GET", base + FLOOR_PREFIX, "floor", None),
+                (
+                    "serve_floor_fastapi",
+                    "POST",
+                    base + FLOOR_FASTAPI_PREFIX + "/",
+                    "floor-fastapi",
+                    completion_body("def f(", OVERHEAD_TOKENS),
+                ),
+                ("app_healthz", "GET", f"{app_url}/healthz", config.serve.app_name, None),
+            ):
+                # the replica's CPU per request here is Ray Serve's replica side (+ a trivial
+                # handler)
+                p50, cpu = c1_p50_ms(
+                    http,
+                    method,
+                    url,
+                    repeats,
+                    body,
+                    {"replica": serve_pids(app)["replica"], "proxy": pids["proxy"]},
+                )
                 out[f"{key}_ms_p50"] = p50
-                out.update({f"{key}_{name}_cpu_ms_per_request": value for name, value in cpu.items()})
+                out.update(
+                    {f"{key}_{name}_cpu_ms_per_request": value for name, value in cpu.items()}
+                )
             out.update(paired_overhead(http, app_url, engine, repeats, pids))
-        log(f"floor {out['serve_floor_ms_p50']:.2f} ms (CPU per request: replica "
+        log(
+            f"floor {out['serve_floor_ms_p50']:.2f} ms (CPU per request: replica "
             f"{out['serve_floor_replica_cpu_ms_per_request']:.2f} ms, proxy {out['serve_floor_proxy_cpu_ms_per_request']:.2f} ms), "
             f"FastAPI floor {out['serve_floor_fastapi_ms_p50']:.2f} ms (replica CPU "
             f"{out['serve_floor_fastapi_replica_cpu_ms_per_request']:.2f} ms), "
@@ -494,20 +635,32 @@ def run_serve(quick: bool) -> dict[str, float | str]:
             f"{out['serve_overhead_ms_p50']:.2f} ms (mean: {out['overhead_in_handler_ms_mean']:.2f} ms in the replica's "
             f"handler, {out['overhead_around_handler_ms_mean']:.2f} ms around it); CPU per request: engine "
             f"{out['inprocess_cpu_ms_per_request_c1']:.2f} ms, replica {out.get('replica_cpu_ms_per_request_c1', -1):.2f} ms, "
-            f"proxy {out.get('proxy_cpu_ms_per_request_c1', -1):.2f} ms")
+            f"proxy {out.get('proxy_cpu_ms_per_request_c1', -1):.2f} ms"
+        )
 
-        out.update({"short_tokens": float(SHORT_TOKENS), "long_tokens": float(LONG_TOKENS),
-                    "long_requests": float(LONG_REQUESTS)})
+        out.update(
+            {
+                "short_tokens": float(SHORT_TOKENS),
+                "long_tokens": float(LONG_TOKENS),
+                "long_requests": float(LONG_REQUESTS),
+            }
+        )
         for streamed in (False, True):
             out.update(asyncio.run(short_behind_long(app_url, 3 if quick else 10, streamed)))
             tag = "_streamed" if streamed else ""
-            log(f"{SHORT_TOKENS}-token request alone {out[f'short_alone_ms_p50{tag}']:.1f} ms, behind {LONG_REQUESTS} x "
+            log(
+                f"{SHORT_TOKENS}-token request alone {out[f'short_alone_ms_p50{tag}']:.1f} ms, behind {LONG_REQUESTS} x "
                 f"{LONG_TOKENS} tokens{' streamed' if streamed else ''} {out[f'short_behind_long{tag}_ms_p50']:.1f} ms "
-                f"(ratio {out[f'short_behind_long{tag}_latency_ratio']:.2f})")
+                f"(ratio {out[f'short_behind_long{tag}_latency_ratio']:.2f})"
+            )
 
-        asyncio.run(closed_loop(app_url, CONCURRENCY, 1.0, LOAD_TOKENS))  # warm the path at this concurrency
+        asyncio.run(
+            closed_loop(app_url, CONCURRENCY, 1.0, LOAD_TOKENS)
+        )  # warm the path at this concurrency
         batched = http_and_inprocess(app_url, engine, pids, duration, 2 if quick else 5)
-        deploy(with_overrides(config, {"serve.max_num_seqs": 1}))  # reconfigure in place: one KV slot
+        deploy(
+            with_overrides(config, {"serve.max_num_seqs": 1})
+        )  # reconfigure in place: one KV slot
         wait_ready(app_url, timeout_s=300)
         asyncio.run(closed_loop(app_url, 4, 1.0, LOAD_TOKENS))
         unbatched = asyncio.run(closed_loop(app_url, CONCURRENCY, duration, LOAD_TOKENS))
@@ -515,49 +668,96 @@ def run_serve(quick: bool) -> dict[str, float | str]:
         serve.shutdown()
         ray.shutdown()
     for label, result in (("batched", batched), ("unbatched", unbatched)):
-        out.update({f"{key}_c{CONCURRENCY}_{label}": value for key, value in result.items()
-                    if not key.startswith("inprocess_")})
-        log(f"{label:9s} c={CONCURRENCY}: {result['rps']:6.1f} req/s, {result['tokens_per_s']:7.0f} tok/s, p50 "
-            f"{result['p50_ms']:6.0f} ms, p99 {result['p99_ms']:6.0f} ms, errors {result['errors']:.0f}")
-    out.update({f"inprocess_{key[len('inprocess_'):]}_b{CONCURRENCY}": value for key, value in batched.items()
-                if key.startswith("inprocess_")})
+        out.update(
+            {
+                f"{key}_c{CONCURRENCY}_{label}": value
+                for key, value in result.items()
+                if not key.startswith("inprocess_")
+            }
+        )
+        log(
+            f"{label:9s} c={CONCURRENCY}: {result['rps']:6.1f} req/s, {result['tokens_per_s']:7.0f} tok/s, p50 "
+            f"{result['p50_ms']:6.0f} ms, p99 {result['p99_ms']:6.0f} ms, errors {result['errors']:.0f}"
+        )
+    out.update(
+        {
+            f"inprocess_{key[len('inprocess_') :]}_b{CONCURRENCY}": value
+            for key, value in batched.items()
+            if key.startswith("inprocess_")
+        }
+    )
     out["load_tokens"] = float(LOAD_TOKENS)
     out["batched_vs_unbatched_rps_ratio_c32"] = batched["rps"] / max(unbatched["rps"], 1e-9)
     out["decode_tokens_per_s_c32"] = batched["tokens_per_s"]
-    out["decode_vs_inprocess_ratio_c32"] = batched["tokens_per_s"] / batched["inprocess_tokens_per_s"]
+    out["decode_vs_inprocess_ratio_c32"] = (
+        batched["tokens_per_s"] / batched["inprocess_tokens_per_s"]
+    )
     if "replica_tokens_per_cpu_s" in batched:
-        # per CPU second: what the replica spends beyond the engine, whatever share of the cores it got
-        out["decode_vs_inprocess_cpu_ratio_c32"] = batched["replica_tokens_per_cpu_s"] / batched["inprocess_tokens_per_cpu_s"]
-    log(f"in process b{CONCURRENCY}: {batched['inprocess_tokens_per_s']:.0f} tok/s; HTTP/in-process "
+        # per CPU second: what the replica spends beyond the engine, whatever share of the cores it
+        # got
+        out["decode_vs_inprocess_cpu_ratio_c32"] = (
+            batched["replica_tokens_per_cpu_s"] / batched["inprocess_tokens_per_cpu_s"]
+        )
+    log(
+        f"in process b{CONCURRENCY}: {batched['inprocess_tokens_per_s']:.0f} tok/s; HTTP/in-process "
         f"{out['decode_vs_inprocess_ratio_c32']:.2f} (per CPU second "
         f"{out.get('decode_vs_inprocess_cpu_ratio_c32', float('nan')):.2f}); batched/unbatched rps "
-        f"{out['batched_vs_unbatched_rps_ratio_c32']:.2f}")
+        f"{out['batched_vs_unbatched_rps_ratio_c32']:.2f}"
+    )
     return out
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--json", dest="json_out", required=True, help="write the figures here")
-    parser.add_argument("--quick", action="store_true", help="short smoke run (int8 at its quick sizes)")
+    parser.add_argument(
+        "--quick", action="store_true", help="short smoke run (int8 at its quick sizes)"
+    )
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     load_start, uptime_start = machine_load()
-    figures: dict = {"benchmark": "bench_serve", "goals": GOALS, "quick": args.quick, "cpu_count": os.cpu_count(),
-                     "load_1m_start": load_start, "uptime_start": uptime_start}
+    figures: dict = {
+        "benchmark": "bench_serve",
+        "goals": GOALS,
+        "quick": args.quick,
+        "cpu_count": os.cpu_count(),
+        "load_1m_start": load_start,
+        "uptime_start": uptime_start,
+    }
     figures.update(run_serve(args.quick))
 
     import bench_int8  # tests/benchmarks/, beside this file
 
     int8 = bench_int8.run(quick=args.quick)
     figures.update({f"int8.{key}": value for key, value in int8.items()})
-    for key in ("int8_vs_fp32_speed_ratio", "int8_vs_fp32_speed_ratio_compute_bound", "int8_perplexity_change_pct"):
+    for key in (
+        "int8_vs_fp32_speed_ratio",
+        "int8_vs_fp32_speed_ratio_compute_bound",
+        "int8_perplexity_change_pct",
+    ):
         figures[key] = int8[key]
     figures["load_1m_end"], figures["uptime"] = machine_load()
     figures["wall_s"] = time.perf_counter() - t0
     figures = {k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}
     Path(args.json_out).write_text(json.dumps(figures, indent=2, sort_keys=True))
-    print(json.dumps({k: figures[k] for k in (*GOALS, "serve_floor_ms_p50", "decode_tokens_per_s_c32", "load_1m_start",
-                                             "load_1m_end")}, indent=2), flush=True)
+    print(
+        json.dumps(
+            {
+                k: figures[k]
+                for k in (
+                    *GOALS,
+                    "serve_floor_ms_p50",
+                    "decode_tokens_per_s_c32",
+                    "load_1m_start",
+                    "load_1m_end",
+                )
+            },
+            indent=2,
+        ),
+        flush=True,
+    )
     return figures
 
 

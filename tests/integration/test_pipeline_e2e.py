@@ -1,5 +1,6 @@
 """The whole pipeline on the tiny experiment with local Ray: every stage for real, then again
 with every stage reused."""
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,9 @@ STAGES = ["prepare", "tune", "train", "evaluate", "register", "deploy"]
 
 
 def post_json(url: str, body: dict) -> dict:
-    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=60) as response:
         assert response.status == 200
         return json.loads(response.read())
@@ -50,15 +53,21 @@ def test_full_pipeline_then_fully_cached(ray_session, root_overrides, mlflow_uri
     assert parent.data.params["model.num_experts"] == str(config.model.num_experts)
     assert "moeops.ray.resources" in parent.data.tags
 
-    children = client.search_runs([first.experiment_id], f"tags.`mlflow.parentRunId` = '{first.parent_run_id}'")
+    children = client.search_runs(
+        [first.experiment_id], f"tags.`mlflow.parentRunId` = '{first.parent_run_id}'"
+    )
     by_stage = {run.data.tags["moeops.stage"]: run for run in children}
     assert sorted(by_stage) == sorted(STAGES)
     assert all(run.info.status == "FINISHED" for run in children)
 
     tune_run = by_stage["tune"]
-    trials = client.search_runs([first.experiment_id], f"tags.`mlflow.parentRunId` = '{tune_run.info.run_id}'")
+    trials = client.search_runs(
+        [first.experiment_id], f"tags.`mlflow.parentRunId` = '{tune_run.info.run_id}'"
+    )
     assert len(trials) == config.tune.num_samples
-    assert all("train.lr" in trial.data.params and "val_loss" in trial.data.metrics for trial in trials)
+    assert all(
+        "train.lr" in trial.data.params and "val_loss" in trial.data.metrics for trial in trials
+    )
 
     # the train run carries the data-flow report; its per-step fingerprints compare with themselves
     from pipelines.flow_diff import main as flow_diff
@@ -74,8 +83,13 @@ def test_full_pipeline_then_fully_cached(ray_session, root_overrides, mlflow_uri
 
     endpoint = first.stages["deploy"].outputs.endpoint
     assert endpoint == f"http://127.0.0.1:{serve_port}"
-    completion = post_json(f"{endpoint}/v1/completions", {"prompt": "def ", "max_tokens": 4, "seed": 1})
-    assert completion["choices"][0]["text"] is not None and completion["usage"]["completion_tokens"] >= 1
+    completion = post_json(
+        f"{endpoint}/v1/completions", {"prompt": "def ", "max_tokens": 4, "seed": 1}
+    )
+    assert (
+        completion["choices"][0]["text"] is not None
+        and completion["usage"]["completion_tokens"] >= 1
+    )
 
     assert wait_for_no_placement_groups() == [], "a training run left its placement group behind"
 
@@ -83,4 +97,6 @@ def test_full_pipeline_then_fully_cached(ray_session, root_overrides, mlflow_uri
     assert all(outcome.reused for outcome in second.stages.values()), {
         name: outcome.reused for name, outcome in second.stages.items()
     }
-    assert client.get_run(second.parent_run_id).data.tags["moeops.reused_stages"] == ",".join(STAGES)
+    assert client.get_run(second.parent_run_id).data.tags["moeops.reused_stages"] == ",".join(
+        STAGES
+    )

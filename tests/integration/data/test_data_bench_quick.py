@@ -1,5 +1,6 @@
 """The data benchmark's --quick run starts its own S3, builds both datasets (moeops shards and
 mosaicml-streaming MDS) and produces every named figure."""
+
 import json
 import math
 import subprocess
@@ -11,19 +12,49 @@ import pytest
 pytestmark = [pytest.mark.benchmark, pytest.mark.integration]
 
 ROOT = Path(__file__).resolve().parents[3]
-RATIOS = ("warm_vs_raw_ratio", "cold_vs_s3_limit_ratio", "cold_parallel_vs_sequential_ratio",
-          "warm_vs_streaming_ratio", "cold_vs_streaming_ratio", "data_wait_fraction_prefetch_on",
-          "prepare_vs_tokenizer_limit_ratio")
-RAW = ("warm_samples_per_s", "warm_mb_per_s", "raw_pyarrow_samples_per_s", "raw_pyarrow_mb_per_s", "raw_bytes_mb_per_s",
-       "cold_samples_per_s", "cold_mb_per_s", "cold_fill_only_mb_per_s", "s3_limit_mb_per_s",
-       "cold_sequential_samples_per_s", "streaming_cold_samples_per_s", "streaming_warm_samples_per_s",
-       "prepare_tokens_per_s", "tokenizer_limit_tokens_per_s", "data_wait_fraction_prefetch_off")
+RATIOS = (
+    "warm_vs_raw_ratio",
+    "cold_vs_s3_limit_ratio",
+    "cold_parallel_vs_sequential_ratio",
+    "warm_vs_streaming_ratio",
+    "cold_vs_streaming_ratio",
+    "data_wait_fraction_prefetch_on",
+    "prepare_vs_tokenizer_limit_ratio",
+)
+RAW = (
+    "warm_samples_per_s",
+    "warm_mb_per_s",
+    "raw_pyarrow_samples_per_s",
+    "raw_pyarrow_mb_per_s",
+    "raw_bytes_mb_per_s",
+    "cold_samples_per_s",
+    "cold_mb_per_s",
+    "cold_fill_only_mb_per_s",
+    "s3_limit_mb_per_s",
+    "cold_sequential_samples_per_s",
+    "streaming_cold_samples_per_s",
+    "streaming_warm_samples_per_s",
+    "prepare_tokens_per_s",
+    "tokenizer_limit_tokens_per_s",
+    "data_wait_fraction_prefetch_off",
+)
 
 
 def test_bench_data_quick(tmp_path):
     out = tmp_path / "bench-data.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "tests/benchmarks/bench_data.py"), "--quick", "--json", str(out)],
-                          cwd=ROOT, timeout=300, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tests/benchmarks/bench_data.py"),
+            "--quick",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        timeout=300,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     for key in (*RATIOS, *RAW):
@@ -31,8 +62,12 @@ def test_bench_data_quick(tmp_path):
     for key in RATIOS:
         assert f"{key}: " in proc.stdout  # the headline figures are printed too
     assert 0 < result["data_wait_fraction_prefetch_on"] < 1
-    # the same tokens on both sides: as many (whole-batch) samples per epoch for moeops as for streaming
-    assert result["streaming_samples"] == result["samples"] // result["batch_size"] * result["batch_size"]
+    # the same tokens on both sides: as many (whole-batch) samples per epoch for moeops as for
+    # streaming
+    assert (
+        result["streaming_samples"]
+        == result["samples"] // result["batch_size"] * result["batch_size"]
+    )
     assert result["bench_bytes"] == result["samples"] * (result["seq_len"] + 1) * 4
     assert result["shard_mb"] == 2 and result["shards"] >= 4
     assert "load average" in result["uptime"]

@@ -1,4 +1,5 @@
 """The prepare stage end to end: Ray tasks, the cold tier (local and S3), MLflow lineage."""
+
 from __future__ import annotations
 
 import os
@@ -16,11 +17,19 @@ from pipelines.prepare import SPEC
 
 pytestmark = pytest.mark.integration
 
-SMALL = ["experiment=tiny", "data.max_files=16", "data.max_bytes=150000", "data.vocab_size=400",
-         "data.seq_len=32", "data.rows_per_shard=128"]
+SMALL = [
+    "experiment=tiny",
+    "data.max_files=16",
+    "data.max_bytes=150000",
+    "data.vocab_size=400",
+    "data.seq_len=32",
+    "data.rows_per_shard=128",
+]
 
 
-def test_prepare_stage_logs_lineage_and_matches_the_serial_build(ray_session, root_overrides, tmp_path):
+def test_prepare_stage_logs_lineage_and_matches_the_serial_build(
+    ray_session, root_overrides, tmp_path
+):
     config = load_config(root_overrides + SMALL)
     result = run_pipeline(config, [SPEC], entry_point="pipelines.prepare")
     outcome = result.stages["prepare"]
@@ -32,7 +41,9 @@ def test_prepare_stage_logs_lineage_and_matches_the_serial_build(ray_session, ro
     assert TextTokenizer.load(out.tokenizer_uri).digest == out.tokenizer_hash
 
     # Ray fan-out and an in-process build agree byte for byte
-    serial = prepare_dataset(config.data, replace(config.storage, cold_uri=str(tmp_path / "serial-cold")))
+    serial = prepare_dataset(
+        config.data, replace(config.storage, cold_uri=str(tmp_path / "serial-cold"))
+    )
     assert serial.manifest.dataset_digest == out.dataset_digest
 
     client = MlflowClient(config.tracking.uri)

@@ -1,4 +1,5 @@
 """The tiers against a real S3 server (SeaweedFS): prepare, read, outages, a shared warm cache."""
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -24,9 +25,17 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def s3_dataset(s3_server, tmp_path_factory):
-    storage = s3_server.storage(f"it-{uuid.uuid4().hex[:6]}", warm_dir=str(tmp_path_factory.mktemp("warm")),
-                                warm_limit_bytes=1 << 30, parallel_fetches=4, retries=2, backoff_base_s=0.05,
-                                backoff_max_s=0.2, hot_prefetch_batches=2, verify_on_open=False)
+    storage = s3_server.storage(
+        f"it-{uuid.uuid4().hex[:6]}",
+        warm_dir=str(tmp_path_factory.mktemp("warm")),
+        warm_limit_bytes=1 << 30,
+        parallel_fetches=4,
+        retries=2,
+        backoff_base_s=0.05,
+        backoff_max_s=0.2,
+        hot_prefetch_batches=2,
+        verify_on_open=False,
+    )
     result = prepare_small_dataset(storage, rows_per_shard=160)  # ~36 train shards: quick on S3
     return result.manifest, storage
 
@@ -38,7 +47,10 @@ def _storage(base: StorageConfig, tmp_path, **kw) -> StorageConfig:
 def _reference(manifest, storage) -> list[np.ndarray]:
     from components.data.cold import read_bytes
 
-    return [decode_shard(read_bytes(manifest.shard_uri(s), storage), manifest.row_len) for s in manifest.shards("train")]
+    return [
+        decode_shard(read_bytes(manifest.shard_uri(s), storage), manifest.row_len)
+        for s in manifest.shards("train")
+    ]
 
 
 def test_prepare_writes_to_s3_and_the_reader_reads_it_back(s3_server, s3_dataset, tmp_path):
@@ -49,9 +61,12 @@ def test_prepare_writes_to_s3_and_the_reader_reads_it_back(s3_server, s3_dataset
     tok = TextTokenizer.load(manifest.tokenizer_uri, storage, expected_hash=manifest.tokenizer_hash)
     assert tok.vocab_size == manifest.vocab_size
     fs = s3_server.filesystem()
-    root = manifest.root_uri[len("s3://"):]
-    listed = {p[len(root) + 1:] for p in fs.find(root)}
-    expected = {s.name for split in manifest.splits.values() for s in split} | {"manifest.json", "tokenizer.json"}
+    root = manifest.root_uri[len("s3://") :]
+    listed = {p[len(root) + 1 :] for p in fs.find(root)}
+    expected = {s.name for split in manifest.splits.values() for s in split} | {
+        "manifest.json",
+        "tokenizer.json",
+    }
     assert listed == expected  # no temp or stray objects
     reader = TieredReader(manifest.uri, "train", _storage(storage, tmp_path), seed=1, batch_size=8)
     rows = torch.cat(list(reader))
@@ -63,9 +78,19 @@ def test_prepare_writes_to_s3_and_the_reader_reads_it_back(s3_server, s3_dataset
 
 def test_cold_outage_mid_epoch_is_survived_by_retries(s3_server, s3_dataset, tmp_path):
     manifest, storage = s3_dataset
-    reference = list(TieredReader(manifest.uri, "train", _storage(storage, tmp_path), seed=5, batch_size=8,
-                                  prefetch_batches=0))
-    st = _storage(storage, tmp_path, retries=12, backoff_base_s=0.2, backoff_max_s=1.0, parallel_fetches=1)
+    reference = list(
+        TieredReader(
+            manifest.uri,
+            "train",
+            _storage(storage, tmp_path),
+            seed=5,
+            batch_size=8,
+            prefetch_batches=0,
+        )
+    )
+    st = _storage(
+        storage, tmp_path, retries=12, backoff_base_s=0.2, backoff_max_s=1.0, parallel_fetches=1
+    )
     reader = TieredReader(manifest.uri, "train", st, seed=5, batch_size=8, prefetch_batches=0)
     got = []
     restarter = None
@@ -82,13 +107,18 @@ def test_cold_outage_mid_epoch_is_survived_by_retries(s3_server, s3_dataset, tmp
 
 def test_cold_tier_gone_for_good_names_the_shard_and_uri(s3_server, s3_dataset, tmp_path):
     manifest, storage = s3_dataset
-    st = _storage(storage, tmp_path, retries=2, backoff_base_s=0.05, backoff_max_s=0.1, parallel_fetches=1)
+    st = _storage(
+        storage, tmp_path, retries=2, backoff_base_s=0.05, backoff_max_s=0.1, parallel_fetches=1
+    )
     reader = TieredReader(manifest.uri, "train", st, seed=2, batch_size=8, prefetch_batches=2)
     s3_server.stop()
     try:
         started = time.monotonic()
-        with pytest.raises(ColdStorageError, match=r"shard train/part-\d+-\d+\.parquet: cold tier 's3://.*\.parquet' "
-                                                   r"still failing after 3 attempts"):
+        with pytest.raises(
+            ColdStorageError,
+            match=r"shard train/part-\d+-\d+\.parquet: cold tier 's3://.*\.parquet' "
+            r"still failing after 3 attempts",
+        ):
             list(reader)
         assert time.monotonic() - started < 60
     finally:
@@ -99,7 +129,9 @@ def test_cold_tier_gone_for_good_names_the_shard_and_uri(s3_server, s3_dataset, 
 
 
 def _read_all_in_child(manifest_uri: str, storage: dict, seed: int, out: mp.Queue) -> None:
-    reader = TieredReader(manifest_uri, "train", storage, seed=seed, batch_size=8, prefetch_batches=2)
+    reader = TieredReader(
+        manifest_uri, "train", storage, seed=seed, batch_size=8, prefetch_batches=2
+    )
     rows = torch.cat(list(reader)).numpy()
     reader.close()  # wait for warm fills still in flight before reading the stats
     out.put((seed, rows.tobytes(), reader.stats()))
@@ -112,7 +144,10 @@ def test_processes_share_one_warm_cache_under_a_tight_limit(s3_server, s3_datase
     st = _storage(storage, tmp_path, warm_limit_bytes=limit, parallel_fetches=2)
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_read_all_in_child, args=(manifest.uri, st, seed, out)) for seed in (1, 1, 2)]
+    procs = [
+        ctx.Process(target=_read_all_in_child, args=(manifest.uri, st, seed, out))
+        for seed in (1, 1, 2)
+    ]
     for p in procs:
         p.start()
     results = [out.get(timeout=300) for _ in procs]

@@ -6,16 +6,17 @@ The head is not the session's `ray_session`: this test must not touch the shared
 reason it does not run `ray stop` (which stops every Ray on the machine, the test session's too);
 it ends exactly the processes it started, by process group and session directory.
 """
+
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-import secrets
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -35,10 +36,12 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
 class RayHead:
-    """`ray start --head --block` in its own process group, with the job server (dashboard) on loopback."""
+    """`ray start --head --block` in its own process group, with the job server (dashboard) on
+    loopback."""
 
     def __init__(self, env: dict[str, str]):
-        # Token auth, as on a real cluster (and independent of any ~/.ray/auth_token on this machine).
+        # Token auth, as on a real cluster (and independent of any ~/.ray/auth_token on this
+        # machine).
         self.auth_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
         env = {**env, **self.auth_env}
         # Short path: Ray's unix sockets live under it and must fit in 107 bytes.
@@ -46,22 +49,35 @@ class RayHead:
         self.gcs_port, self.dashboard_port = free_port(), free_port()
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         command = [
-            RAY, "start", "--head", "--block", "--disable-usage-stats",
-            f"--port={self.gcs_port}", "--node-ip-address=127.0.0.1",
-            "--num-cpus=4", "--num-gpus=0", "--object-store-memory=400000000",
-            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-            f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+            RAY,
+            "start",
+            "--head",
+            "--block",
+            "--disable-usage-stats",
+            f"--port={self.gcs_port}",
+            "--node-ip-address=127.0.0.1",
+            "--num-cpus=4",
+            "--num-gpus=0",
+            "--object-store-memory=400000000",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard_port}",
+            f"--ray-client-server-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
             f"--temp-dir={self.temp_dir}",
         ]
         self.log = open(Path(self.temp_dir) / "ray-start.log", "w")
-        self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(
+            command, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     def wait_ready(self, timeout_s: float = 120) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"ray start exited with {self.process.returncode}: {self.start_log()}")
+                raise RuntimeError(
+                    f"ray start exited with {self.process.returncode}: {self.start_log()}"
+                )
             try:
                 with urllib.request.urlopen(f"{self.dashboard}/api/version", timeout=2):
                     return
@@ -75,7 +91,8 @@ class RayHead:
         return (Path(self.temp_dir) / "ray-start.log").read_text()[-3000:]
 
     def stop(self) -> None:
-        """SIGTERM everything this head started, SIGKILL what is left after a grace period; nothing else."""
+        """SIGTERM everything this head started, SIGKILL what is left after a grace period; nothing
+        else."""
         ours = self._our_pids()  # now, before parents die and their children are re-parented
         for sig, grace_s in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 10.0)):
             for pid in ours:
@@ -91,7 +108,11 @@ class RayHead:
                     break
                 time.sleep(0.5)
             # children started while shutting down (a restarted worker) are ours too
-            ours = [pid for pid in sorted(set(ours) | set(self._our_pids())) if Path(f"/proc/{pid}").exists()]
+            ours = [
+                pid
+                for pid in sorted(set(ours) | set(self._our_pids()))
+                if Path(f"/proc/{pid}").exists()
+            ]
             if not ours:
                 break
         self.log.close()
@@ -132,7 +153,11 @@ class RayHead:
 def client_env(head: RayHead) -> dict[str, str]:
     """What a user's shell holds to talk to the cluster: its token, not its tracking URI."""
     # (not the test session's cluster: RAY_API_SERVER_ADDRESS would override --address)
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", API_SERVER_ENV)}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", API_SERVER_ENV)
+    }
     return {**env, **head.auth_env}
 
 
@@ -154,15 +179,33 @@ def ray_head(tmp_path):
 
 
 def ray_cli(head: RayHead, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([RAY, *args], cwd=REPO, env=client_env(head), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [RAY, *args],
+        cwd=REPO,
+        env=client_env(head),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def submit(head: RayHead, entrypoint: list[str]) -> str:
     submission_id = f"moeops-test-{int(time.time())}"
     result = ray_cli(
-        head, "job", "submit", "--address", head.dashboard, "--submission-id", submission_id, "--no-wait",
-        "--working-dir", ".", "--runtime-env", "infra/runtime_env.yaml", "--", *entrypoint,
+        head,
+        "job",
+        "submit",
+        "--address",
+        head.dashboard,
+        "--submission-id",
+        submission_id,
+        "--no-wait",
+        "--working-dir",
+        ".",
+        "--runtime-env",
+        "infra/runtime_env.yaml",
+        "--",
+        *entrypoint,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return submission_id
@@ -171,7 +214,8 @@ def submit(head: RayHead, entrypoint: list[str]) -> str:
 def job_api(head: RayHead, path: str, method: str = "GET") -> dict:
     """The job server's REST API (what `ray job status/logs/stop` call), with the cluster token."""
     request = urllib.request.Request(
-        f"{head.dashboard}/api/jobs/{path}", method=method,
+        f"{head.dashboard}/api/jobs/{path}",
+        method=method,
         headers={"Authorization": f"Bearer {head.auth_env['RAY_AUTH_TOKEN']}"},
     )
     with urllib.request.urlopen(request, timeout=30) as response:
@@ -194,11 +238,18 @@ def test_tiny_pipeline_via_ray_job_submit(ray_head, tmp_path):
     root = tmp_path / "moeops"
     serve_port = free_port()
     entrypoint = [
-        "python", "-m", "pipelines.run", "experiment=tiny", "cluster=remote",
-        f"paths.root={root}", f"serve.port={serve_port}", "run_name=ray-job-submit",
+        "python",
+        "-m",
+        "pipelines.run",
+        "experiment=tiny",
+        "cluster=remote",
+        f"paths.root={root}",
+        f"serve.port={serve_port}",
+        "run_name=ray-job-submit",
         "stages=[" + ",".join(STAGES) + "]",
         # every stage, fewer models: the sweep and the comparison are tested in depth elsewhere
-        "tune.num_samples=1", "evaluate.compare_dense=false",
+        "tune.num_samples=1",
+        "evaluate.compare_dense=false",
     ]
     submission_id = submit(ray_head, entrypoint)
     status, logs = wait_for_job(ray_head, submission_id)
@@ -230,7 +281,9 @@ def test_tiny_pipeline_via_ray_job_submit(ray_head, tmp_path):
     )
     assert len(trials) == 1 and "val_loss" in trials[0].data.metrics  # a trial ran on our cluster
     outputs = by_stage["register"].data.tags
-    version = client.get_model_version(outputs["moeops.out.model_name"], outputs["moeops.out.model_version"])
+    version = client.get_model_version(
+        outputs["moeops.out.model_name"], outputs["moeops.out.model_version"]
+    )
     assert version.status == "READY"
 
     # The deploy stage left the model served by the cluster.

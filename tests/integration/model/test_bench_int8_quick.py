@@ -2,6 +2,7 @@
 
 In process (``main`` with argv, the CLI path included): the torch import and its first
 optimiser's one-off imports are then shared with the rest of the session."""
+
 import importlib.util
 import json
 import math
@@ -17,7 +18,9 @@ ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_bench_int8_quick(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_int8", ROOT / "tests/benchmarks/bench_int8.py")
+    spec = importlib.util.spec_from_file_location(
+        "bench_int8", ROOT / "tests/benchmarks/bench_int8.py"
+    )
     bench = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "bench_int8", bench)  # dataclasses look their module up there
     spec.loader.exec_module(bench)
@@ -26,9 +29,17 @@ def test_bench_int8_quick(tmp_path, monkeypatch):
     bench.main(["--quick", "--json", str(out)])
     assert torch.get_num_threads() == threads  # the benchmark restores what it changed
     result = json.loads(out.read_text())
-    for key in ("int8_vs_fp32_speed_ratio", "int8_vs_fp32_speed_ratio_compute_bound", "moe_small.decode.cpu_ratio",
-                "fp32_perplexity", "int8_perplexity", "moe_tiny.decode.fp32_tokens_per_s"):
+    for key in (
+        "int8_vs_fp32_speed_ratio",
+        "int8_vs_fp32_speed_ratio_compute_bound",
+        "moe_small.decode.cpu_ratio",
+        "fp32_perplexity",
+        "int8_perplexity",
+        "moe_tiny.decode.fp32_tokens_per_s",
+    ):
         assert math.isfinite(result[key]) and result[key] > 0, key
-    assert abs(result["int8_perplexity_change_pct"]) < 5  # a few training steps; int8 stays close anyway
+    assert (
+        abs(result["int8_perplexity_change_pct"]) < 5
+    )  # a few training steps; int8 stays close anyway
     assert result["auto_int8.moe_tiny"] == 0 and result["auto_int8.moe_small"] == 1
     assert result["threads"] == 1 and result["load_average_1m_start"] >= 0

@@ -15,6 +15,7 @@ The same workers also check: one host sync per MoE layer forward (counted), expo
 all-to-all time, bf16 payloads under autocast, metrics summed over ranks in one read, and the
 overlap schedule (which all-to-alls have compute between their launch and their wait).
 """
+
 from __future__ import annotations
 
 import sys
@@ -31,35 +32,57 @@ from components.model import Transformer, is_expert_param
 pytestmark = pytest.mark.integration
 
 # capacity_factor 1.0 makes the router drop tokens, so capacity is exercised across ranks too
-CFG = dict(dim=32, n_heads=2, n_layers=2, ffn_dim=64, num_experts=4, top_k=2, capacity_factor=1.0,
-           shared_expert=True, max_seq_len=32, moe_layer_interval=1)
+CFG = dict(
+    dim=32,
+    n_heads=2,
+    n_layers=2,
+    ffn_dim=64,
+    num_experts=4,
+    top_k=2,
+    capacity_factor=1.0,
+    shared_expert=True,
+    max_seq_len=32,
+    moe_layer_interval=1,
+)
 VOCAB = 64
 # name -> (train.overlap, model overrides)
 VARIANTS = {
     "sync": ({"async_a2a": False, "a2a_chunks": 1}, {}),
     "sync_grouped_mm": ({"async_a2a": False, "a2a_chunks": 1}, {"expert_backend": "grouped_mm"}),
     "async_chunks2": ({"async_a2a": True, "a2a_chunks": 2}, {}),
-    "async_chunks2_grouped_mm": ({"async_a2a": True, "a2a_chunks": 2}, {"expert_backend": "grouped_mm"}),
+    "async_chunks2_grouped_mm": (
+        {"async_a2a": True, "a2a_chunks": 2},
+        {"expert_backend": "grouped_mm"},
+    ),
     "async_chunks3": ({"async_a2a": True, "a2a_chunks": 3}, {}),
     # more chunks than tokens: empty chunks and ranks that receive nothing for a chunk must still
     # take part in every forward and backward all-to-all
     "async_chunks40": ({"async_a2a": True, "a2a_chunks": 40}, {}),
 }
 TOL = 1e-5
-SCHEDULE_CFG = dict(dim=32, n_heads=2, n_layers=1, ffn_dim=64, num_experts=4, top_k=2, max_seq_len=32)
+SCHEDULE_CFG = dict(
+    dim=32, n_heads=2, n_layers=1, ffn_dim=64, num_experts=4, top_k=2, max_seq_len=32
+)
 
 
 def _loss(model, batch):
     logits, aux = model(batch[:, :-1])
-    loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()) + aux["aux_loss"] + aux["z_loss"]
+    loss = (
+        F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        + aux["aux_loss"]
+        + aux["z_loss"]
+    )
     return loss, logits, aux
 
 
 def _schedule(rank: int, shared_expert: bool, chunks: int) -> list[str]:
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(**SCHEDULE_CFG, shared_expert=shared_expert), 64,
-                        ep_group=torch.distributed.group.WORLD,
-                        overlap=OverlapConfig(async_a2a=True, a2a_chunks=chunks)).train()
+    model = Transformer(
+        ModelConfig(**SCHEDULE_CFG, shared_expert=shared_expert),
+        64,
+        ep_group=torch.distributed.group.WORLD,
+        overlap=OverlapConfig(async_a2a=True, a2a_chunks=chunks),
+    ).train()
     layer = model.moe_layers()[0]
     events: list[str] = []
     timer = layer.dispatcher.timer
@@ -76,7 +99,10 @@ def _schedule(rank: int, shared_expert: bool, chunks: int) -> list[str]:
         events.append(f"wait{tags.pop(id(handle))}")
         return wait(handle, backward)
 
-    timer.launch, timer.wait = logged_launch, logged_wait  # the test's hook: record, then do the real thing
+    timer.launch, timer.wait = (
+        logged_launch,
+        logged_wait,
+    )  # the test's hook: record, then do the real thing
     modules = [layer.experts] + ([layer.shared_expert] if shared_expert else [])
     for module in modules:
         module.register_forward_hook(lambda *_: events.append("compute"))
@@ -97,7 +123,7 @@ def _hidden(events: list[str]) -> dict[int, bool]:
             launched_at[int(event[6:])] = i
         elif event.startswith("wait"):
             tag = int(event[4:])
-            hidden[tag] = "compute" in events[launched_at[tag] + 1:i]
+            hidden[tag] = "compute" in events[launched_at[tag] + 1 : i]
     return hidden
 
 
@@ -115,8 +141,12 @@ def ep_worker_loop(config: dict) -> None:
     batch = config["batches"][rank]
     results = {}
     for name, (overlap, overrides) in config["variants"].items():
-        model = Transformer(ModelConfig(**config["cfg"], **overrides), config["vocab"], ep_group=dist.group.WORLD,
-                            overlap=overlap).train()
+        model = Transformer(
+            ModelConfig(**config["cfg"], **overrides),
+            config["vocab"],
+            ep_group=dist.group.WORLD,
+            overlap=overlap,
+        ).train()
         model.load_state_dict(shard_experts(config["state"], rank, world))
         loss, logits, aux = _loss(model, batch)
         loss.backward()
@@ -135,21 +165,32 @@ def ep_worker_loop(config: dict) -> None:
 
     # bf16 autocast: payloads travel as bf16 through the all-to-all (the experts receive what came
     # out of it), the combine stays fp32; metrics summed over both ranks in one all-reduce
-    model = Transformer(ModelConfig(**config["cfg"]), config["vocab"], ep_group=dist.group.WORLD,
-                        overlap={"async_a2a": True, "a2a_chunks": 2}).train()
+    model = Transformer(
+        ModelConfig(**config["cfg"]),
+        config["vocab"],
+        ep_group=dist.group.WORLD,
+        overlap={"async_a2a": True, "a2a_chunks": 2},
+    ).train()
     model.load_state_dict(shard_experts(config["state"], rank, world))
     received = []
-    model.moe_layers()[0].experts.register_forward_pre_hook(lambda mod, args: received.append(args[0].dtype))
+    model.moe_layers()[0].experts.register_forward_pre_hook(
+        lambda mod, args: received.append(args[0].dtype)
+    )
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, logits, aux = _loss(model, batch)
     loss.backward()
     acc = MoEMetricsAccumulator()
     acc.add(aux)
-    results["bf16"] = {"logits": logits.detach().float(), "received_dtypes": received,
-                       "grads_finite": all(torch.isfinite(p.grad).all().item() for p in model.parameters()),
-                       "local_counts": [c.clone() for c in aux["expert_counts"]],
-                       "metrics": acc.read(group=dist.group.WORLD)}
-    results["schedules"] = {(shared, c): _schedule(rank, shared, c) for shared in (True, False) for c in (2, 3)}
+    results["bf16"] = {
+        "logits": logits.detach().float(),
+        "received_dtypes": received,
+        "grads_finite": all(torch.isfinite(p.grad).all().item() for p in model.parameters()),
+        "local_counts": [c.clone() for c in aux["expert_counts"]],
+        "metrics": acc.read(group=dist.group.WORLD),
+    }
+    results["schedules"] = {
+        (shared, c): _schedule(rank, shared, c) for shared in (True, False) for c in (2, 3)
+    }
     torch.save(results, Path(config["out_dir"]) / f"rank{rank}.pt")
     train.report({"done": 1})
 
@@ -178,8 +219,14 @@ def test_expert_parallel_2_matches_single_process(ray_session, tmp_path):
 
     trainer = TorchTrainer(
         ep_worker_loop,
-        train_loop_config={"cfg": CFG, "vocab": VOCAB, "state": state, "batches": batches,
-                           "variants": VARIANTS, "out_dir": str(tmp_path)},
+        train_loop_config={
+            "cfg": CFG,
+            "vocab": VOCAB,
+            "state": state,
+            "batches": batches,
+            "variants": VARIANTS,
+            "out_dir": str(tmp_path),
+        },
         scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(name="ep-equivalence", storage_path=str(tmp_path / "ray")),
     )
@@ -194,13 +241,17 @@ def test_expert_parallel_2_matches_single_process(ray_session, tmp_path):
         assert set(results) == set(VARIANTS)
         for name, res in results.items():
             assert res["expert_range"] == (2 * rank, 2)
-            assert torch.allclose(res["logits"], ref_logits[rank], atol=TOL), f"{name}: logits differ on rank {rank}"
+            assert torch.allclose(res["logits"], ref_logits[rank], atol=TOL), (
+                f"{name}: logits differ on rank {rank}"
+            )
             for param, grad in res["grads"].items():
                 if param in expert_names:
-                    want = ref_sum_grads[param][2 * rank:2 * rank + 2]
+                    want = ref_sum_grads[param][2 * rank : 2 * rank + 2]
                 else:
                     want = ref_own_grads[rank][param]
-                assert grad.shape == want.shape, f"{name}: {param} shape {grad.shape} vs {want.shape}"
+                assert grad.shape == want.shape, (
+                    f"{name}: {param} shape {grad.shape} vs {want.shape}"
+                )
                 err = (grad - want).abs().max().item()
                 assert err < TOL, f"{name}: gradient of {param} differs by {err} on rank {rank}"
             # the one host sync of a layer: the split sizes, read after the count exchange
@@ -215,26 +266,36 @@ def test_expert_parallel_2_matches_single_process(ray_session, tmp_path):
         # overlap on and off agree with each other exactly enough to be interchangeable
         for name in VARIANTS:
             assert torch.allclose(results[name]["logits"], results["sync"]["logits"], atol=TOL)
-        assert any(res["dropped"] > 0 for res in results.values()), "capacity should drop some tokens here"
+        assert any(res["dropped"] > 0 for res in results.values()), (
+            "capacity should drop some tokens here"
+        )
 
-        assert bf16["received_dtypes"] == [torch.bfloat16] * 2, "bf16 payloads through the all-to-all, per chunk"
+        assert bf16["received_dtypes"] == [torch.bfloat16] * 2, (
+            "bf16 payloads through the all-to-all, per chunk"
+        )
         assert bf16["grads_finite"]
-        assert (bf16["logits"] - ref_logits[rank]).abs().max() < 0.1 * ref_logits[rank].abs().max() + 0.05
+        assert (bf16["logits"] - ref_logits[rank]).abs().max() < 0.1 * ref_logits[
+            rank
+        ].abs().max() + 0.05
 
     # metrics read once over the group: both ranks see the sum of both ranks' counts
     total = bf16_runs[0]["local_counts"][0] + bf16_runs[1]["local_counts"][0]
     for run in bf16_runs:
-        assert [run["metrics"][f"moe/layer0/tokens_expert{e}"] for e in range(CFG["num_experts"])] == total.tolist()
+        assert [
+            run["metrics"][f"moe/layer0/tokens_expert{e}"] for e in range(CFG["num_experts"])
+        ] == total.tolist()
         assert run["metrics"]["moe/forwards"] == 2
 
     # which all-to-alls the compute hides, as an order of events (timings on this shared machine are
-    # noise): between launching an all-to-all and waiting for it, expert or shared-expert compute runs
+    # noise): between launching an all-to-all and waiting for it, expert or shared-expert compute
+    # runs
     for rank, rank_schedules in enumerate(schedules):
         for (shared, chunks), events in rank_schedules.items():
             hidden = _hidden(events)
-            forward = [t for t in hidden if f"launch{t}" in events[:events.index("backward")]]
+            forward = [t for t in hidden if f"launch{t}" in events[: events.index("backward")]]
             backward = [t for t in hidden if t not in forward]
-            # forward: count exchange + a dispatch and a combine per chunk; backward: their gradients
+            # forward: count exchange + a dispatch and a combine per chunk; backward: their
+            # gradients
             assert len(forward) == 1 + 2 * chunks and len(backward) == 2 * chunks, events
             exposed_forward = [t for t in forward if not hidden[t]]
             exposed_backward = [t for t in backward if not hidden[t]]
@@ -244,4 +305,8 @@ def test_expert_parallel_2_matches_single_process(ray_session, tmp_path):
             else:
                 # no shared expert: the first dispatch and the last combine (and their gradients)
                 # have no other chunk to hide behind
-                assert len(exposed_forward) <= 3 and len(exposed_backward) <= 2, (rank, chunks, events)
+                assert len(exposed_forward) <= 3 and len(exposed_backward) <= 2, (
+                    rank,
+                    chunks,
+                    events,
+                )

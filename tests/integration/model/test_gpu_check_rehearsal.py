@@ -1,5 +1,6 @@
 """The GPU check's own checks, rehearsed on CPU with 2 gloo processes (what runs on GPUs is the
 same code plus the CUDA-only figures): every check passes and the JSON carries the figures."""
+
 import json
 import subprocess
 import sys
@@ -14,16 +15,39 @@ ROOT = Path(__file__).resolve().parents[3]
 
 def test_gpu_check_rehearsal_on_cpu_passes(tmp_path):
     out = tmp_path / "gpu-check.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "infra/gpu_check.py"), "--device", "cpu", "--gpus", "2",
-                           "--quick", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "infra/gpu_check.py"),
+            "--device",
+            "cpu",
+            "--gpus",
+            "2",
+            "--quick",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
     assert report["passed"] and report["environment"]["processes"] == 2
     checks = report["checks"]
-    assert set(checks) == {"grouped_mm_equals_loop", "expert_parallel_matches_reference", "bf16_payloads",
-                           "host_syncs", "overlap_benchmark"}
+    assert set(checks) == {
+        "grouped_mm_equals_loop",
+        "expert_parallel_matches_reference",
+        "bf16_payloads",
+        "host_syncs",
+        "overlap_benchmark",
+    }
     assert checks["host_syncs"]["counted"] == 1
     assert checks["bf16_payloads"]["received_dtypes"] == ["torch.bfloat16"]
-    assert set(checks["expert_parallel_matches_reference"]["variants"]) >= {"overlap_off_loop", "overlap_on_loop"}
+    assert set(checks["expert_parallel_matches_reference"]["variants"]) >= {
+        "overlap_off_loop",
+        "overlap_on_loop",
+    }
     bench = checks["overlap_benchmark"]
     assert bench["on"]["a2a_exposed_s"] <= bench["on"]["a2a_total_s"] and bench["off"]["step_s"] > 0

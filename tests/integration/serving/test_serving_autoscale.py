@@ -3,8 +3,10 @@
 One deployment with tight autoscaling settings (load pushed every 0.5 s, decisions after 0.5 s up
 and 2 s down) so both changes happen within seconds. The new replica must take its first request
 only after its warm-up: each replica reports when it became ready (model loaded and warmed up) and
-when its first HTTP request arrived (``/healthz``), and every response names the replica that served it.
+when its first HTTP request arrived (``/healthz``), and every response names the replica that served
+it.
 """
+
 from __future__ import annotations
 
 import threading
@@ -20,7 +22,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 
 APP = "moeops-autoscale"
 REPLICA_HEADER = "x-moeops-replica"
-CLIENTS = 6          # concurrent clients under load: 3x the per-replica target of 2
+CLIENTS = 6  # concurrent clients under load: 3x the per-replica target of 2
 
 
 @pytest.fixture(scope="module")
@@ -31,18 +33,32 @@ def autoscaled(ray_session, serve_port, tmp_path_factory):
     from serving.tiny_model import register_tiny_models
 
     tmp = tmp_path_factory.mktemp("autoscale")
-    config = load_config([
-        f"paths.root={tmp / 'moeops'}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
-        f"tracking.artifact_location={(tmp / 'mlartifacts').as_uri()}",
-        "experiment=tiny", "model.dim=32", "model.n_layers=1", "model.ffn_dim=64",
-        "serve.num_cpus=0.25", "serve.max_num_seqs=8", "serve.max_ongoing_requests=16",
-        f"serve.app_name={APP}", "serve.route_prefix=/autoscale-test", f"serve.port={serve_port}",
-        "serve.auth_token_env=MOEOPS_TEST_NO_TOKEN", "serve.autoscaling.enabled=true",
-        "serve.autoscaling.min_replicas=1", "serve.autoscaling.max_replicas=2",
-        "serve.autoscaling.target_ongoing_requests=2", "serve.autoscaling.upscale_delay_s=0.5",
-        "serve.autoscaling.downscale_delay_s=2", "serve.autoscaling.look_back_period_s=2",
-        "serve.autoscaling.metrics_interval_s=0.5",
-    ])
+    config = load_config(
+        [
+            f"paths.root={tmp / 'moeops'}",
+            f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
+            f"tracking.artifact_location={(tmp / 'mlartifacts').as_uri()}",
+            "experiment=tiny",
+            "model.dim=32",
+            "model.n_layers=1",
+            "model.ffn_dim=64",
+            "serve.num_cpus=0.25",
+            "serve.max_num_seqs=8",
+            "serve.max_ongoing_requests=16",
+            f"serve.app_name={APP}",
+            "serve.route_prefix=/autoscale-test",
+            f"serve.port={serve_port}",
+            "serve.auth_token_env=MOEOPS_TEST_NO_TOKEN",
+            "serve.autoscaling.enabled=true",
+            "serve.autoscaling.min_replicas=1",
+            "serve.autoscaling.max_replicas=2",
+            "serve.autoscaling.target_ongoing_requests=2",
+            "serve.autoscaling.upscale_delay_s=0.5",
+            "serve.autoscaling.downscale_delay_s=2",
+            "serve.autoscaling.look_back_period_s=2",
+            "serve.autoscaling.metrics_interval_s=0.5",
+        ]
+    )
     register_tiny_models(config, versions=1, work_dir=tmp / "work")
     url = deploy(config)
     wait_ready(url, timeout_s=180)
@@ -54,14 +70,18 @@ def _replica_states() -> dict[str, int]:
     from ray import serve
 
     app = serve.status().applications[APP]
-    return {str(getattr(state, "value", state)): count
-            for state, count in app.deployments["CompletionServer"].replica_states.items()}
+    return {
+        str(getattr(state, "value", state)): count
+        for state, count in app.deployments["CompletionServer"].replica_states.items()
+    }
 
 
 def _wait(predicate, timeout_s: float, what: str) -> float:
     start = time.monotonic()
     while not predicate():
-        assert time.monotonic() - start < timeout_s, f"{what}: not after {timeout_s:.0f}s ({_replica_states()})"
+        assert time.monotonic() - start < timeout_s, (
+            f"{what}: not after {timeout_s:.0f}s ({_replica_states()})"
+        )
         time.sleep(0.2)
     return time.monotonic() - start
 
@@ -70,7 +90,7 @@ def test_scale_up_and_down_without_failed_requests(autoscaled):
     url = autoscaled
     assert _replica_states() == {"RUNNING": 1}
     first = httpx.get(f"{url}/healthz").json()["replica"]
-    results: list[tuple[float, int, str]] = []   # (time, status, replica or error text)
+    results: list[tuple[float, int, str]] = []  # (time, status, replica or error text)
     heavy, running = threading.Event(), threading.Event()
     heavy.set()
     running.set()
@@ -84,9 +104,17 @@ def test_scale_up_and_down_without_failed_requests(autoscaled):
                     continue
                 tokens = 32 if heavy.is_set() else 4  # serve.max_tokens of experiment=tiny: 32
                 try:
-                    r = http.post(f"{url}/v1/completions",
-                                  json={"prompt": f"c{i} {n}", "max_tokens": tokens, "ignore_eos": True})
-                    results.append((time.monotonic(), r.status_code, r.headers.get(REPLICA_HEADER, r.text[:200])))
+                    r = http.post(
+                        f"{url}/v1/completions",
+                        json={"prompt": f"c{i} {n}", "max_tokens": tokens, "ignore_eos": True},
+                    )
+                    results.append(
+                        (
+                            time.monotonic(),
+                            r.status_code,
+                            r.headers.get(REPLICA_HEADER, r.text[:200]),
+                        )
+                    )
                 except httpx.HTTPError as err:
                     results.append((time.monotonic(), 0, f"{type(err).__name__}: {err}"))
                 n += 1
@@ -120,8 +148,12 @@ def test_scale_up_and_down_without_failed_requests(autoscaled):
     assert not failed, f"{len(failed)} of {len(results)} requests failed, e.g. {failed[:3]}"
     served = Counter(r[2] for r in results)
     assert served[first] > 0 and served[second] > 0, served
-    print(f"autoscale: up in {up_s:.1f}s, down in {down_s:.1f}s, {len(results)} requests, per replica {dict(served)}")
+    print(
+        f"autoscale: up in {up_s:.1f}s, down in {down_s:.1f}s, {len(results)} requests, per replica {dict(served)}"
+    )
     assert health["ready_at"] is not None and health["first_request_at"] is not None, health
-    assert health["first_request_at"] >= health["ready_at"], f"the new replica took a request before warm-up: {health}"
+    assert health["first_request_at"] >= health["ready_at"], (
+        f"the new replica took a request before warm-up: {health}"
+    )
     assert health["ready_at"] > load_started, "the 'new' replica was ready before the load began"
     assert httpx.get(f"{url}/readyz").status_code == 200

@@ -6,6 +6,7 @@ engine's scheduling seen from outside (a short request is not held behind long o
 that goes away stops its sequences, the queue limit answers 429), bad input, auth, canary,
 version switch and a bounded load. Tests that reconfigure it (canary, int8, switch) run last.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -22,20 +23,21 @@ import pytest
 
 from components.config import Config, load_config
 
-# the first test also pays for the module's deployment (Ray, Serve, registry, warm-up): slow on a loaded box
+# the first test also pays for the module's deployment (Ray, Serve, registry, warm-up): slow on a
+# loaded box
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 VERSION_HEADER = "x-moeops-model-version"
 REPLICA_HEADER = "x-moeops-replica"
-MAX_TOKENS = 448           # serve.max_tokens of this deployment
-LONG = 400                 # max_tokens of the "long" requests (each holds its slot for LONG decode steps)
+MAX_TOKENS = 448  # serve.max_tokens of this deployment
+LONG = 400  # max_tokens of the "long" requests (each holds its slot for LONG decode steps)
 
 
 @dataclass
 class Deployment:
     config: Config
-    url: str                 # base URL of the app (no /v1)
-    versions: list[str]      # registered versions: [champion, challenger]
+    url: str  # base URL of the app (no /v1)
+    versions: list[str]  # registered versions: [champion, challenger]
 
     @property
     def name(self) -> str:
@@ -43,16 +45,33 @@ class Deployment:
 
 
 def serving_config(tmp, port: int, extra: tuple[str, ...] = ()) -> Config:
-    # own route prefix: other tests (the pipeline's deploy stage) may serve an app at "/" on the same proxy
-    return load_config([
-        f"paths.root={tmp / 'moeops'}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
-        f"tracking.artifact_location={(tmp / 'mlartifacts').as_uri()}",
-        "experiment=tiny", "model.dim=32", "model.n_layers=1", "model.ffn_dim=64",
-        "model.max_seq_len=512", "serve.num_cpus=0.25", "serve.max_num_seqs=16", "serve.max_queued_sequences=64",
-        "serve.load_retry_s=0.5", "serve.max_body_bytes=4096", "serve.max_prompts=4",
-        "serve.max_prompt_tokens=64", "serve.max_tokens=448", "serve.app_name=moeops-test",
-        "serve.route_prefix=/serving-test", "serve.auth_token_env=MOEOPS_TEST_NO_TOKEN", f"serve.port={port}", *extra,
-    ])
+    # own route prefix: other tests (the pipeline's deploy stage) may serve an app at "/" on the
+    # same proxy
+    return load_config(
+        [
+            f"paths.root={tmp / 'moeops'}",
+            f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
+            f"tracking.artifact_location={(tmp / 'mlartifacts').as_uri()}",
+            "experiment=tiny",
+            "model.dim=32",
+            "model.n_layers=1",
+            "model.ffn_dim=64",
+            "model.max_seq_len=512",
+            "serve.num_cpus=0.25",
+            "serve.max_num_seqs=16",
+            "serve.max_queued_sequences=64",
+            "serve.load_retry_s=0.5",
+            "serve.max_body_bytes=4096",
+            "serve.max_prompts=4",
+            "serve.max_prompt_tokens=64",
+            "serve.max_tokens=448",
+            "serve.app_name=moeops-test",
+            "serve.route_prefix=/serving-test",
+            "serve.auth_token_env=MOEOPS_TEST_NO_TOKEN",
+            f"serve.port={port}",
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +103,7 @@ def _sse_chunks(url: str, route: str, body: dict) -> list[dict]:
     events = []
     with httpx.stream("POST", f"{url}{route}", json=body, timeout=60) as r:
         assert r.status_code == 200, r.read()
-        events = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+        events = [line[len("data: ") :] for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     return [json.loads(e) for e in events[:-1]]
 
@@ -92,8 +111,11 @@ def _sse_chunks(url: str, route: str, body: dict) -> list[dict]:
 def metric(url: str, name: str) -> float:
     """Sum of a series of the replica's /metrics (one replica here), over its label sets."""
     text = httpx.get(f"{url}/metrics", timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if re.match(rf"{re.escape(name)}(\{{| )", line))
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if re.match(rf"{re.escape(name)}(\{{| )", line)
+    )
 
 
 def wait_for(predicate, timeout_s: float, interval_s: float = 0.02) -> float:
@@ -112,12 +134,15 @@ def ids_of(logprobs_tokens: list[str]) -> list[int]:
 
 def token_ids(url: str, text: str) -> list[int]:
     """How the served tokenizer encodes ``text``: echoed back with its tokens named by id."""
-    r = complete(url, prompt=text, max_tokens=0, echo=True, logprobs=0, return_tokens_as_token_ids=True)
+    r = complete(
+        url, prompt=text, max_tokens=0, echo=True, logprobs=0, return_tokens_as_token_ids=True
+    )
     assert r.status_code == 200, r.text
     return ids_of(r.json()["choices"][0]["logprobs"]["tokens"])
 
 
 # --------------------------------------------------------------------------- basics
+
 
 def test_probes_models_and_metrics(deployment):
     url = deployment.url
@@ -132,15 +157,22 @@ def test_probes_models_and_metrics(deployment):
     metrics = httpx.get(f"{url}/metrics").text
     assert "moeops_requests_total" in metrics and "moeops_request_latency_seconds_bucket" in metrics
     assert f'model_version="{deployment.name}/{deployment.versions[0]}"' in metrics
-    for series in ("moeops_time_to_first_token_seconds_bucket", "moeops_inter_token_latency_seconds_bucket",
-                   "moeops_generated_tokens_total", "moeops_queue_depth", "moeops_running_sequences",
-                   "moeops_ready 1.0"):
+    for series in (
+        "moeops_time_to_first_token_seconds_bucket",
+        "moeops_inter_token_latency_seconds_bucket",
+        "moeops_generated_tokens_total",
+        "moeops_queue_depth",
+        "moeops_running_sequences",
+        "moeops_ready 1.0",
+    ):
         assert series in metrics, series
     assert httpx.get(f"{url}/openapi.json").json()["paths"]["/v1/completions"]["post"]
 
 
 def test_single_completion(deployment):
-    r = complete(deployment.url, model=deployment.name, prompt="def main(", max_tokens=8, temperature=0.0)
+    r = complete(
+        deployment.url, model=deployment.name, prompt="def main(", max_tokens=8, temperature=0.0
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["object"] == "text_completion" and body["model"] == deployment.name
@@ -170,7 +202,9 @@ def test_seeded_output_is_deterministic_even_when_batched(deployment):
     alone = complete(deployment.url, **body).json()["choices"][0]["text"]
     others = [dict(prompt=f"x{i} = ", max_tokens=16, temperature=1.0, seed=i) for i in range(7)]
     with ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(complete, deployment.url, **b) for b in [*others[:4], body, *others[4:]]]
+        futures = [
+            pool.submit(complete, deployment.url, **b) for b in [*others[:4], body, *others[4:]]
+        ]
         results = [f.result() for f in futures]
     assert all(r.status_code == 200 for r in results)
     assert results[4].json()["choices"][0]["text"] == alone
@@ -182,18 +216,26 @@ def test_streaming_matches_non_streaming(deployment):
     body = dict(prompt="for i in range(", max_tokens=12, temperature=0.7, seed=7)
     expected = complete(deployment.url, **body).json()
     events = []
-    with httpx.stream("POST", f"{deployment.url}/v1/completions", timeout=60,
-                      json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+    with httpx.stream(
+        "POST",
+        f"{deployment.url}/v1/completions",
+        timeout=60,
+        json={**body, "stream": True, "stream_options": {"include_usage": True}},
+    ) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         for line in r.iter_lines():
             if line.startswith("data: "):
-                events.append(line[len("data: "):])
+                events.append(line[len("data: ") :])
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
     assert text == expected["choices"][0]["text"]
-    finals = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    finals = [
+        c["choices"][0]["finish_reason"]
+        for c in chunks
+        if c["choices"] and c["choices"][0]["finish_reason"]
+    ]
     assert finals == [expected["choices"][0]["finish_reason"]]
     assert chunks[-1]["usage"] == expected["usage"] and chunks[-1]["choices"] == []
     # without stream_options.include_usage no chunk carries usage
@@ -205,16 +247,20 @@ def test_streaming_matches_non_streaming(deployment):
 def test_max_tokens_and_stop_sequences(deployment):
     url = deployment.url
     long = complete(url, prompt="def main(", max_tokens=20, temperature=0.0).json()
-    assert long["choices"][0]["finish_reason"] == "length" or long["usage"]["completion_tokens"] < 20
+    assert (
+        long["choices"][0]["finish_reason"] == "length" or long["usage"]["completion_tokens"] < 20
+    )
     assert long["usage"]["completion_tokens"] <= 20
     text = long["choices"][0]["text"]
     short = complete(url, prompt="def main(", max_tokens=3, temperature=0.0).json()
     assert short["usage"]["completion_tokens"] <= 3
     # a stop sequence taken from the middle of the greedy output cuts the text just before it
-    stop = text[len(text) // 2: len(text) // 2 + 2]
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
     assert stop.strip(), f"greedy text too degenerate for a stop test: {text!r}"
     for stops in ([stop, "\x00never"], stop):  # a list, or one string
-        stopped = complete(url, prompt="def main(", max_tokens=20, temperature=0.0, stop=stops).json()
+        stopped = complete(
+            url, prompt="def main(", max_tokens=20, temperature=0.0, stop=stops
+        ).json()
         choice = stopped["choices"][0]
         assert choice["finish_reason"] == "stop" and choice["stop_reason"] == stop
         assert choice["text"] == text[: text.find(stop)]
@@ -225,7 +271,9 @@ def test_score(deployment):
     r = httpx.post(f"{deployment.url}/v1/score", json={"text": "def main():\n    return 0\n"})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["token_logprobs"][0] is None and len(body["token_logprobs"]) == len(body["token_ids"])
+    assert body["token_logprobs"][0] is None and len(body["token_logprobs"]) == len(
+        body["token_ids"]
+    )
     logprobs = body["token_logprobs"][1:]
     assert all(lp <= 0 for lp in logprobs)
     assert math.isclose(body["perplexity"], math.exp(-sum(logprobs) / len(logprobs)), rel_tol=1e-6)
@@ -238,13 +286,23 @@ def test_official_openai_client(deployment):
 
     client = openai.OpenAI(base_url=f"{deployment.url}/v1", api_key="unused", max_retries=0)
     assert deployment.name in [m.id for m in client.models.list().data]
-    completion = client.completions.create(model=deployment.name, prompt="import ", max_tokens=6, seed=3,
-                                           temperature=0.5)
+    completion = client.completions.create(
+        model=deployment.name, prompt="import ", max_tokens=6, seed=3, temperature=0.5
+    )
     assert completion.choices[0].finish_reason in ("stop", "length")
     assert completion.usage.completion_tokens >= 1
-    streamed = "".join(chunk.choices[0].text for chunk in client.completions.create(
-        model=deployment.name, prompt="import ", max_tokens=6, seed=3, temperature=0.5, stream=True)
-        if chunk.choices)
+    streamed = "".join(
+        chunk.choices[0].text
+        for chunk in client.completions.create(
+            model=deployment.name,
+            prompt="import ",
+            max_tokens=6,
+            seed=3,
+            temperature=0.5,
+            stream=True,
+        )
+        if chunk.choices
+    )
     assert streamed == completion.choices[0].text
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model=deployment.name, prompt="x", max_tokens=10_000)
@@ -253,14 +311,28 @@ def test_official_openai_client(deployment):
         client.completions.create(model="no-such-model", prompt="x", max_tokens=2)
 
 
-# --------------------------------------------------------------------------- every request shape, with its effect
+# --------------------------------------------------------------------------- every request shape,
+# with its effect
+
 
 def test_langchain_defaults_and_nulls_mean_default(deployment):
     url = deployment.url
     # what langchain_openai.OpenAI sends by default (prompts batched as a list)
-    langchain = {"model": deployment.name, "prompt": ["def add(a, b):", "import os"], "temperature": 0.7,
-                 "top_p": 1, "frequency_penalty": 0, "presence_penalty": 0, "n": 1, "logit_bias": {},
-                 "seed": None, "logprobs": None, "max_tokens": 8, "stream": False, "user": "langchain-user"}
+    langchain = {
+        "model": deployment.name,
+        "prompt": ["def add(a, b):", "import os"],
+        "temperature": 0.7,
+        "top_p": 1,
+        "frequency_penalty": 0,
+        "presence_penalty": 0,
+        "n": 1,
+        "logit_bias": {},
+        "seed": None,
+        "logprobs": None,
+        "max_tokens": 8,
+        "stream": False,
+        "user": "langchain-user",
+    }
     r = complete(url, **langchain)
     assert r.status_code == 200, r.text
     assert [c["index"] for c in r.json()["choices"]] == [0, 1]
@@ -273,8 +345,11 @@ def test_langchain_defaults_and_nulls_mean_default(deployment):
     assert b.status_code == 200, b.text
     assert a.json()["choices"][0]["text"] == b.json()["choices"][0]["text"]
     messages = [{"role": "user", "content": "hi"}]
-    chat_nulls = {field: None for field in ChatCompletionRequest.model_fields
-                  if field not in ("messages", "seed", "max_tokens")}
+    chat_nulls = {
+        field: None
+        for field in ChatCompletionRequest.model_fields
+        if field not in ("messages", "seed", "max_tokens")
+    }
     a = chat(url, messages=messages, seed=5, max_tokens=8)
     b = chat(url, messages=messages, seed=5, max_tokens=8, **chat_nulls)
     assert b.status_code == 200, b.text
@@ -283,13 +358,23 @@ def test_langchain_defaults_and_nulls_mean_default(deployment):
 
 def test_n_choices_per_prompt(deployment):
     url = deployment.url
-    r = complete(url, prompt=["def f(", "x = ["], n=2, max_tokens=8, temperature=1.0, seed=21, ignore_eos=True)
+    r = complete(
+        url,
+        prompt=["def f(", "x = ["],
+        n=2,
+        max_tokens=8,
+        temperature=1.0,
+        seed=21,
+        ignore_eos=True,
+    )
     assert r.status_code == 200, r.text
     choices = r.json()["choices"]
     assert [c["index"] for c in choices] == [0, 1, 2, 3]
     assert choices[0]["text"] != choices[1]["text"], "the n choices of a seeded request must differ"
     # choice 0 of a seeded request is what n=1 with that seed gives
-    single = complete(url, prompt="def f(", max_tokens=8, temperature=1.0, seed=21, ignore_eos=True).json()
+    single = complete(
+        url, prompt="def f(", max_tokens=8, temperature=1.0, seed=21, ignore_eos=True
+    ).json()
     assert single["choices"][0]["text"] == choices[0]["text"]
     assert r.json()["usage"]["completion_tokens"] == 4 * 8
 
@@ -298,7 +383,10 @@ def test_best_of_returns_the_most_likely_candidates(deployment):
     url = deployment.url
     body = dict(prompt="class A:", max_tokens=8, temperature=1.0, seed=33, ignore_eos=True)
     candidates = complete(url, n=3, logprobs=0, **body).json()["choices"]
-    means = [sum(c["logprobs"]["token_logprobs"]) / len(c["logprobs"]["token_logprobs"]) for c in candidates]
+    means = [
+        sum(c["logprobs"]["token_logprobs"]) / len(c["logprobs"]["token_logprobs"])
+        for c in candidates
+    ]
     best = complete(url, n=1, best_of=3, **body).json()
     assert len(best["choices"]) == 1 and best["choices"][0]["logprobs"] is None
     assert best["choices"][0]["text"] == candidates[means.index(max(means))]["text"]
@@ -307,7 +395,9 @@ def test_best_of_returns_the_most_likely_candidates(deployment):
 
 def test_logprobs_are_numbers_top_n(deployment):
     url = deployment.url
-    r = complete(url, prompt="def main(", max_tokens=6, temperature=0.0, logprobs=3, ignore_eos=True)
+    r = complete(
+        url, prompt="def main(", max_tokens=6, temperature=0.0, logprobs=3, ignore_eos=True
+    )
     assert r.status_code == 200, r.text
     choice = r.json()["choices"][0]
     lp = choice["logprobs"]
@@ -319,29 +409,50 @@ def test_logprobs_are_numbers_top_n(deployment):
         assert 3 <= len(top) <= 4 and all(isinstance(v, float) and v <= 0 for v in top.values())
         # greedy: the chosen token is the most likely one
         assert math.isclose(value, max(top.values()), abs_tol=1e-5)
-    streamed = _sse_chunks(url, "/v1/completions", dict(prompt="def main(", max_tokens=6, temperature=0.0,
-                                                         logprobs=3, ignore_eos=True, stream=True))
+    streamed = _sse_chunks(
+        url,
+        "/v1/completions",
+        dict(
+            prompt="def main(",
+            max_tokens=6,
+            temperature=0.0,
+            logprobs=3,
+            ignore_eos=True,
+            stream=True,
+        ),
+    )
     tokens = [t for c in streamed for t in (c["choices"][0]["logprobs"] or {}).get("tokens", [])]
     assert tokens == lp["tokens"]
 
 
 def test_echo(deployment):
     url = deployment.url
-    greedy = complete(url, prompt="def main(", max_tokens=4, temperature=0.0).json()["choices"][0]["text"]
+    greedy = complete(url, prompt="def main(", max_tokens=4, temperature=0.0).json()["choices"][0][
+        "text"
+    ]
     echoed = complete(url, prompt="def main(", max_tokens=4, temperature=0.0, echo=True).json()
     assert echoed["choices"][0]["text"] == "def main(" + greedy
     only = complete(url, prompt="def main(", max_tokens=0, echo=True).json()
     assert only["choices"][0]["text"] == "def main(" and only["usage"]["completion_tokens"] == 0
-    scored = complete(url, prompt="def main(", max_tokens=2, temperature=0.0, echo=True, logprobs=1,
-                      ignore_eos=True).json()
+    scored = complete(
+        url,
+        prompt="def main(",
+        max_tokens=2,
+        temperature=0.0,
+        echo=True,
+        logprobs=1,
+        ignore_eos=True,
+    ).json()
     lp, prompt_tokens = scored["choices"][0]["logprobs"], scored["usage"]["prompt_tokens"]
     assert len(lp["tokens"]) == prompt_tokens + 2
     assert lp["token_logprobs"][0] is None and all(v <= 0 for v in lp["token_logprobs"][1:])
     assert "".join(lp["tokens"]) == scored["choices"][0]["text"]
     # the prompt part equals what /v1/score reports
     score = httpx.post(f"{url}/v1/score", json={"text": "def main("}).json()
-    assert all(math.isclose(a, b, abs_tol=1e-4) for a, b in
-               zip(lp["token_logprobs"][1:prompt_tokens], score["token_logprobs"][1:]))
+    assert all(
+        math.isclose(a, b, abs_tol=1e-4)
+        for a, b in zip(lp["token_logprobs"][1:prompt_tokens], score["token_logprobs"][1:])
+    )
 
 
 def test_token_id_prompts(deployment):
@@ -358,7 +469,9 @@ def test_token_id_prompts(deployment):
 
 def _chosen_and_tops(choice: dict) -> tuple[list[int], list[dict[int, float]]]:
     lp = choice["logprobs"]
-    tops = [{int(k.removeprefix("token_id:")): v for k, v in top.items()} for top in lp["top_logprobs"]]
+    tops = [
+        {int(k.removeprefix("token_id:")): v for k, v in top.items()} for top in lp["top_logprobs"]
+    ]
     return ids_of(lp["tokens"]), tops
 
 
@@ -367,10 +480,18 @@ def test_penalties_change_output_as_specified(deployment):
     frequency_penalty * count - presence_penalty * (count > 0) over the tokens generated so far
     (OpenAI's definition); checked against the raw top-20 logprobs the response reports."""
     url = deployment.url
-    body = dict(prompt="def main(", max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=20,
-                return_tokens_as_token_ids=True)
+    body = dict(
+        prompt="def main(",
+        max_tokens=24,
+        temperature=0.0,
+        ignore_eos=True,
+        logprobs=20,
+        return_tokens_as_token_ids=True,
+    )
     plain_ids, _ = _chosen_and_tops(complete(url, **body).json()["choices"][0])
-    assert len(set(plain_ids)) < len(plain_ids), "greedy text of the random model should repeat tokens"
+    assert len(set(plain_ids)) < len(plain_ids), (
+        "greedy text of the random model should repeat tokens"
+    )
     for freq, presence in ((1.5, 0.0), (0.0, 2.0), (0.7, 0.7)):
         r = complete(url, frequency_penalty=freq, presence_penalty=presence, **body)
         assert r.status_code == 200, r.text
@@ -378,10 +499,16 @@ def test_penalties_change_output_as_specified(deployment):
         assert chosen != plain_ids, (freq, presence)
         counts: dict[int, int] = {}
         for token, top in zip(chosen, tops):
+
             def adjusted(t: int) -> float:
                 return top[t] - freq * counts.get(t, 0) - presence * (counts.get(t, 0) > 0)
 
-            assert all(adjusted(token) >= adjusted(t) - 1e-4 for t in top), (freq, presence, token, top)
+            assert all(adjusted(token) >= adjusted(t) - 1e-4 for t in top), (
+                freq,
+                presence,
+                token,
+                top,
+            )
             counts[token] = counts.get(token, 0) + 1
     # negative penalties (allowed down to -2) encourage repetition
     r = complete(url, frequency_penalty=-2.0, **body)
@@ -391,8 +518,14 @@ def test_penalties_change_output_as_specified(deployment):
 
 def test_logit_bias(deployment):
     url = deployment.url
-    body = dict(prompt="def main(", max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=1,
-                return_tokens_as_token_ids=True)
+    body = dict(
+        prompt="def main(",
+        max_tokens=6,
+        temperature=0.0,
+        ignore_eos=True,
+        logprobs=1,
+        return_tokens_as_token_ids=True,
+    )
     plain = ids_of(complete(url, **body).json()["choices"][0]["logprobs"]["tokens"])
     banned = complete(url, logit_bias={str(plain[0]): -100}, **body).json()
     assert plain[0] not in ids_of(banned["choices"][0]["logprobs"]["tokens"])
@@ -401,8 +534,14 @@ def test_logit_bias(deployment):
         forced = complete(url, **{**body, **sampling}, logit_bias={str(forced_id): 100}).json()
         assert ids_of(forced["choices"][0]["logprobs"]["tokens"]) == [forced_id] * 6
     # chat takes it too
-    forced = chat(url, messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0.0,
-                  ignore_eos=True, logit_bias={str(forced_id): 100}).json()
+    forced = chat(
+        url,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=4,
+        temperature=0.0,
+        ignore_eos=True,
+        logit_bias={str(forced_id): 100},
+    ).json()
     assert forced["choices"][0]["message"]["content"] == "x" * 4
 
 
@@ -411,10 +550,16 @@ def test_unsupported_features_say_so(deployment):
     messages = [{"role": "user", "content": "hi"}]
     cases = [
         ("/v1/completions", {"prompt": "x", "suffix": "y"}, "suffix"),
-        ("/v1/chat/completions", {"messages": messages, "tools": [{"type": "function",
-                                                                    "function": {"name": "f"}}]}, "tools"),
-        ("/v1/chat/completions", {"messages": messages, "response_format": {"type": "json_object"}},
-         "response_format"),
+        (
+            "/v1/chat/completions",
+            {"messages": messages, "tools": [{"type": "function", "function": {"name": "f"}}]},
+            "tools",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": messages, "response_format": {"type": "json_object"}},
+            "response_format",
+        ),
     ]
     for route, body, param in cases:
         r = httpx.post(f"{url}{route}", json=body)
@@ -424,14 +569,29 @@ def test_unsupported_features_say_so(deployment):
 
 
 BAD_CHAT = [
-    ("unknown field", {"messages": [{"role": "user", "content": "hi"}], "max_tokns": 3}, "max_tokns"),
-    ("unknown message field", {"messages": [{"role": "user", "content": "hi", "mood": "ok"}]}, "messages[0].mood"),
+    (
+        "unknown field",
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokns": 3},
+        "max_tokns",
+    ),
+    (
+        "unknown message field",
+        {"messages": [{"role": "user", "content": "hi", "mood": "ok"}]},
+        "messages[0].mood",
+    ),
     ("missing messages", {"max_tokens": 3}, "messages"),
     ("empty messages", {"messages": []}, "messages"),
     ("unknown role", {"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
-    ("max_tokens over limit", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": MAX_TOKENS + 1}, "max_tokens"),
-    ("top_logprobs without logprobs", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
-     "top_logprobs"),
+    (
+        "max_tokens over limit",
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": MAX_TOKENS + 1},
+        "max_tokens",
+    ),
+    (
+        "top_logprobs without logprobs",
+        {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
+        "top_logprobs",
+    ),
 ]
 
 
@@ -445,7 +605,10 @@ def test_bad_chat_requests(deployment, case, body, param):
 
 # --------------------------------------------------------------------------- chat completions
 
-CHAT_MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "def add(a, b):"}]
+CHAT_MESSAGES = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "def add(a, b):"},
+]
 # docs/serving.md's chat template, written out: what the model is asked to continue
 CHAT_PROMPT = "### System:\nYou are terse.\n\n### User:\ndef add(a, b):\n\n### Assistant:\n"
 
@@ -454,7 +617,9 @@ def test_chat_with_the_official_client(deployment):
     import openai
 
     client = openai.OpenAI(base_url=f"{deployment.url}/v1", api_key="unused", max_retries=0)
-    args = dict(model=deployment.name, messages=CHAT_MESSAGES, max_tokens=12, temperature=0.8, seed=4)
+    args = dict(
+        model=deployment.name, messages=CHAT_MESSAGES, max_tokens=12, temperature=0.8, seed=4
+    )
     single = client.chat.completions.create(**args)
     [choice] = single.choices
     assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
@@ -462,57 +627,96 @@ def test_chat_with_the_official_client(deployment):
     assert single.usage.prompt_tokens == len(token_ids(deployment.url, CHAT_PROMPT))
     assert single.usage.total_tokens == single.usage.prompt_tokens + single.usage.completion_tokens
     assert single.system_fingerprint == f"{deployment.name}/{deployment.versions[0]}"
-    chunks = list(client.chat.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(**args, stream=True, stream_options={"include_usage": True})
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == choice.message.content
-    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    finish = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
     assert finish == [choice.finish_reason]
-    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == single.usage.completion_tokens
+    assert (
+        chunks[-1].choices == []
+        and chunks[-1].usage.completion_tokens == single.usage.completion_tokens
+    )
     two = client.chat.completions.create(**{**args, "n": 2})
-    assert [c.index for c in two.choices] == [0, 1] and two.choices[0].message.content == choice.message.content
+    assert [c.index for c in two.choices] == [0, 1] and two.choices[
+        0
+    ].message.content == choice.message.content
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=deployment.name, messages=[], max_tokens=2)
 
 
 def test_chat_renders_the_documented_template(deployment):
-    """A greedy chat answer is the greedy completion of the rendered prompt, cut where a new turn starts."""
+    """A greedy chat answer is the greedy completion of the rendered prompt, cut where a new turn
+    starts."""
     url = deployment.url
     answer = chat(url, messages=CHAT_MESSAGES, max_tokens=24, temperature=0.0).json()
-    completion = complete(url, prompt=CHAT_PROMPT, max_tokens=24, temperature=0.0, stop=["\n### "]).json()
+    completion = complete(
+        url, prompt=CHAT_PROMPT, max_tokens=24, temperature=0.0, stop=["\n### "]
+    ).json()
     assert answer["choices"][0]["message"]["content"] == completion["choices"][0]["text"]
     assert answer["usage"] == completion["usage"]
     # an assistant message last is continued, not closed
-    cont = chat(url, messages=[*CHAT_MESSAGES, {"role": "assistant", "content": "return"}], max_tokens=6,
-                temperature=0.0).json()
-    prefix = complete(url, prompt=CHAT_PROMPT + "return", max_tokens=6, temperature=0.0, stop=["\n### "]).json()
+    cont = chat(
+        url,
+        messages=[*CHAT_MESSAGES, {"role": "assistant", "content": "return"}],
+        max_tokens=6,
+        temperature=0.0,
+    ).json()
+    prefix = complete(
+        url, prompt=CHAT_PROMPT + "return", max_tokens=6, temperature=0.0, stop=["\n### "]
+    ).json()
     assert cont["choices"][0]["message"]["content"] == prefix["choices"][0]["text"]
 
 
 def test_chat_logprobs(deployment):
-    r = chat(deployment.url, messages=CHAT_MESSAGES, max_tokens=5, temperature=0.0, ignore_eos=True,
-             logprobs=True, top_logprobs=2, max_completion_tokens=5)
+    r = chat(
+        deployment.url,
+        messages=CHAT_MESSAGES,
+        max_tokens=5,
+        temperature=0.0,
+        ignore_eos=True,
+        logprobs=True,
+        top_logprobs=2,
+        max_completion_tokens=5,
+    )
     assert r.status_code == 200, r.text
     content = r.json()["choices"][0]["logprobs"]["content"]
     assert len(content) == 5
     for item in content:
         assert item["logprob"] <= 0 and len(item["top_logprobs"]) == 2
-        assert math.isclose(item["logprob"], item["top_logprobs"][0]["logprob"], abs_tol=1e-5)  # greedy
+        assert math.isclose(
+            item["logprob"], item["top_logprobs"][0]["logprob"], abs_tol=1e-5
+        )  # greedy
 
 
-# --------------------------------------------------------------------------- the engine seen over HTTP
+# --------------------------------------------------------------------------- the engine seen over
+# HTTP
+
 
 def _running(url: str) -> float:
     return metric(url, "moeops_running_sequences")
 
 
 def _long_request(url: str, http: httpx.Client, **extra) -> httpx.Response:
-    return http.post(f"{url}/v1/completions", json={"prompt": "def long(", "max_tokens": LONG, "ignore_eos": True,
-                                                     "temperature": 0.0, **extra})
+    return http.post(
+        f"{url}/v1/completions",
+        json={
+            "prompt": "def long(",
+            "max_tokens": LONG,
+            "ignore_eos": True,
+            "temperature": 0.0,
+            **extra,
+        },
+    )
 
 
 def test_short_request_is_not_held_behind_long_ones(deployment):
-    """Continuous batching: a short request that arrives while 8 long ones decode joins the running batch
+    """Continuous batching: a short request that arrives while 8 long ones decode joins the running
+    batch
     and finishes first (a static batch would hold it until the long ones end)."""
     url = deployment.url
     finished: dict[str, float] = {}
@@ -531,11 +735,15 @@ def test_short_request_is_not_held_behind_long_ones(deployment):
         r = complete(url, prompt="x", max_tokens=4, ignore_eos=True)
         finished["short"] = time.monotonic()
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
-        assert len([k for k in finished if k.startswith("long")]) == 0, "a long request ended before the short one"
+        assert len([k for k in finished if k.startswith("long")]) == 0, (
+            "a long request ended before the short one"
+        )
     finally:
         for t in threads:
             t.join()
-    assert len(finished) == 9 and finished["short"] < min(v for k, v in finished.items() if k != "short")
+    assert len(finished) == 9 and finished["short"] < min(
+        v for k, v in finished.items() if k != "short"
+    )
 
 
 def test_disconnected_stream_stops_its_sequence(deployment):
@@ -545,8 +753,11 @@ def test_disconnected_stream_stops_its_sequence(deployment):
     wait_for(lambda: _running(url) == 0, timeout_s=30)
     tokens_before = metric(url, "moeops_generated_tokens_total")
     with httpx.Client(timeout=60) as http:
-        with http.stream("POST", f"{url}/v1/completions", json={
-                "prompt": "def long(", "max_tokens": LONG, "ignore_eos": True, "stream": True}) as r:
+        with http.stream(
+            "POST",
+            f"{url}/v1/completions",
+            json={"prompt": "def long(", "max_tokens": LONG, "ignore_eos": True, "stream": True},
+        ) as r:
             received = 0
             for line in r.iter_lines():
                 received += line.startswith("data: ")
@@ -596,7 +807,12 @@ BAD_REQUESTS = [
     ("too many prompts", json.dumps({"prompt": ["a"] * 5}).encode(), 400, "prompt"),
     ("prompt too long", json.dumps({"prompt": "a b c d " * 40}).encode(), 400, "prompt"),
     ("max_tokens zero without echo", b'{"prompt": "x", "max_tokens": 0}', 400, "max_tokens"),
-    ("max_tokens over limit", json.dumps({"prompt": "x", "max_tokens": MAX_TOKENS + 1}).encode(), 400, "max_tokens"),
+    (
+        "max_tokens over limit",
+        json.dumps({"prompt": "x", "max_tokens": MAX_TOKENS + 1}).encode(),
+        400,
+        "max_tokens",
+    ),
     ("temperature out of range", b'{"prompt": "x", "temperature": 2.5}', 400, "temperature"),
     ("top_p zero", b'{"prompt": "x", "top_p": 0}', 400, "top_p"),
     ("seed over int64", b'{"prompt": "x", "seed": 9223372036854775808}', 400, "seed"),
@@ -604,24 +820,45 @@ BAD_REQUESTS = [
     ("n zero", b'{"prompt": "x", "n": 0}', 400, "n"),
     ("n over serve.max_n", b'{"prompt": "x", "n": 5}', 400, "n"),
     ("best_of below n", b'{"prompt": "x", "n": 3, "best_of": 2}', 400, "best_of"),
-    ("best_of with stream", b'{"prompt": "x", "n": 1, "best_of": 2, "stream": true}', 400, "best_of"),
+    (
+        "best_of with stream",
+        b'{"prompt": "x", "n": 1, "best_of": 2, "stream": true}',
+        400,
+        "best_of",
+    ),
     ("logprobs over serve.max_logprobs", b'{"prompt": "x", "logprobs": 21}', 400, "logprobs"),
     ("token id outside vocabulary", b'{"prompt": [1, 999999]}', 400, "prompt"),
     ("negative token id", b'{"prompt": [[1, 2], [-3]]}', 400, "prompt"),
-    ("logit_bias key not a token id", b'{"prompt": "x", "logit_bias": {"abc": 1}}', 400, "logit_bias"),
+    (
+        "logit_bias key not a token id",
+        b'{"prompt": "x", "logit_bias": {"abc": 1}}',
+        400,
+        "logit_bias",
+    ),
     ("logit_bias out of range", b'{"prompt": "x", "logit_bias": {"5": 101}}', 400, "logit_bias"),
-    ("stream_options without stream", b'{"prompt": "x", "stream_options": {"include_usage": true}}', 400,
-     "stream_options"),
-    ("unknown stream_options field", b'{"prompt": "x", "stream": true, "stream_options": {"usage": true}}', 400,
-     "stream_options.usage"),
+    (
+        "stream_options without stream",
+        b'{"prompt": "x", "stream_options": {"include_usage": true}}',
+        400,
+        "stream_options",
+    ),
+    (
+        "unknown stream_options field",
+        b'{"prompt": "x", "stream": true, "stream_options": {"usage": true}}',
+        400,
+        "stream_options.usage",
+    ),
     ("unknown model", b'{"prompt": "x", "model": "gpt-4"}', 404, "model"),
 ]
 
 
 @pytest.mark.parametrize("case,raw,status,param", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
 def test_bad_completion_requests(deployment, case, raw, status, param):
-    r = httpx.post(f"{deployment.url}/v1/completions", content=raw,
-                   headers={"content-type": "application/json"})
+    r = httpx.post(
+        f"{deployment.url}/v1/completions",
+        content=raw,
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == status, f"{case}: {r.status_code} {r.text}"
     error = r.json()["error"]
     assert error["message"] and error["type"]
@@ -632,19 +869,29 @@ def test_bad_completion_requests(deployment, case, raw, status, param):
 
 def test_edge_values_are_served_not_crashed(deployment):
     url = deployment.url
-    for body in [dict(prompt="x", temperature=1e-40, max_tokens=3), dict(prompt="x", top_p=1e-30, max_tokens=3),
-                 dict(prompt="x", seed=2**63 - 1, max_tokens=3), dict(prompt="héllo ✓ 日本 \U0001F600", max_tokens=3),
-                 dict(prompt=["a", "b c", "d"], stop=["\n", "zz"], max_tokens=32)]:
+    for body in [
+        dict(prompt="x", temperature=1e-40, max_tokens=3),
+        dict(prompt="x", top_p=1e-30, max_tokens=3),
+        dict(prompt="x", seed=2**63 - 1, max_tokens=3),
+        dict(prompt="héllo ✓ 日本 \U0001f600", max_tokens=3),
+        dict(prompt=["a", "b c", "d"], stop=["\n", "zz"], max_tokens=32),
+    ]:
         r = complete(url, **body)
         assert r.status_code == 200, (body, r.text)
         assert all(c["finish_reason"] in ("stop", "length") for c in r.json()["choices"])
-    assert complete(url, prompt="x").json()["usage"]["completion_tokens"] <= 16  # OpenAI's default max_tokens
+    assert (
+        complete(url, prompt="x").json()["usage"]["completion_tokens"] <= 16
+    )  # OpenAI's default max_tokens
 
 
 def test_bad_score_requests_and_replica_stays_ready(deployment):
     url = deployment.url
-    for raw, param in [(b'{"text": ""}', "text"), (b'{"text": 3}', "text"), (b'{"txt": "a"}', "txt"),
-                       (json.dumps({"text": "word " * 300}).encode(), None)]:
+    for raw, param in [
+        (b'{"text": ""}', "text"),
+        (b'{"text": 3}', "text"),
+        (b'{"txt": "a"}', "txt"),
+        (json.dumps({"text": "word " * 300}).encode(), None),
+    ]:
         r = httpx.post(f"{url}/v1/score", content=raw, headers={"content-type": "application/json"})
         assert r.status_code in (400, 413), r.text
         if param:
@@ -653,14 +900,20 @@ def test_bad_score_requests_and_replica_stays_ready(deployment):
     assert complete(url, prompt="ok", max_tokens=2).status_code == 200
     metrics = httpx.get(f"{url}/metrics").text
     counted = [line for line in metrics.splitlines() if line.startswith("moeops_requests_total")]
-    assert any(all(label in line for label in ('route="/v1/score"', 'status="400"', 'model_version="none"'))
-               for line in counted), counted
+    assert any(
+        all(
+            label in line for label in ('route="/v1/score"', 'status="400"', 'model_version="none"')
+        )
+        for line in counted
+    ), counted
 
 
 # --------------------------------------------------------------------------- readiness and auth
 
+
 def test_unready_until_model_exists_then_auth_protects_all_but_probes(deployment, monkeypatch):
-    """A second app whose alias does not exist yet: alive but unready; auth on via the token env var."""
+    """A second app whose alias does not exist yet: alive but unready; auth on via the token env
+    var."""
     import openai
     from mlflow import MlflowClient
     from ray import serve
@@ -670,10 +923,15 @@ def test_unready_until_model_exists_then_auth_protects_all_but_probes(deployment
 
     token = "s3cret-token"
     monkeypatch.setenv("MOEOPS_TEST_TOKEN", token)
-    config = with_overrides(deployment.config, {
-        "serve.app_name": "moeops-gated", "serve.route_prefix": "/gated",
-        "serve.auth_token_env": "MOEOPS_TEST_TOKEN",
-        "serve.model_uri": f"models:/{deployment.name}@staging"})
+    config = with_overrides(
+        deployment.config,
+        {
+            "serve.app_name": "moeops-gated",
+            "serve.route_prefix": "/gated",
+            "serve.auth_token_env": "MOEOPS_TEST_TOKEN",
+            "serve.model_uri": f"models:/{deployment.name}@staging",
+        },
+    )
     url = deploy(config)
     try:
         auth = {"authorization": f"Bearer {token}"}
@@ -684,20 +942,30 @@ def test_unready_until_model_exists_then_auth_protects_all_but_probes(deployment
         r = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 2}, headers=auth)
         assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
 
-        MlflowClient(config.tracking.uri).set_registered_model_alias(deployment.name, "staging",
-                                                                     deployment.versions[1])
+        MlflowClient(config.tracking.uri).set_registered_model_alias(
+            deployment.name, "staging", deployment.versions[1]
+        )
         assert wait_ready(url, timeout_s=60)["versions"][deployment.name] == deployment.versions[1]
 
-        for path, method in [("/v1/models", "GET"), ("/metrics", "GET"), ("/v1/completions", "POST"),
-                             ("/v1/score", "POST"), ("/docs", "GET")]:
+        for path, method in [
+            ("/v1/models", "GET"),
+            ("/metrics", "GET"),
+            ("/v1/completions", "POST"),
+            ("/v1/score", "POST"),
+            ("/docs", "GET"),
+        ]:
             for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": token}):
                 r = httpx.request(method, f"{url}{path}", headers=headers, json={"prompt": "x"})
                 assert r.status_code == 401, (path, headers, r.text)
                 assert r.json()["error"]["type"] == "authentication_error"
         assert httpx.get(f"{url}/healthz").status_code == 200
         assert httpx.get(f"{url}/readyz").status_code == 200
-        ok = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 2}, headers=auth)
-        assert ok.status_code == 200 and ok.headers[VERSION_HEADER].endswith(f"/{deployment.versions[1]}")
+        ok = httpx.post(
+            f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 2}, headers=auth
+        )
+        assert ok.status_code == 200 and ok.headers[VERSION_HEADER].endswith(
+            f"/{deployment.versions[1]}"
+        )
 
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=token, max_retries=0)
         assert client.completions.create(model=deployment.name, prompt="x", max_tokens=2).choices
@@ -711,6 +979,7 @@ def test_unready_until_model_exists_then_auth_protects_all_but_probes(deployment
 
 # --------------------------------------------------------------------------- canary and switch
 
+
 def test_canary_split(deployment):
     from components.config import with_overrides
     from serving.launch import deploy
@@ -719,7 +988,9 @@ def test_canary_split(deployment):
     deploy(with_overrides(deployment.config, {"serve.canary_fraction": fraction}))
     models = {m["id"]: m for m in httpx.get(f"{deployment.url}/v1/models").json()["data"]}
     challenger = models[f"{deployment.name}@challenger"]
-    assert challenger["version"] == deployment.versions[1] and challenger["traffic_share"] == fraction
+    assert (
+        challenger["version"] == deployment.versions[1] and challenger["traffic_share"] == fraction
+    )
 
     def one(i: int) -> str:
         r = complete(deployment.url, prompt=f"v{i}", max_tokens=1)
@@ -730,21 +1001,30 @@ def test_canary_split(deployment):
         versions = list(pool.map(one, range(n)))
     share = versions.count(deployment.versions[1]) / n
     tolerance = 4 * math.sqrt(fraction * (1 - fraction) / n)  # 4 sigma of a binomial share
-    assert abs(share - fraction) < tolerance, f"challenger share {share:.3f} vs {fraction} ± {tolerance:.3f}"
+    assert abs(share - fraction) < tolerance, (
+        f"challenger share {share:.3f} vs {fraction} ± {tolerance:.3f}"
+    )
     assert set(versions) == set(deployment.versions)
     # pinning a version by alias bypasses the split
-    pinned = complete(deployment.url, model=f"{deployment.name}@challenger", prompt="x", max_tokens=1)
+    pinned = complete(
+        deployment.url, model=f"{deployment.name}@challenger", prompt="x", max_tokens=1
+    )
     assert pinned.json()["model_version"] == deployment.versions[1]
     metrics = httpx.get(f"{deployment.url}/metrics").text
     for version in deployment.versions:
-        assert f'moeops_generated_tokens_total{{model_version="{deployment.name}/{version}"' in metrics
+        assert (
+            f'moeops_generated_tokens_total{{model_version="{deployment.name}/{version}"' in metrics
+        )
     deploy(deployment.config)  # canary off again
 
 
 def _stream_until(url: str, stop: threading.Event, body: dict) -> int:
-    """Stream a completion until ``stop`` is set, then go away (closing the connection); returns chunks read."""
+    """Stream a completion until ``stop`` is set, then go away (closing the connection); returns
+    chunks read."""
     chunks = 0
-    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=120) as r:
+    with httpx.stream(
+        "POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=120
+    ) as r:
         assert r.status_code == 200, r.read()
         for line in r.iter_lines():
             chunks += line.startswith("data: ")
@@ -765,7 +1045,8 @@ def test_queue_limit_answers_429_and_replica_stays_ready(deployment):
     long = {"max_tokens": LONG, "ignore_eos": True, "n": 4}
     pool = ThreadPoolExecutor(2)
     try:
-        # 4 prompts x n=4 fill the 16 slots; 8 more sequences wait (a request into an empty queue is taken)
+        # 4 prompts x n=4 fill the 16 slots; 8 more sequences wait (a request into an empty queue is
+        # taken)
         filling = pool.submit(_stream_until, url, stop, {**long, "prompt": ["a", "b", "c", "d"]})
         wait_for(lambda: _running(url) == 16, timeout_s=60)
         waiting = pool.submit(_stream_until, url, stop, {**long, "prompt": ["e", "f"]})
@@ -774,19 +1055,29 @@ def test_queue_limit_answers_429_and_replica_stays_ready(deployment):
         assert rejected.status_code == 429, rejected.text
         assert rejected.headers["retry-after"] == str(deployment.config.serve.retry_after_s)
         assert rejected.json()["error"]["code"] == "queue_full"
-        streamed = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 2, "stream": True})
+        streamed = httpx.post(
+            f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 2, "stream": True}
+        )
         assert streamed.status_code == 429 and "retry-after" in streamed.headers
-        assert chat(url, messages=[{"role": "user", "content": "x"}], max_tokens=2).status_code == 429
+        assert (
+            chat(url, messages=[{"role": "user", "content": "x"}], max_tokens=2).status_code == 429
+        )
         ready = httpx.get(f"{url}/readyz")
         assert ready.status_code == 200 and ready.json()["ready"] is True
-        assert not filling.done() and not waiting.done(), "the long requests ended before the checks"
+        assert not filling.done() and not waiting.done(), (
+            "the long requests ended before the checks"
+        )
         stop.set()  # both clients go away: their 24 sequences are aborted
         assert filling.result() < LONG * 16 and waiting.result() < LONG * 8
         wait_for(lambda: _running(url) == 0, timeout_s=5)
         assert complete(url, prompt="x", max_tokens=2).status_code == 200
-        rejections = [line for line in httpx.get(f"{url}/metrics").text.splitlines()
-                      if line.startswith("moeops_errors_total") and 'code="queue_full"' in line
-                      and 'status="429"' in line]
+        rejections = [
+            line
+            for line in httpx.get(f"{url}/metrics").text.splitlines()
+            if line.startswith("moeops_errors_total")
+            and 'code="queue_full"' in line
+            and 'status="429"' in line
+        ]
         assert sum(float(line.rsplit(" ", 1)[1]) for line in rejections) >= 3, rejections
     finally:
         stop.set()
@@ -799,12 +1090,16 @@ def test_int8_quantized_replica(deployment):
     from serving.launch import deploy
 
     url = deployment.url
-    fp32 = httpx.post(f"{url}/v1/score", json={"text": "def main():\n    return 0\n"}).json()["perplexity"]
+    fp32 = httpx.post(f"{url}/v1/score", json={"text": "def main():\n    return 0\n"}).json()[
+        "perplexity"
+    ]
     deploy(with_overrides(deployment.config, {"serve.quantize": "int8"}))
     try:
         r = complete(url, prompt="def main(", max_tokens=6, seed=1)
         assert r.status_code == 200 and r.headers[VERSION_HEADER].endswith("-int8"), r.headers
-        int8 = httpx.post(f"{url}/v1/score", json={"text": "def main():\n    return 0\n"}).json()["perplexity"]
+        int8 = httpx.post(f"{url}/v1/score", json={"text": "def main():\n    return 0\n"}).json()[
+            "perplexity"
+        ]
         assert abs(int8 - fp32) / fp32 < 0.2  # dynamic int8 barely moves perplexity
     finally:
         deploy(deployment.config)
@@ -824,8 +1119,12 @@ def test_version_switch_under_continuous_requests(deployment):
         with httpx.Client(timeout=60) as http:
             i = 0
             while not stop.is_set():
-                r = http.post(f"{url}/v1/completions", json={"prompt": f"w{worker} {i}", "max_tokens": 4})
-                results.append((time.monotonic(), r.status_code, r.headers.get(VERSION_HEADER, r.text)))
+                r = http.post(
+                    f"{url}/v1/completions", json={"prompt": f"w{worker} {i}", "max_tokens": 4}
+                )
+                results.append(
+                    (time.monotonic(), r.status_code, r.headers.get(VERSION_HEADER, r.text))
+                )
                 i += 1
 
     threads = [threading.Thread(target=client_loop, args=(w,)) for w in range(4)]
@@ -833,8 +1132,11 @@ def test_version_switch_under_continuous_requests(deployment):
         t.start()
     try:
         time.sleep(1.5)
-        MlflowClient(deployment.config.tracking.uri).set_registered_model_alias(deployment.name, "champion", v2)
-        # a rolling update: the replacement takes traffic once warm, the old replica finishes its requests
+        MlflowClient(deployment.config.tracking.uri).set_registered_model_alias(
+            deployment.name, "champion", v2
+        )
+        # a rolling update: the replacement takes traffic once warm, the old replica finishes its
+        # requests
         deploy(deployment.config, revision=v2)
         switched_at = time.monotonic()
         time.sleep(2.0)
@@ -852,13 +1154,15 @@ def test_version_switch_under_continuous_requests(deployment):
 
 # --------------------------------------------------------------------------- bounded load
 
+
 def _replica_identity(url: str) -> tuple[str, int]:
     health = httpx.get(f"{url}/healthz").json()
     return health["replica"], health["pid"]
 
 
 def test_bounded_load_32_clients_mixed(deployment):
-    """32 clients for 30 s of mixed requests (completions, chat, streamed, n=2, logprobs) on loopback:
+    """32 clients for 30 s of mixed requests (completions, chat, streamed, n=2, logprobs) on
+    loopback:
     zero errors, every response complete, and the same replica process throughout."""
     from ray import serve
 
@@ -872,13 +1176,25 @@ def test_bounded_load_32_clients_mixed(deployment):
         if kind == 0:
             return "/v1/completions", {"prompt": f"load {i} {n}", "max_tokens": 8, "seed": n}
         if kind == 1:
-            return "/v1/chat/completions", {"messages": [{"role": "user", "content": f"load {i} {n}"}],
-                                            "max_tokens": 8, "seed": n}
+            return "/v1/chat/completions", {
+                "messages": [{"role": "user", "content": f"load {i} {n}"}],
+                "max_tokens": 8,
+                "seed": n,
+            }
         if kind == 2:
-            return "/v1/completions", {"prompt": [f"a{i}", f"b{n}"], "n": 2, "max_tokens": 6, "logprobs": 2,
-                                       "frequency_penalty": 0.5}
-        return "/v1/chat/completions", {"messages": [{"role": "user", "content": f"s{i}"}], "max_tokens": 8,
-                                        "stream": True, "stream_options": {"include_usage": True}}
+            return "/v1/completions", {
+                "prompt": [f"a{i}", f"b{n}"],
+                "n": 2,
+                "max_tokens": 6,
+                "logprobs": 2,
+                "frequency_penalty": 0.5,
+            }
+        return "/v1/chat/completions", {
+            "messages": [{"role": "user", "content": f"s{i}"}],
+            "max_tokens": 8,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
 
     async def client(i: int, http: httpx.AsyncClient, deadline: float) -> None:
         n = 0
@@ -886,7 +1202,11 @@ def test_bounded_load_32_clients_mixed(deployment):
             route, body = shape(i, n)
             r = await http.post(f"{url}{route}", json=body)
             statuses.append((route, r.status_code))
-            if r.status_code == 200 and body.get("stream") and not r.text.rstrip().endswith("data: [DONE]"):
+            if (
+                r.status_code == 200
+                and body.get("stream")
+                and not r.text.rstrip().endswith("data: [DONE]")
+            ):
                 incomplete.append(r.text[-200:])
             elif r.status_code == 200 and not body.get("stream") and not r.json()["choices"]:
                 incomplete.append(r.text[:200])
@@ -900,18 +1220,23 @@ def test_bounded_load_32_clients_mixed(deployment):
 
     asyncio.run(main())
     errors = [s for s in statuses if s[1] != 200]
-    assert len(statuses) >= 4 * clients and not errors, f"{len(errors)} errors of {len(statuses)}: {set(errors)}"
+    assert len(statuses) >= 4 * clients and not errors, (
+        f"{len(errors)} errors of {len(statuses)}: {set(errors)}"
+    )
     assert not incomplete, incomplete[:3]
     assert {route for route, _ in statuses} == {"/v1/completions", "/v1/chat/completions"}
     assert _replica_identity(url) == before, "the replica restarted under load"
     status = serve.status().applications[deployment.config.serve.app_name]
     assert status.status == "RUNNING"
     assert httpx.get(f"{url}/readyz").status_code == 200
-    print(f"bounded load: {len(statuses)} requests in {duration_s:.0f}s from {clients} clients "
-          f"({len(statuses) / duration_s:.1f} req/s)")
+    print(
+        f"bounded load: {len(statuses)} requests in {duration_s:.0f}s from {clients} clients "
+        f"({len(statuses) / duration_s:.1f} req/s)"
+    )
 
 
 # --------------------------------------------------------------------------- the deploy stage
+
 
 def test_deploy_stage_writes_serve_config_and_smoke_tests(deployment, tmp_path):
     import dataclasses
@@ -925,15 +1250,33 @@ def test_deploy_stage_writes_serve_config_and_smoke_tests(deployment, tmp_path):
     from pipelines import deploy as deploy_stage
     from pipelines.outputs import DeployOutputs, RegisterOutputs
 
-    registered = RegisterOutputs(model_name=deployment.name, model_version=deployment.versions[0], model_id="",
-                                 aliases=["champion"], promoted=True, reason="", previous_champion="")
-    config = with_overrides(deployment.config, {"serve.app_name": "moeops-stage", "serve.route_prefix": "/stage"})
+    registered = RegisterOutputs(
+        model_name=deployment.name,
+        model_version=deployment.versions[0],
+        model_id="",
+        aliases=["champion"],
+        promoted=True,
+        reason="",
+        previous_champion="",
+    )
+    config = with_overrides(
+        deployment.config, {"serve.app_name": "moeops-stage", "serve.route_prefix": "/stage"}
+    )
     client = MlflowClient(config.tracking.uri)
     experiment_id = client.get_experiment_by_name(config.tracking.experiment).experiment_id
     run_id = client.create_run(experiment_id, run_name="deploy").info.run_id
-    ctx = StageContext(name="deploy", config=config, config_dict=to_container(config), run_id=run_id,
-                       parent_run_id="", experiment_id=experiment_id, tracking_uri=config.tracking.uri,
-                       client=client, inputs={"register": registered}, work_dir=tmp_path)
+    ctx = StageContext(
+        name="deploy",
+        config=config,
+        config_dict=to_container(config),
+        run_id=run_id,
+        parent_run_id="",
+        experiment_id=experiment_id,
+        tracking_uri=config.tracking.uri,
+        client=client,
+        inputs={"register": registered},
+        work_dir=tmp_path,
+    )
     try:
         outputs = deploy_stage.run(ctx)
         assert isinstance(outputs, DeployOutputs)
@@ -944,10 +1287,14 @@ def test_deploy_stage_writes_serve_config_and_smoke_tests(deployment, tmp_path):
         assert written["applications"][0]["deployments"][0]["user_config"]["revision"] == champion
         artifacts = {a.path for a in client.list_artifacts(run_id)}
         assert {"serve_config.yaml", "smoke_response.json"} <= artifacts
-        smoke = json.loads(open(client.download_artifacts(run_id, "smoke_response.json", str(tmp_path))).read())
+        smoke = json.loads(
+            open(client.download_artifacts(run_id, "smoke_response.json", str(tmp_path))).read()
+        )
         assert smoke["response"]["choices"] and smoke["readyz"]["ready"] is True
         assert deploy_stage.still_serving(config, outputs)
-        assert not deploy_stage.still_serving(config, dataclasses.replace(outputs, model_version="999"))
+        assert not deploy_stage.still_serving(
+            config, dataclasses.replace(outputs, model_version="999")
+        )
     finally:
         serve.delete("moeops-stage")
     assert not deploy_stage.still_serving(config, outputs)
@@ -955,20 +1302,32 @@ def test_deploy_stage_writes_serve_config_and_smoke_tests(deployment, tmp_path):
 
 # --------------------------------------------------------------------------- the replica's log
 
+
 def test_replica_log_has_no_per_request_errors(deployment):
-    """After every request of this module (streamed, cancelled, rejected, reconfigured) the replica's
-    stdout/stderr hold no "Future exception was never retrieved" (asyncio's note of a dropped error)."""
+    """After every request of this module (streamed, cancelled, rejected, reconfigured) the
+    replica's
+    stdout/stderr hold no "Future exception was never retrieved" (asyncio's note of a dropped
+    error)."""
     import ray
     from ray.util.state import get_log, list_actors
 
     prefix = f"ServeReplica:{deployment.config.serve.app_name}:"
-    replicas = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
-                if a.class_name.startswith(prefix)]
+    replicas = [
+        a
+        for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
+        if a.class_name.startswith(prefix)
+    ]
     assert replicas, "no live replica of the app found through Ray's state API"
     for actor in replicas:
         for suffix in ("err", "out"):
             # this cluster by address: other Ray instances may run on the machine
-            text = "".join(get_log(address=ray.get_runtime_context().gcs_address, actor_id=actor.actor_id,
-                                   suffix=suffix, tail=-1))
-            assert "never retrieved" not in text, text[text.find("never retrieved") - 2000:][:4000]
+            text = "".join(
+                get_log(
+                    address=ray.get_runtime_context().gcs_address,
+                    actor_id=actor.actor_id,
+                    suffix=suffix,
+                    tail=-1,
+                )
+            )
+            assert "never retrieved" not in text, text[text.find("never retrieved") - 2000 :][:4000]
     assert httpx.get(f"{deployment.url}/readyz").status_code == 200

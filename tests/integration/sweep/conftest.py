@@ -1,4 +1,5 @@
 """One MLflow store and one prepared tiny dataset shared by the sweep/evaluate/register tests."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,7 +9,7 @@ import pytest
 
 @dataclass
 class SweepEnv:
-    overrides: list[str]     # Hydra overrides every test here starts from
+    overrides: list[str]  # Hydra overrides every test here starts from
     tracking_uri: str
     prepare_run_id: str
 
@@ -21,8 +22,12 @@ def sweep_env(ray_session, tmp_path_factory) -> SweepEnv:
 
     root = tmp_path_factory.mktemp("sweep-env")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    overrides = [f"paths.root={root / 'moeops'}", f"tracking.uri={uri}",
-                 f"tracking.artifact_location={(root / 'mlartifacts').as_uri()}", "experiment=tiny",
-                 "tracking.experiment=sweep-tests"]
+    overrides = [
+        f"paths.root={root / 'moeops'}",
+        f"tracking.uri={uri}",
+        f"tracking.artifact_location={(root / 'mlartifacts').as_uri()}",
+        "experiment=tiny",
+        "tracking.experiment=sweep-tests",
+    ]
     result = run_pipeline(load_config(overrides), [PREPARE])
     return SweepEnv(overrides, uri, result.stages["prepare"].run_id)

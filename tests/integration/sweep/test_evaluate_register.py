@@ -1,5 +1,7 @@
-"""train -> evaluate -> register as stages on local Ray: the report's MoE / dense / champion figures,
+"""train -> evaluate -> register as stages on local Ray: the report's MoE / dense / champion
+figures,
 the champion gate through the stages, and a registered version's lineage tags."""
+
 from __future__ import annotations
 
 import json
@@ -23,9 +25,15 @@ pytestmark = pytest.mark.integration
 
 
 def test_evaluate_report_and_registry_gate(sweep_env, tmp_path):
-    base = sweep_env.overrides + [f"+inputs.prepare={sweep_env.prepare_run_id}", "tune=off",
-                                  "train.max_steps=6", "train.warmup_steps=1", "train.eval_every=3",
-                                  "train.checkpoint_every=3", "registry.model_name=moeops-sweep-test"]
+    base = sweep_env.overrides + [
+        f"+inputs.prepare={sweep_env.prepare_run_id}",
+        "tune=off",
+        "train.max_steps=6",
+        "train.warmup_steps=1",
+        "train.eval_every=3",
+        "train.checkpoint_every=3",
+        "registry.model_name=moeops-sweep-test",
+    ]
     client = MlflowClient(sweep_env.tracking_uri)
 
     # Round 1: no champion yet -> the report compares MoE and its dense baseline; v1 is promoted.
@@ -35,14 +43,24 @@ def test_evaluate_report_and_registry_gate(sweep_env, tmp_path):
     assert set(report["models"]) == {"moe", "dense_baseline"}
     moe, dense = report["models"]["moe"], report["models"]["dense_baseline"]
     assert moe["kind"] == "moe" and dense["kind"] == "dense"
-    assert dense["params_active"] == pytest.approx(moe["params_active"], rel=0.05)  # equal active parameters
+    assert dense["params_active"] == pytest.approx(
+        moe["params_active"], rel=0.05
+    )  # equal active parameters
     assert len(moe["expert_counts"]) == 2 and all(sum(layer) > 0 for layer in moe["expert_counts"])
     assert moe["perplexity"] == pytest.approx(torch.tensor(moe["val_loss"]).exp().item(), rel=1e-5)
     assert moe["generation_tokens_per_s"] > 0 and len(moe["samples"]) == 4
     artifacts = {a.path for a in client.list_artifacts(evaluate_run, "evaluation")}
-    assert {"evaluation/report.md", "evaluation/report.json", "evaluation/expert_utilisation.png"} <= artifacts
-    dense_runs = client.search_runs([first.experiment_id], f"tags.`mlflow.parentRunId` = '{evaluate_run}'")
-    assert [r.info.run_name for r in dense_runs] == ["dense-baseline"] and "val_loss" in dense_runs[0].data.metrics
+    assert {
+        "evaluation/report.md",
+        "evaluation/report.json",
+        "evaluation/expert_utilisation.png",
+    } <= artifacts
+    dense_runs = client.search_runs(
+        [first.experiment_id], f"tags.`mlflow.parentRunId` = '{evaluate_run}'"
+    )
+    assert [r.info.run_name for r in dense_runs] == ["dense-baseline"] and "val_loss" in dense_runs[
+        0
+    ].data.metrics
 
     reg1, trained = first.stages["register"].outputs, first.stages["train"].outputs
     assert reg1.model_version == "1" and reg1.promoted is True
@@ -64,32 +82,50 @@ def test_evaluate_report_and_registry_gate(sweep_env, tmp_path):
     trained_config = load_config(base)
     assert logged.params["model.num_experts"] == str(trained_config.model.num_experts)
     assert logged.params["train.max_steps"] == str(trained_config.train.max_steps) == "6"
-    assert [(o.model_id, o.step) for o in train_run.outputs.model_outputs] == [(trained.model_id, 6)]
-    assert client.search_logged_models([first.experiment_id],
-                                       filter_string=f"source_run_id = '{evaluate_run}'").to_list() == []
-    assert [(v["name"], str(v["version"])) for v in json.loads(logged.tags["mlflow.modelVersions"])] == [
-        ("moeops-sweep-test", "1")]
+    assert [(o.model_id, o.step) for o in train_run.outputs.model_outputs] == [
+        (trained.model_id, 6)
+    ]
+    assert (
+        client.search_logged_models(
+            [first.experiment_id], filter_string=f"source_run_id = '{evaluate_run}'"
+        ).to_list()
+        == []
+    )
+    assert [
+        (v["name"], str(v["version"])) for v in json.loads(logged.tags["mlflow.modelVersions"])
+    ] == [("moeops-sweep-test", "1")]
     linked = {m.key: m for m in logged.metrics if m.run_id == evaluate_run}
     assert linked["val_loss"].value == pytest.approx(moe["val_loss"])
     assert linked["val_loss"].dataset_digest == prepared.dataset_digest[:32]
     for run in (train_run, client.get_run(sweep_env.prepare_run_id)):
-        assert {d.dataset.digest for d in run.inputs.dataset_inputs} == {prepared.dataset_digest[:32]}
-    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(train_run.data.metrics)
+        assert {d.dataset.digest for d in run.inputs.dataset_inputs} == {
+            prepared.dataset_digest[:32]
+        }
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(
+        train_run.data.metrics
+    )
 
     # The registered champion gives the trained model's logits.
-    loaded, info = load_registered("models:/moeops-sweep-test@champion", sweep_env.tracking_uri,
-                                   dst_dir=tmp_path / "champion")
+    loaded, info = load_registered(
+        "models:/moeops-sweep-test@champion", sweep_env.tracking_uri, dst_dir=tmp_path / "champion"
+    )
     trained_model = load_export(trained.export_dir)
     tokens = torch.randint(0, loaded.vocab_size, (2, 12))
     with torch.no_grad():
-        torch.testing.assert_close(loaded.model(tokens)[0], trained_model.model(tokens)[0], rtol=0, atol=0)
+        torch.testing.assert_close(
+            loaded.model(tokens)[0], trained_model.model(tokens)[0], rtol=0, atol=0
+        )
 
     # Round 2: the same model again, now against a champion: the report holds the champion's
     # figures, and a challenger that does not beat it is refused (champion stays at v1).
-    second = run_pipeline(load_config(base + ["evaluate.compare_dense=false", "force=true"]), [EVALUATE, REGISTER])
+    second = run_pipeline(
+        load_config(base + ["evaluate.compare_dense=false", "force=true"]), [EVALUATE, REGISTER]
+    )
     report2 = json.loads(mlflow.artifacts.load_text(second.stages["evaluate"].outputs.report_uri))
     assert set(report2["models"]) == {"moe", "champion"}
-    assert report2["models"]["champion"]["val_loss"] == pytest.approx(report2["models"]["moe"]["val_loss"])
+    assert report2["models"]["champion"]["val_loss"] == pytest.approx(
+        report2["models"]["moe"]["val_loss"]
+    )
     reg2 = second.stages["register"].outputs
     assert reg2.model_version == "2" and reg2.promoted is False and reg2.aliases == ["challenger"]
     assert reg2.model_id == reg1.model_id, "the same LoggedModel, registered again: no second copy"

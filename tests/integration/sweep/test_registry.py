@@ -1,4 +1,6 @@
-"""The registry against a real sqlite MLflow store: round-trip logits, tags, and the promotion gate."""
+"""The registry against a real sqlite MLflow store: round-trip logits, tags, and the promotion
+gate."""
+
 from __future__ import annotations
 
 import json
@@ -40,13 +42,24 @@ def make_export(config, tokenizer_file: Path, out: Path, seed: int) -> tuple[Pat
 
 def register(config, export_dir: Path, val_loss: float, *, champion_metric=None):
     client = MlflowClient(config.tracking.uri)
-    exp_id = mlflow_utils.ensure_experiment(client, "registry-test", config.tracking.artifact_location)
+    exp_id = mlflow_utils.ensure_experiment(
+        client, "registry-test", config.tracking.artifact_location
+    )
     run_id = client.create_run(exp_id, run_name="register").info.run_id
     reg = log_and_register(
-        export_dir, run_id=run_id, tracking_uri=config.tracking.uri, registry=config.registry,
+        export_dir,
+        run_id=run_id,
+        tracking_uri=config.tracking.uri,
+        registry=config.registry,
         metrics={"val_loss": val_loss, "perplexity": 2.0},
-        tags={"moeops.dataset_digest": "d" * 64, "moeops.git_commit": "abc123", "moeops.training_run_id": "train-run-1"},
-        champion_metric=champion_metric, params={"model.dim": 64}, step=7,
+        tags={
+            "moeops.dataset_digest": "d" * 64,
+            "moeops.git_commit": "abc123",
+            "moeops.training_run_id": "train-run-1",
+        },
+        champion_metric=champion_metric,
+        params={"model.dim": 64},
+        step=7,
     )
     return reg, run_id
 
@@ -77,8 +90,12 @@ def test_round_trip_tags_and_gate_both_ways(root_overrides, tmp_path, tokenizer_
     assert mv.source == f"models:/{reg1.model_id}"
     logged = client.get_logged_model(reg1.model_id)
     assert logged.source_run_id == run1 and logged.params["model.dim"] == "64"
-    assert [(v["name"], str(v["version"])) for v in json.loads(logged.tags["mlflow.modelVersions"])] == [(name, "1")]
-    assert [(o.model_id, o.step) for o in client.get_run(run1).outputs.model_outputs] == [(reg1.model_id, 7)]
+    assert [
+        (v["name"], str(v["version"])) for v in json.loads(logged.tags["mlflow.modelVersions"])
+    ] == [(name, "1")]
+    assert [(o.model_id, o.step) for o in client.get_run(run1).outputs.model_outputs] == [
+        (reg1.model_id, 7)
+    ]
 
     # Tags trace the version back to the data and the training run; the decision is recorded.
     assert mv.tags["moeops.dataset_digest"] == "d" * 64
@@ -91,19 +108,26 @@ def test_round_trip_tags_and_gate_both_ways(root_overrides, tmp_path, tokenizer_
     # a signature, an input example and pinned requirements.
     model_dir = Path(loaded.export_dir).parents[1]
     files = {p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*") if p.is_file()}
-    assert {"artifacts/export/model.safetensors", "artifacts/export/model_config.json",
-            "artifacts/export/tokenizer.json"} <= files
+    assert {
+        "artifacts/export/model.safetensors",
+        "artifacts/export/model_config.json",
+        "artifacts/export/tokenizer.json",
+    } <= files
     mlmodel = (model_dir / "MLmodel").read_text()
     assert "signature:" in mlmodel and "saved_input_example_info" in mlmodel
     requirements = (model_dir / "requirements.txt").read_text().split()
-    assert any(r.startswith("torch==") for r in requirements) and any(r.startswith("mlflow==") for r in requirements)
+    assert any(r.startswith("torch==") for r in requirements) and any(
+        r.startswith("mlflow==") for r in requirements
+    )
     assert not any(f.endswith((".pt", ".pth", ".bin")) for f in files)
     # ...and it serves as a plain MLflow pyfunc too: prompts in, completions out.
     import mlflow.pyfunc
     import pandas as pd
 
     pyfunc = mlflow.pyfunc.load_model(f"models:/{name}/1")
-    out = pyfunc.predict(pd.DataFrame({"prompt": ["def main(", "import os"]}), params={"max_new_tokens": 4})
+    out = pyfunc.predict(
+        pd.DataFrame({"prompt": ["def main(", "import os"]}), params={"max_new_tokens": 4}
+    )
     assert list(out.columns) == ["completion"] and len(out) == 2
 
     # A worse challenger is refused: challenger moves, champion stays.

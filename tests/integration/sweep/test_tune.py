@@ -1,5 +1,6 @@
 """The tune stage on local Ray: nested trial runs, ASHA, resume after the driver dies, best config
 reaching the final training."""
+
 from __future__ import annotations
 
 import json
@@ -46,12 +47,17 @@ def trial_runs(client: MlflowClient, tune_run_id: str) -> list:
 
 def test_sweep_nests_trials_stops_the_bad_one_and_feeds_training(sweep_env):
     # The good point runs first, so ASHA has a figure to cut the diverging one (lr=0.9) against.
-    config = load_config(sweep_env.overrides + [
-        f"+inputs.prepare={sweep_env.prepare_run_id}",
-        "tune.max_concurrent_trials=1", "tune.grace_period=1",
-        "tune.points_to_evaluate=[{train.lr: 0.003, model.top_k: 1}, {train.lr: 0.9, model.top_k: 2}]",
-        "train.max_steps=10", "train.warmup_steps=2",
-    ])
+    config = load_config(
+        sweep_env.overrides
+        + [
+            f"+inputs.prepare={sweep_env.prepare_run_id}",
+            "tune.max_concurrent_trials=1",
+            "tune.grace_period=1",
+            "tune.points_to_evaluate=[{train.lr: 0.003, model.top_k: 1}, {train.lr: 0.9, model.top_k: 2}]",
+            "train.max_steps=10",
+            "train.warmup_steps=2",
+        ]
+    )
     result = run_pipeline(config, [TUNE, TRAIN])
     tune_out, tune_run = result.stages["tune"].outputs, result.stages["tune"].run_id
     client = MlflowClient(sweep_env.tracking_uri)
@@ -69,9 +75,16 @@ def test_sweep_nests_trials_stops_the_bad_one_and_feeds_training(sweep_env):
     assert bad.info.status == "KILLED" and bad.data.tags[TRIAL_STATUS_TAG] == "stopped_early"
 
     assert tune_out.best_params == {"train.lr": 0.003, "model.top_k": 1}
-    assert "system/cpu_utilization_percentage" in client.get_run(tune_run).data.metrics  # MLflow system metrics
+    assert (
+        "system/cpu_utilization_percentage" in client.get_run(tune_run).data.metrics
+    )  # MLflow system metrics
     artifacts = {a.path for a in client.list_artifacts(tune_run, "sweep")}
-    assert {"sweep/trials.csv", "sweep/trials.md", "sweep/metric_vs_params.png", "sweep/best_params.json"} <= artifacts
+    assert {
+        "sweep/trials.csv",
+        "sweep/trials.md",
+        "sweep/metric_vs_params.png",
+        "sweep/best_params.json",
+    } <= artifacts
 
     # The final training ran with the sweep's best config.
     train_run = client.get_run(result.stages["train"].run_id)
@@ -83,8 +96,13 @@ def test_sweep_nests_trials_stops_the_bad_one_and_feeds_training(sweep_env):
 
 def test_sweep_resumes_after_the_driver_dies(sweep_env):
     overrides = sweep_env.overrides + [
-        f"+inputs.prepare={sweep_env.prepare_run_id}", "tune.scheduler=fifo", "tune.search_alg=random",
-        "tune.max_concurrent_trials=1", "tune.trial_max_steps=5", "tune.trial_eval_every=5", "tune.seed=7",
+        f"+inputs.prepare={sweep_env.prepare_run_id}",
+        "tune.scheduler=fifo",
+        "tune.search_alg=random",
+        "tune.max_concurrent_trials=1",
+        "tune.trial_max_steps=5",
+        "tune.trial_eval_every=5",
+        "tune.seed=7",
         "tune.points_to_evaluate=[{train.lr: 0.002, model.top_k: 1}, {train.lr: 0.004, model.top_k: 2}]",
     ]
     client = MlflowClient(sweep_env.tracking_uri)
@@ -101,20 +119,35 @@ def test_sweep_resumes_after_the_driver_dies(sweep_env):
     address = ray.get_runtime_context().gcs_address
     started_ms = int(time.time() * 1000)
     driver = subprocess.Popen(
-        [sys.executable, "-m", "pipelines.tune", *overrides, "cluster=remote", f"cluster.address={address}"],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "pipelines.tune",
+            *overrides,
+            "cluster=remote",
+            f"cluster.address={address}",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 500
         while finished_trials_saved(sweep_dir) < 1:
-            assert driver.poll() is None, f"the sweep's driver exited ({driver.returncode}) before a trial finished"
+            assert driver.poll() is None, (
+                f"the sweep's driver exited ({driver.returncode}) before a trial finished"
+            )
             assert time.monotonic() < deadline, "no trial finished within 500 s"
             time.sleep(0.2)
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
         driver.wait(30)
-    assert driver.returncode == -signal.SIGKILL, "the driver was still running the sweep when killed"
+    assert driver.returncode == -signal.SIGKILL, (
+        "the driver was still running the sweep when killed"
+    )
 
     def sweep_runs(status: str | None = None):
         query = f"tags.`{SWEEP_TAG}` = '{sweep}'"
@@ -122,9 +155,15 @@ def test_sweep_resumes_after_the_driver_dies(sweep_env):
         return [r for r in runs if status is None or r.data.tags.get(TRIAL_STATUS_TAG) == status]
 
     first_trial = sweep_runs("completed")[0]
-    killed = client.search_runs([experiment_id], f"tags.`moeops.stage` = 'tune' and attributes.start_time >= {started_ms}")
-    assert killed and not any(r.info.status == "FINISHED" for r in killed), "the dead driver's tune run must not be FINISHED"
-    history_before = [m.step for m in client.get_metric_history(first_trial.info.run_id, "val_loss")]
+    killed = client.search_runs(
+        [experiment_id], f"tags.`moeops.stage` = 'tune' and attributes.start_time >= {started_ms}"
+    )
+    assert killed and not any(r.info.status == "FINISHED" for r in killed), (
+        "the dead driver's tune run must not be FINISHED"
+    )
+    history_before = [
+        m.step for m in client.get_metric_history(first_trial.info.run_id, "val_loss")
+    ]
 
     # The same command again restores the sweep: trial 1 is kept, trial 2 finishes.
     result = run_pipeline(load_config(overrides), [TUNE])

@@ -1,11 +1,12 @@
 """The stage runner against a real `mlflow server` process (tracking=server)."""
-from __future__ import annotations
 
-import pytest
-from mlflow import MlflowClient
+from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import ClassVar
+
+import pytest
+from mlflow import MlflowClient
 
 from components.config import load_config
 from components.tracking.outputs import StageOutputs

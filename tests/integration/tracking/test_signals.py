@@ -3,6 +3,7 @@
 The signals come from outside, as a user's ``kill``, Kubernetes or Ctrl-C would send them: the
 tests start real processes and signal them once they are at work.
 """
+
 from __future__ import annotations
 
 import os
@@ -68,9 +69,19 @@ def test_signal_ends_stage_and_parent_runs_killed(signum, tmp_path, mlflow_uri):
     script.write_text(BLOCKING_PIPELINE)
     root = tmp_path / "moeops"
     proc = subprocess.Popen(
-        [sys.executable, str(script), f"paths.root={root}", f"tracking.uri={mlflow_uri}", "experiment=tiny"],
-        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        [
+            sys.executable,
+            str(script),
+            f"paths.root={root}",
+            f"tracking.uri={mlflow_uri}",
+            "experiment=tiny",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     try:
         wait_for(lambda: (root / "working").exists(), 120, proc, "the stage started")
@@ -82,30 +93,59 @@ def test_signal_ends_stage_and_parent_runs_killed(signum, tmp_path, mlflow_uri):
     assert proc.returncode == 128 + signum, stderr[-2000:]
     assert "the open MLflow runs are marked KILLED" in stderr
     runs = runs_of(mlflow_uri)
-    assert {name: run.info.status for name, run in runs.items()} == {"prepare": "KILLED", "parent": "KILLED"}
+    assert {name: run.info.status for name, run in runs.items()} == {
+        "prepare": "KILLED",
+        "parent": "KILLED",
+    }
     assert runs["prepare"].info.run_id == (root / "working").read_text()
 
 
 def test_ctrl_c_during_tune_ends_the_pipeline(ray_session, tmp_path, mlflow_uri):
-    """``python -m pipelines.run`` gets SIGINT while a trial trains: Tune must not swallow it (its own
+    """``python -m pipelines.run`` gets SIGINT while a trial trains: Tune must not swallow it (its
+    own
     handler would stop the sweep and let the pipeline go on to train); every run ends KILLED."""
     from components.config import load_config
     from pipelines.pipeline import run_pipeline
     from pipelines.prepare import SPEC as PREPARE
 
-    overrides = [f"paths.root={tmp_path / 'moeops'}", f"tracking.uri={mlflow_uri}",
-                 f"tracking.artifact_location={(tmp_path / 'mlartifacts').as_uri()}", "experiment=tiny",
-                 "data.max_files=20", "data.max_bytes=300000", "data.vocab_size=512", "model.dim=32",
-                 "model.ffn_dim=64", "train.expert_parallel_size=1", "tune.trial_num_workers=1",
-                 "tune.search_alg=random", "tune.scheduler=fifo", "tune.max_concurrent_trials=1",
-                 "tune.trial_max_steps=100000", "tune.trial_eval_every=100000"]  # trials outlast the test
-    run_pipeline(load_config(overrides), [PREPARE])  # reused by the pipeline below: it starts at tune
+    overrides = [
+        f"paths.root={tmp_path / 'moeops'}",
+        f"tracking.uri={mlflow_uri}",
+        f"tracking.artifact_location={(tmp_path / 'mlartifacts').as_uri()}",
+        "experiment=tiny",
+        "data.max_files=20",
+        "data.max_bytes=300000",
+        "data.vocab_size=512",
+        "model.dim=32",
+        "model.ffn_dim=64",
+        "train.expert_parallel_size=1",
+        "tune.trial_num_workers=1",
+        "tune.search_alg=random",
+        "tune.scheduler=fifo",
+        "tune.max_concurrent_trials=1",
+        "tune.trial_max_steps=100000",
+        "tune.trial_eval_every=100000",
+    ]  # trials outlast the test
+    run_pipeline(
+        load_config(overrides), [PREPARE]
+    )  # reused by the pipeline below: it starts at tune
     client = MlflowClient(mlflow_uri)
     address = ray_session.get_runtime_context().gcs_address
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipelines.run", *overrides, "cluster=remote", f"cluster.address={address}"],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "pipelines.run",
+            *overrides,
+            "cluster=remote",
+            f"cluster.address={address}",
+        ],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
 
     def stage_runs(stage: str):
@@ -129,8 +169,11 @@ def test_ctrl_c_during_tune_ends_the_pipeline(ray_session, tmp_path, mlflow_uri)
     assert not stage_runs("train"), "the pipeline went on after the interrupted sweep"
 
 
-def test_serving_deploy_stopped_with_sigterm_ends_its_runs(ray_session, serve_port, tmp_path, mlflow_uri):
-    """``python -m pipelines.deploy serve.block=true`` (what ``make serve`` runs), stopped with SIGTERM."""
+def test_serving_deploy_stopped_with_sigterm_ends_its_runs(
+    ray_session, serve_port, tmp_path, mlflow_uri
+):
+    """``python -m pipelines.deploy serve.block=true`` (what ``make serve`` runs), stopped with
+    SIGTERM."""
     from ray import serve
 
     from components.config import load_config
@@ -140,25 +183,53 @@ def test_serving_deploy_stopped_with_sigterm_ends_its_runs(ray_session, serve_po
     from serving.tiny_model import register_tiny_models
 
     app = "moeops-signal-test"
-    overrides = [f"paths.root={tmp_path / 'moeops'}", f"tracking.uri={mlflow_uri}",
-                 f"tracking.artifact_location={(tmp_path / 'mlartifacts').as_uri()}", "experiment=tiny",
-                 "model.dim=32", "model.n_layers=1", "model.ffn_dim=64", "serve.num_cpus=0.25",
-                 f"serve.port={serve_port}", f"serve.app_name={app}", "serve.route_prefix=/signal-test",
-                 "serve.auth_token_env=MOEOPS_TEST_NO_TOKEN"]
+    overrides = [
+        f"paths.root={tmp_path / 'moeops'}",
+        f"tracking.uri={mlflow_uri}",
+        f"tracking.artifact_location={(tmp_path / 'mlartifacts').as_uri()}",
+        "experiment=tiny",
+        "model.dim=32",
+        "model.n_layers=1",
+        "model.ffn_dim=64",
+        "serve.num_cpus=0.25",
+        f"serve.port={serve_port}",
+        f"serve.app_name={app}",
+        "serve.route_prefix=/signal-test",
+        "serve.auth_token_env=MOEOPS_TEST_NO_TOKEN",
+    ]
     config = load_config(overrides)
     (registered,) = register_tiny_models(config, versions=1, work_dir=tmp_path / "tiny")
     # the deploy stage reads the latest finished register run: record one for the tiny model
-    recorded = RegisterOutputs(model_name=registered.model_name, model_version=registered.version,
-                               model_id=registered.model_id, aliases=list(registered.aliases), promoted=True,
-                               reason=registered.reason, previous_champion="")
-    run_pipeline(config, [StageSpec("register", ("registry",), (), lambda ctx: recorded, RegisterOutputs)])
+    recorded = RegisterOutputs(
+        model_name=registered.model_name,
+        model_version=registered.version,
+        model_id=registered.model_id,
+        aliases=list(registered.aliases),
+        promoted=True,
+        reason=registered.reason,
+        previous_champion="",
+    )
+    run_pipeline(
+        config, [StageSpec("register", ("registry",), (), lambda ctx: recorded, RegisterOutputs)]
+    )
 
     address = ray_session.get_runtime_context().gcs_address
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipelines.deploy", *overrides, "serve.block=true", "cluster=remote",
-         f"cluster.address={address}"],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "pipelines.deploy",
+            *overrides,
+            "serve.block=true",
+            "cluster=remote",
+            f"cluster.address={address}",
+        ],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     lines: list[str] = []
     try:

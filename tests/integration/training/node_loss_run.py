@@ -12,6 +12,7 @@ run on; it holds the controller until the node is gone, so the failure always ha
 run can finish. Ray Train then restarts the workers on the surviving node, from that checkpoint.
 Prints one line ``RESULT <json>``.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,9 +27,11 @@ from pathlib import Path
 # Before Ray is imported: a private temp dir (sockets, session files, the "current cluster"
 # address file) so nothing touches another Ray on this machine, and loopback addresses for every
 # node (Ray resolves "the node's IP" to 127.0.0.1 when clusters are "not enabled").
-# (the caller may name it in ARGS.json as ``ray_tmpdir``, to remove it should this process be killed)
-os.environ["RAY_TMPDIR"] = (json.loads(Path(sys.argv[1]).read_text()).get("ray_tmpdir")
-                            or tempfile.mkdtemp(prefix="moeops-nl-", dir="/tmp"))
+# (the caller may name it in ARGS.json as ``ray_tmpdir``, to remove it should this process be
+# killed)
+os.environ["RAY_TMPDIR"] = json.loads(Path(sys.argv[1]).read_text()).get(
+    "ray_tmpdir"
+) or tempfile.mkdtemp(prefix="moeops-nl-", dir="/tmp")
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -46,15 +49,26 @@ def remove_node_on_request(callback_dir: Path, address: str):
 
             request, done = callback_dir / "remove", callback_dir / "removed"
             after_step = int((callback_dir / "after_step").read_text())
-            if checkpoint is None or not metrics or request.exists() or int(metrics[0]["step"]) < after_step:
+            if (
+                checkpoint is None
+                or not metrics
+                or request.exists()
+                or int(metrics[0]["step"]) < after_step
+            ):
                 return
-            workers = list_actors(address=address,
-                                  filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            workers = list_actors(
+                address=address,
+                filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+            )
             if not workers:
                 # (the symptom when the state API answered for another cluster: see main())
-                raise RuntimeError(f"the state API at {os.environ.get(API_SERVER_ENV) or address} lists no "
-                                   "ALIVE RayTrainWorker while training reports")
-            request.write_text(json.dumps({"node_id": workers[0].node_id, "step": int(metrics[0]["step"])}))
+                raise RuntimeError(
+                    f"the state API at {os.environ.get(API_SERVER_ENV) or address} lists no "
+                    "ALIVE RayTrainWorker while training reports"
+                )
+            request.write_text(
+                json.dumps({"node_id": workers[0].node_id, "step": int(metrics[0]["step"])})
+            )
             deadline = time.monotonic() + 120
             while not done.exists() and time.monotonic() < deadline:
                 time.sleep(0.1)
@@ -64,7 +78,8 @@ def remove_node_on_request(callback_dir: Path, address: str):
 
 def start_cluster(api_server_env: str, free_port):
     """A head without CPUs and two 2-CPU worker nodes; returns (cluster, worker nodes). Retried when
-    Ray's fixed 30 s node start-up wait runs out on a loaded machine (``tests/fixtures/ray_start.py``)."""
+    Ray's fixed 30 s node start-up wait runs out on a loaded machine
+    (``tests/fixtures/ray_start.py``)."""
     from ray.cluster_utils import Cluster
 
     from tests.fixtures.ray_start import start_with_retries
@@ -73,20 +88,33 @@ def start_cluster(api_server_env: str, free_port):
 
     def start():
         # The state API of *this* cluster for every client in it (the fault callback's list_actors,
-        # Train's placement-group cleaner), set before the nodes start so their processes inherit it.
-        # Ray's state client prefers RAY_API_SERVER_ADDRESS over the address it is given, and the test
-        # process exports its own session cluster's dashboard there (tests/conftest.py): inherited, it
-        # made list_actors answer for the wrong cluster (no workers -> "list index out of range" in the
+        # Train's placement-group cleaner), set before the nodes start so their processes inherit
+        # it.
+        # Ray's state client prefers RAY_API_SERVER_ADDRESS over the address it is given, and the
+        # test
+        # process exports its own session cluster's dashboard there (tests/conftest.py): inherited,
+        # it
+        # made list_actors answer for the wrong cluster (no workers -> "list index out of range" in
+        # the
         # controller) and would let the cleaner see this run's controller as dead and remove its
         # placement group.
         dashboard_port = free_port()
         os.environ[api_server_env] = f"http://127.0.0.1:{dashboard_port}"
         started.clear()
-        cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1",
-            "dashboard_port": dashboard_port, "object_store_memory": 100 * 1024**2})
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args={
+                "num_cpus": 0,
+                "include_dashboard": True,
+                "dashboard_host": "127.0.0.1",
+                "dashboard_port": dashboard_port,
+                "object_store_memory": 100 * 1024**2,
+            },
+        )
         started.append(cluster)
-        workers = [cluster.add_node(num_cpus=2, object_store_memory=100 * 1024**2) for _ in range(2)]
+        workers = [
+            cluster.add_node(num_cpus=2, object_store_memory=100 * 1024**2) for _ in range(2)
+        ]
         cluster.wait_for_nodes(timeout=120)
         return cluster, workers
 
@@ -112,7 +140,10 @@ def main(args_path: str) -> None:
     cluster, workers = start_cluster(API_SERVER_ENV, free_port)
     # RAY_ADDRESS for Ray Train's helper actors that connect with address="auto": this cluster,
     # not whichever other Ray on the machine started last
-    ray.init(address=cluster.address, runtime_env={"env_vars": {**WORKER_ENV, "RAY_ADDRESS": cluster.address}})
+    ray.init(
+        address=cluster.address,
+        runtime_env={"env_vars": {**WORKER_ENV, "RAY_ADDRESS": cluster.address}},
+    )
     print(f"[node-loss] cluster up in {time.monotonic() - started:.1f}s", flush=True)
 
     removed: dict = {}
@@ -123,12 +154,20 @@ def main(args_path: str) -> None:
             time.sleep(0.1)
         wanted = json.loads(request.read_text())
         node = next((n for n in workers if n.node_id == wanted["node_id"]), None)
-        if node is None:  # not one of this cluster's worker nodes: let the callback go on, the test fails
-            print(f"[node-loss] node {wanted['node_id']} is not a worker node of this cluster", flush=True)
+        if (
+            node is None
+        ):  # not one of this cluster's worker nodes: let the callback go on, the test fails
+            print(
+                f"[node-loss] node {wanted['node_id']} is not a worker node of this cluster",
+                flush=True,
+            )
             (callback_dir / "removed").write_text("not found")
             return
-        print(f"[node-loss] removing node {wanted['node_id'][:12]} after the step-{wanted['step']} checkpoint "
-              f"({time.monotonic() - started:.1f}s)", flush=True)
+        print(
+            f"[node-loss] removing node {wanted['node_id'][:12]} after the step-{wanted['step']} checkpoint "
+            f"({time.monotonic() - started:.1f}s)",
+            flush=True,
+        )
         cluster.remove_node(node, allow_graceful=False)
         removed.update(wanted)
         (callback_dir / "removed").write_text("done")
@@ -136,12 +175,27 @@ def main(args_path: str) -> None:
     threading.Thread(target=remover, daemon=True).start()
     try:
         config = load_config(args["overrides"])
-        result = run_training(config, args["manifest_uri"], mlflow_run_id=None, name=args["name"],
-                              callbacks=[remove_node_on_request(callback_dir, cluster.address)])
+        result = run_training(
+            config,
+            args["manifest_uri"],
+            mlflow_run_id=None,
+            name=args["name"],
+            callbacks=[remove_node_on_request(callback_dir, cluster.address)],
+        )
         print(f"[node-loss] training finished ({time.monotonic() - started:.1f}s)", flush=True)
         alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
-        print("RESULT " + json.dumps({"metrics": result.metrics, "removed": removed, "alive_nodes": alive,
-                                      "worker_nodes": [n.node_id for n in workers]}), flush=True)
+        print(
+            "RESULT "
+            + json.dumps(
+                {
+                    "metrics": result.metrics,
+                    "removed": removed,
+                    "alive_nodes": alive,
+                    "worker_nodes": [n.node_id for n in workers],
+                }
+            ),
+            flush=True,
+        )
     finally:
         ray.shutdown()
         cluster.shutdown()

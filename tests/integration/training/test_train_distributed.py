@@ -5,6 +5,7 @@ a run stopped half-way and resumed, and a run whose worker process the test kill
 (a Ray Train callback the test installs finds it through Ray's state API and SIGKILLs it). The
 half-way EP=2 checkpoint is then loaded at EP=1 (resharding).
 """
+
 from __future__ import annotations
 
 import json
@@ -21,10 +22,22 @@ pytestmark = pytest.mark.integration
 
 MAX_STEPS = 6
 TINY = [
-    "experiment=tiny", "data.max_files=20", "data.max_bytes=300000", "data.vocab_size=512",
-    "model.dim=32", "model.ffn_dim=64", "train.num_workers=2", "train.expert_parallel_size=2",
-    "tune.trial_num_workers=2", "train.batch_size=4", f"train.max_steps={MAX_STEPS}", "train.warmup_steps=2",
-    "train.log_every=1", "train.eval_every=3", "train.eval_batches=1", "train.checkpoint_every=3",
+    "experiment=tiny",
+    "data.max_files=20",
+    "data.max_bytes=300000",
+    "data.vocab_size=512",
+    "model.dim=32",
+    "model.ffn_dim=64",
+    "train.num_workers=2",
+    "train.expert_parallel_size=2",
+    "tune.trial_num_workers=2",
+    "train.batch_size=4",
+    f"train.max_steps={MAX_STEPS}",
+    "train.warmup_steps=2",
+    "train.log_every=1",
+    "train.eval_every=3",
+    "train.eval_batches=1",
+    "train.checkpoint_every=3",
     "train.keep_checkpoints=3",
 ]
 
@@ -36,13 +49,25 @@ def workspace(tmp_path_factory, ray_session):
 
     root = tmp_path_factory.mktemp("train-dist")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    base = [*TINY, f"paths.root={root}", f"tracking.uri={uri}",
-            f"tracking.artifact_location={(root / 'mlartifacts').as_uri()}"]
+    base = [
+        *TINY,
+        f"paths.root={root}",
+        f"tracking.uri={uri}",
+        f"tracking.artifact_location={(root / 'mlartifacts').as_uri()}",
+    ]
     config = load_config(base)
     manifest = prepare_dataset(config.data, config.storage).manifest
     client = MlflowClient(uri)
-    experiment_id = client.create_experiment("train-tests", artifact_location=(root / "mlartifacts").as_uri())
-    return {"root": root, "base": base, "manifest": manifest, "client": client, "experiment_id": experiment_id}
+    experiment_id = client.create_experiment(
+        "train-tests", artifact_location=(root / "mlartifacts").as_uri()
+    )
+    return {
+        "root": root,
+        "base": base,
+        "manifest": manifest,
+        "client": client,
+        "experiment_id": experiment_id,
+    }
 
 
 def train(ws, name: str, overrides=(), resume_from=None, callbacks=None):
@@ -50,8 +75,14 @@ def train(ws, name: str, overrides=(), resume_from=None, callbacks=None):
 
     config = load_config([*ws["base"], *overrides])
     run_id = ws["client"].create_run(ws["experiment_id"], run_name=name).info.run_id
-    result = run_training(config, ws["manifest"].uri, mlflow_run_id=run_id, name=name, resume_from=resume_from,
-                          callbacks=callbacks)
+    result = run_training(
+        config,
+        ws["manifest"].uri,
+        mlflow_run_id=run_id,
+        name=name,
+        resume_from=resume_from,
+        callbacks=callbacks,
+    )
     return result, run_id
 
 
@@ -73,8 +104,10 @@ def kill_a_worker_after_checkpoint(step: int, marker: Path):
 
             if checkpoint is None or marker.exists() or int(metrics[0]["step"]) < step:
                 return
-            workers = list_actors(address=address,
-                                  filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            workers = list_actors(
+                address=address,
+                filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+            )
             victim = max(workers, key=lambda w: w.pid)
             marker.write_text(f"killed pid {victim.pid} after the step-{step} checkpoint\n")
             os.kill(victim.pid, signal.SIGKILL)
@@ -101,9 +134,24 @@ def test_loss_falls_and_everything_is_logged(workspace, reference):
     assert losses[MAX_STEPS] < losses[1] - 0.05
     assert result.metrics["steps"] == MAX_STEPS and result.metrics["val_loss"] < 7.0
     metrics = workspace["client"].get_run(run_id).data.metrics
-    for key in ("aux_loss", "z_loss", "tokens_per_s", "moe/load_max_over_mean", "moe/dropped_fraction",
-                "data_wait_s", "compute_s", "comm_s", "comm/a2a_exposed_s", "val_loss", "data/warm_hit_rate",
-                "data/bytes_cold", "data/bytes_warm", "data/bytes_hot", "expert_frac/l0/e3", "grad_norm"):
+    for key in (
+        "aux_loss",
+        "z_loss",
+        "tokens_per_s",
+        "moe/load_max_over_mean",
+        "moe/dropped_fraction",
+        "data_wait_s",
+        "compute_s",
+        "comm_s",
+        "comm/a2a_exposed_s",
+        "val_loss",
+        "data/warm_hit_rate",
+        "data/bytes_cold",
+        "data/bytes_warm",
+        "data/bytes_hot",
+        "expert_frac/l0/e3",
+        "grad_norm",
+    ):
         assert key in metrics, key
     assert metrics["tokens_per_s"] > 0 and metrics["data/bytes_hot"] > 0
     # the stage's result carries the MoE figures of the last logging interval
@@ -116,12 +164,22 @@ def test_loss_falls_and_everything_is_logged(workspace, reference):
     from components.model.export import load_export
 
     loaded = load_export(result.export_dir)
-    assert loaded.model.layers[0].moe.experts.w1.shape[0] == load_config(workspace["base"]).model.num_experts
+    assert (
+        loaded.model.layers[0].moe.experts.w1.shape[0]
+        == load_config(workspace["base"]).model.num_experts
+    )
     flow = json.loads(Path(result.flow_report_path).read_text())
     assert {entry["rank"] for entry in flow} == {0, 1}
     ckpt_files = {p.name for p in Path(result.checkpoint_path).iterdir()}
-    assert {"meta.json", "shared.pt", "experts-000-of-002.pt", "experts-001-of-002.pt",
-            "rank-00000.pt", "rank-00001.pt", "flow_report.json"} <= ckpt_files
+    assert {
+        "meta.json",
+        "shared.pt",
+        "experts-000-of-002.pt",
+        "experts-001-of-002.pt",
+        "rank-00000.pt",
+        "rank-00001.pt",
+        "flow_report.json",
+    } <= ckpt_files
 
 
 @pytest.fixture(scope="module")
@@ -151,8 +209,9 @@ def assert_same_batches(a, b) -> None:
 
     flow_a, flow_b = load_report(a.flow_report_path), load_report(b.flow_report_path)
     assert first_difference(flow_a, flow_b) is None
-    assert sorted((e["step"], e["rank"], e["fingerprint"]) for e in batch_entries(flow_a)) == \
-        sorted((e["step"], e["rank"], e["fingerprint"]) for e in batch_entries(flow_b))
+    assert sorted(
+        (e["step"], e["rank"], e["fingerprint"]) for e in batch_entries(flow_a)
+    ) == sorted((e["step"], e["rank"], e["fingerprint"]) for e in batch_entries(flow_b))
     assert len(batch_entries(flow_b)) == 2 * MAX_STEPS
 
 
@@ -160,7 +219,9 @@ def test_killed_worker_resumes_from_checkpoint(workspace, reference, tmp_path):
     _, _, expected = reference
     marker = tmp_path / "killed"
     # a worker process is SIGKILLed once the step-3 checkpoint is registered
-    result, run_id = train(workspace, "killed", callbacks=[kill_a_worker_after_checkpoint(3, marker)])
+    result, run_id = train(
+        workspace, "killed", callbacks=[kill_a_worker_after_checkpoint(3, marker)]
+    )
     assert marker.exists(), "the fault was never injected"
     assert result.metrics["steps"] == MAX_STEPS
     assert result.metrics["start_step"] == 3  # the final attempt started from the checkpoint
@@ -172,8 +233,8 @@ def test_killed_worker_resumes_from_checkpoint(workspace, reference, tmp_path):
 
 def test_ep2_checkpoint_reshards_to_ep1(workspace, stopped):
     from components.model.transformer import Transformer
-    from components.training.optim import build_optimizer, build_scheduler
     from components.training.checkpoint import load_checkpoint, load_full_model_state
+    from components.training.optim import build_optimizer, build_scheduler
     from components.training.parallel import build_groups
 
     first, _ = stopped
@@ -184,18 +245,32 @@ def test_ep2_checkpoint_reshards_to_ep1(workspace, stopped):
     config = load_config(workspace["base"])
     model = Transformer(config.model, workspace["manifest"].vocab_size)
     optimizer = build_optimizer(model, config.train)
-    restored = load_checkpoint(ckpt_dir, model=model, optimizer=optimizer, scheduler=build_scheduler(optimizer, config.train),
-                               scaler=None, groups=build_groups(1))
+    restored = load_checkpoint(
+        ckpt_dir,
+        model=model,
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, config.train),
+        scaler=None,
+        groups=build_groups(1),
+    )
     assert restored.step == 3 and restored.meta["expert_parallel_size"] == 2
-    assert {"experts-000-of-002.pt", "experts-001-of-002.pt"} <= set(restored.files_read)  # resharding: both
-    shards = [torch.load(ckpt_dir / f"experts-00{i}-of-002.pt", weights_only=True) for i in range(2)]
+    assert {"experts-000-of-002.pt", "experts-001-of-002.pt"} <= set(
+        restored.files_read
+    )  # resharding: both
+    shards = [
+        torch.load(ckpt_dir / f"experts-00{i}-of-002.pt", weights_only=True) for i in range(2)
+    ]
     checked = 0
     for name, param in model.named_parameters():
         if ".moe.experts." in name:
             assert param.shape[0] == config.model.num_experts
-            assert torch.equal(param.detach(), torch.cat([shards[0]["model"][name], shards[1]["model"][name]]))
-            assert torch.equal(optimizer.state[param]["exp_avg"],
-                               torch.cat([s["optimizer"][name]["exp_avg"] for s in shards]))
+            assert torch.equal(
+                param.detach(), torch.cat([shards[0]["model"][name], shards[1]["model"][name]])
+            )
+            assert torch.equal(
+                optimizer.state[param]["exp_avg"],
+                torch.cat([s["optimizer"][name]["exp_avg"] for s in shards]),
+            )
             checked += 1
     assert checked == 3 * config.model.n_layers  # w1, w2, w3 per MoE layer
     assert set(load_full_model_state(ckpt_dir)) == set(model.state_dict())
@@ -215,18 +290,37 @@ def test_node_loss_finishes_from_the_latest_checkpoint(workspace, reference, tmp
     args = tmp_path / "args.json"
     # a short path for Ray's sockets (Unix socket paths are limited to ~107 bytes), removed here
     ray_tmpdir = tempfile.mkdtemp(prefix="moeops-nl-", dir="/tmp")
-    args.write_text(json.dumps({"overrides": workspace["base"], "manifest_uri": workspace["manifest"].uri,
-                                "name": "node-loss", "after_step": 3, "workdir": str(tmp_path),
-                                "ray_tmpdir": ray_tmpdir}))
+    args.write_text(
+        json.dumps(
+            {
+                "overrides": workspace["base"],
+                "manifest_uri": workspace["manifest"].uri,
+                "name": "node-loss",
+                "after_step": 3,
+                "workdir": str(tmp_path),
+                "ray_tmpdir": ray_tmpdir,
+            }
+        )
+    )
     repo = Path(__file__).resolve().parents[3]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]),
+    }
     # its own cluster, also for the state API (the session's dashboard is exported in this process)
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_API_SERVER_ADDRESS", None)
-    # its own session: on a timeout the whole group goes (the driver and its three nodes' Ray processes)
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("node_loss_run.py")), str(args)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=repo,
-                            start_new_session=True)
+    # its own session: on a timeout the whole group goes (the driver and its three nodes' Ray
+    # processes)
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("node_loss_run.py")), str(args)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=repo,
+        start_new_session=True,
+    )
     try:
         # generous: ~2.5 min at load 16 on the 2 cores; three Ray nodes and two worker-group starts
         # under a heavier load take longer, and the budget is only spent when something hangs
@@ -234,14 +328,20 @@ def test_node_loss_finishes_from_the_latest_checkpoint(workspace, reference, tmp
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
-        pytest.fail(f"the node-loss run did not finish in 600 s\n{stdout[-4000:]}\n{stderr[-4000:]}")
+        pytest.fail(
+            f"the node-loss run did not finish in 600 s\n{stdout[-4000:]}\n{stderr[-4000:]}"
+        )
     finally:
         shutil.rmtree(ray_tmpdir, ignore_errors=True)
     lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, f"exit {proc.returncode}\n{stdout[-4000:]}\n{stderr[-4000:]}"
-    out = json.loads(lines[-1][len("RESULT "):])
+    assert proc.returncode == 0 and lines, (
+        f"exit {proc.returncode}\n{stdout[-4000:]}\n{stderr[-4000:]}"
+    )
+    out = json.loads(lines[-1][len("RESULT ") :])
     removed = out["removed"]["node_id"]
     assert removed in out["worker_nodes"] and removed not in out["alive_nodes"]
     metrics = out["metrics"]
-    assert metrics["start_step"] == 3 and metrics["steps"] == MAX_STEPS  # the last attempt began at the checkpoint
+    assert (
+        metrics["start_step"] == 3 and metrics["steps"] == MAX_STEPS
+    )  # the last attempt began at the checkpoint
     assert metrics["train_loss"] == pytest.approx(expected[MAX_STEPS], rel=1e-6)

@@ -1,4 +1,5 @@
 """The command lines users type: --help, and bad configs failing before Ray or MLflow start."""
+
 from __future__ import annotations
 
 import subprocess
@@ -14,7 +15,10 @@ ENTRY_POINTS = ["run", "prepare", "tune", "train", "evaluate", "register", "depl
 def run_cli(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", f"pipelines.{module}", *args],
-        cwd=cwd, capture_output=True, text=True, timeout=120,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": str(cwd)},
     )
 
@@ -22,7 +26,17 @@ def run_cli(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_help_lists_groups_and_keys(tmp_path):
     result = run_cli("run", "--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    for group in ("data:", "storage:", "model:", "train:", "tune:", "serve:", "tracking:", "cluster:", "experiment:"):
+    for group in (
+        "data:",
+        "storage:",
+        "model:",
+        "train:",
+        "tune:",
+        "serve:",
+        "tracking:",
+        "cluster:",
+        "experiment:",
+    ):
         assert group in result.stdout
     assert "top_k" in result.stdout
 

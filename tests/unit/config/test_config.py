@@ -1,4 +1,5 @@
 """Every config option composes; bad configs fail before Ray, naming key, value and rule."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +7,14 @@ from pathlib import Path
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from components.config import CONF_DIR, ConfigError, load_config, to_container, config_from_dict, flatten
+from components.config import (
+    CONF_DIR,
+    ConfigError,
+    config_from_dict,
+    flatten,
+    load_config,
+    to_container,
+)
 
 GROUPS = ["data", "storage", "model", "train", "tune", "serve", "tracking", "cluster"]
 
@@ -80,16 +88,31 @@ def test_unknown_keys_and_wrong_types_fail_at_composition(override, needle, tmp_
     "overrides,message",
     [
         (["model.top_k=9"], "model.top_k=9: must be between 1 and model.num_experts (8)"),
-        (["train.expert_parallel_size=3"], "model.num_experts=8: must be divisible by train.expert_parallel_size (3)"),
-        (["train.num_workers=3", "train.expert_parallel_size=2"], "train.num_workers=3: must be a multiple of train.expert_parallel_size (2)"),
-        (["serve.max_tokens=200"], "serve.max_tokens=200: serve.max_prompt_tokens (128) + serve.max_tokens must fit"),
+        (
+            ["train.expert_parallel_size=3"],
+            "model.num_experts=8: must be divisible by train.expert_parallel_size (3)",
+        ),
+        (
+            ["train.num_workers=3", "train.expert_parallel_size=2"],
+            "train.num_workers=3: must be a multiple of train.expert_parallel_size (2)",
+        ),
+        (
+            ["serve.max_tokens=200"],
+            "serve.max_tokens=200: serve.max_prompt_tokens (128) + serve.max_tokens must fit",
+        ),
         (["data.seq_len=512"], "data.seq_len=512: must be <= model.max_seq_len (256)"),
         (["model.dim=130"], "model.dim=130: must be divisible by model.n_heads (4)"),
-        (["train.precision=bf16"], "train.precision='bf16': mixed precision needs train.use_gpu=true"),
+        (
+            ["train.precision=bf16"],
+            "train.precision='bf16': mixed precision needs train.use_gpu=true",
+        ),
         (["train.num_workers=8"], "exceeds cluster.num_cpus (4); Ray Train would wait forever"),
         (["serve.canary_fraction=1.5"], "serve.canary_fraction=1.5: must be in [0, 1]"),
         (["data=files"], "data.uri"),
-        (["++tune.search_space={model.nope: {type: choice, values: [1]}}"], "tune.search_space.model.nope: no such config key"),
+        (
+            ["++tune.search_space={model.nope: {type: choice, values: [1]}}"],
+            "tune.search_space.model.nope: no such config key",
+        ),
         (["tune.mode=best"], "tune.mode='best': must be one of 'min', 'max'"),
         (["stages=[prepare,bogus]"], "stages[]='bogus'"),
     ],
@@ -114,9 +137,21 @@ def test_all_problems_reported_at_once(tmp_path):
 
 def test_tune_off_skips_the_sweep_rules(tmp_path):
     # 1 trial worker cannot hold 2 expert-parallel ranks: a problem only while the sweep runs
-    with pytest.raises(ConfigError, match="tune.trial_num_workers=1: must be a multiple of train.expert_parallel_size"):
-        load_config(["train.expert_parallel_size=2", "tune.trial_num_workers=1", f"paths.root={tmp_path}"])
-    config = load_config(["tune=off", "train.expert_parallel_size=2", "tune.trial_num_workers=1", f"paths.root={tmp_path}"])
+    with pytest.raises(
+        ConfigError,
+        match="tune.trial_num_workers=1: must be a multiple of train.expert_parallel_size",
+    ):
+        load_config(
+            ["train.expert_parallel_size=2", "tune.trial_num_workers=1", f"paths.root={tmp_path}"]
+        )
+    config = load_config(
+        [
+            "tune=off",
+            "train.expert_parallel_size=2",
+            "tune.trial_num_workers=1",
+            f"paths.root={tmp_path}",
+        ]
+    )
     assert config.tune.enabled is False and config.train.expert_parallel_size == 2
 
 
@@ -126,13 +161,16 @@ def test_worker_start_timeout_must_be_positive(tmp_path):
 
 
 def test_registry_metric_is_one_the_evaluate_stage_measures(tmp_path):
-    with pytest.raises(ConfigError, match="registry.metric='accuracy': must be one of 'val_loss', 'perplexity'"):
+    with pytest.raises(
+        ConfigError, match="registry.metric='accuracy': must be one of 'val_loss', 'perplexity'"
+    ):
         load_config(["registry.metric=accuracy", f"paths.root={tmp_path}"])
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_workers_rebuild_the_same_typed_config(experiment, tmp_path):
-    """What crosses into Ray (the plain container) becomes the same dataclasses on the other side."""
+    """What crosses into Ray (the plain container) becomes the same dataclasses on the other
+    side."""
     from components.config.schema import Config, ModelConfig
 
     config = load_config([f"experiment={experiment}", f"paths.root={tmp_path}"])

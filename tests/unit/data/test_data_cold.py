@@ -3,7 +3,13 @@ from __future__ import annotations
 import pytest
 
 from components.config.schema import StorageConfig
-from components.data.cold import ColdStorageError, backoff_delay, filesystem_for, is_transient, with_retries
+from components.data.cold import (
+    ColdStorageError,
+    backoff_delay,
+    filesystem_for,
+    is_transient,
+    with_retries,
+)
 
 STORAGE = StorageConfig(retries=3, backoff_base_s=0.001, backoff_max_s=0.002)
 
@@ -18,8 +24,16 @@ def test_transient_errors_are_retried_then_succeed():
         return b"ok"
 
     retried = []
-    assert with_retries(flaky, what="shard train/a", uri="s3://b/a", storage=STORAGE,
-                        on_retry=lambda attempt, exc: retried.append(attempt)) == b"ok"
+    assert (
+        with_retries(
+            flaky,
+            what="shard train/a",
+            uri="s3://b/a",
+            storage=STORAGE,
+            on_retry=lambda attempt, exc: retried.append(attempt),
+        )
+        == b"ok"
+    )
     assert len(calls) == 3 and retried == [0, 1]
 
 
@@ -27,7 +41,9 @@ def test_after_last_retry_the_error_names_what_and_uri():
     def down():
         raise TimeoutError("read timed out")
 
-    with pytest.raises(ColdStorageError, match=r"shard train/x.*s3://bucket/ds/train/x.*4 attempts"):
+    with pytest.raises(
+        ColdStorageError, match=r"shard train/x.*s3://bucket/ds/train/x.*4 attempts"
+    ):
         with_retries(down, what="shard train/x", uri="s3://bucket/ds/train/x", storage=STORAGE)
 
 

@@ -1,6 +1,7 @@
 """Per-batch fingerprints: the same for the same seed and data, moved by one changed token, the
 same for a run stopped and resumed (at the same or another world size) as for one that never
 stopped; ``python -m pipelines.flow_diff`` names the first differing step."""
+
 from __future__ import annotations
 
 import json
@@ -37,18 +38,41 @@ def datasets(tmp_path_factory):
     root = tmp_path_factory.mktemp("flow")
     storage = local_storage(root)
     val = [synthetic_rows(GLOBAL_BATCH, SEQ_LEN + 1, 500, seed=99)]
-    same = commit_token_dataset(str(root / "cold" / "a"), {"train": _shards(), "val": val}, SEQ_LEN, 500, storage)
-    changed = commit_token_dataset(str(root / "cold" / "b"), {"train": _shards((3, 7, 5)), "val": val},
-                                   SEQ_LEN, 500, storage)
+    same = commit_token_dataset(
+        str(root / "cold" / "a"), {"train": _shards(), "val": val}, SEQ_LEN, 500, storage
+    )
+    changed = commit_token_dataset(
+        str(root / "cold" / "b"), {"train": _shards((3, 7, 5)), "val": val}, SEQ_LEN, 500, storage
+    )
     return same, changed, storage
 
 
-def train_segment(manifest, storage, world_size: int, batch_size: int, steps: range, accum: int = 1,
-                  state: dict | None = None, seed: int = 3) -> tuple[list[dict], dict]:
+def train_segment(
+    manifest,
+    storage,
+    world_size: int,
+    batch_size: int,
+    steps: range,
+    accum: int = 1,
+    state: dict | None = None,
+    seed: int = 3,
+) -> tuple[list[dict], dict]:
     """What the training loop does with its readers, one reader per rank in this process:
-    ``accum`` micro-batches per step, ``mark_step`` after each.  Returns (report, rank 0's state)."""
-    readers = [TieredReader(manifest.uri, "train", storage, rank=r, world_size=world_size, seed=seed,
-                            batch_size=batch_size, prefetch_batches=2) for r in range(world_size)]
+    ``accum`` micro-batches per step, ``mark_step`` after each.  Returns (report, rank 0's
+    state)."""
+    readers = [
+        TieredReader(
+            manifest.uri,
+            "train",
+            storage,
+            rank=r,
+            world_size=world_size,
+            seed=seed,
+            batch_size=batch_size,
+            prefetch_batches=2,
+        )
+        for r in range(world_size)
+    ]
     streams = []
     for reader in readers:
         if state is not None:
@@ -73,7 +97,9 @@ def test_same_seed_and_data_give_the_same_fingerprints(datasets):
     a, _ = train_segment(same, storage, 2, 16, range(1, STEPS + 1))
     b, _ = train_segment(same, storage, 2, 16, range(1, STEPS + 1))
     assert len(batch_entries(a)) == 2 * STEPS
-    assert [e["fingerprint"] for e in batch_entries(a)] == [e["fingerprint"] for e in batch_entries(b)]
+    assert [e["fingerprint"] for e in batch_entries(a)] == [
+        e["fingerprint"] for e in batch_entries(b)
+    ]
     assert first_difference(a, b) is None
     fingerprints = [s.fingerprint for s in global_steps(a).values()]
     assert len(set(fingerprints)) == STEPS  # every step's batch is its own
@@ -104,33 +130,60 @@ def test_one_changed_token_changes_exactly_its_steps(datasets):
     assert diff is not None and diff.step == expected
     ga, gb = global_steps(a), global_steps(b)
     differing = [s for s in ga if ga[s].fingerprint != gb[s].fingerprint]
-    # the changed sample is in one step of epoch 0, and (STEPS spans past 7 steps) maybe once in epoch 1
+    # the changed sample is in one step of epoch 0, and (STEPS spans past 7 steps) maybe once in
+    # epoch 1
     assert differing[0] == expected and len(differing) <= 2
     # exactly one rank's batch differs in that step
-    assert sum(ga[expected].ranks[r]["fingerprint"] != gb[expected].ranks[r]["fingerprint"] for r in (0, 1)) == 1
+    assert (
+        sum(
+            ga[expected].ranks[r]["fingerprint"] != gb[expected].ranks[r]["fingerprint"]
+            for r in (0, 1)
+        )
+        == 1
+    )
 
 
 @pytest.mark.parametrize("first_world,second_world", [(2, 2), (2, 1), (1, 4)])
-def test_stopped_and_resumed_run_sees_the_batches_of_an_uninterrupted_one(datasets, first_world, second_world):
+def test_stopped_and_resumed_run_sees_the_batches_of_an_uninterrupted_one(
+    datasets, first_world, second_world
+):
     same, _, storage = datasets
     # the same global batch (world size x micro-batch x accumulation) before and after the stop
     straight, _ = train_segment(same, storage, 2, 8, range(1, STEPS + 1), accum=2)
-    first, state = train_segment(same, storage, first_world, GLOBAL_BATCH // (2 * first_world), range(1, 4),
-                                 accum=2)
+    first, state = train_segment(
+        same, storage, first_world, GLOBAL_BATCH // (2 * first_world), range(1, 4), accum=2
+    )
     assert state["position"] == 3 * GLOBAL_BATCH
-    second, _ = train_segment(same, storage, second_world, GLOBAL_BATCH // (2 * second_world),
-                              range(4, STEPS + 1), accum=2, state=state)
+    second, _ = train_segment(
+        same,
+        storage,
+        second_world,
+        GLOBAL_BATCH // (2 * second_world),
+        range(4, STEPS + 1),
+        accum=2,
+        state=state,
+    )
     resumed = merge_reports(first, second, upto_step=3)
     assert sorted(global_steps(resumed)) == list(range(1, STEPS + 1))
     assert first_difference(straight, resumed) is None
-    if first_world == second_world == 2:  # same world size: every rank's own fingerprint matches too
+    if (
+        first_world == second_world == 2
+    ):  # same world size: every rank's own fingerprint matches too
         key = lambda e: (e["step"], e["rank"])  # noqa: E731
-        assert sorted((key(e), e["fingerprint"]) for e in batch_entries(straight)) == \
-            sorted((key(e), e["fingerprint"]) for e in batch_entries(resumed))
+        assert sorted((key(e), e["fingerprint"]) for e in batch_entries(straight)) == sorted(
+            (key(e), e["fingerprint"]) for e in batch_entries(resumed)
+        )
     # resuming one batch too late is caught at the first step after the stop
     late_state = {**state, "position": state["position"] + 1}
-    late, _ = train_segment(same, storage, second_world, GLOBAL_BATCH // (2 * second_world),
-                            range(4, STEPS + 1), accum=2, state=late_state)
+    late, _ = train_segment(
+        same,
+        storage,
+        second_world,
+        GLOBAL_BATCH // (2 * second_world),
+        range(4, STEPS + 1),
+        accum=2,
+        state=late_state,
+    )
     assert first_difference(straight, merge_reports(first, late, upto_step=3)).step == 4
 
 
@@ -148,8 +201,19 @@ def test_flow_diff_command_names_the_first_differing_step(datasets, tmp_path):
     assert flow_diff([str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 1
     assert flow_diff([str(tmp_path / "a.json"), str(tmp_path / "missing.json")]) == 2
     # the command line, as a user runs it
-    proc = subprocess.run([sys.executable, "-m", "pipelines.flow_diff", str(tmp_path / "a.json"),
-                           str(tmp_path / "b.json")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.flow_diff",
+            str(tmp_path / "a.json"),
+            str(tmp_path / "b.json"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1, proc.stderr
     assert f"first differing step: {expected} " in proc.stdout
     assert same.shards("train")[3].name in proc.stdout and "(differs)" in proc.stdout
@@ -165,11 +229,15 @@ def test_flow_diff_reads_a_train_runs_report_from_mlflow(datasets, tmp_path):
     report.write_text(json.dumps(a))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
-    experiment = client.create_experiment("flow", artifact_location=(tmp_path / "artifacts").as_uri())
+    experiment = client.create_experiment(
+        "flow", artifact_location=(tmp_path / "artifacts").as_uri()
+    )
     run_id = client.create_run(experiment).info.run_id
     client.log_artifact(run_id, str(report), "data_flow")
     assert flow_diff([run_id, str(report), "--tracking-uri", uri]) == 0
     shorter, _ = train_segment(same, storage, 2, 16, range(1, 3))
     (tmp_path / "shorter.json").write_text(json.dumps(shorter))
-    assert flow_diff([run_id, str(tmp_path / "shorter.json"), "--tracking-uri", uri]) == 1  # step 3 only in A
+    assert (
+        flow_diff([run_id, str(tmp_path / "shorter.json"), "--tracking-uri", uri]) == 1
+    )  # step 3 only in A
     assert flow_diff(["0" * 32, str(report), "--tracking-uri", uri]) == 2

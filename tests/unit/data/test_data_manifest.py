@@ -51,14 +51,19 @@ def test_packing_and_split_are_deterministic():
     rows = pack_rows([[5, 6, 7], [8, 9]], eos_id=1, row_len=3)
     assert rows.tolist() == [[5, 6, 7], [1, 8, 9]]  # the trailing EOS is the dropped remainder
     many = pack_rows([list(range(2, 300))], eos_id=1, row_len=4)
-    a, b = split_rows(many, 0.1, seed=3, chunk_index=0), split_rows(many, 0.1, seed=3, chunk_index=0)
+    a, b = (
+        split_rows(many, 0.1, seed=3, chunk_index=0),
+        split_rows(many, 0.1, seed=3, chunk_index=0),
+    )
     assert (a["val"] == b["val"]).all() and len(a["val"]) == round(len(many) * 0.1)
     assert len(a["train"]) + len(a["val"]) == len(many)
 
 
 def test_missing_manifest_bad_uri_tampering_and_tokenizer_mismatch(small_dataset, tmp_path):
     result, storage = small_dataset
-    with pytest.raises(FileNotFoundError, match="no dataset manifest at .*nowhere.*run the prepare stage"):
+    with pytest.raises(
+        FileNotFoundError, match="no dataset manifest at .*nowhere.*run the prepare stage"
+    ):
         load_manifest(str(tmp_path / "nowhere"), storage)
     with pytest.raises(ColdStorageError, match="bogus"):
         load_manifest("bogus://bucket/ds/manifest.json", storage)
@@ -71,9 +76,16 @@ def test_missing_manifest_bad_uri_tampering_and_tokenizer_mismatch(small_dataset
     (bad / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="does not match its shard list"):
         load_manifest(str(bad), storage)
-    with pytest.raises(ValueError, match="tokenizer hash mismatch.*" + result.manifest.tokenizer_hash[:12]):
-        TieredReader(result.manifest.uri, "train", storage, cache_dir=str(tmp_path / "w"),
-                     expected_tokenizer_hash="f" * 64)
+    with pytest.raises(
+        ValueError, match="tokenizer hash mismatch.*" + result.manifest.tokenizer_hash[:12]
+    ):
+        TieredReader(
+            result.manifest.uri,
+            "train",
+            storage,
+            cache_dir=str(tmp_path / "w"),
+            expected_tokenizer_hash="f" * 64,
+        )
 
 
 def test_files_source_reads_jsonl_text_and_parquet(tmp_path):
@@ -83,11 +95,18 @@ def test_files_source_reads_jsonl_text_and_parquet(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     words = " ".join(f"token{i % 50} value{i % 7}" for i in range(3000))
-    (corpus / "a.jsonl").write_text("\n".join(json.dumps({"text": words[i:i + 900]}) for i in range(0, 9000, 900)))
+    (corpus / "a.jsonl").write_text(
+        "\n".join(json.dumps({"text": words[i : i + 900]}) for i in range(0, 9000, 900))
+    )
     (corpus / "b.txt").write_text(words)
     pq.write_table(pa.table({"text": [words[:5000], words[5000:]]}), corpus / "c.parquet")
-    result = prepare_small_dataset(local_storage(tmp_path), name="files", source="files",
-                                   uri=str(corpus / "*"), val_fraction=0.2)
+    result = prepare_small_dataset(
+        local_storage(tmp_path),
+        name="files",
+        source="files",
+        uri=str(corpus / "*"),
+        val_fraction=0.2,
+    )
     assert result.documents == 3 and result.manifest.rows("train") > 0
     with pytest.raises(FileNotFoundError, match="matched no files|nothing found"):
         prepare_small_dataset(local_storage(tmp_path), source="files", uri=str(corpus / "*.nope"))

@@ -1,8 +1,8 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import replace
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,8 +14,13 @@ from components.data.shards import decode_shard
 
 def _reader(small_dataset, tmp_path, **kw) -> TieredReader:
     result, storage = small_dataset
-    args = dict(split="train", storage=replace(storage, warm_dir=str(tmp_path / "warm")), seed=11, batch_size=4,
-                prefetch_batches=2)
+    args = dict(
+        split="train",
+        storage=replace(storage, warm_dir=str(tmp_path / "warm")),
+        seed=11,
+        batch_size=4,
+        prefetch_batches=2,
+    )
     args.update(kw)
     return TieredReader(result.manifest.uri, **args)
 
@@ -63,11 +68,15 @@ def test_epochs_are_reshuffled_deterministically(small_dataset, tmp_path):
 
 @pytest.mark.parametrize("new_world", [2, 3, 1])
 def test_resume_continues_at_the_exact_next_sample(small_dataset, tmp_path, new_world):
-    """Run 2 ranks for a while, 'crash', resume with new_world ranks: the global stream is intact."""
+    """Run 2 ranks for a while, 'crash', resume with new_world ranks: the global stream is
+    intact."""
     steps_before, steps_after, world = 37, 45, 2
 
     def run(world_size, state, steps):
-        readers = [_reader(small_dataset, tmp_path, rank=r, world_size=world_size) for r in range(world_size)]
+        readers = [
+            _reader(small_dataset, tmp_path, rank=r, world_size=world_size)
+            for r in range(world_size)
+        ]
         iters = []
         for r in readers:
             if state is not None:
@@ -122,10 +131,14 @@ def test_stats_and_flow_report(small_dataset, tmp_path):
     assert s["bytes_hot"] == s["steps"] * 4 * 17 * 8 and s["data_wait_s"] >= 0
     list(r)  # second epoch: all from the warm (or hot) tier
     s2 = r.stats()
-    assert s2["cold_fills"] == n_shards and s2["warm_hits"] >= n_shards - 3  # a few still hot in memory
+    assert (
+        s2["cold_fills"] == n_shards and s2["warm_hits"] >= n_shards - 3
+    )  # a few still hot in memory
     assert s2["warm_hit_rate"] == s2["warm_hits"] / (s2["warm_hits"] + n_shards)
     report = r.flow_report()
-    assert report[0]["kind"] == "reader" and report[0]["dataset_digest"] == r.manifest.dataset_digest
+    assert (
+        report[0]["kind"] == "reader" and report[0]["dataset_digest"] == r.manifest.dataset_digest
+    )
     flow = [e for e in report if e["kind"] == "shard"]
     assert {e["epoch"] for e in flow} == {0, 1}
     assert {e["tier"] for e in flow if e["epoch"] == 0} == {"cold"}

@@ -16,6 +16,7 @@ def _fetcher(m, shard, counter):
     def fetch():
         counter.append(shard.name)
         return read_bytes(m.shard_uri(shard))
+
     return fetch
 
 
@@ -64,11 +65,16 @@ def test_pinned_shards_are_never_evicted(small_dataset, tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "flip_verify"])
-def test_corrupt_or_truncated_warm_files_are_discarded_and_refetched(small_dataset, tmp_path, damage):
+def test_corrupt_or_truncated_warm_files_are_discarded_and_refetched(
+    small_dataset, tmp_path, damage
+):
     result, storage = small_dataset
     m = result.manifest
     st = replace(storage, warm_dir=str(tmp_path / "warm"), verify_on_open=damage == "flip_verify")
-    reference = [b.clone() for b in TieredReader(m.uri, "train", st, seed=3, batch_size=8, prefetch_batches=0)]
+    reference = [
+        b.clone()
+        for b in TieredReader(m.uri, "train", st, seed=3, batch_size=8, prefetch_batches=0)
+    ]
     cache = WarmCache(st.warm_dir, st.warm_limit_bytes)
     for shard in m.shards("train"):
         path = cache.shard_path(shard.sha256)
@@ -77,7 +83,7 @@ def test_corrupt_or_truncated_warm_files_are_discarded_and_refetched(small_datas
             data = data[: len(data) // 2]
         else:  # flip bytes in the middle (data pages), keeping the size
             mid = len(data) // 2
-            data[mid:mid + 8] = bytes(255 - x for x in data[mid:mid + 8])
+            data[mid : mid + 8] = bytes(255 - x for x in data[mid : mid + 8])
         open(path, "wb").write(bytes(data))
     reader = TieredReader(m.uri, "train", st, seed=3, batch_size=8, prefetch_batches=0)
     again = list(reader)

@@ -5,6 +5,7 @@ Core objects are validated against the Kubernetes OpenAPI schemas bundled with
 ray.io/v1 CRDs (ray-operator/config/crd/bases), with their pod templates validated as core
 PodTemplates.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,25 +24,80 @@ K8S_VERSION = "1.30"
 CORE_KINDS = {"Namespace", "Service", "Deployment", "StatefulSet"}
 # ray.io/v1 spec fields (KubeRay CRDs): unknown keys would be pruned by the API server silently.
 RAYJOB_SPEC_FIELDS = {
-    "activeDeadlineSeconds", "backoffLimit", "clusterSelector", "deletionStrategy", "entrypoint",
-    "entrypointNumCpus", "entrypointNumGpus", "entrypointResources", "jobId", "managedBy", "metadata",
-    "preRunningDeadlineSeconds", "rayClusterSpec", "runtimeEnvYAML", "shutdownAfterJobFinishes",
-    "submissionMode", "submitterConfig", "submitterPodTemplate", "suspend", "ttlSecondsAfterFinished",
+    "activeDeadlineSeconds",
+    "backoffLimit",
+    "clusterSelector",
+    "deletionStrategy",
+    "entrypoint",
+    "entrypointNumCpus",
+    "entrypointNumGpus",
+    "entrypointResources",
+    "jobId",
+    "managedBy",
+    "metadata",
+    "preRunningDeadlineSeconds",
+    "rayClusterSpec",
+    "runtimeEnvYAML",
+    "shutdownAfterJobFinishes",
+    "submissionMode",
+    "submitterConfig",
+    "submitterPodTemplate",
+    "suspend",
+    "ttlSecondsAfterFinished",
 }
 RAYSERVICE_SPEC_FIELDS = {
-    "deploymentUnhealthySecondThreshold", "excludeHeadPodFromServeSvc", "managedBy", "rayClusterConfig",
-    "rayClusterDeletionDelaySeconds", "serveConfigV2", "serveService", "serviceUnhealthySecondThreshold",
-    "suspend", "upgradeStrategy",
+    "deploymentUnhealthySecondThreshold",
+    "excludeHeadPodFromServeSvc",
+    "managedBy",
+    "rayClusterConfig",
+    "rayClusterDeletionDelaySeconds",
+    "serveConfigV2",
+    "serveService",
+    "serviceUnhealthySecondThreshold",
+    "suspend",
+    "upgradeStrategy",
 }
 RAYCLUSTER_SPEC_FIELDS = {
-    "authOptions", "autoscalerOptions", "enableInTreeAutoscaling", "gcsFaultToleranceOptions", "headGroupSpec",
-    "headServiceAnnotations", "historyServerOptions", "managedBy", "networkPolicy", "rayVersion", "suspend",
-    "tlsOptions", "upgradeStrategy", "workerGroupSpecs",
+    "authOptions",
+    "autoscalerOptions",
+    "enableInTreeAutoscaling",
+    "gcsFaultToleranceOptions",
+    "headGroupSpec",
+    "headServiceAnnotations",
+    "historyServerOptions",
+    "managedBy",
+    "networkPolicy",
+    "rayVersion",
+    "suspend",
+    "tlsOptions",
+    "upgradeStrategy",
+    "workerGroupSpecs",
 }
-HEAD_FIELDS = {"enableIngress", "headService", "ingressOptions", "labels", "rayStartParams", "resources",
-               "serviceType", "template"}
-WORKER_FIELDS = {"groupName", "idleTimeoutSeconds", "labels", "maxReplicas", "minReplicas", "numOfHosts",
-                 "priority", "rayStartParams", "replicas", "resources", "scaleStrategy", "suspend", "template"}
+HEAD_FIELDS = {
+    "enableIngress",
+    "headService",
+    "ingressOptions",
+    "labels",
+    "rayStartParams",
+    "resources",
+    "serviceType",
+    "template",
+}
+WORKER_FIELDS = {
+    "groupName",
+    "idleTimeoutSeconds",
+    "labels",
+    "maxReplicas",
+    "minReplicas",
+    "numOfHosts",
+    "priority",
+    "rayStartParams",
+    "replicas",
+    "resources",
+    "scaleStrategy",
+    "suspend",
+    "template",
+}
 WORKER_REQUIRED = {"groupName", "maxReplicas", "minReplicas", "template"}
 
 
@@ -66,8 +122,14 @@ def by_kind(files: dict[str, str], kind: str) -> list[dict]:
 
 def validate_pod_template(template: dict) -> None:
     kubernetes_validate.validate(
-        {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template},
-        K8S_VERSION, strict=True,
+        {
+            "apiVersion": "v1",
+            "kind": "PodTemplate",
+            "metadata": {"name": "t"},
+            "template": template,
+        },
+        K8S_VERSION,
+        strict=True,
     )
 
 
@@ -108,7 +170,9 @@ def test_kustomizations_list_existing_files(tree):
         if path.endswith("kustomization.yaml"):
             for resource in objects(text)[0]["resources"]:
                 target = os.path.normpath(os.path.join(os.path.dirname(path), resource))
-                assert target in tree or f"{target}/kustomization.yaml" in tree, f"{path}: {resource}"
+                assert target in tree or f"{target}/kustomization.yaml" in tree, (
+                    f"{path}: {resource}"
+                )
     assert "../../base" in objects(tree["overlays/gpu/kustomization.yaml"])[0]["resources"]
 
 
@@ -140,10 +204,14 @@ def test_gpu_worker_group_fits_the_training_job(tree):
     (group,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     container = group["template"]["spec"]["containers"][0]
     gpus_per_pod = int(container["resources"]["limits"]["nvidia.com/gpu"])
-    assert group["replicas"] * gpus_per_pod >= config.train.num_workers * config.train.gpus_per_worker
+    assert (
+        group["replicas"] * gpus_per_pod >= config.train.num_workers * config.train.gpus_per_worker
+    )
     assert group["template"]["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
     (cpu_job,) = objects(tree["overlays/cpu/rayjob.yaml"])
-    cpu_container = cpu_job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    cpu_container = cpu_job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"][
+        "containers"
+    ][0]
     assert "nvidia.com/gpu" not in cpu_container["resources"]["limits"]
 
 
@@ -153,7 +221,9 @@ def test_multinode_preset_renders_four_gpu_nodes(tmp_path):
     (group,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 4
     (service,) = objects(files["rayservice.yaml"])
-    assert service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["maxReplicas"] == 2  # 16 one-GPU replicas
+    assert (
+        service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["maxReplicas"] == 2
+    )  # 16 one-GPU replicas
     assert service["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
 
 
@@ -166,8 +236,13 @@ def test_rayservice_serve_config_is_the_local_deploy_config(tree, preset):
     config = load_config(render.cluster_overrides(render.PRESETS[preset]))
     # The deploy stage's call (pipelines/deploy.py) minus `revision`, which it sets to the champion
     # version it saw; the RayService resolves the alias itself when its replicas start.
-    assert yaml.safe_load(spec["serveConfigV2"]) == serve_config(config, resolved_model_uri(config), revision="")
-    assert resolved_model_uri(config) == f"models:/{config.registry.model_name}@{config.registry.champion_alias}"
+    assert yaml.safe_load(spec["serveConfigV2"]) == serve_config(
+        config, resolved_model_uri(config), revision=""
+    )
+    assert (
+        resolved_model_uri(config)
+        == f"models:/{config.registry.model_name}@{config.registry.champion_alias}"
+    )
     head = spec["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert {"name": "serve", "containerPort": 8000} in head["ports"]
 
@@ -175,31 +250,61 @@ def test_rayservice_serve_config_is_the_local_deploy_config(tree, preset):
 def test_secrets_are_referenced_never_rendered(tree):
     text = "\n".join(tree.values())
     for secret in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"):
-        assert f"name: {secret}" not in text, f"{secret} must come from the Secret, not a literal env var"
+        assert f"name: {secret}" not in text, (
+            f"{secret} must come from the Secret, not a literal env var"
+        )
     assert "kind: Secret" not in text
     (deployment,) = [o for o in objects(tree["base/mlflow.yaml"]) if o["kind"] == "Deployment"]
     container = deployment["spec"]["template"]["spec"]["containers"][0]
-    assert container["env"][0]["valueFrom"]["secretKeyRef"] == {"name": "moeops-credentials", "key": "POSTGRES_PASSWORD"}
-    assert "postgresql://" in container["command"][-1] and "--artifacts-destination s3://" in container["command"][-1]
+    assert container["env"][0]["valueFrom"]["secretKeyRef"] == {
+        "name": "moeops-credentials",
+        "key": "POSTGRES_PASSWORD",
+    }
+    assert (
+        "postgresql://" in container["command"][-1]
+        and "--artifacts-destination s3://" in container["command"][-1]
+    )
 
 
 def test_existing_tracking_server_skips_mlflow_and_reaches_every_pod():
     uri = "https://mlflow.example.com"
     files = render.render_flat(["experiment=gpu_small", f"cluster.k8s.tracking_uri={uri}"])
     assert "mlflow.yaml" not in files
-    assert objects(files["kustomization.yaml"])[0]["resources"] == ["namespace.yaml", "rayjob.yaml", "rayservice.yaml"]
+    assert objects(files["kustomization.yaml"])[0]["resources"] == [
+        "namespace.yaml",
+        "rayjob.yaml",
+        "rayservice.yaml",
+    ]
     (job,) = objects(files["rayjob.yaml"])
     assert f"tracking.uri={uri}" in job["spec"]["entrypoint"]
     env = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
     assert {"name": "MLFLOW_TRACKING_URI", "value": uri} in env
-    assert yaml.safe_load(objects(files["rayservice.yaml"])[0]["spec"]["serveConfigV2"])[
-        "applications"][0]["args"]["tracking"]["uri"] == uri
+    assert (
+        yaml.safe_load(objects(files["rayservice.yaml"])[0]["spec"]["serveConfigV2"])[
+            "applications"
+        ][0]["args"]["tracking"]["uri"]
+        == uri
+    )
 
 
 def test_cli_writes_a_flat_rendering(tmp_path, capsys):
-    assert render.main(["--out", str(tmp_path), "experiment=gpu_small", "cluster.k8s.image=reg.example/moeops:1"]) == 0
+    assert (
+        render.main(
+            [
+                "--out",
+                str(tmp_path),
+                "experiment=gpu_small",
+                "cluster.k8s.image=reg.example/moeops:1",
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "kustomization.yaml", "mlflow.yaml", "namespace.yaml", "rayjob.yaml", "rayservice.yaml"
+        "kustomization.yaml",
+        "mlflow.yaml",
+        "namespace.yaml",
+        "rayjob.yaml",
+        "rayservice.yaml",
     ]
     (job,) = objects((tmp_path / "rayjob.yaml").read_text())
     head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
@@ -212,7 +317,10 @@ def test_cli_writes_a_flat_rendering(tmp_path, capsys):
         (["experiment=tiny", "cluster=local"], "cluster.mode='local'"),
         (["experiment=tiny"], "storage.cold_uri"),
         (["experiment=gpu_small", "train.checkpoint_uri=/mnt/ckpt"], "train.checkpoint_uri"),
-        (["experiment=gpu_small", "cluster.k8s.tracking_uri=mlflow:5000"], "cluster.k8s.tracking_uri"),
+        (
+            ["experiment=gpu_small", "cluster.k8s.tracking_uri=mlflow:5000"],
+            "cluster.k8s.tracking_uri",
+        ),
         (["experiment=gpu_small", "cluster.k8s.worker_cpus=0"], "cluster.k8s.worker_cpus"),
     ],
 )

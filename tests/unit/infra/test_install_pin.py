@@ -1,4 +1,5 @@
 """The installed torch is the build the Makefile pins (README: "torch is pinned to 2.13.0")."""
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,14 @@ REPO = Path(__file__).resolve().parents[3]
 def makefile_torch_spec() -> str:
     """The requirement `make setup` installs under its constraints file, as make itself expands it
     (a TORCH_SPEC in the environment overrides the Makefile's, as it does for the install)."""
-    result = subprocess.run(["make", "-s", "--no-print-directory", "-C", str(REPO), "torch-spec"],
-                            capture_output=True, text=True, timeout=60, env=dict(os.environ), check=True)
+    result = subprocess.run(
+        ["make", "-s", "--no-print-directory", "-C", str(REPO), "torch-spec"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ),
+        check=True,
+    )
     return result.stdout.strip()
 
 
@@ -27,9 +34,13 @@ def test_installed_torch_is_the_pinned_build():
     installed = Version(version("torch"))
     pins = [s for s in spec.specifier if s.operator in ("==", "===")]
     if pins:  # an exact pin: the very build, local label (+cpu, +cu128) included
-        assert installed == Version(pins[0].version), f"installed torch {installed}, the Makefile pins {spec}"
+        assert installed == Version(pins[0].version), (
+            f"installed torch {installed}, the Makefile pins {spec}"
+        )
     else:
-        assert spec.specifier.contains(installed, prereleases=True), f"installed torch {installed} not in {spec}"
+        assert spec.specifier.contains(installed, prereleases=True), (
+            f"installed torch {installed} not in {spec}"
+        )
 
 
 def test_the_pin_is_within_pyprojects_range():
@@ -38,4 +49,7 @@ def test_the_pin_is_within_pyprojects_range():
     pinned = Requirement(makefile_torch_spec())
     for pin in pinned.specifier:
         if pin.operator == "==":
-            assert torch_range.specifier.contains(Version(pin.version).public), (pinned, torch_range)
+            assert torch_range.specifier.contains(Version(pin.version).public), (
+                pinned,
+                torch_range,
+            )

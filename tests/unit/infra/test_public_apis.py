@@ -3,6 +3,7 @@
 A private API stays only where nothing public works, with a comment saying why; these have
 public replacements, so none may come back.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,6 +23,9 @@ def test_no_private_api_in_product_code():
     for folder in PRODUCT_CODE:
         for path in sorted((REPO / folder).rglob("*.py")):
             for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-                hits += [f"{path.relative_to(REPO)}:{lineno}: {needle} ({why})"
-                         for needle, why in FORBIDDEN.items() if needle in line]
+                hits += [
+                    f"{path.relative_to(REPO)}:{lineno}: {needle} ({why})"
+                    for needle, why in FORBIDDEN.items()
+                    if needle in line
+                ]
     assert not hits, "private APIs in product code:\n" + "\n".join(hits)

@@ -1,11 +1,21 @@
 """Tiny models and a tiny tokenizer for the model unit tests."""
+
 import pytest
 import torch
 
 from components.config.schema import ModelConfig
 from components.model import Transformer
 
-TINY = dict(dim=32, n_heads=2, n_layers=2, ffn_dim=48, num_experts=4, top_k=2, max_seq_len=64, shared_expert=True)
+TINY = dict(
+    dim=32,
+    n_heads=2,
+    n_layers=2,
+    ffn_dim=48,
+    num_experts=4,
+    top_k=2,
+    max_seq_len=64,
+    shared_expert=True,
+)
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """Dispatch hot path: counted host syncs, bf16 payloads with an fp32 combine, sync-free helpers,
 device-side metric accumulation."""
+
 import pytest
 import torch
 
@@ -12,7 +13,9 @@ from components.model.moe import MoELayer, reference_moe_forward
 
 def _layer(backend="auto", **kw) -> MoELayer:
     torch.manual_seed(0)
-    layer = MoELayer(ModelConfig(dim=16, ffn_dim=32, num_experts=4, top_k=2, expert_backend=backend, **kw)).train()
+    layer = MoELayer(
+        ModelConfig(dim=16, ffn_dim=32, num_experts=4, top_k=2, expert_backend=backend, **kw)
+    ).train()
     with torch.no_grad():
         for p in layer.parameters():
             p.normal_(std=0.3)
@@ -77,13 +80,19 @@ def test_expert_histogram_equals_bincount_with_and_without_weights():
     ids = torch.randint(0, 5, (30, 2))
     keep = torch.rand(30, 2) > 0.3
     assert torch.equal(expert_histogram(ids, 5), torch.bincount(ids.reshape(-1), minlength=5))
-    assert torch.equal(expert_histogram(ids, 5, weights=keep), torch.bincount(ids[keep], minlength=5))
+    assert torch.equal(
+        expert_histogram(ids, 5, weights=keep), torch.bincount(ids[keep], minlength=5)
+    )
 
 
 def test_metrics_accumulate_on_device_and_read_once():
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(dim=32, n_heads=2, n_layers=2, ffn_dim=64, num_experts=4, top_k=2,
-                                    capacity_factor=0.5), vocab_size=50).train()
+    model = Transformer(
+        ModelConfig(
+            dim=32, n_heads=2, n_layers=2, ffn_dim=64, num_experts=4, top_k=2, capacity_factor=0.5
+        ),
+        vocab_size=50,
+    ).train()
     acc = MoEMetricsAccumulator()
     auxes = [model(torch.randint(0, 50, (2, 9)))[1] for _ in range(3)]
     with HostSyncCounter() as during_steps:

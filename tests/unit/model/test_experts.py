@@ -1,4 +1,6 @@
-"""Grouped GEMM (F.grouped_mm) and the per-expert loop: equal outputs and gradients; backend selection."""
+"""Grouped GEMM (F.grouped_mm) and the per-expert loop: equal outputs and gradients; backend
+selection."""
+
 import pytest
 import torch
 
@@ -51,8 +53,17 @@ def test_grouped_mm_takes_a_plain_sum_backward_and_zero_rows():
 def test_moe_layer_grouped_mm_equals_loop_with_drops_and_router_gradients(capacity_factor, shared):
     def layer(backend):
         torch.manual_seed(0)
-        m = MoELayer(ModelConfig(dim=16, ffn_dim=32, num_experts=4, top_k=2, capacity_factor=capacity_factor,
-                                 shared_expert=shared, expert_backend=backend)).train()
+        m = MoELayer(
+            ModelConfig(
+                dim=16,
+                ffn_dim=32,
+                num_experts=4,
+                top_k=2,
+                capacity_factor=capacity_factor,
+                shared_expert=shared,
+                expert_backend=backend,
+            )
+        ).train()
         with torch.no_grad():
             for p in m.parameters():
                 p.normal_(std=0.3)
@@ -72,9 +83,11 @@ def test_moe_layer_grouped_mm_equals_loop_with_drops_and_router_gradients(capaci
 
 
 def test_auto_backend_picks_grouped_mm_only_where_torch_has_the_grouped_kernel():
-    assert grouped_mm_is_faster("cuda", torch.bfloat16, (9, 0))   # H100
+    assert grouped_mm_is_faster("cuda", torch.bfloat16, (9, 0))  # H100
     assert grouped_mm_is_faster("cuda", torch.bfloat16, (10, 0))  # B200
-    assert not grouped_mm_is_faster("cuda", torch.bfloat16, (8, 0))  # A100: torch loops after a host copy
+    assert not grouped_mm_is_faster(
+        "cuda", torch.bfloat16, (8, 0)
+    )  # A100: torch loops after a host copy
     assert not grouped_mm_is_faster("cuda", torch.bfloat16, (12, 0))
     assert not grouped_mm_is_faster("cuda", torch.float32, (9, 0))
     assert not grouped_mm_is_faster("cpu", torch.bfloat16, None)
@@ -84,8 +97,12 @@ def test_auto_backend_picks_grouped_mm_only_where_torch_has_the_grouped_kernel()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not auto.uses_grouped_mm(x)  # CPU: the loop, even in bf16
     # alignment: rows must be a multiple of 16 bytes
-    assert grouped_mm_supported(torch.float32, (16, 32)) and not grouped_mm_supported(torch.float32, (6, 32))
-    assert grouped_mm_supported(torch.bfloat16, (8, 24)) and not grouped_mm_supported(torch.bfloat16, (12, 24))
+    assert grouped_mm_supported(torch.float32, (16, 32)) and not grouped_mm_supported(
+        torch.float32, (6, 32)
+    )
+    assert grouped_mm_supported(torch.bfloat16, (8, 24)) and not grouped_mm_supported(
+        torch.bfloat16, (12, 24)
+    )
 
 
 def test_forced_grouped_mm_on_unaligned_dims_fails_clearly():

@@ -1,4 +1,5 @@
 """Export round trip (safetensors, no pickles) and expert sharding / merging."""
+
 import json
 
 import pytest
@@ -6,13 +7,22 @@ import torch
 
 from components.model import Transformer
 from components.model.export import (
-    load_export, merge_expert_shards, save_export, shard_experts, weights_digest)
+    load_export,
+    merge_expert_shards,
+    save_export,
+    shard_experts,
+    weights_digest,
+)
 
 
 def test_save_and_load_export_roundtrip(tiny_model, tiny_cfg, tiny_tokenizer_path, tmp_path):
     state = {f"module.{k}": v for k, v in tiny_model.state_dict().items()}  # as DDP names them
     out = save_export(state, tiny_cfg, 300, tiny_tokenizer_path, tmp_path / "export")
-    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "model_config.json", "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "model.safetensors",
+        "model_config.json",
+        "tokenizer.json",
+    ]
     meta = json.loads((out / "model_config.json").read_text())
     assert meta["vocab_size"] == 300 and meta["model"]["num_experts"] == 4
     assert meta["weights_sha256"] == weights_digest(out)
@@ -23,7 +33,9 @@ def test_save_and_load_export_roundtrip(tiny_model, tiny_cfg, tiny_tokenizer_pat
     assert not loaded.model.training and loaded.tokenizer.vocab_size <= 300
     assert loaded.model_cfg["shared_expert"] is True
     # 4-argument form (vocab size from the embedding)
-    again = save_export(tiny_model.state_dict(), tiny_cfg.__dict__, tiny_tokenizer_path, tmp_path / "export2")
+    again = save_export(
+        tiny_model.state_dict(), tiny_cfg.__dict__, tiny_tokenizer_path, tmp_path / "export2"
+    )
     assert weights_digest(again) == weights_digest(out)
 
 
@@ -44,7 +56,13 @@ def test_shard_and_merge_are_inverse_and_match_an_ep_model(tiny_model, tiny_cfg)
 
 def test_export_rejects_a_sharded_state(tiny_model, tiny_cfg, tiny_tokenizer_path, tmp_path):
     with pytest.raises(ValueError, match="merge_expert_shards"):
-        save_export(shard_experts(tiny_model.state_dict(), 0, 2), tiny_cfg, 300, tiny_tokenizer_path, tmp_path / "x")
+        save_export(
+            shard_experts(tiny_model.state_dict(), 0, 2),
+            tiny_cfg,
+            300,
+            tiny_tokenizer_path,
+            tmp_path / "x",
+        )
 
 
 def test_model_init_is_independent_of_ep_size(tiny_cfg):

@@ -1,4 +1,5 @@
 """KV-cache decoding equals recomputation; sampling is seeded; scoring matches the logits."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +13,7 @@ def greedy_without_cache(model, prompt, n):
         for _ in range(n):
             logits, _ = model(torch.tensor([seq]))
             seq.append(int(logits[0, -1].argmax()))
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 def test_batched_cached_greedy_equals_uncached_per_prompt(tiny_model):
@@ -28,7 +29,7 @@ def test_iter_generate_yields_per_step_and_stops_at_eos(tiny_model):
     stop = free[0].index(eos)
     steps = list(iter_generate(tiny_model, prompts, 6, temperature=0.0, eos_id=eos))
     assert all(len(s) == 2 for s in steps)
-    assert steps[stop][0] == eos and all(s[0] is None for s in steps[stop + 1:])
+    assert steps[stop][0] == eos and all(s[0] is None for s in steps[stop + 1 :])
     out = generate(tiny_model, prompts, 6, temperature=0.0, eos_id=eos)
     assert out[0] == free[0][:stop]
     if eos not in free[1]:
@@ -45,8 +46,9 @@ def test_sampling_is_deterministic_per_seed(tiny_model):
 
 def test_tiny_top_p_is_greedy(tiny_model):
     prompts = [[1, 2, 3]]
-    assert generate(tiny_model, prompts, 5, temperature=1.0, top_p=1e-6, seed=0) == \
-        generate(tiny_model, prompts, 5, temperature=0.0)
+    assert generate(tiny_model, prompts, 5, temperature=1.0, top_p=1e-6, seed=0) == generate(
+        tiny_model, prompts, 5, temperature=0.0
+    )
 
 
 def test_score_matches_log_softmax(tiny_model):

@@ -1,4 +1,6 @@
-"""`make gpu-check` on a machine without CUDA: a clear message and exit status 2, before any work."""
+"""`make gpu-check` on a machine without CUDA: a clear message and exit status 2, before any
+work."""
+
 import importlib.util
 from pathlib import Path
 
@@ -15,7 +17,9 @@ def _gpu_check():
     return module
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: run `make gpu-check` itself")
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="this machine has CUDA: run `make gpu-check` itself"
+)
 def test_without_cuda_it_fails_clearly(capsys, tmp_path):
     out = tmp_path / "gpu-check.json"
     assert _gpu_check().main(["--json", str(out)]) == 2

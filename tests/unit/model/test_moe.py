@@ -1,9 +1,12 @@
-"""MoE layer against the naive per-expert loop (reference_moe_forward); transformer structure and dense baseline."""
+"""MoE layer against the naive per-expert loop (reference_moe_forward); transformer structure and
+dense baseline."""
+
 import torch
 
 from components.config.schema import ModelConfig
 from components.model import Transformer, dense_equivalent, is_expert_param, moe_metrics
-from components.model.moe import MoELayer, reference_moe_forward as naive_moe
+from components.model.moe import MoELayer
+from components.model.moe import reference_moe_forward as naive_moe
 
 
 def _layer(**kw):
@@ -37,7 +40,9 @@ def test_capacity_mode_equals_naive_loop_with_drops():
 
 
 def test_transformer_layers_expert_marking_and_metrics():
-    cfg = ModelConfig(dim=32, n_heads=2, n_layers=4, ffn_dim=64, num_experts=4, top_k=2, moe_layer_interval=2)
+    cfg = ModelConfig(
+        dim=32, n_heads=2, n_layers=4, ffn_dim=64, num_experts=4, top_k=2, moe_layer_interval=2
+    )
     model = Transformer(cfg, vocab_size=50)
     assert [b.moe is not None for b in model.layers] == [False, True, False, True]
     names = model.expert_parameter_names()
@@ -50,11 +55,18 @@ def test_transformer_layers_expert_marking_and_metrics():
     assert logits.shape == (2, 9, 50)
     assert len(aux["expert_counts"]) == 2 and aux["expert_counts"][0].sum() == 2 * 9 * 2
     metrics = moe_metrics(aux)
-    assert {"moe/dropped_fraction", "moe/max_over_mean_load", "moe/layer0/tokens_expert3", "moe/aux_loss"} <= set(metrics)
+    assert {
+        "moe/dropped_fraction",
+        "moe/max_over_mean_load",
+        "moe/layer0/tokens_expert3",
+        "moe/aux_loss",
+    } <= set(metrics)
 
 
 def test_dense_baseline_has_equal_active_parameters():
-    moe_cfg = ModelConfig(dim=32, n_heads=2, n_layers=2, ffn_dim=64, num_experts=8, top_k=2, shared_expert=True)
+    moe_cfg = ModelConfig(
+        dim=32, n_heads=2, n_layers=2, ffn_dim=64, num_experts=8, top_k=2, shared_expert=True
+    )
     moe = Transformer(moe_cfg, vocab_size=50)
     dense = Transformer(dense_equivalent(moe_cfg), vocab_size=50)
     router_params = sum(m.router.gate.weight.numel() for m in moe.moe_layers())
@@ -69,25 +81,33 @@ def test_conf_dense_tiny_matches_moe_tiny_active_params():
 
     moe = load_config(["model=moe_tiny"]).model
     dense = load_config(["model=dense_tiny"]).model
-    assert dense_equivalent(moe).ffn_dim == dense.ffn_dim and dense.dim == moe.dim and dense.n_layers == moe.n_layers
+    assert (
+        dense_equivalent(moe).ffn_dim == dense.ffn_dim
+        and dense.dim == moe.dim
+        and dense.n_layers == moe.n_layers
+    )
 
 
 def test_kv_cache_forward_matches_full_forward():
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(dim=32, n_heads=2, n_layers=2, ffn_dim=64), vocab_size=50).eval()
+    model = Transformer(
+        ModelConfig(dim=32, n_heads=2, n_layers=2, ffn_dim=64), vocab_size=50
+    ).eval()
     tokens = torch.randint(0, 50, (2, 12))
     with torch.no_grad():
         full, _ = model(tokens)
         cache = model.new_cache(2)
         first, _ = model(tokens[:, :7], cache=cache)
-        steps = [model(tokens[:, t:t + 1], cache=cache, start_pos=t)[0] for t in range(7, 12)]
+        steps = [model(tokens[:, t : t + 1], cache=cache, start_pos=t)[0] for t in range(7, 12)]
     assert torch.allclose(torch.cat([first, *steps], 1), full, atol=1e-5)
 
 
 def test_bad_inputs_raise_clear_errors():
     import pytest
 
-    model = Transformer(ModelConfig(dim=32, n_heads=2, n_layers=1, ffn_dim=64, max_seq_len=8), vocab_size=50)
+    model = Transformer(
+        ModelConfig(dim=32, n_heads=2, n_layers=1, ffn_dim=64, max_seq_len=8), vocab_size=50
+    )
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, 9, dtype=torch.long))
     with pytest.raises(ValueError, match="model.bogus: unknown key"):
@@ -101,13 +121,19 @@ def test_model_config_rules_name_the_bad_keys():
 
     with pytest.raises(ConfigError) as err:
         load_config(["model.moe_layer_interval=5", "model.z_loss_coef=-0.1"])
-    assert "model.moe_layer_interval=5" in str(err.value) and "model.z_loss_coef=-0.1" in str(err.value)
+    assert "model.moe_layer_interval=5" in str(err.value) and "model.z_loss_coef=-0.1" in str(
+        err.value
+    )
 
 
 def test_bf16_autocast_keeps_router_fp32_and_matches_fp32():
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(dim=32, n_heads=2, n_layers=2, ffn_dim=64, num_experts=4, top_k=2,
-                                    shared_expert=True), vocab_size=50).train()
+    model = Transformer(
+        ModelConfig(
+            dim=32, n_heads=2, n_layers=2, ffn_dim=64, num_experts=4, top_k=2, shared_expert=True
+        ),
+        vocab_size=50,
+    ).train()
     tokens = torch.randint(0, 50, (2, 10))
     ref, ref_aux = model(tokens)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -1,5 +1,6 @@
 """int8 inference: close to fp32 on a trained model, experts on int8 GEMMs, "auto" by the rule, the
 deprecated CPU API's warning visible."""
+
 import importlib.util
 import math
 import sys
@@ -15,13 +16,26 @@ from components.config.schema import ModelConfig
 from components.data.tokenizer import TextTokenizer
 from components.model import Transformer
 from components.model.generate import generate
-from components.model.quantize import (AUTO_CPU_MIN_EXPERT_ELEMENTS, ExpertLinears, int8_pays, quantize_for_inference,
-                                       torchao_int8)
+from components.model.quantize import (
+    AUTO_CPU_MIN_EXPERT_ELEMENTS,
+    ExpertLinears,
+    int8_pays,
+    quantize_for_inference,
+    torchao_int8,
+)
 
 CPU = torch.device("cpu")
 # the conftest's tiny MoE (shared expert included), trained once for this module
-TRAINED_CFG = ModelConfig(dim=32, n_heads=2, n_layers=2, ffn_dim=48, num_experts=4, top_k=2, max_seq_len=64,
-                          shared_expert=True)
+TRAINED_CFG = ModelConfig(
+    dim=32,
+    n_heads=2,
+    n_layers=2,
+    ffn_dim=48,
+    num_experts=4,
+    top_k=2,
+    max_seq_len=64,
+    shared_expert=True,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -35,9 +49,12 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def trained(tiny_tokenizer_path):
-    """The tiny MoE trained for a few seconds on real Python source: (model, held-out rows [N, 33])."""
+    """The tiny MoE trained for a few seconds on real Python source: (model, held-out rows [N,
+    33])."""
     tokenizer = TextTokenizer.load(tiny_tokenizer_path)
-    ids = torch.tensor(tokenizer.encode(open(textwrap.__file__, encoding="utf-8").read()), dtype=torch.long)
+    ids = torch.tensor(
+        tokenizer.encode(open(textwrap.__file__, encoding="utf-8").read()), dtype=torch.long
+    )
     rows = ids[: len(ids) // 33 * 33].view(-1, 33)
     train_rows, held_out = rows[:-16], rows[-16:]
     torch.manual_seed(0)
@@ -65,7 +82,9 @@ def test_int8_close_to_fp32_on_trained_model(trained):
     assert ppl_fp32 < model.vocab_size / 4, "the fixture model did not learn anything"
     int8, label = quantize_for_inference(model, "int8", CPU)
     assert label == "int8-fbgemm"
-    assert isinstance(model.layers[0].moe.experts.w1, torch.nn.Parameter)  # the original is untouched
+    assert isinstance(
+        model.layers[0].moe.experts.w1, torch.nn.Parameter
+    )  # the original is untouched
     with torch.inference_mode():
         ref, _ = model(held_out[:, :-1])
         out, _ = int8(held_out[:, :-1])
@@ -84,8 +103,12 @@ def test_experts_run_int8_gemms(trained):
         assert all(type(lin) is DynamicInt8Linear for lin in [*moe.experts.w13, *moe.experts.w2])
         assert type(moe.shared_expert.w1) is DynamicInt8Linear
         assert type(moe.router.gate) is torch.nn.Linear  # routing stays float
-    assert type(int8.layers[0].attention.wqkv) is DynamicInt8Linear and type(int8.output) is DynamicInt8Linear
-    # every linear call of a forward, experts included, is an int8 GEMM: module calls == kernel calls
+    assert (
+        type(int8.layers[0].attention.wqkv) is DynamicInt8Linear
+        and type(int8.output) is DynamicInt8Linear
+    )
+    # every linear call of a forward, experts included, is an int8 GEMM: module calls == kernel
+    # calls
     calls = {m: 0 for m in int8.modules() if type(m) is DynamicInt8Linear}
 
     def count(module, args, output):
@@ -93,7 +116,10 @@ def test_experts_run_int8_gemms(trained):
 
     hooks = [m.register_forward_hook(count) for m in calls]
     try:
-        with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with (
+            torch.inference_mode(),
+            torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof,
+        ):
             int8(held_out[:4, :-1])
     finally:
         for hook in hooks:
@@ -101,7 +127,9 @@ def test_experts_run_int8_gemms(trained):
     events = {e.key: e.count for e in prof.key_averages()}
     assert events.get("quantized::linear_dynamic", 0) == sum(calls.values()) > 0
     for moe in int8.moe_layers():
-        assert sum(calls[m] for m in moe.experts.modules() if m in calls) >= 2  # routed rows hit w13 and w2
+        assert (
+            sum(calls[m] for m in moe.experts.modules() if m in calls) >= 2
+        )  # routed rows hit w13 and w2
     # the only float GEMMs left: one router gate per MoE layer (attention runs sdpa)
     float_gemms = sum(events.get(key, 0) for key in ("aten::mm", "aten::addmm", "aten::bmm"))
     assert float_gemms == len(int8.moe_layers()), events
@@ -113,17 +141,31 @@ def test_auto_follows_the_measured_rule(tiny_model):
     assert served is tiny_model and label == "fp32"
     assert quantize_for_inference(tiny_model, "none", CPU) == (tiny_model, "fp32")
 
-    big = Transformer(ModelConfig(dim=512, n_heads=4, n_layers=1, ffn_dim=AUTO_CPU_MIN_EXPERT_ELEMENTS // 512,
-                                  num_experts=2, top_k=1, max_seq_len=16), vocab_size=64).eval()
+    big = Transformer(
+        ModelConfig(
+            dim=512,
+            n_heads=4,
+            n_layers=1,
+            ffn_dim=AUTO_CPU_MIN_EXPERT_ELEMENTS // 512,
+            num_experts=2,
+            top_k=1,
+            max_seq_len=16,
+        ),
+        vocab_size=64,
+    ).eval()
     served, label = quantize_for_inference(big, "auto", CPU)
     assert label == "int8-fbgemm" and isinstance(served.layers[0].moe.experts, ExpertLinears)
-    assert not int8_pays(big, torch.device("cuda"))  # nothing measured on CUDA: auto stays float there
+    assert not int8_pays(
+        big, torch.device("cuda")
+    )  # nothing measured on CUDA: auto stays float there
 
 
 def test_bad_mode_and_device_are_clear_errors(tiny_model):
     with pytest.raises(ValueError, match="'int4'.*none, int8, auto"):
         quantize_for_inference(tiny_model, "int4", CPU)
-    with pytest.raises(ValueError, match="model is on cpu but quantize_for_inference was given device cuda"):
+    with pytest.raises(
+        ValueError, match="model is on cpu but quantize_for_inference was given device cuda"
+    ):
         quantize_for_inference(tiny_model, "int8", torch.device("cuda"))
 
 
@@ -148,8 +190,12 @@ def test_serve_quantize_is_checked_before_any_cluster_work(tmp_path):
     from components.config import ConfigError, load_config
 
     assert load_config([f"paths.root={tmp_path}"]).serve.quantize == "auto"
-    with pytest.raises(ConfigError, match=r"serve.quantize='int4': must be one of 'none', 'int8', 'auto'"):
+    with pytest.raises(
+        ConfigError, match=r"serve.quantize='int4': must be one of 'none', 'int8', 'auto'"
+    ):
         load_config(["serve.quantize=int4", f"paths.root={tmp_path}"])
     if importlib.util.find_spec("torchao") is None:
-        with pytest.raises(ConfigError, match=r"serve.quantize='int8' on GPU replicas .*moeops\[cuda-int8\]"):
+        with pytest.raises(
+            ConfigError, match=r"serve.quantize='int8' on GPU replicas .*moeops\[cuda-int8\]"
+        ):
             load_config(["serve.quantize=int8", "serve.num_gpus=1", f"paths.root={tmp_path}"])

@@ -1,4 +1,5 @@
 """Router: capacity and dropping, Switch/z losses by hand, fp32 under autocast, bias balancing."""
+
 import math
 
 import pytest
@@ -6,12 +7,19 @@ import torch
 
 from components.config.schema import ModelConfig
 from components.model.moe import MoELayer
-from components.model.router import ExpertBiasBalancer, TopKRouter, capacity_keep_mask, expert_capacity
+from components.model.router import (
+    ExpertBiasBalancer,
+    TopKRouter,
+    capacity_keep_mask,
+    expert_capacity,
+)
 
 
 def test_expert_capacity_formula():
     assert expert_capacity(num_tokens=10, num_experts=4, top_k=2, capacity_factor=1.0) == 5
-    assert expert_capacity(num_tokens=10, num_experts=4, top_k=2, capacity_factor=1.25) == math.ceil(6.25)
+    assert expert_capacity(
+        num_tokens=10, num_experts=4, top_k=2, capacity_factor=1.25
+    ) == math.ceil(6.25)
     assert expert_capacity(num_tokens=1, num_experts=8, top_k=1, capacity_factor=0.5) == 1
 
 
@@ -20,15 +28,26 @@ def test_capacity_keeps_first_choices_first_then_token_order():
     expert_ids = torch.tensor([[0, 1], [0, 1], [0, 2], [1, 0], [0, 1]])
     keep = capacity_keep_mask(expert_ids, num_experts=3, capacity=2)
     # first choices: expert0 <- t0, t1 (kept), t2, t4 (dropped); expert1 <- t3 (kept)
-    # second choices: expert1 <- t0 (kept, slot 2), t1, t4 (full); expert2 <- t2 (kept); expert0 <- t3 (full)
-    expected = torch.tensor([[True, True], [True, False], [False, True], [True, False], [False, False]])
+    # second choices: expert1 <- t0 (kept, slot 2), t1, t4 (full); expert2 <- t2 (kept); expert0 <-
+    # t3 (full)
+    expected = torch.tensor(
+        [[True, True], [True, False], [False, True], [True, False], [False, False]]
+    )
     assert torch.equal(keep, expected)
 
 
 def _one_hot_router_layer(dim=4, num_experts=2, top_k=1, capacity_factor=1.0, dropless=False):
     """An MoE layer whose router sends token x to expert argmax(x[:num_experts])."""
-    layer = MoELayer(ModelConfig(dim=dim, ffn_dim=8, num_experts=num_experts, top_k=top_k,
-                                 capacity_factor=capacity_factor, dropless=dropless))
+    layer = MoELayer(
+        ModelConfig(
+            dim=dim,
+            ffn_dim=8,
+            num_experts=num_experts,
+            top_k=top_k,
+            capacity_factor=capacity_factor,
+            dropless=dropless,
+        )
+    )
     with torch.no_grad():
         layer.router.gate.weight.zero_()
         layer.router.gate.weight[:, :num_experts] = 10 * torch.eye(num_experts)
@@ -40,12 +59,16 @@ def _one_hot_router_layer(dim=4, num_experts=2, top_k=1, capacity_factor=1.0, dr
 def test_dropped_tokens_get_zero_moe_output_and_exact_counts():
     layer = _one_hot_router_layer().train()
     # 4 tokens all prefer expert 0; capacity = ceil(1.0 * 4 * 1 / 2) = 2 -> tokens 2 and 3 dropped
-    x = torch.tensor([[1.0, 0, 0.3, 0.1], [1.0, 0, -0.2, 0.5], [1.0, 0, 0.7, 0.2], [1.0, 0, 0.1, -0.4]])
+    x = torch.tensor(
+        [[1.0, 0, 0.3, 0.1], [1.0, 0, -0.2, 0.5], [1.0, 0, 0.7, 0.2], [1.0, 0, 0.1, -0.4]]
+    )
     out, stats = layer(x)
     assert stats.counts.tolist() == [4, 0]
     assert stats.kept_counts.tolist() == [2, 0]
     assert stats.dropped_fraction.item() == pytest.approx(0.5)
-    assert torch.all(out[2:] == 0), "dropped tokens must contribute nothing (they ride the residual)"
+    assert torch.all(out[2:] == 0), (
+        "dropped tokens must contribute nothing (they ride the residual)"
+    )
     assert torch.all(out[:2].abs().sum(-1) > 0)
     # eval mode is dropless: every token is processed
     layer.eval()
@@ -70,7 +93,8 @@ def test_switch_aux_loss_and_z_loss_match_hand_computation():
     # probs: tokens 0-2 [3/4, 1/4], token 3 [1/4, 3/4]; top-1 -> f = [3/4, 1/4]
     x = torch.tensor([[ln3, 0.0], [ln3, 0.0], [ln3, 0.0], [0.0, ln3]])
     r = router(x)
-    # P = [(3*.75 + .25)/4, (3*.25 + .75)/4] = [.625, .375]; aux = E * sum f*P = 2 * (.75*.625 + .25*.375)
+    # P = [(3*.75 + .25)/4, (3*.25 + .75)/4] = [.625, .375]; aux = E * sum f*P = 2 * (.75*.625 +
+    # .25*.375)
     assert r.aux_loss.item() == pytest.approx(1.125, rel=1e-6)
     # logsumexp([ln3, 0]) = ln 4 for every token
     assert r.z_loss.item() == pytest.approx(math.log(4.0) ** 2, rel=1e-6)

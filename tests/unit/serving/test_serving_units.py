@@ -1,4 +1,6 @@
-"""Serving pieces that need no Ray: Serve config file, request schemas, error shape, text streaming."""
+"""Serving pieces that need no Ray: Serve config file, request schemas, error shape, text
+streaming."""
+
 from __future__ import annotations
 
 import json
@@ -19,14 +21,20 @@ def tokenizer():
     from components.data.tokenizer import TextTokenizer
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    return TextTokenizer.train([p.read_text(errors="ignore") for p in sorted(stdlib.glob("*.py"))[:10]],
-                               vocab_size=400)
+    return TextTokenizer.train(
+        [p.read_text(errors="ignore") for p in sorted(stdlib.glob("*.py"))[:10]], vocab_size=400
+    )
 
 
 @pytest.fixture
 def config(tmp_path):
-    return load_config([f"paths.root={tmp_path}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-                        "experiment=tiny"])
+    return load_config(
+        [
+            f"paths.root={tmp_path}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "experiment=tiny",
+        ]
+    )
 
 
 def config_dict_section(config, section: str) -> dict:
@@ -36,6 +44,7 @@ def config_dict_section(config, section: str) -> dict:
 
 
 # --------------------------------------------------------------------------- Serve config file
+
 
 def test_serve_config_is_a_valid_deterministic_serve_deploy_file(config):
     from ray.serve.schema import ServeDeploySchema
@@ -64,20 +73,39 @@ def test_serve_config_autoscaling_and_pinned_version(config, tmp_path):
 
     from components.config import ConfigError, with_overrides
 
-    scaled = load_config([f"paths.root={tmp_path}", "experiment=tiny", "serve.autoscaling.enabled=true",
-                          "serve.autoscaling.max_replicas=4", "serve.num_gpus=1", "serve.host=0.0.0.0"])
+    scaled = load_config(
+        [
+            f"paths.root={tmp_path}",
+            "experiment=tiny",
+            "serve.autoscaling.enabled=true",
+            "serve.autoscaling.max_replicas=4",
+            "serve.num_gpus=1",
+            "serve.host=0.0.0.0",
+        ]
+    )
     file = serve_config(scaled, "models:/moeops-moe/3", revision="3")
     ServeDeploySchema.model_validate(file)
     [deployment] = file["applications"][0]["deployments"]
     assert "num_replicas" not in deployment
     assert deployment["autoscaling_config"]["max_replicas"] == 4
-    assert deployment["autoscaling_config"]["upscale_delay_s"] == scaled.serve.autoscaling.upscale_delay_s
+    assert (
+        deployment["autoscaling_config"]["upscale_delay_s"]
+        == scaled.serve.autoscaling.upscale_delay_s
+    )
     assert deployment["ray_actor_options"]["num_gpus"] == 1.0
-    # Ray's default push interval is not sent (the field is deprecated in Ray 2.60); a changed one is
+    # Ray's default push interval is not sent (the field is deprecated in Ray 2.60); a changed one
+    # is
     assert "metrics_interval_s" not in deployment["autoscaling_config"]
-    fast = with_overrides(scaled, {"serve.autoscaling.metrics_interval_s": 0.5,
-                                   "serve.autoscaling.look_back_period_s": 2.0})
-    assert serve_config(fast)["applications"][0]["deployments"][0]["autoscaling_config"]["metrics_interval_s"] == 0.5
+    fast = with_overrides(
+        scaled,
+        {"serve.autoscaling.metrics_interval_s": 0.5, "serve.autoscaling.look_back_period_s": 2.0},
+    )
+    assert (
+        serve_config(fast)["applications"][0]["deployments"][0]["autoscaling_config"][
+            "metrics_interval_s"
+        ]
+        == 0.5
+    )
     with pytest.raises(ConfigError, match="serve.autoscaling.look_back_period_s"):
         with_overrides(scaled, {"serve.autoscaling.metrics_interval_s": 40.0})
     assert deployment["user_config"]["serve"]["model_uri"] == "models:/moeops-moe/3"
@@ -90,31 +118,55 @@ def test_serve_config_rules_name_the_key(tmp_path):
     from components.config import ConfigError
 
     with pytest.raises(ConfigError) as err:
-        load_config([f"paths.root={tmp_path}", "experiment=tiny", "serve.max_ongoing_requests=2",
-                     "serve.route_prefix=api", "serve.model_uri=runs:/x", "serve.max_n=0",
-                     "serve.max_num_batched_tokens=8", "serve.max_surge_percent=150"])
+        load_config(
+            [
+                f"paths.root={tmp_path}",
+                "experiment=tiny",
+                "serve.max_ongoing_requests=2",
+                "serve.route_prefix=api",
+                "serve.model_uri=runs:/x",
+                "serve.max_n=0",
+                "serve.max_num_batched_tokens=8",
+                "serve.max_surge_percent=150",
+            ]
+        )
     message = str(err.value)
-    for key in ("serve.max_ongoing_requests", "serve.route_prefix", "serve.model_uri", "serve.max_n",
-                "serve.max_num_batched_tokens", "serve.max_surge_percent"):
+    for key in (
+        "serve.max_ongoing_requests",
+        "serve.route_prefix",
+        "serve.model_uri",
+        "serve.max_n",
+        "serve.max_num_batched_tokens",
+        "serve.max_surge_percent",
+    ):
         assert key in message
 
 
 # --------------------------------------------------------------------------- request schemas
 
+
 def test_completion_request_is_strict_and_forbids_unknown_fields():
-    ok = CompletionRequest.model_validate({"prompt": ["a", "b"], "max_tokens": 3, "stop": "x", "seed": 1})
+    ok = CompletionRequest.model_validate(
+        {"prompt": ["a", "b"], "max_tokens": 3, "stop": "x", "seed": 1}
+    )
     assert ok.prompts == ["a", "b"] and ok.stop == ["x"]
     assert CompletionRequest.model_validate({"prompt": "a", "temperature": 1}).temperature == 1.0
-    for bad, field in [({"prompt": "a", "max_tokens": "3"}, "max_tokens"), ({"prompt": "a", "bogus": 1}, "bogus"),
-                       ({"prompt": ""}, "prompt"), ({"prompt": "a", "top_p": 1.5}, "top_p"),
-                       ({"prompt": "\ud800"}, "prompt"), ({"prompt": "a", "stop": [""]}, "stop"),
-                       ({"prompt": [1, -2]}, "prompt"), ({"prompt": "a", "suffix": "b"}, "suffix"),
-                       ({"prompt": "a", "n": 2, "best_of": 1}, "best_of"),
-                       ({"prompt": "a", "stream": True, "n": 1, "best_of": 2}, "best_of"),
-                       ({"prompt": "a", "stream_options": {"include_usage": True}}, "stream_options"),
-                       ({"prompt": "a", "logit_bias": {"x": 1}}, "logit_bias"),
-                       ({"prompt": "a", "logit_bias": {"5": 101}}, "logit_bias"),
-                       ({"prompt": "a", "frequency_penalty": 2.5}, "frequency_penalty")]:
+    for bad, field in [
+        ({"prompt": "a", "max_tokens": "3"}, "max_tokens"),
+        ({"prompt": "a", "bogus": 1}, "bogus"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "a", "top_p": 1.5}, "top_p"),
+        ({"prompt": "\ud800"}, "prompt"),
+        ({"prompt": "a", "stop": [""]}, "stop"),
+        ({"prompt": [1, -2]}, "prompt"),
+        ({"prompt": "a", "suffix": "b"}, "suffix"),
+        ({"prompt": "a", "n": 2, "best_of": 1}, "best_of"),
+        ({"prompt": "a", "stream": True, "n": 1, "best_of": 2}, "best_of"),
+        ({"prompt": "a", "stream_options": {"include_usage": True}}, "stream_options"),
+        ({"prompt": "a", "logit_bias": {"x": 1}}, "logit_bias"),
+        ({"prompt": "a", "logit_bias": {"5": 101}}, "logit_bias"),
+        ({"prompt": "a", "frequency_penalty": 2.5}, "frequency_penalty"),
+    ]:
         with pytest.raises(ValidationError) as err:
             CompletionRequest.model_validate(bad)
         assert err.value.errors()[0]["loc"][0] == field, (bad, err.value.errors())
@@ -124,35 +176,95 @@ def test_completion_request_is_strict_and_forbids_unknown_fields():
 
 def test_null_means_default_and_every_prompt_shape_parses():
     """What LangChain and other clients send: explicit nulls and neutral values."""
-    nulls = {key: None for key in ("model", "max_tokens", "temperature", "top_p", "n", "stream", "logprobs",
-                                   "echo", "stop", "presence_penalty", "frequency_penalty", "best_of",
-                                   "logit_bias", "user", "seed", "suffix", "stream_options", "top_k", "min_p")}
+    nulls = {
+        key: None
+        for key in (
+            "model",
+            "max_tokens",
+            "temperature",
+            "top_p",
+            "n",
+            "stream",
+            "logprobs",
+            "echo",
+            "stop",
+            "presence_penalty",
+            "frequency_penalty",
+            "best_of",
+            "logit_bias",
+            "user",
+            "seed",
+            "suffix",
+            "stream_options",
+            "top_k",
+            "min_p",
+        )
+    }
     parsed = CompletionRequest.model_validate({"prompt": "a", **nulls})
     assert parsed.prompts == ["a"] and parsed.stops == []
-    neutral = CompletionRequest.model_validate({"prompt": "a", "frequency_penalty": 0, "presence_penalty": 0, "n": 1,
-                                                "logit_bias": {}, "best_of": 1, "echo": False, "logprobs": 0})
+    neutral = CompletionRequest.model_validate(
+        {
+            "prompt": "a",
+            "frequency_penalty": 0,
+            "presence_penalty": 0,
+            "n": 1,
+            "logit_bias": {},
+            "best_of": 1,
+            "echo": False,
+            "logprobs": 0,
+        }
+    )
     assert neutral.logit_bias == {} and neutral.n == 1
     assert CompletionRequest.model_validate({"prompt": [1, 2, 3]}).prompts == [[1, 2, 3]]
     assert CompletionRequest.model_validate({"prompt": [[1, 2], [3]]}).prompts == [[1, 2], [3]]
-    assert CompletionRequest.model_validate({"prompt": "a", "max_tokens": 0, "echo": True}).max_tokens == 0
+    assert (
+        CompletionRequest.model_validate({"prompt": "a", "max_tokens": 0, "echo": True}).max_tokens
+        == 0
+    )
 
 
 def test_chat_request_fields():
     from serving.schemas import ChatCompletionRequest
 
-    ok = ChatCompletionRequest.model_validate({
-        "messages": [{"role": "system", "content": "be terse"},
-                     {"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]},
-                     {"role": "assistant", "content": None}],
-        "model": None, "max_completion_tokens": 5, "logprobs": True, "top_logprobs": 2, "tools": None,
-        "tool_choice": "none", "response_format": {"type": "text"}, "metadata": {"k": "v"}, "store": False})
+    ok = ChatCompletionRequest.model_validate(
+        {
+            "messages": [
+                {"role": "system", "content": "be terse"},
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}],
+                },
+                {"role": "assistant", "content": None},
+            ],
+            "model": None,
+            "max_completion_tokens": 5,
+            "logprobs": True,
+            "top_logprobs": 2,
+            "tools": None,
+            "tool_choice": "none",
+            "response_format": {"type": "text"},
+            "metadata": {"k": "v"},
+            "store": False,
+        }
+    )
     assert ok.requested_max_tokens == 5 and ok.messages[1].text == "hi there"
-    for bad, field in [({"messages": []}, "messages"), ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),
-                       ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
-                       ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
-                        "response_format"),
-                       ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
-                       ({"messages": [{"role": "user", "content": "x"}], "echo": True}, "echo")]:
+    for bad, field in [
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+            "tools",
+        ),
+        (
+            {
+                "messages": [{"role": "user", "content": "x"}],
+                "response_format": {"type": "json_object"},
+            },
+            "response_format",
+        ),
+        ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+        ({"messages": [{"role": "user", "content": "x"}], "echo": True}, "echo"),
+    ]:
         with pytest.raises(ValidationError) as err:
             ChatCompletionRequest.model_validate(bad)
         assert err.value.errors()[0]["loc"][0] == field, (bad, err.value.errors())
@@ -162,8 +274,14 @@ def test_chat_template_renders_turns_and_ends_with_the_assistant_header():
     from serving import chat_template
     from serving.schemas import ChatMessage
 
-    messages = [ChatMessage(role="developer", content="terse"), ChatMessage(role="user", content="add(1, 2)?")]
-    assert chat_template.render(messages) == "### System:\nterse\n\n### User:\nadd(1, 2)?\n\n### Assistant:\n"
+    messages = [
+        ChatMessage(role="developer", content="terse"),
+        ChatMessage(role="user", content="add(1, 2)?"),
+    ]
+    assert (
+        chat_template.render(messages)
+        == "### System:\nterse\n\n### User:\nadd(1, 2)?\n\n### Assistant:\n"
+    )
     continued = [*messages, ChatMessage(role="assistant", content="It is")]
     assert chat_template.render(continued).endswith("### Assistant:\nIt is")
 
@@ -190,6 +308,7 @@ def test_validation_errors_become_openai_errors_naming_the_field():
 
 
 # --------------------------------------------------------------------------- text streaming
+
 
 class CharTokenizer:
     """One token per character: makes stop-sequence boundaries easy to place."""
@@ -228,9 +347,12 @@ def test_byte_table_detokenizer_matches_full_decode(tokenizer):
         ids = [rng.randrange(tokenizer.vocab_size) for _ in range(rng.randrange(1, 30))]
         stream = TextStream(tokenizer, table=table)
         assert "".join(stream.push(i) for i in ids) + stream.flush() == tokenizer.decode(ids)
-    text = "héllo ✓ 日本 \U0001F600 def main():"
+    text = "héllo ✓ 日本 \U0001f600 def main():"
     stream = TextStream(tokenizer, stop=["main"], table=table)
-    assert "".join(stream.push(i) for i in tokenizer.encode(text)) + stream.flush() == "héllo ✓ 日本 \U0001F600 def "
+    assert (
+        "".join(stream.push(i) for i in tokenizer.encode(text)) + stream.flush()
+        == "héllo ✓ 日本 \U0001f600 def "
+    )
 
 
 def test_text_is_released_as_soon_as_it_cannot_start_a_stop():
@@ -249,6 +371,11 @@ def test_build_app_takes_a_config_container_or_cli_overrides(config, tmp_path):
     from serving.deploy_config import app_args
 
     assert isinstance(build_app(app_args(config)), Application)
-    from_cli = build_app({"experiment": "tiny", "tracking.uri": f"sqlite:///{tmp_path / 'x.db'}",
-                          "serve.model_uri": "models:/m/2"})
+    from_cli = build_app(
+        {
+            "experiment": "tiny",
+            "tracking.uri": f"sqlite:///{tmp_path / 'x.db'}",
+            "serve.model_uri": "models:/m/2",
+        }
+    )
     assert isinstance(from_cli, Application)

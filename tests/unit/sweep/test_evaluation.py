@@ -1,4 +1,5 @@
 """Evaluation pieces on a tiny real model: held-out loss, expert counts, report and plot."""
+
 from __future__ import annotations
 
 import json
@@ -27,12 +28,19 @@ def test_held_out_loss_matches_cross_entropy_and_counts_experts(tiny_model):
     batches = [torch.randint(0, 300, (2, 17)) for _ in range(3)]
     loss, tokens, counts = held_out_loss(model, batches)
     with torch.no_grad():
-        expected = torch.stack([
-            F.cross_entropy(model(b[:, :-1])[0].reshape(-1, 300), b[:, 1:].reshape(-1), reduction="sum")
-            for b in batches]).sum() / (3 * 2 * 16)
+        expected = torch.stack(
+            [
+                F.cross_entropy(
+                    model(b[:, :-1])[0].reshape(-1, 300), b[:, 1:].reshape(-1), reduction="sum"
+                )
+                for b in batches
+            ]
+        ).sum() / (3 * 2 * 16)
     assert loss == pytest.approx(expected.item(), rel=1e-5)
     assert tokens == 3 * 2 * 16
-    assert len(counts) == config.model.n_layers and all(len(c) == config.model.num_experts for c in counts)
+    assert len(counts) == config.model.n_layers and all(
+        len(c) == config.model.num_experts for c in counts
+    )
     # every token is routed to top_k experts (before capacity drops)
     assert all(sum(c) == tokens * config.model.top_k for c in counts)
     assert perplexity(loss) == pytest.approx(math.exp(loss))
@@ -48,10 +56,20 @@ def test_dense_equivalent_has_equal_active_params(tiny_model):
 
 def test_report_side_by_side(tmp_path):
     def ev(label, loss, counts=()):
-        return ModelEvaluation(label=label, source=f"runs:/{label}", kind="dense" if label == "dense_baseline" else "moe",
-                               val_loss=loss, perplexity=math.exp(loss), tokens_evaluated=100, params_total=10,
-                               params_active=5, generation_tokens_per_s=42.0, expert_counts=list(counts),
-                               samples={"def ": "main():"})
+        return ModelEvaluation(
+            label=label,
+            source=f"runs:/{label}",
+            kind="dense" if label == "dense_baseline" else "moe",
+            val_loss=loss,
+            perplexity=math.exp(loss),
+            tokens_evaluated=100,
+            params_total=10,
+            params_active=5,
+            generation_tokens_per_s=42.0,
+            expert_counts=list(counts),
+            samples={"def ": "main():"},
+        )
+
     evaluations = [ev("moe", 2.0, [[5, 3], [4, 4]]), ev("dense_baseline", 2.5), ev("champion", 2.2)]
     md = report_markdown(evaluations, {"dataset_digest": "abc"})
     assert "| metric | moe | dense_baseline | champion |" in md

@@ -1,4 +1,6 @@
-"""Pure parts of the sweep/register stages: the promotion gate, search space, concurrency, summary."""
+"""Pure parts of the sweep/register stages: the promotion gate, search space, concurrency,
+summary."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,19 +14,21 @@ from pipelines.tune import max_concurrent_trials, search_space, sweep_name, tria
 @pytest.mark.parametrize(
     "candidate, champion, mode, margin, expected",
     [
-        (2.0, 3.0, "min", 0.0, True),      # lower loss wins
-        (3.5, 3.0, "min", 0.0, False),     # higher loss refused
-        (3.0, 3.0, "min", 0.0, False),     # a tie is not a win
-        (2.98, 3.0, "min", 0.05, False),   # better, but not by the margin
-        (2.9, 3.0, "min", 0.05, True),     # better by more than the margin
-        (0.9, 0.8, "max", 0.05, True),     # accuracy-like metric: higher wins
+        (2.0, 3.0, "min", 0.0, True),  # lower loss wins
+        (3.5, 3.0, "min", 0.0, False),  # higher loss refused
+        (3.0, 3.0, "min", 0.0, False),  # a tie is not a win
+        (2.98, 3.0, "min", 0.05, False),  # better, but not by the margin
+        (2.9, 3.0, "min", 0.05, True),  # better by more than the margin
+        (0.9, 0.8, "max", 0.05, True),  # accuracy-like metric: higher wins
         (0.7, 0.8, "max", 0.0, False),
-        (2.0, None, "min", 0.5, True),     # no champion: the first version is promoted
+        (2.0, None, "min", 0.5, True),  # no champion: the first version is promoted
         (float("nan"), 3.0, "min", 0.0, False),  # a broken candidate never is
     ],
 )
 def test_decide_promotion_both_directions(candidate, champion, mode, margin, expected):
-    promote, reason = decide_promotion(candidate, champion, mode=mode, min_improvement=margin, metric="val_loss")
+    promote, reason = decide_promotion(
+        candidate, champion, mode=mode, min_improvement=margin, metric="val_loss"
+    )
     assert promote is expected
     assert reason.startswith("promoted: " if expected else "refused: ")
 
@@ -42,17 +46,24 @@ def test_parse_model_uri():
 
 
 def test_search_space_and_trial_overrides(root_overrides):
-    config = load_config(root_overrides + [
-        "experiment=tiny",
-        # Hydra merges into the group's search space; "+" adds keys it does not have yet.
-        "+tune.search_space={model.capacity_factor: {type: uniform, low: 1.0, high: 2.0},"
-        " model.num_experts: {type: randint, low: 2, high: 4}}",
-    ])
+    config = load_config(
+        root_overrides
+        + [
+            "experiment=tiny",
+            # Hydra merges into the group's search space; "+" adds keys it does not have yet.
+            "+tune.search_space={model.capacity_factor: {type: uniform, low: 1.0, high: 2.0},"
+            " model.num_experts: {type: randint, low: 2, high: 4}}",
+        ]
+    )
     space = search_space(config.tune.search_space)
     assert set(space) == {"train.lr", "model.top_k", "model.capacity_factor", "model.num_experts"}
     lr = [space["train.lr"].sample() for _ in range(50)]
     assert all(1e-3 <= v <= 1e-2 for v in lr)
-    assert {space["model.num_experts"].sample() for _ in range(200)} == {2, 3, 4}  # high is inclusive
+    assert {space["model.num_experts"].sample() for _ in range(200)} == {
+        2,
+        3,
+        4,
+    }  # high is inclusive
     overrides = trial_overrides(config)
     assert overrides["train.max_steps"] == config.tune.trial_max_steps
     assert overrides["train.num_workers"] == config.tune.trial_num_workers
@@ -61,7 +72,9 @@ def test_search_space_and_trial_overrides(root_overrides):
 
 
 def test_concurrency_fits_the_cluster(root_overrides):
-    config = load_config(root_overrides + ["experiment=tiny", "tune.num_samples=8", "tune.trial_num_workers=2"])
+    config = load_config(
+        root_overrides + ["experiment=tiny", "tune.num_samples=8", "tune.trial_num_workers=2"]
+    )
     # each trial: 2 workers x 1 CPU + 0.5 for the trial's driver = 2.5 CPUs
     assert max_concurrent_trials(config, {"CPU": 4.0}) == 1
     assert max_concurrent_trials(config, {"CPU": 10.0}) == 4
@@ -76,18 +89,47 @@ def test_bad_search_space_is_named(root_overrides):
     from components.config import ConfigError
 
     with pytest.raises(ConfigError, match="tune.search_space.model.nope: no such config key"):
-        load_config(root_overrides + ["experiment=tiny", "+tune.search_space={model.nope: {type: uniform, low: 0, high: 1}}"])
+        load_config(
+            root_overrides
+            + [
+                "experiment=tiny",
+                "+tune.search_space={model.nope: {type: uniform, low: 0, high: 1}}",
+            ]
+        )
 
 
 def test_sweep_summary_files(tmp_path):
     rows = [
-        {"trial_id": "a", "status": "completed", "steps": 10, "val_loss": 4.0, "param.train.lr": 0.003, "param.model.top_k": 2},
-        {"trial_id": "b", "status": "stopped_early", "steps": 5, "val_loss": 6.5, "param.train.lr": 0.9, "param.model.top_k": 1},
-        {"trial_id": "c", "status": "errored", "steps": 0, "val_loss": float("nan"), "param.train.lr": 0.01, "param.model.top_k": 2},
+        {
+            "trial_id": "a",
+            "status": "completed",
+            "steps": 10,
+            "val_loss": 4.0,
+            "param.train.lr": 0.003,
+            "param.model.top_k": 2,
+        },
+        {
+            "trial_id": "b",
+            "status": "stopped_early",
+            "steps": 5,
+            "val_loss": 6.5,
+            "param.train.lr": 0.9,
+            "param.model.top_k": 1,
+        },
+        {
+            "trial_id": "c",
+            "status": "errored",
+            "steps": 0,
+            "val_loss": float("nan"),
+            "param.train.lr": 0.01,
+            "param.model.top_k": 2,
+        },
     ]
     frame = trials_frame(rows, "val_loss", "min")
     assert list(frame["trial_id"]) == ["a", "b", "c"]  # best first, missing metric last
-    files = write_sweep_summary(rows, "val_loss", "min", ["train.lr", "model.top_k"], ["train.lr"], tmp_path)
+    files = write_sweep_summary(
+        rows, "val_loss", "min", ["train.lr", "model.top_k"], ["train.lr"], tmp_path
+    )
     assert files["csv"].read_text().splitlines()[0].startswith("trial_id,status")
     markdown = files["markdown"].read_text()
     assert "| a | completed | 10 | 4 |" in markdown and "stopped_early" in markdown

@@ -5,6 +5,7 @@ real modules, config slices and upstream wiring) with cheap stand-in functions i
 that imports the copy: editing the router re-runs train and what follows (tune too, which trains
 with it), editing only the serving app re-runs only deploy, and a comment changes nothing.
 """
+
 from __future__ import annotations
 
 import json
@@ -84,23 +85,37 @@ DRIVER = textwrap.dedent('''
 
 def copy_code(dst: Path) -> None:
     for name in ("pipelines", "components", "serving", "conf"):
-        shutil.copytree(REPO / name, dst / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(
+            REPO / name, dst / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+        )
 
 
 def test_editing_code_reruns_exactly_the_stages_that_run_it(tmp_path):
     code = tmp_path / "code"
     copy_code(code)
     (code / "driver.py").write_text(DRIVER)
-    overrides = [f"paths.root={tmp_path / 'state'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-                 f"tracking.artifact_location={(tmp_path / 'mlartifacts').as_uri()}", "experiment=tiny"]
+    overrides = [
+        f"paths.root={tmp_path / 'state'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"tracking.artifact_location={(tmp_path / 'mlartifacts').as_uri()}",
+        "experiment=tiny",
+    ]
     env = {**os.environ, "PYTHONPATH": str(code)}
     env.pop("MLFLOW_TRACKING_URI", None)
-    result = subprocess.run([sys.executable, str(code / "driver.py"), *overrides], cwd=code, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(code / "driver.py"), *overrides],
+        cwd=code,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rounds = json.loads(result.stdout.split("ROUNDS ", 1)[1].splitlines()[0])
 
-    assert all(reason == "no earlier run" and not reused for reused, reason in rounds["first"].values())
+    assert all(
+        reason == "no earlier run" and not reused for reused, reason in rounds["first"].values()
+    )
 
     router = rounds["router"]
     assert router["prepare"] == [True, ""], "prepare does not run the model code"
@@ -117,7 +132,9 @@ def test_editing_code_reruns_exactly_the_stages_that_run_it(tmp_path):
 
 
 def test_closures_follow_lazy_imports_and_import_paths():
-    prepare, train, deploy = (code_closure([f"pipelines.{s}"]) for s in ("prepare", "train", "deploy"))
+    prepare, train, deploy = (
+        code_closure([f"pipelines.{s}"]) for s in ("prepare", "train", "deploy")
+    )
     assert not any(m.startswith(("components.model", "serving")) for m in prepare)
     # run_training imports the training loop inside the function
     assert {"components.training.loop", "components.model.router", "pipelines.train"} <= set(train)
@@ -134,7 +151,7 @@ def test_import_forms_are_resolved(tmp_path):
     (pkg / "__init__.py").write_text("")
     (pkg / "a.py").write_text("")
     (pkg / "b.py").write_text("")
-    source = textwrap.dedent('''
+    source = textwrap.dedent("""
         import components.config
         from . import a
         from .b import thing
@@ -143,20 +160,38 @@ def test_import_forms_are_resolved(tmp_path):
         TARGET = "serving.app:build_app"
         NOT_AN_IMPORT = "serving.app"
         import numpy
-    ''')
+    """)
     found = imports_of(ast.parse(source), "serving.x", False, root=tmp_path)
-    assert found == {"components.config", "serving", "serving.a", "serving.b", "components.model", "serving.app"}
+    assert found == {
+        "components.config",
+        "serving",
+        "serving.a",
+        "serving.b",
+        "components.model",
+        "serving.app",
+    }
     assert module_file("serving.a", tmp_path) == pkg / "a.py"
     assert module_file("serving", tmp_path) == pkg / "__init__.py"
 
 
-@pytest.mark.parametrize("stage", ["prepare", "deploy"])  # the smallest closure and the one reaching serving/
+@pytest.mark.parametrize(
+    "stage", ["prepare", "deploy"]
+)  # the smallest closure and the one reaching serving/
 def test_modules_loaded_by_importing_a_stage_are_in_its_closure(stage):
-    """The static walk misses nothing the interpreter actually loads when the stage module is imported."""
-    probe = ("import importlib, json, sys; importlib.import_module(sys.argv[1]); "
-             "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('pipelines', 'components', 'serving'))))")
-    result = subprocess.run([sys.executable, "-c", probe, f"pipelines.{stage}"], cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
+    """The static walk misses nothing the interpreter actually loads when the stage module is
+    imported."""
+    probe = (
+        "import importlib, json, sys; importlib.import_module(sys.argv[1]); "
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('pipelines', 'components', 'serving'))))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe, f"pipelines.{stage}"],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     loaded = set(json.loads(result.stdout.strip().splitlines()[-1]))
     assert loaded <= set(code_closure([f"pipelines.{stage}"]))

@@ -1,4 +1,5 @@
 """The stage runner against a real sqlite MLflow store: nesting, lineage, caching, failures."""
+
 from __future__ import annotations
 
 import json
@@ -38,14 +39,19 @@ def prepare_fn(ctx):
     CALLS.append("prepare")
     text = f"rows={ctx.config.data.max_files}"
     ctx.log_metrics({"rows": ctx.config.data.max_files})
-    return FakePrepared(digest=digest_of(text), manifest_uri=f"{ctx.config.paths.root}/manifest.json")
+    return FakePrepared(
+        digest=digest_of(text), manifest_uri=f"{ctx.config.paths.root}/manifest.json"
+    )
 
 
 def train_fn(ctx):
     CALLS.append("train")
     manifest = ctx.input(FakePrepared).manifest_uri
-    return FakeTrained(val_loss=1.0 / ctx.config.train.lr, model_uri=f"runs:/{ctx.run_id}/export",
-                       manifest_uri=manifest)
+    return FakeTrained(
+        val_loss=1.0 / ctx.config.train.lr,
+        model_uri=f"runs:/{ctx.run_id}/export",
+        manifest_uri=manifest,
+    )
 
 
 def failing_fn(ctx):
@@ -65,7 +71,9 @@ def base(root_overrides):
 def runs_by_stage(uri: str, parent_id: str) -> dict[str, object]:
     client = MlflowClient(uri)
     parent = client.get_run(parent_id)
-    runs = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    runs = client.search_runs(
+        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'"
+    )
     return {r.data.tags["moeops.stage"]: r for r in runs}
 
 
@@ -104,7 +112,10 @@ def test_second_run_reuses_and_force_reruns(base, mlflow_uri):
     assert all(o.reused for o in second.stages.values())
     parent = MlflowClient(mlflow_uri).get_run(second.parent_run_id)
     assert parent.data.tags["moeops.reused_stages"] == "prepare,train"
-    assert runs_by_stage(mlflow_uri, second.parent_run_id)["train"].data.tags["moeops.reused"] == "true"
+    assert (
+        runs_by_stage(mlflow_uri, second.parent_run_id)["train"].data.tags["moeops.reused"]
+        == "true"
+    )
 
     run_pipeline(load_config(base + ["force=true"]), [PREPARE, TRAIN])
     assert CALLS == ["prepare", "train"] * 2
@@ -117,7 +128,9 @@ def test_changed_upstream_invalidates_downstream(base, capsys):
     assert CALLS == ["prepare", "train", "train"], "only train's config changed"
     assert lr.stages["train"].reason == "config changed (train.lr)"
     assert "train ran: config changed (train.lr)" in capsys.readouterr().out, "the summary says why"
-    data = run_pipeline(load_config(base + ["train.lr=0.001", "data.max_files=7"]), [PREPARE, TRAIN])
+    data = run_pipeline(
+        load_config(base + ["train.lr=0.001", "data.max_files=7"]), [PREPARE, TRAIN]
+    )
     assert CALLS[-2:] == ["prepare", "train"], "new data digest reruns train"
     assert data.stages["prepare"].reason == "config changed (data.max_files)"
     assert data.stages["train"].reason == "input changed (prepare)"
@@ -131,12 +144,18 @@ def test_standalone_stage_takes_latest_or_explicit_upstream(base, mlflow_uri):
     latest = run_pipeline(load_config(base), [TRAIN])
     stages = runs_by_stage(mlflow_uri, latest.parent_run_id)
     prepare_runs = MlflowClient(mlflow_uri).search_runs(
-        [latest.experiment_id], "tags.`moeops.stage` = 'prepare'", order_by=["attributes.start_time DESC"])
+        [latest.experiment_id],
+        "tags.`moeops.stage` = 'prepare'",
+        order_by=["attributes.start_time DESC"],
+    )
     assert stages["train"].data.tags["moeops.in.prepare"] == prepare_runs[0].info.run_id
 
     explicit_id = first.stages["prepare"].run_id
     pinned = run_pipeline(load_config(base + [f"+inputs.prepare=runs:/{explicit_id}"]), [TRAIN])
-    assert runs_by_stage(mlflow_uri, pinned.parent_run_id)["train"].data.tags["moeops.in.prepare"] == explicit_id
+    assert (
+        runs_by_stage(mlflow_uri, pinned.parent_run_id)["train"].data.tags["moeops.in.prepare"]
+        == explicit_id
+    )
 
 
 def test_missing_upstream_is_a_clear_error_before_any_run(base, mlflow_uri):

@@ -1,4 +1,6 @@
-"""The training loop in one process (no Ray): loss falls, and stop + resume replays the same curve."""
+"""The training loop in one process (no Ray): loss falls, and stop + resume replays the same
+curve."""
+
 from __future__ import annotations
 
 import math
@@ -9,11 +11,24 @@ import pytest
 from components.config import load_config
 from components.training.loop import LocalSession, RunInfo, train
 
-TINY = ["experiment=tiny", "data.max_files=20", "data.max_bytes=300000", "data.vocab_size=512",
-        "model.dim=32", "model.ffn_dim=64", "train.num_workers=1", "train.expert_parallel_size=1",
-        "tune.trial_num_workers=1", "train.batch_size=4",
-        "train.eval_every=1", "train.eval_batches=1", "train.log_every=100", "train.warmup_steps=2",
-        "train.checkpoint_every=3", "storage.hot_prefetch_batches=2"]
+TINY = [
+    "experiment=tiny",
+    "data.max_files=20",
+    "data.max_bytes=300000",
+    "data.vocab_size=512",
+    "model.dim=32",
+    "model.ffn_dim=64",
+    "train.num_workers=1",
+    "train.expert_parallel_size=1",
+    "tune.trial_num_workers=1",
+    "train.batch_size=4",
+    "train.eval_every=1",
+    "train.eval_batches=1",
+    "train.log_every=100",
+    "train.warmup_steps=2",
+    "train.checkpoint_every=3",
+    "storage.hot_prefetch_batches=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +40,12 @@ def tiny_dataset(tmp_path_factory):
     return root, prepare_dataset(cfg.data, cfg.storage).manifest
 
 
-def run(root: Path, manifest, tag: str, overrides: list[str], resume_dir: str | None = None) -> LocalSession:
-    cfg = load_config([*TINY, f"paths.root={root}", f"tracking.uri=sqlite:///{root}/mlflow.db", *overrides])
+def run(
+    root: Path, manifest, tag: str, overrides: list[str], resume_dir: str | None = None
+) -> LocalSession:
+    cfg = load_config(
+        [*TINY, f"paths.root={root}", f"tracking.uri=sqlite:///{root}/mlflow.db", *overrides]
+    )
     session = LocalSession(root / tag, resume_dir=resume_dir)
     train(cfg, RunInfo(manifest.uri, manifest.vocab_size, manifest.seq_len), session)
     return session
@@ -39,7 +58,9 @@ def test_stop_and_resume_reproduce_the_uninterrupted_curve(tiny_dataset):
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
     assert losses[6] < losses[1]  # it learns
     final = straight.reports[-1]
-    assert 1.0 <= final["moe/load_max_over_mean"] <= 8.0 and 0.0 <= final["moe/dropped_fraction"] < 1.0
+    assert (
+        1.0 <= final["moe/load_max_over_mean"] <= 8.0 and 0.0 <= final["moe/dropped_fraction"] < 1.0
+    )
     assert math.isnan(final["comm/exposed_fraction"])  # one process: no all-to-all to expose
     assert final["skipped_steps"] == 0.0 and final["grad_norm"] > 0
 
@@ -53,13 +74,23 @@ def test_stop_and_resume_reproduce_the_uninterrupted_curve(tiny_dataset):
         step = int(report["step"])
         # same data order, weights, Adam moments, schedule and RNG: the same numbers
         assert report["loss"] == pytest.approx(losses[step], rel=1e-6, abs=1e-6), step
-    assert second.reports[-1]["val_loss"] == pytest.approx(straight.reports[-1]["val_loss"], rel=1e-6)
+    assert second.reports[-1]["val_loss"] == pytest.approx(
+        straight.reports[-1]["val_loss"], rel=1e-6
+    )
     # the data-flow report of every checkpoint covers every step so far; the resumed run's final one
     # carries the first segment's steps and fingerprints the same batches as the uninterrupted run
     from components.data.flow import first_difference, global_steps, load_report
 
     straight_flow = load_report(Path(straight.checkpoints[-1]) / "flow_report.json")
     resumed_flow = load_report(Path(second.checkpoints[-1]) / "flow_report.json")
-    assert sorted(global_steps(straight_flow)) == sorted(global_steps(resumed_flow)) == [1, 2, 3, 4, 5, 6]
-    assert sorted(global_steps(load_report(Path(first.checkpoints[-1]) / "flow_report.json"))) == [1, 2, 3]
+    assert (
+        sorted(global_steps(straight_flow))
+        == sorted(global_steps(resumed_flow))
+        == [1, 2, 3, 4, 5, 6]
+    )
+    assert sorted(global_steps(load_report(Path(first.checkpoints[-1]) / "flow_report.json"))) == [
+        1,
+        2,
+        3,
+    ]
     assert first_difference(straight_flow, resumed_flow) is None

@@ -1,4 +1,5 @@
 """AdamW parameter groups, the warmup + cosine schedule and name-keyed optimiser state."""
+
 from __future__ import annotations
 
 import pytest
@@ -33,18 +34,24 @@ def test_no_weight_decay_on_norms_biases_and_embeddings():
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert {id(p) for p in decay["params"]} == {id(model.proj.weight)}
     assert {id(p) for p in no_decay["params"]} == {
-        id(model.embed.weight), id(model.proj.bias), id(model.norm.weight), id(model.norm.bias)}
+        id(model.embed.weight),
+        id(model.proj.bias),
+        id(model.norm.weight),
+        id(model.norm.bias),
+    }
 
 
 def test_warmup_then_cosine_to_min_ratio():
     warmup, total, floor = 10, 110, 0.1
     factors = [lr_factor(s, warmup, total, floor) for s in range(total + 5)]
-    assert factors[0] == pytest.approx(0.1)           # 1/warmup
+    assert factors[0] == pytest.approx(0.1)  # 1/warmup
     assert factors[warmup - 1] == pytest.approx(1.0)  # end of warmup: the peak
     assert factors[warmup] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(factors[warmup:], factors[warmup + 1:]))  # monotone decay
+    assert all(a >= b for a, b in zip(factors[warmup:], factors[warmup + 1 :]))  # monotone decay
     assert factors[total] == pytest.approx(floor) and factors[-1] == pytest.approx(floor)
-    assert factors[warmup + 50] == pytest.approx(floor + (1 - floor) * 0.5)  # half way: cosine midpoint
+    assert factors[warmup + 50] == pytest.approx(
+        floor + (1 - floor) * 0.5
+    )  # half way: cosine midpoint
 
 
 def test_scheduler_follows_config_and_state_roundtrips_by_name():

@@ -3,6 +3,7 @@ of EP=1 (experts replicated, averaged over both ranks), for dense and expert par
 
 Two gloo processes on this machine (torch.multiprocessing), no Ray.
 """
+
 from __future__ import annotations
 
 import torch
@@ -10,7 +11,9 @@ import torch.multiprocessing as mp
 
 from components.config.schema import ModelConfig, OverlapConfig
 
-CFG = dict(dim=32, n_heads=2, n_layers=2, ffn_dim=48, num_experts=4, top_k=2, max_seq_len=32, dropless=True)
+CFG = dict(
+    dim=32, n_heads=2, n_layers=2, ffn_dim=48, num_experts=4, top_k=2, max_seq_len=32, dropless=True
+)
 VOCAB = 64
 
 
@@ -20,15 +23,29 @@ def _synced_grads(ep_size: int, rank: int) -> tuple[dict[str, torch.Tensor], flo
     import torch.nn.functional as F
 
     from components.model.transformer import Transformer
-    from components.training.parallel import build_groups, clip_grad_norm, split_params, sync_expert_grads, wrap_ddp
+    from components.training.parallel import (
+        build_groups,
+        clip_grad_norm,
+        split_params,
+        sync_expert_grads,
+        wrap_ddp,
+    )
 
     groups = build_groups(ep_size)
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(**CFG), VOCAB, ep_group=groups.ep_group, overlap=OverlapConfig(a2a_chunks=1))
+    model = Transformer(
+        ModelConfig(**CFG), VOCAB, ep_group=groups.ep_group, overlap=OverlapConfig(a2a_chunks=1)
+    )
     ddp = wrap_ddp(model, groups, torch.device("cpu"), bucket_mb=1)
-    batch = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(rank))  # each rank its own data
+    batch = torch.randint(
+        0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(rank)
+    )  # each rank its own data
     logits, aux = ddp(batch[:, :-1])
-    loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()) + aux["aux_loss"] + aux["z_loss"]
+    loss = (
+        F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        + aux["aux_loss"]
+        + aux["z_loss"]
+    )
     loss.backward()
     dense, experts = split_params(model)
     sync_expert_grads(experts, groups)

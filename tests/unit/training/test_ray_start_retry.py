@@ -1,5 +1,7 @@
-"""The test fixtures' Ray start retry: a start-up timeout is retried after the attempt's processes are
+"""The test fixtures' Ray start retry: a start-up timeout is retried after the attempt's processes
+are
 killed; any other error is raised at once."""
+
 from __future__ import annotations
 
 import subprocess
@@ -15,8 +17,12 @@ def test_a_timed_out_start_is_cleaned_up_and_retried():
 
     def start():
         if not left_behind:  # the first attempt starts a "raylet" and times out
-            left_behind.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]))
-            raise Exception("The current node timed out during startup. This could happen because ...")
+            left_behind.append(
+                subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+            )
+            raise Exception(
+                "The current node timed out during startup. This could happen because ..."
+            )
         return "up"
 
     assert start_with_retries(start, log=lambda line: None) == "up"
