@@ -64,7 +64,7 @@ serve: $(STAMP)  ## deploy the registry's champion and keep serving until Ctrl-C
 	$(PY) -m pipelines.deploy serve.block=true $(ARGS)
 
 render: $(STAMP)  ## re-render infra/k8s from conf/ and infra/runtime_env.pip.yaml from pyproject.toml (tests fail on drift)
-	$(PY) -m pipelines.render
+	$(PY) -m infra.render
 	$(PY) infra/runtime_env_json.py --write-pip-yaml
 
 torch-spec:  ## print the torch requirement the install pins (TORCH_SPEC overrides it)

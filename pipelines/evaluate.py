@@ -81,7 +81,7 @@ def train_dense_baseline(
 ) -> tuple[Path, str]:
     """Train the dense baseline in a run nested under this stage's run; returns (export dir, run
     id)."""
-    from pipelines.train import run_training, training_name
+    from components.training.ray_runner import run_training, training_name
 
     steps = ctx.config.evaluate.dense_max_steps or moe_steps or ctx.config.train.max_steps
     config = dense_baseline_config(
@@ -103,7 +103,7 @@ def train_dense_baseline(
             config,
             manifest_uri,
             mlflow_run_id=run_id,
-            name=training_name(config, manifest_uri, prefix="dense"),
+            name=training_name(config, manifest_uri, code=ctx.code_digest, prefix="dense"),
         )
     except BaseException as err:
         error = err

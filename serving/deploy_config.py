@@ -1,7 +1,7 @@
 """The Serve config file for moeops' application, derived from the one config.
 
 Pure and deterministic (no Ray, no MLflow, no clock): the deploy stage writes it for
-``serve deploy``, and ``pipelines/render.py`` embeds the same dict as a KubeRay
+``serve deploy``, and ``infra/render.py`` embeds the same dict as a KubeRay
 RayService's ``serveConfigV2``. :func:`serving.app.build_app` applies the same
 deployment options, so ``serve.run`` from Python and ``serve deploy <file>`` agree.
 """

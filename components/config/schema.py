@@ -324,7 +324,7 @@ class TrackingConfig:
 
 @dataclass
 class KubernetesConfig:
-    """KubeRay manifests rendered by ``python -m pipelines.render`` (see docs/cluster.md)."""
+    """KubeRay manifests rendered by ``python -m infra.render`` (see docs/cluster.md)."""
 
     namespace: str = "moeops"
     # must hold the project and its dependencies: build it from infra/Dockerfile

@@ -21,6 +21,7 @@ Each part is also recorded on the run (``moeops.key.*`` tags), so a rerun can be
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 import time
 import traceback
@@ -35,7 +36,7 @@ from mlflow.entities import RunStatus
 
 from components.config import Config, flatten, to_container
 from components.tracking import mlflow_utils
-from components.tracking.code import changed_modules, code_closure
+from components.tracking.code import PROJECT_ROOT, changed_modules, code_closure
 from components.tracking.outputs import OutputsError, StageOutputs, digest_of
 from components.tracking.progress import Progress
 
@@ -47,6 +48,7 @@ __all__ = [
     "run_stage",
     "resolve_upstream",
     "cache_key",
+    "code_digest",
     "outputs_of_run",
     "digest_of",
 ]
@@ -82,13 +84,14 @@ class StageSpec:
     outputs: OutputsType
     # a cached run is reused only while this still holds (e.g. its files or endpoint exist)
     still_valid: Callable[[Config, Any], bool] | None = None
-    # the module whose import closure is this stage's code (default: where ``fn`` is defined)
+    # the module whose import closure is this stage's code (default: where ``fn`` is defined,
+    # by its importable name also when it runs as ``python -m pipelines.<stage>``)
     module: str = ""
     # MLflow system metrics (CPU, memory, GPU, network) on this stage's run while it works
     system_metrics: bool = False
 
     def __post_init__(self) -> None:
-        self.module = self.module or self.fn.__module__
+        self.module = self.module or importable_name(self.fn.__module__)
         if self.outputs.stage != self.name:
             raise ValueError(
                 f"stage {self.name!r}: its outputs class {self.outputs.__name__} is "
@@ -97,6 +100,29 @@ class StageSpec:
 
     def upstream_for(self, config: Config) -> tuple[OutputsType, ...]:
         return self.upstream(config) if callable(self.upstream) else self.upstream
+
+
+def importable_name(module: str) -> str:
+    """The name ``module`` is imported by; for ``__main__`` (a stage run as ``python -m
+    pipelines.train``) the name it was started under, so its code key is the one it has inside
+    ``pipelines.run`` (``code_closure(["__main__"])`` finds no file: an empty key)."""
+    if module != "__main__":
+        return module
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name:  # python -m pkg.mod
+        return spec.name
+    path = Path(getattr(main, "__file__", "") or "").resolve()
+    if path.is_file() and path.is_relative_to(PROJECT_ROOT):  # python pipelines/train.py
+        return ".".join(path.relative_to(PROJECT_ROOT).with_suffix("").parts)
+    raise ValueError(
+        "a stage defined in __main__ needs StageSpec(module=...): its code cannot be found"
+    )
+
+
+def code_digest(spec: StageSpec) -> str:
+    """The digest of the stage's code (its module's import closure): the cache key's code part."""
+    return digest_of(code_closure([spec.module]))
 
 
 @dataclass
@@ -124,6 +150,9 @@ class StageContext:
     inputs: dict[str, StageOutputs]
     work_dir: Path
     input_run_ids: dict[str, str] = field(default_factory=dict)
+    # digest of the stage's code (the cache key's code part): names checkpoints and sweeps, so a
+    # code change never resumes what older code produced
+    code_digest: str = ""
 
     def input(self, kind: type[O]) -> O:
         """The outputs of the upstream stage that produces ``kind``, typed."""
@@ -465,6 +494,7 @@ def run_stage(
         inputs=inputs,
         work_dir=work_dir,
         input_run_ids=input_run_ids,
+        code_digest=key.code_digest,
     )
     print(f"[{spec.name}] started (MLflow run {run_id}): {reason}", flush=True)
     # The stage's run is the active fluent run while it works, so MLflow's own APIs (log_model,

@@ -1,16 +1,14 @@
-"""The ``train`` stage: Ray Train's TorchTrainer over ``components.training.loop``, then the export.
+"""Ray Train's TorchTrainer over :mod:`components.training.loop`, then the export.
 
-    python -m pipelines.train experiment=tiny            # uses the latest finished prepare (and
-    tune) run
-    python -m pipelines.train train.stop_at_step=100     # stop early; the same command without it
-    resumes
-
-:func:`run_training` is also what Tune trials (``pipelines.tune``) and the dense baseline
-(``pipelines.evaluate``) call.
+:func:`run_training` is what the ``train`` stage, Tune trials (``pipelines.tune``) and the dense
+baseline (``pipelines.evaluate``) call; the caller starts or joins Ray first
+(``pipelines.runtime.ensure_ray``). The typed :class:`~components.config.schema.Config` and
+:class:`~components.training.loop.RunInfo` cross into the workers as they are (dataclasses pickle).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -22,12 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mlflow
-
-from components.config import Config, to_container, with_overrides
-from components.tracking.stages import StageContext, StageSpec
-from pipelines._cli import stage_main
-from pipelines.outputs import PrepareOutputs, TrainOutputs, TuneOutputs
+from components.config import Config
 
 # config keys that change the trained weights: a run with the same ones (and the same dataset)
 # continues the same checkpoints when train.resume=auto
@@ -57,12 +50,17 @@ class TrainResult:
     flow_report_path: str = ""  # JSON list of every rank's data-flow report entries
 
 
-def training_name(config: Config, manifest_uri: str, prefix: str = "train") -> str:
-    """A Ray Train run name that is the same for the same model, data and optimisation settings,
-    so re-running after a crash or a stop continues from the run's latest checkpoint."""
+def training_name(config: Config, manifest_uri: str, code: str, prefix: str = "train") -> str:
+    """A Ray Train run name that is the same for the same model, data, optimisation settings and
+    code (``code``: the stage's code digest), so re-running after a crash or a stop continues from
+    the run's latest checkpoint, while a code change trains new weights instead of resuming the
+    old code's final checkpoint."""
+    if not code:
+        raise ValueError("training_name: empty code digest (the stage's cache key names its code)")
     key = {
+        "code": code,
         "manifest": manifest_uri,
-        "model": to_container(config)["model"],
+        "model": dataclasses.asdict(config.model),
         "train": {k: getattr(config.train, k) for k in _CURVE_KEYS},
     }
     return f"{prefix}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}"
@@ -119,6 +117,15 @@ def _progress_callback(total: int):
     return TrainProgress()
 
 
+def _callbacks(total_steps: int, report_to_tune: bool) -> list:
+    callbacks = [_progress_callback(total_steps)]
+    if report_to_tune:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks.append(TuneReportCallback())
+    return callbacks
+
+
 class RayTrainSession:
     """The training loop's view of Ray Train (``components.training.loop.Session``)."""
 
@@ -160,12 +167,12 @@ class RayTrainSession:
         )
 
 
-def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
-    """What Ray Train's TorchTrainer runs on every worker: the typed config is rebuilt here."""
-    from components.training.loop import train, unpack_config
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """What Ray Train's TorchTrainer runs on every worker (``train_loop_config`` must be a dict:
+    ``{"config": Config, "run": RunInfo}``, both pickled as they are)."""
+    from components.training.loop import train
 
-    config, run = unpack_config(config_dict)
-    train(config, run, RayTrainSession())
+    train(loop_config["config"], loop_config["run"], RayTrainSession())
 
 
 def _local_tokenizer(uri: str, storage, dest: Path) -> Path:
@@ -182,20 +189,21 @@ def run_training(
     *,
     mlflow_run_id: str | None,
     name: str,
-    callbacks: list | None = None,
+    report_to_tune: bool = False,
     resume_from: str | None = None,
 ) -> TrainResult:
-    """Train on Ray Train and export the final model (all experts gathered)."""
+    """Train on Ray Train and export the final model (all experts gathered).
+
+    ``report_to_tune``: inside a Tune trial, pass every report on to Tune (ASHA reads
+    ``val_loss``), which Train V2 does only through Ray's ``TuneReportCallback``."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from components.data.manifest import load_manifest
     from components.model.export import save_export
     from components.training.checkpoint import FLOW_REPORT_FILE, load_full_model_state
-    from components.training.loop import RunInfo, pack_config
-    from pipelines.runtime import ensure_ray
+    from components.training.loop import RunInfo
 
-    ensure_ray(config)
     t = config.train
     manifest = load_manifest(manifest_uri, config.storage)
     if manifest.seq_len > config.model.max_seq_len:
@@ -227,7 +235,7 @@ def run_training(
     backend = t.backend if t.backend != "auto" else ("nccl" if t.use_gpu else "gloo")
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=pack_config(to_container(config), run),
+        train_loop_config={"config": config, "run": run},
         torch_config=TorchConfig(backend=backend),
         scaling_config=ray.train.ScalingConfig(
             num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources
@@ -238,7 +246,7 @@ def run_training(
             storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
-            callbacks=[_progress_callback(t.stop_at_step or t.max_steps), *(callbacks or [])],
+            callbacks=_callbacks(t.stop_at_step or t.max_steps, report_to_tune),
         ),
     )
     result = trainer.fit()
@@ -273,95 +281,3 @@ def run_training(
         export_dir=str(export_dir),
         flow_report_path=str(flow_report_path) if flow_report_path.exists() else "",
     )
-
-
-def upstream(config: Config) -> tuple[type, ...]:
-    return (PrepareOutputs, TuneOutputs) if config.tune.enabled else (PrepareOutputs,)
-
-
-def model_params(config: Config) -> dict[str, str]:
-    """The LoggedModel's params: the model and training config it was trained with (flattened)."""
-    from components.config import flatten
-    from components.tracking.registry import mlflow_param
-
-    container = to_container(config)
-    return {
-        k: mlflow_param(v)
-        for k, v in flatten({"model": container["model"], "train": container["train"]}).items()
-    }
-
-
-def run(ctx: StageContext) -> TrainOutputs:
-    from components.model.export import weights_digest
-    from components.tracking.datasets import log_dataset_input
-    from components.tracking.provenance import code_tags
-    from components.tracking.registry import log_model
-    from pipelines.prepare import dataset_of
-
-    config = ctx.config
-    prepare = ctx.input(PrepareOutputs)
-    best = ctx.input(TuneOutputs).best_params if config.tune.enabled else {}
-    if best:
-        print(f"[train] applying the sweep's best parameters: {best}", flush=True)
-        config = with_overrides(config, best)
-        ctx.log_params({"tuned": best})
-    dataset = dataset_of(config.data.name, prepare)
-    log_dataset_input(ctx.client, ctx.run_id, dataset, prepare.dataset_digest, "training")
-    result = run_training(
-        config,
-        prepare.manifest_uri,
-        mlflow_run_id=ctx.run_id,
-        name=training_name(config, prepare.manifest_uri),
-    )
-    if result.flow_report_path:
-        ctx.log_artifact(result.flow_report_path, "data_flow")
-    digest = weights_digest(result.export_dir)
-    m = result.metrics
-    steps = int(m.get("steps", 0))
-    # final figures at the last step, before the model is logged at that step: MLflow links the
-    # run's metrics of the model's step to the LoggedModel
-    summary = {f"final_{k}": m[k] for k in ("val_loss", "train_loss", "tokens_per_s") if k in m}
-    mlflow.log_metrics(summary, step=steps, run_id=ctx.run_id, dataset=dataset)
-    model_id = log_model(
-        result.export_dir,
-        run_id=ctx.run_id,
-        tracking_uri=ctx.tracking_uri,
-        params=model_params(config),
-        step=steps,
-        tags={
-            "dataset_digest": prepare.dataset_digest,
-            "tokenizer_hash": prepare.tokenizer_hash,
-            "model_digest": digest,
-            "git_commit": code_tags()["moeops.git_commit"],
-        },
-    )
-    nan = float("nan")
-    return TrainOutputs(
-        model_id=model_id,
-        model_digest=digest,
-        export_dir=result.export_dir,
-        checkpoint_uri=result.checkpoint_path,
-        tuned_params=dict(best),
-        steps=steps,
-        val_loss=m.get("val_loss", nan),
-        train_loss=m.get("train_loss", nan),
-        tokens_per_s=m.get("tokens_per_s", nan),
-        # reported by the training loop's last eval (NaN where it does not report them)
-        moe_dropped_fraction=m.get("moe/dropped_fraction", nan),
-        moe_load_max_over_mean=m.get("moe/load_max_over_mean", nan),
-        comm_exposed_fraction=m.get("comm/exposed_fraction", nan),
-    )
-
-
-SPEC = StageSpec(
-    name="train",
-    config_keys=("data", "model", "train"),
-    upstream=upstream,
-    fn=run,
-    outputs=TrainOutputs,
-    system_metrics=True,
-)
-main = stage_main(SPEC)
-
-if __name__ == "__main__":
-    main()

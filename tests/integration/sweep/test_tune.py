@@ -16,7 +16,7 @@ import ray
 from mlflow import MlflowClient
 
 from components.config import load_config
-from components.tracking.stages import outputs_of_run
+from components.tracking.stages import code_digest, outputs_of_run
 from pipelines.outputs import PrepareOutputs
 from pipelines.pipeline import run_pipeline
 from pipelines.train import SPEC as TRAIN
@@ -109,7 +109,7 @@ def test_sweep_resumes_after_the_driver_dies(sweep_env):
     experiment_id = client.get_experiment_by_name("sweep-tests").experiment_id
     prepared = outputs_of_run(client, sweep_env.prepare_run_id, PrepareOutputs)
     config = load_config(overrides)
-    sweep = sweep_name(config, prepared.dataset_digest)
+    sweep = sweep_name(config, prepared.dataset_digest, code_digest(TUNE))
     sweep_dir = Path(config.paths.root) / "tune" / sweep
 
     # A separate driver process joins this Ray cluster and runs the sweep; the test kills it

@@ -130,7 +130,7 @@ def main(args_path: str) -> None:
 
     from components.config import load_config
     from pipelines.runtime import API_SERVER_ENV, WORKER_ENV, free_port
-    from pipelines.train import run_training
+    from components.training.ray_runner import run_training
 
     args = json.loads(Path(args_path).read_text())
     callback_dir = Path(args["workdir"])

@@ -71,7 +71,7 @@ def workspace(tmp_path_factory, ray_session):
 
 
 def train(ws, name: str, overrides=(), resume_from=None, callbacks=None):
-    from pipelines.train import run_training
+    from components.training.ray_runner import run_training
 
     config = load_config([*ws["base"], *overrides])
     run_id = ws["client"].create_run(ws["experiment_id"], run_name=name).info.run_id
@@ -81,7 +81,9 @@ def train(ws, name: str, overrides=(), resume_from=None, callbacks=None):
         mlflow_run_id=run_id,
         name=name,
         resume_from=resume_from,
-        callbacks=callbacks,
+        # run_training's test-only callbacks hook is gone; the killed-worker test strikes from
+        # outside (suite's rewrite)
+        **({"callbacks": callbacks} if callbacks else {}),
     )
     return result, run_id
 

@@ -23,7 +23,7 @@ from ray._private.runtime_env.packaging import (
 )
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from pipelines.render import RAY_VERSION
+from infra.render import RAY_VERSION
 
 REPO = Path(__file__).resolve().parents[3]
 INFRA = REPO / "infra"
