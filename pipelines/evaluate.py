@@ -19,6 +19,7 @@ import mlflow
 import torch
 
 from components.config import Config, flatten, to_container, with_overrides
+from components.config.schema import ModelConfig
 from components.evaluation.metrics import ModelEvaluation, evaluate_model
 from components.evaluation.plots import plot_expert_utilisation
 from components.evaluation.report import report_json, report_markdown
@@ -61,7 +62,7 @@ def download_model_export(model_uri: str, tracking_uri: str, dst: Path) -> Path:
 
 
 def dense_baseline_config(
-    config: Config, moe_model_cfg: dict[str, Any], train_overrides: dict[str, Any], steps: int
+    config: Config, moe_model_cfg: ModelConfig, train_overrides: dict[str, Any], steps: int
 ) -> Config:
     """Same data and optimisation, ``model.kind=dense`` with equal active parameters."""
     from components.model.transformer import dense_equivalent
@@ -77,7 +78,7 @@ def dense_baseline_config(
 
 
 def train_dense_baseline(
-    ctx: StageContext, manifest_uri: str, moe_model_cfg: dict[str, Any], moe_steps: int
+    ctx: StageContext, manifest_uri: str, moe_model_cfg: ModelConfig, moe_steps: int
 ) -> tuple[Path, str]:
     """Train the dense baseline in a run nested under this stage's run; returns (export dir, run
     id)."""

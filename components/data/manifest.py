@@ -23,7 +23,6 @@ from components.data.cold import ColdStorageError, join, read_bytes, write_atomi
 
 FORMAT = "moeops-shards/2"  # /2: flat int32 token column (see components.data.shards)
 MANIFEST_NAME = "manifest.json"
-SPLITS = ("train", "val")
 
 
 @dataclass(frozen=True)

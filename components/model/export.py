@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from components.config.compose import section_from_dict
 from components.config.schema import ModelConfig
-from components.model.transformer import Transformer, model_config
+from components.model.transformer import Transformer
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model_config.json"
@@ -128,7 +129,7 @@ def _copy_tokenizer(tokenizer_path: str | Path, dst: Path) -> None:
 
 def save_export(
     model_state: Mapping[str, torch.Tensor],
-    model_cfg: ModelConfig | Mapping[str, Any],
+    model_cfg: ModelConfig,
     vocab_size: int | str | Path | None,
     tokenizer_path: str | Path | None = None,
     out_dir: str | Path | None = None,
@@ -144,7 +145,7 @@ def save_export(
         vocab_size, tokenizer_path, out_dir = None, vocab_size, tokenizer_path
     if tokenizer_path is None or out_dir is None:
         raise TypeError("save_export needs tokenizer_path and out_dir")
-    cfg = model_config(model_cfg)
+    cfg = model_cfg
     state = clean_state_dict(model_state)
     if "tok_embeddings.weight" not in state:
         raise ValueError("model_state has no 'tok_embeddings.weight': not a Transformer state dict")
@@ -172,7 +173,7 @@ def save_export(
 class LoadedModel:
     model: Transformer  # eval mode, all experts local
     tokenizer: Any  # components.data.tokenizer.TextTokenizer
-    model_cfg: dict  # ModelConfig as a plain dict
+    model_cfg: ModelConfig
     vocab_size: int = 0
     export_dir: str = ""
 
@@ -195,12 +196,11 @@ def load_export(export_dir: str | Path, device: str | torch.device = "cpu") -> L
 
     export_dir = Path(export_dir)
     meta = read_export_config(export_dir)
-    cfg = model_config(meta["model"])
+    # the file's plain form back to the typed section (unknown keys name themselves)
+    cfg = section_from_dict(ModelConfig, meta["model"], "model")
     model = Transformer(cfg, meta["vocab_size"])
     state = load_file(str(export_dir / WEIGHTS_FILE))
     model.load_state_dict(state, strict=True)
     model.to(device).eval()
     tokenizer = TextTokenizer.load(str(export_dir / TOKENIZER_FILE))
-    return LoadedModel(
-        model, tokenizer, dataclasses.asdict(cfg), meta["vocab_size"], str(export_dir)
-    )
+    return LoadedModel(model, tokenizer, cfg, meta["vocab_size"], str(export_dir))

@@ -184,15 +184,6 @@ def clip_grad_norm(
     return total
 
 
-def all_reduce_mean(values: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
-    """Mean over all ranks of a small float tensor (losses, metrics)."""
-    if groups.distributed:
-        values = values.clone()
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        values /= groups.world_size
-    return values
-
-
 def all_reduce_sum(values: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
     if groups.distributed:
         values = values.clone()
