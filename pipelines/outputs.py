@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from components.config.validate import REGISTRY_METRICS
+from components.config.schema import RegistryMetric
 from components.tracking.outputs import StageOutputs, digest_of
 
 
@@ -125,7 +125,7 @@ class EvaluateOutputs(StageOutputs):
     champion_generation_tokens_per_s: float
 
     # the figures registry.metric may name
-    METRICS: ClassVar[tuple[str, ...]] = REGISTRY_METRICS
+    METRICS: ClassVar[tuple[str, ...]] = tuple(RegistryMetric)
 
     def metric(self, name: str) -> float:
         if name not in self.METRICS:

@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-BACKENDS = ("auto", "grouped_mm", "loop")
+from components.config.schema import ExpertBackend
+
+BACKENDS = tuple(b.value for b in ExpertBackend)  # model.expert_backend's choices
 
 
 def mark_expert(param: nn.Parameter) -> nn.Parameter:
