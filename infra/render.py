@@ -111,7 +111,7 @@ def load_cluster_config(overrides: list[str]) -> tuple[Config, list[str]]:
     config = load_config(full)
     problems = []
     if config.cluster.mode != "remote":
-        problems.append(f"cluster.mode={config.cluster.mode!r}: manifests need cluster=remote")
+        problems.append(f"cluster.mode='{config.cluster.mode}': manifests need cluster=remote")
     if config.serve.port != 8000:
         problems.append(f"serve.port={config.serve.port}: KubeRay serves on port 8000")
     # Pods share no disk: what one stage writes, another pod (or the next job) must read.
@@ -547,8 +547,7 @@ def main(argv: list[str] | None = None) -> int:
             stale = drift(files, K8S_DIR)
             if stale:
                 print(
-                    "infra/k8s/ is stale; run `python -m infra.render`:\n  "
-                    + "\n  ".join(stale),
+                    "infra/k8s/ is stale; run `python -m infra.render`:\n  " + "\n  ".join(stale),
                     file=sys.stderr,
                 )
                 return 1

@@ -43,7 +43,8 @@ class PrepareOutputs(StageOutputs):
         return self.dataset_digest
 
     def headline(self) -> str:
-        return f"dataset {self.dataset_digest[:12]}: {self.train_rows} train / {self.val_rows} val rows"
+        rows = f"{self.train_rows} train / {self.val_rows} val rows"
+        return f"dataset {self.dataset_digest[:12]}: {rows}"
 
 
 @dataclass(frozen=True)
@@ -103,8 +104,10 @@ class TrainOutputs(StageOutputs):
 
     def headline(self) -> str:
         return (
-            f"val_loss={_num(self.val_loss)}  expert load max/mean={_num(self.moe_load_max_over_mean, '.2f')}  "
-            f"dropped={_pct(self.moe_dropped_fraction)}  exposed comm={_pct(self.comm_exposed_fraction)}"
+            f"val_loss={_num(self.val_loss)}  expert load "
+            f"max/mean={_num(self.moe_load_max_over_mean, '.2f')}  "
+            f"dropped={_pct(self.moe_dropped_fraction)}  exposed "
+            f"comm={_pct(self.comm_exposed_fraction)}"
         )
 
 
@@ -164,7 +167,8 @@ class RegisterOutputs(StageOutputs):
         return digest_of({"model": self.model_uri, "aliases": sorted(self.aliases)})
 
     def headline(self) -> str:
-        return f"{self.model_name} v{self.model_version} {'promoted' if self.promoted else 'not promoted'}"
+        verdict = "promoted" if self.promoted else "not promoted"
+        return f"{self.model_name} v{self.model_version} {verdict}"
 
 
 @dataclass(frozen=True)

@@ -99,10 +99,13 @@ def max_concurrent_trials(config: Config, available: dict[str, float]) -> int:
     if fits < 1:
         raise RuntimeError(
             f"one trial needs {cpus} CPUs (tune.trial_num_workers={tu.trial_num_workers} x "
-            f"train.cpus_per_worker={t.cpus_per_worker} + tune.trial_driver_cpus={tu.trial_driver_cpus})"
+            f"train.cpus_per_worker={t.cpus_per_worker} + "
+            f"tune.trial_driver_cpus={tu.trial_driver_cpus})"
             + (f" and {tu.trial_num_workers * t.gpus_per_worker} GPUs" if t.use_gpu else "")
-            + f", but the cluster has {available.get('CPU', 0)} CPUs / {available.get('GPU', 0)} GPUs "
-            "available; lower tune.trial_num_workers or set tune.max_concurrent_trials for an autoscaling cluster"
+            + f", but the cluster has {available.get('CPU', 0)} CPUs / {available.get('GPU', 0)} "
+            "GPUs "
+            "available; lower tune.trial_num_workers or set tune.max_concurrent_trials for an "
+            "autoscaling cluster"
         )
     return min(fits, tu.num_samples)
 

@@ -102,7 +102,7 @@ def serve_config(
     """The Serve config-file dict (``serve deploy``, RayService ``serveConfigV2``)."""
     s = config.serve
     return {
-        "proxy_location": s.proxy_location,
+        "proxy_location": str(s.proxy_location),  # a file: the choice as its plain string
         "http_options": {"host": s.host, "port": int(s.port)},
         "applications": [
             {

@@ -84,8 +84,8 @@ def resolve_report(ref: str, tracking_uri: str | None = None) -> tuple[list[dict
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tools.flow_diff",
-        description="Compare two runs' data-flow reports step by step and name the first step whose "
-        "global batch differs. Exit 0: identical; 1: different; 2: a report is missing.",
+        description="Compare two runs' data-flow reports step by step and name the first step "
+        "whose global batch differs. Exit 0: identical; 1: different; 2: a report is missing.",
     )
     parser.add_argument(
         "a",

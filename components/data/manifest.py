@@ -120,7 +120,8 @@ def load_manifest(uri: str, storage: StorageConfig | None = None) -> Manifest:
         text = read_bytes(manifest_uri, storage, what="dataset manifest").decode("utf-8")
     except FileNotFoundError as exc:
         raise FileNotFoundError(
-            f"no dataset manifest at {manifest_uri!r} (run the prepare stage, or check storage.cold_uri)"
+            f"no dataset manifest at {manifest_uri!r} (run the prepare stage, or check "
+            "storage.cold_uri)"
         ) from exc
     except ColdStorageError:
         raise

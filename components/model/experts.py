@@ -122,7 +122,8 @@ class GroupedExperts(nn.Module):
             return self._grouped(x, counts)
         if len(counts) != self.num_local_experts or sum(counts) != x.shape[0]:
             raise ValueError(
-                f"counts {counts} do not describe {x.shape[0]} rows over {self.num_local_experts} experts"
+                f"counts {counts} do not describe {x.shape[0]} rows over {self.num_local_experts} "
+                "experts"
             )
         return self._loop(x, counts)
 

@@ -76,7 +76,8 @@ def merge_expert_shards(states: list[Mapping[str, torch.Tensor]]) -> dict[str, t
     for i, state in enumerate(states[1:], 1):
         if set(state) != names:
             raise ValueError(
-                f"state {i} has keys {sorted(set(state) ^ names)} that state 0 does not (or vice versa)"
+                f"state {i} has keys {sorted(set(state) ^ names)} that state 0 does not (or vice "
+                "versa)"
             )
     return {
         name: torch.cat([s[name] for s in states], dim=0)
@@ -108,7 +109,10 @@ def _check_against_model(
     if missing or unexpected or wrong:
         hint = ""
         if any(is_expert_key(k) for k in wrong):
-            hint = " (expert tensors look expert-parallel sharded: merge_expert_shards the ranks' states first)"
+            hint = (
+                " (expert tensors look expert-parallel sharded: merge_expert_shards the ranks' "
+                "states first)"
+            )
         raise ValueError(
             f"state dict does not match model config {cfg.name!r} with vocab_size={vocab_size}: "
             f"missing={missing[:5]}, unexpected={unexpected[:5]}, "
@@ -185,7 +189,8 @@ def read_export_config(export_dir: str | Path) -> dict:
     meta = json.loads(path.read_text())
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(
-            f"{path}: format_version={meta.get('format_version')!r}, this code reads {FORMAT_VERSION}"
+            f"{path}: format_version={meta.get('format_version')!r}, this code reads "
+            f"{FORMAT_VERSION}"
         )
     return meta
 

@@ -67,7 +67,8 @@ class ExpertLinears(nn.Module):
             counts = counts.tolist()
         if len(counts) != self.num_local_experts or sum(counts) != x.shape[0]:
             raise ValueError(
-                f"counts {counts} do not describe {x.shape[0]} rows over {self.num_local_experts} experts"
+                f"counts {counts} do not describe {x.shape[0]} rows over {self.num_local_experts} "
+                "experts"
             )
         outputs = []
         for e, rows in enumerate(torch.split(x, counts)):
@@ -139,7 +140,8 @@ def torchao_int8(module: nn.Module) -> nn.Module:
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
     except ImportError as exc:
         raise ImportError(
-            "serve.quantize=int8 on CUDA uses torchao, which is not installed: pip install 'moeops[cuda-int8]' "
+            "serve.quantize=int8 on CUDA uses torchao, which is not installed: pip install "
+            "'moeops[cuda-int8]' "
             "(or torchao>=0.18), or set serve.quantize=auto or none"
         ) from exc
     quantize_(

@@ -258,7 +258,8 @@ class Transformer(nn.Module):
                 )
         elif start_pos + T > self.cfg.max_seq_len:
             raise ValueError(
-                f"sequence of {start_pos + T} positions exceeds model.max_seq_len={self.cfg.max_seq_len}"
+                f"sequence of {start_pos + T} positions exceeds "
+                f"model.max_seq_len={self.cfg.max_seq_len}"
             )
         cos, sin, mask = self._positions_and_mask(B, T, cache, start_pos)
         h = self.tok_embeddings(tokens)  # [B, T, D]

@@ -199,7 +199,8 @@ def decide_promotion(
     if champion is None or not math.isfinite(champion):
         return (
             True,
-            f"promoted: no comparable champion (champion {metric}={champion!r}); candidate {metric}={candidate:.6g}",
+            f"promoted: no comparable champion (champion {metric}={champion!r}); candidate "
+            f"{metric}={candidate:.6g}",
         )
     improvement = champion - candidate if mode == "min" else candidate - champion
     verdict = (

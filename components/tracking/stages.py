@@ -64,7 +64,7 @@ KEY_CODE_TAG = "moeops.key.code"
 KEY_MODULES_TAG = "moeops.key.code_modules"
 OUTPUTS_FILE = "outputs.json"
 
-O = TypeVar("O", bound=StageOutputs)
+OutputsT = TypeVar("OutputsT", bound=StageOutputs)
 OutputsType = type[StageOutputs]
 
 
@@ -154,7 +154,7 @@ class StageContext:
     # code change never resumes what older code produced
     code_digest: str = ""
 
-    def input(self, kind: type[O]) -> O:
+    def input(self, kind: type[OutputsT]) -> OutputsT:
         """The outputs of the upstream stage that produces ``kind``, typed."""
         outputs = self.inputs.get(kind.stage)
         if outputs is None:
@@ -307,7 +307,7 @@ def record_outputs(client: MlflowClient, run_id: str, outputs: StageOutputs) -> 
     client.log_dict(run_id, outputs.to_json(), OUTPUTS_FILE)
 
 
-def outputs_of_run(client: MlflowClient, run_id: str, kind: type[O]) -> O:
+def outputs_of_run(client: MlflowClient, run_id: str, kind: type[OutputsT]) -> OutputsT:
     """The typed outputs a finished stage run recorded."""
     try:
         with tempfile.TemporaryDirectory(prefix="moeops-outputs-") as tmp:
@@ -382,8 +382,10 @@ def resolve_upstream(
             run = latest_finished_run(client, experiment_id, name, schema=kind.schema_digest())
             if run is None:
                 raise StageInputError(
-                    f"stage '{spec.name}' needs the outputs of stage '{name}', and the experiment has no "
-                    f"finished '{name}' run with this version's outputs: run `python -m pipelines.{name}` "
+                    f"stage '{spec.name}' needs the outputs of stage '{name}', and the experiment "
+                    "has no "
+                    f"finished '{name}' run with this version's outputs: run `python -m "
+                    f"pipelines.{name}` "
                     f"first, run the whole pipeline with `python -m pipelines.run`, or pass "
                     f"+inputs.{name}=<run id>"
                 )
@@ -460,7 +462,8 @@ def run_stage(
             mlflow_utils.set_tags(client, run_id, {"moeops.duration_s": f"{duration:.2f}"})
             client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
             print(
-                f"[{spec.name}] reused run {source} (same code, inputs and config; force=true reruns)",
+                f"[{spec.name}] reused run {source} (same code, inputs and config; force=true "
+                "reruns)",
                 flush=True,
             )
             return StageOutcome(spec.name, run_id, outputs, True, duration, source)

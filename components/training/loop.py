@@ -41,6 +41,7 @@ from components.training.parallel import ParallelGroups, all_reduce_sum, build_g
 from components.training.precision import autocast_for, grad_scaler_for
 from components.training.step import StepParts, build_balancer, train_step
 
+
 @dataclass
 class RunInfo:
     """Per-run inputs that are not configuration."""
@@ -232,7 +233,8 @@ def train(config: Config, run: RunInfo, session: Session) -> dict[str, float]:
                 reader.load_state_dict(restored.reader_state)
             if is_main:
                 session.log(
-                    f"[train] resumed from {source} at step {step} (read {', '.join(restored.files_read)})"
+                    f"[train] resumed from {source} at step {step} (read "
+                    f"{', '.join(restored.files_read)})"
                 )
     start_step = step
 
@@ -321,13 +323,16 @@ def train(config: Config, run: RunInfo, session: Session) -> dict[str, float]:
             interval_steps, interval_start = 0, now
             if not math.isfinite(last["loss"]) and t.precision != "fp16":
                 raise FloatingPointError(
-                    f"training loss is {last['loss']} at step {step}: lower train.lr or check the data"
+                    f"training loss is {last['loss']} at step {step}: lower train.lr or check the "
+                    "data"
                 )
             if is_main and log_now:
                 session.log(
-                    f"[train] step {step}/{t.max_steps} loss {last['loss']:.4f} aux {last['aux_loss']:.4f} "
+                    f"[train] step {step}/{t.max_steps} loss {last['loss']:.4f} aux "
+                    f"{last['aux_loss']:.4f} "
                     f"lr {lr:.2e} tok/s {last['tokens_per_s']:.0f} "
-                    f"load {last['moe/load_max_over_mean']:.2f} dropped {last['moe/dropped_fraction']:.3f} "
+                    f"load {last['moe/load_max_over_mean']:.2f} dropped "
+                    f"{last['moe/dropped_fraction']:.3f} "
                     f"data {last['data_wait_s'] * 1e3:.1f}ms comm {last['comm_s'] * 1e3:.1f}ms "
                     f"exposed a2a {last['comm/exposed_fraction']:.2f}"
                     + (f" skipped {int(last['skipped_steps'])}" if last["skipped_steps"] else "")

@@ -42,7 +42,8 @@ def build_groups(ep_size: int) -> ParallelGroups:
     if not (dist.is_available() and dist.is_initialized()):
         if ep_size != 1:
             raise ValueError(
-                f"train.expert_parallel_size={ep_size}: needs an initialised process group of that size"
+                f"train.expert_parallel_size={ep_size}: needs an initialised process group of "
+                "that size"
             )
         return ParallelGroups(0, 1, 1, 0, None, 1, None, (0,))
     rank, world = dist.get_rank(), dist.get_world_size()

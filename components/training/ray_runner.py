@@ -208,7 +208,8 @@ def run_training(
     manifest = load_manifest(manifest_uri, config.storage)
     if manifest.seq_len > config.model.max_seq_len:
         raise ValueError(
-            f"dataset {manifest_uri} has seq_len={manifest.seq_len} but model.max_seq_len={config.model.max_seq_len}: "
+            f"dataset {manifest_uri} has seq_len={manifest.seq_len} but "
+            f"model.max_seq_len={config.model.max_seq_len}: "
             "raise model.max_seq_len or prepare the data with a smaller data.seq_len"
         )
     if t.resume not in ("auto", "never") and not resume_from:

@@ -58,7 +58,7 @@ from components.data.build import pack_rows  # noqa: E402
 from components.data.corpus import iter_texts, list_stdlib  # noqa: E402
 from components.data.tokenizer import TextTokenizer  # noqa: E402
 from components.model import Transformer  # noqa: E402
-from components.model.quantize import (
+from components.model.quantize import (  # noqa: E402
     AUTO_CPU_MIN_EXPERT_ELEMENTS,
     int8_pays,
     quantize_for_inference,
@@ -195,7 +195,8 @@ def train(
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     final = statistics.fmean(losses[-20:])
     log(
-        f"trained {steps} steps in {seconds:.0f} s ({cpu_seconds:.0f} CPU s), final loss {final:.3f}"
+        f"trained {steps} steps in {seconds:.0f} s ({cpu_seconds:.0f} CPU s), final loss "
+        f"{final:.3f}"
     )
     return model.eval(), {
         "train_steps": float(steps),
@@ -308,7 +309,8 @@ def run(quick: bool = False, threads: int = 1) -> dict[str, float]:
     # 1-2. a trained moe_tiny and its perplexity, fp32 vs int8
     tokenizer, train_rows, val_rows = corpus_rows(sizes)
     log(
-        f"corpus: {len(train_rows)} train rows, {len(val_rows)} held-out rows of {sizes.seq_len} tokens, "
+        f"corpus: {len(train_rows)} train rows, {len(val_rows)} held-out rows of {sizes.seq_len} "
+        "tokens, "
         f"vocab {tokenizer.vocab_size}"
     )
     tiny_cfg = model_config(
@@ -469,7 +471,8 @@ def _requests_at(
 
 def _summary(r: dict[str, float]) -> str:
     return (
-        f"fp32 {r['fp32_tokens_per_s']:.0f} tok/s, int8 {r['int8_tokens_per_s']:.0f} tok/s; int8/fp32 "
+        f"fp32 {r['fp32_tokens_per_s']:.0f} tok/s, int8 {r['int8_tokens_per_s']:.0f} tok/s; "
+        "int8/fp32 "
         f"{r['cpu_ratio']:.2f} by CPU time ({r['cpu_ratio_min']:.2f}-{r['cpu_ratio_max']:.2f}), "
         f"{r['ratio']:.2f} by wall time ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})"
     )

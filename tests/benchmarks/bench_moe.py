@@ -383,14 +383,18 @@ def main(argv: list[str] | None = None) -> dict:
         )
     )
     print(
-        f"MoE layer, 2 threads: vs dense {layer_2['moe_vs_dense_ratio']:.2f}x, vs naive {layer_2['moe_vs_naive_ratio']:.2f}x"
+        f"MoE layer, 2 threads: vs dense {layer_2['moe_vs_dense_ratio']:.2f}x, vs naive "
+        f"{layer_2['moe_vs_naive_ratio']:.2f}x"
     )
     for name in ("off", "on"):
         r = ep[name]
         print(
-            f"EP step overlap {name:>3}: {r['step_s'] * 1e3:8.1f} ms = compute {r['compute_s'] * 1e3:7.1f} "
-            f"+ exposed a2a {r['a2a_exposed_s'] * 1e3:6.1f} (of {r['a2a_total_s'] * 1e3:6.1f} in flight) "
-            f"+ grad all-reduce {r['allreduce_s'] * 1e3:6.1f} + data wait {r['data_wait_s'] * 1e3:5.2f}"
+            f"EP step overlap {name:>3}: {r['step_s'] * 1e3:8.1f} ms = compute "
+            f"{r['compute_s'] * 1e3:7.1f} "
+            f"+ exposed a2a {r['a2a_exposed_s'] * 1e3:6.1f} (of {r['a2a_total_s'] * 1e3:6.1f} in "
+            "flight) "
+            f"+ grad all-reduce {r['allreduce_s'] * 1e3:6.1f} + data wait "
+            f"{r['data_wait_s'] * 1e3:5.2f}"
         )
     return result
 

@@ -286,7 +286,7 @@ def paired_overhead(
         * (replica_after[0] - replica_before[0])
         / max(1.0, replica_after[1] - replica_before[1])
     )
-    diffs = [h - l for h, l in zip(http_ms, local_ms)]
+    diffs = [h - lo for h, lo in zip(http_ms, local_ms)]
     return {
         "http_ms_p50_c1": statistics.median(http_ms),
         "inprocess_ms_p50_c1": statistics.median(local_ms),
@@ -572,7 +572,8 @@ def run_serve(quick: bool) -> dict[str, float | str]:
     )
     c = config.model
     out: dict[str, float | str] = {
-        "model": f"{c.name} dim={c.dim} layers={c.n_layers} experts={c.num_experts} top_k={c.top_k}",
+        "model": f"{c.name} dim={c.dim} layers={c.n_layers} experts={c.num_experts} "
+        f"top_k={c.top_k}",
         "max_num_seqs": float(config.serve.max_num_seqs),
         "replica_num_cpus": float(config.serve.num_cpus),
         "load_duration_s": duration,
@@ -627,14 +628,19 @@ def run_serve(quick: bool) -> dict[str, float | str]:
             out.update(paired_overhead(http, app_url, engine, repeats, pids))
         log(
             f"floor {out['serve_floor_ms_p50']:.2f} ms (CPU per request: replica "
-            f"{out['serve_floor_replica_cpu_ms_per_request']:.2f} ms, proxy {out['serve_floor_proxy_cpu_ms_per_request']:.2f} ms), "
+            f"{out['serve_floor_replica_cpu_ms_per_request']:.2f} ms, proxy "
+            f"{out['serve_floor_proxy_cpu_ms_per_request']:.2f} ms), "
             f"FastAPI floor {out['serve_floor_fastapi_ms_p50']:.2f} ms (replica CPU "
             f"{out['serve_floor_fastapi_replica_cpu_ms_per_request']:.2f} ms), "
             f"/healthz {out['app_healthz_ms_p50']:.2f} ms; {OVERHEAD_TOKENS}-token request: HTTP "
-            f"{out['http_ms_p50_c1']:.2f} ms, in process {out['inprocess_ms_p50_c1']:.2f} ms, overhead "
-            f"{out['serve_overhead_ms_p50']:.2f} ms (mean: {out['overhead_in_handler_ms_mean']:.2f} ms in the replica's "
-            f"handler, {out['overhead_around_handler_ms_mean']:.2f} ms around it); CPU per request: engine "
-            f"{out['inprocess_cpu_ms_per_request_c1']:.2f} ms, replica {out.get('replica_cpu_ms_per_request_c1', -1):.2f} ms, "
+            f"{out['http_ms_p50_c1']:.2f} ms, in process {out['inprocess_ms_p50_c1']:.2f} ms, "
+            "overhead "
+            f"{out['serve_overhead_ms_p50']:.2f} ms (mean: "
+            f"{out['overhead_in_handler_ms_mean']:.2f} ms in the replica's "
+            f"handler, {out['overhead_around_handler_ms_mean']:.2f} ms around it); CPU per "
+            "request: engine "
+            f"{out['inprocess_cpu_ms_per_request_c1']:.2f} ms, replica "
+            f"{out.get('replica_cpu_ms_per_request_c1', -1):.2f} ms, "
             f"proxy {out.get('proxy_cpu_ms_per_request_c1', -1):.2f} ms"
         )
 
@@ -649,8 +655,10 @@ def run_serve(quick: bool) -> dict[str, float | str]:
             out.update(asyncio.run(short_behind_long(app_url, 3 if quick else 10, streamed)))
             tag = "_streamed" if streamed else ""
             log(
-                f"{SHORT_TOKENS}-token request alone {out[f'short_alone_ms_p50{tag}']:.1f} ms, behind {LONG_REQUESTS} x "
-                f"{LONG_TOKENS} tokens{' streamed' if streamed else ''} {out[f'short_behind_long{tag}_ms_p50']:.1f} ms "
+                f"{SHORT_TOKENS}-token request alone {out[f'short_alone_ms_p50{tag}']:.1f} ms, "
+                f"behind {LONG_REQUESTS} x "
+                f"{LONG_TOKENS} tokens{' streamed' if streamed else ''} "
+                f"{out[f'short_behind_long{tag}_ms_p50']:.1f} ms "
                 f"(ratio {out[f'short_behind_long{tag}_latency_ratio']:.2f})"
             )
 
@@ -676,8 +684,10 @@ def run_serve(quick: bool) -> dict[str, float | str]:
             }
         )
         log(
-            f"{label:9s} c={CONCURRENCY}: {result['rps']:6.1f} req/s, {result['tokens_per_s']:7.0f} tok/s, p50 "
-            f"{result['p50_ms']:6.0f} ms, p99 {result['p99_ms']:6.0f} ms, errors {result['errors']:.0f}"
+            f"{label:9s} c={CONCURRENCY}: {result['rps']:6.1f} req/s, "
+            f"{result['tokens_per_s']:7.0f} tok/s, p50 "
+            f"{result['p50_ms']:6.0f} ms, p99 {result['p99_ms']:6.0f} ms, errors "
+            f"{result['errors']:.0f}"
         )
     out.update(
         {
@@ -699,7 +709,8 @@ def run_serve(quick: bool) -> dict[str, float | str]:
             batched["replica_tokens_per_cpu_s"] / batched["inprocess_tokens_per_cpu_s"]
         )
     log(
-        f"in process b{CONCURRENCY}: {batched['inprocess_tokens_per_s']:.0f} tok/s; HTTP/in-process "
+        f"in process b{CONCURRENCY}: {batched['inprocess_tokens_per_s']:.0f} tok/s; "
+        "HTTP/in-process "
         f"{out['decode_vs_inprocess_ratio_c32']:.2f} (per CPU second "
         f"{out.get('decode_vs_inprocess_cpu_ratio_c32', float('nan')):.2f}); batched/unbatched rps "
         f"{out['batched_vs_unbatched_rps_ratio_c32']:.2f}"

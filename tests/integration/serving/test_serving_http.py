@@ -404,7 +404,7 @@ def test_logprobs_are_numbers_top_n(deployment):
     assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 6
     assert "".join(lp["tokens"]) == choice["text"]
     assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(6)]
-    for token, value, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+    for _token, value, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
         assert isinstance(value, float) and value <= 0
         assert 3 <= len(top) <= 4 and all(isinstance(v, float) and v <= 0 for v in top.values())
         # greedy: the chosen token is the most likely one
@@ -500,7 +500,7 @@ def test_penalties_change_output_as_specified(deployment):
         counts: dict[int, int] = {}
         for token, top in zip(chosen, tops):
 
-            def adjusted(t: int) -> float:
+            def adjusted(t: int, top=top, counts=counts, freq=freq, presence=presence) -> float:
                 return top[t] - freq * counts.get(t, 0) - presence * (counts.get(t, 0) > 0)
 
             assert all(adjusted(token) >= adjusted(t) - 1e-4 for t in top), (

@@ -42,7 +42,8 @@ BLOCKING_PIPELINE = textwrap.dedent('''
         while True:
             time.sleep(0.1)
 
-    main = pipeline_main(lambda config: [StageSpec("prepare", ("data",), (), work, Prepared)], "tests.blocking")
+    spec = StageSpec("prepare", ("data",), (), work, Prepared)
+    main = pipeline_main(lambda config: [spec], "tests.blocking")
     main()
 ''')
 

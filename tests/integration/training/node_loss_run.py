@@ -129,8 +129,8 @@ def main(args_path: str) -> None:
     import ray
 
     from components.config import load_config
-    from pipelines.runtime import API_SERVER_ENV, WORKER_ENV, free_port
     from components.training.ray_runner import run_training
+    from pipelines.runtime import API_SERVER_ENV, WORKER_ENV, free_port
 
     args = json.loads(Path(args_path).read_text())
     callback_dir = Path(args["workdir"])
@@ -164,7 +164,8 @@ def main(args_path: str) -> None:
             (callback_dir / "removed").write_text("not found")
             return
         print(
-            f"[node-loss] removing node {wanted['node_id'][:12]} after the step-{wanted['step']} checkpoint "
+            f"[node-loss] removing node {wanted['node_id'][:12]} after the step-{wanted['step']} "
+            "checkpoint "
             f"({time.monotonic() - started:.1f}s)",
             flush=True,
         )

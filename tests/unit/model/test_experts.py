@@ -77,7 +77,10 @@ def test_moe_layer_grouped_mm_equals_loop_with_drops_and_router_gradients(capaci
     if capacity_factor < 1:
         assert stats.dropped_fraction > 0  # dropped rows ride in the last group with a zero gate
     assert torch.allclose(out_l, out_g, atol=1e-5)
-    params = lambda m: [m.experts.w1, m.experts.w2, m.experts.w3, m.router.gate.weight]
+
+    def params(m):
+        return [m.experts.w1, m.experts.w2, m.experts.w3, m.router.gate.weight]
+
     for a, b in zip(_grads(out_l, [xl, *params(loop)]), _grads(out_g, [xg, *params(grouped)])):
         assert torch.allclose(a, b, atol=1e-5)
 

@@ -17,7 +17,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from test_code_cache import copy_code
+from test_code_cache import REPO, copy_code
 
 DRIVER = textwrap.dedent('''
     import dataclasses, json, runpy, sys
@@ -26,47 +26,20 @@ DRIVER = textwrap.dedent('''
     import components
     from components.config import load_config
     from components.training.ray_runner import training_name
+    from fixtures import stage_fakes
     from pipelines import _cli
-    from pipelines.outputs import (DeployOutputs, EvaluateOutputs, PrepareOutputs, RegisterOutputs,
-                                   TrainOutputs, TuneOutputs)
     from pipelines.pipeline import run_pipeline
     from pipelines.run import selected_specs
 
     ROOT = Path(__file__).resolve().parent
     assert Path(components.__file__).resolve().is_relative_to(ROOT), components.__file__
-    nan = float("nan")
 
     def fake_train(ctx):
         # the name the real stage gives its Ray Train run (pipelines/train.py does the same call)
         name = training_name(ctx.config, "/m.json", code=ctx.code_digest)
-        return TrainOutputs(model_id="m-" + ctx.run_id, model_digest=ctx.run_id, export_dir="",
-                            checkpoint_uri=name, tuned_params={}, steps=1, val_loss=1.0,
-                            train_loss=1.0, tokens_per_s=1.0, moe_dropped_fraction=0.0,
-                            moe_load_max_over_mean=1.0, comm_exposed_fraction=0.1)
+        return stage_fakes.train(ctx, checkpoint_uri=name)
 
-    FAKES = {
-        "prepare": lambda ctx: PrepareOutputs(manifest_uri="/m.json", dataset_digest="d" * 64,
-                                              tokenizer_uri="/t", tokenizer_hash="t",
-                                              vocab_size=300,
-                                              seq_len=8, train_rows=1, val_rows=1),
-        "tune": lambda ctx: TuneOutputs(enabled=True, metric="val_loss",
-                                        best_params={"train.lr": 0.003}, best_metric=1.0,
-                                        best_trial_run_id="", num_trials=1, num_completed=1,
-                                        num_stopped_early=0, num_errored=0, sweep_dir=""),
-        "train": fake_train,
-        "evaluate": lambda ctx: EvaluateOutputs(
-            report_uri="", model_digest=ctx.input(TrainOutputs).model_digest,
-            dataset_digest="d" * 64, val_loss=1.0, perplexity=2.7, generation_tokens_per_s=1.0,
-            dense_val_loss=nan, champion_version="", champion_val_loss=nan,
-            champion_perplexity=nan, champion_generation_tokens_per_s=nan),
-        "register": lambda ctx: RegisterOutputs(model_name="m", model_version="1",
-                                                model_id=ctx.input(TrainOutputs).model_id,
-                                                aliases=["challenger"], promoted=False, reason="",
-                                                previous_champion=""),
-        "deploy": lambda ctx: DeployOutputs(endpoint="http://127.0.0.1:1",
-                                            model_uri="models:/m@champion", model_version="1",
-                                            serve_config_path=""),
-    }
+    FAKES = {**stage_fakes.FAKES, "train": fake_train}
 
     config = load_config(sys.argv[1:])
 
@@ -114,7 +87,7 @@ def test_a_stage_alone_keys_its_code_as_in_the_pipeline_and_new_code_trains_anew
         f"tracking.artifact_location={(tmp_path / 'mlartifacts').as_uri()}",
         "experiment=tiny",
     ]
-    env = {**os.environ, "PYTHONPATH": str(code)}
+    env = {**os.environ, "PYTHONPATH": f"{code}{os.pathsep}{REPO / 'tests'}"}
     env.pop("MLFLOW_TRACKING_URI", None)
     result = subprocess.run(
         [sys.executable, str(code / "driver.py"), *overrides],
