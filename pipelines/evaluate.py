@@ -117,7 +117,6 @@ def train_dense_baseline(
 def run(ctx: StageContext) -> EvaluateOutputs:
     from components.model.export import load_export
     from components.tracking.registry import find_version, load_registered
-    from pipelines.prepare import dataset_of
     from pipelines.runtime import ensure_ray
 
     config, ev = ctx.config, ctx.config.evaluate
@@ -180,7 +179,7 @@ def run(ctx: StageContext) -> EvaluateOutputs:
     # The trained model's held-out figures, linked to its LoggedModel and to the dataset they were
     # measured on; the comparison models' figures are run metrics with their label as prefix.
     by_label = {e.label: e for e in evaluations}
-    dataset = dataset_of(config.data.name, prepare)
+    dataset = prepare.dataset(config.data.name)
     mlflow.log_metrics(
         finite(by_label["moe"].headline()),
         run_id=ctx.run_id,

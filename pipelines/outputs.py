@@ -46,6 +46,23 @@ class PrepareOutputs(StageOutputs):
         rows = f"{self.train_rows} train / {self.val_rows} val rows"
         return f"dataset {self.dataset_digest[:12]}: {rows}"
 
+    def dataset(self, name: str):
+        """The prepared dataset as an MLflow dataset (``name``: ``data.name``): an input of the
+        prepare and train runs, and the dataset the evaluate stage's metrics are linked to."""
+        from components.tracking.datasets import dataset_entity
+
+        return dataset_entity(
+            f"{name}-{self.dataset_digest[:12]}",
+            self.dataset_digest,
+            self.manifest_uri,
+            profile={
+                "train_rows": self.train_rows,
+                "val_rows": self.val_rows,
+                "seq_len": self.seq_len,
+                "vocab_size": self.vocab_size,
+            },
+        )
+
 
 @dataclass(frozen=True)
 class TuneOutputs(StageOutputs):

@@ -68,24 +68,6 @@ def ray_map(
     return map_fn
 
 
-def dataset_of(name: str, outputs: PrepareOutputs):
-    """The prepared dataset as an MLflow dataset: an input of the prepare and train runs, and the
-    dataset the evaluate stage's metrics are linked to."""
-    from components.tracking.datasets import dataset_entity
-
-    return dataset_entity(
-        f"{name}-{outputs.dataset_digest[:12]}",
-        outputs.dataset_digest,
-        outputs.manifest_uri,
-        profile={
-            "train_rows": outputs.train_rows,
-            "val_rows": outputs.val_rows,
-            "seq_len": outputs.seq_len,
-            "vocab_size": outputs.vocab_size,
-        },
-    )
-
-
 def outputs_of(result: PrepareResult) -> PrepareOutputs:
     m = result.manifest
     return PrepareOutputs(
@@ -135,7 +117,7 @@ def run(ctx: StageContext) -> PrepareOutputs:
     ctx.log_artifact(manifest_file, "dataset")
     outputs = outputs_of(result)
     log_dataset_input(
-        ctx.client, ctx.run_id, dataset_of(config.data.name, outputs), m.dataset_digest, "training"
+        ctx.client, ctx.run_id, outputs.dataset(config.data.name), m.dataset_digest, "training"
     )
     ctx.set_tags(
         {"moeops.dataset_digest": m.dataset_digest, "moeops.tokenizer_hash": m.tokenizer_hash}

@@ -35,7 +35,6 @@ def run(ctx: StageContext) -> TrainOutputs:
     from components.tracking.provenance import code_tags
     from components.tracking.registry import log_model
     from components.training.ray_runner import run_training, training_name
-    from pipelines.prepare import dataset_of
     from pipelines.runtime import ensure_ray
 
     config = ctx.config
@@ -45,7 +44,7 @@ def run(ctx: StageContext) -> TrainOutputs:
         print(f"[train] applying the sweep's best parameters: {best}", flush=True)
         config = with_overrides(config, best)
         ctx.log_params({"tuned": best})
-    dataset = dataset_of(config.data.name, prepare)
+    dataset = prepare.dataset(config.data.name)
     log_dataset_input(ctx.client, ctx.run_id, dataset, prepare.dataset_digest, "training")
     ensure_ray(config)
     result = run_training(
