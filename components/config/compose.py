@@ -145,19 +145,20 @@ def section_from_dict(section: type, data: Any, name: str = "") -> Any:
 
 
 def with_overrides(config: Config, dotted: dict[str, Any]) -> Config:
-    """A copy of ``config`` with ``{"train.lr": 1e-3, ...}`` applied and validated (Tune trials)."""
-    data = to_container(config)
+    """A copy of ``config`` with ``{"train.lr": 1e-3, ...}`` applied, type-checked by the schema
+    (a sampled value of the wrong type or outside a choice fails) and validated (Tune trials, the
+    sweep's best parameters, the dense baseline)."""
+    node = OmegaConf.structured(config)
     for key, value in dotted.items():
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        if leaf not in node:
+        if OmegaConf.select(node, key, default=_ABSENT) is _ABSENT:
             raise KeyError(f"no such config key: {key}")
-        node[leaf] = value
-    updated = config_from_dict(data)
+        OmegaConf.update(node, key, value, merge=False)
+    updated = OmegaConf.to_object(node)
     validate(updated)
     return updated
+
+
+_ABSENT = object()
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
