@@ -1,7 +1,9 @@
 """The ``train`` stage: :func:`components.training.ray_runner.run_training`, then the LoggedModel.
 
-python -m pipelines.train experiment=tiny          # latest finished prepare (and tune) run
-python -m pipelines.train train.stop_at_step=100   # stop early; the same command resumes
+Run alone, it reads the latest finished prepare (and tune) run:
+
+    python -m pipelines.train experiment=tiny
+    python -m pipelines.train train.stop_at_step=100   # stop early; the same command resumes
 """
 
 from __future__ import annotations
