@@ -353,25 +353,32 @@ def chat_template_jinja() -> str:
     def lit(text: str) -> str:
         return json.dumps(text)  # a JSON string literal is a valid Jinja string literal
 
-    headers = "{" + ", ".join(f"{lit(k)}: {lit(v)}" for k, v in HEADERS.items()) + "}"
-    return (
-        f"{{%- set headers = {headers} -%}}"
+    template = (
+        "{%- set headers = HEADERS -%}"
         "{%- for message in messages -%}"
         "{%- if message['role'] not in headers -%}"
-        "{{- raise_exception('role ' ~ message['role'] ~ ' is not supported: ' ~ "
-        f"{lit(', '.join(HEADERS))}) -}}"
+        "{{- raise_exception('role ' ~ message['role'] ~ ' is not supported: ' ~ ROLES) -}}"
         "{%- endif -%}"
-        f"{{%- if not loop.first -%}}{{{{- {lit(TURN_SEPARATOR)} -}}}}{{%- endif -%}}"
-        "{{- '### ' ~ headers[message['role']] ~ ':' ~ " + lit("\n") + " -}}"
+        "{%- if not loop.first -%}{{- SEPARATOR -}}{%- endif -%}"
+        "{{- '### ' ~ headers[message['role']] ~ ':' ~ NEWLINE -}}"
         "{%- if message['content'] is string -%}{{- message['content'] -}}"
         "{%- elif message['content'] -%}"
         "{%- for part in message['content'] -%}{{- part['text'] -}}{%- endfor -%}"
         "{%- endif -%}"
         "{%- endfor -%}"
         "{%- if add_generation_prompt and messages[-1]['role'] != 'assistant' -%}"
-        f"{{{{- {lit(TURN_SEPARATOR + '### ' + HEADERS['assistant'] + ':' + chr(10))} -}}}}"
+        "{{- SEPARATOR ~ '### ' ~ headers['assistant'] ~ ':' ~ NEWLINE -}}"
         "{%- endif -%}"
     )
+    values = {
+        "HEADERS": "{" + ", ".join(f"{lit(k)}: {lit(v)}" for k, v in HEADERS.items()) + "}",
+        "ROLES": lit(", ".join(HEADERS)),
+        "SEPARATOR": lit(TURN_SEPARATOR),
+        "NEWLINE": lit("\n"),
+    }
+    for name, value in values.items():
+        template = template.replace(name, value)
+    return template
 
 
 def _tokenizer_files(tokenizer, cfg: ModelConfig, out: Path) -> TokenIds:
