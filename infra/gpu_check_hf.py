@@ -7,9 +7,10 @@ A moeops model is built in-process from a config (random weights with a non-triv
 bias, so the bias path is exercised), exported with ``components.model.hf_export`` and loaded by
 ``transformers.AutoModelForCausalLM`` on the device (bf16 on CUDA, fp32 on CPU); greedy tokens
 for fixed prompts are compared with moeops' own model as it serves (fp32, same device). In bf16
-the two round differently, so a near-tie in the router can pick another expert and the continuations part ways: every prompt's
-first differing step is reported and counted, with the number of router decisions that differ
-on the shared prefix ("routing flips"); identical prompts and flips are figures, not failures.
+the two round differently, so a near-tie in the router can pick another expert and the
+continuations part ways: every prompt's first differing step is reported and counted, with the
+number of router decisions that differ on the shared prefix ("routing flips"); identical prompts
+and flips are figures, not failures.
 Where vLLM is installed the same prompts run through ``vllm.LLM`` on the export.
 
 At import this module needs only torch and ``components`` (the GPU check runs on a bare machine

@@ -1,4 +1,4 @@
-"""Export a moeops model to the Hugging Face layout, so transformers and vLLM load it without moeops.
+"""Export a moeops model to the Hugging Face layout: transformers and vLLM load it without moeops.
 
     hf_export(export_dir, out_dir)                  # a save_export directory -> an HF directory
     write_hf(state, model_cfg, tokenizer, out_dir)  # the same from an in-memory state dict
