@@ -62,11 +62,11 @@ HEADERS = {"system": "System", "developer": "System", "user": "User", "assistant
 TURN_SEPARATOR = "\n\n"
 
 # What each ModelConfig field means for an inference export. "mapped": written into config.json
-# or the weights; "training": no effect on an eval-mode forward (capacity is training-only,
-# losses, init, the bias's update rate, which GEMM kernel runs). Extend this table when the
+# or the weights; "inert": no effect on an eval-mode forward (the name, capacity (training only),
+# loss weights, init, the bias's update rate, which GEMM kernel runs). Extend this table when the
 # schema grows; an unlisted field with a non-default value is refused (see unmapped_fields).
 FIELD_USE: dict[str, str] = {
-    "name": "training",
+    "name": "inert",
     "kind": "mapped",
     "dim": "mapped",
     "n_layers": "mapped",
@@ -78,16 +78,16 @@ FIELD_USE: dict[str, str] = {
     "moe_layer_interval": "mapped",
     "num_experts": "mapped",
     "top_k": "mapped",
-    "capacity_factor": "training",
-    "dropless": "training",
-    "aux_loss_coef": "training",
-    "z_loss_coef": "training",
+    "capacity_factor": "inert",
+    "dropless": "inert",
+    "aux_loss_coef": "inert",
+    "z_loss_coef": "inert",
     "shared_expert": "mapped",
     "bias_balancing": "mapped",
-    "bias_update_rate": "training",
+    "bias_update_rate": "inert",
     "tie_embeddings": "mapped",
-    "init_std": "training",
-    "expert_backend": "training",
+    "init_std": "inert",
+    "expert_backend": "inert",
 }
 
 
