@@ -20,7 +20,12 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from components.model.hf_export import HFExportError, hf_export
-from components.tracking.registry import VersionInfo, download_export
+from components.tracking.registry import (
+    VersionInfo,
+    download_export,
+    download_logged_export,
+    get_version,
+)
 
 HF_ARTIFACT_PATH = "hf"
 TAG_HF_URI = "moeops.hf_uri"
@@ -59,29 +64,52 @@ def export_registered_hf(
         return hf_export(export_dir, out_dir), info
 
 
-def log_version_hf(
-    client: MlflowClient, run_id: str, model_name: str, version: str, tracking_uri: str
-) -> HFArtifact:
-    """Convert the version's export, log it as ``hf/`` of ``run_id``, tag the version with where
-    it is. A model without an exact HF target is tagged ``refused: <reason>``, not an error."""
-    model_uri = f"models:/{model_name}/{version}"
-    with tempfile.TemporaryDirectory(prefix="moeops-hf-") as tmp:
+def export_logged_hf(model_uri: str, tracking_uri: str, out_dir: Path) -> Path | HFExportError:
+    """The HF directory of a logged model (``models:/<model_id>``, what the train stage logged),
+    or the HFExportError that refuses it. The register stage calls this before registering, so
+    a conversion that fails for any other reason fails the stage before a version exists."""
+    with tempfile.TemporaryDirectory(prefix="moeops-export-") as tmp:
+        export_dir = download_logged_export(model_uri, tracking_uri, tmp)
         try:
-            hf_dir, _ = export_registered_hf(model_uri, tracking_uri, Path(tmp) / "hf")
+            return hf_export(export_dir, out_dir)
         except HFExportError as err:
-            artifact = HFArtifact(uri="", location="", architecture="", refused=str(err))
-        else:
-            client.log_artifacts(run_id, str(hf_dir), HF_ARTIFACT_PATH)
-            location = client.get_run(run_id).info.artifact_uri.rstrip("/")
-            architecture = json.loads((hf_dir / "config.json").read_text())["architectures"][0]
-            artifact = HFArtifact(
-                uri=f"runs:/{run_id}/{HF_ARTIFACT_PATH}",
-                location=f"{location}/{HF_ARTIFACT_PATH}",
-                architecture=architecture,
-            )
+            return err
+
+
+def log_hf(
+    client: MlflowClient,
+    run_id: str,
+    model_name: str,
+    version: str,
+    exported: Path | HFExportError,
+) -> HFArtifact:
+    """Log an :func:`export_logged_hf` result as ``hf/`` of ``run_id`` and tag the version with
+    where it is (a refusal is tagged ``refused: <reason>``, the version stays registered)."""
+    if isinstance(exported, HFExportError):
+        artifact = HFArtifact(uri="", location="", architecture="", refused=str(exported))
+    else:
+        client.log_artifacts(run_id, str(exported), HF_ARTIFACT_PATH)
+        location = client.get_run(run_id).info.artifact_uri.rstrip("/")
+        architecture = json.loads((exported / "config.json").read_text())["architectures"][0]
+        artifact = HFArtifact(
+            uri=f"runs:/{run_id}/{HF_ARTIFACT_PATH}",
+            location=f"{location}/{HF_ARTIFACT_PATH}",
+            architecture=architecture,
+        )
     for key, value in artifact.tags().items():
         client.set_model_version_tag(model_name, version, key, value)
     return artifact
+
+
+def log_version_hf(
+    client: MlflowClient, run_id: str, model_name: str, version: str, tracking_uri: str
+) -> HFArtifact:
+    """Both steps for an already registered version (tests, versions registered before the
+    register stage logged HF directories)."""
+    with tempfile.TemporaryDirectory(prefix="moeops-hf-") as tmp:
+        info = get_version(f"models:/{model_name}/{version}", tracking_uri)
+        exported = export_logged_hf(info.source or info.model_uri, tracking_uri, Path(tmp) / "hf")
+        return log_hf(client, run_id, model_name, version, exported)
 
 
 def registered_hf(info: VersionInfo) -> HFArtifact | None:
