@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlflow import MlflowClient
 
 from components.config import load_config
 from components.model.export import load_export
-from components.tracking.registry import download_export
+from components.tracking.hf_artifact import TAG_HF_EXPORT, log_version_hf, registered_hf
+from components.tracking.registry import download_export, get_version
 from fixtures.hf_loader import load_without_moeops
 from infra.gpu_check_hf import import_transformers
 from serving.tiny_model import register_tiny_models
@@ -71,7 +73,15 @@ def test_refusals_exit_2_with_the_reason(root_overrides, mlflow_uri, tmp_path):
     config = dataclasses.replace(
         config, model=dataclasses.replace(config.model, top_k=1, bias_balancing=True)
     )
-    register_tiny_models(config, versions=1, work_dir=tmp_path / "tiny", vocab_size=300)
+    (reg,) = register_tiny_models(config, versions=1, work_dir=tmp_path / "tiny", vocab_size=300)
+    # what the register stage records for such a version: a refusal tag, no hf/ artifact
+    client = MlflowClient(mlflow_uri)
+    run_id = client.create_run(client.get_experiment_by_name("moeops").experiment_id).info.run_id
+    logged = log_version_hf(client, run_id, reg.model_name, reg.version, mlflow_uri)
+    assert "model.bias_balancing=True with model.top_k=1" in logged.refused
+    info = get_version(reg.model_uri, mlflow_uri)
+    assert info.tags[TAG_HF_EXPORT].startswith("refused: ") and registered_hf(info) is None
+    assert client.list_artifacts(run_id) == []
     out = _export_cli("models:/moeops-moe@champion", str(tmp_path / "out"))
     assert out.returncode == 2
     assert "model.bias_balancing=True with model.top_k=1" in out.stderr
