@@ -78,23 +78,9 @@ CORPUS = [
 
 
 def import_transformers():
-    """``transformers``, or None where it is not installed.
-
-    A torchvision that is installed but cannot be imported (e.g. PyPI's CUDA wheel beside a CPU
-    torch build, as the bench extra's mosaicml-streaming pulls in) makes transformers fail on
-    every model class, although no text model needs it. transformers has no public switch for
-    that, so its private availability flag is cleared, only in that case.
-    """
+    """``transformers``, or None where it is not installed."""
     if importlib.util.find_spec("transformers") is None:
         return None
-    if importlib.util.find_spec("torchvision") is not None:
-        try:
-            importlib.import_module("torchvision")
-        except Exception:
-            for name in [m for m in sys.modules if m.split(".")[0] == "torchvision"]:
-                del sys.modules[name]
-            import_utils = importlib.import_module("transformers.utils.import_utils")
-            import_utils._torchvision_available = False
     return importlib.import_module("transformers")
 
 
