@@ -81,6 +81,11 @@ class ProxyLocation(StrEnum):
     Disabled = "Disabled"
 
 
+class ServeEngine(StrEnum):
+    moeops = "moeops"
+    vllm = "vllm"
+
+
 class ClusterMode(StrEnum):
     local = "local"
     remote = "remote"
@@ -657,6 +662,8 @@ class ServeConfig:
     """Name of the group option."""
     app_name: str = "moeops"
     """Serve application name."""
+    engine: ServeEngine = ServeEngine.moeops
+    """moeops: the embedded engine (CPU or GPU); vllm: Ray Serve LLM on GPU replicas (HF export)."""
     host: str = "127.0.0.1"
     """HTTP host the proxy listens on."""
     port: int = 8000
@@ -719,6 +726,18 @@ class ServeConfig:
         keys = ("max_tokens", "max_num_seqs", "max_prompts", "max_n", "max_queued_sequences")
         p += _at_least(self, "serve", (*keys, "retry_after_s"), 1)
         p += _at_least(self, "serve", ("max_logprobs",), 0)
+        if self.engine == ServeEngine.vllm:
+            if self.num_gpus < 1 or self.num_gpus != int(self.num_gpus):
+                p.append(
+                    f"serve.engine='vllm' needs GPU replicas: serve.num_gpus={self.num_gpus} must "
+                    "be a whole number >= 1 (each replica's vLLM engine, tensor-parallel over that "
+                    "many GPUs); vLLM does not run on CPU: use serve.engine=moeops there"
+                )
+            if self.quantize == Quantize.int8:
+                p.append(
+                    "serve.quantize='int8' is moeops' own int8 path; with serve.engine='vllm' set "
+                    "serve.quantize=auto or none (vLLM serves the export's weights)"
+                )
         if not 0 <= self.canary_fraction <= 1:
             p.append(f"serve.canary_fraction={self.canary_fraction}: must be in [0, 1]")
         if (
