@@ -38,8 +38,14 @@ from components.training.metrics import (
     tokens_per_second,
 )
 from components.training.optim import build_optimizer, build_scheduler
-from components.training.parallel import ParallelGroups, all_reduce_sum, build_groups, wrap_ddp
-from components.training.precision import autocast_for, grad_scaler_for
+from components.training.parallel import (
+    ParallelGroups,
+    all_reduce_sum,
+    build_groups,
+    wrap_ddp,
+    wrap_fsdp,
+)
+from components.training.precision import autocast_dtype, autocast_for, grad_scaler_for
 from components.training.step import StepParts, build_balancer, train_step
 
 RUN_INFO_KEY = "_moeops_run"
@@ -221,6 +227,10 @@ def train(config: Config, run: RunInfo, session: Session) -> dict[str, float]:
     seed_everything(t.seed + groups.rank)
 
     model = build_model(config, run.vocab_size, groups, device)
+    model.configure_training(t.activation_checkpointing, t.compile_backend if t.compile else None)
+    fsdp = t.data_parallel == "fsdp" and groups.distributed
+    if fsdp:  # before the optimizer: fully_shard turns the parameters into DTensors
+        wrap_fsdp(model, groups, device, autocast_dtype(t.precision))
     optimizer = build_optimizer(model, t)
     scheduler = build_scheduler(optimizer, t)
     scaler = grad_scaler_for(t.precision, device, groups)
@@ -256,12 +266,15 @@ def train(config: Config, run: RunInfo, session: Session) -> dict[str, float]:
 
     parts = StepParts(
         model=model,
-        wrapped=wrap_ddp(model, groups, device, t.overlap.ddp_bucket_mb),
+        wrapped=model if fsdp else wrap_ddp(model, groups, device, t.overlap.ddp_bucket_mb),
         optimizer=optimizer,
         scheduler=scheduler,
         groups=groups,
         grad_clip=t.grad_clip,
-        autocast=lambda: autocast_for(t.precision, device),
+        # FSDP2 casts parameters (and so activations) to bf16 itself: no autocast on top
+        autocast=(lambda: contextlib.nullcontext())
+        if fsdp
+        else (lambda: autocast_for(t.precision, device)),
         scaler=scaler,
         balancer=balancer,
     )

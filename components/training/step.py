@@ -1,8 +1,9 @@
 """One optimizer step over ``grad_accum_steps`` micro-batches, identical on every rank.
 
-    forward + backward per micro-batch (DDP syncs only on the last; counts and losses stay on the
-    device)
-    -> expert-gradient all-reduce in the expert-data-parallel group
+    forward + backward per micro-batch (DDP / FSDP2 sync only on the last; counts and losses stay
+    on the device)
+    -> expert-gradient all-reduce in the expert-data-parallel group (FSDP2: already reduce-scattered
+       during backward)
     -> fp16: unscale, with the inf/NaN verdict all-reduced over all ranks (ShardedGradScaler)
     -> global grad norm (one all-reduce, identical on every rank) and clipping
     -> step, or skip on *every* rank when the global norm is not finite
@@ -30,6 +31,7 @@ from components.training.metrics import IntervalMetrics, StepTimer
 from components.training.parallel import (
     ParallelGroups,
     clip_grad_norm,
+    is_fsdp,
     split_params,
     sync_expert_grads,
 )
@@ -85,13 +87,14 @@ def forward_backward(
         with timer.phase("data_wait", host=True):
             batch = next(batches)
         inputs, targets = batch[:, :-1], batch[:, 1:]
-        # DDP all-reduces only on the last micro-batch; earlier ones just accumulate
+        # DDP all-reduces (FSDP2 reduce-scatters) only on the last micro-batch; earlier ones
+        # just accumulate
         last_micro = micro == accum - 1
-        no_sync = (
-            wrapped.no_sync()
-            if (not last_micro and wrapped is not model)
-            else contextlib.nullcontext()
-        )
+        no_sync = contextlib.nullcontext()
+        if is_fsdp(wrapped):
+            wrapped.set_requires_gradient_sync(last_micro)
+        elif not last_micro and wrapped is not model:
+            no_sync = wrapped.no_sync()
         with timer.phase("compute"), no_sync:
             with parts.autocast():
                 logits, aux = wrapped(inputs)  # [B, T, V]
