@@ -39,6 +39,7 @@ from components.training.metrics import (
 )
 from components.training.optim import build_optimizer, build_scheduler
 from components.training.parallel import (
+    ExpertGradReducer,
     ParallelGroups,
     all_reduce_sum,
     build_groups,
@@ -278,6 +279,10 @@ def train(config: Config, run: RunInfo, session: Session) -> dict[str, float]:
         scaler=scaler,
         balancer=balancer,
     )
+    if not fsdp and groups.edp_group is not None:
+        parts.expert_reducer = ExpertGradReducer(
+            parts.expert_params, groups, t.overlap.ddp_bucket_mb
+        )
     val_reader = make_reader(config, run, "val", groups, device, 0)
     # endless across epochs; the reader's position counts only batches handed out here, so
     # its state_dict() is exact even with batches prefetched ahead

@@ -201,6 +201,85 @@ def sync_expert_grads(expert_params: list[torch.Tensor], groups: ParallelGroups)
         offset += n
 
 
+class ExpertGradReducer:
+    """:func:`sync_expert_grads` started during backward: expert gradients in buckets of about
+    ``bucket_mb``, each all-reduced (asynchronously) in the expert-data-parallel group as soon
+    as all its gradients are accumulated, while backward goes on with earlier layers; what DDP
+    does for the rest. :meth:`finish` waits, divides by W and writes the results back.
+
+    Buckets follow the reverse parameter order (backward reaches the last layers first) and are
+    launched strictly in that order (a bucket that completes early waits for the ones before
+    it), so every rank of a group issues the same collectives in the same sequence. Armed only
+    for the micro-batch whose backward should synchronise (:meth:`arm`), like DDP's no_sync.
+    """
+
+    def __init__(self, expert_params: list[torch.Tensor], groups: ParallelGroups, bucket_mb: float):
+        if groups.edp_group is None:
+            raise ValueError("ExpertGradReducer needs an expert-data-parallel group of size > 1")
+        self.groups = groups
+        self.buckets: list[list[torch.Tensor]] = []
+        limit, size = bucket_mb * 2**20, 0.0
+        for p in reversed(expert_params):
+            nbytes = p.numel() * p.element_size()
+            if not self.buckets or (size + nbytes > limit and self.buckets[-1]):
+                self.buckets.append([])
+                size = 0.0
+            self.buckets[-1].append(p)
+            size += nbytes
+        self._bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b}
+        self._handles = [p.register_post_accumulate_grad_hook(self._ready) for p in expert_params]
+        self.armed = False
+        self.launched_in_backward = 0  # buckets started by the hooks (the overlapped ones)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._missing = [len(b) for b in self.buckets]
+        self._next = 0
+        self._inflight: list[tuple[torch.Tensor, object, list[torch.Tensor]]] = []
+
+    def arm(self, on: bool) -> None:
+        self.armed = on
+
+    def _ready(self, param: torch.Tensor) -> None:
+        if not self.armed:
+            return
+        self._missing[self._bucket_of[id(param)]] -= 1
+        while self._next < len(self.buckets) and self._missing[self._next] == 0:
+            self._launch(self._next)
+            self.launched_in_backward += 1
+
+    def _launch(self, index: int) -> None:
+        params = self.buckets[index]
+        for p in params:
+            if p.grad is None:  # see sync_expert_grads: same sizes on every replica
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        work = dist.all_reduce(
+            flat, op=dist.ReduceOp.SUM, group=self.groups.edp_group, async_op=True
+        )
+        self._inflight.append((flat, work, params))
+        self._next = index + 1
+
+    def finish(self) -> None:
+        """Launch what backward did not complete, wait for all, average; then disarm."""
+        while self._next < len(self.buckets):
+            self._launch(self._next)
+        for flat, work, params in self._inflight:
+            work.wait()
+            flat.div_(self.groups.world_size)
+            offset = 0
+            for p in params:
+                n = p.numel()
+                p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+                offset += n
+        self._reset()
+        self.armed = False
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
 def global_grad_norm(
     dense_params: list[torch.Tensor], expert_params: list[torch.Tensor], groups: ParallelGroups
 ) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
     forward + backward per micro-batch (DDP / FSDP2 sync only on the last; counts and losses stay
     on the device)
-    -> expert-gradient all-reduce in the expert-data-parallel group (FSDP2: already reduce-scattered
-       during backward)
+    -> expert-gradient all-reduce in the expert-data-parallel group: started bucket by bucket
+       during the last micro-batch's backward (ExpertGradReducer), awaited here; FSDP2 has
+       reduce-scattered them during backward
     -> fp16: unscale, with the inf/NaN verdict all-reduced over all ranks (ShardedGradScaler)
     -> global grad norm (one all-reduce, identical on every rank) and clipping
     -> step, or skip on *every* rank when the global norm is not finite
@@ -29,6 +30,7 @@ from torch import nn
 from components.model.router import ExpertBiasBalancer
 from components.training.metrics import IntervalMetrics, StepTimer
 from components.training.parallel import (
+    ExpertGradReducer,
     ParallelGroups,
     clip_grad_norm,
     is_fsdp,
@@ -53,6 +55,8 @@ class StepParts:
     balancer: ExpertBiasBalancer | None = None
     dense_params: list[torch.Tensor] = field(default_factory=list)
     expert_params: list[torch.Tensor] = field(default_factory=list)
+    # DDP path with expert replicas: expert gradients all-reduced during backward (None: after)
+    expert_reducer: ExpertGradReducer | None = None
 
     def __post_init__(self):
         if not self.dense_params and not self.expert_params:
@@ -91,6 +95,8 @@ def forward_backward(
         # just accumulate
         last_micro = micro == accum - 1
         no_sync = contextlib.nullcontext()
+        if parts.expert_reducer is not None:
+            parts.expert_reducer.arm(last_micro)
         if is_fsdp(wrapped):
             wrapped.set_requires_gradient_sync(last_micro)
         elif not last_micro and wrapped is not model:
@@ -114,7 +120,10 @@ def optimizer_step(parts: StepParts, timer: StepTimer | None = None) -> tuple[to
     number everywhere, and fp16's inf flag is all-reduced too."""
     timer = timer or StepTimer(torch.device("cpu"))
     with timer.phase("comm"):
-        sync_expert_grads(parts.expert_params, parts.groups)
+        if parts.expert_reducer is not None:
+            parts.expert_reducer.finish()  # only waits for what backward has not hidden
+        else:
+            sync_expert_grads(parts.expert_params, parts.groups)
     if parts.scaler is not None:
         parts.scaler.unscale_(parts.optimizer)
     with timer.phase("comm"):
