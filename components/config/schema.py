@@ -156,6 +156,9 @@ class TrainConfig:
     # data-dependent shapes and collectives, stays eager); compile_backend is torch.compile's
     compile: bool = False
     compile_backend: str = "inductor"
+    # environment of every Ray process on GPU nodes (rendered into the KubeRay manifests; also in
+    # infra/runtime_env.yaml): NCCL logging, the flight recorder, fabric knobs (docs/cluster.md)
+    nccl_env: dict[str, str] = field(default_factory=dict)
     # per rank and micro-batch; a step sees batch_size x grad_accum_steps x num_workers sequences
     batch_size: int = 8
     grad_accum_steps: int = 1
