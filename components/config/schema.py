@@ -176,6 +176,9 @@ class TrainConfig:
     checkpoint_every: int = 50
     checkpoint_uri: str = "${paths.root}/checkpoints"
     keep_checkpoints: int = 2
+    # upload each checkpoint in the background while training continues (Ray Train's async
+    # upload); a checkpoint counts only once every rank's upload finished
+    async_checkpoint: bool = False
     max_failures: int = 2
     # how long Ray Train waits for a worker group to start (placement + each worker importing
     # torch) before it gives up and retries; Ray's own 60 s is too short on a busy machine

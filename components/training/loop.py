@@ -89,7 +89,10 @@ class Session(Protocol):
 
     def latest_checkpoint(self) -> contextlib.AbstractContextManager[str | None]: ...
 
-    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None: ...
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        """Record ``metrics``; ``checkpoint_dir`` (this rank's files) now belongs to the session,
+        which deletes it once stored (possibly after returning: asynchronous upload)."""
+        ...
 
     def log(self, message: str) -> None: ...
 
@@ -121,6 +124,7 @@ class LocalSession:
         if checkpoint_dir:
             dest = Path(self.root) / f"step_{int(metrics['step']):07d}"
             shutil.copytree(checkpoint_dir, dest, dirs_exist_ok=True)
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
             self.checkpoints.append(str(dest))
 
 
@@ -386,29 +390,29 @@ def train(config: Config, run: RunInfo, session: Session) -> dict[str, float]:
             flow = _gather_flow_reports(reader, groups) if checkpoint_now else None
             if flow is not None and is_main:
                 flow = merge_reports(prior_flow, flow, upto_step=start_step)
-            with tempfile.TemporaryDirectory(prefix=f"moeops-ckpt-r{groups.rank}-") as tmp:
-                ckpt_dir = None
-                if checkpoint_now:
-                    ckpt.save_checkpoint(
-                        tmp,
-                        model=model,
-                        optimizer=optimizer,
-                        scheduler=scheduler,
-                        scaler=scaler,
-                        groups=groups,
-                        step=step,
-                        reader_state=reader.state_dict(),
-                        meta={
-                            "max_steps": t.max_steps,
-                            "vocab_size": run.vocab_size,
-                            "model": asdict(config.model),
-                            "val_loss": last.get("val_loss"),
-                            "train_loss": last.get("train_loss"),
-                        },
-                        flow_report=flow if is_main else None,
-                    )
-                    ckpt_dir = tmp
-                session.report({k: float(v) for k, v in last.items() if v is not None}, ckpt_dir)
+            ckpt_dir = None
+            if checkpoint_now:
+                # handed to the session, which removes it once stored (see Session.report)
+                ckpt_dir = tempfile.mkdtemp(prefix=f"moeops-ckpt-r{groups.rank}-")
+                ckpt.save_checkpoint(
+                    ckpt_dir,
+                    model=model,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    scaler=scaler,
+                    groups=groups,
+                    step=step,
+                    reader_state=reader.state_dict(),
+                    meta={
+                        "max_steps": t.max_steps,
+                        "vocab_size": run.vocab_size,
+                        "model": asdict(config.model),
+                        "val_loss": last.get("val_loss"),
+                        "train_loss": last.get("train_loss"),
+                    },
+                    flow_report=flow if is_main else None,
+                )
+            session.report({k: float(v) for k, v in last.items() if v is not None}, ckpt_dir)
             # evaluation and checkpointing are not training throughput, nor training communication
             interval_start += time.perf_counter() - side_start
             a2a_seconds(model)
