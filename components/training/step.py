@@ -24,10 +24,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from components.model.router import ExpertBiasBalancer
+from components.training.loss import chunked_cross_entropy
 from components.training.metrics import IntervalMetrics, StepTimer
 from components.training.parallel import (
     ExpertGradReducer,
@@ -104,7 +104,8 @@ def forward_backward(
         with timer.phase("compute"), no_sync:
             with parts.autocast():
                 logits, aux = wrapped(inputs)  # [B, T, V]
-            ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+            # fp32 math, chunked: no full fp32 copy of bf16 logits kept for backward
+            ce = chunked_cross_entropy(logits, targets)
             loss = (ce + aux["aux_loss"] + aux["z_loss"]) / accum
             (parts.scaler.scale(loss) if parts.scaler is not None else loss).backward()
         metrics.add_micro_batch(ce, aux, accum)
