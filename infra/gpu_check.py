@@ -435,6 +435,7 @@ def check_full_model_step(results: dict, device, quick: bool) -> None:
     peak, peak memory; then the GPU's logits and gradients against the same model on the CPU."""
     from components.config.schema import TrainConfig
     from components.model.transformer import dense_equivalent
+    from components.training.loss import chunked_cross_entropy
     from components.training.optim import build_optimizer
 
     check = results["full_model_step"] = {"passed": True, "problems": []}
@@ -448,12 +449,11 @@ def check_full_model_step(results: dict, device, quick: bool) -> None:
         optimizer = build_optimizer(model, TrainConfig(lr=1e-4))
         gen = torch.Generator().manual_seed(1)
         data = torch.randint(0, vocab, (batch, seq + 1), generator=gen).to(device)
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-        def step():
-            with autocast:
+        def step(model=model, optimizer=optimizer, data=data):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 logits, aux = model(data[:, :-1])
-            loss = F.cross_entropy(logits.float().reshape(-1, vocab), data[:, 1:].reshape(-1))
+            loss = chunked_cross_entropy(logits, data[:, 1:])  # as the training step does
             (loss + aux["aux_loss"] + aux["z_loss"]).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -486,6 +486,11 @@ def check_full_model_step(results: dict, device, quick: bool) -> None:
         if not torch.isfinite(loss):
             check["passed"] = False
             check["problems"].append(f"{name}: loss {float(loss)}")
+        if device.type == "cuda" and name == "moe":
+            check["sync_debug"] = _sync_debug(model, step, data)
+            if check["sync_debug"]["counted"] != check["sync_debug"]["expected"]:
+                check["passed"] = False
+                check["problems"].append(f"host syncs in a bf16 step: {check['sync_debug']}")
         del model, optimizer
     check["moe_vs_dense_tokens_per_s"] = (
         check["moe"]["tokens_per_s"] / check["dense"]["tokens_per_s"]
@@ -493,6 +498,33 @@ def check_full_model_step(results: dict, device, quick: bool) -> None:
     check["bf16_peak_flops"] = peak
     if device.type == "cuda":
         _gpu_vs_cpu(check, device, moe_cfg, vocab, quick)
+
+
+def _sync_debug(model, step, data) -> dict:
+    """Host syncs of one whole bf16 training step (forward, chunked loss, backward, fused AdamW),
+    reported by CUDA's own detector (``torch.cuda.set_sync_debug_mode``). Documented: none when
+    the experts run as grouped GEMM (the single-rank path keeps group sizes on the device), one
+    per MoE layer with the loop backend (its counts read to the host); docs/model.md."""
+    import warnings as _warnings
+
+    probe = data[:1, :-1].reshape(-1, 1).float()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        grouped = model.moe_layers()[0].experts.uses_grouped_mm(probe.expand(-1, model.cfg.dim))
+    expected = 0 if grouped else len(model.moe_layers())
+    with _warnings.catch_warnings(record=True) as caught:
+        _warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+    return {
+        "backend": "grouped_mm" if grouped else "loop",
+        "expected": expected,
+        "counted": len(syncs),
+        "first": syncs[:3],
+    }
 
 
 def _gpu_vs_cpu(check: dict, device, cfg: ModelConfig, vocab: int, quick: bool) -> None:
