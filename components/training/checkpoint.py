@@ -41,7 +41,7 @@ from components.training.optim import (
     load_optimizer_state_by_name,
     optimizer_state_by_name,
 )
-from components.training.parallel import ParallelGroups, expert_param_names
+from components.training.parallel import ParallelGroups, expert_param_names, reshard
 
 META_FILE = "meta.json"
 SHARED_FILE = "shared.pt"
@@ -154,6 +154,7 @@ def save_checkpoint(
     unwrapped)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    reshard(model)  # FSDP2 after an evaluation forward: the optimizer's parameters back in place
     expert_names = set(expert_param_names(model))
     names = {id(p): n for n, p in model.named_parameters()}
 

@@ -43,6 +43,7 @@ from components.training.parallel import (
     ParallelGroups,
     all_reduce_sum,
     build_groups,
+    reshard,
     wrap_ddp,
     wrap_fsdp,
 )
@@ -216,6 +217,7 @@ def evaluate(
             )
     finally:
         model.train()
+        reshard(model)  # FSDP2: no backward follows to reshard the root unit
     total = all_reduce_sum(total, groups)
     return float(total[0] / total[1].clamp(min=1))
 

@@ -164,6 +164,17 @@ def is_fsdp(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def reshard(model: nn.Module) -> None:
+    """Put FSDP2's sharded parameters back on every unit. A forward without backward (evaluation
+    under no_grad) leaves the root unit's parameters gathered, as plain tensors in place of the
+    DTensor ones the optimizer holds: reshard before reading parameters by name (checkpoints)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def local(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of a (possibly FSDP-sharded) tensor: a view, so in-place ops write
     through."""
