@@ -321,11 +321,12 @@ def saved_bytes(model, batch: torch.Tensor, dtype: torch.dtype | None = None) ->
 
     Activations: every tensor saved for backward (its storage counted once, parameters
     excluded), plus the block inputs an activation-checkpointed region keeps for recomputation.
-    Weight copies: saved tensors shaped like a parameter (or one expert's slice of one): the
-    bf16 copies autocast makes of fp32 weights; they do not grow with the tokens, and FSDP2's
+    Weight copies: saved tensors shaped like a parameter (or one expert's slice of one) in
+    another dtype: the bf16 copies autocast makes of fp32 weights; they do not grow with the tokens, and FSDP2's
     bf16 parameters replace them. On a GPU the sum is the graph's part of peak memory; CPU has
     no allocator statistics, so it is counted rather than read."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    param_dtype = next(model.parameters()).dtype
     shapes = set()
     for p in model.parameters():
         for shape in (tuple(p.shape), tuple(p.shape[1:])):
@@ -336,7 +337,9 @@ def saved_bytes(model, batch: torch.Tensor, dtype: torch.dtype | None = None) ->
     def keep(t: torch.Tensor) -> None:
         ptr = t.untyped_storage().data_ptr()
         if ptr not in params:
-            bucket = weights if tuple(t.shape) in shapes and t.dim() >= 2 else activations
+            # a cast copy of a weight: a parameter's shape in another dtype than the parameters'
+            copy = tuple(t.shape) in shapes and t.dim() >= 2 and t.dtype != param_dtype
+            bucket = weights if copy else activations
             bucket[ptr] = t.untyped_storage().nbytes()
 
     def pack(t):
@@ -411,7 +414,7 @@ def model_memory(experiment: str, batch: int = 1) -> dict:
 
 def compile_benchmark(quick: bool) -> dict:
     """Training step (forward + backward) of a small MoE model with each block's attention, norms
-    and dense FFN compiled by inductor vs eager, 1 thread; the first compiled steps (compilation)
+    and dense FFN compiled (inductor; aot_eager with --quick) vs eager, 1 thread; the first compiled steps (compilation)
     are excluded and timed separately."""
     from components.model.transformer import Transformer
 
@@ -446,7 +449,10 @@ def compile_benchmark(quick: bool) -> dict:
         for p in model.parameters():
             p.grad = None
 
-    eager, compiled = build(None), build("inductor")
+    # --quick (the test suite's smoke run) traces with aot_eager: inductor's C++ compilation
+    # takes minutes on a busy 2-core machine; the full run measures inductor
+    backend = "aot_eager" if quick else "inductor"
+    eager, compiled = build(None), build(backend)
     start = time.perf_counter()
     step(compiled)
     step(compiled)
@@ -461,6 +467,7 @@ def compile_benchmark(quick: bool) -> dict:
         "compile_s": compile_s,
         "tokens_per_step": batch * seq,
         "threads": 1,
+        "backend": backend,
     }
 
 
