@@ -149,6 +149,16 @@ def wrap_fsdp(
         if moe is not None:
             fully_shard(moe.experts, mesh=mesh["edp"], mp_policy=policy)
             moe.experts.set_gradient_divide_factor(float(groups.world_size))
+            if dist.get_backend() == "gloo":
+                # a custom divide factor makes FSDP2 reduce with PREMUL_SUM, which NCCL has and
+                # gloo has not: sum, then divide (feature-detected: newer than torch 2.11?)
+                force_sum = getattr(moe.experts, "set_force_sum_reduction_for_comms", None)
+                if force_sum is None:
+                    raise RuntimeError(
+                        "train.data_parallel=fsdp with expert replicas over gloo needs "
+                        "FSDPModule.set_force_sum_reduction_for_comms (a newer torch)"
+                    )
+                force_sum(True)
         fully_shard(block, mesh=dp_mesh, mp_policy=policy)
     fully_shard(model, mesh=dp_mesh, mp_policy=policy)
     # fully_shard replaces each parameter by a DTensor one: carry the expert tag over

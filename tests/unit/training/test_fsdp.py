@@ -2,6 +2,7 @@
 
 * 20 optimizer steps (2 micro-batches each, so FSDP's no-sync accumulation is used) at world size
   2 with expert parallelism 2 give the DDP path's loss curve and weights within float tolerance;
+* world 4, EP 2 (each expert shard FSDP-sharded over 2 replicas, called per chunk) equals DDP;
 * a checkpoint written by the FSDP2 run (EP=2) loads into an FSDP2 model at EP=1 (experts now
   sharded over a replica group of 2) with the same global weights, and both layouts then take
   the same next step.
@@ -160,3 +161,39 @@ def test_fsdp2_with_expert_parallelism_follows_the_ddp_loss_curve_and_reshards(t
     # and the two layouts take the same steps from there
     for a, b in zip(out["resumed_ddp_losses"], out["resumed_fsdp_losses"]):
         assert abs(a - b) <= 1e-4 * abs(a), (a, b)
+
+
+def _replicas_body(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from components.training.parallel import build_groups
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        groups = build_groups(2)  # world 4: each expert shard on 2 replicas
+        out = {}
+        for mode in ("ddp", "fsdp"):
+            parts = _parts(groups, mode)
+            out[f"{mode}_losses"] = _train(parts, rank, 6)
+            out[f"{mode}_state"] = _full_state(parts.model)
+        torch.save(out, f"{out_dir}/replicas{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_experts_sharded_over_their_replicas_follow_ddp(tmp_path):
+    """World 4, EP 2: FSDP2 shards each expert shard over its 2 replicas, and the dispatcher calls
+    the experts once per all-to-all chunk (2): the reduce-scatter must still see the whole
+    gradient, summed over replicas and divided by W (on gloo, with sum-then-divide)."""
+    world = 4
+    mp.spawn(
+        _replicas_body, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True
+    )
+    for rank in range(world):
+        out = torch.load(tmp_path / f"replicas{rank}.pt", weights_only=False)
+        for a, b in zip(out["ddp_losses"], out["fsdp_losses"]):
+            assert abs(a - b) <= 1e-5 * abs(a), (rank, a, b)
+        for name, value in out["ddp_state"].items():
+            other = out["fsdp_state"][name]
+            assert torch.allclose(value, other, atol=5e-6, rtol=1e-5), (rank, name)
