@@ -783,7 +783,8 @@ def main(argv: list[str] | None = None) -> int:
     full = checks.get("full_model_step", {})
     if "moe" in full:
         print(
-            f"  {'model':12s} {'params':>14s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak GB':>8s}"
+            f"  {'model':12s} {'params':>14s} {'tokens/s':>10s} {'TFLOP/s':>8s} "
+            f"{'MFU':>6s} {'peak GB':>8s}"
         )
         for name in ("moe", "dense"):
             r = full[name]

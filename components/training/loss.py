@@ -2,9 +2,10 @@
 
 ``F.cross_entropy(logits.float(), ...)`` on bf16 logits keeps log-softmax's fp32 ``[N, V]``
 output until backward and materialises the fp32 copy of the logits beside it: 128 KB per token
-kept and 256 KB at the peak at vocab 32768, more than a whole ``moe_small`` block's activations. Here the rows are cut into chunks and each chunk's
-loss is an activation-checkpointed function of its logits: backward keeps only the logits in
-their own dtype and recomputes one chunk's fp32 log-softmax at a time. The result and its gradient
+kept and 256 KB at the peak at vocab 32768, more than a whole ``moe_small`` block's activations.
+Here the rows are cut into chunks and each chunk's loss is an activation-checkpointed function
+of its logits: backward keeps only the logits in their own dtype and recomputes one chunk's fp32
+log-softmax at a time. The result and its gradient
 equal the unchunked loss (fp32 math in both; tests/unit/training/test_loss.py).
 """
 

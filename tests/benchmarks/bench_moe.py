@@ -322,7 +322,8 @@ def saved_bytes(model, batch: torch.Tensor, dtype: torch.dtype | None = None) ->
     Activations: every tensor saved for backward (its storage counted once, parameters
     excluded), plus the block inputs an activation-checkpointed region keeps for recomputation.
     Weight copies: saved tensors shaped like a parameter (or one expert's slice of one) in
-    another dtype: the bf16 copies autocast makes of fp32 weights; they do not grow with the tokens, and FSDP2's
+    another dtype: the bf16 copies autocast makes of fp32 weights; they do not grow with the
+    tokens, and FSDP2's
     bf16 parameters replace them. On a GPU the sum is the graph's part of peak memory; CPU has
     no allocator statistics, so it is counted rather than read."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -414,7 +415,8 @@ def model_memory(experiment: str, batch: int = 1) -> dict:
 
 def compile_benchmark(quick: bool) -> dict:
     """Training step (forward + backward) of a small MoE model with each block's attention, norms
-    and dense FFN compiled (inductor; aot_eager with --quick) vs eager, 1 thread; the first compiled steps (compilation)
+    and dense FFN compiled (inductor; aot_eager with --quick) vs eager, 1 thread; the first
+    compiled steps (compilation)
     are excluded and timed separately."""
     from components.model.transformer import Transformer
 
