@@ -152,8 +152,8 @@ def wrap_fsdp(
             if dist.get_backend() == "gloo" and groups.edp_size > 1:
                 # a custom divide factor makes FSDP2 reduce with PREMUL_SUM, which NCCL has and
                 # gloo has not: sum, then divide (feature-detected: newer than torch 2.11?).
-                # Not on a one-rank group: there FSDP2 skips the collective, and with this set
-                # the loss curve then leaves the DDP one (test_fsdp.py, from step 8)
+                # Not on a one-rank group, where no collective runs: set there, the expert
+                # gradients come out wrong (test_fsdp.py's curve left DDP's from step 8)
                 force_sum = getattr(moe.experts, "set_force_sum_reduction_for_comms", None)
                 if force_sum is None:
                     raise RuntimeError(
