@@ -585,10 +585,12 @@ def versions() -> dict:
 def hf_checks(device: str) -> dict:
     """transformers / vLLM greedy parity (infra/gpu_check_hf.py); skipped where that module or its
     libraries are missing (a bare torch machine)."""
+    if device != "cuda":  # its CPU rehearsal is tests/unit/infra/test_gpu_check_hf.py
+        return {"status": "skipped: CPU rehearsal"}
     try:
         from infra.gpu_check_hf import run_hf_checks
     except ModuleNotFoundError as err:  # only the module's absence: its own errors propagate
-        return {"status": "skipped", "reason": f"{err.name} not importable"}
+        return {"status": f"skipped: {err.name} not importable"}
     return run_hf_checks(device)
 
 

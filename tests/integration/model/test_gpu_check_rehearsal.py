@@ -57,7 +57,7 @@ def test_gpu_check_rehearsal_on_cpu_passes(tmp_path):
     # equal active parameters (dense equivalent), more total in the MoE
     assert full["moe"]["params_active"] == pytest.approx(full["dense"]["params_active"], rel=0.05)
     assert full["moe"]["params_total"] > full["dense"]["params_total"]
-    assert report["hf"]["status"] in ("skipped", "ok", "passed", "failed")
+    assert report["hf"]["status"] == "skipped: CPU rehearsal"  # infra/gpu_check_hf on GPUs only
     assert report["environment"]["torch"] == report["environment"]["torch"].strip()
     bench = checks["overlap_benchmark"]
     assert bench["on"]["a2a_exposed_s"] <= bench["on"]["a2a_total_s"] and bench["off"]["step_s"] > 0
