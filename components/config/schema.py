@@ -46,6 +46,17 @@ class Precision(StrEnum):
     fp16 = "fp16"
 
 
+class DataParallel(StrEnum):
+    ddp = "ddp"
+    fsdp = "fsdp"
+
+
+class ActivationCheckpointing(StrEnum):
+    none = "none"
+    selective = "selective"
+    full = "full"
+
+
 class Mode(StrEnum):
     min = "min"
     max = "max"
@@ -363,6 +374,16 @@ class TrainConfig:
     """Ranks sharing one copy of the experts (num_experts / size each); divides num_workers."""
     precision: Precision = Precision.fp32
     """fp32; bf16 or fp16 autocast (GPU; fp16 with an agreed loss-scaler skip verdict)."""
+    data_parallel: DataParallel = DataParallel.ddp
+    """Non-expert parameters: ddp (replicated, bucketed all-reduce) or fsdp (FSDP2, sharded)."""
+    activation_checkpointing: ActivationCheckpointing = ActivationCheckpointing.none
+    """Recompute in backward: none; selective (attention and dense FFN, not MoE); full blocks."""
+    compile: bool = False
+    """torch.compile each block's attention, norms and dense FFN (MoE dispatch stays eager)."""
+    compile_backend: str = "inductor"
+    """torch.compile's backend."""
+    nccl_env: dict[str, str] = field(default_factory=dict)
+    """Environment of every Ray process on GPU nodes: NCCL logging, flight recorder, fabrics."""
     batch_size: int = 8
     """Sequences per rank and micro-batch."""
     grad_accum_steps: int = 1
@@ -395,6 +416,8 @@ class TrainConfig:
     """Where Ray Train keeps checkpoints: a directory or an object-store URI."""
     keep_checkpoints: int = 2
     """Checkpoints kept per run (resume needs the latest)."""
+    async_checkpoint: bool = False
+    """Upload checkpoints in the background while training continues (Ray Train async upload)."""
     max_failures: int = 2
     """Worker-group restarts from the latest checkpoint (-1: unlimited)."""
     worker_start_timeout_s: float = 300.0
@@ -429,6 +452,21 @@ class TrainConfig:
         if self.use_gpu and self.gpus_per_worker <= 0:
             p.append(
                 f"train.gpus_per_worker={self.gpus_per_worker}: must be > 0 when train.use_gpu=true"
+            )
+        if (
+            self.use_gpu
+            and self.backend in (DistBackend.auto, DistBackend.nccl)
+            and self.gpus_per_worker % 1
+        ):
+            # NCCL refuses two ranks on one device ("Duplicate GPU detected") at the 1st collective
+            p.append(
+                f"train.gpus_per_worker={self.gpus_per_worker}: NCCL needs whole GPUs per worker "
+                "(1, 2, ...); fractional GPUs only with train.backend='gloo'"
+            )
+        if self.data_parallel == DataParallel.fsdp and self.precision == Precision.fp16:
+            p.append(
+                "train.data_parallel='fsdp' with train.precision='fp16': not supported "
+                "(FSDP2 runs bf16 or fp32; fp16's loss scaler is kept for the DDP path)"
             )
         p += _at_least(
             self,

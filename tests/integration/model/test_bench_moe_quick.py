@@ -48,6 +48,11 @@ def test_bench_moe_quick(tmp_path):
         assert parts == pytest.approx(breakdown["step_s"], rel=0.05)
         assert 0 < breakdown["a2a_exposed_s"] <= breakdown["a2a_total_s"]
     assert 0 < result["exposed_comm_fraction"] <= 1
+    # part 3: activation memory falls with checkpointing; the compiled step was timed
+    memory = result["activation_bytes_per_token"]
+    assert memory["full"] < memory["selective"] < memory["none"]
+    assert math.isfinite(result["compile_vs_eager_step_ratio"])
+    assert result["compile_vs_eager_step_ratio"] > 0
     # counted during real forwards: the one sync of expert parallelism, none for grouped_mm alone
     syncs = result["host_syncs"]
     assert (
