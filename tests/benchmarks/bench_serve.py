@@ -546,8 +546,8 @@ def run_serve(quick: bool) -> dict[str, float | str]:
     from components.tracking.registry import load_registered
     from pipelines.runtime import ensure_ray
     from serving.app import make_engine
-    from serving.launch import deploy, wait_ready
-    from serving.tiny_model import register_tiny_models
+    from serving.deploy.launch import deploy, wait_ready
+    from fixtures.tiny_model import register_tiny_models
 
     duration = 3.0 if quick else 15.0
     repeats = 10 if quick else 60

@@ -78,8 +78,8 @@ def serving_config(tmp, port: int, extra: tuple[str, ...] = ()) -> Config:
 def deployment(ray_session, serve_port, tmp_path_factory):
     from ray import serve
 
-    from serving.launch import deploy, wait_ready
-    from serving.tiny_model import register_tiny_models
+    from serving.deploy.launch import deploy, wait_ready
+    from fixtures.tiny_model import register_tiny_models
 
     tmp = tmp_path_factory.mktemp("serving")
     config = serving_config(tmp, serve_port)
@@ -919,7 +919,7 @@ def test_unready_until_model_exists_then_auth_protects_all_but_probes(deployment
     from ray import serve
 
     from components.config import with_overrides
-    from serving.launch import deploy, wait_ready
+    from serving.deploy.launch import deploy, wait_ready
 
     token = "s3cret-token"
     monkeypatch.setenv("MOEOPS_TEST_TOKEN", token)
@@ -982,7 +982,7 @@ def test_unready_until_model_exists_then_auth_protects_all_but_probes(deployment
 
 def test_canary_split(deployment):
     from components.config import with_overrides
-    from serving.launch import deploy
+    from serving.deploy.launch import deploy
 
     fraction, n = 0.3, 240
     deploy(with_overrides(deployment.config, {"serve.canary_fraction": fraction}))
@@ -1037,7 +1037,7 @@ def test_queue_limit_answers_429_and_replica_stays_ready(deployment):
     """serve.max_queued_sequences: a request beyond it gets 429 with Retry-After, /readyz stays 200,
     and the replica serves again once the queue drains (checked before the redeploy replaces it)."""
     from components.config import with_overrides
-    from serving.launch import deploy
+    from serving.deploy.launch import deploy
 
     url = deployment.url
     deploy(with_overrides(deployment.config, {"serve.max_queued_sequences": 4}))
@@ -1087,7 +1087,7 @@ def test_queue_limit_answers_429_and_replica_stays_ready(deployment):
 
 def test_int8_quantized_replica(deployment):
     from components.config import with_overrides
-    from serving.launch import deploy
+    from serving.deploy.launch import deploy
 
     url = deployment.url
     fp32 = httpx.post(f"{url}/v1/score", json={"text": "def main():\n    return 0\n"}).json()[
@@ -1109,7 +1109,7 @@ def test_int8_quantized_replica(deployment):
 def test_version_switch_under_continuous_requests(deployment):
     from mlflow import MlflowClient
 
-    from serving.launch import deploy
+    from serving.deploy.launch import deploy
 
     url, (v1, v2) = deployment.url, deployment.versions
     stop = threading.Event()

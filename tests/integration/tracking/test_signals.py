@@ -180,7 +180,7 @@ def test_serving_deploy_stopped_with_sigterm_ends_its_runs(
     from components.tracking.stages import StageSpec
     from pipelines.outputs import RegisterOutputs
     from pipelines.pipeline import run_pipeline
-    from serving.tiny_model import register_tiny_models
+    from fixtures.tiny_model import register_tiny_models
 
     app = "moeops-signal-test"
     overrides = [

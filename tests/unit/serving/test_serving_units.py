@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from components.config import config_from_dict, load_config
-from serving.deploy_config import IMPORT_PATH, serve_config
+from serving.deploy.config import IMPORT_PATH, serve_config
 from serving.schemas import CompletionRequest, ScoreRequest
 from serving.text_stream import TextStream
 
@@ -368,7 +368,7 @@ def test_build_app_takes_a_config_container_or_cli_overrides(config, tmp_path):
     from ray.serve import Application
 
     from serving.app import build_app
-    from serving.deploy_config import app_args
+    from serving.deploy.config import app_args
 
     assert isinstance(build_app(app_args(config)), Application)
     from_cli = build_app(

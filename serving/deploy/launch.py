@@ -32,7 +32,8 @@ def ensure_serve(host: str, port: int, proxy_location: str = "HeadOnly") -> str:
             # On an overloaded machine the first proxy can miss its readiness deadline; the
             # controller then replaces it (with a longer deadline), so wait for that one.
             print(
-                f"[serve] first HTTP proxy did not come up ({type(err).__name__}); waiting for its replacement",
+                f"[serve] first HTTP proxy did not come up ({type(err).__name__}); "
+                "waiting for its replacement",
                 flush=True,
             )
         _wait_for_proxies(PROXY_START_TIMEOUT_S)
