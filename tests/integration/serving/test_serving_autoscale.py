@@ -29,8 +29,8 @@ CLIENTS = 6  # concurrent clients under load: 3x the per-replica target of 2
 def autoscaled(ray_session, serve_port, tmp_path_factory):
     from ray import serve
 
-    from serving.deploy.launch import deploy, wait_ready
     from fixtures.tiny_model import register_tiny_models
+    from serving.deploy.launch import deploy, wait_ready
 
     tmp = tmp_path_factory.mktemp("autoscale")
     config = load_config(

@@ -78,8 +78,8 @@ def serving_config(tmp, port: int, extra: tuple[str, ...] = ()) -> Config:
 def deployment(ray_session, serve_port, tmp_path_factory):
     from ray import serve
 
-    from serving.deploy.launch import deploy, wait_ready
     from fixtures.tiny_model import register_tiny_models
+    from serving.deploy.launch import deploy, wait_ready
 
     tmp = tmp_path_factory.mktemp("serving")
     config = serving_config(tmp, serve_port)
@@ -695,6 +695,173 @@ def test_chat_logprobs(deployment):
 
 # --------------------------------------------------------------------------- the engine seen over
 # HTTP
+
+
+# --------------------------------------------------------------------------- the newer routes:
+# responses, tokenize (issue 17), and every response against its declared model (issue 19)
+
+
+def test_responses_with_the_official_client(deployment):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{deployment.url}/v1", api_key="unused", max_retries=0)
+    response = client.responses.create(
+        model=deployment.name,
+        input="def add(a, b):",
+        instructions="You write Python.",
+        max_output_tokens=8,
+        temperature=0.0,
+    )
+    assert response.object == "response" and response.id.startswith("resp_")
+    assert response.status in ("completed", "incomplete")
+    assert response.usage.output_tokens >= 1
+    assert response.usage.total_tokens == response.usage.input_tokens + response.usage.output_tokens
+    if response.status == "incomplete":  # cut by max_output_tokens, as OpenAI reports it
+        assert response.incomplete_details.reason == "max_output_tokens"
+        assert response.usage.output_tokens == 8
+    # the instructions are a system turn of the chat template: the same prompt as chat's
+    chat_usage = chat(
+        deployment.url,
+        messages=[
+            {"role": "system", "content": "You write Python."},
+            {"role": "user", "content": "def add(a, b):"},
+        ],
+        max_tokens=8,
+        temperature=0.0,
+    ).json()
+    assert response.usage.input_tokens == chat_usage["usage"]["prompt_tokens"]
+    assert response.output_text == chat_usage["choices"][0]["message"]["content"]
+
+    events = list(
+        client.responses.create(
+            model=deployment.name,
+            input=[
+                {"role": "system", "content": "You write Python."},
+                {"role": "user", "content": [{"type": "input_text", "text": "def add(a, b):"}]},
+            ],
+            max_output_tokens=8,
+            temperature=0.0,
+            stream=True,
+        )
+    )
+    kinds = [e.type for e in events]
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert kinds[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        f"response.{response.status}",
+    ]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == response.output_text == events[-1].response.output_text
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model=deployment.name, input="x", previous_response_id="resp_1")
+    assert err.value.body["param"] == "previous_response_id"
+    assert "stores no responses" in err.value.body["message"]
+
+
+def test_tokenize_round_trip(deployment):
+    url = deployment.url
+    text = "def main():\n    return 42\n"
+    tokens = httpx.post(f"{url}/tokenize", json={"prompt": text, "return_token_strs": True}).json()
+    assert tokens["count"] == len(tokens["tokens"]) >= 2
+    assert tokens["max_model_len"] == deployment.config.model.max_seq_len
+    assert "".join(tokens["token_strs"]) == text
+    # the ids are the ones generation uses: echo with logprobs names the same tokens
+    echoed = complete(url, prompt=tokens["tokens"], max_tokens=0, echo=True, logprobs=0).json()
+    assert echoed["choices"][0]["text"] == text
+    back = httpx.post(f"{url}/detokenize", json={"tokens": tokens["tokens"]}).json()
+    assert back == {"prompt": text}
+    messages = [{"role": "user", "content": "hi"}]
+    chat_tokens = httpx.post(f"{url}/tokenize", json={"messages": messages}).json()
+    usage = chat(url, messages=messages, max_tokens=1).json()["usage"]
+    assert chat_tokens["count"] == usage["prompt_tokens"]
+    bad = httpx.post(f"{url}/detokenize", json={"tokens": [10**9]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+
+
+@pytest.mark.parametrize(
+    "route,body",
+    [
+        ("/v1/responses", {"input": "x", "max_output_tokens": 2, "reasoning": {}, "foo": 1}),
+        ("/tokenize", {"prompt": "x", "add_special_tokens": True, "bogus": 1}),
+        ("/detokenize", {"tokens": [1], "bogus": 1}),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 2, "bogus": 1, "other": 2}),
+    ],
+)
+def test_unknown_fields_are_named(deployment, route, body):
+    response = httpx.post(f"{deployment.url}{route}", json=body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "unknown_field"
+    known = set(body) - {"reasoning", "foo", "bogus", "other"}
+    unknown = sorted(set(body) - known)
+    assert error["param"] in unknown
+    for name in unknown:
+        assert repr(name) in error["message"]
+
+
+def test_every_route_answers_its_declared_model(deployment):
+    """Each route's response (and each streamed chunk) parses as the pydantic model its route
+    declares in the OpenAPI schema: the handlers return those models, never loose dicts."""
+    from serving import schemas
+
+    url = deployment.url
+    openapi = httpx.get(f"{url}/openapi.json").json()
+
+    def declared(path: str, method: str) -> type:
+        ref = openapi["paths"][path][method]["responses"]["200"]["content"]["application/json"]
+        return getattr(schemas, ref["schema"]["$ref"].rsplit("/", 1)[1])
+
+    messages = [{"role": "user", "content": "def f("}]
+    calls = [
+        ("get", "/healthz", None),
+        ("get", "/readyz", None),
+        ("get", "/v1/models", None),
+        ("post", "/v1/completions", {"prompt": ["a", "b"], "max_tokens": 3, "logprobs": 2}),
+        (
+            "post",
+            "/v1/completions",
+            {"prompt": "a b", "max_tokens": 0, "echo": True, "logprobs": 1},
+        ),
+        ("post", "/v1/chat/completions", {"messages": messages, "max_tokens": 3, "logprobs": True}),
+        ("post", "/v1/responses", {"input": "def f(", "max_output_tokens": 3}),
+        ("post", "/v1/score", {"text": "def f(x): return x"}),
+        ("post", "/tokenize", {"prompt": "def f("}),
+        ("post", "/detokenize", {"tokens": [5, 6]}),
+    ]
+    for method, path, body in calls:
+        response = httpx.request(method, f"{url}{path}", json=body, timeout=60)
+        assert response.status_code == 200, (path, response.text)
+        declared(path, method).model_validate_json(response.content)  # raises on any mismatch
+    checked = {path for _, path, _ in calls}
+    served = {p for p in openapi["paths"] if p != "/metrics"}
+    assert served == checked, f"routes without a response check: {served - checked}"
+    chunk_models = {
+        "/v1/completions": schemas.CompletionStreamResponse,
+        "/v1/chat/completions": schemas.ChatCompletionStreamResponse,
+        "/v1/responses": schemas.ResponseEvent,
+    }
+    for path, body in [
+        ("/v1/completions", {"prompt": "a", "max_tokens": 3, "logprobs": 1}),
+        ("/v1/chat/completions", {"messages": messages, "max_tokens": 3}),
+        ("/v1/responses", {"input": "a", "max_output_tokens": 3}),
+    ]:
+        body = {**body, "stream": True}
+        if path != "/v1/responses":
+            body["stream_options"] = {"include_usage": True}
+        with httpx.stream("POST", f"{url}{path}", json=body, timeout=60) as stream:
+            data = [line[6:] for line in stream.iter_lines() if line.startswith("data: ")]
+        assert data, path
+        for payload in data:
+            if payload != "[DONE]":
+                chunk_models[path].model_validate_json(payload)
 
 
 def _running(url: str) -> float:
