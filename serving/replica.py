@@ -13,6 +13,8 @@ version and switches once it is warm; request limits apply to the next request.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import sys
 import time
@@ -79,6 +81,12 @@ def with_user_config(config: Config, user_config: dict[str, Any]) -> Config:
     return config_from_dict(container)
 
 
+def settings_digest(user_config: dict[str, Any]) -> str:
+    """A short digest of a ``user_config``: ``/readyz`` reports the one a replica serves, so a
+    deployer can wait until an in-place update has reached it."""
+    return hashlib.sha256(json.dumps(user_config, sort_keys=True).encode()).hexdigest()[:16]
+
+
 class Replica:
     """The state one replica's HTTP routes read (:func:`serving.api.build_asgi_app`).
 
@@ -108,6 +116,9 @@ class Replica:
         self._switched = asyncio.Event()
         self._attempted = asyncio.Event()
         self._loader: asyncio.Task | None = None
+        # digest of the user_config being applied / fully applied (limits set, models warm)
+        self._pending_settings: str | None = None
+        self.settings: str | None = None
 
     async def start(self) -> None:
         """Start loading; returns after the first attempt (loaded, or unready and retrying)."""
@@ -120,6 +131,7 @@ class Replica:
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apply Serve's ``user_config``; a version switch returns once the new version serves."""
         config = with_user_config(self.config, user_config)
+        self._pending_settings = settings_digest(user_config)
         was_ready = self.ready
         self.apply(config, revision=str(user_config.get("revision", "")))
         if was_ready:
@@ -142,10 +154,14 @@ class Replica:
         )
         self._desired = desired
         if desired == self._applied:
-            self._switched.set()  # only request limits changed: nothing to load
+            self._switch_done()  # only request limits changed: nothing to load
             return
         self._switched.clear()
         self._wake.set()
+
+    def _switch_done(self) -> None:
+        self.settings = self._pending_settings
+        self._switched.set()
 
     def _make_engine(self, loaded, quantize: str, label: str, settings: EngineSettings) -> Engine:
         return make_engine(loaded, quantize, label, settings, self.device)
@@ -179,7 +195,7 @@ class Replica:
                 self.ready_at = time.time()
             self.metrics.set_ready(True)
             if desired is self._desired:
-                self._switched.set()
+                self._switch_done()
             self._attempted.set()
 
     def check_health(self) -> None:

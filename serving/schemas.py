@@ -686,6 +686,8 @@ class ReadyResponse(BaseModel):
     versions: dict[str, str]
     queued_sequences: int
     last_error: str | None = None
+    # digest of the user_config this replica serves (serving.replica.settings_digest)
+    settings: str | None = None
 
 
 class NotReadyResponse(BaseModel):

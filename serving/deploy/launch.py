@@ -11,6 +11,8 @@ from ray import serve
 
 from components.config import Config
 from serving.app import make_application
+from serving.deploy.config import serve_config, user_config
+from serving.replica import settings_digest
 
 PROXY_START_TIMEOUT_S = 180.0
 
@@ -100,9 +102,39 @@ def deploy(
     return base + ("" if prefix == "/" else prefix.rstrip("/"))
 
 
-def wait_ready(app_url: str, timeout_s: float = 180.0, expect_version: str | None = None) -> dict:
-    """Poll ``/readyz`` until 200 (and, if given, the champion is ``expect_version``); returns its
-    body."""
+def apply_config(
+    config: Config, dashboard_url: str, model_uri: str | None = None, *, revision: str = ""
+) -> str:
+    """Deploy or update the app declaratively, as ``serve deploy`` of the Serve config file does
+    (Ray's public Serve REST API, ``PUT /api/serve/applications/`` on the dashboard); returns the
+    app's base URL once the replicas serve these settings.
+
+    Unlike ``serve.run``, an update that changes only ``user_config`` (the ``serve`` and
+    ``registry`` sections: limits, canary, quantisation, a new alias target) reaches the running
+    replicas in place through ``reconfigure``: no replica is replaced. Other applications of the
+    cluster are left alone unless they too were deployed through this API (Serve then deletes the
+    ones missing from the file, which holds only this app).
+    """
+    base = ensure_serve(config.serve.host, config.serve.port, config.serve.proxy_location)
+    document = serve_config(config, model_uri, revision=revision)
+    response = httpx.put(f"{dashboard_url}/api/serve/applications/", json=document, timeout=60.0)
+    if response.status_code != 200:
+        raise RuntimeError(f"Serve refused the config ({response.status_code}): {response.text}")
+    prefix = config.serve.route_prefix
+    app_url = base + ("" if prefix == "/" else prefix.rstrip("/"))
+    wait_ready(app_url, expect_settings=settings_digest(user_config(config, model_uri, revision)))
+    return app_url
+
+
+def wait_ready(
+    app_url: str,
+    timeout_s: float = 180.0,
+    expect_version: str | None = None,
+    expect_settings: str | None = None,
+) -> dict:
+    """Poll ``/readyz`` until 200 (and, if given, the champion is ``expect_version`` and the
+    replica serves the ``user_config`` whose :func:`settings_digest` is ``expect_settings``);
+    returns its body."""
     deadline = time.monotonic() + timeout_s
     last = "no answer"
     while time.monotonic() < deadline:
@@ -112,7 +144,9 @@ def wait_ready(app_url: str, timeout_s: float = 180.0, expect_version: str | Non
             if response.status_code == 200:
                 body = response.json()
                 champion = next(iter(body.get("versions", {}).values()), None)
-                if expect_version is None or champion == str(expect_version):
+                version_ok = expect_version is None or champion == str(expect_version)
+                settings_ok = expect_settings is None or body.get("settings") == expect_settings
+                if version_ok and settings_ok:
                     return body
         except httpx.HTTPError as err:
             last = f"{type(err).__name__}: {err}"

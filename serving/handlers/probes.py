@@ -34,6 +34,7 @@ def readiness(replica) -> Response:
             versions={card_id: served.version for card_id, served, _ in cards},
             queued_sequences=replica.engine_loop.queued,
             last_error=replica.store.last_error or None,
+            settings=replica.settings,
         )
     )
 

@@ -79,15 +79,30 @@ def deployment(ray_session, serve_port, tmp_path_factory):
     from ray import serve
 
     from fixtures.tiny_model import register_tiny_models
-    from serving.deploy.launch import deploy, wait_ready
 
     tmp = tmp_path_factory.mktemp("serving")
     config = serving_config(tmp, serve_port)
     registrations = register_tiny_models(config, versions=2, work_dir=tmp / "work")
-    url = deploy(config)
-    wait_ready(url, timeout_s=120)
+    # declaratively (the Serve config file through Serve's REST API): the tests that change
+    # settings then reconfigure the one replica in place instead of replacing it
+    url = apply(config)
     yield Deployment(config, url, [r.version for r in registrations])
     serve.delete(config.serve.app_name)
+
+
+def apply(config: Config, revision: str = "") -> str:
+    """``serve deploy`` of ``config``'s Serve config file; returns once the replica serves it."""
+    import os
+
+    from pipelines.runtime import API_SERVER_ENV
+    from serving.deploy.launch import apply_config
+
+    return apply_config(config, os.environ[API_SERVER_ENV], revision=revision)
+
+
+def replica_identity(url: str) -> tuple[str, int]:
+    health = httpx.get(f"{url}/healthz").json()
+    return health["replica"], health["pid"]
 
 
 def complete(url: str, **body) -> httpx.Response:
@@ -1149,10 +1164,12 @@ def test_unready_until_model_exists_then_auth_protects_all_but_probes(deployment
 
 def test_canary_split(deployment):
     from components.config import with_overrides
-    from serving.deploy.launch import deploy
 
     fraction, n = 0.3, 240
-    deploy(with_overrides(deployment.config, {"serve.canary_fraction": fraction}))
+    before = replica_identity(deployment.url)
+    apply(with_overrides(deployment.config, {"serve.canary_fraction": fraction}))
+    # in place: the same replica loaded the challenger beside the champion
+    assert replica_identity(deployment.url) == before
     models = {m["id"]: m for m in httpx.get(f"{deployment.url}/v1/models").json()["data"]}
     challenger = models[f"{deployment.name}@challenger"]
     assert (
@@ -1182,7 +1199,8 @@ def test_canary_split(deployment):
         assert (
             f'moeops_generated_tokens_total{{model_version="{deployment.name}/{version}"' in metrics
         )
-    deploy(deployment.config)  # canary off again
+    apply(deployment.config)  # canary off again
+    assert replica_identity(deployment.url) == before
 
 
 def _stream_until(url: str, stop: threading.Event, body: dict) -> int:
@@ -1202,12 +1220,11 @@ def _stream_until(url: str, stop: threading.Event, body: dict) -> int:
 
 def test_queue_limit_answers_429_and_replica_stays_ready(deployment):
     """serve.max_queued_sequences: a request beyond it gets 429 with Retry-After, /readyz stays 200,
-    and the replica serves again once the queue drains (checked before the redeploy replaces it)."""
+    and the replica serves again once the queue drains."""
     from components.config import with_overrides
-    from serving.deploy.launch import deploy
 
     url = deployment.url
-    deploy(with_overrides(deployment.config, {"serve.max_queued_sequences": 4}))
+    apply(with_overrides(deployment.config, {"serve.max_queued_sequences": 4}))
     stop = threading.Event()
     long = {"max_tokens": LONG, "ignore_eos": True, "n": 4}
     pool = ThreadPoolExecutor(2)
@@ -1249,18 +1266,17 @@ def test_queue_limit_answers_429_and_replica_stays_ready(deployment):
     finally:
         stop.set()
         pool.shutdown(wait=True)
-        deploy(deployment.config)
+        apply(deployment.config)
 
 
 def test_int8_quantized_replica(deployment):
     from components.config import with_overrides
-    from serving.deploy.launch import deploy
 
     url = deployment.url
     fp32 = httpx.post(f"{url}/v1/score", json={"text": "def main():\n    return 0\n"}).json()[
         "perplexity"
     ]
-    deploy(with_overrides(deployment.config, {"serve.quantize": "int8"}))
+    apply(with_overrides(deployment.config, {"serve.quantize": "int8"}))
     try:
         r = complete(url, prompt="def main(", max_tokens=6, seed=1)
         assert r.status_code == 200 and r.headers[VERSION_HEADER].endswith("-int8"), r.headers
@@ -1269,14 +1285,12 @@ def test_int8_quantized_replica(deployment):
         ]
         assert abs(int8 - fp32) / fp32 < 0.2  # dynamic int8 barely moves perplexity
     finally:
-        deploy(deployment.config)
+        apply(deployment.config)
     assert not complete(url, prompt="x", max_tokens=1).headers[VERSION_HEADER].endswith("-int8")
 
 
 def test_version_switch_under_continuous_requests(deployment):
     from mlflow import MlflowClient
-
-    from serving.deploy.launch import deploy
 
     url, (v1, v2) = deployment.url, deployment.versions
     stop = threading.Event()
@@ -1302,9 +1316,9 @@ def test_version_switch_under_continuous_requests(deployment):
         MlflowClient(deployment.config.tracking.uri).set_registered_model_alias(
             deployment.name, "champion", v2
         )
-        # a rolling update: the replacement takes traffic once warm, the old replica finishes its
-        # requests
-        deploy(deployment.config, revision=v2)
+        # in place: the replica loads v2 beside v1 and switches once it is warm; requests that
+        # started on v1 finish on it
+        apply(deployment.config, revision=v2)
         switched_at = time.monotonic()
         time.sleep(2.0)
     finally:
@@ -1322,18 +1336,13 @@ def test_version_switch_under_continuous_requests(deployment):
 # --------------------------------------------------------------------------- bounded load
 
 
-def _replica_identity(url: str) -> tuple[str, int]:
-    health = httpx.get(f"{url}/healthz").json()
-    return health["replica"], health["pid"]
-
-
 def test_bounded_load_32_clients_mixed(deployment):
     """32 clients for 30 s of mixed requests (completions, chat, streamed, n=2, logprobs) on
     loopback:
     zero errors, every response complete, and the same replica process throughout."""
     from ray import serve
 
-    url, before = deployment.url, _replica_identity(deployment.url)
+    url, before = deployment.url, replica_identity(deployment.url)
     duration_s, clients = 30.0, 32
     statuses: list[tuple[str, int]] = []
     incomplete: list[str] = []
@@ -1392,7 +1401,7 @@ def test_bounded_load_32_clients_mixed(deployment):
     )
     assert not incomplete, incomplete[:3]
     assert {route for route, _ in statuses} == {"/v1/completions", "/v1/chat/completions"}
-    assert _replica_identity(url) == before, "the replica restarted under load"
+    assert replica_identity(url) == before, "the replica restarted under load"
     status = serve.status().applications[deployment.config.serve.app_name]
     assert status.status == "RUNNING"
     assert httpx.get(f"{url}/readyz").status_code == 200
@@ -1471,30 +1480,35 @@ def test_deploy_stage_writes_serve_config_and_smoke_tests(deployment, tmp_path):
 
 
 def test_replica_log_has_no_per_request_errors(deployment):
-    """After every request of this module (streamed, cancelled, rejected, reconfigured) the
-    replica's
-    stdout/stderr hold no "Future exception was never retrieved" (asyncio's note of a dropped
-    error)."""
+    """After every request of this module (streamed, cancelled, rejected, reconfigured) the logs
+    of every replica the module started, live or stopped, hold no "Future exception was never
+    retrieved" (asyncio's note of a dropped error). Read from Ray's worker log files, found by
+    each replica actor's pid through Ray's state API, so a stopped replica's log counts too."""
     import ray
-    from ray.util.state import get_log, list_actors
+    from ray.util.state import get_log, list_actors, list_logs
 
-    prefix = f"ServeReplica:{deployment.config.serve.app_name}:"
+    address = ray.get_runtime_context().gcs_address  # this cluster: other Rays may run here
+    apps = (deployment.config.serve.app_name, "moeops-gated", "moeops-stage")
     replicas = [
         a
-        for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
-        if a.class_name.startswith(prefix)
+        for a in list_actors(address=address, limit=10_000, detail=True)
+        if any(a.class_name.startswith(f"ServeReplica:{app}:") for app in apps) and a.pid
     ]
-    assert replicas, "no live replica of the app found through Ray's state API"
+    started = {a.class_name.split(":")[1] for a in replicas}
+    assert started == set(apps), f"replicas found only for {started}"
+    read = 0
     for actor in replicas:
         for suffix in ("err", "out"):
-            # this cluster by address: other Ray instances may run on the machine
-            text = "".join(
-                get_log(
-                    address=ray.get_runtime_context().gcs_address,
-                    actor_id=actor.actor_id,
-                    suffix=suffix,
-                    tail=-1,
-                )
+            files = list_logs(
+                address=address, node_id=actor.node_id, glob_filter=f"worker-*-{actor.pid}.{suffix}"
             )
-            assert "never retrieved" not in text, text[text.find("never retrieved") - 2000 :][:4000]
+            for name in [f for group in files.values() for f in group]:
+                text = "".join(
+                    get_log(address=address, node_id=actor.node_id, filename=name, tail=-1)
+                )
+                read += 1
+                assert "never retrieved" not in text, text[text.find("never retrieved") - 2000 :][
+                    :4000
+                ]
+    assert read >= 2 * len(replicas), f"{read} log files for {len(replicas)} replicas"
     assert httpx.get(f"{deployment.url}/readyz").status_code == 200
