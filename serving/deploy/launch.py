@@ -3,10 +3,16 @@ benchmark)."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import httpx
 import ray
+import yaml
 from ray import serve
 
 from components.config import Config
@@ -105,25 +111,38 @@ def deploy(
 def apply_config(
     config: Config, dashboard_url: str, model_uri: str | None = None, *, revision: str = ""
 ) -> str:
-    """Deploy or update the app declaratively, as ``serve deploy`` of the Serve config file does
-    (Ray's public Serve REST API, ``PUT /api/serve/applications/`` on the dashboard); returns the
-    app's base URL once the replicas serve these settings.
+    """Deploy or update the app declaratively: ``serve deploy`` of the Serve config file (Ray's
+    public CLI, which sends it to the Serve REST API of the cluster's dashboard and adds Ray's
+    auth token); returns the app's base URL once the replicas serve these settings.
 
     Unlike ``serve.run``, an update that changes only ``user_config`` (the ``serve`` and
     ``registry`` sections: limits, canary, quantisation, a new alias target) reaches the running
     replicas in place through ``reconfigure``: no replica is replaced. Other applications of the
-    cluster are left alone unless they too were deployed through this API (Serve then deletes the
-    ones missing from the file, which holds only this app).
+    cluster are left alone unless they too were deployed from a config file (Serve then deletes
+    the ones missing from this file, which holds only this app).
     """
     base = ensure_serve(config.serve.host, config.serve.port, config.serve.proxy_location)
     document = serve_config(config, model_uri, revision=revision)
-    response = httpx.put(f"{dashboard_url}/api/serve/applications/", json=document, timeout=60.0)
-    if response.status_code != 200:
-        raise RuntimeError(f"Serve refused the config ({response.status_code}): {response.text}")
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="serve-config-") as file:
+        yaml.safe_dump(document, file, sort_keys=False)
+        file.flush()
+        command = [_serve_cli(), "deploy", file.name, "--address", dashboard_url]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    if result.returncode != 0:
+        raise RuntimeError(f"serve deploy failed: {(result.stderr or result.stdout)[-2000:]}")
     prefix = config.serve.route_prefix
     app_url = base + ("" if prefix == "/" else prefix.rstrip("/"))
     wait_ready(app_url, expect_settings=settings_digest(user_config(config, model_uri, revision)))
     return app_url
+
+
+def _serve_cli() -> str:
+    """Ray's ``serve`` command of this interpreter's environment."""
+    beside = Path(sys.executable).with_name("serve")
+    found = str(beside) if beside.exists() else shutil.which("serve")
+    if not found:
+        raise FileNotFoundError("Ray's `serve` command is not installed beside this Python")
+    return found
 
 
 def wait_ready(
