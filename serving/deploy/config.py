@@ -85,9 +85,18 @@ def app_args(config: Config, model_uri: str | None = None) -> dict[str, Any]:
 
 
 def serve_config(
-    config: Config, model_uri: str | None = None, *, revision: str = ""
+    config: Config,
+    model_uri: str | None = None,
+    *,
+    revision: str = "",
+    args_from: Config | None = None,
 ) -> dict[str, Any]:
-    """The Serve config-file dict (``serve deploy``, RayService ``serveConfigV2``)."""
+    """The Serve config-file dict (``serve deploy``, RayService ``serveConfigV2``).
+
+    ``args_from``: the config the running application was deployed with. Serve replaces the
+    replicas when ``args`` change (they are part of its code version) and reconfigures them in
+    place when only ``user_config`` does, so an update of settings keeps the first ``args``.
+    """
     s = config.serve
     return {
         "proxy_location": s.proxy_location,
@@ -97,7 +106,7 @@ def serve_config(
                 "name": s.app_name,
                 "route_prefix": s.route_prefix,
                 "import_path": IMPORT_PATH,
-                "args": app_args(config, model_uri),
+                "args": app_args(args_from or config, model_uri),
                 "deployments": [deployment_options(config, model_uri, revision)],
             }
         ],

@@ -109,7 +109,12 @@ def deploy(
 
 
 def apply_config(
-    config: Config, dashboard_url: str, model_uri: str | None = None, *, revision: str = ""
+    config: Config,
+    dashboard_url: str,
+    model_uri: str | None = None,
+    *,
+    revision: str = "",
+    args_from: Config | None = None,
 ) -> str:
     """Deploy or update the app declaratively: ``serve deploy`` of the Serve config file (Ray's
     public CLI, which sends it to the Serve REST API of the cluster's dashboard and adds Ray's
@@ -117,12 +122,13 @@ def apply_config(
 
     Unlike ``serve.run``, an update that changes only ``user_config`` (the ``serve`` and
     ``registry`` sections: limits, canary, quantisation, a new alias target) reaches the running
-    replicas in place through ``reconfigure``: no replica is replaced. Other applications of the
+    replicas in place through ``reconfigure``: no replica is replaced, as long as the file's
+    ``args`` stay those of the first deployment (``args_from``). Other applications of the
     cluster are left alone unless they too were deployed from a config file (Serve then deletes
     the ones missing from this file, which holds only this app).
     """
     base = ensure_serve(config.serve.host, config.serve.port, config.serve.proxy_location)
-    document = serve_config(config, model_uri, revision=revision)
+    document = serve_config(config, model_uri, revision=revision, args_from=args_from)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="serve-config-") as file:
         yaml.safe_dump(document, file, sort_keys=False)
         file.flush()

@@ -90,14 +90,16 @@ def deployment(ray_session, serve_port, tmp_path_factory):
     serve.delete(config.serve.app_name)
 
 
-def apply(config: Config, revision: str = "") -> str:
-    """``serve deploy`` of ``config``'s Serve config file; returns once the replica serves it."""
+def apply(config: Config, revision: str = "", base: Config | None = None) -> str:
+    """``serve deploy`` of ``config``'s Serve config file, ``args`` those of ``base`` (the first
+    deployment's); returns once the replica serves it."""
     import os
 
     from pipelines.runtime import API_SERVER_ENV
     from serving.deploy.launch import apply_config
 
-    return apply_config(config, os.environ[API_SERVER_ENV], revision=revision)
+    dashboard = os.environ[API_SERVER_ENV]
+    return apply_config(config, dashboard, revision=revision, args_from=base)
 
 
 def replica_identity(url: str) -> tuple[str, int]:
@@ -419,7 +421,7 @@ def test_logprobs_are_numbers_top_n(deployment):
     assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 6
     assert "".join(lp["tokens"]) == choice["text"]
     assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(6)]
-    for token, value, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+    for _token, value, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
         assert isinstance(value, float) and value <= 0
         assert 3 <= len(top) <= 4 and all(isinstance(v, float) and v <= 0 for v in top.values())
         # greedy: the chosen token is the most likely one
@@ -515,7 +517,7 @@ def test_penalties_change_output_as_specified(deployment):
         counts: dict[int, int] = {}
         for token, top in zip(chosen, tops):
 
-            def adjusted(t: int) -> float:
+            def adjusted(t: int, top=top, freq=freq, counts=counts, presence=presence) -> float:
                 return top[t] - freq * counts.get(t, 0) - presence * (counts.get(t, 0) > 0)
 
             assert all(adjusted(token) >= adjusted(t) - 1e-4 for t in top), (
@@ -1167,7 +1169,10 @@ def test_canary_split(deployment):
 
     fraction, n = 0.3, 240
     before = replica_identity(deployment.url)
-    apply(with_overrides(deployment.config, {"serve.canary_fraction": fraction}))
+    apply(
+        with_overrides(deployment.config, {"serve.canary_fraction": fraction}),
+        base=deployment.config,
+    )
     # in place: the same replica loaded the challenger beside the champion
     assert replica_identity(deployment.url) == before
     models = {m["id"]: m for m in httpx.get(f"{deployment.url}/v1/models").json()["data"]}
@@ -1199,7 +1204,7 @@ def test_canary_split(deployment):
         assert (
             f'moeops_generated_tokens_total{{model_version="{deployment.name}/{version}"' in metrics
         )
-    apply(deployment.config)  # canary off again
+    apply(deployment.config, base=deployment.config)  # canary off again
     assert replica_identity(deployment.url) == before
 
 
@@ -1224,7 +1229,9 @@ def test_queue_limit_answers_429_and_replica_stays_ready(deployment):
     from components.config import with_overrides
 
     url = deployment.url
-    apply(with_overrides(deployment.config, {"serve.max_queued_sequences": 4}))
+    apply(
+        with_overrides(deployment.config, {"serve.max_queued_sequences": 4}), base=deployment.config
+    )
     stop = threading.Event()
     long = {"max_tokens": LONG, "ignore_eos": True, "n": 4}
     pool = ThreadPoolExecutor(2)
@@ -1266,7 +1273,7 @@ def test_queue_limit_answers_429_and_replica_stays_ready(deployment):
     finally:
         stop.set()
         pool.shutdown(wait=True)
-        apply(deployment.config)
+        apply(deployment.config, base=deployment.config)
 
 
 def test_int8_quantized_replica(deployment):
@@ -1276,7 +1283,7 @@ def test_int8_quantized_replica(deployment):
     fp32 = httpx.post(f"{url}/v1/score", json={"text": "def main():\n    return 0\n"}).json()[
         "perplexity"
     ]
-    apply(with_overrides(deployment.config, {"serve.quantize": "int8"}))
+    apply(with_overrides(deployment.config, {"serve.quantize": "int8"}), base=deployment.config)
     try:
         r = complete(url, prompt="def main(", max_tokens=6, seed=1)
         assert r.status_code == 200 and r.headers[VERSION_HEADER].endswith("-int8"), r.headers
@@ -1285,7 +1292,7 @@ def test_int8_quantized_replica(deployment):
         ]
         assert abs(int8 - fp32) / fp32 < 0.2  # dynamic int8 barely moves perplexity
     finally:
-        apply(deployment.config)
+        apply(deployment.config, base=deployment.config)
     assert not complete(url, prompt="x", max_tokens=1).headers[VERSION_HEADER].endswith("-int8")
 
 
@@ -1318,7 +1325,7 @@ def test_version_switch_under_continuous_requests(deployment):
         )
         # in place: the replica loads v2 beside v1 and switches once it is warm; requests that
         # started on v1 finish on it
-        apply(deployment.config, revision=v2)
+        apply(deployment.config, revision=v2, base=deployment.config)
         switched_at = time.monotonic()
         time.sleep(2.0)
     finally:
@@ -1337,18 +1344,21 @@ def test_version_switch_under_continuous_requests(deployment):
 
 
 def test_bounded_load_32_clients_mixed(deployment):
-    """32 clients for 30 s of mixed requests (completions, chat, streamed, n=2, logprobs) on
-    loopback:
-    zero errors, every response complete, and the same replica process throughout."""
+    """32 clients for 10 s of mixed requests (completions, chat, responses, streamed, n=2,
+    logprobs) on loopback: zero errors, every response complete, and the same replica process
+    throughout. (10 s: each client sends several requests of every shape; longer adds time, not
+    checks.)"""
     from ray import serve
 
     url, before = deployment.url, replica_identity(deployment.url)
-    duration_s, clients = 30.0, 32
+    duration_s, clients = 10.0, 32
     statuses: list[tuple[str, int]] = []
     incomplete: list[str] = []
 
     def shape(i: int, n: int) -> tuple[str, dict]:
-        kind = (i + n) % 4
+        kind = (i + n) % 5
+        if kind == 4:
+            return "/v1/responses", {"input": f"r{i}", "max_output_tokens": 8, "stream": True}
         if kind == 0:
             return "/v1/completions", {"prompt": f"load {i} {n}", "max_tokens": 8, "seed": n}
         if kind == 1:
@@ -1378,11 +1388,13 @@ def test_bounded_load_32_clients_mixed(deployment):
             route, body = shape(i, n)
             r = await http.post(f"{url}{route}", json=body)
             statuses.append((route, r.status_code))
-            if (
-                r.status_code == 200
-                and body.get("stream")
-                and not r.text.rstrip().endswith("data: [DONE]")
-            ):
+            ends = (
+                ("event: response.completed", "event: response.incomplete")
+                if route == "/v1/responses"
+                else ("data: [DONE]",)
+            )
+            tail = r.text[-4000:]
+            if r.status_code == 200 and body.get("stream") and not any(e in tail for e in ends):
                 incomplete.append(r.text[-200:])
             elif r.status_code == 200 and not body.get("stream") and not r.json()["choices"]:
                 incomplete.append(r.text[:200])
@@ -1400,7 +1412,11 @@ def test_bounded_load_32_clients_mixed(deployment):
         f"{len(errors)} errors of {len(statuses)}: {set(errors)}"
     )
     assert not incomplete, incomplete[:3]
-    assert {route for route, _ in statuses} == {"/v1/completions", "/v1/chat/completions"}
+    assert {route for route, _ in statuses} == {
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/responses",
+    }
     assert replica_identity(url) == before, "the replica restarted under load"
     status = serve.status().applications[deployment.config.serve.app_name]
     assert status.status == "RUNNING"
