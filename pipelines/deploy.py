@@ -25,8 +25,8 @@ from components.tracking.registry import get_version
 from components.tracking.stages import StageContext, StageSpec
 from pipelines._cli import stage_main
 from pipelines.outputs import DeployOutputs, RegisterOutputs
-from serving.middleware import token_from_env
 from serving.deploy.config import resolved_model_uri, serve_config
+from serving.middleware import token_from_env
 
 SMOKE_MAX_TOKENS = 8
 
