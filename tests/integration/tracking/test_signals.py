@@ -179,9 +179,9 @@ def test_serving_deploy_stopped_with_sigterm_ends_its_runs(
 
     from components.config import load_config
     from components.tracking.stages import StageSpec
+    from fixtures.tiny_model import register_tiny_models
     from pipelines.outputs import RegisterOutputs
     from pipelines.pipeline import run_pipeline
-    from serving.tiny_model import register_tiny_models
 
     app = "moeops-signal-test"
     overrides = [
