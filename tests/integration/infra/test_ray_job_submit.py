@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from fixtures.tiny import SMALL
 from pipelines.runtime import API_SERVER_ENV, free_port
 
 pytestmark = pytest.mark.integration
@@ -241,7 +242,7 @@ def test_tiny_pipeline_via_ray_job_submit(ray_head, tmp_path):
         "python",
         "-m",
         "pipelines.run",
-        "experiment=tiny",
+        *SMALL,  # experiment=tiny at the smallest data and model sizes (fixtures/tiny.py)
         "cluster=remote",
         f"paths.root={root}",
         f"serve.port={serve_port}",

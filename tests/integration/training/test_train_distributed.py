@@ -10,7 +10,6 @@ is being written. The half-way EP=2 checkpoint is then loaded at EP=1 (reshardin
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -18,17 +17,13 @@ import torch
 from mlflow import MlflowClient
 
 from components.config import load_config
+from fixtures.tiny import SMALL_MODEL
 
 pytestmark = pytest.mark.integration
 
 MAX_STEPS = 6
 TINY = [
-    "experiment=tiny",
-    "data.max_files=20",
-    "data.max_bytes=300000",
-    "data.vocab_size=512",
-    "model.dim=32",
-    "model.ffn_dim=64",
+    *SMALL_MODEL,
     "train.num_workers=2",
     "train.expert_parallel_size=2",
     "tune.trial_num_workers=2",
@@ -44,20 +39,19 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory, ray_session):
-    """A prepared tiny dataset, an MLflow store and an experiment shared by this module's runs."""
-    from components.data.build import prepare_dataset
-
+def workspace(tmp_path_factory, ray_session, small_dataset):
+    """The session's prepared small dataset, an MLflow store and an experiment shared by this
+    module's runs."""
     root = tmp_path_factory.mktemp("train-dist")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     base = [
+        *small_dataset.overrides,
         *TINY,
         f"paths.root={root}",
         f"tracking.uri={uri}",
         f"tracking.artifact_location={(root / 'mlartifacts').as_uri()}",
     ]
-    config = load_config(base)
-    manifest = prepare_dataset(config.data, config.storage).manifest
+    manifest = small_dataset.manifest
     client = MlflowClient(uri)
     experiment_id = client.create_experiment(
         "train-tests", artifact_location=(root / "mlartifacts").as_uri()
@@ -128,8 +122,10 @@ def test_loss_falls_and_everything_is_logged(workspace, reference):
     # the stage's result carries the MoE figures of the last logging interval
     assert 1.0 <= result.metrics["moe/load_max_over_mean"] <= 8.0
     assert 0.0 <= result.metrics["moe/dropped_fraction"] < 1.0
+    # EP=2 on gloo: the all-to-all is timed (wall time of its futures), so the fraction is a
+    # number (NaN only where nothing is measured: a single rank)
     exposed = result.metrics["comm/exposed_fraction"]
-    assert math.isnan(exposed) or 0.0 <= exposed <= 1.0
+    assert 0.0 <= exposed <= 1.0, exposed
     assert result.metrics["skipped_steps"] == 0.0
     # the export holds every expert, whatever the training EP size
     from components.model.export import load_export
