@@ -93,9 +93,9 @@ FULL = {
 QUICK = {
     "gib": 0.016,
     "shard_mb": 2,
-    "seq_len": 512,
-    "batch_size": 16,
-    "repeats": 1,
+    "seq_len": 2048,
+    "batch_size": 32,
+    "repeats": 2,
     "wait_batch": 16,
     "wait_steps": 120,
     "compute_dim": 128,
