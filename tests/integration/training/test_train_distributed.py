@@ -295,6 +295,9 @@ def test_ep2_checkpoint_reshards_to_ep1(workspace, stopped):
     assert set(load_full_model_state(ckpt_dir)) == set(model.state_dict())
 
 
+# a cluster of its own (three nodes, started in a subprocess) plus two worker-group starts: 1.5-3
+# minutes on the 2 cores whatever the model size, so `make test-all` (CI) runs it, `make test` not
+@pytest.mark.slow
 def test_node_loss_finishes_from_the_latest_checkpoint(workspace, reference, tmp_path):
     """Three Ray nodes on this machine (its own cluster, in a subprocess); a watcher thread there
     removes the node holding both training workers once rank 0 has logged a random step; the run
