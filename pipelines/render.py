@@ -148,6 +148,7 @@ def _ray_env(config: Config) -> list[dict[str, str]]:
     }
     if config.storage.endpoint_url:
         env["MOEOPS_S3_ENDPOINT"] = config.storage.endpoint_url
+    env.update({k: str(v) for k, v in config.train.nccl_env.items()})  # NCCL, flight recorder
     return [{"name": k, "value": v} for k, v in env.items()]
 
 

@@ -49,6 +49,11 @@ def test_bench_moe_quick(tmp_path):
     # overlap figures are not floored: at this size on 2 loaded cores on/off swung from 0.71 to
     # 1.07 between two runs.
     assert result["moe_vs_dense_ratio_cpu_time"] >= 0.3, result["moe_vs_dense_ratio_cpu_time"]
+    # part 3: activation memory falls with checkpointing; the compiled step was timed
+    memory = result["activation_bytes_per_token"]
+    assert memory["full"] < memory["selective"] < memory["none"]
+    assert math.isfinite(result["compile_vs_eager_step_ratio"])
+    assert result["compile_vs_eager_step_ratio"] > 0
     # counted during real forwards: the one sync of expert parallelism, none for grouped_mm alone
     syncs = result["host_syncs"]
     assert syncs["expert_parallel_overlap_on"]["total"] == 1
