@@ -14,7 +14,7 @@ ARGS ?=
 export RAY_USAGE_STATS_ENABLED ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup run test test-unit test-integration lint bench mlflow-ui mlflow-server serve render config-docs torch-spec clean
+.PHONY: help setup run test test-all test-unit test-integration lint bench mlflow-ui mlflow-server serve render config-docs torch-spec clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 20
@@ -39,7 +39,10 @@ setup: $(STAMP)  ## create .venv and install moeops with its dev and bench extra
 run: $(STAMP)  ## the whole pipeline on embedded defaults (ARGS="experiment=tiny ..." for overrides)
 	$(PY) -m pipelines.run $(ARGS)
 
-test: $(STAMP)  ## the whole test suite
+test: $(STAMP)  ## the fast suite: every test but those marked slow (make test-all runs those too)
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+test-all: $(STAMP)  ## the whole test suite, slow tests included (what .ci/run runs)
 	$(PY) -m pytest -q $(ARGS)
 
 lint: $(STAMP)  ## ruff check and ruff format --check (configured in pyproject.toml)
