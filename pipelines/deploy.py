@@ -36,7 +36,7 @@ def run(ctx: StageContext) -> DeployOutputs:
     from serving.deploy.launch import deploy, wait_ready
 
     config = ctx.config
-    if config.serve.engine == "vllm":  # Ray Serve LLM on GPU replicas (serving/llm_app.py)
+    if config.serve.engine == "vllm":  # Ray Serve LLM on GPU replicas (serving/deploy/llm_app.py)
         from pipelines import deploy_vllm
 
         return deploy_vllm.run(ctx)

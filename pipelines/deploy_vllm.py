@@ -1,5 +1,5 @@
 """The deploy stage with ``serve.engine=vllm``: Ray Serve LLM (vLLM) serves the version's Hugging
-Face export on GPU replicas (serving/llm_app.py; docs/serving.md, "Two engines").
+Face export on GPU replicas (serving/deploy/llm_app.py; docs/serving.md, "Two engines").
 
 Everything that can fail without a cluster is checked before Ray starts: the config (GPU
 replicas, validated at load), the bearer-token refusal, the registry alias and the version's HF
@@ -18,7 +18,7 @@ import yaml
 from components.tracking.stages import StageContext
 from pipelines.outputs import DeployOutputs
 from serving.deploy.config import resolved_model_uri
-from serving.llm_app import (
+from serving.deploy.llm_app import (
     build_llm_app,
     check_auth,
     deploy_llm_app,

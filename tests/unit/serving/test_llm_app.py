@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 from components.config import ConfigError, load_config
 from components.tracking.hf_artifact import log_version_hf
 from fixtures.tiny_model import register_tiny_models
-from serving.llm_app import (
+from serving.deploy.llm_app import (
     IMPORT_PATH,
     VllmUnavailable,
     build_llm_app,
