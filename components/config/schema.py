@@ -98,6 +98,12 @@ class ModelConfig:
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
     shared_expert: bool = False
+    # constant multiplier of the routed experts' gate weights (DeepSeek-V3's
+    # routed_scaling_factor). With top_k > 1 the renormalised weights sum to 1, so the routed
+    # output is a convex combination of k experts of width ffn_dim while the dense equivalent sums
+    # k x ffn_dim hidden units; a factor restores the dense output scale. Folds exactly into each
+    # expert's down projection (w2) on export.
+    routed_scaling_factor: float = 1.0
     # DeepSeek-V3 auxiliary-loss-free balancing: a per-expert router bias (selection only, never
     # the gate weights) moved by bias_update_rate * sign(mean load - load) once per optimizer
     # step, from the step's expert counts summed over its micro-batches and all ranks.

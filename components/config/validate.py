@@ -69,6 +69,8 @@ def validate(cfg: Config) -> None:
                 f"model.moe_layer_interval={m.moe_layer_interval}: exceeds model.n_layers ({m.n_layers}), "
                 "so no layer would be MoE (use model.kind=dense for that)"
             )
+        if m.routed_scaling_factor <= 0:
+            p.append(f"model.routed_scaling_factor={m.routed_scaling_factor}: must be > 0")
         for key in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
             if getattr(m, key) < 0:
                 p.append(f"model.{key}={getattr(m, key)}: must be >= 0")

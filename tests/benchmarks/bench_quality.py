@@ -213,6 +213,8 @@ def train_lockstep(
             if step % eval_every == 0 or step == steps:
                 for trainee in trainees:
                     trainee.evaluate(val_batches, step * tokens_per_step)
+                losses = " ".join(f"{t.curve.name}={t.curve.val_loss[-1]:.4f}" for t in trainees)
+                print(f"  seed {seed} step {step}: {losses}", flush=True)
     finally:
         reader.close()
     return {t.curve.name: t.curve for t in trainees}
@@ -423,7 +425,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ablate", action="store_true", help="ablation rows instead")
     parser.add_argument("--variant", action="append", default=[], help="NAME:OVERRIDE,...")
     parser.add_argument("--lr", type=float, default=3e-3, help="--ablate: one lr for every row")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args(argv)
+    # one thread: on a shared machine a second thread per process mostly waits for a core
+    torch.set_num_threads(args.threads)
     quick = args.quick
     args.steps = args.steps or (12 if quick else 400)
     args.eval_every = args.eval_every or (4 if quick else 50)
