@@ -235,6 +235,11 @@ class RegistryConfig:
     min_improvement: float = 0.0
     champion_alias: str = "champion"
     challenger_alias: str = "challenger"
+    # With no earlier champion, promote the challenger only when its held-out val_loss is below
+    # its dense equivalent's (the evaluate stage's dense baseline, same data and steps): an MoE
+    # that loses to the dense model of equal active size is no reason to serve it. false: the
+    # first challenger is promoted whatever it scores (the reason says so).
+    require_dense_win: bool = True
 
 
 @dataclass

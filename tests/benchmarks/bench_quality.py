@@ -385,7 +385,9 @@ def ablate(args, root: Path, overrides: list[str]) -> dict:
             if name.startswith("dense"):
                 cfg = with_model(cfg, dense_equivalent(cfg.model))
             runs[name] = cfg
-        curves = train_lockstep(runs, manifest, seed, args.steps, args.eval_every, args.eval_batches)
+        curves = train_lockstep(
+            runs, manifest, seed, args.steps, args.eval_every, args.eval_batches
+        )
         for name, curve in curves.items():
             rows.setdefault(name, []).append(curve)
             print(f"seed {seed} {name}: {curve.final:.4f}", flush=True)
@@ -405,7 +407,12 @@ def ablate(args, root: Path, overrides: list[str]) -> dict:
             else None,
         }
     return {
-        "settings": {"overrides": overrides, "steps": args.steps, "lr": args.lr, "seeds": args.seeds},
+        "settings": {
+            "overrides": overrides,
+            "steps": args.steps,
+            "lr": args.lr,
+            "seeds": args.seeds,
+        },
         "rows": out,
     }
 
