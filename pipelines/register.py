@@ -7,8 +7,8 @@ MLflow UI shows training run -> logged model -> version. It always gets
 ``registry.challenger_alias``; ``registry.champion_alias`` moves to it only when it beats the
 current champion on ``registry.metric`` by ``registry.min_improvement`` (both measured by the
 evaluate stage on the same held-out batches). With no earlier champion it moves only when the
-MoE's held-out loss is below its dense equivalent's (``registry.require_dense_win``). The decision and its reason are tags of this run
-and of the version.
+MoE's held-out loss is below its dense equivalent's (``registry.require_dense_win``). The
+decision and its reason are tags of this run and of the version.
 """
 
 from __future__ import annotations

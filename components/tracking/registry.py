@@ -201,7 +201,10 @@ def decide_promotion(
     if candidate is None or not math.isfinite(candidate):
         return False, f"refused: candidate {metric}={candidate!r} is missing or not finite"
     if champion is None or not math.isfinite(champion):
-        first = f"no comparable champion (champion {metric}={champion!r}); candidate {metric}={candidate:.6g}"
+        first = (
+            f"no comparable champion (champion {metric}={champion!r}); "
+            f"candidate {metric}={candidate:.6g}"
+        )
         if dense_gate is None:
             return True, f"promoted: {first}; the dense-baseline gate is off"
         moe_loss, dense_loss = dense_gate
