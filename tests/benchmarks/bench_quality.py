@@ -17,8 +17,9 @@ step times alike (``moe_step_time_vs_dense`` is a ratio of medians measured side
 these logged curves (:func:`summarise`); the curves, the loss-vs-tokens plot and the keys go to
 one MLflow run.
 
-Learning rate: a small sweep (``--lrs``) on seed ``--seeds[0]``, each model keeps its own best
-(lowest final val loss); then every seed trains at those rates (seed 0's sweep run is reused).
+Learning rate: a small sweep (``--lrs``): every (lr, seed) pair trains in lockstep, ``--jobs``
+processes at a time; each model keeps the lr with its lowest final val loss averaged over
+``--seeds``, and the figures compare the two at their own lrs seed by seed.
 """
 
 from __future__ import annotations
@@ -322,46 +323,77 @@ def log_to_mlflow(tracking_uri: str, result: dict, curves: list[tuple[Curve, Cur
 # ----------------------------------------------------------------------------- modes
 
 
-def benchmark(args, root: Path, overrides: list[str]) -> dict:
+def _pair(
+    root: Path, overrides: list[str], steps: int, lr: float, seed: int, every: int, batches: int
+) -> tuple[Curve, Curve]:
+    """The MoE and its dense equivalent at one lr and seed, in lockstep (one process's job)."""
+    torch.set_num_threads(1)
     manifest = prepare(root, overrides)
+    moe_cfg = configs(root, overrides, steps, lr)
+    runs = {"moe": moe_cfg, "dense": with_model(moe_cfg, dense_equivalent(moe_cfg.model))}
+    curves = train_lockstep(runs, manifest, seed, steps, every, batches)
+    return curves["moe"], curves["dense"]
+
+
+def benchmark(args, root: Path, overrides: list[str]) -> dict:
+    """Every (lr, seed) pair in lockstep, ``--jobs`` processes at a time; each model then keeps
+    the lr with the lowest final val loss averaged over the seeds, and the figures compare the
+    two at their own lrs seed by seed (same seed = same batches in the same order)."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    prepare(root, overrides)  # once, before the jobs read it
     steps, seeds = args.steps, args.seeds
+    grid = [(lr, seed) for lr in args.lrs for seed in seeds]
+    job = (root, overrides, steps)
+    tail = (args.eval_every, args.eval_batches)
+    if args.jobs > 1:
+        with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(_pair, *job, lr, seed, *tail) for lr, seed in grid]
+            results = [f.result() for f in futures]
+    else:
+        results = [_pair(*job, lr, seed, *tail) for lr, seed in grid]
+    by_key = dict(zip(grid, results))
 
-    def pair(lr_moe: float, lr_dense: float, seed: int) -> tuple[Curve, Curve]:
-        moe_cfg = configs(root, overrides, steps, lr_moe)
-        dense_cfg = configs(root, overrides, steps, lr_dense)
-        dense_cfg = with_model(dense_cfg, dense_equivalent(dense_cfg.model))
-        runs = {"moe": moe_cfg, "dense": dense_cfg}
-        curves = train_lockstep(runs, manifest, seed, steps, args.eval_every, args.eval_batches)
-        return curves["moe"], curves["dense"]
+    def mean_final(lr: float, which: int) -> float:
+        return statistics.fmean(by_key[lr, seed][which].final for seed in seeds)
 
-    # the sweep: both models at every lr in lockstep on the first seed
-    sweep = [pair(lr, lr, seeds[0]) for lr in args.lrs]
-    best_moe = min(sweep, key=lambda p: p[0].final)[0]
-    best_dense = min(sweep, key=lambda p: p[1].final)[1]
+    moe_lr = min(args.lrs, key=lambda lr: mean_final(lr, 0))
+    dense_lr = min(args.lrs, key=lambda lr: mean_final(lr, 1))
     print(
-        "lr sweep (final val loss):",
-        {lr: (round(m.final, 4), round(d.final, 4)) for lr, (m, d) in zip(args.lrs, sweep)},
+        "lr sweep (final val loss, mean over seeds, MoE / dense):",
+        {lr: (round(mean_final(lr, 0), 4), round(mean_final(lr, 1), 4)) for lr in args.lrs},
         flush=True,
     )
-    pairs = [(best_moe, best_dense)]
-    for seed in seeds[1:]:
-        pairs.append(pair(best_moe.lr, best_dense.lr, seed))
+    pairs = [(by_key[moe_lr, seed][0], by_key[dense_lr, seed][1]) for seed in seeds]
     per_seed = [summarise(m, d) for m, d in pairs]
+    # step time: measured side by side within each lockstep run (alternating order), so machine
+    # load hits both alike; the median over all runs of the sweep
+    step_ratio = statistics.median(
+        statistics.median(m.step_s) / statistics.median(d.step_s) for m, d in results
+    )
+    for row in per_seed:
+        row["moe_step_time_vs_dense"] = step_ratio
     return {
         "settings": {
             "overrides": overrides,
             "steps": steps,
             "seeds": seeds,
             "lrs": args.lrs,
-            "moe_lr": best_moe.lr,
-            "dense_lr": best_dense.lr,
+            "moe_lr": moe_lr,
+            "dense_lr": dense_lr,
             "eval_every": args.eval_every,
             "eval_batches": args.eval_batches,
-            "tokens_per_step": pairs[0][0].tokens[0] // min(args.eval_every, steps),
+            "tokens_per_step": pairs[0][0].tokens[-1] // steps,
         },
         "sweep": [
-            {"lr": lr, "moe_val_loss": m.final, "dense_val_loss": d.final}
-            for lr, (m, d) in zip(args.lrs, sweep)
+            {
+                "lr": lr,
+                "seed": seed,
+                "moe_val_loss": by_key[lr, seed][0].final,
+                "dense_val_loss": by_key[lr, seed][1].final,
+            }
+            for lr, seed in grid
         ],
         "per_seed": per_seed,
         "spread": spread(per_seed),
@@ -433,15 +465,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--variant", action="append", default=[], help="NAME:OVERRIDE,...")
     parser.add_argument("--lr", type=float, default=3e-3, help="--ablate: one lr for every row")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--jobs", type=int, default=2, help="lockstep runs in parallel")
     args = parser.parse_args(argv)
     # one thread: on a shared machine a second thread per process mostly waits for a core
     torch.set_num_threads(args.threads)
     quick = args.quick
-    args.steps = args.steps or (12 if quick else 400)
-    args.eval_every = args.eval_every or (4 if quick else 50)
-    args.eval_batches = args.eval_batches or (2 if quick else 16)
-    args.seeds = args.seeds or ([0, 1] if quick else [0, 1])
-    args.lrs = args.lrs or ([3e-3, 1e-2] if quick else [2e-3, 4e-3, 8e-3])
+    args.steps = args.steps or (12 if quick else 200)
+    args.eval_every = args.eval_every or (4 if quick else 25)
+    args.eval_batches = args.eval_batches or (2 if quick else 8)
+    args.seeds = args.seeds or [0, 1]
+    args.lrs = args.lrs or ([3e-3, 1e-2] if quick else [3e-3, 6e-3])
     overrides = (QUICK_OVERRIDES if quick else DEFAULT_OVERRIDES) + args.override
 
     with tempfile.TemporaryDirectory() as tmp:
