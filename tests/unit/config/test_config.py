@@ -131,7 +131,7 @@ def test_appended_unknown_key_is_rejected(tmp_path):
 
 def test_all_problems_reported_at_once(tmp_path):
     with pytest.raises(ConfigError) as err:
-        load_config(["model.top_k=9", "serve.canary_fraction=-1", f"paths.root={tmp_path}"])
+        load_config(["model.top_k=17", "serve.canary_fraction=-1", f"paths.root={tmp_path}"])
     assert len(err.value.problems) == 2
 
 
