@@ -28,6 +28,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet -c $(VENV)/constraints.txt $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) \
 		"$(TORCH_SPEC)" -e '.[dev,bench]'
 	$(PY) -c 'import torch; print("torch", torch.__version__)'
+	@# mosaicml-streaming (bench extra) pulls PyPI's torchvision, built against PyPI's CUDA torch: beside
+	@# the CPU build it fails on import ("operator torchvision::nms does not exist") and transformers then
+	@# refuses every model class. Nothing here uses torchvision, so a wheel that cannot load is removed.
+	$(PY) -c 'import torchvision' 2>/dev/null || $(PY) -m pip uninstall --quiet -y torchvision
 	@touch $(STAMP)
 
 setup: $(STAMP)  ## create .venv and install moeops with its dev and bench extras

@@ -36,6 +36,10 @@ def run(ctx: StageContext) -> DeployOutputs:
     from serving.launch import deploy, wait_ready
 
     config = ctx.config
+    if config.serve.engine == "vllm":  # Ray Serve LLM on GPU replicas (serving/llm_app.py)
+        from pipelines import deploy_vllm
+
+        return deploy_vllm.run(ctx)
     model_uri = resolved_model_uri(config)
     champion = get_version(
         model_uri, ctx.tracking_uri

@@ -271,6 +271,9 @@ class ServeConfig:
 
     name: str = "local"
     app_name: str = "moeops"
+    # "moeops": the embedded engine (CPU or GPU, every route of docs/serving.md); "vllm": Ray Serve
+    # LLM (vLLM) on GPU replicas, serving the version's Hugging Face export (serving/llm_app.py)
+    engine: str = "moeops"
     host: str = "127.0.0.1"
     port: int = 8000
     route_prefix: str = "/"

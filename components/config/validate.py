@@ -247,6 +247,19 @@ def validate(cfg: Config) -> None:
             f"serve.max_tokens={s.max_tokens}: serve.max_prompt_tokens ({s.max_prompt_tokens}) + serve.max_tokens "
             f"must fit in the context, model.max_seq_len ({m.max_seq_len})"
         )
+    _one_of(p, "serve.engine", s.engine, ("moeops", "vllm"))
+    if s.engine == "vllm":
+        if s.num_gpus < 1 or s.num_gpus != int(s.num_gpus):
+            p.append(
+                f"serve.engine='vllm' needs GPU replicas: serve.num_gpus={s.num_gpus} must be a "
+                "whole number >= 1 (each replica's vLLM engine, tensor-parallel over that many "
+                "GPUs); vLLM does not run on CPU: use serve.engine=moeops there"
+            )
+        if s.quantize == "int8":
+            p.append(
+                "serve.quantize='int8' is moeops' own int8 path; with serve.engine='vllm' set "
+                "serve.quantize=auto or none (vLLM serves the export's weights)"
+            )
     if not 0 <= s.canary_fraction <= 1:
         p.append(f"serve.canary_fraction={s.canary_fraction}: must be in [0, 1]")
     _one_of(

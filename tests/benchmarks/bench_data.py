@@ -110,8 +110,8 @@ def synthetic_shard(rows: int, row_len: int, seed: int) -> np.ndarray:
 
 def import_streaming():
     """mosaicml-streaming's ``streaming.base`` without the package ``__init__``: that one also
-    imports ``streaming.vision`` -> torchvision, whose wheel in this venv does not match torch
-    (``operator torchvision::nms does not exist``); the benchmark needs only the base classes."""
+    imports ``streaming.vision`` -> torchvision, which `make setup` removes where PyPI's wheel does
+    not match the CPU torch build (see the Makefile); the benchmark needs only the base classes."""
     if "streaming" not in sys.modules:
         spec = importlib.util.find_spec("streaming")
         if spec is None:

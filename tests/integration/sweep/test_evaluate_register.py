@@ -1,10 +1,15 @@
 """train -> evaluate -> register as stages on local Ray: the report's MoE / dense / champion
 figures,
-the champion gate through the stages, and a registered version's lineage tags."""
+the champion gate through the stages, a registered version's lineage tags and its Hugging Face
+directory."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -13,8 +18,10 @@ from mlflow import MlflowClient
 
 from components.config import load_config
 from components.model.export import load_export
+from components.tracking.hf_artifact import TAG_HF_ARCHITECTURE, TAG_HF_URI
 from components.tracking.registry import TAG_DECISION, load_registered
 from components.tracking.stages import outputs_of_run
+from fixtures.hf_loader import load_without_moeops
 from pipelines.evaluate import SPEC as EVALUATE
 from pipelines.outputs import PrepareOutputs
 from pipelines.pipeline import run_pipeline
@@ -114,6 +121,36 @@ def test_evaluate_report_and_registry_gate(sweep_env, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(
             loaded.model(tokens)[0], trained_model.model(tokens)[0], rtol=0, atol=0
+        )
+
+    # The version's Hugging Face directory: logged by the register stage, downloaded with the
+    # mlflow CLI, loaded by transformers in a process that cannot import moeops, same logits.
+    hf_uri = version.tags[TAG_HF_URI]
+    assert hf_uri == f"runs:/{first.stages['register'].run_id}/hf"
+    assert version.tags[TAG_HF_ARCHITECTURE] == "Ernie4_5_MoeForCausalLM"
+    downloaded = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("mlflow")),
+            "artifacts",
+            "download",
+            "-u",
+            hf_uri,
+            "-d",
+            str(tmp_path / "hf-download"),
+        ],
+        env={**os.environ, "MLFLOW_TRACKING_URI": sweep_env.tracking_uri},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert downloaded.returncode == 0, downloaded.stderr
+    hf_dir = Path(downloaded.stdout.strip().splitlines()[-1])
+    assert (hf_dir / "config.json").is_file() and (hf_dir / "tokenizer_config.json").is_file()
+    got = load_without_moeops(hf_dir, tokens.tolist(), "def main(")
+    assert got["ids"] == loaded.tokenizer.encode("def main(")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            torch.tensor(got["logits"]), loaded.model(tokens)[0], atol=1e-4, rtol=0
         )
 
     # Round 2: the same model again, now against a champion: the report holds the champion's
