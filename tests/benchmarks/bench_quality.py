@@ -302,11 +302,21 @@ def plot_curves(curves: list[tuple[Curve, Curve]], out_path: Path) -> Path:
     return save_figure(fig, out_path)
 
 
-def log_to_mlflow(tracking_uri: str, result: dict, curves: list[tuple[Curve, Curve]], out_dir):
+def log_to_mlflow(
+    tracking_uri: str,
+    result: dict,
+    curves: list[tuple[Curve, Curve]],
+    out_dir,
+    artifact_location: str | None = None,
+):
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment("moeops-bench-quality")
+    name = "moeops-bench-quality"
+    if artifact_location and mlflow.get_experiment_by_name(name) is None:
+        # beside the sqlite store, not in ./mlruns of whatever directory the bench ran from
+        mlflow.create_experiment(name, artifact_location=artifact_location)
+    mlflow.set_experiment(name)
     with mlflow.start_run(run_name="bench-quality") as run:
         mlflow.log_params({k: v for k, v in result["settings"].items() if not isinstance(v, list)})
         for moe, dense in curves:
@@ -487,7 +497,8 @@ def main(argv: list[str] | None = None) -> dict:
             result = benchmark(args, root, overrides)
             pairs = result.pop("_pairs")
             tracking = args.tracking_uri or f"sqlite:///{root}/mlflow.db"
-            result["mlflow_run_id"] = log_to_mlflow(tracking, result, pairs, root)
+            artifacts = None if args.tracking_uri else (root / "mlartifacts").as_uri()
+            result["mlflow_run_id"] = log_to_mlflow(tracking, result, pairs, root, artifacts)
             result["goals"] = GOALS
         result["wall_s"] = time.perf_counter() - started
     text = json.dumps(result, indent=2, default=float)
