@@ -96,7 +96,8 @@ def _time_cuda(fn, device, iters: int) -> float:
 def check_grouped_mm(results: dict, device, quick: bool) -> None:
     check = Check(results, "grouped_mm_equals_loop")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    E, D, H, rows = (4, 64, 128, 256) if quick else (8, 1024, 2048, 8192)
+    # moe_small's real shapes at EP 1: 16 experts of 768 -> 2048, 8 x 1024 tokens x top-2 rows
+    E, D, H, rows = (4, 64, 128, 256) if quick else (16, 768, 2048, 16384)
     torch.manual_seed(0)
     loop = GroupedExperts(E, D, H, "loop").to(device)
     with torch.no_grad():
@@ -370,8 +371,235 @@ def overlap_benchmark(results: dict, device, rank: int, world: int, group, quick
 
 
 # ----------------------------------------------------------------------------- driver
+# dense bf16 tensor-core peak (no sparsity), FLOP/s, by device name; unknown devices get no MFU
+BF16_PEAK = {
+    "H200": 989e12,
+    "H100 SXM": 989e12,
+    "H100 80GB HBM3": 989e12,
+    "H100 NVL": 835e12,
+    "H100 PCIe": 756e12,
+    "B200": 2250e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+}
+
+
+def bf16_peak(name: str) -> float | None:
+    """The device's dense bf16 peak from its name (longest matching key), None if unknown."""
+    hits = [key for key in BF16_PEAK if key in name]
+    return BF16_PEAK[max(hits, key=len)] if hits else None
+
+
+def step_flops(model, tokens: int, seq: int) -> float:
+    """Training FLOPs of one step: 6 x active parameters per token (forward 2, backward 4), plus
+    attention's score and value products, 12 x layers x dim x seq per token (PaLM's count, not
+    halved for causality)."""
+    cfg = model.cfg
+    return tokens * (6 * model.num_params(active=True) + 12 * cfg.n_layers * cfg.dim * seq)
+
+
+def _full_model_cfg(quick: bool, kind: str = "moe") -> ModelConfig:
+    """moe_small's shape (conf/model/moe_small.yaml) at full size; a small one for --quick."""
+    if quick:
+        return ModelConfig(
+            name="quick",
+            dim=64,
+            n_heads=4,
+            n_layers=2,
+            ffn_dim=128,
+            num_experts=4,
+            top_k=2,
+            max_seq_len=64,
+            shared_expert=True,
+            dropless=True,
+            kind=kind,
+        )
+    return ModelConfig(
+        name="moe_small",
+        dim=768,
+        n_layers=12,
+        n_heads=12,
+        ffn_dim=2048,
+        max_seq_len=2048,
+        num_experts=16,
+        top_k=2,
+        capacity_factor=1.25,
+        shared_expert=True,
+        kind=kind,
+    )
+
+
+def check_full_model_step(results: dict, device, quick: bool) -> None:
+    """A full-model training step of moe_small and of its dense equivalent (equal active
+    parameters) as `train=gpu` runs it on one GPU: bf16 autocast, fp32 master weights, AdamW
+    (fused on CUDA), selective activation checkpointing. tokens/s, MFU against the device's bf16
+    peak, peak memory; then the GPU's logits and gradients against the same model on the CPU."""
+    from components.config.schema import TrainConfig
+    from components.model.transformer import dense_equivalent
+    from components.training.loss import chunked_cross_entropy
+    from components.training.optim import build_optimizer
+
+    check = results["full_model_step"] = {"passed": True, "problems": []}
+    vocab, batch, seq, steps = (256, 2, 32, 3) if quick else (32768, 8, 1024, 10)
+    peak = bf16_peak(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    moe_cfg = _full_model_cfg(quick)
+    for name, cfg in (("moe", moe_cfg), ("dense", dense_equivalent(moe_cfg))):
+        torch.manual_seed(0)
+        model = Transformer(cfg, vocab).to(device)
+        model.configure_training("selective")
+        optimizer = build_optimizer(model, TrainConfig(lr=1e-4))
+        gen = torch.Generator().manual_seed(1)
+        data = torch.randint(0, vocab, (batch, seq + 1), generator=gen).to(device)
+
+        def step(model=model, optimizer=optimizer, data=data):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits, aux = model(data[:, :-1])
+            loss = chunked_cross_entropy(logits, data[:, 1:])  # as the training step does
+            (loss + aux["aux_loss"] + aux["z_loss"]).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss.detach()
+
+        step()  # warm-up: allocations, kernels
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            loss = step()
+        float(loss)  # waits for the last step
+        seconds = (time.perf_counter() - start) / steps
+        flops = step_flops(model, batch * seq, seq)
+        check[name] = {
+            "model": cfg.name,
+            "params_total": model.num_params(),
+            "params_active": model.num_params(active=True),
+            "tokens_per_step": batch * seq,
+            "step_s": seconds,
+            "tokens_per_s": batch * seq / seconds,
+            "tflops_per_s": flops / seconds / 1e12,
+            "mfu": flops / seconds / peak if peak else None,
+            "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9
+            if device.type == "cuda"
+            else None,
+            "loss": float(loss),
+        }
+        if not torch.isfinite(loss):
+            check["passed"] = False
+            check["problems"].append(f"{name}: loss {float(loss)}")
+        if device.type == "cuda" and name == "moe":
+            check["sync_debug"] = _sync_debug(model, step, data)
+            if check["sync_debug"]["counted"] != check["sync_debug"]["expected"]:
+                check["passed"] = False
+                check["problems"].append(f"host syncs in a bf16 step: {check['sync_debug']}")
+        del model, optimizer
+    check["moe_vs_dense_tokens_per_s"] = (
+        check["moe"]["tokens_per_s"] / check["dense"]["tokens_per_s"]
+    )
+    check["bf16_peak_flops"] = peak
+    if device.type == "cuda":
+        _gpu_vs_cpu(check, device, moe_cfg, vocab, quick)
+
+
+def _sync_debug(model, step, data) -> dict:
+    """Host syncs of one whole bf16 training step (forward, chunked loss, backward, fused AdamW),
+    reported by CUDA's own detector (``torch.cuda.set_sync_debug_mode``). Documented: none when
+    the experts run as grouped GEMM (the single-rank path keeps group sizes on the device), one
+    per MoE layer with the loop backend (its counts read to the host); docs/model.md."""
+    import warnings as _warnings
+
+    probe = data[:1, :-1].reshape(-1, 1).float()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        grouped = model.moe_layers()[0].experts.uses_grouped_mm(probe.expand(-1, model.cfg.dim))
+    expected = 0 if grouped else len(model.moe_layers())
+    with _warnings.catch_warnings(record=True) as caught:
+        _warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+    return {
+        "backend": "grouped_mm" if grouped else "loop",
+        "expected": expected,
+        "counted": len(syncs),
+        "first": syncs[:3],
+    }
+
+
+def _gpu_vs_cpu(check: dict, device, cfg: ModelConfig, vocab: int, quick: bool) -> None:
+    """fp32 (TF32 off) logits and gradients of the full model on the GPU vs on the CPU."""
+    torch.manual_seed(0)
+    cpu_model = Transformer(cfg, vocab)
+    gpu_model = Transformer(cfg, vocab).to(device)
+    gpu_model.load_state_dict(cpu_model.state_dict())
+    batch = torch.randint(
+        0, vocab, (1, (32 if quick else 256) + 1), generator=torch.Generator().manual_seed(2)
+    )
+    grads = []
+    for model, dev in ((cpu_model, torch.device("cpu")), (gpu_model, device)):
+        logits, aux = model(batch[:, :-1].to(dev))
+        loss = F.cross_entropy(logits.reshape(-1, vocab), batch[:, 1:].reshape(-1).to(dev))
+        loss.backward()
+        grads.append(
+            (logits.detach().cpu(), {n: p.grad.cpu() for n, p in model.named_parameters()})
+        )
+    (cpu_logits, cpu_grads), (gpu_logits, gpu_grads) = grads
+    logit_err = (cpu_logits - gpu_logits).abs().max().item()
+    grad_err = max(
+        ((cpu_grads[n] - gpu_grads[n]).norm() / cpu_grads[n].norm().clamp(min=1e-12)).item()
+        for n in cpu_grads
+    )
+    check["gpu_vs_cpu"] = {"logits_max_abs": logit_err, "grads_max_rel": grad_err}
+    if logit_err > 1e-3 or grad_err > 1e-3:
+        check["passed"] = False
+        check["problems"].append(f"GPU vs CPU: logits {logit_err:.2e}, grads {grad_err:.2e}")
+
+
+def versions() -> dict:
+    """torch, CUDA runtime, cuDNN, NCCL and the driver (from nvidia-smi, when present)."""
+    import shutil
+    import subprocess
+
+    out = {
+        "torch": torch.__version__,
+        "cuda_runtime": torch.version.cuda,
+        "python": sys.version.split()[0],
+    }
+    if torch.cuda.is_available():
+        out["cudnn"] = torch.backends.cudnn.version()
+        nccl = torch.cuda.nccl.version() if dist.is_nccl_available() else None
+        out["nccl"] = ".".join(map(str, nccl)) if isinstance(nccl, tuple) else nccl
+    if shutil.which("nvidia-smi"):
+        query = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version,name,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        out["driver"] = query.stdout.strip().splitlines()[0] if query.returncode == 0 else None
+    return out
+
+
+def hf_checks(device: str) -> dict:
+    """transformers / vLLM greedy parity (infra/gpu_check_hf.py); skipped where that module or its
+    libraries are missing (a bare torch machine)."""
+    if device != "cuda":  # its CPU rehearsal is tests/unit/infra/test_gpu_check_hf.py
+        return {"status": "skipped: CPU rehearsal"}
+    try:
+        from infra.gpu_check_hf import run_hf_checks
+    except ModuleNotFoundError as err:  # only the module's absence: its own errors propagate
+        return {"status": f"skipped: {err.name} not importable"}
+    return run_hf_checks(device)
+
+
 def _worker(rank: int, world: int, port: int, opts: dict, out_dir: str) -> None:
-    device = torch.device("cuda", rank) if opts["device"] == "cuda" else torch.device("cpu")
+    # one GPU, two ranks (--share-gpu): both on cuda:0 over gloo-on-CUDA, since NCCL refuses two
+    # ranks on one device; with 2+ GPUs one rank per GPU over NCCL
+    shared = opts.get("share_gpu", False)
+    gpu = 0 if shared else rank
+    device = torch.device("cuda", gpu) if opts["device"] == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
         # the fp32 comparisons are against exact fp32, not TF32
@@ -380,7 +608,7 @@ def _worker(rank: int, world: int, port: int, opts: dict, out_dir: str) -> None:
     else:
         torch.set_num_threads(1)
     dist.init_process_group(
-        "nccl" if device.type == "cuda" else "gloo",
+        "nccl" if device.type == "cuda" and not shared else "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=world,
@@ -401,6 +629,8 @@ def _worker(rank: int, world: int, port: int, opts: dict, out_dir: str) -> None:
             lambda: overlap_benchmark(results, device, rank, world, group, quick),
         ),
     ]
+    if rank == 0 and not opts.get("skip_full_model"):
+        steps.insert(0, ("full_model_step", lambda: check_full_model_step(results, device, quick)))
     try:
         for name, run in steps:
             start = time.perf_counter()
@@ -414,16 +644,25 @@ def _worker(rank: int, world: int, port: int, opts: dict, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def _free_port() -> int:
+    """A free TCP port on 127.0.0.1 (no project import beyond components/: the bare mode)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _merge(per_rank: list[dict]) -> dict:
-    """Checks pass only if they pass on every rank; figures of rank 0, problems of all ranks."""
+    """Checks pass only if they pass on every rank; figures of rank 0, problems of all ranks
+    (rank 0 alone runs the single-process full-model step)."""
     merged = {}
     for name, record in per_rank[0].items():
-        problems = [
-            f"rank {r}: {p}" for r, res in enumerate(per_rank) for p in res[name]["problems"]
-        ]
+        ranks = [res for res in per_rank if name in res]
+        problems = [f"rank {r}: {p}" for r, res in enumerate(ranks) for p in res[name]["problems"]]
         merged[name] = {
             **record,
-            "passed": all(res[name]["passed"] for res in per_rank),
+            "passed": all(res[name]["passed"] for res in ranks),
             "problems": problems,
         }
     return merged
@@ -449,6 +688,9 @@ def main(argv: list[str] | None = None) -> int:
         default="cuda",
         help="cpu: rehearse the same checks with gloo processes (no CUDA-only figures)",
     )
+    parser.add_argument(
+        "--skip-full-model", action="store_true", help="leave out the full-model training step"
+    )
     args = parser.parse_args(argv)
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -465,19 +707,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     available = torch.cuda.device_count() if args.device == "cuda" else MAX_GPUS
     world = args.gpus or min(available, MAX_GPUS)
+    # one GPU: two ranks share it (gloo on CUDA), so expert parallelism is really exercised
+    # instead of the model being compared with itself
+    share_gpu = args.device == "cuda" and world == 1
+    if share_gpu:
+        world = 2
+        available = 2
     if not 1 <= world <= min(available, MAX_GPUS):
         print(
             f"gpu-check: --gpus {args.gpus}: this node has {available} usable (at most {MAX_GPUS})",
             file=sys.stderr,
         )
         return 2
-    if args.device == "cuda" and not dist.is_nccl_available():
+    if args.device == "cuda" and not share_gpu and not dist.is_nccl_available():
         print("gpu-check: this torch build has no NCCL", file=sys.stderr)
         return 2
 
     import torch.multiprocessing as mp
-
-    from pipelines.runtime import free_port
 
     print(
         f"gpu-check: {world} {'GPU' if args.device == 'cuda' else 'CPU process'}(es), EP size {world}"
@@ -489,7 +735,17 @@ def main(argv: list[str] | None = None) -> int:
         try:
             mp.spawn(
                 _worker,
-                args=(world, free_port(), {"device": args.device, "quick": args.quick}, tmp),
+                args=(
+                    world,
+                    _free_port(),
+                    {
+                        "device": args.device,
+                        "quick": args.quick,
+                        "share_gpu": share_gpu,
+                        "skip_full_model": args.skip_full_model,
+                    },
+                    tmp,
+                ),
                 nprocs=world,
             )
         except (
@@ -502,9 +758,11 @@ def main(argv: list[str] | None = None) -> int:
     env = {
         "device": args.device,
         "processes": world,
+        "backend": "gloo" if share_gpu or args.device == "cpu" else "nccl",
+        "ranks_share_one_gpu": share_gpu,
         "torch": torch.__version__,
         "quick": args.quick,
-        "seconds": time.perf_counter() - started,
+        **versions(),
     }
     if args.device == "cuda":
         nccl = torch.cuda.nccl.version()
@@ -514,7 +772,9 @@ def main(argv: list[str] | None = None) -> int:
             nccl=".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl),
         )
     passed = all(c["passed"] for c in checks.values())
-    report = {"passed": passed, "environment": env, "checks": checks}
+    hf = hf_checks(args.device)
+    env["seconds"] = time.perf_counter() - started
+    report = {"passed": passed, "environment": env, "checks": checks, "hf": hf}
     text = json.dumps(report, indent=2, default=str)
     if args.json_out:
         Path(args.json_out).write_text(text)
@@ -523,6 +783,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:36s} {status}")
         for problem in check["problems"]:
             print(f"      {problem}")
+    full = checks.get("full_model_step", {})
+    if "moe" in full:
+        print(
+            f"  {'model':12s} {'params':>14s} {'tokens/s':>10s} {'TFLOP/s':>8s} "
+            f"{'MFU':>6s} {'peak GB':>8s}"
+        )
+        for name in ("moe", "dense"):
+            r = full[name]
+            mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+            mem = f"{r['peak_memory_gb']:.1f}" if r["peak_memory_gb"] is not None else "-"
+            params = f"{r['params_total'] / 1e9:.3f}B/{r['params_active'] / 1e9:.3f}B"
+            print(
+                f"  {name:12s} {params:>14s} {r['tokens_per_s']:>10.0f} "
+                f"{r['tflops_per_s']:>8.1f} {mfu:>6s} {mem:>8s}"
+            )
+        print(f"  MoE vs dense tokens/s {full['moe_vs_dense_tokens_per_s']:.2f}")
+    print(f"  hf: {hf.get('status', 'ran')}")
     bench = checks.get("overlap_benchmark", {})
     if "overlap_on_vs_off_step_ratio" in bench:
         print(

@@ -25,15 +25,15 @@ from components.tracking.registry import get_version
 from components.tracking.stages import StageContext, StageSpec
 from pipelines._cli import stage_main
 from pipelines.outputs import DeployOutputs, RegisterOutputs
-from serving.auth import token_from_env
-from serving.deploy_config import resolved_model_uri, serve_config
+from serving.deploy.config import resolved_model_uri, serve_config
+from serving.middleware import token_from_env
 
 SMOKE_MAX_TOKENS = 8
 
 
 def run(ctx: StageContext) -> DeployOutputs:
     from pipelines.runtime import ensure_ray
-    from serving.launch import deploy, wait_ready
+    from serving.deploy.launch import deploy, wait_ready
 
     config = ctx.config
     if config.serve.engine == "vllm":  # Ray Serve LLM on GPU replicas (serving/llm_app.py)

@@ -17,7 +17,7 @@ import yaml
 
 from components.tracking.stages import StageContext
 from pipelines.outputs import DeployOutputs
-from serving.deploy_config import resolved_model_uri
+from serving.deploy.config import resolved_model_uri
 from serving.llm_app import (
     build_llm_app,
     check_auth,

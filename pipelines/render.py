@@ -7,7 +7,7 @@
     cluster.k8s.image=REG/moeops:0.1.0
 
 Each rendering holds a RayJob (the pipeline, entrypoint ``python -m pipelines.run`` with the same
-overrides), a RayService whose ``serveConfigV2`` is :func:`serving.deploy_config.serve_config` of
+overrides), a RayService whose ``serveConfigV2`` is :func:`serving.deploy.config.serve_config` of
 the
 same config (what the deploy stage uses locally), and, unless ``cluster.k8s.tracking_uri`` points at
 an existing server, an MLflow tracking server with a PostgreSQL backend and S3 artifacts.
@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from components.config import Config, ConfigError, load_config
-from serving.deploy_config import serve_config
+from serving.deploy.config import serve_config
 
 REPO = Path(__file__).resolve().parents[1]
 K8S_DIR = REPO / "infra" / "k8s"
@@ -148,6 +148,7 @@ def _ray_env(config: Config) -> list[dict[str, str]]:
     }
     if config.storage.endpoint_url:
         env["MOEOPS_S3_ENDPOINT"] = config.storage.endpoint_url
+    env.update({k: str(v) for k, v in config.train.nccl_env.items()})  # NCCL, flight recorder
     return [{"name": k, "value": v} for k, v in env.items()]
 
 

@@ -120,7 +120,17 @@ def _progress_callback(total: int):
 
 
 class RayTrainSession:
-    """The training loop's view of Ray Train (``components.training.loop.Session``)."""
+    """The training loop's view of Ray Train (``components.training.loop.Session``).
+
+    ``async_upload`` (``train.async_checkpoint``): a reported checkpoint is uploaded to
+    ``train.checkpoint_uri`` in the background (Ray Train's ``CheckpointUploadMode.ASYNC``) while
+    training continues, and its local copy deleted afterwards. Ray Train registers a checkpoint
+    only once every rank's upload has finished, so a worker killed mid-upload leaves the previous
+    checkpoint as the latest: the restarted group resumes from it.
+    """
+
+    def __init__(self, async_upload: bool = False):
+        self.async_upload = async_upload
 
     def device(self, use_gpu: bool):
         import ray.train.torch
@@ -152,11 +162,15 @@ class RayTrainSession:
 
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         step = int(metrics["step"])
+        mode = ray.train.CheckpointUploadMode
         ray.train.report(
             metrics,
             checkpoint=checkpoint,
             # one name per step: every rank's files land in the same directory
             checkpoint_dir_name=f"step_{step:07d}" if checkpoint else None,
+            checkpoint_upload_mode=mode.ASYNC if self.async_upload else mode.SYNC,
+            # the loop hands the directory over: Ray removes it once uploaded
+            delete_local_checkpoint_after_upload=True if checkpoint else None,
         )
 
 
@@ -165,7 +179,7 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
     from components.training.loop import train, unpack_config
 
     config, run = unpack_config(config_dict)
-    train(config, run, RayTrainSession())
+    train(config, run, RayTrainSession(config.train.async_checkpoint))
 
 
 def _local_tokenizer(uri: str, storage, dest: Path) -> Path:

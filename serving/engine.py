@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 
-from components.config.schema import ServeConfig
 from components.model.generate import score as score_tokens
 from components.model.layers import SeqPositions
 from components.model.sampling import SamplingParams, process_and_sample, token_logprobs
@@ -40,6 +39,19 @@ log = logging.getLogger("moeops.serving")
 
 # a forward that pads more than this share of its tokens runs the new prompts separately
 MAX_PADDING_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What an engine is built with (from ``serve.*``); a change builds and warms new engines."""
+
+    max_num_seqs: int  # KV-cache slots: sequences decoded together
+    max_num_batched_tokens: int  # prompt tokens admitted per step
+
+    @classmethod
+    def from_serve(cls, serve_cfg: Any) -> EngineSettings:
+        """From the typed ``serve`` section (components.config.schema.ServeConfig)."""
+        return cls(int(serve_cfg.max_num_seqs), int(serve_cfg.max_num_batched_tokens))
 
 
 @dataclass(frozen=True)
@@ -121,7 +133,9 @@ class Sequence:
 class Engine:
     """A loaded model version with ``max_num_seqs`` KV slots; see the module doc for one step."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, serve_cfg: ServeConfig, label: str = ""):
+    def __init__(
+        self, model: torch.nn.Module, tokenizer, settings: EngineSettings, label: str = ""
+    ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.label = label  # model version, for metrics and logs
@@ -129,8 +143,9 @@ class Engine:
         self.vocab_size = int(model.vocab_size)
         self.eos_id = tokenizer.eos_id
         self.byte_table = token_bytes_table(tokenizer)
-        self.slots = int(serve_cfg.max_num_seqs)
-        self.token_budget = int(serve_cfg.max_num_batched_tokens)
+        self.settings = settings
+        self.slots = settings.max_num_seqs
+        self.token_budget = settings.max_num_batched_tokens
         self.device = model.tok_embeddings.weight.device
         self.cache = model.new_cache(self.slots, max_len=self.max_seq_len)
         self.output_counts = torch.zeros(
@@ -380,11 +395,6 @@ class Engine:
             for seq, out in self.step():
                 results[id(seq)].append(out)
         return [results[id(s)] for s in seqs]
-
-    def generate(self, prompt: str, params: GenerationParams) -> tuple[str, str, int]:
-        """One prompt, unbatched: (text, finish_reason, completion tokens)."""
-        [outs] = self.run_to_completion([self.sequence(self.encode(prompt), params)])
-        return "".join(o.text for o in outs), outs[-1].finish_reason, outs[-1].completion_tokens
 
     def prompt_logprobs(self, token_ids: list[int], top_n: int) -> list[TokenLogprob | None]:
         """log p(token_i | tokens_<i) of a prompt (``echo`` with ``logprobs``); the first is

@@ -30,7 +30,8 @@ log = logging.getLogger("moeops.serving")
 class QueueFull(Exception):
     def __init__(self, queued: int, limit: int):
         super().__init__(
-            f"{queued} sequences already wait for a decoding slot (serve.max_queued_sequences={limit})"
+            f"{queued} sequences already wait for a decoding slot "
+            f"(serve.max_queued_sequences={limit})"
         )
         self.queued, self.limit = queued, limit
 
@@ -217,15 +218,4 @@ def _settle(future: asyncio.Future, result: Any, error: BaseException | None) ->
         future.set_result(result)
 
 
-async def stream_outputs(seq: Sequence):
-    """The StepOutputs of one sequence until its last; an engine error is raised here."""
-    while True:
-        out = await seq.sink.get()
-        if isinstance(out, BaseException):
-            raise out
-        yield out
-        if out.finished:
-            return
-
-
-__all__ = ["EngineLoop", "EngineFailed", "QueueFull", "StepOutput", "stream_outputs"]
+__all__ = ["EngineLoop", "EngineFailed", "QueueFull", "StepOutput"]

@@ -85,7 +85,10 @@ def validation_error(exc: RequestValidationError) -> APIError:
             400, f"request body is not valid JSON: {first.get('msg')}", code="invalid_json"
         )
     if kind == "extra_forbidden":
-        return APIError(400, f"unknown field {param!r}", param=param, code="unknown_field")
+        unknown = [_field_name(tuple(e.get("loc", ()))) for e in errors if e.get("type") == kind]
+        listed = ", ".join(repr(name) for name in unknown)
+        noun = "field" if len(unknown) == 1 else "fields"
+        return APIError(400, f"unknown {noun} {listed}", param=param, code="unknown_field")
     if kind == "missing":
         return APIError(400, f"missing required field {param!r}", param=param, code="missing_field")
     if param is None:

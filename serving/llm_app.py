@@ -39,8 +39,8 @@ import httpx
 from components.config import Config
 from components.tracking.hf_artifact import export_registered_hf, registered_hf
 from components.tracking.registry import VersionInfo, find_version, get_version, parse_model_uri
-from serving.auth import token_from_env
-from serving.deploy_config import challenger_uri, resolved_model_uri
+from serving.middleware import token_from_env
+from serving.model_store import challenger_uri, resolved_model_uri
 
 IMPORT_PATH = "ray.serve.llm:build_openai_app"
 # object stores a Ray Serve LLM replica downloads a model directory from itself (CloudMirrorConfig)
@@ -160,7 +160,7 @@ def llm_serving_args(config: Config, versions: list[ServedVersion]) -> dict[str,
 
 def llm_serve_config(config: Config, versions: list[ServedVersion]) -> dict[str, Any]:
     """The Serve config-file dict of the vLLM application (``serve deploy``, RayService
-    ``serveConfigV2``): the same keys as serving.deploy_config.serve_config."""
+    ``serveConfigV2``): the same keys as serving.deploy.config.serve_config."""
     s = config.serve
     return {
         "proxy_location": s.proxy_location,
@@ -195,7 +195,7 @@ def deploy_llm_app(config: Config, app) -> str:
     returns the application's base URL."""
     from ray import serve
 
-    from serving.launch import ensure_serve
+    from serving.deploy.launch import ensure_serve
 
     base = ensure_serve(config.serve.host, config.serve.port, config.serve.proxy_location)
     prefix = config.serve.route_prefix

@@ -17,10 +17,29 @@ from typing import Any
 
 from components.config import Config
 from components.tracking.registry import VersionInfo, get_version, load_registered, parse_model_uri
+from serving.engine import Engine, EngineSettings
 
 log = logging.getLogger("moeops.serving")
 
 CHAMPION, CHALLENGER, PINNED = "champion", "challenger", "pinned"
+
+
+def champion_uri(config: Config) -> str:
+    return f"models:/{config.registry.model_name}@{config.registry.champion_alias}"
+
+
+def challenger_uri(config: Config) -> str:
+    return f"models:/{config.registry.model_name}@{config.registry.challenger_alias}"
+
+
+def resolved_model_uri(config: Config, model_uri: str | None = None) -> str:
+    """The champion's URI unless ``model_uri`` (or ``serve.model_uri``) names another."""
+    uri = model_uri or config.serve.model_uri or champion_uri(config)
+    if not uri.startswith("models:/"):
+        raise ValueError(
+            f"model_uri={uri!r}: must be models:/<name>@<alias> or models:/<name>/<version>"
+        )
+    return uri
 
 
 @dataclass(frozen=True)
@@ -35,8 +54,6 @@ class ModelSettings:
 
     @classmethod
     def from_config(cls, config: Config) -> ModelSettings:
-        from serving.deploy_config import challenger_uri, resolved_model_uri
-
         s = config.serve
         settings = cls(
             model_uri=resolved_model_uri(config),
@@ -54,7 +71,7 @@ class ServedModel:
     """One loaded, warmed-up version and the engine that decodes with it."""
 
     info: VersionInfo
-    engine: Any  # serving.engine.Engine
+    engine: Engine
     role: str  # champion | challenger | pinned
     quantize: str
 
@@ -85,30 +102,30 @@ class ModelStore:
     def __init__(
         self,
         tracking_uri: str,
-        make_engine: Callable[[Any, str, str], Any],
+        make_engine: Callable[[Any, str, str, EngineSettings], Engine],
         seed: int | None = None,
         device: str = "cpu",
     ):
         self.tracking_uri = tracking_uri
         self.device = device
-        self._make_engine = make_engine  # (LoadedModel, quantize, fingerprint) -> warmed-up Engine
+        # (LoadedModel, quantize, fingerprint, engine settings) -> warmed-up Engine
+        self._make_engine = make_engine
         self._lock = threading.Lock()
         self._rng = random.Random(seed)
         self.champion: ServedModel | None = None
         self.challenger: ServedModel | None = None
         self.settings: ModelSettings | None = None
-        self.shape: tuple = ()
+        self.engine_settings: EngineSettings | None = None
         self.last_error: str = ""
 
     @property
     def ready(self) -> bool:
         return self.champion is not None
 
-    def apply(self, settings: ModelSettings, shape: tuple = ()) -> bool:
+    def apply(self, settings: ModelSettings, engine_settings: EngineSettings) -> bool:
         """Resolve aliases; load and warm up what changed; swap. Returns True if anything changed.
 
-        ``shape``: what an engine is built with (its slot count ...); a new shape rebuilds the
-        engines.
+        New ``engine_settings`` (slot count, token budget) rebuild the engines.
 
         Raises (and keeps serving the current versions) when the champion cannot be resolved or
         loaded.
@@ -124,24 +141,22 @@ class ModelStore:
             champion_info,
             settings.quantize,
             CHAMPION if "@" in settings.model_uri else PINNED,
-            shape,
+            engine_settings,
         )
         challenger = None
         if challenger_info is not None and challenger_info.version != champion_info.version:
-            challenger = self._load_or_reuse(challenger_info, settings.quantize, CHALLENGER, shape)
+            challenger = self._load_or_reuse(
+                challenger_info, settings.quantize, CHALLENGER, engine_settings
+            )
         with self._lock:
             changed = (
                 self.settings != settings
-                or self.shape != shape
+                or self.engine_settings != engine_settings
                 or _version(self.champion) != _version(champion)
                 or _version(self.challenger) != _version(challenger)
             )
-            self.champion, self.challenger, self.settings, self.shape = (
-                champion,
-                challenger,
-                settings,
-                shape,
-            )
+            self.champion, self.challenger = champion, challenger
+            self.settings, self.engine_settings = settings, engine_settings
             self.last_error = ""
         if changed:
             log.info(
@@ -154,18 +169,19 @@ class ModelStore:
         return changed
 
     def _load_or_reuse(
-        self, info: VersionInfo, quantize: str, role: str, shape: tuple
+        self, info: VersionInfo, quantize: str, role: str, engine_settings: EngineSettings
     ) -> ServedModel:
         for current in (self.champion, self.challenger):
             if (
                 current is not None
                 and current.version == info.version
                 and current.quantize == quantize
-                and self.shape == shape
+                and self.engine_settings == engine_settings
             ):
                 return ServedModel(info=info, engine=current.engine, role=role, quantize=quantize)
         loaded, loaded_info = load_registered(info.model_uri, self.tracking_uri, device=self.device)
-        engine = self._make_engine(loaded, quantize, fingerprint(loaded_info, quantize))
+        label = fingerprint(loaded_info, quantize)
+        engine = self._make_engine(loaded, quantize, label, engine_settings)
         return ServedModel(info=loaded_info, engine=engine, role=role, quantize=quantize)
 
     def choose(self, requested: str | None) -> ServedModel:

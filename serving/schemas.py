@@ -10,12 +10,12 @@ schema is a 400 that names it, and
 types are strict (``"5"`` is not an int). Features a base model cannot serve (``suffix``, tool
 calls, JSON response formats, audio) are accepted only at their neutral value and are otherwise a
 400 saying so. Limits that depend on the deployment's config (``serve.max_tokens`` ...) are checked
-in :mod:`serving.limits`, after parsing.
+in :mod:`serving.handlers`, after parsing.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -108,7 +108,7 @@ class _Sampling(_Request):
         return list(self.stop or ())
 
 
-Prompt = Union[str, list[str], list[int], list[list[int]]]
+Prompt = str | list[str] | list[int] | list[list[int]]
 
 
 class CompletionRequest(_Sampling):
@@ -308,6 +308,134 @@ class ScoreRequest(_Request):
         return text
 
 
+# ------------------------------------------------------------------ OpenAI's Responses API
+
+
+class InputText(_Request):
+    type: Literal["input_text", "output_text"]
+    text: str
+    annotations: list[Any] | None = None
+
+
+class InputMessage(_Request):
+    """One item of ``input``: a message as ``responses.create`` takes it (the easy form with
+    ``role``/``content`` or the typed ``{"type": "message", ...}`` item)."""
+
+    type: Literal["message"] | None = None
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[InputText]
+    id: str | None = None
+    status: str | None = None
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class TextFormat(_Request):
+    type: Literal["text"]
+
+
+class TextConfig(_Request):
+    format: TextFormat | None = None
+    verbosity: str | None = None
+
+
+class ResponsesRequest(_Request):
+    """``POST /v1/responses``: text in, text out. Nothing is stored, so a
+    ``previous_response_id`` is a 400."""
+
+    model: str | None = None
+    input: str | list[InputMessage]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    stream: bool | None = None
+    store: bool | None = None
+    previous_response_id: str | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    text: TextConfig | None = None
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    service_tier: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    # vLLM's extension: reproducible sampling
+    seed: int | None = Field(None, ge=-INT64 - 1, le=INT64)
+
+    @field_validator("input")
+    @classmethod
+    def _input_not_empty(cls, value: str | list[InputMessage]) -> str | list[InputMessage]:
+        if isinstance(value, str):
+            if not value.strip():
+                raise ValueError("must not be empty or whitespace only")
+            _require_unicode(value)
+        elif not value:
+            raise ValueError("must be a string or a non-empty list of input items")
+        return value
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, tools: list[Any] | None) -> list[Any] | None:
+        if tools:
+            raise ValueError("not supported: the served base model does not call tools")
+        return tools
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _no_tool_choice(cls, choice: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        if choice not in (None, "none", "auto"):
+            raise ValueError("not supported: no tools (only null, 'none' or 'auto')")
+        return choice
+
+    @property
+    def messages(self) -> list[InputMessage]:
+        """``instructions`` (as a system message) and the input, as chat messages."""
+        items = (
+            [InputMessage(role="user", content=self.input)]
+            if isinstance(self.input, str)
+            else list(self.input)
+        )
+        if self.instructions:
+            items.insert(0, InputMessage(role="system", content=self.instructions))
+        return items
+
+
+# ------------------------------------------------------------------ tokenize (as vLLM has them)
+
+
+class TokenizeRequest(_Request):
+    """``POST /tokenize``: ``prompt`` (completions form) or ``messages`` (chat form)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool | None = None
+    add_special_tokens: bool | None = None
+    return_token_strs: bool | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' and 'messages'")
+        if self.prompt is not None:
+            _require_unicode(self.prompt)
+        return self
+
+
+class DetokenizeRequest(_Request):
+    """``POST /detokenize``."""
+
+    model: str | None = None
+    tokens: list[int]
+
+
 # ------------------------------------------------------------------ responses
 
 
@@ -394,6 +522,177 @@ class ScoreResponse(BaseModel):
     total_logprob: float
     perplexity: float
     usage: Usage
+
+
+# ------------------------------------------------------------------ stream chunks
+
+
+class CompletionStreamChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+    stop_reason: str | int | None = None
+
+
+class CompletionStreamResponse(BaseModel):
+    """One server-sent event of a streamed completion."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    system_fingerprint: str
+    model_version: str
+    choices: list[CompletionStreamChoice]
+    usage: Usage | None = None
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatStreamChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionStreamResponse(BaseModel):
+    """One server-sent event of a streamed chat completion."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: str
+    model_version: str
+    choices: list[ChatStreamChoice]
+    usage: Usage | None = None
+
+
+# ------------------------------------------------------------------ responses (Responses API)
+
+
+class OutputText(BaseModel):
+    type: Literal["output_text"] = "output_text"
+    text: str
+    annotations: list[Any] = Field(default_factory=list)
+    logprobs: list[Any] = Field(default_factory=list)
+
+
+class OutputMessage(BaseModel):
+    id: str
+    type: Literal["message"] = "message"
+    status: Literal["in_progress", "completed", "incomplete"]
+    role: Literal["assistant"] = "assistant"
+    content: list[OutputText]
+
+
+class InputTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class OutputTokensDetails(BaseModel):
+    reasoning_tokens: int = 0
+
+
+class ResponseUsage(BaseModel):
+    input_tokens: int
+    input_tokens_details: InputTokensDetails = Field(default_factory=InputTokensDetails)
+    output_tokens: int
+    output_tokens_details: OutputTokensDetails = Field(default_factory=OutputTokensDetails)
+    total_tokens: int
+
+
+class IncompleteDetails(BaseModel):
+    reason: Literal["max_output_tokens", "content_filter"]
+
+
+class ResponseObject(BaseModel):
+    """The ``response`` object of ``POST /v1/responses`` (and of its stream's events)."""
+
+    id: str
+    object: Literal["response"] = "response"
+    created_at: int
+    status: Literal["in_progress", "completed", "incomplete"]
+    error: None = None
+    incomplete_details: IncompleteDetails | None = None
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    model: str
+    model_version: str
+    output: list[OutputMessage]
+    parallel_tool_calls: bool = False
+    previous_response_id: None = None
+    store: bool = False
+    temperature: float
+    top_p: float
+    text: dict[str, Any] = Field(default_factory=lambda: {"format": {"type": "text"}})
+    tool_choice: str = "none"
+    tools: list[Any] = Field(default_factory=list)
+    truncation: Literal["disabled"] = "disabled"
+    metadata: dict[str, str] = Field(default_factory=dict)
+    usage: ResponseUsage | None = None
+
+
+class ResponseEvent(BaseModel):
+    """One server-sent event of a streamed response (``type`` names it, as OpenAI emits them)."""
+
+    type: str
+    sequence_number: int
+    response: ResponseObject | None = None
+    output_index: int | None = None
+    content_index: int | None = None
+    item_id: str | None = None
+    item: OutputMessage | None = None
+    part: OutputText | None = None
+    delta: str | None = None
+    text: str | None = None
+    logprobs: list[Any] | None = None
+
+
+# ------------------------------------------------------------------ tokenize
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+# ------------------------------------------------------------------ probes
+
+
+class HealthResponse(BaseModel):
+    status: Literal["alive"] = "alive"
+    replica: str
+    pid: int
+    ready_at: float | None
+    first_request_at: float | None
+
+
+class ReadyResponse(BaseModel):
+    ready: Literal[True] = True
+    model: str
+    replica: str
+    versions: dict[str, str]
+    queued_sequences: int
+    last_error: str | None = None
+    # digest of the user_config this replica serves (serving.replica.settings_digest)
+    settings: str | None = None
+
+
+class NotReadyResponse(BaseModel):
+    ready: Literal[False] = False
+    reason: str
 
 
 class ModelCard(BaseModel):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from fixtures.ray_start import start_with_retries
+from fixtures.tiny import SMALL_DATA
 from pipelines.runtime import API_SERVER_ENV, free_port
 
 # Set before Ray or Tune is imported anywhere in the session.
@@ -27,6 +29,25 @@ RAY_NUM_CPUS = 4  # logical; the machine has 2 real cores
 @pytest.fixture(scope="session")
 def session_tmp(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("moeops-session")
+
+
+@dataclass(frozen=True)
+class SharedDataset:
+    overrides: list[str]  # SMALL_DATA and the shared cold tier: a prepare stage run with them
+    manifest: object  # components.data.manifest.Manifest of the committed data set
+
+
+@pytest.fixture(scope="session")
+def small_dataset(session_tmp) -> SharedDataset:
+    """The SMALL_DATA data set (fixtures/tiny.py), tokenized and committed once per session in a
+    cold tier the tests share. Tests that train read its manifest; a prepare stage run with
+    ``overrides`` finds it committed and reuses it instead of encoding it again."""
+    from components.config import load_config
+    from components.data.build import prepare_dataset
+
+    overrides = [*SMALL_DATA, f"storage.cold_uri={session_tmp / 'shared-cold'}"]
+    config = load_config([*overrides, f"paths.root={session_tmp / 'shared'}"])
+    return SharedDataset(overrides, prepare_dataset(config.data, config.storage).manifest)
 
 
 @pytest.fixture(scope="session")

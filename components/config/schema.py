@@ -148,6 +148,23 @@ class TrainConfig:
     # "fp32", "bf16" (autocast, GPU) or "fp16" (autocast + a loss scaler whose skip verdict all
     # ranks agree on, GPU). A step whose global gradient norm is not finite is skipped everywhere.
     precision: str = "fp32"
+    # how the non-expert parameters are kept in sync over the ranks: "ddp" (replicated, gradients
+    # all-reduced in buckets during backward) or "fsdp" (FSDP2 fully_shard: parameters, gradients
+    # and AdamW state sharded; under bf16 the compute copy is bf16, master weights and gradient
+    # reductions fp32; experts sharded over their expert-data-parallel group)
+    data_parallel: str = "ddp"
+    # recompute activations in backward instead of keeping them: "none"; "selective" (each
+    # block's attention sublayer and dense FFN, never the MoE layer, whose dispatch results stay
+    # saved so an expert-parallel layer does not repeat its all-to-alls and split-size sync);
+    # "full" (whole blocks, the MoE layer's all-to-alls included)
+    activation_checkpointing: str = "none"
+    # torch.compile each block's attention, norms and dense FFN (the MoE dispatcher, with its
+    # data-dependent shapes and collectives, stays eager); compile_backend is torch.compile's
+    compile: bool = False
+    compile_backend: str = "inductor"
+    # environment of every Ray process on GPU nodes (rendered into the KubeRay manifests; also in
+    # infra/runtime_env.yaml): NCCL logging, the flight recorder, fabric knobs (docs/cluster.md)
+    nccl_env: dict[str, str] = field(default_factory=dict)
     # per rank and micro-batch; a step sees batch_size x grad_accum_steps x num_workers sequences
     batch_size: int = 8
     grad_accum_steps: int = 1
@@ -165,6 +182,9 @@ class TrainConfig:
     checkpoint_every: int = 50
     checkpoint_uri: str = "${paths.root}/checkpoints"
     keep_checkpoints: int = 2
+    # upload each checkpoint in the background while training continues (Ray Train's async
+    # upload); a checkpoint counts only once every rank's upload finished
+    async_checkpoint: bool = False
     max_failures: int = 2
     # how long Ray Train waits for a worker group to start (placement + each worker importing
     # torch) before it gives up and retries; Ray's own 60 s is too short on a busy machine

@@ -99,6 +99,24 @@ def validate(cfg: Config) -> None:
         p.append("train.backend='nccl': needs train.use_gpu=true (use 'gloo' or 'auto' on CPU)")
     if t.use_gpu and t.gpus_per_worker <= 0:
         p.append(f"train.gpus_per_worker={t.gpus_per_worker}: must be > 0 when train.use_gpu=true")
+    if t.use_gpu and t.backend in ("auto", "nccl") and t.gpus_per_worker % 1:
+        # NCCL refuses two ranks on one device ("Duplicate GPU detected") at the first collective
+        p.append(
+            f"train.gpus_per_worker={t.gpus_per_worker}: NCCL needs whole GPUs per worker "
+            "(1, 2, ...); fractional GPUs only with train.backend='gloo'"
+        )
+    _one_of(p, "train.data_parallel", t.data_parallel, ("ddp", "fsdp"))
+    _one_of(
+        p,
+        "train.activation_checkpointing",
+        t.activation_checkpointing,
+        ("none", "selective", "full"),
+    )
+    if t.data_parallel == "fsdp" and t.precision == "fp16":
+        p.append(
+            "train.data_parallel='fsdp' with train.precision='fp16': not supported "
+            "(FSDP2 runs bf16 or fp32; fp16's loss scaler is kept for the DDP path)"
+        )
     for key in (
         "batch_size",
         "grad_accum_steps",

@@ -66,7 +66,8 @@ class ExpertLinears(nn.Module):
             counts = counts.tolist()
         if len(counts) != self.num_local_experts or sum(counts) != x.shape[0]:
             raise ValueError(
-                f"counts {counts} do not describe {x.shape[0]} rows over {self.num_local_experts} experts"
+                f"counts {counts} do not describe {x.shape[0]} rows over "
+                f"{self.num_local_experts} experts"
             )
         outputs = []
         for e, rows in enumerate(torch.split(x, counts)):
@@ -110,6 +111,12 @@ def _linears_for_int8(model: nn.Module) -> nn.Module:
     return float_model
 
 
+def fused_float_copy(model: nn.Module) -> nn.Module:
+    """The int8 path without the quantisation: a float copy with the same fused ``[w1 | w3]`` expert
+    linears. The baseline that isolates what int8 itself gains (tests/benchmarks/bench_int8.py)."""
+    return _linears_for_int8(model)
+
+
 def fbgemm_dynamic_int8(module: nn.Module) -> nn.Module:
     """Dynamic int8 (per-channel weights) of every nn.Linear in ``module`` except routers, in place.
 
@@ -138,8 +145,8 @@ def torchao_int8(module: nn.Module) -> nn.Module:
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
     except ImportError as exc:
         raise ImportError(
-            "serve.quantize=int8 on CUDA uses torchao, which is not installed: pip install 'moeops[cuda-int8]' "
-            "(or torchao>=0.18), or set serve.quantize=auto or none"
+            "serve.quantize=int8 on CUDA uses torchao, which is not installed: "
+            "pip install 'moeops[cuda-int8]' (or torchao>=0.18), or set serve.quantize=auto or none"
         ) from exc
     quantize_(
         module,

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from components.config.compose import section_from_dict
 from components.config.schema import ModelConfig, OverlapConfig
@@ -79,16 +80,49 @@ class Block(nn.Module):
         else:
             self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
 
+    # "none" | "selective" | "full" (Transformer.configure_training); inference never recomputes
+    checkpointing: str = "none"
+
     def forward(
         self, x, cos, sin, attn_mask, cache, start_pos
     ) -> tuple[torch.Tensor, MoEStats | None]:
-        h = x + self.attention(
-            self.attention_norm(x), cos, sin, attn_mask, cache, self.layer_id, start_pos
+        if self._recompute("full", cache):
+            # the whole block, MoE layer included: backward repeats its all-to-alls and count sync
+            return checkpoint(
+                self._forward, x, cos, sin, attn_mask, cache, start_pos, use_reentrant=False
+            )
+        return self._forward(x, cos, sin, attn_mask, cache, start_pos)
+
+    def _recompute(self, mode: str, cache) -> bool:
+        return (
+            self.checkpointing == mode
+            and cache is None
+            and self.training
+            and torch.is_grad_enabled()
         )
+
+    def _forward(self, x, cos, sin, attn_mask, cache, start_pos):
+        selective = self._recompute("selective", cache)
+        if selective:  # attention's activations (qkv, scores' inputs, norm) recomputed
+            h = checkpoint(self._attention_part, x, cos, sin, attn_mask, use_reentrant=False)
+        else:
+            h = self._attention_part(x, cos, sin, attn_mask, cache, start_pos)
         if self.moe is not None:
+            # never recomputed under "selective": the dispatch results stay saved, so an
+            # expert-parallel layer runs its all-to-alls and host sync once per forward
             ffn_out, stats = self.moe(self.ffn_norm(h))
             return h + ffn_out, stats
-        return h + self.feed_forward(self.ffn_norm(h)), None
+        if selective:
+            return checkpoint(self._ffn_part, h, use_reentrant=False), None
+        return self._ffn_part(h), None
+
+    def _attention_part(self, x, cos, sin, attn_mask, cache=None, start_pos=0) -> torch.Tensor:
+        return x + self.attention(
+            self.attention_norm(x), cos, sin, attn_mask, cache, self.layer_id, start_pos
+        )
+
+    def _ffn_part(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.feed_forward(self.ffn_norm(h))
 
 
 class Transformer(nn.Module):
@@ -166,6 +200,37 @@ class Transformer(nn.Module):
                 nn.init.normal_(ffn.w3.weight, std=std)
                 nn.init.normal_(ffn.w2.weight, std=out_std)
         nn.init.ones_(self.norm.weight)
+
+    # --------------------------------------------------------------- training
+    def configure_training(
+        self, activation_checkpointing: str = "none", compile_backend: str | None = None
+    ) -> None:
+        """Training-only settings (``train.activation_checkpointing``, ``train.compile``).
+
+        ``compile_backend``: torch.compile each block's norms, attention and dense FFN / shared
+        expert, and the final norm, with that backend (None: eager). The router and dispatcher
+        stay eager: their shapes depend on the routing and the dispatcher holds collectives and
+        the count exchange, which would break the graph (or recompile) every step. Call before
+        FSDP wraps the model (compiled submodules sit inside FSDP's units).
+        """
+        if activation_checkpointing not in ("none", "selective", "full"):
+            raise ValueError(
+                f"activation_checkpointing={activation_checkpointing!r}: "
+                "must be 'none', 'selective' or 'full'"
+            )
+        for block in self.layers:
+            block.checkpointing = activation_checkpointing
+        if compile_backend is None:
+            return
+        parts: list[nn.Module] = [self.norm]
+        for block in self.layers:
+            parts += [block.attention_norm, block.attention, block.ffn_norm]
+            if block.feed_forward is not None:
+                parts.append(block.feed_forward)
+            if block.moe is not None and block.moe.shared_expert is not None:
+                parts.append(block.moe.shared_expert)
+        for part in parts:
+            part.compile(backend=compile_backend)
 
     # --------------------------------------------------------------- helpers
     def moe_layers(self) -> list[MoELayer]:

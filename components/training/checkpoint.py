@@ -35,8 +35,13 @@ import torch
 from torch import nn
 
 from components.model.export import merge_expert_shards
-from components.training.optim import load_optimizer_state_by_name, optimizer_state_by_name
-from components.training.parallel import ParallelGroups, expert_param_names
+from components.training.optim import (
+    gathered,
+    like_param,
+    load_optimizer_state_by_name,
+    optimizer_state_by_name,
+)
+from components.training.parallel import ParallelGroups, expert_param_names, reshard
 
 META_FILE = "meta.json"
 SHARED_FILE = "shared.pt"
@@ -149,10 +154,22 @@ def save_checkpoint(
     unwrapped)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    reshard(model)  # FSDP2 after an evaluation forward: the optimizer's parameters back in place
     expert_names = set(expert_param_names(model))
     names = {id(p): n for n, p in model.named_parameters()}
-    model_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    optim_state = optimizer_state_by_name(optimizer, names)
+
+    # Only the ranks that write a tensor copy it to the host: rank 0 the shared state, the first
+    # replica of each expert shard its experts. FSDP2-sharded tensors are gathered on every rank
+    # of their mesh first (a collective; the same order everywhere).
+    def writes(name: str) -> bool:
+        return groups.rank < groups.ep_size if name in expert_names else groups.rank == 0
+
+    model_state = {
+        k: v
+        for k, v in ((k, gathered(v, writes(k))) for k, v in model.state_dict().items())
+        if v is not None
+    }
+    optim_state = optimizer_state_by_name(optimizer, names, keep=writes)
 
     if groups.rank == 0:
         torch.save(
@@ -318,7 +335,9 @@ def load_checkpoint(
                 f"checkpoint {ckpt_dir}: {name} has shape {tuple(tensor.shape)}, the model expects "
                 f"{tuple(own[name].shape)} (different model config?)"
             )
-    model.load_state_dict(model_state, strict=True)
+    model.load_state_dict(
+        {name: like_param(tensor, own[name]) for name, tensor in model_state.items()}, strict=True
+    )
 
     if optimizer is not None:
         names = {id(p): n for n, p in model.named_parameters()}

@@ -38,8 +38,16 @@ from components.training.metrics import (
     tokens_per_second,
 )
 from components.training.optim import build_optimizer, build_scheduler
-from components.training.parallel import ParallelGroups, all_reduce_sum, build_groups, wrap_ddp
-from components.training.precision import autocast_for, grad_scaler_for
+from components.training.parallel import (
+    ExpertGradReducer,
+    ParallelGroups,
+    all_reduce_sum,
+    build_groups,
+    reshard,
+    wrap_ddp,
+    wrap_fsdp,
+)
+from components.training.precision import autocast_dtype, autocast_for, grad_scaler_for
 from components.training.step import StepParts, build_balancer, train_step
 
 RUN_INFO_KEY = "_moeops_run"
@@ -82,7 +90,10 @@ class Session(Protocol):
 
     def latest_checkpoint(self) -> contextlib.AbstractContextManager[str | None]: ...
 
-    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None: ...
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        """Record ``metrics``; ``checkpoint_dir`` (this rank's files) now belongs to the session,
+        which deletes it once stored (possibly after returning: asynchronous upload)."""
+        ...
 
     def log(self, message: str) -> None: ...
 
@@ -114,6 +125,7 @@ class LocalSession:
         if checkpoint_dir:
             dest = Path(self.root) / f"step_{int(metrics['step']):07d}"
             shutil.copytree(checkpoint_dir, dest, dirs_exist_ok=True)
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
             self.checkpoints.append(str(dest))
 
 
@@ -205,6 +217,7 @@ def evaluate(
             )
     finally:
         model.train()
+        reshard(model)  # FSDP2: no backward follows to reshard the root unit
     total = all_reduce_sum(total, groups)
     return float(total[0] / total[1].clamp(min=1))
 
@@ -221,6 +234,10 @@ def train(config: Config, run: RunInfo, session: Session) -> dict[str, float]:
     seed_everything(t.seed + groups.rank)
 
     model = build_model(config, run.vocab_size, groups, device)
+    model.configure_training(t.activation_checkpointing, t.compile_backend if t.compile else None)
+    fsdp = t.data_parallel == "fsdp" and groups.distributed
+    if fsdp:  # before the optimizer: fully_shard turns the parameters into DTensors
+        wrap_fsdp(model, groups, device, autocast_dtype(t.precision))
     optimizer = build_optimizer(model, t)
     scheduler = build_scheduler(optimizer, t)
     scaler = grad_scaler_for(t.precision, device, groups)
@@ -256,15 +273,22 @@ def train(config: Config, run: RunInfo, session: Session) -> dict[str, float]:
 
     parts = StepParts(
         model=model,
-        wrapped=wrap_ddp(model, groups, device, t.overlap.ddp_bucket_mb),
+        wrapped=model if fsdp else wrap_ddp(model, groups, device, t.overlap.ddp_bucket_mb),
         optimizer=optimizer,
         scheduler=scheduler,
         groups=groups,
         grad_clip=t.grad_clip,
-        autocast=lambda: autocast_for(t.precision, device),
+        # FSDP2 casts parameters (and so activations) to bf16 itself: no autocast on top
+        autocast=(lambda: contextlib.nullcontext())
+        if fsdp
+        else (lambda: autocast_for(t.precision, device)),
         scaler=scaler,
         balancer=balancer,
     )
+    if not fsdp and groups.edp_group is not None:
+        parts.expert_reducer = ExpertGradReducer(
+            parts.expert_params, groups, t.overlap.ddp_bucket_mb
+        )
     val_reader = make_reader(config, run, "val", groups, device, 0)
     # endless across epochs; the reader's position counts only batches handed out here, so
     # its state_dict() is exact even with batches prefetched ahead
@@ -368,29 +392,29 @@ def train(config: Config, run: RunInfo, session: Session) -> dict[str, float]:
             flow = _gather_flow_reports(reader, groups) if checkpoint_now else None
             if flow is not None and is_main:
                 flow = merge_reports(prior_flow, flow, upto_step=start_step)
-            with tempfile.TemporaryDirectory(prefix=f"moeops-ckpt-r{groups.rank}-") as tmp:
-                ckpt_dir = None
-                if checkpoint_now:
-                    ckpt.save_checkpoint(
-                        tmp,
-                        model=model,
-                        optimizer=optimizer,
-                        scheduler=scheduler,
-                        scaler=scaler,
-                        groups=groups,
-                        step=step,
-                        reader_state=reader.state_dict(),
-                        meta={
-                            "max_steps": t.max_steps,
-                            "vocab_size": run.vocab_size,
-                            "model": asdict(config.model),
-                            "val_loss": last.get("val_loss"),
-                            "train_loss": last.get("train_loss"),
-                        },
-                        flow_report=flow if is_main else None,
-                    )
-                    ckpt_dir = tmp
-                session.report({k: float(v) for k, v in last.items() if v is not None}, ckpt_dir)
+            ckpt_dir = None
+            if checkpoint_now:
+                # handed to the session, which removes it once stored (see Session.report)
+                ckpt_dir = tempfile.mkdtemp(prefix=f"moeops-ckpt-r{groups.rank}-")
+                ckpt.save_checkpoint(
+                    ckpt_dir,
+                    model=model,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    scaler=scaler,
+                    groups=groups,
+                    step=step,
+                    reader_state=reader.state_dict(),
+                    meta={
+                        "max_steps": t.max_steps,
+                        "vocab_size": run.vocab_size,
+                        "model": asdict(config.model),
+                        "val_loss": last.get("val_loss"),
+                        "train_loss": last.get("train_loss"),
+                    },
+                    flow_report=flow if is_main else None,
+                )
+            session.report({k: float(v) for k, v in last.items() if v is not None}, ckpt_dir)
             # evaluation and checkpointing are not training throughput, nor training communication
             interval_start += time.perf_counter() - side_start
             a2a_seconds(model)

@@ -4,9 +4,11 @@ schedule."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from components.config.schema import TrainConfig
 
@@ -37,9 +39,15 @@ def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.AdamW:
         param_groups(model, train.weight_decay),
         lr=train.lr,
         betas=(train.beta1, train.beta2),
-        # foreach: one kernel per group instead of per tensor; also fine on CPU.
-        foreach=True,
+        **_kernel(model),
     )
+
+
+def _kernel(model: nn.Module) -> dict[str, bool]:
+    """fused on CUDA (one kernel for the whole update); foreach elsewhere (one kernel per group
+    instead of per tensor; also fine on CPU)."""
+    on_cuda = all(p.device.type == "cuda" for p in model.parameters())
+    return {"fused": True} if on_cuda else {"foreach": True}
 
 
 def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
@@ -65,8 +73,28 @@ def build_scheduler(
     )
 
 
+def gathered(value: torch.Tensor, to_host: bool) -> torch.Tensor | None:
+    """The whole of a tensor FSDP2 may have sharded (a DTensor: an all-gather over its mesh, so
+    every rank of that mesh calls this in the same order), copied to the host only when
+    ``to_host``: ranks that write nothing skip the device-to-host copy."""
+    if isinstance(value, DTensor):
+        value = value.full_tensor()
+    return value.detach().cpu() if to_host else None
+
+
+def like_param(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``value`` (a full tensor) laid out as ``param``: same device and dtype, and this rank's
+    shard when FSDP2 sharded ``param`` (cut locally: every rank holds the full tensor)."""
+    value = value.to(device=param.device, dtype=param.dtype, copy=True)
+    if isinstance(param, DTensor):
+        value = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
+    return value
+
+
 def optimizer_state_by_name(
-    optimizer: torch.optim.Optimizer, names: dict[int, str]
+    optimizer: torch.optim.Optimizer,
+    names: dict[int, str],
+    keep: Callable[[str], bool] | None = None,
 ) -> dict[str, dict]:
     """``{param name: {"exp_avg": ..., "exp_avg_sq": ..., "step": ...}}``.
 
@@ -74,15 +102,21 @@ def optimizer_state_by_name(
     one rank, merged with other ranks' shards and re-split for another expert-parallel size.
     ``names`` maps ``id(param)`` to its name. Tensors are copied to the CPU (for saving), never
     cloned on the accelerator; on a CPU run they are the live tensors, so save them at once.
+    ``keep(name)``: the parameters whose state this rank writes (default all); the others are
+    only gathered where FSDP2 shards them (a collective), never copied.
     """
     by_name: dict[str, dict] = {}
     for group in optimizer.param_groups:
         for param in group["params"]:
             state = optimizer.state.get(param)
             if state:
-                by_name[names[id(param)]] = {
-                    k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in state.items()
+                name = names[id(param)]
+                wanted = keep is None or keep(name)
+                values = {
+                    k: (gathered(v, wanted) if torch.is_tensor(v) else v) for k, v in state.items()
                 }
+                if wanted:
+                    by_name[name] = values
     return by_name
 
 
@@ -103,7 +137,7 @@ def load_optimizer_state_by_name(
                             f"optimizer state {names[id(param)]}.{key}: shape {tuple(value.shape)} does not "
                             f"match the parameter {tuple(param.shape)}"
                         )
-                    value = value.to(device=param.device, dtype=param.dtype, copy=True)
+                    value = like_param(value, param)
                 elif torch.is_tensor(value):
                     value = (
                         value.clone()

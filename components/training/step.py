@@ -1,8 +1,10 @@
 """One optimizer step over ``grad_accum_steps`` micro-batches, identical on every rank.
 
-    forward + backward per micro-batch (DDP syncs only on the last; counts and losses stay on the
-    device)
-    -> expert-gradient all-reduce in the expert-data-parallel group
+    forward + backward per micro-batch (DDP / FSDP2 sync only on the last; counts and losses stay
+    on the device)
+    -> expert-gradient all-reduce in the expert-data-parallel group: started bucket by bucket
+       during the last micro-batch's backward (ExpertGradReducer), awaited here; FSDP2 has
+       reduce-scattered them during backward
     -> fp16: unscale, with the inf/NaN verdict all-reduced over all ranks (ShardedGradScaler)
     -> global grad norm (one all-reduce, identical on every rank) and clipping
     -> step, or skip on *every* rank when the global norm is not finite
@@ -22,14 +24,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from components.model.router import ExpertBiasBalancer
+from components.training.loss import chunked_cross_entropy
 from components.training.metrics import IntervalMetrics, StepTimer
 from components.training.parallel import (
+    ExpertGradReducer,
     ParallelGroups,
     clip_grad_norm,
+    is_fsdp,
     split_params,
     sync_expert_grads,
 )
@@ -51,6 +55,8 @@ class StepParts:
     balancer: ExpertBiasBalancer | None = None
     dense_params: list[torch.Tensor] = field(default_factory=list)
     expert_params: list[torch.Tensor] = field(default_factory=list)
+    # DDP path with expert replicas: expert gradients all-reduced during backward (None: after)
+    expert_reducer: ExpertGradReducer | None = None
 
     def __post_init__(self):
         if not self.dense_params and not self.expert_params:
@@ -85,17 +91,21 @@ def forward_backward(
         with timer.phase("data_wait", host=True):
             batch = next(batches)
         inputs, targets = batch[:, :-1], batch[:, 1:]
-        # DDP all-reduces only on the last micro-batch; earlier ones just accumulate
+        # DDP all-reduces (FSDP2 reduce-scatters) only on the last micro-batch; earlier ones
+        # just accumulate
         last_micro = micro == accum - 1
-        no_sync = (
-            wrapped.no_sync()
-            if (not last_micro and wrapped is not model)
-            else contextlib.nullcontext()
-        )
+        no_sync = contextlib.nullcontext()
+        if parts.expert_reducer is not None:
+            parts.expert_reducer.arm(last_micro)
+        if is_fsdp(wrapped):
+            wrapped.set_requires_gradient_sync(last_micro)
+        elif not last_micro and wrapped is not model:
+            no_sync = wrapped.no_sync()
         with timer.phase("compute"), no_sync:
             with parts.autocast():
                 logits, aux = wrapped(inputs)  # [B, T, V]
-            ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+            # fp32 math, chunked: no full fp32 copy of bf16 logits kept for backward
+            ce = chunked_cross_entropy(logits, targets)
             loss = (ce + aux["aux_loss"] + aux["z_loss"]) / accum
             (parts.scaler.scale(loss) if parts.scaler is not None else loss).backward()
         metrics.add_micro_batch(ce, aux, accum)
@@ -111,7 +121,10 @@ def optimizer_step(parts: StepParts, timer: StepTimer | None = None) -> tuple[to
     number everywhere, and fp16's inf flag is all-reduced too."""
     timer = timer or StepTimer(torch.device("cpu"))
     with timer.phase("comm"):
-        sync_expert_grads(parts.expert_params, parts.groups)
+        if parts.expert_reducer is not None:
+            parts.expert_reducer.finish()  # only waits for what backward has not hidden
+        else:
+            sync_expert_grads(parts.expert_params, parts.groups)
     if parts.scaler is not None:
         parts.scaler.unscale_(parts.optimizer)
     with timer.phase("comm"):

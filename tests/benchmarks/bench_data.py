@@ -18,10 +18,12 @@ in one run (MB/s are of the moeops shards' stored bytes, samples/s of ``seq_len 
   limit (``cold_epoch_vs_s3_limit_ratio``: the whole epoch), ``cold_parallel_vs_sequential_ratio``
   = cold epoch / sequential s3fs + decode, samples/s.
 - **warm** ``warm_*``: TieredReader over the filled warm tier (hot thread on, and off) vs
-  ``raw_pyarrow_*`` (plain ``pq.read_table`` of the same local files to numpy, the faster of
-  threads on/off) and ``raw_bytes_*`` (the files' bytes read, the disk/page-cache limit).
+  ``raw_pyarrow_*`` (``ParquetFile.read`` of the same local files in 2 threads, then the same
+  gather: rows in shuffled order into int64 batches) and ``raw_bytes_*`` (the files' bytes read,
+  the disk/page-cache limit).
 - **mosaicml-streaming** ``streaming_cold_*`` (remote -> local cache, first epoch) and
-  ``streaming_warm_*`` (second epoch), samples/s through a torch DataLoader of the same batch size;
+  ``streaming_warm_*`` (second epoch), samples/s through a torch DataLoader of the same batch size
+  with 2 persistent worker processes and a shuffle block of one shard;
   ``warm_vs_streaming_ratio``, ``cold_vs_streaming_ratio``.
 - **data wait** ``data_wait_fraction_prefetch_on/off``: share of step time waiting for the next
   batch in a synthetic compute loop crossing several shards (warm tier filled; ``..._cold_start``:
@@ -74,6 +76,8 @@ MB = 1024**2
 GIB = 1024**3
 WARMUP_STEPS = 3  # excluded from the data-wait fractions (reported as startup_wait_s_*)
 VOCAB = 50257  # GPT-2's vocabulary size
+RAW_THREADS = 2  # the raw pyarrow baseline's reader threads (the machine's cores)
+STREAMING_WORKERS = 2  # mosaicml-streaming's DataLoader worker processes
 
 FULL = {
     "gib": 1.0,
@@ -89,9 +93,9 @@ FULL = {
 QUICK = {
     "gib": 0.016,
     "shard_mb": 2,
-    "seq_len": 512,
-    "batch_size": 16,
-    "repeats": 1,
+    "seq_len": 2048,
+    "batch_size": 32,
+    "repeats": 2,
     "wait_batch": 16,
     "wait_steps": 120,
     "compute_dim": 128,
@@ -275,6 +279,33 @@ def bench_cold(manifest, storage_for, batch_size: int) -> dict:
     }
 
 
+def raw_pyarrow_epoch(files: list[str], row_len: int, batch_size: int, seed: int) -> int:
+    """What a user would write without moeops: ``ParquetFile.read`` of the local files in
+    RAW_THREADS threads (at most that many files decoded ahead), then the reader's gather: each
+    file's rows in a seeded random order, batches of ``batch_size`` widened to int64 torch tensors.
+    Returns the samples delivered (whole batches per file)."""
+    rng = np.random.default_rng(seed)
+
+    def read(path: str) -> np.ndarray:
+        table = pq.ParquetFile(path).read(use_threads=False)
+        column = table.column(0)
+        chunk = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+        return chunk.to_numpy(zero_copy_only=True).reshape(-1, row_len)  # int32[R, row_len]
+
+    samples = 0
+    with ThreadPoolExecutor(RAW_THREADS) as pool:
+        ahead = [pool.submit(read, f) for f in files[:RAW_THREADS]]
+        for i in range(len(files)):
+            rows = ahead.pop(0).result()
+            if i + RAW_THREADS < len(files):
+                ahead.append(pool.submit(read, files[i + RAW_THREADS]))
+            order = rng.permutation(len(rows))
+            for lo in range(0, len(order) - batch_size + 1, batch_size):
+                batch = torch.from_numpy(rows[order[lo : lo + batch_size]]).long()  # [B, L]
+                samples += batch.shape[0]
+    return samples
+
+
 def bench_warm(manifest, storage: StorageConfig, batch_size: int, repeats: int) -> dict:
     """The warm tier (filled by bench_cold) vs plain pyarrow and raw bytes of the same files."""
     shards = manifest.shards("train")
@@ -288,23 +319,18 @@ def bench_warm(manifest, storage: StorageConfig, batch_size: int, repeats: int) 
         "warm_no_hot": float("inf"),
         "raw_bytes": float("inf"),
         "raw_pyarrow": float("inf"),
-        "raw_pyarrow_threads": float("inf"),
     }
     samples = raw_rows = 0
-    for _ in range(repeats):  # interleaved, best of n: the machine is shared
+    for attempt in range(repeats):  # interleaved, best of n: the machine is shared
         t0 = time.perf_counter()
         for f in files:
             with open(f, "rb") as fh:
                 while fh.read(8 * MB):
                     pass
         best["raw_bytes"] = min(best["raw_bytes"], time.perf_counter() - t0)
-        for key, threads in (("raw_pyarrow", False), ("raw_pyarrow_threads", True)):
-            t0 = time.perf_counter()
-            raw_rows = 0
-            for f in files:
-                values = pq.read_table(f, use_threads=threads).column(0).to_numpy()
-                raw_rows += len(values) // manifest.row_len
-            best[key] = min(best[key], time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        raw_rows = raw_pyarrow_epoch([str(f) for f in files], manifest.row_len, batch_size, attempt)
+        best["raw_pyarrow"] = min(best["raw_pyarrow"], time.perf_counter() - t0)
         for key, prefetch in (("warm", None), ("warm_no_hot", 0)):
             reader = TieredReader(
                 manifest.uri, "train", storage, batch_size=batch_size, prefetch_batches=prefetch
@@ -312,7 +338,6 @@ def bench_warm(manifest, storage: StorageConfig, batch_size: int, repeats: int) 
             elapsed, samples = epoch(reader)
             reader.close()
             best[key] = min(best[key], elapsed)
-    pyarrow_s = min(best["raw_pyarrow"], best["raw_pyarrow_threads"])
     warm_s = min(best["warm"], best["warm_no_hot"])
     return {
         "warm_samples_per_s": samples / warm_s,
@@ -321,33 +346,47 @@ def bench_warm(manifest, storage: StorageConfig, batch_size: int, repeats: int) 
         "warm_reader_mb_per_s": stored / MB / warm_s,
         "warm_hot_on_samples_per_s": samples / best["warm"],
         "warm_hot_off_samples_per_s": samples / best["warm_no_hot"],
-        "raw_pyarrow_samples_per_s": raw_rows / pyarrow_s,
-        "raw_pyarrow_mb_per_s": stored / MB / pyarrow_s,
-        "raw_pyarrow_single_thread_samples_per_s": raw_rows / best["raw_pyarrow"],
-        "raw_pyarrow_threads_samples_per_s": raw_rows / best["raw_pyarrow_threads"],
+        "raw_pyarrow_samples_per_s": raw_rows / best["raw_pyarrow"],
+        "raw_pyarrow_mb_per_s": stored / MB / best["raw_pyarrow"],
+        "raw_pyarrow_threads": RAW_THREADS,
         "raw_bytes_mb_per_s": stored / MB / best["raw_bytes"],
         "raw_bytes_samples_per_s": raw_rows / best["raw_bytes"],
-        "warm_vs_raw_ratio": (samples / warm_s) / (raw_rows / pyarrow_s),
+        "warm_vs_raw_ratio": (samples / warm_s) / (raw_rows / best["raw_pyarrow"]),
         "warm_vs_raw_bytes_ratio": (samples / warm_s) / (raw_rows / best["raw_bytes"]),
     }
 
 
-def bench_streaming(remote: str, work: Path, batch_size: int, seed: int) -> dict:
-    """mosaicml-streaming on the same tokens: cold epoch (remote -> local cache), warm epoch."""
+def bench_streaming(
+    remote: str, work: Path, batch_size: int, seed: int, rows_per_shard: int
+) -> dict:
+    """mosaicml-streaming on the same tokens, set up as its docs advise for throughput: a torch
+    DataLoader with STREAMING_WORKERS persistent worker processes (moeops reads with threads in one
+    process; on 2 cores either side gets the same CPUs) and a shuffle block of one shard (moeops
+    shuffles within shards too; the default block spans many shards and waits for all of them).
+    Cold epoch (remote -> local cache), then the warm epoch on the same workers."""
     base = import_streaming()
     from torch.utils.data import DataLoader
 
     # its samples are read-only views of the memory-mapped shard; collate copies them anyway
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+    # a block of one shard is the point (shuffle within shards, as moeops does); streaming warns
+    warnings.filterwarnings("ignore", message="Shuffle block size was smaller than shard size")
 
     dataset = base.StreamingDataset(
         remote=remote,
         local=str(work / "mds-cache"),
         shuffle=True,
         shuffle_seed=seed,
+        shuffle_block_size=rows_per_shard,
         batch_size=batch_size,
     )
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=0, drop_last=True)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=STREAMING_WORKERS,
+        persistent_workers=True,
+        drop_last=True,
+    )
     out = {}
     for name in ("cold", "warm"):
         t0 = time.perf_counter()
@@ -359,6 +398,8 @@ def bench_streaming(remote: str, work: Path, batch_size: int, seed: int) -> dict
         out[f"streaming_{name}_samples_per_s"] = samples / elapsed
         out[f"streaming_{name}_s"] = elapsed
     out["streaming_samples"] = samples
+    out["streaming_workers"] = STREAMING_WORKERS
+    out["streaming_shuffle_block"] = rows_per_shard
     del loader, dataset
     return out
 
@@ -536,7 +577,17 @@ def main(argv: list[str] | None = None) -> dict:
         results.update(
             phase("warm", bench_warm, manifest, storage_for("cold"), p["batch_size"], p["repeats"])
         )
-        results.update(phase("streaming", bench_streaming, mds_remote, work, p["batch_size"], 0))
+        results.update(
+            phase(
+                "streaming",
+                bench_streaming,
+                mds_remote,
+                work,
+                p["batch_size"],
+                0,
+                figures["rows_per_shard"],
+            )
+        )
         results.update(
             phase(
                 "data_wait",

@@ -58,14 +58,19 @@ from components.data.build import pack_rows  # noqa: E402
 from components.data.corpus import iter_texts, list_stdlib  # noqa: E402
 from components.data.tokenizer import TextTokenizer  # noqa: E402
 from components.model import Transformer  # noqa: E402
-from components.model.quantize import (
+from components.model.quantize import (  # noqa: E402
     AUTO_CPU_MIN_EXPERT_ELEMENTS,
+    fused_float_copy,
     int8_pays,
     quantize_for_inference,
 )
+from components.model.quantize_check import int8_agreement  # noqa: E402
 from components.training.optim import lr_factor, param_groups  # noqa: E402
 
-GOALS = {"int8_vs_fp32_speed_ratio_compute_bound": ">= 1.5", "int8_perplexity_change_pct": "<= 2"}
+GOALS = {
+    "int8_vs_fp32_speed_ratio_compute_bound": ">= 1.5",
+    "int8_perplexity_abs_change_pct": "<= 2",
+}
 CPU = torch.device("cpu")
 
 
@@ -195,7 +200,8 @@ def train(
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     final = statistics.fmean(losses[-20:])
     log(
-        f"trained {steps} steps in {seconds:.0f} s ({cpu_seconds:.0f} CPU s), final loss {final:.3f}"
+        f"trained {steps} steps in {seconds:.0f} s ({cpu_seconds:.0f} CPU s), "
+        f"final loss {final:.3f}"
     )
     return model.eval(), {
         "train_steps": float(steps),
@@ -261,17 +267,29 @@ def paired(
     int8: torch.nn.Module,
     work: Callable[[torch.nn.Module], Timed],
     pairs: int,
+    fused: torch.nn.Module | None = None,
 ) -> dict[str, float]:
     """Alternate fp32 and int8 runs of ``work``: median tokens/s of each and the median per-pair
     ratio, by wall time (``ratio``) and by this process's CPU time (``cpu_ratio``: what a core of
-    its own would give; other processes' load mostly cancels out)."""
-    work(fp32), work(int8)  # warm-up: allocator, packed-weight caches
-    runs: dict[str, list[Timed]] = {"fp32": [], "int8": []}
+    its own would give; other processes' load mostly cancels out). With ``fused`` (the int8 path's
+    float twin, :func:`fused_float_copy`) it runs in every round too, and ``fused_cpu_ratio`` /
+    ``fused_ratio`` are int8 over it: int8's gain without the GEMM fusion."""
+    models = {"fp32": fp32, "int8": int8, **({"fused": fused} if fused is not None else {})}
+    for model in models.values():
+        work(model)  # warm-up: allocator, packed-weight caches
+    runs: dict[str, list[Timed]] = {name: [] for name in models}
     for i in range(pairs):
-        for name in ("fp32", "int8") if i % 2 == 0 else ("int8", "fp32"):
-            runs[name].append(work(fp32 if name == "fp32" else int8))
-    wall = [i.tokens / i.wall_s / (f.tokens / f.wall_s) for f, i in zip(runs["fp32"], runs["int8"])]
-    cpu = [i.tokens / i.cpu_s / (f.tokens / f.cpu_s) for f, i in zip(runs["fp32"], runs["int8"])]
+        order = list(models) if i % 2 == 0 else list(reversed(models))
+        for name in order:
+            runs[name].append(work(models[name]))
+
+    def ratios(base: str, attr: str) -> list[float]:
+        return [
+            i.tokens / getattr(i, attr) / (b.tokens / getattr(b, attr))
+            for b, i in zip(runs[base], runs["int8"])
+        ]
+
+    wall, cpu = ratios("fp32", "wall_s"), ratios("fp32", "cpu_s")
     out = {
         "ratio": statistics.median(wall),
         "ratio_min": min(wall),
@@ -280,6 +298,16 @@ def paired(
         "cpu_ratio_min": min(cpu),
         "cpu_ratio_max": max(cpu),
     }
+    if fused is not None:
+        fused_cpu = ratios("fused", "cpu_s")
+        out.update(
+            {
+                "fused_ratio": statistics.median(ratios("fused", "wall_s")),
+                "fused_cpu_ratio": statistics.median(fused_cpu),
+                "fused_cpu_ratio_min": min(fused_cpu),
+                "fused_cpu_ratio_max": max(fused_cpu),
+            }
+        )
     for name, timed in runs.items():
         out[f"{name}_tokens_per_s"] = statistics.median(t.tokens / t.wall_s for t in timed)
         out[f"{name}_tokens_per_cpu_s"] = statistics.median(t.tokens / t.cpu_s for t in timed)
@@ -308,7 +336,8 @@ def run(quick: bool = False, threads: int = 1) -> dict[str, float]:
     # 1-2. a trained moe_tiny and its perplexity, fp32 vs int8
     tokenizer, train_rows, val_rows = corpus_rows(sizes)
     log(
-        f"corpus: {len(train_rows)} train rows, {len(val_rows)} held-out rows of {sizes.seq_len} tokens, "
+        f"corpus: {len(train_rows)} train rows, {len(val_rows)} held-out rows of "
+        f"{sizes.seq_len} tokens, "
         f"vocab {tokenizer.vocab_size}"
     )
     tiny_cfg = model_config(
@@ -322,11 +351,16 @@ def run(quick: bool = False, threads: int = 1) -> dict[str, float]:
         int8, label = quantize_for_inference(model, "int8", CPU)
         eval_rows = val_rows[: sizes.eval_rows]
         ppl_fp32, ppl_int8 = perplexity(model, eval_rows), perplexity(int8, eval_rows)
+        change = 100 * (ppl_int8 - ppl_fp32) / ppl_fp32
+        agreement = int8_agreement(model, int8, eval_rows[:16])  # logits of the first 16 rows
         out.update(
             {
                 "fp32_perplexity": ppl_fp32,
                 "int8_perplexity": ppl_int8,
-                "int8_perplexity_change_pct": 100 * (ppl_int8 - ppl_fp32) / ppl_fp32,
+                "int8_perplexity_change_pct": change,
+                "int8_perplexity_abs_change_pct": abs(change),
+                "int8_rel_logit_error": agreement.rel_logit_error,
+                "int8_top1_agreement": agreement.top1_agreement,
                 "perplexity_eval_tokens": float(eval_rows[:, 1:].numel()),
             }
         )
@@ -338,12 +372,17 @@ def run(quick: bool = False, threads: int = 1) -> dict[str, float]:
         # 3. serving-like requests on the trained moe_tiny
         prompts = val_rows[-sizes.decode_batch :, : sizes.prompt_len]
         tiny = paired(
-            model, int8, lambda m: serve_request(m, prompts, sizes.new_tokens), sizes.pairs
+            model,
+            int8,
+            lambda m: serve_request(m, prompts, sizes.new_tokens),
+            sizes.pairs,
+            fused=fused_float_copy(model),
         )
         out.update(_figures("moe_tiny.decode", tiny))
         out.update(
             {
                 "int8_vs_fp32_speed_ratio": tiny["cpu_ratio"],
+                "int8_vs_fused_fp32_speed_ratio": tiny["fused_cpu_ratio"],
                 "moe_tiny.decode_batch": float(sizes.decode_batch),
                 "moe_tiny.prompt_len": float(sizes.prompt_len),
                 "moe_tiny.new_tokens": float(sizes.new_tokens),
@@ -375,11 +414,18 @@ def run(quick: bool = False, threads: int = 1) -> dict[str, float]:
             (sizes.compute_batch, sizes.compute_seq),
             generator=torch.Generator().manual_seed(1),
         )
-        compute = paired(small, small_int8, lambda m: prefill(m, tokens), sizes.pairs)
+        compute = paired(
+            small,
+            small_int8,
+            lambda m: prefill(m, tokens),
+            sizes.pairs,
+            fused=fused_float_copy(small),
+        )
         out.update(_figures("moe_small.prefill", compute))
         out.update(
             {
                 "int8_vs_fp32_speed_ratio_compute_bound": compute["cpu_ratio"],
+                "int8_vs_fused_fp32_speed_ratio_compute_bound": compute["fused_cpu_ratio"],
                 "moe_small.prefill_batch": float(sizes.compute_batch),
                 "moe_small.prefill_seq": float(sizes.compute_seq),
                 "moe_small.n_layers": float(sizes.compute_layers),
@@ -469,7 +515,8 @@ def _requests_at(
 
 def _summary(r: dict[str, float]) -> str:
     return (
-        f"fp32 {r['fp32_tokens_per_s']:.0f} tok/s, int8 {r['int8_tokens_per_s']:.0f} tok/s; int8/fp32 "
+        f"fp32 {r['fp32_tokens_per_s']:.0f} tok/s, int8 {r['int8_tokens_per_s']:.0f} tok/s; "
+        "int8/fp32 "
         f"{r['cpu_ratio']:.2f} by CPU time ({r['cpu_ratio_min']:.2f}-{r['cpu_ratio_max']:.2f}), "
         f"{r['ratio']:.2f} by wall time ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})"
     )
@@ -506,7 +553,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 for k in (
                     "int8_vs_fp32_speed_ratio",
                     "int8_vs_fp32_speed_ratio_compute_bound",
+                    "int8_vs_fused_fp32_speed_ratio",
+                    "int8_vs_fused_fp32_speed_ratio_compute_bound",
                     "int8_perplexity_change_pct",
+                    "int8_perplexity_abs_change_pct",
+                    "int8_top1_agreement",
                     "auto_rule_matches_measurement",
                     "load_average_1m_start",
                     "load_average_1m_end",

@@ -24,11 +24,20 @@ gradient all-reduce (what DDP would do), and compute (the rest).
 ``exposed_comm_fraction`` = exposed / total all-to-all time with overlap on;
 ``best_possible_on_vs_off_ratio`` = 1 - (all-to-all share of the step with overlap off): the
 step ratio if every all-to-all were hidden.
+Part 3 — training memory and compilation on CPU: activation bytes kept per token from forward
+to backward (``saved_bytes``: autograd's saved tensors, deduplicated by storage,
+parameters excluded) with ``train.activation_checkpointing`` none / selective / full, for a small
+MoE model (``activation_bytes_per_token``); ``compile_vs_eager_step_ratio``: a training step with
+each block's attention, norms and dense FFN compiled by inductor over the eager step (1 thread).
+``python tests/benchmarks/bench_moe.py --model-memory gpu_small`` prints the same activation
+figures for an experiment's model at its sequence length under bf16 autocast (per block, and
+the rest: embedding, logits, loss).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -303,6 +312,167 @@ def ep_benchmark(quick: bool, chunks: int) -> dict:
     }
 
 
+# ----------------------------------------------------------------------------- part 3
+
+
+def saved_bytes(model, batch: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[int, int]:
+    """(activation bytes, weight-copy bytes) the autograd graph keeps from one training forward
+    until its backward.
+
+    Activations: every tensor saved for backward (its storage counted once, parameters
+    excluded), plus the block inputs an activation-checkpointed region keeps for recomputation.
+    Weight copies: saved tensors shaped like a parameter (or one expert's slice of one) in
+    another dtype: the bf16 copies autocast makes of fp32 weights; they do not grow with the
+    tokens, and FSDP2's
+    bf16 parameters replace them. On a GPU the sum is the graph's part of peak memory; CPU has
+    no allocator statistics, so it is counted rather than read."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    param_dtype = next(model.parameters()).dtype
+    shapes = set()
+    for p in model.parameters():
+        for shape in (tuple(p.shape), tuple(p.shape[1:])):
+            shapes |= {shape, shape[::-1]}
+    activations: dict[int, int] = {}
+    weights: dict[int, int] = {}
+
+    def keep(t: torch.Tensor) -> None:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            # a cast copy of a weight: a parameter's shape in another dtype than the parameters'
+            copy = tuple(t.shape) in shapes and t.dim() >= 2 and t.dtype != param_dtype
+            bucket = weights if copy else activations
+            bucket[ptr] = t.untyped_storage().nbytes()
+
+    def pack(t):
+        keep(t)
+        return t
+
+    hooks = []
+    if any(b.checkpointing != "none" for b in model.layers):
+        hooks = [b.register_forward_pre_hook(lambda _m, args: keep(args[0])) for b in model.layers]
+    autocast = torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+            logits, aux = model(batch[:, :-1])
+            loss = torch.nn.functional.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)
+            )
+    finally:
+        for h in hooks:
+            h.remove()
+    del loss, logits, aux
+    return sum(activations.values()), sum(weights.values())
+
+
+def activation_memory(cfg: ModelConfig, vocab: int, batch: int, seq: int, dtype=None) -> dict:
+    """Saved activations per token with activation checkpointing none / selective / full."""
+    from components.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(cfg, vocab).train()
+    tokens = torch.randint(0, vocab, (batch, seq + 1))
+    out = {}
+    for mode in ("none", "selective", "full"):
+        model.configure_training(mode)
+        activations, weight_copies = saved_bytes(model, tokens, dtype)
+        out[f"{mode}_bytes_per_token"] = activations / (batch * seq)
+        out[f"{mode}_weight_copy_bytes"] = weight_copies
+    out["selective_vs_none"] = out["selective_bytes_per_token"] / out["none_bytes_per_token"]
+    out["full_vs_none"] = out["full_bytes_per_token"] / out["none_bytes_per_token"]
+    out.update(model=cfg.name, vocab=vocab, batch=batch, seq=seq, dtype=str(dtype or "fp32"))
+    return out
+
+
+def model_memory(experiment: str, batch: int = 1) -> dict:
+    """Activation bytes per token of an experiment's model at its sequence length, bf16 autocast
+    (the GPU recipe's dtypes; measured on CPU): a 1-block and a 2-block model of the real
+    dimensions give the per-block and the rest (embedding, final norm, logits, loss) figures, and
+    ``n_layers`` blocks are extrapolated from them (blocks are identical)."""
+    import dataclasses
+
+    from components.config import load_config
+
+    cfg = load_config([f"experiment={experiment}", "paths.root=/tmp/moeops-bench-memory"])
+    m, vocab, seq = cfg.model, cfg.data.vocab_size, cfg.data.seq_len
+    per = {}
+    for n in (1, 2):
+        small = dataclasses.replace(m, n_layers=n, moe_layer_interval=1)
+        per[n] = activation_memory(small, vocab, batch, seq, torch.bfloat16)
+    out = {"experiment": experiment, "model": m.name, "n_layers": m.n_layers, "seq": seq}
+    for mode in ("none", "selective", "full"):
+        key = f"{mode}_bytes_per_token"
+        block = per[2][key] - per[1][key]
+        rest = per[1][key] - block
+        copies = per[2][f"{mode}_weight_copy_bytes"] - per[1][f"{mode}_weight_copy_bytes"]
+        out[mode] = {
+            "per_block": block,
+            "rest": rest,
+            "total": rest + m.n_layers * block,
+            "weight_copy_bytes_per_block": copies,
+        }
+    return out
+
+
+def compile_benchmark(quick: bool) -> dict:
+    """Training step (forward + backward) of a small MoE model with each block's attention, norms
+    and dense FFN compiled (inductor; aot_eager with --quick) vs eager, 1 thread; the first
+    compiled steps (compilation)
+    are excluded and timed separately."""
+    from components.model.transformer import Transformer
+
+    torch.set_num_threads(1)
+    cfg = ModelConfig(
+        dim=64 if quick else 256,
+        n_heads=4,
+        n_layers=2 if quick else 4,
+        ffn_dim=128 if quick else 512,
+        num_experts=8,
+        top_k=2,
+        max_seq_len=256,
+        moe_layer_interval=2,
+        shared_expert=True,
+        dropless=True,
+    )
+    vocab, batch, seq = 512, (2 if quick else 8), (32 if quick else 256)
+    tokens = torch.randint(0, vocab, (batch, seq + 1))
+
+    def build(backend):
+        torch.manual_seed(0)
+        model = Transformer(cfg, vocab).train()
+        model.configure_training("none", backend)
+        return model
+
+    def step(model):
+        logits, aux = model(tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, vocab), tokens[:, 1:].reshape(-1)
+        )
+        (loss + aux["aux_loss"]).backward()
+        for p in model.parameters():
+            p.grad = None
+
+    # --quick (the test suite's smoke run) traces with aot_eager: inductor's C++ compilation
+    # takes minutes on a busy 2-core machine; the full run measures inductor
+    backend = "aot_eager" if quick else "inductor"
+    eager, compiled = build(None), build(backend)
+    start = time.perf_counter()
+    step(compiled)
+    step(compiled)
+    compile_s = time.perf_counter() - start
+    warmup, iters = (1, 3) if quick else (2, 10)
+    t_eager = _median_time(lambda: step(eager), warmup, iters)
+    t_compiled = _median_time(lambda: step(compiled), warmup, iters)
+    return {
+        "compile_vs_eager_step_ratio": t_compiled / t_eager,
+        "eager_step_s": t_eager,
+        "compiled_step_s": t_compiled,
+        "compile_s": compile_s,
+        "tokens_per_step": batch * seq,
+        "threads": 1,
+        "backend": backend,
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -312,7 +482,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--chunks", type=int, default=2, help="a2a chunks with overlap on (default 2)"
     )
+    parser.add_argument(
+        "--model-memory",
+        metavar="EXPERIMENT",
+        help="only print the activation bytes per token of this experiment's model "
+        "(e.g. gpu_small: moe_small at 1024 tokens)",
+    )
     args = parser.parse_args(argv)
+    if args.model_memory:
+        figures = model_memory(args.model_memory)
+        figures["load_average_1m"] = os.getloadavg()[0]
+        print(json.dumps(figures, indent=2))
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(figures, indent=2))
+        return figures
 
     # headline figures single-threaded: on a shared 2-core machine every intra-op parallel region
     # of a 2-thread run stalls whenever another process holds a core, which punishes the MoE
@@ -324,6 +507,28 @@ def main(argv: list[str] | None = None) -> dict:
     syncs_single = single_rank_host_syncs(args.quick)
     print("part 2: 2-worker expert-parallel training step, overlap off vs on", flush=True)
     ep = ep_benchmark(args.quick, args.chunks)
+    print(
+        "part 3: activation memory per token (checkpointing none/selective/full), compile",
+        flush=True,
+    )
+    memory = activation_memory(
+        ModelConfig(
+            dim=64,
+            n_heads=4,
+            n_layers=4,
+            ffn_dim=128,
+            num_experts=8,
+            top_k=2,
+            max_seq_len=256,
+            moe_layer_interval=1,
+            shared_expert=True,
+            dropless=True,
+        ),
+        vocab=512,
+        batch=2,
+        seq=32 if args.quick else 256,
+    )
+    compile_figures = compile_benchmark(args.quick)
     syncs_ep = {name: ep[name].pop("host_syncs_per_moe_layer_forward") for name in ("off", "on")}
     for rank_figures in ep["per_rank"]:
         for figures in rank_figures.values():
@@ -342,6 +547,12 @@ def main(argv: list[str] | None = None) -> dict:
         "best_possible_on_vs_off_ratio": ep["best_possible_on_vs_off_ratio"],
         "host_syncs_per_moe_layer_forward": syncs_ep["on"]["total"],
         "grouped_mm_vs_loop_ratio": layer["grouped_mm_vs_loop_ratio"],
+        "activation_bytes_per_token": {
+            k: memory[f"{k}_bytes_per_token"] for k in ("none", "selective", "full")
+        },
+        "activation_memory": memory,
+        "compile_vs_eager_step_ratio": compile_figures["compile_vs_eager_step_ratio"],
+        "compile": compile_figures,
         "host_syncs": {
             "expert_parallel_overlap_on": syncs_ep["on"],
             "expert_parallel_overlap_off": syncs_ep["off"],
@@ -371,6 +582,8 @@ def main(argv: list[str] | None = None) -> dict:
                     "exposed_comm_fraction",
                     "best_possible_on_vs_off_ratio",
                     "host_syncs_per_moe_layer_forward",
+                    "activation_bytes_per_token",
+                    "compile_vs_eager_step_ratio",
                     "load_average_1m",
                 )
             },

@@ -11,6 +11,7 @@ import pytest
 from mlflow import MlflowClient
 
 from components.config import load_config
+from fixtures.tiny import SMALL
 from pipelines.pipeline import run_pipeline
 from pipelines.run import selected_specs
 
@@ -43,7 +44,18 @@ def wait_for_no_placement_groups(timeout_s: float = 30.0) -> list[str]:
 
 
 def test_full_pipeline_then_fully_cached(ray_session, root_overrides, mlflow_uri, serve_port):
-    config = load_config(root_overrides + ["experiment=tiny", f"serve.port={serve_port}"])
+    # the smallest data and model (fixtures/tiny.py), one sweep trial and no dense baseline: every
+    # stage still runs for real, expert-parallel on two workers (the sweep and the dense
+    # comparison are tested in depth in tests/integration/sweep/)
+    config = load_config(
+        root_overrides
+        + [
+            *SMALL,
+            f"serve.port={serve_port}",
+            "tune.num_samples=1",
+            "evaluate.compare_dense=false",
+        ]
+    )
     assert config.stages == STAGES
     first = run_pipeline(config, selected_specs(config))
 

@@ -68,6 +68,11 @@ def test_bench_data_quick(tmp_path):
         result["streaming_samples"]
         == result["samples"] // result["batch_size"] * result["batch_size"]
     )
-    assert result["bench_bytes"] == result["samples"] * (result["seq_len"] + 1) * 4
-    assert result["shard_mb"] == 2 and result["shards"] >= 4
+    # headline figures against loose floors (measured 0.74, 8.9 and 4.1 at this size under load
+    # 21; 0.95, 6.6 and 7.3 at 1 GiB): the warm tier keeps up with a 2-thread ParquetFile read plus
+    # the same gather, and beats tuned mosaicml-streaming. A reader that decoded its shard again
+    # for every batch (8 per shard here) falls far below the first floor.
+    assert result["warm_vs_raw_ratio"] >= 0.5, result["warm_vs_raw_ratio"]
+    assert result["warm_vs_streaming_ratio"] >= 1.0
+    assert result["cold_vs_streaming_ratio"] >= 1.0
     assert "load average" in result["uptime"]

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from fixtures.tiny import SMALL
 from pipelines.runtime import API_SERVER_ENV, free_port
 
 pytestmark = pytest.mark.integration
@@ -189,24 +190,36 @@ def ray_cli(head: RayHead, *args: str, timeout: float = 180) -> subprocess.Compl
     )
 
 
-def submit(head: RayHead, entrypoint: list[str]) -> str:
-    submission_id = f"moeops-test-{int(time.time())}"
-    result = ray_cli(
-        head,
-        "job",
-        "submit",
-        "--address",
-        head.dashboard,
-        "--submission-id",
-        submission_id,
-        "--no-wait",
-        "--working-dir",
-        ".",
-        "--runtime-env",
-        "infra/runtime_env.yaml",
-        "--",
-        *entrypoint,
-    )
+NO_AGENT = "No available agent to submit job"  # the job server's 500 before its agent registered
+
+
+def submit(head: RayHead, entrypoint: list[str], agent_wait_s: float = 120) -> str:
+    """`ray job submit --no-wait`; retried while the head's job agent is not up yet (the dashboard
+    answers before the agent registers: on the loaded 2-core machine that took over 30 s)."""
+    deadline = time.monotonic() + agent_wait_s
+    while True:
+        submission_id = f"moeops-test-{int(time.time())}"
+        result = ray_cli(
+            head,
+            "job",
+            "submit",
+            "--address",
+            head.dashboard,
+            "--submission-id",
+            submission_id,
+            "--no-wait",
+            "--working-dir",
+            ".",
+            "--runtime-env",
+            "infra/runtime_env.yaml",
+            "--",
+            *entrypoint,
+        )
+        if result.returncode == 0 or NO_AGENT not in result.stderr + result.stdout:
+            break
+        if time.monotonic() > deadline:
+            break
+        time.sleep(3)
     assert result.returncode == 0, result.stdout + result.stderr
     return submission_id
 
@@ -241,7 +254,7 @@ def test_tiny_pipeline_via_ray_job_submit(ray_head, tmp_path):
         "python",
         "-m",
         "pipelines.run",
-        "experiment=tiny",
+        *SMALL,  # experiment=tiny at the smallest data and model sizes (fixtures/tiny.py)
         "cluster=remote",
         f"paths.root={root}",
         f"serve.port={serve_port}",

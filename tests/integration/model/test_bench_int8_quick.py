@@ -32,14 +32,19 @@ def test_bench_int8_quick(tmp_path, monkeypatch):
     for key in (
         "int8_vs_fp32_speed_ratio",
         "int8_vs_fp32_speed_ratio_compute_bound",
+        "int8_vs_fused_fp32_speed_ratio",
         "moe_small.decode.cpu_ratio",
         "fp32_perplexity",
         "int8_perplexity",
         "moe_tiny.decode.fp32_tokens_per_s",
     ):
         assert math.isfinite(result[key]) and result[key] > 0, key
-    assert (
-        abs(result["int8_perplexity_change_pct"]) < 5
-    )  # a few training steps; int8 stays close anyway
+    # the headline against a loose floor (the goal; measured 3.8 at this size under load 12): int8
+    # GEMMs at moe_small's layer sizes beat the same fused float GEMMs. An int8 path that did not
+    # quantise, or fell back to float, measures ~1.
+    assert result["int8_vs_fused_fp32_speed_ratio_compute_bound"] >= 1.5, result
+    # a few training steps only (docs/quantization.md has the trained figure), but int8 must not
+    # move the logits: within the check's bounds (components/model/quantize_check.py)
+    assert result["int8_perplexity_abs_change_pct"] <= 2
+    assert result["int8_top1_agreement"] >= 0.9
     assert result["auto_int8.moe_tiny"] == 0 and result["auto_int8.moe_small"] == 1
-    assert result["threads"] == 1 and result["load_average_1m_start"] >= 0

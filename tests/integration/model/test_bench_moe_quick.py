@@ -1,4 +1,5 @@
-"""The MoE benchmark's --quick smoke run produces every named figure."""
+"""The MoE benchmark's --quick smoke run produces every named figure, its headline ones past
+loose floors."""
 
 import json
 import math
@@ -37,23 +38,24 @@ def test_bench_moe_quick(tmp_path):
         "grouped_mm_vs_loop_ratio",
     ):
         assert math.isfinite(result[key]) and result[key] > 0, key
-    for variant in ("on", "off"):
-        breakdown = result["expert_parallel_step"][variant]
-        parts = (
-            breakdown["compute_s"]
-            + breakdown["a2a_exposed_s"]
-            + breakdown["allreduce_s"]
-            + breakdown["data_wait_s"]
-        )
-        assert parts == pytest.approx(breakdown["step_s"], rel=0.05)
+    on, off = (result["expert_parallel_step"][v] for v in ("on", "off"))
+    for breakdown in (on, off):
         assert 0 < breakdown["a2a_exposed_s"] <= breakdown["a2a_total_s"]
     assert 0 < result["exposed_comm_fraction"] <= 1
+    # the headline (MoE layer vs a dense MLP of equal active FLOPs) against a loose floor, by CPU
+    # time, which the load of the shared machine moves least (measured 0.55 and 0.52 at loads 11
+    # and 21; its wall-time twin 0.36 and 0.61). A layer that ran every token through all 8
+    # experts would do 4x the dense FLOPs (top-2; that broken variant was not measured here). The
+    # overlap figures are not floored: at this size on 2 loaded cores on/off swung from 0.71 to
+    # 1.07 between two runs.
+    assert result["moe_vs_dense_ratio_cpu_time"] >= 0.3, result["moe_vs_dense_ratio_cpu_time"]
+    # part 3: activation memory falls with checkpointing; the compiled step was timed
+    memory = result["activation_bytes_per_token"]
+    assert memory["full"] < memory["selective"] < memory["none"]
+    assert math.isfinite(result["compile_vs_eager_step_ratio"])
+    assert result["compile_vs_eager_step_ratio"] > 0
     # counted during real forwards: the one sync of expert parallelism, none for grouped_mm alone
     syncs = result["host_syncs"]
-    assert (
-        result["host_syncs_per_moe_layer_forward"]
-        == syncs["expert_parallel_overlap_on"]["total"]
-        == 1
-    )
+    assert syncs["expert_parallel_overlap_on"]["total"] == 1
     assert syncs["expert_parallel_overlap_off"]["total"] == 1
     assert syncs["single_rank_grouped_mm"]["total"] == 0 and syncs["single_rank_loop"]["total"] == 1

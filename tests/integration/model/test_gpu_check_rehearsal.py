@@ -37,6 +37,7 @@ def test_gpu_check_rehearsal_on_cpu_passes(tmp_path):
     assert report["passed"] and report["environment"]["processes"] == 2
     checks = report["checks"]
     assert set(checks) == {
+        "full_model_step",
         "grouped_mm_equals_loop",
         "expert_parallel_matches_reference",
         "bf16_payloads",
@@ -49,5 +50,14 @@ def test_gpu_check_rehearsal_on_cpu_passes(tmp_path):
         "overlap_off_loop",
         "overlap_on_loop",
     }
+    full = checks["full_model_step"]
+    for name in ("moe", "dense"):  # CPU: no MFU, no peak memory, but a real step and its rate
+        assert full[name]["tokens_per_s"] > 0 and full[name]["tflops_per_s"] > 0
+        assert full[name]["mfu"] is None and full[name]["peak_memory_gb"] is None
+    # equal active parameters (dense equivalent), more total in the MoE
+    assert full["moe"]["params_active"] == pytest.approx(full["dense"]["params_active"], rel=0.05)
+    assert full["moe"]["params_total"] > full["dense"]["params_total"]
+    assert report["hf"]["status"] == "skipped: CPU rehearsal"  # infra/gpu_check_hf on GPUs only
+    assert report["environment"]["torch"] == report["environment"]["torch"].strip()
     bench = checks["overlap_benchmark"]
     assert bench["on"]["a2a_exposed_s"] <= bench["on"]["a2a_total_s"] and bench["off"]["step_s"] > 0

@@ -1,8 +1,9 @@
-"""The serving benchmark's smoke run: it starts its own Ray + Serve and writes every named figure.
+"""The serving benchmark's quick run: it starts its own Ray + Serve, writes every named figure,
+and its headline figures clear loose floors that a broken serving path fails.
 
 A subprocess: the benchmark starts (and shuts down) a Ray instance of its own, which must not meet
-the test session's. Figures are checked for being sane numbers, not against the goals (those are
-measured by the full run and reported in docs/serving.md).
+the test session's. The floors are far from the goals (measured by the full run, docs/serving.md)
+because this machine is shared and the quick run is short; each names what it catches.
 """
 
 from __future__ import annotations
@@ -27,13 +28,10 @@ POSITIVE = (
     "inprocess_ms_p50_c1",
     "short_alone_ms_p50",
     "short_behind_long_ms_p50",
-    "short_behind_long_latency_ratio",
-    "rps_c32_batched",
-    "rps_c32_unbatched",
-    "batched_vs_unbatched_rps_ratio_c32",
+    "rps_c32_continuous",
+    "rps_c32_static",
     "decode_tokens_per_s_c32",
     "inprocess_tokens_per_s_b32",
-    "decode_vs_inprocess_ratio_c32",
     "int8_vs_fp32_speed_ratio",
     "int8_vs_fp32_speed_ratio_compute_bound",
 )
@@ -53,18 +51,22 @@ def test_bench_serve_quick(tmp_path):
         assert (
             isinstance(figures[key], float) and math.isfinite(figures[key]) and figures[key] > 0
         ), (key, figures.get(key))
-    # the overhead is a difference of two noisy medians: finite, and smaller than the HTTP request
-    # itself
-    assert math.isfinite(figures["serve_overhead_ms_p50"])
-    assert figures["serve_overhead_ms_p50"] < figures["http_ms_p50_c1"]
     assert math.isfinite(figures["int8_perplexity_change_pct"])
-    # the raw figures agree with their ratios
-    assert figures["batched_vs_unbatched_rps_ratio_c32"] == pytest.approx(
-        figures["rps_c32_batched"] / figures["rps_c32_unbatched"], rel=1e-2
-    )
-    assert figures["decode_vs_inprocess_ratio_c32"] == pytest.approx(
-        figures["decode_tokens_per_s_c32"] / figures["inprocess_tokens_per_s_b32"], rel=1e-2
-    )
-    for mode in ("batched", "unbatched"):
-        assert figures[f"errors_c32_{mode}"] == 0 and figures[f"requests_c32_{mode}"] > 0
+    for arm in ("continuous", "static"):
+        assert figures[f"errors_{arm}_c32_mixed"] == 0 and figures[f"requests_{arm}_c32_mixed"] > 0
+    assert figures["errors_c32"] == 0
+
+    # continuous batching refills the slots of short requests; a scheduler that runs a batch to
+    # its end (or one sequence at a time) is at or below the static baseline
+    assert figures["continuous_vs_static_batching_rps_ratio_c32"] >= 1.2, figures
+    # a short request admitted at the next step; held behind the 64-token ones it would take
+    # about 16 times as long (the floor leaves room for a loaded machine)
+    assert figures["short_behind_long_pairs"] >= 5
+    assert figures["short_behind_long_latency_ratio"] <= 6.0, figures
+    assert figures["short_behind_long_streamed_latency_ratio"] <= 6.0, figures
+    # HTTP decoding keeps a good part of the engine's own batched throughput (a replica that
+    # serialised requests or stalled its engine thread would not)
+    assert figures["decode_vs_inprocess_ratio_c32"] >= 0.2, figures
+    # our request path costs a few bare-Serve requests at most, not tens of milliseconds more
+    assert figures["serve_overhead_vs_bare_serve_ratio"] <= 5.0, figures
     assert figures["load_1m_start"] >= 0 and "load average" in figures["uptime"]

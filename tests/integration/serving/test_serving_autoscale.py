@@ -29,8 +29,8 @@ CLIENTS = 6  # concurrent clients under load: 3x the per-replica target of 2
 def autoscaled(ray_session, serve_port, tmp_path_factory):
     from ray import serve
 
-    from serving.launch import deploy, wait_ready
-    from serving.tiny_model import register_tiny_models
+    from fixtures.tiny_model import register_tiny_models
+    from serving.deploy.launch import deploy, wait_ready
 
     tmp = tmp_path_factory.mktemp("autoscale")
     config = load_config(
@@ -149,7 +149,8 @@ def test_scale_up_and_down_without_failed_requests(autoscaled):
     served = Counter(r[2] for r in results)
     assert served[first] > 0 and served[second] > 0, served
     print(
-        f"autoscale: up in {up_s:.1f}s, down in {down_s:.1f}s, {len(results)} requests, per replica {dict(served)}"
+        f"autoscale: up in {up_s:.1f}s, down in {down_s:.1f}s, {len(results)} requests, "
+        f"per replica {dict(served)}"
     )
     assert health["ready_at"] is not None and health["first_request_at"] is not None, health
     assert health["first_request_at"] >= health["ready_at"], (

@@ -78,16 +78,33 @@ def serving_config(tmp, port: int, extra: tuple[str, ...] = ()) -> Config:
 def deployment(ray_session, serve_port, tmp_path_factory):
     from ray import serve
 
-    from serving.launch import deploy, wait_ready
-    from serving.tiny_model import register_tiny_models
+    from fixtures.tiny_model import register_tiny_models
 
     tmp = tmp_path_factory.mktemp("serving")
     config = serving_config(tmp, serve_port)
     registrations = register_tiny_models(config, versions=2, work_dir=tmp / "work")
-    url = deploy(config)
-    wait_ready(url, timeout_s=120)
+    # declaratively (the Serve config file through Serve's REST API): the tests that change
+    # settings then reconfigure the one replica in place instead of replacing it
+    url = apply(config)
     yield Deployment(config, url, [r.version for r in registrations])
     serve.delete(config.serve.app_name)
+
+
+def apply(config: Config, revision: str = "", base: Config | None = None) -> str:
+    """``serve deploy`` of ``config``'s Serve config file, ``args`` those of ``base`` (the first
+    deployment's); returns once the replica serves it."""
+    import os
+
+    from pipelines.runtime import API_SERVER_ENV
+    from serving.deploy.launch import apply_config
+
+    dashboard = os.environ[API_SERVER_ENV]
+    return apply_config(config, dashboard, revision=revision, args_from=base)
+
+
+def replica_identity(url: str) -> tuple[str, int]:
+    health = httpx.get(f"{url}/healthz").json()
+    return health["replica"], health["pid"]
 
 
 def complete(url: str, **body) -> httpx.Response:
@@ -404,7 +421,7 @@ def test_logprobs_are_numbers_top_n(deployment):
     assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 6
     assert "".join(lp["tokens"]) == choice["text"]
     assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(6)]
-    for token, value, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+    for _token, value, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
         assert isinstance(value, float) and value <= 0
         assert 3 <= len(top) <= 4 and all(isinstance(v, float) and v <= 0 for v in top.values())
         # greedy: the chosen token is the most likely one
@@ -500,7 +517,7 @@ def test_penalties_change_output_as_specified(deployment):
         counts: dict[int, int] = {}
         for token, top in zip(chosen, tops):
 
-            def adjusted(t: int) -> float:
+            def adjusted(t: int, top=top, freq=freq, counts=counts, presence=presence) -> float:
                 return top[t] - freq * counts.get(t, 0) - presence * (counts.get(t, 0) > 0)
 
             assert all(adjusted(token) >= adjusted(t) - 1e-4 for t in top), (
@@ -695,6 +712,173 @@ def test_chat_logprobs(deployment):
 
 # --------------------------------------------------------------------------- the engine seen over
 # HTTP
+
+
+# --------------------------------------------------------------------------- the newer routes:
+# responses, tokenize (issue 17), and every response against its declared model (issue 19)
+
+
+def test_responses_with_the_official_client(deployment):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{deployment.url}/v1", api_key="unused", max_retries=0)
+    response = client.responses.create(
+        model=deployment.name,
+        input="def add(a, b):",
+        instructions="You write Python.",
+        max_output_tokens=8,
+        temperature=0.0,
+    )
+    assert response.object == "response" and response.id.startswith("resp_")
+    assert response.status in ("completed", "incomplete")
+    assert response.usage.output_tokens >= 1
+    assert response.usage.total_tokens == response.usage.input_tokens + response.usage.output_tokens
+    if response.status == "incomplete":  # cut by max_output_tokens, as OpenAI reports it
+        assert response.incomplete_details.reason == "max_output_tokens"
+        assert response.usage.output_tokens == 8
+    # the instructions are a system turn of the chat template: the same prompt as chat's
+    chat_usage = chat(
+        deployment.url,
+        messages=[
+            {"role": "system", "content": "You write Python."},
+            {"role": "user", "content": "def add(a, b):"},
+        ],
+        max_tokens=8,
+        temperature=0.0,
+    ).json()
+    assert response.usage.input_tokens == chat_usage["usage"]["prompt_tokens"]
+    assert response.output_text == chat_usage["choices"][0]["message"]["content"]
+
+    events = list(
+        client.responses.create(
+            model=deployment.name,
+            input=[
+                {"role": "system", "content": "You write Python."},
+                {"role": "user", "content": [{"type": "input_text", "text": "def add(a, b):"}]},
+            ],
+            max_output_tokens=8,
+            temperature=0.0,
+            stream=True,
+        )
+    )
+    kinds = [e.type for e in events]
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert kinds[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        f"response.{response.status}",
+    ]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == response.output_text == events[-1].response.output_text
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model=deployment.name, input="x", previous_response_id="resp_1")
+    assert err.value.body["param"] == "previous_response_id"
+    assert "stores no responses" in err.value.body["message"]
+
+
+def test_tokenize_round_trip(deployment):
+    url = deployment.url
+    text = "def main():\n    return 42\n"
+    tokens = httpx.post(f"{url}/tokenize", json={"prompt": text, "return_token_strs": True}).json()
+    assert tokens["count"] == len(tokens["tokens"]) >= 2
+    assert tokens["max_model_len"] == deployment.config.model.max_seq_len
+    assert "".join(tokens["token_strs"]) == text
+    # the ids are the ones generation uses: echo with logprobs names the same tokens
+    echoed = complete(url, prompt=tokens["tokens"], max_tokens=0, echo=True, logprobs=0).json()
+    assert echoed["choices"][0]["text"] == text
+    back = httpx.post(f"{url}/detokenize", json={"tokens": tokens["tokens"]}).json()
+    assert back == {"prompt": text}
+    messages = [{"role": "user", "content": "hi"}]
+    chat_tokens = httpx.post(f"{url}/tokenize", json={"messages": messages}).json()
+    usage = chat(url, messages=messages, max_tokens=1).json()["usage"]
+    assert chat_tokens["count"] == usage["prompt_tokens"]
+    bad = httpx.post(f"{url}/detokenize", json={"tokens": [10**9]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+
+
+@pytest.mark.parametrize(
+    "route,body",
+    [
+        ("/v1/responses", {"input": "x", "max_output_tokens": 2, "reasoning": {}, "foo": 1}),
+        ("/tokenize", {"prompt": "x", "add_special_tokens": True, "bogus": 1}),
+        ("/detokenize", {"tokens": [1], "bogus": 1}),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 2, "bogus": 1, "other": 2}),
+    ],
+)
+def test_unknown_fields_are_named(deployment, route, body):
+    response = httpx.post(f"{deployment.url}{route}", json=body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "unknown_field"
+    known = set(body) - {"reasoning", "foo", "bogus", "other"}
+    unknown = sorted(set(body) - known)
+    assert error["param"] in unknown
+    for name in unknown:
+        assert repr(name) in error["message"]
+
+
+def test_every_route_answers_its_declared_model(deployment):
+    """Each route's response (and each streamed chunk) parses as the pydantic model its route
+    declares in the OpenAPI schema: the handlers return those models, never loose dicts."""
+    from serving import schemas
+
+    url = deployment.url
+    openapi = httpx.get(f"{url}/openapi.json").json()
+
+    def declared(path: str, method: str) -> type:
+        ref = openapi["paths"][path][method]["responses"]["200"]["content"]["application/json"]
+        return getattr(schemas, ref["schema"]["$ref"].rsplit("/", 1)[1])
+
+    messages = [{"role": "user", "content": "def f("}]
+    calls = [
+        ("get", "/healthz", None),
+        ("get", "/readyz", None),
+        ("get", "/v1/models", None),
+        ("post", "/v1/completions", {"prompt": ["a", "b"], "max_tokens": 3, "logprobs": 2}),
+        (
+            "post",
+            "/v1/completions",
+            {"prompt": "a b", "max_tokens": 0, "echo": True, "logprobs": 1},
+        ),
+        ("post", "/v1/chat/completions", {"messages": messages, "max_tokens": 3, "logprobs": True}),
+        ("post", "/v1/responses", {"input": "def f(", "max_output_tokens": 3}),
+        ("post", "/v1/score", {"text": "def f(x): return x"}),
+        ("post", "/tokenize", {"prompt": "def f("}),
+        ("post", "/detokenize", {"tokens": [5, 6]}),
+    ]
+    for method, path, body in calls:
+        response = httpx.request(method, f"{url}{path}", json=body, timeout=60)
+        assert response.status_code == 200, (path, response.text)
+        declared(path, method).model_validate_json(response.content)  # raises on any mismatch
+    checked = {path for _, path, _ in calls}
+    served = {p for p in openapi["paths"] if p != "/metrics"}
+    assert served == checked, f"routes without a response check: {served - checked}"
+    chunk_models = {
+        "/v1/completions": schemas.CompletionStreamResponse,
+        "/v1/chat/completions": schemas.ChatCompletionStreamResponse,
+        "/v1/responses": schemas.ResponseEvent,
+    }
+    for path, body in [
+        ("/v1/completions", {"prompt": "a", "max_tokens": 3, "logprobs": 1}),
+        ("/v1/chat/completions", {"messages": messages, "max_tokens": 3}),
+        ("/v1/responses", {"input": "a", "max_output_tokens": 3}),
+    ]:
+        body = {**body, "stream": True}
+        if path != "/v1/responses":
+            body["stream_options"] = {"include_usage": True}
+        with httpx.stream("POST", f"{url}{path}", json=body, timeout=60) as stream:
+            data = [line[6:] for line in stream.iter_lines() if line.startswith("data: ")]
+        assert data, path
+        for payload in data:
+            if payload != "[DONE]":
+                chunk_models[path].model_validate_json(payload)
 
 
 def _running(url: str) -> float:
@@ -919,7 +1103,7 @@ def test_unready_until_model_exists_then_auth_protects_all_but_probes(deployment
     from ray import serve
 
     from components.config import with_overrides
-    from serving.launch import deploy, wait_ready
+    from serving.deploy.launch import deploy, wait_ready
 
     token = "s3cret-token"
     monkeypatch.setenv("MOEOPS_TEST_TOKEN", token)
@@ -982,10 +1166,15 @@ def test_unready_until_model_exists_then_auth_protects_all_but_probes(deployment
 
 def test_canary_split(deployment):
     from components.config import with_overrides
-    from serving.launch import deploy
 
     fraction, n = 0.3, 240
-    deploy(with_overrides(deployment.config, {"serve.canary_fraction": fraction}))
+    before = replica_identity(deployment.url)
+    apply(
+        with_overrides(deployment.config, {"serve.canary_fraction": fraction}),
+        base=deployment.config,
+    )
+    # in place: the same replica loaded the challenger beside the champion
+    assert replica_identity(deployment.url) == before
     models = {m["id"]: m for m in httpx.get(f"{deployment.url}/v1/models").json()["data"]}
     challenger = models[f"{deployment.name}@challenger"]
     assert (
@@ -1015,7 +1204,8 @@ def test_canary_split(deployment):
         assert (
             f'moeops_generated_tokens_total{{model_version="{deployment.name}/{version}"' in metrics
         )
-    deploy(deployment.config)  # canary off again
+    apply(deployment.config, base=deployment.config)  # canary off again
+    assert replica_identity(deployment.url) == before
 
 
 def _stream_until(url: str, stop: threading.Event, body: dict) -> int:
@@ -1035,12 +1225,13 @@ def _stream_until(url: str, stop: threading.Event, body: dict) -> int:
 
 def test_queue_limit_answers_429_and_replica_stays_ready(deployment):
     """serve.max_queued_sequences: a request beyond it gets 429 with Retry-After, /readyz stays 200,
-    and the replica serves again once the queue drains (checked before the redeploy replaces it)."""
+    and the replica serves again once the queue drains."""
     from components.config import with_overrides
-    from serving.launch import deploy
 
     url = deployment.url
-    deploy(with_overrides(deployment.config, {"serve.max_queued_sequences": 4}))
+    apply(
+        with_overrides(deployment.config, {"serve.max_queued_sequences": 4}), base=deployment.config
+    )
     stop = threading.Event()
     long = {"max_tokens": LONG, "ignore_eos": True, "n": 4}
     pool = ThreadPoolExecutor(2)
@@ -1082,18 +1273,17 @@ def test_queue_limit_answers_429_and_replica_stays_ready(deployment):
     finally:
         stop.set()
         pool.shutdown(wait=True)
-        deploy(deployment.config)
+        apply(deployment.config, base=deployment.config)
 
 
 def test_int8_quantized_replica(deployment):
     from components.config import with_overrides
-    from serving.launch import deploy
 
     url = deployment.url
     fp32 = httpx.post(f"{url}/v1/score", json={"text": "def main():\n    return 0\n"}).json()[
         "perplexity"
     ]
-    deploy(with_overrides(deployment.config, {"serve.quantize": "int8"}))
+    apply(with_overrides(deployment.config, {"serve.quantize": "int8"}), base=deployment.config)
     try:
         r = complete(url, prompt="def main(", max_tokens=6, seed=1)
         assert r.status_code == 200 and r.headers[VERSION_HEADER].endswith("-int8"), r.headers
@@ -1102,14 +1292,12 @@ def test_int8_quantized_replica(deployment):
         ]
         assert abs(int8 - fp32) / fp32 < 0.2  # dynamic int8 barely moves perplexity
     finally:
-        deploy(deployment.config)
+        apply(deployment.config, base=deployment.config)
     assert not complete(url, prompt="x", max_tokens=1).headers[VERSION_HEADER].endswith("-int8")
 
 
 def test_version_switch_under_continuous_requests(deployment):
     from mlflow import MlflowClient
-
-    from serving.launch import deploy
 
     url, (v1, v2) = deployment.url, deployment.versions
     stop = threading.Event()
@@ -1135,9 +1323,9 @@ def test_version_switch_under_continuous_requests(deployment):
         MlflowClient(deployment.config.tracking.uri).set_registered_model_alias(
             deployment.name, "champion", v2
         )
-        # a rolling update: the replacement takes traffic once warm, the old replica finishes its
-        # requests
-        deploy(deployment.config, revision=v2)
+        # in place: the replica loads v2 beside v1 and switches once it is warm; requests that
+        # started on v1 finish on it
+        apply(deployment.config, revision=v2, base=deployment.config)
         switched_at = time.monotonic()
         time.sleep(2.0)
     finally:
@@ -1155,24 +1343,22 @@ def test_version_switch_under_continuous_requests(deployment):
 # --------------------------------------------------------------------------- bounded load
 
 
-def _replica_identity(url: str) -> tuple[str, int]:
-    health = httpx.get(f"{url}/healthz").json()
-    return health["replica"], health["pid"]
-
-
 def test_bounded_load_32_clients_mixed(deployment):
-    """32 clients for 30 s of mixed requests (completions, chat, streamed, n=2, logprobs) on
-    loopback:
-    zero errors, every response complete, and the same replica process throughout."""
+    """32 clients for 10 s of mixed requests (completions, chat, responses, streamed, n=2,
+    logprobs) on loopback: zero errors, every response complete, and the same replica process
+    throughout. (10 s: each client sends several requests of every shape; longer adds time, not
+    checks.)"""
     from ray import serve
 
-    url, before = deployment.url, _replica_identity(deployment.url)
-    duration_s, clients = 30.0, 32
+    url, before = deployment.url, replica_identity(deployment.url)
+    duration_s, clients = 10.0, 32
     statuses: list[tuple[str, int]] = []
     incomplete: list[str] = []
 
     def shape(i: int, n: int) -> tuple[str, dict]:
-        kind = (i + n) % 4
+        kind = (i + n) % 5
+        if kind == 4:
+            return "/v1/responses", {"input": f"r{i}", "max_output_tokens": 8, "stream": True}
         if kind == 0:
             return "/v1/completions", {"prompt": f"load {i} {n}", "max_tokens": 8, "seed": n}
         if kind == 1:
@@ -1202,11 +1388,13 @@ def test_bounded_load_32_clients_mixed(deployment):
             route, body = shape(i, n)
             r = await http.post(f"{url}{route}", json=body)
             statuses.append((route, r.status_code))
-            if (
-                r.status_code == 200
-                and body.get("stream")
-                and not r.text.rstrip().endswith("data: [DONE]")
-            ):
+            ends = (
+                ("event: response.completed", "event: response.incomplete")
+                if route == "/v1/responses"
+                else ("data: [DONE]",)
+            )
+            tail = r.text[-4000:]
+            if r.status_code == 200 and body.get("stream") and not any(e in tail for e in ends):
                 incomplete.append(r.text[-200:])
             elif r.status_code == 200 and not body.get("stream") and not r.json()["choices"]:
                 incomplete.append(r.text[:200])
@@ -1224,8 +1412,12 @@ def test_bounded_load_32_clients_mixed(deployment):
         f"{len(errors)} errors of {len(statuses)}: {set(errors)}"
     )
     assert not incomplete, incomplete[:3]
-    assert {route for route, _ in statuses} == {"/v1/completions", "/v1/chat/completions"}
-    assert _replica_identity(url) == before, "the replica restarted under load"
+    assert {route for route, _ in statuses} == {
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/responses",
+    }
+    assert replica_identity(url) == before, "the replica restarted under load"
     status = serve.status().applications[deployment.config.serve.app_name]
     assert status.status == "RUNNING"
     assert httpx.get(f"{url}/readyz").status_code == 200
@@ -1304,30 +1496,30 @@ def test_deploy_stage_writes_serve_config_and_smoke_tests(deployment, tmp_path):
 
 
 def test_replica_log_has_no_per_request_errors(deployment):
-    """After every request of this module (streamed, cancelled, rejected, reconfigured) the
-    replica's
-    stdout/stderr hold no "Future exception was never retrieved" (asyncio's note of a dropped
-    error)."""
+    """After every request of this module (streamed, cancelled, rejected, reconfigured) the logs
+    of every replica the module started, live or stopped, hold no "Future exception was never
+    retrieved" (asyncio's note of a dropped error). Ray's state API lists the replica actors of
+    every state and serves a stopped actor's log files as well as a live one's."""
     import ray
     from ray.util.state import get_log, list_actors
 
-    prefix = f"ServeReplica:{deployment.config.serve.app_name}:"
+    address = ray.get_runtime_context().gcs_address  # this cluster: other Rays may run here
+    apps = (deployment.config.serve.app_name, "moeops-gated", "moeops-stage")
     replicas = [
         a
-        for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
-        if a.class_name.startswith(prefix)
+        for a in list_actors(address=address, limit=10_000, detail=True)
+        if any(a.class_name.startswith(f"ServeReplica:{app}:") for app in apps)
     ]
-    assert replicas, "no live replica of the app found through Ray's state API"
+    started = {a.class_name.split(":")[1] for a in replicas}
+    assert started == set(apps), f"replicas found only for {started}"
     for actor in replicas:
         for suffix in ("err", "out"):
-            # this cluster by address: other Ray instances may run on the machine
             text = "".join(
-                get_log(
-                    address=ray.get_runtime_context().gcs_address,
-                    actor_id=actor.actor_id,
-                    suffix=suffix,
-                    tail=-1,
-                )
+                get_log(address=address, actor_id=actor.actor_id, suffix=suffix, tail=-1)
             )
-            assert "never retrieved" not in text, text[text.find("never retrieved") - 2000 :][:4000]
+            assert "never retrieved" not in text, (
+                actor.state,
+                text[text.find("never retrieved") - 2000 :][:4000],
+            )
+    print(f"replica logs read: {sorted((a.class_name, a.state) for a in replicas)}")
     assert httpx.get(f"{deployment.url}/readyz").status_code == 200

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import pytest
 
+from fixtures.tiny import SMALL_MODEL
+
 
 @dataclass
 class SweepEnv:
@@ -15,7 +17,7 @@ class SweepEnv:
 
 
 @pytest.fixture(scope="session")
-def sweep_env(ray_session, tmp_path_factory) -> SweepEnv:
+def sweep_env(ray_session, tmp_path_factory, small_dataset) -> SweepEnv:
     from components.config import load_config
     from pipelines.pipeline import run_pipeline
     from pipelines.prepare import SPEC as PREPARE
@@ -26,7 +28,14 @@ def sweep_env(ray_session, tmp_path_factory) -> SweepEnv:
         f"paths.root={root / 'moeops'}",
         f"tracking.uri={uri}",
         f"tracking.artifact_location={(root / 'mlartifacts').as_uri()}",
-        "experiment=tiny",
+        # the session's small data set (its prepare run reuses the committed shards) and model;
+        # one worker per trial and for the final training: the sweep, ASHA, nesting, restore and
+        # the registry gate show the same with one process as with two, at half the start-ups
+        *small_dataset.overrides,
+        *SMALL_MODEL,
+        "tune.trial_num_workers=1",
+        "train.num_workers=1",
+        "train.expert_parallel_size=1",
         "tracking.experiment=sweep-tests",
     ]
     result = run_pipeline(load_config(overrides), [PREPARE])

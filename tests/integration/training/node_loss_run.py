@@ -2,15 +2,16 @@
 
 Run by ``test_train_distributed.py::test_node_loss_finishes_from_the_latest_checkpoint`` in its own
 process (the test session already has a Ray): ``python node_loss_run.py ARGS.json``, where
-ARGS.json holds ``overrides`` (Hydra), ``manifest_uri``, ``name``, ``after_step`` and ``workdir``.
+ARGS.json holds ``overrides`` (Hydra), ``manifest_uri``, ``name``, ``after_step`` (the step to
+strike at, chosen at random by the test), ``mlflow_run_id`` and ``workdir``.
 
 The cluster: a head node without CPUs (the driver and Ray Train's controller live there) and two
 worker nodes with 2 CPUs each; the two training workers (1 CPU each) are packed onto one of
-them. A Ray Train callback installed here notices the checkpoint of ``after_step`` (it runs in the
-controller once the checkpoint is registered) and asks the driver to remove the node its workers
-run on; it holds the controller until the node is gone, so the failure always happens before the
-run can finish. Ray Train then restarts the workers on the surviving node, from that checkpoint.
-Prints one line ``RESULT <json>``.
+them. A watcher thread of this driver process, outside the training code (``fixtures.faults``),
+polls the MLflow run for the step rank 0 has logged; once it reaches ``after_step`` it finds the
+workers' node through Ray's public state API and removes that node (its raylet and every worker
+on it are killed). Ray Train then restarts the workers on the surviving node, from the latest
+registered checkpoint. Prints one line ``RESULT <json>``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -36,46 +36,6 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
-def remove_node_on_request(callback_dir: Path, address: str):
-    """A Ray Train callback: after the first checkpoint at or past ``after_step``, write the node id
-    of the training workers to ``callback_dir/remove`` and wait for ``callback_dir/removed``."""
-    from ray.train import UserCallback
-
-    class RemoveWorkersNode(UserCallback):
-        def after_report(self, run_context, metrics, checkpoint):
-            from ray.util.state import list_actors
-
-            from pipelines.runtime import API_SERVER_ENV
-
-            request, done = callback_dir / "remove", callback_dir / "removed"
-            after_step = int((callback_dir / "after_step").read_text())
-            if (
-                checkpoint is None
-                or not metrics
-                or request.exists()
-                or int(metrics[0]["step"]) < after_step
-            ):
-                return
-            workers = list_actors(
-                address=address,
-                filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
-            )
-            if not workers:
-                # (the symptom when the state API answered for another cluster: see main())
-                raise RuntimeError(
-                    f"the state API at {os.environ.get(API_SERVER_ENV) or address} lists no "
-                    "ALIVE RayTrainWorker while training reports"
-                )
-            request.write_text(
-                json.dumps({"node_id": workers[0].node_id, "step": int(metrics[0]["step"])})
-            )
-            deadline = time.monotonic() + 120
-            while not done.exists() and time.monotonic() < deadline:
-                time.sleep(0.1)
-
-    return RemoveWorkersNode()
-
-
 def start_cluster(api_server_env: str, free_port):
     """A head without CPUs and two 2-CPU worker nodes; returns (cluster, worker nodes). Retried when
     Ray's fixed 30 s node start-up wait runs out on a loaded machine
@@ -87,17 +47,12 @@ def start_cluster(api_server_env: str, free_port):
     started: list = []
 
     def start():
-        # The state API of *this* cluster for every client in it (the fault callback's list_actors,
+        # The state API of *this* cluster for every client in it (the fault watcher's list_actors,
         # Train's placement-group cleaner), set before the nodes start so their processes inherit
-        # it.
-        # Ray's state client prefers RAY_API_SERVER_ADDRESS over the address it is given, and the
-        # test
-        # process exports its own session cluster's dashboard there (tests/conftest.py): inherited,
-        # it
-        # made list_actors answer for the wrong cluster (no workers -> "list index out of range" in
-        # the
-        # controller) and would let the cleaner see this run's controller as dead and remove its
-        # placement group.
+        # it. Ray's state client prefers RAY_API_SERVER_ADDRESS over the address it is given, and
+        # the test process exports its own session cluster's dashboard there (tests/conftest.py):
+        # inherited, it made list_actors answer for the wrong cluster and would let the cleaner
+        # see this run's controller as dead and remove its placement group.
         dashboard_port = free_port()
         os.environ[api_server_env] = f"http://127.0.0.1:{dashboard_port}"
         started.clear()
@@ -133,8 +88,6 @@ def main(args_path: str) -> None:
     from pipelines.train import run_training
 
     args = json.loads(Path(args_path).read_text())
-    callback_dir = Path(args["workdir"])
-    (callback_dir / "after_step").write_text(str(args["after_step"]))
 
     started = time.monotonic()
     cluster, workers = start_cluster(API_SERVER_ENV, free_port)
@@ -146,52 +99,56 @@ def main(args_path: str) -> None:
     )
     print(f"[node-loss] cluster up in {time.monotonic() - started:.1f}s", flush=True)
 
-    removed: dict = {}
+    from tests.fixtures.faults import FaultWatcher, at_step, train_workers
 
-    def remover() -> None:
-        request = callback_dir / "remove"
-        while not request.exists():
-            time.sleep(0.1)
-        wanted = json.loads(request.read_text())
-        node = next((n for n in workers if n.node_id == wanted["node_id"]), None)
-        if (
-            node is None
-        ):  # not one of this cluster's worker nodes: let the callback go on, the test fails
-            print(
-                f"[node-loss] node {wanted['node_id']} is not a worker node of this cluster",
-                flush=True,
-            )
-            (callback_dir / "removed").write_text("not found")
-            return
+    config = load_config(args["overrides"])
+
+    def remove_workers_node(reason: str) -> dict:
+        alive = train_workers(cluster.address)
+        if not alive:
+            # (the symptom when the state API answers for another cluster: see start_cluster)
+            raise RuntimeError("the state API lists no ALIVE training worker while it trains")
+        wanted = alive[0].node_id
+        node = next((n for n in workers if n.node_id == wanted), None)
+        if node is None:  # not one of this cluster's worker nodes: the test fails on "removed"
+            print(f"[node-loss] node {wanted} is not a worker node of this cluster", flush=True)
+            return {}
         print(
-            f"[node-loss] removing node {wanted['node_id'][:12]} after the step-{wanted['step']} checkpoint "
-            f"({time.monotonic() - started:.1f}s)",
+            f"[node-loss] removing node {wanted[:12]} ({reason}, "
+            f"{time.monotonic() - started:.1f}s)",
             flush=True,
         )
         cluster.remove_node(node, allow_graceful=False)
-        removed.update(wanted)
-        (callback_dir / "removed").write_text("done")
+        return {"node_id": wanted, "reason": reason}
 
-    threading.Thread(target=remover, daemon=True).start()
+    watcher = FaultWatcher(
+        at_step(config.tracking.uri, args["mlflow_run_id"], int(args["after_step"])),
+        remove_workers_node,
+    )
     try:
-        config = load_config(args["overrides"])
-        result = run_training(
-            config,
-            args["manifest_uri"],
-            mlflow_run_id=None,
-            name=args["name"],
-            callbacks=[remove_node_on_request(callback_dir, cluster.address)],
-        )
+        with watcher:
+            result = run_training(
+                config,
+                args["manifest_uri"],
+                mlflow_run_id=args["mlflow_run_id"],
+                name=args["name"],
+            )
         print(f"[node-loss] training finished ({time.monotonic() - started:.1f}s)", flush=True)
         alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+        struck = watcher.struck
         print(
             "RESULT "
             + json.dumps(
                 {
                     "metrics": result.metrics,
-                    "removed": removed,
+                    "removed": struck.detail if struck else {},
+                    "watcher_errors": watcher.errors,
                     "alive_nodes": alive,
                     "worker_nodes": [n.node_id for n in workers],
+                    # every training worker actor the run started, dead ones included
+                    "train_worker_nodes": [
+                        w.node_id for w in train_workers(cluster.address, alive_only=False)
+                    ],
                 }
             ),
             flush=True,

@@ -18,8 +18,8 @@ from components.model.export import load_export
 from components.tracking.hf_artifact import TAG_HF_EXPORT, log_version_hf, registered_hf
 from components.tracking.registry import download_export, get_version
 from fixtures.hf_loader import load_without_moeops
+from fixtures.tiny_model import register_tiny_models
 from infra.gpu_check_hf import import_transformers
-from serving.tiny_model import register_tiny_models
 
 ROOT = Path(__file__).resolve().parents[3]
 

@@ -18,7 +18,7 @@ import yaml
 
 from components.config import ConfigError, load_config
 from pipelines import render
-from serving.deploy_config import resolved_model_uri, serve_config
+from serving.deploy.config import resolved_model_uri, serve_config
 
 K8S_VERSION = "1.30"
 CORE_KINDS = {"Namespace", "Service", "Deployment", "StatefulSet"}

@@ -23,6 +23,7 @@ from components.model.quantize import (
     quantize_for_inference,
     torchao_int8,
 )
+from components.model.quantize_check import check_int8_close, int8_agreement
 
 CPU = torch.device("cpu")
 # the conftest's tiny MoE (shared expert included), trained once for this module
@@ -85,14 +86,44 @@ def test_int8_close_to_fp32_on_trained_model(trained):
     assert isinstance(
         model.layers[0].moe.experts.w1, torch.nn.Parameter
     )  # the original is untouched
-    with torch.inference_mode():
-        ref, _ = model(held_out[:, :-1])
-        out, _ = int8(held_out[:, :-1])
-    rel = float((out - ref).norm() / ref.norm())
-    agree = float((out.argmax(-1) == ref.argmax(-1)).float().mean())
-    change = 100 * (_perplexity(int8, held_out) - ppl_fp32) / ppl_fp32
-    assert rel < 0.05 and agree > 0.9 and abs(change) < 2, (rel, agree, change)
+    # logits within 5 % (relative norm), top-1 agreement >= 90 %, |perplexity change| <= 2 %
+    agreement = check_int8_close(model, int8, held_out)
+    assert agreement.reference_perplexity == pytest.approx(ppl_fp32, rel=1e-5)
     assert len(generate(int8, [[1, 2, 3]], 4, temperature=0.0)[0]) == 4
+
+
+def _zero_int8_linears(linears) -> None:
+    """Every weight of these dynamic int8 linears set to zero (a broken int8 path)."""
+    for lin in linears:
+        weight = lin.weight()  # a quantised tensor, per-channel
+        with warnings.catch_warnings():
+            # torch 2.13 deprecates quantised tensor creation; the fbgemm path itself makes them
+            # the same way (quantize_dynamic's warning is the one asserted visible below)
+            warnings.simplefilter("ignore", UserWarning)
+            zero = torch.quantize_per_channel(
+                torch.zeros(weight.shape),
+                weight.q_per_channel_scales(),
+                weight.q_per_channel_zero_points(),
+                weight.q_per_channel_axis(),
+                torch.qint8,
+            )
+        lin.set_weight_bias(zero, lin.bias())
+
+
+def test_int8_check_fails_when_the_quantized_experts_are_zero(trained):
+    """The check can fail: with every quantised expert weight zeroed (routed and shared; attention
+    and the output projection intact) it breaks all three bounds. (Measured: int8 itself gave a
+    0.006 relative logit error, 97 % top-1 agreement, +0.11 % perplexity; zeroed experts 0.60,
+    17 %, +144 %. Zeroing only the routed experts of this small model moved perplexity 2.7 %.)"""
+    model, held_out = trained
+    int8, _ = quantize_for_inference(model, "int8", CPU)
+    for moe in int8.moe_layers():
+        shared = moe.shared_expert
+        _zero_int8_linears([*moe.experts.w13, *moe.experts.w2, shared.w1, shared.w2, shared.w3])
+    agreement = int8_agreement(model, int8, held_out)
+    assert len(agreement.failures()) == 3, agreement
+    with pytest.raises(AssertionError, match="not close to its reference"):
+        check_int8_close(model, int8, held_out)
 
 
 def test_experts_run_int8_gemms(trained):

@@ -15,7 +15,7 @@ from components.config import load_config
 from components.model.layers import SeqPositions
 from components.model.sampling import SamplingParams
 from components.model.transformer import Transformer
-from serving.engine import Engine, GenerationParams
+from serving.engine import Engine, EngineSettings, GenerationParams
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def model(config, tokenizer):
 
 @pytest.fixture
 def engine(model, tokenizer, config):
-    return Engine(model, tokenizer, config.serve, label="m/1")
+    return Engine(model, tokenizer, EngineSettings.from_serve(config.serve), label="m/1")
 
 
 def text_of(outputs) -> tuple[str, str, int]:
@@ -61,6 +61,12 @@ def text_of(outputs) -> tuple[str, str, int]:
         outputs[-1].finish_reason,
         outputs[-1].completion_tokens,
     )
+
+
+def generate(engine: Engine, prompt: str, params: GenerationParams) -> tuple[str, str, int]:
+    """One prompt alone on the engine: (text, finish reason, completion tokens)."""
+    [outputs] = engine.run_to_completion([engine.sequence(engine.encode(prompt), params)])
+    return text_of(outputs)
 
 
 def test_slot_cache_decodes_ragged_rows_like_full_forwards(model):
@@ -99,13 +105,13 @@ def test_seeded_sequences_decode_the_same_alone_and_batched_with_others(engine):
     target = GenerationParams(
         max_tokens=12, sampling=SamplingParams(temperature=0.9, top_p=0.9), seed=42
     )
-    alone = engine.generate("def handler(event):", target)
+    alone = generate(engine, "def handler(event):", target)
     # different prompt lengths, max_tokens and sampling settings, and more sequences than slots:
     # the target joins while others decode, and others join after it
+    greedy3 = GenerationParams(max_tokens=3, sampling=SamplingParams(0.0))
+    greedy_alone = generate(engine, "x", greedy3)
     others = [
-        engine.sequence(
-            engine.encode("x"), GenerationParams(max_tokens=3, sampling=SamplingParams(0.0))
-        ),
+        engine.sequence(engine.encode("x"), greedy3),
         engine.sequence(
             engine.encode("import os, sys\nclass A:"), GenerationParams(max_tokens=20, seed=1)
         ),
@@ -116,9 +122,14 @@ def test_seeded_sequences_decode_the_same_alone_and_batched_with_others(engine):
     seq = engine.sequence(engine.encode("def handler(event):"), target)
     results = engine.run_to_completion([first, *others, seq])
     assert text_of(results[-1]) == alone
-    assert text_of(results[1])[1:] == ("length", 3) or text_of(results[1])[1] == "stop"
+    # the greedy sequence that ran beside the others decodes as it does alone, and its finish
+    # reason matches its length: "length" at exactly max_tokens, "stop" (EOS) before it
+    assert text_of(results[1]) == greedy_alone
+    _, reason, tokens = greedy_alone
+    assert (reason, tokens) == ("length", 3) or (reason == "stop" and tokens < 3)
     assert (
-        engine.generate(
+        generate(
+            engine,
             "def handler(event):",
             GenerationParams(
                 max_tokens=12, seed=43, sampling=SamplingParams(temperature=0.9, top_p=0.9)
@@ -133,7 +144,7 @@ def test_greedy_output_is_independent_of_batch_company(engine):
     greedy = GenerationParams(
         max_tokens=10, sampling=SamplingParams(temperature=0.0), ignore_eos=True
     )
-    alone = engine.generate("class Foo(", greedy)
+    alone = generate(engine, "class Foo(", greedy)
     crowd = [
         engine.sequence(engine.encode(p), greedy)
         for p in ("a", "import sys", "def f(x, y):\n  return")
@@ -277,12 +288,13 @@ def test_context_overflow_is_refused(engine):
 
 
 def test_int8_engine_decodes_and_scores_close_to_fp32(model, tokenizer, config):
-    from serving.app import inference_model
+    from serving.replica import inference_model
 
-    fp32 = Engine(model, tokenizer, config.serve)
-    int8 = Engine(inference_model(model, "int8", "cpu"), tokenizer, config.serve)
-    text, reason, tokens = int8.generate(
-        "import ", GenerationParams(max_tokens=5, sampling=SamplingParams(0.0))
+    settings = EngineSettings.from_serve(config.serve)
+    fp32 = Engine(model, tokenizer, settings)
+    int8 = Engine(inference_model(model, "int8", "cpu"), tokenizer, settings)
+    text, reason, tokens = generate(
+        int8, "import ", GenerationParams(max_tokens=5, sampling=SamplingParams(0.0))
     )
     assert reason in ("stop", "length") and tokens <= 5
     ids = tokenizer.encode("def main():\n    return 0\n")
@@ -295,7 +307,7 @@ def test_engine_loop_bounds_its_queue_and_delivers_outputs(model, tokenizer, con
 
     async def main():
         loop = EngineLoop(asyncio.get_running_loop(), max_queued=2)
-        engine = Engine(model, tokenizer, config.serve)
+        engine = Engine(model, tokenizer, EngineSettings.from_serve(config.serve))
         try:
             slow = GenerationParams(max_tokens=20, ignore_eos=True)
             first = [engine.sequence([5, 6], slow, sink=asyncio.Queue()) for _ in range(6)]
@@ -315,9 +327,15 @@ def test_engine_loop_bounds_its_queue_and_delivers_outputs(model, tokenizer, con
                     break
                 await asyncio.sleep(0.02)
             assert not engine.has_work and loop.queued == 0
-            later = engine.sequence([7], GenerationParams(max_tokens=2), sink=asyncio.Queue())
+            two = GenerationParams(max_tokens=2, ignore_eos=True)
+            later = engine.sequence([7], two, sink=asyncio.Queue())
             loop.submit(engine, [later])  # room again
-            assert (await later.sink.get()) is not None
+            delivered = [await later.sink.get()]
+            while not delivered[-1].finished:
+                delivered.append(await later.sink.get())
+            assert [len(o.token_ids) for o in delivered] == [1, 1]
+            assert delivered[-1].finish_reason == "length"
+            assert delivered[-1].completion_tokens == 2
             score = await loop.call(engine, lambda e: e.score([5, 6, 7]))
             assert len(score) == 2
         finally:
@@ -327,9 +345,8 @@ def test_engine_loop_bounds_its_queue_and_delivers_outputs(model, tokenizer, con
 
 
 def test_make_engine_warms_up(model, tokenizer, config):
-    from serving.app import make_engine
+    from serving.replica import make_engine
 
-    engine = make_engine(
-        SimpleNamespace(model=model, tokenizer=tokenizer), "none", "m/1", config.serve
-    )
+    settings = EngineSettings.from_serve(config.serve)
+    engine = make_engine(SimpleNamespace(model=model, tokenizer=tokenizer), "none", "m/1", settings)
     assert engine.steps > 0 and not engine.has_work and engine.label == "m/1"

@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 
 from components.config import ConfigError, load_config
 from components.tracking.hf_artifact import log_version_hf
+from fixtures.tiny_model import register_tiny_models
 from serving.llm_app import (
     IMPORT_PATH,
     VllmUnavailable,
@@ -23,7 +24,6 @@ from serving.llm_app import (
     llm_serve_config,
     served_versions,
 )
-from serving.tiny_model import register_tiny_models
 
 REPO = Path(__file__).resolve().parents[3]
 # GPU replicas, request limits cut to moe_tiny's 256-token context

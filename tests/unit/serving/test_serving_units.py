@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from components.config import config_from_dict, load_config
-from serving.deploy_config import IMPORT_PATH, serve_config
+from serving.deploy.config import IMPORT_PATH, serve_config
 from serving.schemas import CompletionRequest, ScoreRequest
 from serving.text_stream import TextStream
 
@@ -368,7 +368,7 @@ def test_build_app_takes_a_config_container_or_cli_overrides(config, tmp_path):
     from ray.serve import Application
 
     from serving.app import build_app
-    from serving.deploy_config import app_args
+    from serving.deploy.config import app_args
 
     assert isinstance(build_app(app_args(config)), Application)
     from_cli = build_app(
@@ -379,3 +379,53 @@ def test_build_app_takes_a_config_container_or_cli_overrides(config, tmp_path):
         }
     )
     assert isinstance(from_cli, Application)
+
+
+def test_benchmark_and_deployment_drive_the_same_replica_class():
+    """bench_serve.py times the request path of serving.replica.Replica, the class the Serve
+    deployment wraps: neither re-implements the replica."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+
+    def constructs_replica(path: Path) -> bool:
+        tree = ast.parse(path.read_text())
+        imported = any(
+            isinstance(node, ast.ImportFrom)
+            and node.module == "serving.replica"
+            and any(alias.name == "Replica" for alias in node.names)
+            for node in ast.walk(tree)
+        )
+        called = any(
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id == "Replica"
+            for node in ast.walk(tree)
+        )
+        return imported and called
+
+    assert constructs_replica(root / "serving" / "app.py")
+    assert constructs_replica(root / "tests" / "benchmarks" / "bench_serve.py")
+
+
+def test_user_config_round_trips_to_the_typed_config_and_its_digest(config):
+    """What a replica rebuilds from Serve's user_config equals the config it came from, and the
+    digest /readyz reports is the deployer's, also after a JSON round trip (Serve's REST path)."""
+    import json
+
+    from components.config import with_overrides
+    from serving.deploy.config import user_config
+    from serving.engine import EngineSettings
+    from serving.replica import settings_digest, with_user_config
+
+    changed = with_overrides(config, {"serve.max_num_seqs": 3, "serve.canary_fraction": 0.25})
+    sent = user_config(changed, "models:/m/2", revision="7")
+    rebuilt = with_user_config(config, json.loads(json.dumps(sent)))
+    assert rebuilt.serve.max_num_seqs == 3 and rebuilt.serve.canary_fraction == 0.25
+    assert rebuilt.serve.model_uri == "models:/m/2"
+    assert EngineSettings.from_serve(rebuilt.serve) == EngineSettings(
+        3, changed.serve.max_num_batched_tokens
+    )
+    assert settings_digest(json.loads(json.dumps(sent))) == settings_digest(sent)
+    assert settings_digest(user_config(config)) != settings_digest(sent)

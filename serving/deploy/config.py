@@ -2,8 +2,12 @@
 
 Pure and deterministic (no Ray, no MLflow, no clock): the deploy stage writes it for
 ``serve deploy``, and ``pipelines/render.py`` embeds the same dict as a KubeRay
-RayService's ``serveConfigV2``. :func:`serving.app.build_app` applies the same
+RayService's ``serveConfigV2``. :func:`serving.app.make_application` applies the same
 deployment options, so ``serve.run`` from Python and ``serve deploy <file>`` agree.
+
+Plain data only here, because it is written to a file: ``args`` (the config container, which
+:func:`serving.app.build_app` turns back into the typed config) and ``user_config`` (what a
+``serve deploy`` changes in place; Serve requires it to be JSON).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import copy
 from typing import Any
 
 from components.config import Config, to_container
+from serving.model_store import resolved_model_uri
 
 IMPORT_PATH = "serving.app:build_app"
 DEPLOYMENT_NAME = "CompletionServer"
@@ -20,23 +25,6 @@ GRACEFUL_SHUTDOWN_TIMEOUT_S = 30.0
 HEALTH_CHECK_PERIOD_S = 5.0
 # Serve's default autoscaling metrics push interval (ray.serve.config.DEFAULT_METRICS_INTERVAL_S)
 RAY_DEFAULT_METRICS_INTERVAL_S = 10.0
-
-
-def champion_uri(config: Config) -> str:
-    return f"models:/{config.registry.model_name}@{config.registry.champion_alias}"
-
-
-def challenger_uri(config: Config) -> str:
-    return f"models:/{config.registry.model_name}@{config.registry.challenger_alias}"
-
-
-def resolved_model_uri(config: Config, model_uri: str | None = None) -> str:
-    uri = model_uri or config.serve.model_uri or champion_uri(config)
-    if not uri.startswith("models:/"):
-        raise ValueError(
-            f"model_uri={uri!r}: must be models:/<name>@<alias> or models:/<name>/<version>"
-        )
-    return uri
 
 
 def user_config(config: Config, model_uri: str | None = None, revision: str = "") -> dict[str, Any]:
@@ -97,9 +85,18 @@ def app_args(config: Config, model_uri: str | None = None) -> dict[str, Any]:
 
 
 def serve_config(
-    config: Config, model_uri: str | None = None, *, revision: str = ""
+    config: Config,
+    model_uri: str | None = None,
+    *,
+    revision: str = "",
+    args_from: Config | None = None,
 ) -> dict[str, Any]:
-    """The Serve config-file dict (``serve deploy``, RayService ``serveConfigV2``)."""
+    """The Serve config-file dict (``serve deploy``, RayService ``serveConfigV2``).
+
+    ``args_from``: the config the running application was deployed with. Serve replaces the
+    replicas when ``args`` change (they are part of its code version) and reconfigures them in
+    place when only ``user_config`` does, so an update of settings keeps the first ``args``.
+    """
     s = config.serve
     return {
         "proxy_location": s.proxy_location,
@@ -109,7 +106,7 @@ def serve_config(
                 "name": s.app_name,
                 "route_prefix": s.route_prefix,
                 "import_path": IMPORT_PATH,
-                "args": app_args(config, model_uri),
+                "args": app_args(args_from or config, model_uri),
                 "deployments": [deployment_options(config, model_uri, revision)],
             }
         ],

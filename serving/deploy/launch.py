@@ -3,14 +3,22 @@ benchmark)."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import httpx
 import ray
+import yaml
 from ray import serve
 
 from components.config import Config
 from serving.app import make_application
+from serving.deploy.config import serve_config, user_config
+from serving.replica import settings_digest
 
 PROXY_START_TIMEOUT_S = 180.0
 
@@ -32,7 +40,8 @@ def ensure_serve(host: str, port: int, proxy_location: str = "HeadOnly") -> str:
             # On an overloaded machine the first proxy can miss its readiness deadline; the
             # controller then replaces it (with a longer deadline), so wait for that one.
             print(
-                f"[serve] first HTTP proxy did not come up ({type(err).__name__}); waiting for its replacement",
+                f"[serve] first HTTP proxy did not come up ({type(err).__name__}); "
+                "waiting for its replacement",
                 flush=True,
             )
         _wait_for_proxies(PROXY_START_TIMEOUT_S)
@@ -99,9 +108,58 @@ def deploy(
     return base + ("" if prefix == "/" else prefix.rstrip("/"))
 
 
-def wait_ready(app_url: str, timeout_s: float = 180.0, expect_version: str | None = None) -> dict:
-    """Poll ``/readyz`` until 200 (and, if given, the champion is ``expect_version``); returns its
-    body."""
+def apply_config(
+    config: Config,
+    dashboard_url: str,
+    model_uri: str | None = None,
+    *,
+    revision: str = "",
+    args_from: Config | None = None,
+) -> str:
+    """Deploy or update the app declaratively: ``serve deploy`` of the Serve config file (Ray's
+    public CLI, which sends it to the Serve REST API of the cluster's dashboard and adds Ray's
+    auth token); returns the app's base URL once the replicas serve these settings.
+
+    Unlike ``serve.run``, an update that changes only ``user_config`` (the ``serve`` and
+    ``registry`` sections: limits, canary, quantisation, a new alias target) reaches the running
+    replicas in place through ``reconfigure``: no replica is replaced, as long as the file's
+    ``args`` stay those of the first deployment (``args_from``). Other applications of the
+    cluster are left alone unless they too were deployed from a config file (Serve then deletes
+    the ones missing from this file, which holds only this app).
+    """
+    base = ensure_serve(config.serve.host, config.serve.port, config.serve.proxy_location)
+    document = serve_config(config, model_uri, revision=revision, args_from=args_from)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="serve-config-") as file:
+        yaml.safe_dump(document, file, sort_keys=False)
+        file.flush()
+        command = [_serve_cli(), "deploy", file.name, "--address", dashboard_url]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    if result.returncode != 0:
+        raise RuntimeError(f"serve deploy failed: {(result.stderr or result.stdout)[-2000:]}")
+    prefix = config.serve.route_prefix
+    app_url = base + ("" if prefix == "/" else prefix.rstrip("/"))
+    wait_ready(app_url, expect_settings=settings_digest(user_config(config, model_uri, revision)))
+    return app_url
+
+
+def _serve_cli() -> str:
+    """Ray's ``serve`` command of this interpreter's environment."""
+    beside = Path(sys.executable).with_name("serve")
+    found = str(beside) if beside.exists() else shutil.which("serve")
+    if not found:
+        raise FileNotFoundError("Ray's `serve` command is not installed beside this Python")
+    return found
+
+
+def wait_ready(
+    app_url: str,
+    timeout_s: float = 180.0,
+    expect_version: str | None = None,
+    expect_settings: str | None = None,
+) -> dict:
+    """Poll ``/readyz`` until 200 (and, if given, the champion is ``expect_version`` and the
+    replica serves the ``user_config`` whose :func:`settings_digest` is ``expect_settings``);
+    returns its body."""
     deadline = time.monotonic() + timeout_s
     last = "no answer"
     while time.monotonic() < deadline:
@@ -111,7 +169,9 @@ def wait_ready(app_url: str, timeout_s: float = 180.0, expect_version: str | Non
             if response.status_code == 200:
                 body = response.json()
                 champion = next(iter(body.get("versions", {}).values()), None)
-                if expect_version is None or champion == str(expect_version):
+                version_ok = expect_version is None or champion == str(expect_version)
+                settings_ok = expect_settings is None or body.get("settings") == expect_settings
+                if version_ok and settings_ok:
                     return body
         except httpx.HTTPError as err:
             last = f"{type(err).__name__}: {err}"

@@ -1,8 +1,9 @@
-"""From a parsed request to a generation plan, checking the deployment's limits (``serve.*``).
+"""The rules every handler applies between a parsed request and its generation plan.
 
 Parsing (:mod:`serving.schemas`) checks each field alone; here come the rules that need the
-model (vocabulary, context length), the deployment's limits, or several fields together. Each
-failure is a 400 whose ``param`` names the field to fix.
+model (vocabulary, context length), the deployment's limits (``serve.*``), or several fields
+together. Each failure is a 400 whose ``param`` names the field to fix. Each handler builds its
+own :class:`Plan` from these (``plan_completion`` in :mod:`serving.handlers.completions` ...).
 """
 
 from __future__ import annotations
@@ -11,16 +12,14 @@ from dataclasses import dataclass
 
 from components.config.schema import ServeConfig
 from components.model.sampling import SamplingParams
-from serving import chat_template
 from serving.engine import GenerationParams
 from serving.errors import APIError
-from serving.schemas import DEFAULT_MAX_TOKENS, ChatCompletionRequest, CompletionRequest
 
 # a temperature this small is greedy decoding anyway (logits / 1e-40 would overflow)
 MIN_TEMPERATURE = 1e-4
 
 
-def _invalid(message: str, param: str, code: str = "invalid_value") -> APIError:
+def invalid(message: str, param: str, code: str = "invalid_value") -> APIError:
     return APIError(400, message, param=param, code=code)
 
 
@@ -61,22 +60,22 @@ class Plan:
         return f"{seed}/{choice}"
 
 
-def _check_token_ids(ids: list[int], vocab: int, param: str) -> None:
+def check_token_ids(ids: list[int], vocab: int, param: str) -> None:
     bad = [t for t in ids if not 0 <= t < vocab]
     if bad:
-        raise _invalid(
+        raise invalid(
             f"{param!r} holds token ids {bad[:5]} outside the vocabulary [0, {vocab})",
             param,
             "invalid_token_id",
         )
 
 
-def _sampling(body: CompletionRequest | ChatCompletionRequest, engine) -> SamplingParams:
+def sampling_params(body, engine) -> SamplingParams:
     bias = []
     for key, value in (body.logit_bias or {}).items():
         token = int(key)
         if not 0 <= token < engine.vocab_size:
-            raise _invalid(
+            raise invalid(
                 f"'logit_bias' token id {token} is outside the vocabulary [0, {engine.vocab_size})",
                 "logit_bias",
                 "invalid_token_id",
@@ -95,19 +94,19 @@ def _sampling(body: CompletionRequest | ChatCompletionRequest, engine) -> Sampli
     )
 
 
-def _counts(body, serve_cfg: ServeConfig) -> tuple[int, int]:
+def counts(body, serve_cfg: ServeConfig) -> tuple[int, int]:
     n = body.n or 1
     best_of = getattr(body, "best_of", None) or n
     if n > serve_cfg.max_n:
-        raise _invalid(f"'n'={n} exceeds the limit serve.max_n={serve_cfg.max_n}", "n")
+        raise invalid(f"'n'={n} exceeds the limit serve.max_n={serve_cfg.max_n}", "n")
     if best_of > serve_cfg.max_n:
-        raise _invalid(
+        raise invalid(
             f"'best_of'={best_of} exceeds the limit serve.max_n={serve_cfg.max_n}", "best_of"
         )
     return n, best_of
 
 
-def _check_lengths(
+def check_lengths(
     prompts: list[Prompt],
     max_tokens: int,
     serve_cfg: ServeConfig,
@@ -118,25 +117,26 @@ def _check_lengths(
     for i, prompt in enumerate(prompts):
         where = param if len(prompts) == 1 else f"{param}[{i}]"
         if not prompt.ids:
-            raise _invalid(f"{where!r} encodes to no tokens", where, "empty_prompt")
+            raise invalid(f"{where!r} encodes to no tokens", where, "empty_prompt")
         if len(prompt.ids) > serve_cfg.max_prompt_tokens:
-            raise _invalid(
+            raise invalid(
                 f"{where!r} is {len(prompt.ids)} tokens; at most serve.max_prompt_tokens="
                 f"{serve_cfg.max_prompt_tokens}",
                 where,
                 "prompt_too_long",
             )
         if len(prompt.ids) + max_tokens > engine.max_seq_len:
-            raise _invalid(
-                f"{where!r} ({len(prompt.ids)} tokens) + {max_tokens_param!r} ({max_tokens}) exceeds "
+            raise invalid(
+                f"{where!r} ({len(prompt.ids)} tokens) + {max_tokens_param!r} ({max_tokens}) "
+                "exceeds "
                 f"the model's context of {engine.max_seq_len} tokens",
                 max_tokens_param,
                 "context_length_exceeded",
             )
 
 
-def _generation(
-    body,
+def generation_params(
+    body,  # a request with the sampling fields (serving.schemas._Sampling)
     engine,
     serve_cfg: ServeConfig,
     max_tokens: int,
@@ -144,23 +144,24 @@ def _generation(
     best_of: int,
     n: int,
     extra_stop: tuple[str, ...] = (),
+    logprobs_param: str = "logprobs",
 ) -> GenerationParams:
     stop_ids = list(body.stop_token_ids or ())
-    _check_token_ids(stop_ids, engine.vocab_size, "stop_token_ids")
+    check_token_ids(stop_ids, engine.vocab_size, "stop_token_ids")
     min_tokens = body.min_tokens or 0
     if min_tokens > max_tokens:
-        raise _invalid(f"'min_tokens'={min_tokens} exceeds max_tokens={max_tokens}", "min_tokens")
+        raise invalid(f"'min_tokens'={min_tokens} exceeds max_tokens={max_tokens}", "min_tokens")
     if logprobs is not None and logprobs > serve_cfg.max_logprobs:
-        raise _invalid(
+        raise invalid(
             f"logprobs={logprobs} exceeds the limit serve.max_logprobs={serve_cfg.max_logprobs}",
-            "logprobs" if isinstance(body, CompletionRequest) else "top_logprobs",
+            logprobs_param,
         )
     # best_of ranks candidates by their mean log-probability, so it needs them even when not
     # reported
     wanted = logprobs if logprobs is not None else (0 if best_of > n else None)
     return GenerationParams(
         max_tokens=max_tokens,
-        sampling=_sampling(body, engine),
+        sampling=sampling_params(body, engine),
         stop=tuple(body.stops) + extra_stop,
         stop_token_ids=tuple(stop_ids),
         ignore_eos=bool(body.ignore_eos),
@@ -171,7 +172,7 @@ def _generation(
     )
 
 
-def _stream_flags(body) -> tuple[bool, bool, bool]:
+def stream_flags(body) -> tuple[bool, bool, bool]:
     stream = bool(body.stream)
     options = body.stream_options
     return (
@@ -181,113 +182,14 @@ def _stream_flags(body) -> tuple[bool, bool, bool]:
     )
 
 
-def plan_completion(body: CompletionRequest, serve_cfg: ServeConfig, engine) -> Plan:
-    items = body.prompts
-    if len(items) > serve_cfg.max_prompts:
-        raise _invalid(
-            f"'prompt' holds {len(items)} prompts; at most serve.max_prompts={serve_cfg.max_prompts}",
-            "prompt",
-            "too_many_prompts",
-        )
-    if body.max_tokens is None:
-        max_tokens = min(DEFAULT_MAX_TOKENS, serve_cfg.max_tokens)
-    else:
-        max_tokens = body.max_tokens
-    if max_tokens > serve_cfg.max_tokens:
-        raise _invalid(
-            f"'max_tokens'={max_tokens} exceeds the limit serve.max_tokens={serve_cfg.max_tokens}",
-            "max_tokens",
-        )
-    if max_tokens == 0 and not body.echo:
-        raise _invalid(
-            "'max_tokens'=0 is only allowed with echo=true (to score the prompt)", "max_tokens"
-        )
-    prompts = []
-    for i, item in enumerate(items):
-        param = "prompt" if len(items) == 1 else f"prompt[{i}]"
-        if isinstance(item, str):
-            prompts.append(Prompt(engine.encode(item), item))
-        else:
-            _check_token_ids(item, engine.vocab_size, param)
-            prompts.append(Prompt(list(item), engine.tokenizer.decode(item)))
-    _check_lengths(prompts, max_tokens, serve_cfg, engine, "prompt", "max_tokens")
-    n, best_of = _counts(body, serve_cfg)
-    stream, include_usage, continuous = _stream_flags(body)
-    params = _generation(body, engine, serve_cfg, max_tokens, body.logprobs, best_of, n)
-    return Plan(
-        prompts,
-        params,
-        n,
-        best_of,
-        max_tokens,
-        echo=bool(body.echo),
-        logprobs=body.logprobs,
-        stream=stream,
-        include_usage=include_usage,
-        continuous_usage=continuous,
-        tokens_as_ids=bool(body.return_tokens_as_token_ids),
-    )
-
-
-def plan_chat(body: ChatCompletionRequest, serve_cfg: ServeConfig, engine) -> Plan:
-    text = chat_template.render(body.messages)
-    prompt = Prompt(engine.encode(text), text)
-    if len(prompt.ids) > serve_cfg.max_prompt_tokens:
-        raise _invalid(
-            f"'messages' render to {len(prompt.ids)} tokens with the chat template; at most "
-            f"serve.max_prompt_tokens={serve_cfg.max_prompt_tokens}",
-            "messages",
-            "prompt_too_long",
-        )
-    param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    requested = body.requested_max_tokens
-    if requested is not None and requested > serve_cfg.max_tokens:
-        raise _invalid(
-            f"{param!r}={requested} exceeds the limit serve.max_tokens={serve_cfg.max_tokens}",
-            param,
-        )
-    # without a limit from the client: as much as the context and the deployment allow
-    max_tokens = (
-        requested
-        if requested is not None
-        else max(1, min(serve_cfg.max_tokens, engine.max_seq_len - len(prompt.ids)))
-    )
-    _check_lengths([prompt], max_tokens, serve_cfg, engine, "messages", param)
-    n, best_of = _counts(body, serve_cfg)
-    logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    stream, include_usage, continuous = _stream_flags(body)
-    params = _generation(
-        body,
-        engine,
-        serve_cfg,
-        max_tokens,
-        logprobs,
-        best_of,
-        n,
-        extra_stop=(chat_template.TURN_STOP,),
-    )
-    return Plan(
-        [prompt],
-        params,
-        n,
-        best_of,
-        max_tokens,
-        logprobs=logprobs,
-        stream=stream,
-        include_usage=include_usage,
-        continuous_usage=continuous,
-        tokens_as_ids=bool(body.return_tokens_as_token_ids),
-    )
-
-
 def check_score_text(token_ids: list[int], serve_cfg: ServeConfig, engine) -> None:
     limit = min(serve_cfg.max_prompt_tokens + serve_cfg.max_tokens, engine.max_seq_len)
     if len(token_ids) < 2:
-        raise _invalid(
+        raise invalid(
             "'text' must encode to at least 2 tokens to be scored", "text", "text_too_short"
         )
     if len(token_ids) > limit:
-        raise _invalid(
+        raise invalid(
             f"'text' is {len(token_ids)} tokens; at most {limit} can be scored",
             "text",
             "text_too_long",
