@@ -14,7 +14,7 @@ ARGS ?=
 export RAY_USAGE_STATS_ENABLED ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup run test test-all test-unit test-integration bench mlflow-ui mlflow-server serve render torch-spec clean
+.PHONY: help setup run test test-all test-unit test-integration lint bench mlflow-ui mlflow-server serve render config-docs torch-spec clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 20
@@ -44,6 +44,10 @@ test: $(STAMP)  ## the fast suite: every test but those marked slow (make test-a
 
 test-all: $(STAMP)  ## the whole test suite, slow tests included (what .ci/run runs)
 	$(PY) -m pytest -q $(ARGS)
+
+lint: $(STAMP)  ## ruff check and ruff format --check (configured in pyproject.toml)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test-unit: $(STAMP)  ## fast tests only (no Ray cluster, S3 or HTTP)
 	$(PY) -m pytest -q tests/unit $(ARGS)
@@ -84,8 +88,11 @@ serve: $(STAMP)  ## deploy the registry's champion and keep serving until Ctrl-C
 	$(PY) -m pipelines.deploy serve.block=true $(ARGS)
 
 render: $(STAMP)  ## re-render infra/k8s from conf/ and infra/runtime_env.pip.yaml from pyproject.toml (tests fail on drift)
-	$(PY) -m pipelines.render
+	$(PY) -m infra.render
 	$(PY) infra/runtime_env_json.py --write-pip-yaml
+
+config-docs: $(STAMP)  ## regenerate docs/config.md from the schema (a test fails on drift)
+	$(PY) -m components.config.docs
 
 torch-spec:  ## print the torch requirement the install pins (TORCH_SPEC overrides it)
 	@echo "$(TORCH_SPEC)"

@@ -700,7 +700,8 @@ def main(argv: list[str] | None = None) -> int:
             else f"built for CUDA {torch.version.cuda}"
         )
         print(
-            f"gpu-check: no CUDA device visible (torch {torch.__version__}, {build}). Run it on a GPU node "
+            f"gpu-check: no CUDA device visible (torch {torch.__version__}, {build}). Run it on a "
+            "GPU node "
             f"with a CUDA build of torch; `--device cpu` only rehearses the checks.",
             file=sys.stderr,
         )
@@ -726,7 +727,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch.multiprocessing as mp
 
     print(
-        f"gpu-check: {world} {'GPU' if args.device == 'cuda' else 'CPU process'}(es), EP size {world}"
+        f"gpu-check: {world} {'GPU' if args.device == 'cuda' else 'CPU process'}(es), EP size "
+        f"{world}"
         f"{' (quick)' if args.quick else ''} ...",
         flush=True,
     )
@@ -803,8 +805,10 @@ def main(argv: list[str] | None = None) -> int:
     bench = checks.get("overlap_benchmark", {})
     if "overlap_on_vs_off_step_ratio" in bench:
         print(
-            f"  overlap on/off step {bench['overlap_on_vs_off_step_ratio']:.3f}, exposed a2a fraction "
-            f"{bench['exposed_comm_fraction']:.3f}, best possible {bench['best_possible_on_vs_off_ratio']:.3f}"
+            f"  overlap on/off step {bench['overlap_on_vs_off_step_ratio']:.3f}, exposed a2a "
+            "fraction "
+            f"{bench['exposed_comm_fraction']:.3f}, best possible "
+            f"{bench['best_possible_on_vs_off_ratio']:.3f}"
         )
     print(
         f"gpu-check: {'passed' if passed else 'FAILED'} in {env['seconds']:.0f}s"

@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         current = PIP_RUNTIME_ENV.read_text() if PIP_RUNTIME_ENV.exists() else ""
         if current != pip_runtime_env_yaml():
             print(
-                f"{PIP_RUNTIME_ENV.relative_to(REPO)} is out of date: run python infra/runtime_env_json.py "
+                f"{PIP_RUNTIME_ENV.relative_to(REPO)} is out of date: run python "
+                "infra/runtime_env_json.py "
                 "--write-pip-yaml",
                 file=sys.stderr,
             )

@@ -33,7 +33,8 @@ def pipeline_main(
             # The open MLflow runs were ended KILLED on the way out; exit as a signal would.
             signum = err.signum if isinstance(err, Interrupted) else signal.SIGINT
             print(
-                f"interrupted ({signal.Signals(signum).name}): the open MLflow runs are marked KILLED",
+                f"interrupted ({signal.Signals(signum).name}): the open MLflow runs are marked "
+                "KILLED",
                 file=sys.stderr,
             )
             sys.exit(128 + signum)

@@ -19,6 +19,7 @@ import mlflow
 import torch
 
 from components.config import Config, flatten, to_container, with_overrides
+from components.config.schema import ModelConfig
 from components.evaluation.metrics import ModelEvaluation, evaluate_model
 from components.evaluation.plots import plot_expert_utilisation
 from components.evaluation.report import report_json, report_markdown
@@ -61,7 +62,7 @@ def download_model_export(model_uri: str, tracking_uri: str, dst: Path) -> Path:
 
 
 def dense_baseline_config(
-    config: Config, moe_model_cfg: dict[str, Any], train_overrides: dict[str, Any], steps: int
+    config: Config, moe_model_cfg: ModelConfig, train_overrides: dict[str, Any], steps: int
 ) -> Config:
     """Same data and optimisation, ``model.kind=dense`` with equal active parameters."""
     from components.model.transformer import dense_equivalent
@@ -77,11 +78,11 @@ def dense_baseline_config(
 
 
 def train_dense_baseline(
-    ctx: StageContext, manifest_uri: str, moe_model_cfg: dict[str, Any], moe_steps: int
+    ctx: StageContext, manifest_uri: str, moe_model_cfg: ModelConfig, moe_steps: int
 ) -> tuple[Path, str]:
     """Train the dense baseline in a run nested under this stage's run; returns (export dir, run
     id)."""
-    from pipelines.train import run_training, training_name
+    from components.training.ray_runner import run_training, training_name
 
     steps = ctx.config.evaluate.dense_max_steps or moe_steps or ctx.config.train.max_steps
     config = dense_baseline_config(
@@ -103,7 +104,7 @@ def train_dense_baseline(
             config,
             manifest_uri,
             mlflow_run_id=run_id,
-            name=training_name(config, manifest_uri, prefix="dense"),
+            name=training_name(config, manifest_uri, code=ctx.code_digest, prefix="dense"),
         )
     except BaseException as err:
         error = err
@@ -116,7 +117,6 @@ def train_dense_baseline(
 def run(ctx: StageContext) -> EvaluateOutputs:
     from components.model.export import load_export
     from components.tracking.registry import find_version, load_registered
-    from pipelines.prepare import dataset_of
     from pipelines.runtime import ensure_ray
 
     config, ev = ctx.config, ctx.config.evaluate
@@ -179,7 +179,7 @@ def run(ctx: StageContext) -> EvaluateOutputs:
     # The trained model's held-out figures, linked to its LoggedModel and to the dataset they were
     # measured on; the comparison models' figures are run metrics with their label as prefix.
     by_label = {e.label: e for e in evaluations}
-    dataset = dataset_of(config.data.name, prepare)
+    dataset = prepare.dataset(config.data.name)
     mlflow.log_metrics(
         finite(by_label["moe"].headline()),
         run_id=ctx.run_id,

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from components.config.validate import REGISTRY_METRICS
+from components.config.schema import RegistryMetric
 from components.tracking.outputs import StageOutputs, digest_of
 
 
@@ -43,7 +43,25 @@ class PrepareOutputs(StageOutputs):
         return self.dataset_digest
 
     def headline(self) -> str:
-        return f"dataset {self.dataset_digest[:12]}: {self.train_rows} train / {self.val_rows} val rows"
+        rows = f"{self.train_rows} train / {self.val_rows} val rows"
+        return f"dataset {self.dataset_digest[:12]}: {rows}"
+
+    def dataset(self, name: str):
+        """The prepared dataset as an MLflow dataset (``name``: ``data.name``): an input of the
+        prepare and train runs, and the dataset the evaluate stage's metrics are linked to."""
+        from components.tracking.datasets import dataset_entity
+
+        return dataset_entity(
+            f"{name}-{self.dataset_digest[:12]}",
+            self.dataset_digest,
+            self.manifest_uri,
+            profile={
+                "train_rows": self.train_rows,
+                "val_rows": self.val_rows,
+                "seq_len": self.seq_len,
+                "vocab_size": self.vocab_size,
+            },
+        )
 
 
 @dataclass(frozen=True)
@@ -103,8 +121,10 @@ class TrainOutputs(StageOutputs):
 
     def headline(self) -> str:
         return (
-            f"val_loss={_num(self.val_loss)}  expert load max/mean={_num(self.moe_load_max_over_mean, '.2f')}  "
-            f"dropped={_pct(self.moe_dropped_fraction)}  exposed comm={_pct(self.comm_exposed_fraction)}"
+            f"val_loss={_num(self.val_loss)}  expert load "
+            f"max/mean={_num(self.moe_load_max_over_mean, '.2f')}  "
+            f"dropped={_pct(self.moe_dropped_fraction)}  exposed "
+            f"comm={_pct(self.comm_exposed_fraction)}"
         )
 
 
@@ -125,7 +145,7 @@ class EvaluateOutputs(StageOutputs):
     champion_generation_tokens_per_s: float
 
     # the figures registry.metric may name
-    METRICS: ClassVar[tuple[str, ...]] = REGISTRY_METRICS
+    METRICS: ClassVar[tuple[str, ...]] = tuple(RegistryMetric)
 
     def metric(self, name: str) -> float:
         if name not in self.METRICS:
@@ -178,7 +198,8 @@ class RegisterOutputs(StageOutputs):
         return digest_of({"model": self.model_uri, "aliases": sorted(self.aliases)})
 
     def headline(self) -> str:
-        return f"{self.model_name} v{self.model_version} {'promoted' if self.promoted else 'not promoted'}"
+        verdict = "promoted" if self.promoted else "not promoted"
+        return f"{self.model_name} v{self.model_version} {verdict}"
 
     def why(self) -> str:
         """The gate's reason without its verdict word (the headline has that)."""

@@ -96,7 +96,8 @@ def run_pipeline(
     )
     parent_id = parent.info.run_id
     print(
-        f"[pipeline] MLflow run {parent_id} in experiment '{config.tracking.experiment}' at {config.tracking.uri}"
+        f"[pipeline] MLflow run {parent_id} in experiment '{config.tracking.experiment}' at "
+        f"{config.tracking.uri}"
         f" (pid {os.getpid()})",
         flush=True,
     )

@@ -10,7 +10,6 @@ dataset as a run input carrying its digest (lineage data -> model -> deployment)
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -25,15 +24,6 @@ from pipelines._cli import stage_main
 from pipelines.outputs import PrepareOutputs
 
 _SECTIONS = ("data", "storage")  # typed config sections in a job's kwargs
-
-
-def _call_with_typed_sections(fn: Callable[..., Any], **kwargs: Any) -> Any:
-    """On the Ray worker: rebuild the config sections that crossed as plain dicts, then run
-    ``fn``."""
-    from components.config import config_from_dict
-
-    config = config_from_dict({name: kwargs[name] for name in _SECTIONS if name in kwargs})
-    return fn(**{**kwargs, **{name: getattr(config, name) for name in _SECTIONS if name in kwargs}})
 
 
 def ray_map(
@@ -51,20 +41,14 @@ def ray_map(
         options: dict[str, Any] = {"num_cpus": 1, "max_retries": 2}
         if env:
             options["runtime_env"] = {"env_vars": dict(env)}
-        remote_fn = ray.remote(**options)(_call_with_typed_sections)
-        # the tokenizer and the config sections are shared by every task: ship them through the
-        # object store once (sections as plain dicts, like every config that crosses into Ray)
+        remote_fn = ray.remote(**options)(fn)
+        # the tokenizer and the typed config sections are shared by every task: ship them through
+        # the object store once (dataclasses pickle as they are)
         shared = {}
         if kwargs_list:
             first = kwargs_list[0]
             shared = {
-                key: ray.put(
-                    dataclasses.asdict(first[key])
-                    if dataclasses.is_dataclass(first[key])
-                    else first[key]
-                )
-                for key in ("tokenizer_json", *_SECTIONS)
-                if key in first
+                key: ray.put(first[key]) for key in ("tokenizer_json", *_SECTIONS) if key in first
             }
         refs: list = [None] * len(kwargs_list)
         pending: dict = {}
@@ -72,7 +56,7 @@ def ray_map(
         next_job = 0
         while next_job < len(kwargs_list) or pending:
             while next_job < len(kwargs_list) and len(pending) < max(1, parallelism):
-                refs[next_job] = remote_fn.remote(fn, **{**kwargs_list[next_job], **shared})
+                refs[next_job] = remote_fn.remote(**{**kwargs_list[next_job], **shared})
                 pending[refs[next_job]] = next_job
                 next_job += 1
             done, _ = ray.wait(list(pending), num_returns=1)
@@ -82,24 +66,6 @@ def ray_map(
         return results
 
     return map_fn
-
-
-def dataset_of(name: str, outputs: PrepareOutputs):
-    """The prepared dataset as an MLflow dataset: an input of the prepare and train runs, and the
-    dataset the evaluate stage's metrics are linked to."""
-    from components.tracking.datasets import dataset_entity
-
-    return dataset_entity(
-        f"{name}-{outputs.dataset_digest[:12]}",
-        outputs.dataset_digest,
-        outputs.manifest_uri,
-        profile={
-            "train_rows": outputs.train_rows,
-            "val_rows": outputs.val_rows,
-            "seq_len": outputs.seq_len,
-            "vocab_size": outputs.vocab_size,
-        },
-    )
 
 
 def outputs_of(result: PrepareResult) -> PrepareOutputs:
@@ -151,7 +117,7 @@ def run(ctx: StageContext) -> PrepareOutputs:
     ctx.log_artifact(manifest_file, "dataset")
     outputs = outputs_of(result)
     log_dataset_input(
-        ctx.client, ctx.run_id, dataset_of(config.data.name, outputs), m.dataset_digest, "training"
+        ctx.client, ctx.run_id, outputs.dataset(config.data.name), m.dataset_digest, "training"
     )
     ctx.set_tags(
         {"moeops.dataset_digest": m.dataset_digest, "moeops.tokenizer_hash": m.tokenizer_hash}

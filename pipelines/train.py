@@ -1,292 +1,19 @@
-"""The ``train`` stage: Ray Train's TorchTrainer over ``components.training.loop``, then the export.
+"""The ``train`` stage: :func:`components.training.ray_runner.run_training`, then the LoggedModel.
 
-    python -m pipelines.train experiment=tiny            # uses the latest finished prepare (and
-    tune) run
-    python -m pipelines.train train.stop_at_step=100     # stop early; the same command without it
-    resumes
+Run alone, it reads the latest finished prepare (and tune) run:
 
-:func:`run_training` is also what Tune trials (``pipelines.tune``) and the dense baseline
-(``pipelines.evaluate``) call.
+    python -m pipelines.train experiment=tiny
+    python -m pipelines.train train.stop_at_step=100   # stop early; the same command resumes
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
-import os
-import shutil
-import tempfile
-import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
-
 import mlflow
 
-from components.config import Config, to_container, with_overrides
+from components.config import Config, flatten, to_container, with_overrides
 from components.tracking.stages import StageContext, StageSpec
 from pipelines._cli import stage_main
 from pipelines.outputs import PrepareOutputs, TrainOutputs, TuneOutputs
-
-# config keys that change the trained weights: a run with the same ones (and the same dataset)
-# continues the same checkpoints when train.resume=auto
-_CURVE_KEYS = (
-    "lr",
-    "min_lr_ratio",
-    "warmup_steps",
-    "weight_decay",
-    "beta1",
-    "beta2",
-    "grad_clip",
-    "batch_size",
-    "grad_accum_steps",
-    "max_steps",
-    "seed",
-    "precision",
-)
-
-
-@dataclass
-class TrainResult:
-    # at least val_loss, train_loss, tokens_per_s, steps, and over the last logging interval
-    # moe/dropped_fraction, moe/load_max_over_mean, comm/exposed_fraction (NaN: not measured)
-    metrics: dict[str, float]
-    checkpoint_path: str  # latest Ray Train checkpoint dir (local path or URI)
-    export_dir: str  # local dir holding save_export(...) output (EP-size independent)
-    flow_report_path: str = ""  # JSON list of every rank's data-flow report entries
-
-
-def training_name(config: Config, manifest_uri: str, prefix: str = "train") -> str:
-    """A Ray Train run name that is the same for the same model, data and optimisation settings,
-    so re-running after a crash or a stop continues from the run's latest checkpoint."""
-    key = {
-        "manifest": manifest_uri,
-        "model": to_container(config)["model"],
-        "train": {k: getattr(config.train, k) for k in _CURVE_KEYS},
-    }
-    return f"{prefix}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}"
-
-
-def _storage(config: Config) -> tuple[str, Any]:
-    """(storage_path, pyarrow filesystem or None) for RunConfig from ``train.checkpoint_uri``.
-
-    Object stores reuse the cold tier's settings (endpoint, region, credential variables)."""
-    uri = config.train.checkpoint_uri
-    if "://" not in uri or uri.startswith("file://"):
-        path = uri[len("file://") :] if uri.startswith("file://") else uri
-        Path(path).mkdir(parents=True, exist_ok=True)
-        return path, None
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    from components.data.cold import filesystem_for
-
-    fs, path = filesystem_for(uri, config.storage)
-    return path, PyFileSystem(FSSpecHandler(fs))
-
-
-def _checkpoint_uri(config: Config, checkpoint) -> str:
-    """The checkpoint's location with its scheme (Ray reports object-store paths without it)."""
-    uri = config.train.checkpoint_uri
-    if "://" in uri and not uri.startswith("file://"):
-        return f"{uri.split('://', 1)[0]}://{checkpoint.path.lstrip('/')}"
-    return checkpoint.path
-
-
-def _progress_callback(total: int):
-    """A Ray Train callback printing `[train] N/M steps ... loss=` lines (runs in the controller,
-    whose output reaches the driver's log)."""
-    from ray.train import UserCallback
-
-    class TrainProgress(UserCallback):
-        def __init__(self):
-            self.progress = None
-            # wall clock, not monotonic: the controller may run on another machine than the driver
-            self.created = time.time()
-
-        def after_report(self, run_context, metrics, checkpoint):
-            from components.tracking.progress import Progress
-
-            if not metrics:
-                return
-            main = metrics[0]
-            if self.progress is None:
-                self.progress = Progress("train", total, min_interval_s=0.0)
-                self.progress.started -= max(time.time() - self.created, 0.0)
-            shown = {k: round(main[k], 4) for k in ("loss", "val_loss") if k in main}
-            self.progress.set(int(main.get("step", 0)), **shown)
-
-    return TrainProgress()
-
-
-class RayTrainSession:
-    """The training loop's view of Ray Train (``components.training.loop.Session``).
-
-    ``async_upload`` (``train.async_checkpoint``): a reported checkpoint is uploaded to
-    ``train.checkpoint_uri`` in the background (Ray Train's ``CheckpointUploadMode.ASYNC``) while
-    training continues, and its local copy deleted afterwards. Ray Train registers a checkpoint
-    only once every rank's upload has finished, so a worker killed mid-upload leaves the previous
-    checkpoint as the latest: the restarted group resumes from it.
-    """
-
-    def __init__(self, async_upload: bool = False):
-        self.async_upload = async_upload
-
-    def device(self, use_gpu: bool):
-        import ray.train.torch
-        import torch
-
-        if not use_gpu:
-            return torch.device("cpu")
-        if not torch.cuda.is_available():
-            raise RuntimeError("train.use_gpu=true but this Ray Train worker sees no CUDA device")
-        return ray.train.torch.get_device()
-
-    def latest_checkpoint(self):
-        import contextlib
-
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return contextlib.nullcontext(None)
-        return checkpoint.as_directory()
-
-    def log(self, message: str) -> None:
-        # Ray Train tees a worker's print() to its logger as well, so a print would reach the
-        # driver twice; the root logger's console handler reaches it once.
-        logging.getLogger("moeops.train").info(message)
-
-    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
-        import ray.train
-
-        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        step = int(metrics["step"])
-        mode = ray.train.CheckpointUploadMode
-        ray.train.report(
-            metrics,
-            checkpoint=checkpoint,
-            # one name per step: every rank's files land in the same directory
-            checkpoint_dir_name=f"step_{step:07d}" if checkpoint else None,
-            checkpoint_upload_mode=mode.ASYNC if self.async_upload else mode.SYNC,
-            # the loop hands the directory over: Ray removes it once uploaded
-            delete_local_checkpoint_after_upload=True if checkpoint else None,
-        )
-
-
-def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
-    """What Ray Train's TorchTrainer runs on every worker: the typed config is rebuilt here."""
-    from components.training.loop import train, unpack_config
-
-    config, run = unpack_config(config_dict)
-    train(config, run, RayTrainSession(config.train.async_checkpoint))
-
-
-def _local_tokenizer(uri: str, storage, dest: Path) -> Path:
-    """The tokenizer as a local file (it may live in an object store with its own endpoint)."""
-    from components.data.cold import read_bytes
-
-    dest.write_bytes(read_bytes(uri, storage, what="tokenizer"))
-    return dest
-
-
-def run_training(
-    config: Config,
-    manifest_uri: str,
-    *,
-    mlflow_run_id: str | None,
-    name: str,
-    callbacks: list | None = None,
-    resume_from: str | None = None,
-) -> TrainResult:
-    """Train on Ray Train and export the final model (all experts gathered)."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from components.data.manifest import load_manifest
-    from components.model.export import save_export
-    from components.training.checkpoint import FLOW_REPORT_FILE, load_full_model_state
-    from components.training.loop import RunInfo, pack_config
-    from pipelines.runtime import ensure_ray
-
-    ensure_ray(config)
-    t = config.train
-    manifest = load_manifest(manifest_uri, config.storage)
-    if manifest.seq_len > config.model.max_seq_len:
-        raise ValueError(
-            f"dataset {manifest_uri} has seq_len={manifest.seq_len} but model.max_seq_len={config.model.max_seq_len}: "
-            "raise model.max_seq_len or prepare the data with a smaller data.seq_len"
-        )
-    if t.resume not in ("auto", "never") and not resume_from:
-        resume_from = t.resume
-    if t.resume == "never" or config.force:
-        # A fresh run directory (Ray Train restores only from one of the same name):
-        # force=true means "recompute", not "pick up the finished checkpoint".
-        name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run = RunInfo(
-        manifest_uri=manifest_uri,
-        vocab_size=manifest.vocab_size,
-        seq_len=manifest.seq_len,
-        tracking_uri=config.tracking.uri,
-        mlflow_run_id=mlflow_run_id,
-        resume_from=resume_from,
-    )
-    storage_path, storage_fs = _storage(config)
-    # Ray Train reads this from the environment of the process that creates its controller (and
-    # passes it on); it has no constructor argument for it
-    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(t.worker_start_timeout_s)
-    resources = {"CPU": t.cpus_per_worker}
-    if t.use_gpu:
-        resources["GPU"] = t.gpus_per_worker
-    backend = t.backend if t.backend != "auto" else ("nccl" if t.use_gpu else "gloo")
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=pack_config(to_container(config), run),
-        torch_config=TorchConfig(backend=backend),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources
-        ),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=storage_path,
-            storage_filesystem=storage_fs,
-            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
-            callbacks=[_progress_callback(t.stop_at_step or t.max_steps), *(callbacks or [])],
-        ),
-    )
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
-    if result.checkpoint is None:
-        raise RuntimeError(f"training run {name!r} finished without a checkpoint")
-
-    out_root = Path(config.paths.root) / "exports" / name
-    export_dir = out_root / "export"
-    if export_dir.exists():
-        shutil.rmtree(export_dir)
-    flow_report_path = out_root / FLOW_REPORT_FILE
-    with result.checkpoint.as_directory() as ckpt_dir, tempfile.TemporaryDirectory() as tmp:
-        state = load_full_model_state(ckpt_dir)
-        tokenizer = _local_tokenizer(
-            manifest.tokenizer_uri, config.storage, Path(tmp) / "tokenizer.json"
-        )
-        save_export(state, config.model, manifest.vocab_size, tokenizer, export_dir)
-        if (Path(ckpt_dir) / FLOW_REPORT_FILE).exists():
-            shutil.copyfile(Path(ckpt_dir) / FLOW_REPORT_FILE, flow_report_path)
-
-    metrics = {
-        k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))
-    }
-    metrics["steps"] = metrics.get("step", 0.0)
-    for key in ("moe/dropped_fraction", "moe/load_max_over_mean", "comm/exposed_fraction"):
-        metrics.setdefault(key, float("nan"))
-    return TrainResult(
-        metrics=metrics,
-        checkpoint_path=_checkpoint_uri(config, result.checkpoint),
-        export_dir=str(export_dir),
-        flow_report_path=str(flow_report_path) if flow_report_path.exists() else "",
-    )
 
 
 def upstream(config: Config) -> tuple[type, ...]:
@@ -295,7 +22,6 @@ def upstream(config: Config) -> tuple[type, ...]:
 
 def model_params(config: Config) -> dict[str, str]:
     """The LoggedModel's params: the model and training config it was trained with (flattened)."""
-    from components.config import flatten
     from components.tracking.registry import mlflow_param
 
     container = to_container(config)
@@ -310,7 +36,8 @@ def run(ctx: StageContext) -> TrainOutputs:
     from components.tracking.datasets import log_dataset_input
     from components.tracking.provenance import code_tags
     from components.tracking.registry import log_model
-    from pipelines.prepare import dataset_of
+    from components.training.ray_runner import run_training, training_name
+    from pipelines.runtime import ensure_ray
 
     config = ctx.config
     prepare = ctx.input(PrepareOutputs)
@@ -319,13 +46,15 @@ def run(ctx: StageContext) -> TrainOutputs:
         print(f"[train] applying the sweep's best parameters: {best}", flush=True)
         config = with_overrides(config, best)
         ctx.log_params({"tuned": best})
-    dataset = dataset_of(config.data.name, prepare)
+    dataset = prepare.dataset(config.data.name)
     log_dataset_input(ctx.client, ctx.run_id, dataset, prepare.dataset_digest, "training")
+    ensure_ray(config)
     result = run_training(
         config,
         prepare.manifest_uri,
         mlflow_run_id=ctx.run_id,
-        name=training_name(config, prepare.manifest_uri),
+        # the code digest is part of the checkpoint identity: new code never resumes old weights
+        name=training_name(config, prepare.manifest_uri, code=ctx.code_digest),
     )
     if result.flow_report_path:
         ctx.log_artifact(result.flow_report_path, "data_flow")

@@ -1,15 +1,15 @@
-"""Tune stage: Ray Tune over shortened training runs; every trial is an MLflow run nested under this
-one.
+"""Tune stage: Ray Tune over shortened training runs; every trial is an MLflow run nested under
+this one.
 
     python -m pipelines.tune experiment=tiny              # after pipelines.prepare
     python -m pipelines.tune tune=large cluster=remote    # a real sweep on a cluster
 
 Each trial is a function trainable that drives one Ray Train V2 run
-(``pipelines.train.run_training``)
-with a ``TuneReportCallback`` so ASHA sees ``val_loss`` at every eval. Train V2 takes no Tune
-callbacks, so MLflow logging is explicit: the trial creates (or, after a restart, finds) its own
-run tagged ``mlflow.parentRunId`` = this stage's run, and rank 0 logs step metrics to it.
-The sweep directory is named after the config, so rerunning after the driver died restores it.
+(``components.training.ray_runner.run_training`` with ``report_to_tune=True``, so ASHA sees
+``val_loss`` at every eval). Train V2 takes no Tune callbacks, so MLflow logging is explicit: the
+trial creates (or, after a restart, finds) its own run tagged ``mlflow.parentRunId`` = this stage's
+run, and rank 0 logs step metrics to it. The sweep directory is named after the config, the data
+and the code, so rerunning after the driver died restores it (and new code never restores it).
 """
 
 from __future__ import annotations
@@ -24,13 +24,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
-
 import ray
 from mlflow import MlflowClient
 from ray import tune
 
-from components.config import Config, config_from_dict, flatten, to_container, with_overrides
+from components.config import Config, flatten, to_container, with_overrides
 from components.evaluation.sweep_report import write_sweep_summary
 from components.tracking import mlflow_utils
 from components.tracking.stages import StageContext, StageSpec, digest_of
@@ -101,19 +99,23 @@ def max_concurrent_trials(config: Config, available: dict[str, float]) -> int:
     if fits < 1:
         raise RuntimeError(
             f"one trial needs {cpus} CPUs (tune.trial_num_workers={tu.trial_num_workers} x "
-            f"train.cpus_per_worker={t.cpus_per_worker} + tune.trial_driver_cpus={tu.trial_driver_cpus})"
+            f"train.cpus_per_worker={t.cpus_per_worker} + "
+            f"tune.trial_driver_cpus={tu.trial_driver_cpus})"
             + (f" and {tu.trial_num_workers * t.gpus_per_worker} GPUs" if t.use_gpu else "")
-            + f", but the cluster has {available.get('CPU', 0)} CPUs / {available.get('GPU', 0)} GPUs "
-            "available; lower tune.trial_num_workers or set tune.max_concurrent_trials for an autoscaling cluster"
+            + f", but the cluster has {available.get('CPU', 0)} CPUs / {available.get('GPU', 0)} "
+            "GPUs "
+            "available; lower tune.trial_num_workers or set tune.max_concurrent_trials for an "
+            "autoscaling cluster"
         )
     return min(fits, tu.num_samples)
 
 
-def sweep_name(config: Config, upstream_digest: str) -> str:
-    """Stable for the same sweep config and data, so a rerun finds the interrupted sweep."""
+def sweep_name(config: Config, upstream_digest: str, code: str) -> str:
+    """Stable for the same sweep config, data and code (the stage's code digest), so a rerun
+    finds the interrupted sweep and a code change never restores the old code's sweep."""
     data = to_container(config)
     key = {k: data[k] for k in ("tune", "model", "train", "data")}
-    return "sweep-" + digest_of({"config": key, "data": upstream_digest})[:12]
+    return "sweep-" + digest_of({"config": key, "data": upstream_digest, "code": code})[:12]
 
 
 # --------------------------------------------------------------------------- trial side
@@ -156,18 +158,16 @@ def trial_run_id(
 def train_trial(
     sampled: dict[str, Any],
     *,
-    base_config: dict[str, Any],
+    base_config: Config,
     manifest_uri: str,
     parent_run_id: str,
     experiment_id: str,
     sweep: str,
 ) -> None:
     """One trial (runs in the trial's process): a shortened, distributed training run."""
-    from ray.tune.integration.ray_train import TuneReportCallback
+    from components.training.ray_runner import run_training
 
-    from pipelines.train import run_training
-
-    base = config_from_dict(base_config)
+    base = base_config
     context = tune.get_context()
     trial_id, trial_name = context.get_trial_id(), context.get_trial_name()
     client = MlflowClient(base.tracking.uri)
@@ -190,7 +190,7 @@ def train_trial(
         manifest_uri,
         mlflow_run_id=run_id,
         name=f"{sweep}-{trial_id}",
-        callbacks=[TuneReportCallback()],
+        report_to_tune=True,
     )
     client.set_tag(run_id, TRIAL_STATUS_TAG, COMPLETED)
     mlflow_utils.log_metrics(
@@ -294,7 +294,7 @@ def run_sweep(
     trainable = tune.with_resources(
         tune.with_parameters(
             train_trial,
-            base_config=to_container(config),
+            base_config=config,
             manifest_uri=manifest_uri,
             parent_run_id=parent_run_id,
             experiment_id=experiment_id,
@@ -445,7 +445,7 @@ def run(ctx: StageContext) -> TuneOutputs:
             "(or use tune=off to train with the config as composed)"
         )
     ensure_ray(config)
-    sweep = sweep_name(config, prepare.dataset_digest)
+    sweep = sweep_name(config, prepare.dataset_digest, ctx.code_digest)
     if config.force or not tu.resume:
         sweep = f"{sweep}-{ctx.run_id[:8]}"  # a fresh sweep, never a restored one
     ctx.set_tags({SWEEP_TAG: sweep})

@@ -163,7 +163,7 @@ def llm_serve_config(config: Config, versions: list[ServedVersion]) -> dict[str,
     ``serveConfigV2``): the same keys as serving.deploy.config.serve_config."""
     s = config.serve
     return {
-        "proxy_location": s.proxy_location,
+        "proxy_location": str(s.proxy_location),  # a file: the choice as its plain string
         "http_options": {"host": s.host, "port": int(s.port)},
         "applications": [
             {

@@ -10,14 +10,14 @@ import pytest
 
 from fixtures.ray_start import start_with_retries
 from fixtures.tiny import SMALL_DATA
-from pipelines.runtime import API_SERVER_ENV, free_port
+from pipelines.runtime import API_SERVER_ENV, WORKER_ENV, free_port
 
-# Set before Ray or Tune is imported anywhere in the session.
-os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+# Set before Ray starts: the worker environment the pipeline's ensure_ray sets (one definition),
+# plus what the test session wants of Ray.
+for _key, _value in WORKER_ENV.items():
+    os.environ.setdefault(_key, _value)
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # train and tune runs log MLflow system metrics; sample often enough for the tests' short stages
 os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
 
@@ -77,9 +77,7 @@ def ray_session(session_tmp):
                 # a
                 # local node on loopback (`ray start --node-ip-address` starts a detached cluster)
                 _node_ip_address="127.0.0.1",
-                runtime_env={
-                    "env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0", "TOKENIZERS_PARALLELISM": "false"}
-                },
+                runtime_env={"env_vars": dict(WORKER_ENV)},
                 log_to_driver=True,
             ),
             cleanup=ray.shutdown,

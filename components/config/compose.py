@@ -1,7 +1,9 @@
-"""Compose ``conf/`` with Hydra, validate once, and turn the result into plain data for Ray.
+"""Compose ``conf/`` with Hydra and validate once; plain data only where a file is written.
 
 Entry points get a DictConfig from ``@hydra.main`` and call :func:`finalize`; tests and
-library users call :func:`load_config` with the same override strings.
+library users call :func:`load_config` with the same override strings. The typed
+:class:`~components.config.schema.Config` crosses into Ray workers, trials and tasks as it is
+(dataclasses pickle); :func:`to_container` is for files (MLflow params, the Serve config file).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import dataclasses
 import os
 import sys
 from collections.abc import Iterable
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -105,9 +108,22 @@ def _absolute_local(uri: str) -> str:
     return str(Path(uri).expanduser().resolve())
 
 
+def _plain_value(value: Any) -> Any:
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, list):
+        return [_plain_value(v) for v in value]
+    return value
+
+
+def _plain(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    return {k: _plain_value(v) for k, v in pairs}
+
+
 def to_container(config: Config) -> dict[str, Any]:
-    """Plain, JSON-serialisable dict: what Ray workers, replicas and trials receive."""
-    return dataclasses.asdict(config)
+    """Plain, JSON- and YAML-serialisable dict (choices as their strings): for what is written
+    to a file (MLflow params, the Serve config file, cache-key digests)."""
+    return dataclasses.asdict(config, dict_factory=_plain)
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
@@ -129,19 +145,20 @@ def section_from_dict(section: type, data: Any, name: str = "") -> Any:
 
 
 def with_overrides(config: Config, dotted: dict[str, Any]) -> Config:
-    """A copy of ``config`` with ``{"train.lr": 1e-3, ...}`` applied and validated (Tune trials)."""
-    data = to_container(config)
+    """A copy of ``config`` with ``{"train.lr": 1e-3, ...}`` applied, type-checked by the schema
+    (a sampled value of the wrong type or outside a choice fails) and validated (Tune trials, the
+    sweep's best parameters, the dense baseline)."""
+    node = OmegaConf.structured(config)
     for key, value in dotted.items():
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        if leaf not in node:
+        if OmegaConf.select(node, key, default=_ABSENT) is _ABSENT:
             raise KeyError(f"no such config key: {key}")
-        node[leaf] = value
-    updated = config_from_dict(data)
+        OmegaConf.update(node, key, value, merge=False)
+    updated = OmegaConf.to_object(node)
     validate(updated)
     return updated
+
+
+_ABSENT = object()
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -256,8 +256,10 @@ def prepare_dataset(
     for split, shards in splits.items():
         if not shards:
             raise ValueError(
-                f"the corpus produced no {split!r} rows (documents={len(docs)}, data.seq_len={data.seq_len}, "
-                f"data.val_fraction={data.val_fraction}): raise data.max_bytes/max_files or lower seq_len"
+                f"the corpus produced no {split!r} rows (documents={len(docs)}, "
+                f"data.seq_len={data.seq_len}, "
+                f"data.val_fraction={data.val_fraction}): raise data.max_bytes/max_files or lower "
+                "seq_len"
             )
         shards.sort(key=lambda s: s.name)
     manifest = Manifest(

@@ -67,7 +67,8 @@ def storage_or_default(storage: StorageConfig | None) -> StorageConfig:
         return StorageConfig()
     if not isinstance(storage, StorageConfig):
         raise TypeError(
-            f"storage must be a StorageConfig (components.config.schema), got {type(storage).__name__}; "
+            "storage must be a StorageConfig (components.config.schema), got "
+            f"{type(storage).__name__}; "
             "on a Ray worker rebuild it with components.config.config_from_dict"
         )
     return storage
@@ -225,16 +226,22 @@ def read_bytes(
     if size is not None and split_protocol(uri)[0] in ("s3", "s3a"):
         from components.data.s3_parts import fetch_object
 
-        fetch = lambda: fetch_object(path, size, st, part)  # noqa: E731
+        def fetch() -> bytes:
+            return fetch_object(path, size, st, part)
+
     elif size is None or size <= part or isinstance(fs, LocalFileSystem):
-        fetch = lambda: fs.cat_file(path)  # noqa: E731
+
+        def fetch() -> bytes:
+            return fs.cat_file(path)
+
     else:
         starts = list(range(0, size, part))
         ends = [min(start + part, size) for start in starts]
-        # a length mismatch (the object changed) is caught by the caller's size/sha256 check
-        fetch = lambda: b"".join(
-            fs.cat_ranges([path] * len(starts), starts, ends, on_error="raise")
-        )
+
+        def fetch() -> bytes:
+            # a length mismatch (the object changed) is caught by the caller's size/sha256 check
+            return b"".join(fs.cat_ranges([path] * len(starts), starts, ends, on_error="raise"))
+
     return with_retries(fetch, what=what or path, uri=uri, storage=storage, on_retry=on_retry)
 
 

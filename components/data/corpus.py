@@ -32,28 +32,6 @@ _STDLIB_SKIP_DIRS = {
     "ensurepip",
     "config-3",
 }
-TEXT_SUFFIXES = (
-    ".txt",
-    ".md",
-    ".rst",
-    ".py",
-    ".c",
-    ".h",
-    ".js",
-    ".ts",
-    ".go",
-    ".rs",
-    ".java",
-    ".json",
-    ".yaml",
-    ".yml",
-    ".toml",
-    ".html",
-    ".css",
-    ".sh",
-    ".cfg",
-    ".ini",
-)
 
 
 @dataclass(frozen=True)

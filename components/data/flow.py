@@ -214,7 +214,8 @@ def describe(diff: Difference) -> str:
         if side is None:
             continue
         lines.append(
-            f"  {name}: fingerprint {side.fingerprint}, {side.samples} samples, world size {side.world_size}"
+            f"  {name}: fingerprint {side.fingerprint}, {side.samples} samples, world size "
+            f"{side.world_size}"
         )
         other = diff.b if name == "A" else diff.a
         for rank, e in sorted(side.ranks.items()):
@@ -230,7 +231,8 @@ def describe(diff: Difference) -> str:
             )
             shards = ", ".join(f"{k} x{v}" for k, v in sorted(e["shards"].items()))
             lines.append(
-                f"    rank {rank}: {e['fingerprint']} positions {e['positions']} from {shards}{mark}"
+                f"    rank {rank}: {e['fingerprint']} positions {e['positions']} from "
+                f"{shards}{mark}"
             )
     return "\n".join(lines)
 

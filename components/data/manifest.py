@@ -23,7 +23,6 @@ from components.data.cold import ColdStorageError, join, read_bytes, write_atomi
 
 FORMAT = "moeops-shards/2"  # /2: flat int32 token column (see components.data.shards)
 MANIFEST_NAME = "manifest.json"
-SPLITS = ("train", "val")
 
 
 @dataclass(frozen=True)
@@ -121,7 +120,8 @@ def load_manifest(uri: str, storage: StorageConfig | None = None) -> Manifest:
         text = read_bytes(manifest_uri, storage, what="dataset manifest").decode("utf-8")
     except FileNotFoundError as exc:
         raise FileNotFoundError(
-            f"no dataset manifest at {manifest_uri!r} (run the prepare stage, or check storage.cold_uri)"
+            f"no dataset manifest at {manifest_uri!r} (run the prepare stage, or check "
+            "storage.cold_uri)"
         ) from exc
     except ColdStorageError:
         raise

@@ -253,8 +253,10 @@ class WarmCache:
                     break
             if time.monotonic() > deadline:
                 raise WarmCacheError(
-                    f"shard {shard.name}: no room in the warm cache {self.dir} after {self.wait_timeout_s:.0f}s "
-                    f"(limit {self.limit} bytes, every resident shard is being read): raise storage.warm_limit_bytes"
+                    f"shard {shard.name}: no room in the warm cache {self.dir} after "
+                    f"{self.wait_timeout_s:.0f}s "
+                    f"(limit {self.limit} bytes, every resident shard is being read): raise "
+                    "storage.warm_limit_bytes"
                 )
             time.sleep(self.poll_s)
         return self._fill(shard, fetch, token)
@@ -287,7 +289,8 @@ class WarmCache:
             if len(data) != shard.bytes or hashlib.sha256(data).hexdigest() != sha:
                 raise CorruptShardError(
                     f"shard {shard.name}: cold copy has {len(data)} bytes / sha256 "
-                    f"{hashlib.sha256(data).hexdigest()[:12]}..., manifest says {shard.bytes} / {sha[:12]}..."
+                    f"{hashlib.sha256(data).hexdigest()[:12]}..., manifest says {shard.bytes} / "
+                    f"{sha[:12]}..."
                 )
             with open(tmp, "wb") as f:
                 f.write(data)

@@ -140,7 +140,7 @@ def evaluate_model(
     return ModelEvaluation(
         label=label,
         source=source,
-        kind=model_kind(loaded.model_cfg),
+        kind=loaded.model_cfg.kind,
         val_loss=loss,
         perplexity=perplexity(loss),
         tokens_evaluated=tokens,
@@ -150,8 +150,3 @@ def evaluate_model(
         expert_counts=expert_counts,
         samples=dict(zip(prompts, completions)),
     )
-
-
-def model_kind(model_cfg: Any) -> str:
-    """``model.kind`` of an export's model config (a ModelConfig or its dict form)."""
-    return model_cfg["kind"] if isinstance(model_cfg, dict) else model_cfg.kind

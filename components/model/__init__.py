@@ -7,7 +7,7 @@ Everything here is importable and testable without Ray; expert parallelism only 
 from components.model.comm_timing import CommTimes
 from components.model.experts import is_expert_param
 from components.model.metrics import MoEMetricsAccumulator, moe_metrics
-from components.model.transformer import Transformer, dense_equivalent, model_config
+from components.model.transformer import Transformer, dense_equivalent
 
 __all__ = [
     "CommTimes",
@@ -15,6 +15,5 @@ __all__ = [
     "Transformer",
     "dense_equivalent",
     "is_expert_param",
-    "model_config",
     "moe_metrics",
 ]

@@ -164,7 +164,8 @@ class TokenDispatcher:
         self.ep_rank = dist.get_rank(group) if group is not None else 0
         if num_experts % self.ep_size:
             raise ValueError(
-                f"num_experts={num_experts} is not divisible by the expert-parallel size {self.ep_size}"
+                f"num_experts={num_experts} is not divisible by the expert-parallel size "
+                f"{self.ep_size}"
             )
         self.num_local_experts = num_experts // self.ep_size
         self.expert_offset = self.ep_rank * self.num_local_experts

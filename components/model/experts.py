@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-BACKENDS = ("auto", "grouped_mm", "loop")
+from components.config.schema import ExpertBackend
+
+BACKENDS = tuple(b.value for b in ExpertBackend)  # model.expert_backend's choices
 
 
 def mark_expert(param: nn.Parameter) -> nn.Parameter:
@@ -120,7 +122,8 @@ class GroupedExperts(nn.Module):
             return self._grouped(x, counts)
         if len(counts) != self.num_local_experts or sum(counts) != x.shape[0]:
             raise ValueError(
-                f"counts {counts} do not describe {x.shape[0]} rows over {self.num_local_experts} experts"
+                f"counts {counts} do not describe {x.shape[0]} rows over {self.num_local_experts} "
+                "experts"
             )
         return self._loop(x, counts)
 

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from components.config.compose import section_from_dict
 from components.config.schema import ModelConfig
-from components.model.transformer import Transformer, model_config
+from components.model.transformer import Transformer
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model_config.json"
@@ -75,7 +76,8 @@ def merge_expert_shards(states: list[Mapping[str, torch.Tensor]]) -> dict[str, t
     for i, state in enumerate(states[1:], 1):
         if set(state) != names:
             raise ValueError(
-                f"state {i} has keys {sorted(set(state) ^ names)} that state 0 does not (or vice versa)"
+                f"state {i} has keys {sorted(set(state) ^ names)} that state 0 does not (or vice "
+                "versa)"
             )
     return {
         name: torch.cat([s[name] for s in states], dim=0)
@@ -107,7 +109,10 @@ def _check_against_model(
     if missing or unexpected or wrong:
         hint = ""
         if any(is_expert_key(k) for k in wrong):
-            hint = " (expert tensors look expert-parallel sharded: merge_expert_shards the ranks' states first)"
+            hint = (
+                " (expert tensors look expert-parallel sharded: merge_expert_shards the ranks' "
+                "states first)"
+            )
         raise ValueError(
             f"state dict does not match model config {cfg.name!r} with vocab_size={vocab_size}: "
             f"missing={missing[:5]}, unexpected={unexpected[:5]}, "
@@ -128,7 +133,7 @@ def _copy_tokenizer(tokenizer_path: str | Path, dst: Path) -> None:
 
 def save_export(
     model_state: Mapping[str, torch.Tensor],
-    model_cfg: ModelConfig | Mapping[str, Any],
+    model_cfg: ModelConfig,
     vocab_size: int | str | Path | None,
     tokenizer_path: str | Path | None = None,
     out_dir: str | Path | None = None,
@@ -144,7 +149,7 @@ def save_export(
         vocab_size, tokenizer_path, out_dir = None, vocab_size, tokenizer_path
     if tokenizer_path is None or out_dir is None:
         raise TypeError("save_export needs tokenizer_path and out_dir")
-    cfg = model_config(model_cfg)
+    cfg = model_cfg
     state = clean_state_dict(model_state)
     if "tok_embeddings.weight" not in state:
         raise ValueError("model_state has no 'tok_embeddings.weight': not a Transformer state dict")
@@ -172,7 +177,7 @@ def save_export(
 class LoadedModel:
     model: Transformer  # eval mode, all experts local
     tokenizer: Any  # components.data.tokenizer.TextTokenizer
-    model_cfg: dict  # ModelConfig as a plain dict
+    model_cfg: ModelConfig
     vocab_size: int = 0
     export_dir: str = ""
 
@@ -184,7 +189,8 @@ def read_export_config(export_dir: str | Path) -> dict:
     meta = json.loads(path.read_text())
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(
-            f"{path}: format_version={meta.get('format_version')!r}, this code reads {FORMAT_VERSION}"
+            f"{path}: format_version={meta.get('format_version')!r}, this code reads "
+            f"{FORMAT_VERSION}"
         )
     return meta
 
@@ -195,12 +201,11 @@ def load_export(export_dir: str | Path, device: str | torch.device = "cpu") -> L
 
     export_dir = Path(export_dir)
     meta = read_export_config(export_dir)
-    cfg = model_config(meta["model"])
+    # the file's plain form back to the typed section (unknown keys name themselves)
+    cfg = section_from_dict(ModelConfig, meta["model"], "model")
     model = Transformer(cfg, meta["vocab_size"])
     state = load_file(str(export_dir / WEIGHTS_FILE))
     model.load_state_dict(state, strict=True)
     model.to(device).eval()
     tokenizer = TextTokenizer.load(str(export_dir / TOKENIZER_FILE))
-    return LoadedModel(
-        model, tokenizer, dataclasses.asdict(cfg), meta["vocab_size"], str(export_dir)
-    )
+    return LoadedModel(model, tokenizer, cfg, meta["vocab_size"], str(export_dir))

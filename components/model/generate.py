@@ -162,7 +162,8 @@ def generate_text(
     budget = model.cfg.max_seq_len - max_new_tokens
     if budget < 1:
         raise ValueError(
-            f"max_new_tokens={max_new_tokens} leaves no room for a prompt in max_seq_len={model.cfg.max_seq_len}"
+            f"max_new_tokens={max_new_tokens} leaves no room for a prompt in "
+            f"max_seq_len={model.cfg.max_seq_len}"
         )
     encoded = []
     for text in texts:

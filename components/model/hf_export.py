@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from components.config.compose import section_from_dict
 from components.config.schema import ModelConfig
 from components.model.export import (
     TOKENIZER_FILE,
@@ -51,7 +52,13 @@ from components.model.export import (
     clean_state_dict,
     read_export_config,
 )
-from components.model.transformer import is_moe_layer, model_config
+from components.model.transformer import is_moe_layer
+
+
+def model_config(cfg: ModelConfig | Mapping[str, Any]) -> ModelConfig:
+    """The typed section, or its plain form read back from an export's JSON file."""
+    return section_from_dict(ModelConfig, cfg, "model")
+
 
 HF_CONFIG_FILE = "config.json"
 HF_GENERATION_CONFIG_FILE = "generation_config.json"

@@ -25,6 +25,10 @@ from __future__ import annotations
 from collections import Counter
 
 import torch
+
+# Private module on purpose: TorchDispatchMode is the documented way to see every aten op
+# (torch's __torch_dispatch__ guide), but torch 2.13 exports it only from this private module;
+# TorchFunctionMode (public, torch.overrides) sees Python calls, not the ops a sync comes from.
 from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten

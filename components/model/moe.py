@@ -85,21 +85,3 @@ class MoELayer(nn.Module):
         )
         stats = MoEStats(routing.aux_loss, routing.z_loss, routing.counts, routing.kept_counts)
         return out.to(x.dtype).view(shape), stats
-
-
-def reference_moe_forward(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
-    """The naive formulation, for tests and benchmarks: loop over experts, gather the tokens that
-    chose each one (boolean mask), run it, scatter-add weight x output. Same routing as
-    ``layer``."""
-    import torch.nn.functional as F
-
-    routing = layer.router(x)
-    out = torch.zeros_like(x)
-    w1, w3, w2 = layer.experts.w1, layer.experts.w3, layer.experts.w2
-    for e in range(layer.num_local_experts):
-        token_idx, slot = torch.nonzero((routing.expert_ids == e) & routing.keep, as_tuple=True)
-        y = (F.silu(x[token_idx] @ w1[e]) * (x[token_idx] @ w3[e])) @ w2[e]
-        out = out.index_add(0, token_idx, y * routing.weights[token_idx, slot, None])
-    if layer.shared_expert is not None:
-        out = out + layer.shared_expert(x)
-    return out

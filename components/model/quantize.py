@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from components.config.schema import Quantize
 from components.model.experts import GroupedExperts
 
-QUANTIZE_MODES = ("none", "int8", "auto")
+QUANTIZE_MODES = tuple(q.value for q in Quantize)  # serve.quantize's choices
 
 # "auto" on CPU quantises only models whose expert FFN matrices have at least this many elements
 # (dim x ffn_dim): the smallest size where fbgemm int8 measured faster than fp32; at moe_tiny's

@@ -152,8 +152,8 @@ class ExpertBiasBalancer:
             return
         if len(counts) != len(self.routers):
             raise ValueError(
-                f"got expert counts of {len(counts)} MoE layers for {len(self.routers)} "
-                "balanced routers"
+                f"got expert counts of {len(counts)} MoE layers for {len(self.routers)} balanced "
+                "routers"
             )
         stacked = torch.stack([c.detach().float() for c in counts])  # [L, E]
         self.pending = stacked if self.pending is None else self.pending + stacked

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -16,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from components.config.compose import section_from_dict
 from components.config.schema import ModelConfig, OverlapConfig
 from components.model.comm_timing import CommTimes
 from components.model.experts import is_expert_param
@@ -28,25 +26,12 @@ from components.model.layers import (
     SeqPositions,
     rope_tables,
 )
-from components.model.metrics import moe_metrics  # noqa: F401  (re-exported: its historic home)
 from components.model.moe import MoELayer, MoEStats
 
 
-def model_config(cfg: ModelConfig | Mapping[str, Any]) -> ModelConfig:
-    """A ModelConfig from the dataclass or its plain-dict form (what crosses into Ray / exports)."""
-    return section_from_dict(ModelConfig, cfg, "model")
-
-
-def overlap_config(overlap: OverlapConfig | Mapping[str, Any] | None) -> OverlapConfig:
-    """The ``train.overlap`` section from the dataclass, its plain-dict form, or None (its
-    defaults)."""
-    return section_from_dict(OverlapConfig, overlap if overlap is not None else {}, "train.overlap")
-
-
-def dense_equivalent(cfg: ModelConfig | Mapping[str, Any]) -> ModelConfig:
+def dense_equivalent(cfg: ModelConfig) -> ModelConfig:
     """The dense baseline of an MoE config with equal *active* FFN parameters per token:
     ffn_dim = top_k x expert ffn_dim (+ one more ffn_dim for the shared expert)."""
-    cfg = model_config(cfg)
     if cfg.kind == "dense":
         return cfg
     active = cfg.ffn_dim * (cfg.top_k + (1 if cfg.shared_expert else 0))
@@ -134,24 +119,25 @@ class Transformer(nn.Module):
     tokens before / after capacity) and ``dropped_fraction`` (per MoE layer, scalar tensors).
 
     ``ep_group``: expert-parallel process group (None = all experts local); ``overlap``: the
-    ``train.overlap`` section (dict or OverlapConfig; None = its schema defaults), only
-    ``async_a2a`` and ``a2a_chunks`` matter here.
+    ``train.overlap`` section (None = its schema defaults), only ``async_a2a`` and ``a2a_chunks``
+    matter here.
     """
 
     def __init__(
         self,
-        cfg: ModelConfig | Mapping[str, Any],
+        cfg: ModelConfig,
         vocab_size: int,
         ep_group=None,
-        overlap: OverlapConfig | Mapping[str, Any] | None = None,
+        overlap: OverlapConfig | None = None,
     ):
         super().__init__()
-        cfg = model_config(cfg)
+        if not isinstance(cfg, ModelConfig):
+            raise TypeError(f"Transformer takes a ModelConfig, not {type(cfg).__name__}")
         if vocab_size < 1:
             raise ValueError(f"vocab_size={vocab_size}: must be >= 1")
         self.cfg = cfg
         self.vocab_size = vocab_size
-        self.overlap = overlap_config(overlap)
+        self.overlap = overlap if overlap is not None else OverlapConfig()
         self.tok_embeddings = nn.Embedding(vocab_size, cfg.dim)
         self.layers = nn.ModuleList(
             Block(cfg, i, ep_group, self.overlap) for i in range(cfg.n_layers)
@@ -236,15 +222,6 @@ class Transformer(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return [block.moe for block in self.layers if block.moe is not None]
 
-    def expert_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if is_expert_param(p)]
-
-    def non_expert_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if not is_expert_param(p)]
-
-    def expert_parameter_names(self) -> list[str]:
-        return [n for n, p in self.named_parameters() if is_expert_param(p)]
-
     def comm_times(self, reset: bool = False) -> CommTimes:
         """Expert-parallel all-to-all time since the last reset, summed over MoE layers:
         ``exposed_s``
@@ -254,10 +231,6 @@ class Transformer(nn.Module):
         for moe in self.moe_layers():
             total = total + moe.dispatcher.comm_times(reset)
         return total
-
-    def comm_wait_seconds(self, reset: bool = False) -> float:
-        """Exposed all-to-all seconds (``comm_times(reset).exposed_s``)."""
-        return self.comm_times(reset).exposed_s
 
     def num_params(self, active: bool = False) -> int:
         """Global parameter count (all experts, whatever the EP size); ``active``: per-token
@@ -350,7 +323,8 @@ class Transformer(nn.Module):
                 )
         elif start_pos + T > self.cfg.max_seq_len:
             raise ValueError(
-                f"sequence of {start_pos + T} positions exceeds model.max_seq_len={self.cfg.max_seq_len}"
+                f"sequence of {start_pos + T} positions exceeds "
+                f"model.max_seq_len={self.cfg.max_seq_len}"
             )
         cos, sin, mask = self._positions_and_mask(B, T, cache, start_pos)
         h = self.tok_embeddings(tokens)  # [B, T, D]

@@ -23,7 +23,7 @@ PROJECT_PACKAGES = ("pipelines", "components", "serving")
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # "package.module:attribute", the import-path form Ray Serve, entry points and Hydra use
 _IMPORT_STRING = re.compile(
-    r"^(?:%s)(?:\.[A-Za-z_]\w*)+:[A-Za-z_][\w.]*$" % "|".join(PROJECT_PACKAGES)
+    r"^(?:" + "|".join(PROJECT_PACKAGES) + r")(?:\.[A-Za-z_]\w*)+:[A-Za-z_][\w.]*$"
 )
 
 

@@ -21,6 +21,7 @@ Each part is also recorded on the run (``moeops.key.*`` tags), so a rerun can be
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 import time
 import traceback
@@ -35,7 +36,7 @@ from mlflow.entities import RunStatus
 
 from components.config import Config, flatten, to_container
 from components.tracking import mlflow_utils
-from components.tracking.code import changed_modules, code_closure
+from components.tracking.code import PROJECT_ROOT, changed_modules, code_closure
 from components.tracking.outputs import OutputsError, StageOutputs, digest_of
 from components.tracking.progress import Progress
 
@@ -47,6 +48,7 @@ __all__ = [
     "run_stage",
     "resolve_upstream",
     "cache_key",
+    "code_digest",
     "outputs_of_run",
     "digest_of",
 ]
@@ -62,7 +64,7 @@ KEY_CODE_TAG = "moeops.key.code"
 KEY_MODULES_TAG = "moeops.key.code_modules"
 OUTPUTS_FILE = "outputs.json"
 
-O = TypeVar("O", bound=StageOutputs)
+OutputsT = TypeVar("OutputsT", bound=StageOutputs)
 OutputsType = type[StageOutputs]
 
 
@@ -82,13 +84,14 @@ class StageSpec:
     outputs: OutputsType
     # a cached run is reused only while this still holds (e.g. its files or endpoint exist)
     still_valid: Callable[[Config, Any], bool] | None = None
-    # the module whose import closure is this stage's code (default: where ``fn`` is defined)
+    # the module whose import closure is this stage's code (default: where ``fn`` is defined,
+    # by its importable name also when it runs as ``python -m pipelines.<stage>``)
     module: str = ""
     # MLflow system metrics (CPU, memory, GPU, network) on this stage's run while it works
     system_metrics: bool = False
 
     def __post_init__(self) -> None:
-        self.module = self.module or self.fn.__module__
+        self.module = self.module or importable_name(self.fn.__module__)
         if self.outputs.stage != self.name:
             raise ValueError(
                 f"stage {self.name!r}: its outputs class {self.outputs.__name__} is "
@@ -97,6 +100,29 @@ class StageSpec:
 
     def upstream_for(self, config: Config) -> tuple[OutputsType, ...]:
         return self.upstream(config) if callable(self.upstream) else self.upstream
+
+
+def importable_name(module: str) -> str:
+    """The name ``module`` is imported by; for ``__main__`` (a stage run as ``python -m
+    pipelines.train``) the name it was started under, so its code key is the one it has inside
+    ``pipelines.run`` (``code_closure(["__main__"])`` finds no file: an empty key)."""
+    if module != "__main__":
+        return module
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name:  # python -m pkg.mod
+        return spec.name
+    path = Path(getattr(main, "__file__", "") or "").resolve()
+    if path.is_file() and path.is_relative_to(PROJECT_ROOT):  # python pipelines/train.py
+        return ".".join(path.relative_to(PROJECT_ROOT).with_suffix("").parts)
+    raise ValueError(
+        "a stage defined in __main__ needs StageSpec(module=...): its code cannot be found"
+    )
+
+
+def code_digest(spec: StageSpec) -> str:
+    """The digest of the stage's code (its module's import closure): the cache key's code part."""
+    return digest_of(code_closure([spec.module]))
 
 
 @dataclass
@@ -124,8 +150,11 @@ class StageContext:
     inputs: dict[str, StageOutputs]
     work_dir: Path
     input_run_ids: dict[str, str] = field(default_factory=dict)
+    # digest of the stage's code (the cache key's code part): names checkpoints and sweeps, so a
+    # code change never resumes what older code produced
+    code_digest: str = ""
 
-    def input(self, kind: type[O]) -> O:
+    def input(self, kind: type[OutputsT]) -> OutputsT:
         """The outputs of the upstream stage that produces ``kind``, typed."""
         outputs = self.inputs.get(kind.stage)
         if outputs is None:
@@ -278,7 +307,7 @@ def record_outputs(client: MlflowClient, run_id: str, outputs: StageOutputs) -> 
     client.log_dict(run_id, outputs.to_json(), OUTPUTS_FILE)
 
 
-def outputs_of_run(client: MlflowClient, run_id: str, kind: type[O]) -> O:
+def outputs_of_run(client: MlflowClient, run_id: str, kind: type[OutputsT]) -> OutputsT:
     """The typed outputs a finished stage run recorded."""
     try:
         with tempfile.TemporaryDirectory(prefix="moeops-outputs-") as tmp:
@@ -353,8 +382,10 @@ def resolve_upstream(
             run = latest_finished_run(client, experiment_id, name, schema=kind.schema_digest())
             if run is None:
                 raise StageInputError(
-                    f"stage '{spec.name}' needs the outputs of stage '{name}', and the experiment has no "
-                    f"finished '{name}' run with this version's outputs: run `python -m pipelines.{name}` "
+                    f"stage '{spec.name}' needs the outputs of stage '{name}', and the experiment "
+                    "has no "
+                    f"finished '{name}' run with this version's outputs: run `python -m "
+                    f"pipelines.{name}` "
                     f"first, run the whole pipeline with `python -m pipelines.run`, or pass "
                     f"+inputs.{name}=<run id>"
                 )
@@ -431,7 +462,8 @@ def run_stage(
             mlflow_utils.set_tags(client, run_id, {"moeops.duration_s": f"{duration:.2f}"})
             client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
             print(
-                f"[{spec.name}] reused run {source} (same code, inputs and config; force=true reruns)",
+                f"[{spec.name}] reused run {source} (same code, inputs and config; force=true "
+                "reruns)",
                 flush=True,
             )
             return StageOutcome(spec.name, run_id, outputs, True, duration, source)
@@ -465,6 +497,7 @@ def run_stage(
         inputs=inputs,
         work_dir=work_dir,
         input_run_ids=input_run_ids,
+        code_digest=key.code_digest,
     )
     print(f"[{spec.name}] started (MLflow run {run_id}): {reason}", flush=True)
     # The stage's run is the active fluent run while it works, so MLflow's own APIs (log_model,

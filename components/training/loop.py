@@ -1,10 +1,10 @@
 """The per-worker training loop: one process per rank, gloo on CPU or NCCL on GPU.
 
-:func:`train` is what every Ray Train worker runs (``pipelines.train`` wraps it); it reaches its
-runner only through a small :class:`Session`, so it also runs in one plain process (unit tests,
-debugging) with :class:`LocalSession`. The worker receives ``components.config.to_container(
-config)`` plus :data:`RUN_INFO_KEY` (:class:`RunInfo`: what the run is about beyond the config)
-and rebuilds the typed :class:`~components.config.schema.Config` from it (:func:`unpack_config`).
+:func:`train` is what every Ray Train worker runs (``components.training.ray_runner`` wraps it);
+it reaches its runner only through a small :class:`Session`, so it also runs in one plain process
+(unit tests, debugging) with :class:`LocalSession`. The worker receives the typed
+:class:`~components.config.schema.Config` and a :class:`RunInfo` (what the run is about beyond the
+config) as they are: dataclasses pickle.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from components.config import config_from_dict
 from components.config.schema import Config, StorageConfig
 from components.data.flow import merge_reports
 from components.training import checkpoint as ckpt
@@ -50,8 +49,6 @@ from components.training.parallel import (
 from components.training.precision import autocast_dtype, autocast_for, grad_scaler_for
 from components.training.step import StepParts, build_balancer, train_step
 
-RUN_INFO_KEY = "_moeops_run"
-
 
 @dataclass
 class RunInfo:
@@ -64,20 +61,6 @@ class RunInfo:
     mlflow_run_id: str | None = None
     # checkpoint dir or URI to start from when Ray Train has none of its own (first attempt)
     resume_from: str | None = None
-
-
-def pack_config(config_dict: dict[str, Any], run: RunInfo) -> dict[str, Any]:
-    return {**config_dict, RUN_INFO_KEY: asdict(run)}
-
-
-def unpack_config(config_dict: dict[str, Any]) -> tuple[Config, RunInfo]:
-    data = dict(config_dict)
-    run = data.pop(RUN_INFO_KEY, None)
-    if run is None:
-        raise KeyError(
-            f"train_loop_per_worker: config dict has no {RUN_INFO_KEY!r} (build it with pack_config)"
-        )
-    return config_from_dict(data), RunInfo(**run)
 
 
 # ----------------------------------------------------------------------------- session
@@ -267,7 +250,8 @@ def train(config: Config, run: RunInfo, session: Session) -> dict[str, float]:
                 reader.load_state_dict(restored.reader_state)
             if is_main:
                 session.log(
-                    f"[train] resumed from {source} at step {step} (read {', '.join(restored.files_read)})"
+                    f"[train] resumed from {source} at step {step} (read "
+                    f"{', '.join(restored.files_read)})"
                 )
     start_step = step
 
@@ -363,13 +347,16 @@ def train(config: Config, run: RunInfo, session: Session) -> dict[str, float]:
             interval_steps, interval_start = 0, now
             if not math.isfinite(last["loss"]) and t.precision != "fp16":
                 raise FloatingPointError(
-                    f"training loss is {last['loss']} at step {step}: lower train.lr or check the data"
+                    f"training loss is {last['loss']} at step {step}: lower train.lr or check the "
+                    "data"
                 )
             if is_main and log_now:
                 session.log(
-                    f"[train] step {step}/{t.max_steps} loss {last['loss']:.4f} aux {last['aux_loss']:.4f} "
+                    f"[train] step {step}/{t.max_steps} loss {last['loss']:.4f} aux "
+                    f"{last['aux_loss']:.4f} "
                     f"lr {lr:.2e} tok/s {last['tokens_per_s']:.0f} "
-                    f"load {last['moe/load_max_over_mean']:.2f} dropped {last['moe/dropped_fraction']:.3f} "
+                    f"load {last['moe/load_max_over_mean']:.2f} dropped "
+                    f"{last['moe/dropped_fraction']:.3f} "
                     f"data {last['data_wait_s'] * 1e3:.1f}ms comm {last['comm_s'] * 1e3:.1f}ms "
                     f"exposed a2a {last['comm/exposed_fraction']:.2f}"
                     + (f" skipped {int(last['skipped_steps'])}" if last["skipped_steps"] else "")

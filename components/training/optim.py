@@ -134,7 +134,8 @@ def load_optimizer_state_by_name(
                 if torch.is_tensor(value) and key != "step":
                     if value.shape != param.shape:
                         raise ValueError(
-                            f"optimizer state {names[id(param)]}.{key}: shape {tuple(value.shape)} does not "
+                            f"optimizer state {names[id(param)]}.{key}: shape "
+                            f"{tuple(value.shape)} does not "
                             f"match the parameter {tuple(param.shape)}"
                         )
                     value = like_param(value, param)

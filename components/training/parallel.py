@@ -50,7 +50,8 @@ def build_groups(ep_size: int) -> ParallelGroups:
     if not (dist.is_available() and dist.is_initialized()):
         if ep_size != 1:
             raise ValueError(
-                f"train.expert_parallel_size={ep_size}: needs an initialised process group of that size"
+                f"train.expert_parallel_size={ep_size}: needs an initialised process group of "
+                "that size"
             )
         return ParallelGroups(0, 1, 1, 0, None, 1, None, (0,))
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -362,15 +363,6 @@ def clip_grad_norm(
         else:
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, usable)
     return total
-
-
-def all_reduce_mean(values: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
-    """Mean over all ranks of a small float tensor (losses, metrics)."""
-    if groups.distributed:
-        values = values.clone()
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        values /= groups.world_size
-    return values
 
 
 def all_reduce_sum(values: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The Serve config file for moeops' application, derived from the one config.
 
 Pure and deterministic (no Ray, no MLflow, no clock): the deploy stage writes it for
-``serve deploy``, and ``pipelines/render.py`` embeds the same dict as a KubeRay
+``serve deploy``, and ``infra/render.py`` embeds the same dict as a KubeRay
 RayService's ``serveConfigV2``. :func:`serving.app.make_application` applies the same
 deployment options, so ``serve.run`` from Python and ``serve deploy <file>`` agree.
 
@@ -99,7 +99,7 @@ def serve_config(
     """
     s = config.serve
     return {
-        "proxy_location": s.proxy_location,
+        "proxy_location": str(s.proxy_location),  # a file: the choice as its plain string
         "http_options": {"host": s.host, "port": int(s.port)},
         "applications": [
             {

@@ -49,11 +49,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: fixtures
 
-from components.config.schema import ModelConfig
+from components.config.schema import ModelConfig, OverlapConfig
 from components.model.host_sync import HostSyncCounter
 from components.model.layers import FeedForward
-from components.model.moe import MoELayer, reference_moe_forward
+from components.model.moe import MoELayer
+from components.training.parallel import split_params
+from fixtures.moe_reference import reference_moe_forward
 from pipelines.runtime import free_port
 
 GOALS = {
@@ -182,7 +185,9 @@ def _ep_worker(rank: int, world: int, port: int, settings: dict, out_path: str) 
     models, optims = {}, {}
     for name, overlap in variants.items():
         torch.manual_seed(0)
-        model = Transformer(cfg, vocab, ep_group=dist.group.WORLD, overlap=overlap).train()
+        model = Transformer(
+            cfg, vocab, ep_group=dist.group.WORLD, overlap=OverlapConfig(**overlap)
+        ).train()
         models[name] = model
         optims[name] = torch.optim.AdamW(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(100 + rank)
@@ -204,7 +209,7 @@ def _ep_worker(rank: int, world: int, port: int, settings: dict, out_path: str) 
         comm = model.comm_times(reset=True)
         a2a_exposed = comm.exposed_s
         t1 = time.perf_counter()
-        grads = [p.grad for p in model.non_expert_parameters()]
+        grads = [p.grad for p in split_params(model)[0]]
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat)  # the non-expert (DDP) gradient sync, one bucket
         t_allreduce = time.perf_counter() - t1
@@ -591,14 +596,18 @@ def main(argv: list[str] | None = None) -> dict:
         )
     )
     print(
-        f"MoE layer, 2 threads: vs dense {layer_2['moe_vs_dense_ratio']:.2f}x, vs naive {layer_2['moe_vs_naive_ratio']:.2f}x"
+        f"MoE layer, 2 threads: vs dense {layer_2['moe_vs_dense_ratio']:.2f}x, vs naive "
+        f"{layer_2['moe_vs_naive_ratio']:.2f}x"
     )
     for name in ("off", "on"):
         r = ep[name]
         print(
-            f"EP step overlap {name:>3}: {r['step_s'] * 1e3:8.1f} ms = compute {r['compute_s'] * 1e3:7.1f} "
-            f"+ exposed a2a {r['a2a_exposed_s'] * 1e3:6.1f} (of {r['a2a_total_s'] * 1e3:6.1f} in flight) "
-            f"+ grad all-reduce {r['allreduce_s'] * 1e3:6.1f} + data wait {r['data_wait_s'] * 1e3:5.2f}"
+            f"EP step overlap {name:>3}: {r['step_s'] * 1e3:8.1f} ms = compute "
+            f"{r['compute_s'] * 1e3:7.1f} "
+            f"+ exposed a2a {r['a2a_exposed_s'] * 1e3:6.1f} (of {r['a2a_total_s'] * 1e3:6.1f} in "
+            "flight) "
+            f"+ grad all-reduce {r['allreduce_s'] * 1e3:6.1f} + data wait "
+            f"{r['data_wait_s'] * 1e3:5.2f}"
         )
     return result
 

@@ -82,7 +82,7 @@ def test_full_pipeline_then_fully_cached(ray_session, root_overrides, mlflow_uri
     )
 
     # the train run carries the data-flow report; its per-step fingerprints compare with themselves
-    from pipelines.flow_diff import main as flow_diff
+    from tools.flow_diff import main as flow_diff
 
     train_run_id = by_stage["train"].info.run_id
     assert flow_diff([train_run_id, train_run_id, "--tracking-uri", mlflow_uri]) == 0

@@ -169,7 +169,7 @@ def ep_worker_loop(config: dict) -> None:
         ModelConfig(**config["cfg"]),
         config["vocab"],
         ep_group=dist.group.WORLD,
-        overlap={"async_a2a": True, "a2a_chunks": 2},
+        overlap=OverlapConfig(async_a2a=True, a2a_chunks=2),
     ).train()
     model.load_state_dict(shard_experts(config["state"], rank, world))
     received = []

@@ -16,7 +16,7 @@ import ray
 from mlflow import MlflowClient
 
 from components.config import load_config
-from components.tracking.stages import outputs_of_run
+from components.tracking.stages import code_digest, outputs_of_run
 from pipelines.outputs import PrepareOutputs
 from pipelines.pipeline import run_pipeline
 from pipelines.train import SPEC as TRAIN
@@ -53,7 +53,8 @@ def test_sweep_nests_trials_stops_the_bad_one_and_feeds_training(sweep_env):
             f"+inputs.prepare={sweep_env.prepare_run_id}",
             "tune.max_concurrent_trials=1",
             "tune.grace_period=1",
-            "tune.points_to_evaluate=[{train.lr: 0.003, model.top_k: 1}, {train.lr: 0.9, model.top_k: 2}]",
+            "tune.points_to_evaluate=[{train.lr: 0.003, model.top_k: 1}, {train.lr: 0.9, "
+            "model.top_k: 2}]",
             "train.max_steps=10",
             "train.warmup_steps=2",
         ]
@@ -103,13 +104,14 @@ def test_sweep_resumes_after_the_driver_dies(sweep_env):
         "tune.trial_max_steps=5",
         "tune.trial_eval_every=5",
         "tune.seed=7",
-        "tune.points_to_evaluate=[{train.lr: 0.002, model.top_k: 1}, {train.lr: 0.004, model.top_k: 2}]",
+        "tune.points_to_evaluate=[{train.lr: 0.002, model.top_k: 1}, {train.lr: 0.004, "
+        "model.top_k: 2}]",
     ]
     client = MlflowClient(sweep_env.tracking_uri)
     experiment_id = client.get_experiment_by_name("sweep-tests").experiment_id
     prepared = outputs_of_run(client, sweep_env.prepare_run_id, PrepareOutputs)
     config = load_config(overrides)
-    sweep = sweep_name(config, prepared.dataset_digest)
+    sweep = sweep_name(config, prepared.dataset_digest, code_digest(TUNE))
     sweep_dir = Path(config.paths.root) / "tune" / sweep
 
     # A separate driver process joins this Ray cluster and runs the sweep; the test kills it

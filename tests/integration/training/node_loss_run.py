@@ -84,8 +84,8 @@ def main(args_path: str) -> None:
     import ray
 
     from components.config import load_config
+    from components.training.ray_runner import run_training
     from pipelines.runtime import API_SERVER_ENV, WORKER_ENV, free_port
-    from pipelines.train import run_training
 
     args = json.loads(Path(args_path).read_text())
 

@@ -70,7 +70,7 @@ def new_run(ws, name: str) -> str:
 
 
 def train(ws, name: str, overrides=(), resume_from=None, run_id=None):
-    from pipelines.train import run_training
+    from components.training.ray_runner import run_training
 
     config = load_config([*ws["base"], *overrides])
     run_id = run_id or new_run(ws, name)

@@ -75,6 +75,11 @@ def test_container_round_trip_is_plain(tmp_path):
         ("model.dim=wide", "model.dim"),
         ("train.use_gpu=maybe", "train.use_gpu"),
         ("model=no_such_model", "no_such_model"),
+        # choices are enums: the key, the value and what is allowed, at composition
+        ("tune.mode=best", "Invalid value 'best', expected one of [min, max]"),
+        ("stages=[prepare,bogus]", "Invalid value 'bogus', expected one of [prepare, tune"),
+        ("model.kind=sparse", "full_key: model.kind"),
+        ("serve.quantize=int4", "expected one of [none, int8, auto]"),
     ],
 )
 def test_unknown_keys_and_wrong_types_fail_at_composition(override, needle, tmp_path):
@@ -113,8 +118,8 @@ def test_unknown_keys_and_wrong_types_fail_at_composition(override, needle, tmp_
             ["++tune.search_space={model.nope: {type: choice, values: [1]}}"],
             "tune.search_space.model.nope: no such config key",
         ),
-        (["tune.mode=best"], "tune.mode='best': must be one of 'min', 'max'"),
-        (["stages=[prepare,bogus]"], "stages[]='bogus'"),
+        (["stages=[prepare,train,prepare]"], "a stage may appear once"),
+        (["+inputs.bogus=abc"], "inputs.bogus: not a stage"),
     ],
 )
 def test_cross_field_rules_name_key_value_and_rule(overrides, message, tmp_path):
@@ -161,10 +166,11 @@ def test_worker_start_timeout_must_be_positive(tmp_path):
 
 
 def test_registry_metric_is_one_the_evaluate_stage_measures(tmp_path):
-    with pytest.raises(
-        ConfigError, match="registry.metric='accuracy': must be one of 'val_loss', 'perplexity'"
-    ):
+    with pytest.raises(ConfigCompositionException) as err:
         load_config(["registry.metric=accuracy", f"paths.root={tmp_path}"])
+    assert "Invalid value 'accuracy', expected one of [val_loss, perplexity" in str(
+        err.value.__cause__
+    )
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))

@@ -1,6 +1,6 @@
 """Per-batch fingerprints: the same for the same seed and data, moved by one changed token, the
 same for a run stopped and resumed (at the same or another world size) as for one that never
-stopped; ``python -m pipelines.flow_diff`` names the first differing step."""
+stopped; ``python -m tools.flow_diff`` names the first differing step."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from components.data.flow import batch_entries, first_difference, global_steps, 
 from components.data.reader import TieredReader
 from fixtures.s3 import local_storage
 from fixtures.token_data import commit_token_dataset, synthetic_rows
-from pipelines.flow_diff import main as flow_diff
+from tools.flow_diff import main as flow_diff
 
 ROOT = Path(__file__).resolve().parents[3]
 SEQ_LEN, SHARDS, ROWS = 15, 6, 40  # 240 samples: 7 global batches of 32 per epoch
@@ -205,7 +205,7 @@ def test_flow_diff_command_names_the_first_differing_step(datasets, tmp_path):
         [
             sys.executable,
             "-m",
-            "pipelines.flow_diff",
+            "tools.flow_diff",
             str(tmp_path / "a.json"),
             str(tmp_path / "b.json"),
         ],

@@ -23,7 +23,7 @@ from ray._private.runtime_env.packaging import (
 )
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from pipelines.render import RAY_VERSION
+from infra.render import RAY_VERSION
 
 REPO = Path(__file__).resolve().parents[3]
 INFRA = REPO / "infra"
@@ -115,7 +115,8 @@ def test_pip_runtime_env_is_generated_from_pyproject_without_drift():
     helper = load_helper()
     checked_in = (INFRA / "runtime_env.pip.yaml").read_text()
     assert checked_in == helper.pip_runtime_env_yaml(), (
-        "infra/runtime_env.pip.yaml is out of date: run `python infra/runtime_env_json.py --write-pip-yaml`"
+        "infra/runtime_env.pip.yaml is out of date: run `python infra/runtime_env_json.py "
+        "--write-pip-yaml`"
     )
     env = yaml.safe_load(checked_in)
     base = yaml.safe_load((INFRA / "runtime_env.yaml").read_text())

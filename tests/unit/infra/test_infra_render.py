@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from components.config import ConfigError, load_config
-from pipelines import render
+from infra import render
 from serving.deploy.config import resolved_model_uri, serve_config
 
 K8S_VERSION = "1.30"
@@ -149,7 +149,7 @@ def check_ray_cluster_spec(spec: dict) -> None:
 
 
 def test_checked_in_manifests_match_a_fresh_render(tree):
-    assert render.drift(tree, render.K8S_DIR) == [], "run `python -m pipelines.render`"
+    assert render.drift(tree, render.K8S_DIR) == [], "run `python -m infra.render`"
     assert render.main(["--check"]) == 0
 
 

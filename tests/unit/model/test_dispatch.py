@@ -8,7 +8,8 @@ from components.config.schema import ModelConfig
 from components.model import MoEMetricsAccumulator, Transformer, moe_metrics
 from components.model.dispatch import chunk_bounds, chunk_of_token, expert_histogram
 from components.model.host_sync import HostSyncCounter
-from components.model.moe import MoELayer, reference_moe_forward
+from components.model.moe import MoELayer
+from fixtures.moe_reference import reference_moe_forward
 
 
 def _layer(backend="auto", **kw) -> MoELayer:

@@ -31,10 +31,10 @@ def test_save_and_load_export_roundtrip(tiny_model, tiny_cfg, tiny_tokenizer_pat
     with torch.no_grad():
         assert torch.equal(loaded.model(tokens)[0], tiny_model(tokens)[0])
     assert not loaded.model.training and loaded.tokenizer.vocab_size <= 300
-    assert loaded.model_cfg["shared_expert"] is True
+    assert loaded.model_cfg.shared_expert is True
     # 4-argument form (vocab size from the embedding)
     again = save_export(
-        tiny_model.state_dict(), tiny_cfg.__dict__, tiny_tokenizer_path, tmp_path / "export2"
+        tiny_model.state_dict(), tiny_cfg, tiny_tokenizer_path, tmp_path / "export2"
     )
     assert weights_digest(again) == weights_digest(out)
 

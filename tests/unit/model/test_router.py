@@ -137,7 +137,10 @@ def test_bias_balancing_moves_load_toward_uniform_without_touching_weights():
     with torch.no_grad():
         router.eval()
         end = router(x).counts.float()
-    imbalance = lambda c: (c.max() / c.mean()).item()
+
+    def imbalance(c):
+        return (c.max() / c.mean()).item()
+
     assert imbalance(start) > 2.0
     assert imbalance(end) < imbalance(start) - 1.0
     assert router.expert_bias[0] < 0  # the overloaded expert was pushed down

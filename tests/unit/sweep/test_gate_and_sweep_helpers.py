@@ -69,8 +69,11 @@ def test_search_space_and_trial_overrides(root_overrides):
     overrides = trial_overrides(config)
     assert overrides["train.max_steps"] == config.tune.trial_max_steps
     assert overrides["train.num_workers"] == config.tune.trial_num_workers
-    # the same config names the same sweep (so an interrupted one is restored), other data does not
-    assert sweep_name(config, "d1") == sweep_name(config, "d1") != sweep_name(config, "d2")
+    # the same config, data and code name the same sweep (so an interrupted one is restored); other
+    # data or other code do not
+    assert sweep_name(config, "d1", "c1") == sweep_name(config, "d1", "c1")
+    assert sweep_name(config, "d1", "c1") != sweep_name(config, "d2", "c1")
+    assert sweep_name(config, "d1", "c1") != sweep_name(config, "d1", "c2")
 
 
 def test_concurrency_fits_the_cluster(root_overrides):

@@ -30,39 +30,17 @@ DRIVER = textwrap.dedent('''
 
     import components
     from components.config import load_config
-    from pipelines.outputs import (DeployOutputs, EvaluateOutputs, PrepareOutputs, RegisterOutputs,
-                                   TrainOutputs, TuneOutputs)
+    from fixtures.stage_fakes import FAKES
     from pipelines.pipeline import run_pipeline
     from pipelines.run import selected_specs
 
     ROOT = Path(__file__).resolve().parent
     assert Path(components.__file__).resolve().is_relative_to(ROOT), components.__file__
-    nan = float("nan")
-    FAKES = {
-        "prepare": lambda ctx: PrepareOutputs(manifest_uri="/m.json", dataset_digest="d" * 64, tokenizer_uri="/t",
-                                              tokenizer_hash="t", vocab_size=300, seq_len=8, train_rows=1, val_rows=1),
-        "tune": lambda ctx: TuneOutputs(enabled=True, metric="val_loss", best_params={"train.lr": 0.003},
-                                        best_metric=1.0, best_trial_run_id="", num_trials=1, num_completed=1,
-                                        num_stopped_early=0, num_errored=0, sweep_dir=""),
-        # a retrained model has other weights: its digest changes whenever train runs
-        "train": lambda ctx: TrainOutputs(model_id="m-" + ctx.run_id, model_digest=ctx.run_id, export_dir="",
-                                          checkpoint_uri="", tuned_params={}, steps=1, val_loss=1.0,
-                                          train_loss=1.0, tokens_per_s=1.0, moe_dropped_fraction=0.0,
-                                          moe_load_max_over_mean=1.0, comm_exposed_fraction=0.1),
-        "evaluate": lambda ctx: EvaluateOutputs(report_uri="", model_digest=ctx.input(TrainOutputs).model_digest,
-                                                dataset_digest="d" * 64, val_loss=1.0, perplexity=2.7,
-                                                generation_tokens_per_s=1.0, dense_val_loss=nan, champion_version="",
-                                                champion_val_loss=nan, champion_perplexity=nan,
-                                                champion_generation_tokens_per_s=nan),
-        "register": lambda ctx: RegisterOutputs(model_name="m", model_version="1",
-                                                model_id=ctx.input(TrainOutputs).model_id, aliases=["challenger"],
-                                                promoted=False, reason="", previous_champion=""),
-        "deploy": lambda ctx: DeployOutputs(endpoint="http://127.0.0.1:1", model_uri="models:/m@champion",
-                                            model_version="1", serve_config_path=""),
-    }
 
     config = load_config(sys.argv[1:])
-    specs = [dataclasses.replace(s, fn=FAKES[s.name], still_valid=None) for s in selected_specs(config)]
+    specs = [
+        dataclasses.replace(s, fn=FAKES[s.name], still_valid=None) for s in selected_specs(config)
+    ]
 
     def run():
         result = run_pipeline(config, specs)
@@ -100,7 +78,8 @@ def test_editing_code_reruns_exactly_the_stages_that_run_it(tmp_path):
         f"tracking.artifact_location={(tmp_path / 'mlartifacts').as_uri()}",
         "experiment=tiny",
     ]
-    env = {**os.environ, "PYTHONPATH": str(code)}
+    # the copy first; tests/ for the stand-in stages (which import the copy's pipelines.outputs)
+    env = {**os.environ, "PYTHONPATH": f"{code}{os.pathsep}{REPO / 'tests'}"}
     env.pop("MLFLOW_TRACKING_URI", None)
     result = subprocess.run(
         [sys.executable, str(code / "driver.py"), *overrides],
@@ -182,7 +161,8 @@ def test_modules_loaded_by_importing_a_stage_are_in_its_closure(stage):
     imported."""
     probe = (
         "import importlib, json, sys; importlib.import_module(sys.argv[1]); "
-        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('pipelines', 'components', 'serving'))))"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('pipelines', "
+        "'components', 'serving'))))"
     )
     result = subprocess.run(
         [sys.executable, "-c", probe, f"pipelines.{stage}"],

@@ -175,7 +175,7 @@ def _accumulation_body(rank: int) -> dict:
 
     groups = build_groups(2)
     results = {}
-    for accum, batch in ((2, 2), (1, 4)):
+    for accum, _batch in ((2, 2), (1, 4)):
         parts = _parts(groups, "fp32", MODEL, sgd=True)
         metrics = IntervalMetrics(torch.device("cpu"))
         biases = [_snapshot(parts)["bias"]]

@@ -1,6 +1,6 @@
 """Compare two training runs' data-flow reports: did they train on exactly the same batches?
 
-    python -m pipelines.flow_diff A B [--tracking-uri URI]
+    python -m tools.flow_diff A B [--tracking-uri URI]
 
 ``A`` and ``B`` are each an MLflow run id of a train stage run (its artifact
 ``data_flow/flow_report.json``), a report file, or a directory holding ``flow_report.json`` (a
@@ -83,9 +83,9 @@ def resolve_report(ref: str, tracking_uri: str | None = None) -> tuple[list[dict
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pipelines.flow_diff",
-        description="Compare two runs' data-flow reports step by step and name the first step whose "
-        "global batch differs. Exit 0: identical; 1: different; 2: a report is missing.",
+        prog="python -m tools.flow_diff",
+        description="Compare two runs' data-flow reports step by step and name the first step "
+        "whose global batch differs. Exit 0: identical; 1: different; 2: a report is missing.",
     )
     parser.add_argument(
         "a",

@@ -1,0 +1,1 @@
+"""Deployment files and the tools that render them (``python -m infra.render``)."""

@@ -1,0 +1,1 @@
+"""Command-line tools that are not pipeline stages (``python -m tools.flow_diff``)."""
