@@ -10,7 +10,7 @@ from components.config import load_config
 from components.config.schema import ModelConfig
 from components.model import Transformer, dense_equivalent
 from components.model.moe import MoELayer
-from components.model.moe import reference_moe_forward as naive_moe
+from fixtures.moe_reference import reference_moe_forward as naive_moe
 
 
 def _ffn_rms(cfg: ModelConfig, x: torch.Tensor) -> float:
