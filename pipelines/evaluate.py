@@ -192,7 +192,7 @@ def run(ctx: StageContext) -> EvaluateOutputs:
 
     nan = float("nan")
     moe, dense, champion = by_label["moe"], by_label.get("dense_baseline"), by_label.get("champion")
-    return EvaluateOutputs(
+    outputs = EvaluateOutputs(
         report_uri=f"runs:/{ctx.run_id}/{REPORT_DIR}/report.json",
         model_digest=train.model_digest,
         dataset_digest=prepare.dataset_digest,
@@ -205,6 +205,12 @@ def run(ctx: StageContext) -> EvaluateOutputs:
         champion_perplexity=champion.perplexity if champion else nan,
         champion_generation_tokens_per_s=champion.generation_tokens_per_s if champion else nan,
     )
+    if dense is not None:
+        # the issue-16 question, answered on the run: did the MoE beat its dense equivalent?
+        ctx.log_metrics({"moe_minus_dense_val_loss": outputs.moe_minus_dense_val_loss})
+        ctx.set_tags({"moeops.moe_vs_dense": outputs.dense_verdict()})
+        print(f"[evaluate] vs dense equivalent: {outputs.dense_verdict()}", flush=True)
+    return outputs
 
 
 def finite(metrics: dict[str, float]) -> dict[str, float]:

@@ -155,10 +155,24 @@ class EvaluateOutputs(StageOutputs):
     def champion_metric(self, name: str) -> float:
         return float(getattr(self, f"champion_{self.METRICS[self.METRICS.index(name)]}"))
 
+    @property
+    def moe_minus_dense_val_loss(self) -> float:
+        """Held-out loss of the MoE minus its dense equivalent's: negative = the MoE won (NaN
+        without a dense baseline)."""
+        return self.val_loss - self.dense_val_loss
+
+    def dense_verdict(self) -> str:
+        """``MoE won by 0.0421`` / ``MoE lost by 0.4650`` against its dense equivalent; "" without
+        one."""
+        gap = self.moe_minus_dense_val_loss
+        if not math.isfinite(gap):
+            return ""
+        return f"MoE {'won' if gap < 0 else 'lost'} by {abs(gap):.4f}"
+
     def headline(self) -> str:
         text = f"val_loss={_num(self.val_loss)}"
         if math.isfinite(self.dense_val_loss):
-            text += f" (dense {_num(self.dense_val_loss)})"
+            text += f" (dense {_num(self.dense_val_loss)}: {self.dense_verdict()})"
         if self.champion_version:
             text += f" (champion v{self.champion_version} {_num(self.champion_val_loss)})"
         return text
@@ -186,6 +200,10 @@ class RegisterOutputs(StageOutputs):
     def headline(self) -> str:
         verdict = "promoted" if self.promoted else "not promoted"
         return f"{self.model_name} v{self.model_version} {verdict}"
+
+    def why(self) -> str:
+        """The gate's reason without its verdict word (the headline has that)."""
+        return self.reason.split(": ", 1)[-1]
 
 
 @dataclass(frozen=True)

@@ -176,6 +176,7 @@ def summary(config: Config, specs: list[StageSpec], result: PipelineResult) -> s
             f"models:/{out.model_id} (aliases: {', '.join(out.aliases) or '-'}; promoted: "
             f"{str(out.promoted).lower()})"
         )
+        lines.append(f"  {'promoted' if out.promoted else 'not promoted'} because: {out.why()}")
     deploy = result.stages.get("deploy")
     if deploy:
         lines.append(

@@ -6,11 +6,13 @@ The version is created from ``models:/<model_id>``, the model the train stage lo
 MLflow UI shows training run -> logged model -> version. It always gets
 ``registry.challenger_alias``; ``registry.champion_alias`` moves to it only when it beats the
 current champion on ``registry.metric`` by ``registry.min_improvement`` (both measured by the
-evaluate stage on the same held-out batches). The decision and its reason are tags of this run
-and of the version. The version is also converted to the Hugging Face layout and logged as this
-run's artifact ``hf/`` (``components.tracking.hf_artifact``; the version's ``moeops.hf_uri`` tag
-points at it), so ``mlflow artifacts download -u <moeops.hf_uri>`` gives a directory
-transformers and vLLM load without moeops.
+evaluate stage on the same held-out batches). With no earlier champion it moves only when the
+MoE's held-out loss is below its dense equivalent's (``registry.require_dense_win``). The
+decision and its reason are tags of this run and of the version. The version is also converted to
+the Hugging Face layout and logged as this run's artifact ``hf/``
+(``components.tracking.hf_artifact``; the version's ``moeops.hf_uri`` tag points at it), so
+``mlflow artifacts download -u <moeops.hf_uri>`` gives a directory transformers and vLLM load
+without moeops.
 """
 
 from __future__ import annotations
@@ -72,6 +74,9 @@ def run(ctx: StageContext) -> RegisterOutputs:
             metrics=metrics,
             tags=tags,
             champion_metric=finite_or_none(evaluate.champion_metric(reg.metric)),
+            dense_gate=(evaluate.val_loss, evaluate.dense_val_loss)
+            if reg.require_dense_win
+            else None,
         )
         record_decision(ctx.client, ctx.run_id, registration)
         ctx.set_tags({f"moeops.version_tag.{k}": v for k, v in tags.items()})

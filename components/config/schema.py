@@ -290,6 +290,10 @@ class ModelConfig:
     """Weight of the router z-loss."""
     shared_expert: bool = False
     """One dense expert every token passes through, beside the routed ones."""
+    routed_scaling_factor: float = 1.0
+    """Constant on the routed gate weights after renormalising (DeepSeek-V3's key): the k weights
+    sum to 1, so the routed output averages k experts while the dense equivalent sums k x ffn_dim
+    hidden units; top_k restores the dense scale. Folds into each expert's down_proj on export."""
     bias_balancing: bool = False
     """DeepSeek-V3 auxiliary-loss-free balancing: a per-expert selection bias moved each step."""
     bias_update_rate: float = 0.001
@@ -327,6 +331,8 @@ class ModelConfig:
                 f"model.capacity_factor={self.capacity_factor}: must be > 0 "
                 "(or set model.dropless=true)"
             )
+        if self.routed_scaling_factor <= 0:
+            p.append(f"model.routed_scaling_factor={self.routed_scaling_factor}: must be > 0")
         if self.moe_layer_interval < 1:
             p.append(f"model.moe_layer_interval={self.moe_layer_interval}: must be >= 1")
         elif self.moe_layer_interval > self.n_layers:
@@ -627,6 +633,9 @@ class RegistryConfig:
     """Alias of the served model."""
     challenger_alias: str = "challenger"
     """Alias of the latest registered version."""
+    require_dense_win: bool = True
+    """With no earlier champion, promote the challenger only when its held-out val_loss is below
+    its dense equivalent's (evaluate's dense baseline); false: the first one is promoted anyway."""
 
     def problems(self) -> list[str]:
         if self.champion_alias == self.challenger_alias:

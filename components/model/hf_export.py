@@ -90,6 +90,9 @@ FIELD_USE: dict[str, str] = {
     "aux_loss_coef": "inert",
     "z_loss_coef": "inert",
     "shared_expert": "mapped",
+    # a constant on the routed gate weights = a constant on each routed expert's output: folded
+    # into every routed expert's down_proj (neither HF target has the key)
+    "routed_scaling_factor": "mapped",
     "bias_balancing": "mapped",
     "bias_update_rate": "inert",
     "tie_embeddings": "mapped",
@@ -224,15 +227,18 @@ def _swiglu(state: Mapping[str, torch.Tensor], src: str, dst: str) -> dict[str, 
     }
 
 
-def _experts(state: Mapping[str, torch.Tensor], i: int, dst: str) -> dict[str, torch.Tensor]:
+def _experts(
+    state: Mapping[str, torch.Tensor], i: int, dst: str, scale: float = 1.0
+) -> dict[str, torch.Tensor]:
     """Batched experts w1, w3 [E, D, F] and w2 [E, F, D] (x @ w) -> per-expert nn.Linear weights
-    gate_proj/up_proj [F, D] and down_proj [D, F]."""
+    gate_proj/up_proj [F, D] and down_proj [D, F]; ``scale`` (model.routed_scaling_factor) folded
+    into down_proj."""
     w1, w3, w2 = (state[f"layers.{i}.moe.experts.{w}"] for w in ("w1", "w3", "w2"))
     out = {}
     for e in range(w1.shape[0]):
         out[f"{dst}.{e}.gate_proj.weight"] = w1[e].t()
         out[f"{dst}.{e}.up_proj.weight"] = w3[e].t()
-        out[f"{dst}.{e}.down_proj.weight"] = w2[e].t()
+        out[f"{dst}.{e}.down_proj.weight"] = w2[e].t() * scale if scale != 1.0 else w2[e].t()
     return out
 
 
@@ -267,7 +273,7 @@ def _ernie_weights(cfg: ModelConfig, state: Mapping[str, torch.Tensor]) -> dict[
         if not cfg.bias_balancing:
             bias = torch.zeros_like(bias)
         out[f"{mlp}.moe_statics.e_score_correction_bias"] = bias[None]  # [1, E]
-        out.update(_experts(state, i, f"{mlp}.experts"))
+        out.update(_experts(state, i, f"{mlp}.experts", cfg.routed_scaling_factor))
         if cfg.shared_expert:
             out.update(_swiglu(state, f"layers.{i}.moe.shared_expert", f"{mlp}.shared_experts"))
     return out
@@ -285,7 +291,7 @@ def _qwen2_moe_weights(
             continue
         mlp = f"model.layers.{i}.mlp"
         out[f"{mlp}.gate.weight"] = state[f"layers.{i}.moe.router.gate.weight"]
-        out.update(_experts(state, i, f"{mlp}.experts"))
+        out.update(_experts(state, i, f"{mlp}.experts", cfg.routed_scaling_factor))
         # sigmoid(0) = 0.5 on every token: doubling down_proj makes the gated shared expert the
         # ungated one; no shared expert = a zero down_proj (output exactly 0)
         out[f"{mlp}.shared_expert_gate.weight"] = torch.zeros(1, cfg.dim)

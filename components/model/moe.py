@@ -57,6 +57,7 @@ class MoELayer(nn.Module):
             dropless=cfg.dropless,
             bias_balancing=cfg.bias_balancing,
             bias_update_rate=cfg.bias_update_rate,
+            routed_scaling_factor=cfg.routed_scaling_factor,
         )
         self.dispatcher = TokenDispatcher(cfg.num_experts, ep_group, overlap)
         self.experts = GroupedExperts(

@@ -69,6 +69,7 @@ class TopKRouter(nn.Module):
         dropless: bool = False,
         bias_balancing: bool = False,
         bias_update_rate: float = 1e-3,
+        routed_scaling_factor: float = 1.0,
     ):
         super().__init__()
         self.num_experts = num_experts
@@ -77,6 +78,7 @@ class TopKRouter(nn.Module):
         self.dropless = dropless
         self.bias_balancing = bias_balancing
         self.bias_update_rate = bias_update_rate
+        self.routed_scaling_factor = routed_scaling_factor
         self.gate = nn.Linear(dim, num_experts, bias=False)
         # DeepSeek-V3 auxiliary-loss-free balancing: a per-expert bias that only shifts *which*
         # experts are selected, never the gate weights; moved by ExpertBiasBalancer once per
@@ -96,6 +98,10 @@ class TopKRouter(nn.Module):
                 # renormalise among the chosen experts (Mixtral/DeepSeek); with k=1 keep the raw
                 # probability (Switch) so the router still receives a gradient from the task loss
                 weights = weights / weights.sum(-1, keepdim=True)
+            if self.routed_scaling_factor != 1.0:
+                # after renormalising (DeepSeek-V3): k weights summing to 1 average k experts'
+                # outputs; the factor scales that back up to a sum's size
+                weights = weights * self.routed_scaling_factor
 
             N = x.shape[0]
             counts = expert_histogram(expert_ids, self.num_experts)  # bincount would sync on CUDA

@@ -187,21 +187,38 @@ def decide_promotion(
     mode: str,
     min_improvement: float,
     metric: str,
+    dense_gate: tuple[float, float] | None = None,
 ) -> tuple[bool, str]:
     """Should the candidate replace the champion? Pure; returns (promote, human-readable reason).
 
     The candidate must be strictly better and by at least ``min_improvement`` (absolute units).
+    With no comparable champion, ``dense_gate`` = (candidate val_loss, its dense equivalent's
+    val_loss) makes the first champion earn its place: promoted only when strictly below the
+    dense baseline (a NaN baseline, i.e. none measured, refuses). ``None``: promoted outright.
     """
     if mode not in ("min", "max"):
         raise ValueError(f"mode={mode!r}: must be 'min' or 'max'")
     if candidate is None or not math.isfinite(candidate):
         return False, f"refused: candidate {metric}={candidate!r} is missing or not finite"
     if champion is None or not math.isfinite(champion):
-        return (
-            True,
-            f"promoted: no comparable champion (champion {metric}={champion!r}); candidate "
-            f"{metric}={candidate:.6g}",
+        first = (
+            f"no comparable champion (champion {metric}={champion!r}); "
+            f"candidate {metric}={candidate:.6g}"
         )
+        if dense_gate is None:
+            return True, f"promoted: {first}; the dense-baseline gate is off"
+        moe_loss, dense_loss = dense_gate
+        if not math.isfinite(dense_loss):
+            return False, (
+                f"refused: {first}, and no dense baseline to beat (dense val_loss={dense_loss!r}; "
+                "enable evaluate.compare_dense or set registry.require_dense_win=false)"
+            )
+        margin = dense_loss - moe_loss
+        verdict = (
+            f"{first}; MoE val_loss={moe_loss:.6g} vs its dense equivalent's {dense_loss:.6g}: "
+            f"{'better' if margin > 0 else 'not better'} by {margin:.4g}"
+        )
+        return margin > 0, ("promoted: " if margin > 0 else "refused: ") + verdict
     improvement = champion - candidate if mode == "min" else candidate - champion
     verdict = (
         f"candidate {metric}={candidate:.6g} vs champion {metric}={champion:.6g} "
@@ -366,6 +383,7 @@ def register_logged_model(
     metrics: dict[str, float],
     tags: dict[str, str],
     champion_metric: float | None = None,
+    dense_gate: tuple[float, float] | None = None,
 ) -> Registration:
     """A new version of ``registry.model_name`` from the LoggedModel ``models:/<model_id>``, tagged
     with
@@ -374,7 +392,8 @@ def register_logged_model(
 
     ``champion_metric``: the current champion's ``registry.metric`` measured on the same held-out
     data (the evaluate stage's); when ``None`` the champion version's ``moeops.metric.<metric>`` tag
-    is used.
+    is used. ``dense_gate``: (val_loss, dense baseline val_loss) for the no-champion case (see
+    :func:`decide_promotion`).
     """
     metric, name = registry.metric, registry.model_name
     if metric not in metrics:
@@ -391,6 +410,7 @@ def register_logged_model(
         mode=registry.mode,
         min_improvement=registry.min_improvement,
         metric=metric,
+        dense_gate=dense_gate,
     )
 
     version_tags = {str(k): str(v) for k, v in tags.items()}

@@ -43,9 +43,9 @@ def test_help_lists_groups_and_keys(tmp_path):
 
 @pytest.mark.parametrize("module", ENTRY_POINTS)
 def test_bad_config_fails_before_any_work(module, tmp_path):
-    result = run_cli(module, "model.top_k=9", "serve.canary_fraction=2", cwd=tmp_path)
+    result = run_cli(module, "model.top_k=17", "serve.canary_fraction=2", cwd=tmp_path)
     assert result.returncode == 2, result.stdout + result.stderr
-    assert "model.top_k=9: must be between 1 and model.num_experts (8)" in result.stderr
+    assert "model.top_k=17: must be between 1 and model.num_experts (16)" in result.stderr
     assert "serve.canary_fraction=2.0: must be in [0, 1]" in result.stderr
     assert "Traceback" not in result.stderr
     # Nothing was started or written: no MLflow store, no Ray session, no state dir.

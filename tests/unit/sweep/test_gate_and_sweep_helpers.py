@@ -3,6 +3,8 @@ summary."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from components.config import load_config
@@ -137,3 +139,56 @@ def test_sweep_summary_files(tmp_path):
     markdown = files["markdown"].read_text()
     assert "| a | completed | 10 | 4 |" in markdown and "stopped_early" in markdown
     assert files["plot"].stat().st_size > 1000 and files["plot"].read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    "moe, dense, expected, says",
+    [
+        (4.80, 4.90, True, "better by 0.1"),  # beats its dense equivalent: the first champion
+        (5.40, 4.93, False, "not better"),  # issue 16's make run: worse than dense, not promoted
+        (4.90, 4.90, False, "not better"),  # a tie is not a win
+        (4.80, float("nan"), False, "no dense baseline"),  # nothing measured: nothing to beat
+    ],
+)
+def test_first_champion_must_beat_its_dense_baseline(moe, dense, expected, says):
+    promote, reason = decide_promotion(
+        moe, None, mode="min", min_improvement=0.0, metric="val_loss", dense_gate=(moe, dense)
+    )
+    assert promote is expected
+    assert reason.startswith("promoted: " if expected else "refused: ") and says in reason
+    # the gate only decides the first champion: against a champion the usual comparison holds
+    promote, reason = decide_promotion(
+        moe, 9.0, mode="min", min_improvement=0.0, metric="val_loss", dense_gate=(moe, dense)
+    )
+    assert promote is True and "champion val_loss=9" in reason
+
+
+def test_first_champion_without_the_dense_gate_says_so():
+    promote, reason = decide_promotion(
+        2.0, None, mode="min", min_improvement=0.0, metric="val_loss"
+    )
+    assert promote is True and "dense-baseline gate is off" in reason
+
+
+@pytest.mark.parametrize(
+    "moe, dense, verdict",
+    [(4.0, 4.2, "MoE won by 0.2000"), (5.396, 4.931, "MoE lost by 0.4650"), (4.0, math.nan, "")],
+)
+def test_evaluate_says_whether_and_by_how_much_the_moe_won(moe, dense, verdict):
+    from pipelines.outputs import EvaluateOutputs
+
+    nan = math.nan
+    out = EvaluateOutputs("runs:/r/e", "w", "d", moe, 1.0, 1.0, dense, "", nan, nan, nan)
+    assert out.dense_verdict() == verdict
+    assert out.moe_minus_dense_val_loss == pytest.approx(moe - dense, nan_ok=True)
+    assert (verdict in out.headline()) if verdict else ("dense" not in out.headline())
+
+
+def test_register_outputs_say_why():
+    from pipelines.outputs import RegisterOutputs
+
+    _, reason = decide_promotion(
+        4.0, None, mode="min", min_improvement=0.0, metric="val_loss", dense_gate=(4.0, 4.2)
+    )
+    out = RegisterOutputs("m", "1", "id", ["champion"], True, reason, "")
+    assert out.why().startswith("no comparable champion") and "better by 0.2" in out.why()
