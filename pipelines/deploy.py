@@ -21,7 +21,7 @@ import httpx
 import yaml
 
 from components.config import Config
-from components.tracking.registry import get_version
+from components.tracking.registry import find_version
 from components.tracking.stages import StageContext, StageSpec
 from pipelines._cli import stage_main
 from pipelines.outputs import DeployOutputs, RegisterOutputs
@@ -41,10 +41,16 @@ def run(ctx: StageContext) -> DeployOutputs:
 
         return deploy_vllm.run(ctx)
     model_uri = resolved_model_uri(config)
-    champion = get_version(
-        model_uri, ctx.tracking_uri
-    )  # fails clearly when nothing is registered yet
     registered = ctx.input(RegisterOutputs)
+    champion = find_version(model_uri, ctx.tracking_uri)
+    # e.g. the first challenger lost to its dense baseline: say why there is no champion
+    if champion is None:
+        raise LookupError(
+            f"nothing to serve: {model_uri} does not exist yet. The register stage registered "
+            f"version {registered.model_version} without promoting it ({registered.reason}). "
+            f"Serve it anyway with serve.model_uri={registered.model_uri}, or promote a first "
+            "version regardless of its dense baseline with registry.require_dense_win=false."
+        )
     print(
         f"[deploy] serving {model_uri} = version {champion.version} "
         f"(register stage produced version {registered.model_version})",

@@ -192,3 +192,38 @@ def test_register_outputs_say_why():
     )
     out = RegisterOutputs("m", "1", "id", ["champion"], True, reason, "")
     assert out.why().startswith("no comparable champion") and "better by 0.2" in out.why()
+
+
+def test_deploy_without_a_champion_says_why_the_first_version_was_not_promoted(tmp_path):
+    """A first challenger that lost to its dense baseline leaves no champion: deploy fails before
+    any Ray work, naming the registered version, the register stage's reason and the ways out."""
+    from pipelines import deploy
+    from pipelines.outputs import RegisterOutputs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    reason = "MoE lost to its dense equivalent by 0.0500 (registry.require_dense_win)"
+    registered = RegisterOutputs(
+        model_name="moeops-moe",
+        model_version="1",
+        model_id="m-1",
+        aliases=["challenger"],
+        promoted=False,
+        reason=reason,
+        previous_champion="",
+    )
+
+    class Context:  # the two things deploy reads before it would start Ray
+        config = load_config([f"paths.root={tmp_path}", f"tracking.uri={uri}"])
+        tracking_uri = uri
+
+        def input(self, kind):
+            assert kind is RegisterOutputs
+            return registered
+
+    with pytest.raises(LookupError) as err:
+        deploy.run(Context())
+    message = str(err.value)
+    assert "models:/moeops-moe@champion does not exist yet" in message
+    assert reason in message
+    assert "serve.model_uri=models:/moeops-moe/1" in message
+    assert "registry.require_dense_win=false" in message
