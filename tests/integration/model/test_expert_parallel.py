@@ -145,7 +145,7 @@ def ep_worker_loop(config: dict) -> None:
             ModelConfig(**config["cfg"], **overrides),
             config["vocab"],
             ep_group=dist.group.WORLD,
-            overlap=overlap,
+            overlap=OverlapConfig(**overlap),
         ).train()
         model.load_state_dict(shard_experts(config["state"], rank, world))
         loss, logits, aux = _loss(model, batch)

@@ -4,6 +4,7 @@ gate."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,7 +65,7 @@ def register(config, export_dir: Path, val_loss: float, *, champion_metric=None)
     return reg, run_id
 
 
-def test_round_trip_tags_and_gate_both_ways(root_overrides, tmp_path, tokenizer_file):
+def test_round_trip_tags_and_gate_both_ways(root_overrides, tmp_path, tokenizer_file, monkeypatch):
     config = load_config(root_overrides + ["experiment=tiny", "registry.min_improvement=0.05"])
     uri, name = config.tracking.uri, config.registry.model_name
     client = MlflowClient(uri)
@@ -124,10 +125,19 @@ def test_round_trip_tags_and_gate_both_ways(root_overrides, tmp_path, tokenizer_
     import mlflow.pyfunc
     import pandas as pd
 
-    pyfunc = mlflow.pyfunc.load_model(f"models:/{name}/1")
-    out = pyfunc.predict(
-        pd.DataFrame({"prompt": ["def main(", "import os"]}), params={"max_new_tokens": 4}
-    )
+    # MLflow puts the model's copy of the code first on sys.path and imports `components` from it;
+    # put this process's own back after, or later tests (and processes they spawn) run that copy
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    ours = {n: m for n, m in sys.modules.items() if n.split(".")[0] == "components"}
+    try:
+        pyfunc = mlflow.pyfunc.load_model(f"models:/{name}/1")
+        out = pyfunc.predict(
+            pd.DataFrame({"prompt": ["def main(", "import os"]}), params={"max_new_tokens": 4}
+        )
+    finally:
+        for module in [n for n in sys.modules if n.split(".")[0] == "components"]:
+            del sys.modules[module]
+        sys.modules.update(ours)
     assert list(out.columns) == ["completion"] and len(out) == 2
 
     # A worse challenger is refused: challenger moves, champion stays.

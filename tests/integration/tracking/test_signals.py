@@ -42,9 +42,11 @@ BLOCKING_PIPELINE = textwrap.dedent('''
         while True:
             time.sleep(0.1)
 
-    main = pipeline_main(
-        lambda config: [StageSpec("prepare", ("data",), (), work, Prepared)], "tests.blocking"
-    )
+    # a script outside the project has no importable name: its stage keys its code by the CLI's
+    def stages(config):
+        return [StageSpec("prepare", ("data",), (), work, Prepared, module="pipelines._cli")]
+
+    main = pipeline_main(stages, "tests.blocking")
     main()
 ''')
 
