@@ -40,6 +40,8 @@ RAW = (
 )
 
 
+# its own SeaweedFS and shards of 2049-token rows: ~25 s
+@pytest.mark.slow
 def test_bench_data_quick(tmp_path):
     out = tmp_path / "bench-data.json"
     proc = subprocess.run(

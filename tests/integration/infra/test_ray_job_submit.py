@@ -247,6 +247,8 @@ def wait_for_job(head: RayHead, submission_id: str) -> tuple[str, str]:
     return status, job_api(head, f"{submission_id}/logs")["logs"]
 
 
+# a second Ray cluster (`ray start --head`) and a whole pipeline through the job API: ~100 s
+@pytest.mark.slow
 def test_tiny_pipeline_via_ray_job_submit(ray_head, tmp_path):
     root = tmp_path / "moeops"
     serve_port = free_port()

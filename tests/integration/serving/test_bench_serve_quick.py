@@ -37,6 +37,8 @@ POSITIVE = (
 )
 
 
+# its own Ray and Serve besides the session's, bare-Serve floors and loads: ~70 s
+@pytest.mark.slow
 def test_bench_serve_quick(tmp_path):
     out = tmp_path / "serve.json"
     result = subprocess.run(

@@ -95,6 +95,8 @@ def test_sweep_nests_trials_stops_the_bad_one_and_feeds_training(sweep_env):
     assert json.loads((export / "model_config.json").read_text())["model"]["top_k"] == 1
 
 
+# a driver killed mid-sweep and a second sweep that restores it: ~50 s
+@pytest.mark.slow
 def test_sweep_resumes_after_the_driver_dies(sweep_env):
     overrides = sweep_env.overrides + [
         f"+inputs.prepare={sweep_env.prepare_run_id}",
