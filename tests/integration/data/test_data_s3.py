@@ -105,6 +105,8 @@ def test_cold_outage_mid_epoch_is_survived_by_retries(s3_server, s3_dataset, tmp
     assert reader.stats()["cold_retries"] >= 1
 
 
+# waits out the whole retry budget of a cold tier that is gone: ~16 s
+@pytest.mark.slow
 def test_cold_tier_gone_for_good_names_the_shard_and_uri(s3_server, s3_dataset, tmp_path):
     manifest, storage = s3_dataset
     st = _storage(

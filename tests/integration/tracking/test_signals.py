@@ -104,6 +104,8 @@ def test_signal_ends_stage_and_parent_runs_killed(signum, tmp_path, mlflow_uri):
     assert runs["prepare"].info.run_id == (root / "working").read_text()
 
 
+# a real sweep interrupted by SIGINT while a trial trains: ~15 s
+@pytest.mark.slow
 def test_ctrl_c_during_tune_ends_the_pipeline(ray_session, tmp_path, mlflow_uri):
     """``python -m pipelines.run`` gets SIGINT while a trial trains: Tune must not swallow it (its
     own
@@ -173,6 +175,8 @@ def test_ctrl_c_during_tune_ends_the_pipeline(ray_session, tmp_path, mlflow_uri)
     assert not stage_runs("train"), "the pipeline went on after the interrupted sweep"
 
 
+# a blocking deploy of a real model, then SIGTERM: ~17 s
+@pytest.mark.slow
 def test_serving_deploy_stopped_with_sigterm_ends_its_runs(
     ray_session, serve_port, tmp_path, mlflow_uri
 ):

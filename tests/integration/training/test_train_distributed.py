@@ -194,7 +194,10 @@ CHECKPOINT_FILES = {
 }
 
 
-@pytest.mark.parametrize("moment", ["random-step", "checkpoint-write"])
+# the kill during a checkpoint write needs a checkpoint every step (~45 s): make test-all runs it
+@pytest.mark.parametrize(
+    "moment", ["random-step", pytest.param("checkpoint-write", marks=pytest.mark.slow)]
+)
 def test_killed_worker_resumes_from_checkpoint(workspace, reference, moment):
     """A watcher thread (not the training code, not a Ray Train callback) SIGKILLs a worker process
     it found through Ray's state API: at a random step it sees rank 0 log, or while a checkpoint

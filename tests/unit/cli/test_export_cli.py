@@ -41,6 +41,9 @@ def test_help_names_the_arguments():
     assert "models:/<name>@<alias>" in out.stdout and "--tracking-uri" in out.stdout
 
 
+# a registered model, two exports and two transformers subprocesses: ~25 s (the register test
+# checks the same directory through `mlflow artifacts download` in make test)
+@pytest.mark.slow
 @pytest.mark.skipif(import_transformers() is None, reason="transformers not installed")
 def test_alias_and_version_export_load_without_moeops(root_overrides, mlflow_uri, tmp_path):
     config = load_config(root_overrides + ["model=moe_tiny", "model.shared_expert=true"])
