@@ -59,15 +59,7 @@ def deployment_options(
     }
     a = s.autoscaling
     if a.enabled:
-        options["autoscaling_config"] = {
-            "min_replicas": int(a.min_replicas),
-            "initial_replicas": int(a.min_replicas),
-            "max_replicas": int(a.max_replicas),
-            "target_ongoing_requests": float(a.target_ongoing_requests),
-            "upscale_delay_s": float(a.upscale_delay_s),
-            "downscale_delay_s": float(a.downscale_delay_s),
-            "look_back_period_s": float(a.look_back_period_s),
-        }
+        options["autoscaling_config"] = autoscaling_config(a)
         if a.metrics_interval_s != RAY_DEFAULT_METRICS_INTERVAL_S:
             # deprecated by Ray 2.60 (its replacement env vars are not read yet): only sent when
             # changed
@@ -75,6 +67,19 @@ def deployment_options(
     else:
         options["num_replicas"] = int(s.num_replicas)
     return options
+
+
+def autoscaling_config(a) -> dict[str, Any]:
+    """Serve's ``autoscaling_config`` from ``serve.autoscaling`` (both engines' deployments)."""
+    return {
+        "min_replicas": int(a.min_replicas),
+        "initial_replicas": int(a.min_replicas),
+        "max_replicas": int(a.max_replicas),
+        "target_ongoing_requests": float(a.target_ongoing_requests),
+        "upscale_delay_s": float(a.upscale_delay_s),
+        "downscale_delay_s": float(a.downscale_delay_s),
+        "look_back_period_s": float(a.look_back_period_s),
+    }
 
 
 def app_args(config: Config, model_uri: str | None = None) -> dict[str, Any]:

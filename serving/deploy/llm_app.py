@@ -39,6 +39,7 @@ import httpx
 from components.config import Config
 from components.tracking.hf_artifact import export_registered_hf, registered_hf
 from components.tracking.registry import VersionInfo, find_version, get_version, parse_model_uri
+from serving.deploy.config import autoscaling_config
 from serving.middleware import token_from_env
 from serving.model_store import challenger_uri, resolved_model_uri
 
@@ -129,15 +130,7 @@ def llm_config(config: Config, version: ServedVersion) -> dict[str, Any]:
     deployment: dict[str, Any] = {"max_ongoing_requests": int(s.max_ongoing_requests)}
     a = s.autoscaling
     if a.enabled:
-        deployment["autoscaling_config"] = {
-            "min_replicas": int(a.min_replicas),
-            "initial_replicas": int(a.min_replicas),
-            "max_replicas": int(a.max_replicas),
-            "target_ongoing_requests": float(a.target_ongoing_requests),
-            "upscale_delay_s": float(a.upscale_delay_s),
-            "downscale_delay_s": float(a.downscale_delay_s),
-            "look_back_period_s": float(a.look_back_period_s),
-        }
+        deployment["autoscaling_config"] = autoscaling_config(a)
     else:
         deployment["num_replicas"] = int(s.num_replicas)
     return {
