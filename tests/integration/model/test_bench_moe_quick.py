@@ -31,6 +31,7 @@ def test_bench_moe_quick(tmp_path):
     result = json.loads(out.read_text())
     for key in (
         "moe_vs_dense_ratio",
+        "moe_vs_dense_ratio_cpu_time",
         "moe_vs_naive_ratio",
         "overlap_on_vs_off_step_ratio",
         "exposed_comm_fraction",
@@ -42,13 +43,15 @@ def test_bench_moe_quick(tmp_path):
     for breakdown in (on, off):
         assert 0 < breakdown["a2a_exposed_s"] <= breakdown["a2a_total_s"]
     assert 0 < result["exposed_comm_fraction"] <= 1
-    # the headline (MoE layer vs a dense MLP of equal active FLOPs) against a loose floor, by CPU
-    # time, which the load of the shared machine moves least (measured 0.55 and 0.52 at loads 11
-    # and 21; its wall-time twin 0.36 and 0.61). A layer that ran every token through all 8
-    # experts would do 4x the dense FLOPs (top-2; that broken variant was not measured here). The
-    # overlap figures are not floored: at this size on 2 loaded cores on/off swung from 0.71 to
-    # 1.07 between two runs.
-    assert result["moe_vs_dense_ratio_cpu_time"] >= 0.3, result["moe_vs_dense_ratio_cpu_time"]
+    # the headline (MoE layer vs a dense MLP of equal active FLOPs) against a loose floor, by the
+    # least CPU time of 15 interleaved rounds, which the load of the shared machine moves least.
+    # Healthy: the median figure 0.47-0.66 over seven quick runs at load 16-34 (3 or 15 rounds);
+    # this best-of one 0.49-0.53 (two quick runs at load 31-34, four scratch runs at 30-45). Broken,
+    # every token through all 8 experts (top_k=8 in the same timing loop, 4x the dense FLOPs):
+    # 0.17-0.19. The overlap figures are not floored: at this size on 2 loaded cores on/off swung
+    # from 0.71 to 1.07 between two runs.
+    ratio = result["moe_vs_dense_ratio_cpu_time_best"]
+    assert ratio >= 0.3, ratio
     # part 3: activation memory falls with checkpointing; the compiled step was timed
     memory = result["activation_bytes_per_token"]
     assert memory["full"] < memory["selective"] < memory["none"]

@@ -32,8 +32,6 @@ POSITIVE = (
     "rps_c32_static",
     "decode_tokens_per_s_c32",
     "inprocess_tokens_per_s_b32",
-    "int8_vs_fp32_speed_ratio",
-    "int8_vs_fp32_speed_ratio_compute_bound",
 )
 
 
@@ -42,7 +40,8 @@ POSITIVE = (
 def test_bench_serve_quick(tmp_path):
     out = tmp_path / "serve.json"
     result = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--json", str(out)],
+        # the int8 figures it would merge: test_bench_int8_quick.py runs that quick run itself
+        [sys.executable, str(BENCH), "--quick", "--no-int8", "--json", str(out)],
         capture_output=True,
         text=True,
         timeout=580,
@@ -53,7 +52,6 @@ def test_bench_serve_quick(tmp_path):
         assert (
             isinstance(figures[key], float) and math.isfinite(figures[key]) and figures[key] > 0
         ), (key, figures.get(key))
-    assert math.isfinite(figures["int8_perplexity_change_pct"])
     for arm in ("continuous", "static"):
         assert figures[f"errors_{arm}_c32_mixed"] == 0 and figures[f"requests_{arm}_c32_mixed"] > 0
     assert figures["errors_c32"] == 0
