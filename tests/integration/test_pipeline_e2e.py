@@ -54,6 +54,11 @@ def test_full_pipeline_then_fully_cached(ray_session, root_overrides, mlflow_uri
             f"serve.port={serve_port}",
             "tune.num_samples=1",
             "evaluate.compare_dense=false",
+            # a third of tiny's training steps: an evaluation and a checkpoint still come at 5
+            "train.max_steps=10",
+            "train.warmup_steps=2",
+            "train.eval_every=5",
+            "train.checkpoint_every=5",
         ]
     )
     assert config.stages == STAGES

@@ -219,7 +219,7 @@ def submit(head: RayHead, entrypoint: list[str], agent_wait_s: float = 120) -> s
             break
         if time.monotonic() > deadline:
             break
-        time.sleep(3)
+        time.sleep(1)
     assert result.returncode == 0, result.stdout + result.stderr
     return submission_id
 
@@ -240,7 +240,7 @@ def wait_for_job(head: RayHead, submission_id: str) -> tuple[str, str]:
     deadline = time.monotonic() + JOB_TIMEOUT_S
     status = job_api(head, submission_id)["status"]
     while status not in TERMINAL and time.monotonic() < deadline:
-        time.sleep(3)
+        time.sleep(1)  # a local REST call: polling often costs nothing, waiting 3 s did
         status = job_api(head, submission_id)["status"]
     if status not in TERMINAL:
         job_api(head, f"{submission_id}/stop", method="POST")
@@ -265,6 +265,16 @@ def test_tiny_pipeline_via_ray_job_submit(ray_head, tmp_path):
         # every stage, fewer models: the sweep and the comparison are tested in depth elsewhere
         "tune.num_samples=1",
         "evaluate.compare_dense=false",
+        # and smaller ones: one worker per trial and for the training (expert parallelism over two
+        # workers is test_train_distributed's and test_pipeline_e2e's), a third of tiny's steps
+        "tune.trial_num_workers=1",
+        "tune.trial_max_steps=5",
+        "train.num_workers=1",
+        "train.expert_parallel_size=1",
+        "train.max_steps=10",
+        "train.warmup_steps=2",
+        "train.eval_every=5",
+        "train.checkpoint_every=5",
     ]
     submission_id = submit(ray_head, entrypoint)
     status, logs = wait_for_job(ray_head, submission_id)
