@@ -12,12 +12,10 @@ import pytest
 import torch.multiprocessing as mp
 
 from components.config import load_config
+from fixtures.tiny import SMALL_DATA
 
 TINY = [
-    "experiment=tiny",
-    "data.max_files=20",
-    "data.max_bytes=300000",
-    "data.vocab_size=512",
+    *SMALL_DATA,  # the session's small_dataset is prepared with these
     "model.dim=32",
     "model.ffn_dim=64",
     "train.num_workers=2",
@@ -35,12 +33,9 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    from components.data.build import prepare_dataset
-
-    root = tmp_path_factory.mktemp("loop-fsdp")
-    cfg = load_config([*TINY, f"paths.root={root}", f"tracking.uri=sqlite:///{root}/mlflow.db"])
-    return root, prepare_dataset(cfg.data, cfg.storage).manifest
+def dataset(tmp_path_factory, small_dataset):
+    """The session's prepared SMALL_DATA set, not one more tokenizer training and encoding."""
+    return tmp_path_factory.mktemp("loop-fsdp"), small_dataset.manifest
 
 
 def _rank(rank, world, init, root, manifest: dict, overrides: list, tag: str, resume) -> None:

@@ -10,12 +10,10 @@ import pytest
 
 from components.config import load_config
 from components.training.loop import LocalSession, RunInfo, train
+from fixtures.tiny import SMALL_DATA
 
 TINY = [
-    "experiment=tiny",
-    "data.max_files=20",
-    "data.max_bytes=300000",
-    "data.vocab_size=512",
+    *SMALL_DATA,  # the session's small_dataset is prepared with these
     "model.dim=32",
     "model.ffn_dim=64",
     "train.num_workers=1",
@@ -32,12 +30,9 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory):
-    from components.data.build import prepare_dataset
-
-    root = tmp_path_factory.mktemp("loop-data")
-    cfg = load_config([*TINY, f"paths.root={root}", f"tracking.uri=sqlite:///{root}/mlflow.db"])
-    return root, prepare_dataset(cfg.data, cfg.storage).manifest
+def tiny_dataset(tmp_path_factory, small_dataset):
+    """The session's prepared SMALL_DATA set, not one more tokenizer training and encoding."""
+    return tmp_path_factory.mktemp("loop-data"), small_dataset.manifest
 
 
 def run(
