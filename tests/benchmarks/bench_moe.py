@@ -81,9 +81,11 @@ def _median_time(fn, warmup: int, iters: int) -> float:
 # ------------------------------------------------------------------------------ part 1
 def layer_benchmark(quick: bool, threads: int) -> dict:
     D, F, E, k, N = (64, 128, 8, 2, 512) if quick else (256, 512, 8, 2, 4096)
-    # quick: a step is ~5 ms here, so 15 interleaved rounds cost well under a second; with 3 the
-    # median CPU-time ratio swung 0.48-0.66 between runs at load ~17
-    warmup, iters = (1, 15) if quick else (3, 10)
+    # quick: 15 interleaved rounds of the 1-thread run (the floored one): a step is ~5 ms, 0.35 s
+    # in all, and with 3 its median CPU-time ratio swung 0.48-0.66 between runs at load ~17. The
+    # 2-thread run stalls whenever another process holds a core (~30 ms a step, 5 s for 15
+    # rounds at load 19): 3 rounds
+    warmup, iters = (1, 15 if threads == 1 else 3) if quick else (3, 10)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

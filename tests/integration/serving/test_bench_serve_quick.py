@@ -56,17 +56,23 @@ def test_bench_serve_quick(tmp_path):
         assert figures[f"errors_{arm}_c32_mixed"] == 0 and figures[f"requests_{arm}_c32_mixed"] > 0
     assert figures["errors_c32"] == 0
 
+    # Measured healthy ranges: four quick runs at load 1-24 on the 2 shared cores; "serialised":
+    # one quick run of a scratch copy whose replica decodes one sequence at a time
+    # (serve.max_num_seqs=1 for the deployment only; load 12-16).
     # continuous batching refills the slots of short requests; a scheduler that runs a batch to
-    # its end (or one sequence at a time) is at or below the static baseline
+    # its end is at the static baseline (~1), one that runs a sequence at a time below it
+    # (healthy 1.70-2.43 in two alternated slices, now four; serialised 0.48)
     assert figures["continuous_vs_static_batching_rps_ratio_c32"] >= 1.2, figures
     # a short request admitted at the next step; held behind the 64-token ones it would take
-    # about 16 times as long (the floor leaves room for a loaded machine)
+    # about 16 times as long (healthy 1.10-1.52, streamed 2.0-2.56; serialised 42 and 7.3)
     assert figures["short_behind_long_pairs"] >= 5
     assert figures["short_behind_long_latency_ratio"] <= 6.0, figures
     assert figures["short_behind_long_streamed_latency_ratio"] <= 6.0, figures
-    # HTTP decoding keeps a good part of the engine's own batched throughput (a replica that
-    # serialised requests or stalled its engine thread would not)
-    assert figures["decode_vs_inprocess_ratio_c32"] >= 0.2, figures
+    # HTTP decoding keeps a good part of the engine's own batched throughput. The HTTP side shares
+    # the 2 cores between client, proxy and replica, so the figure falls with the machine's load
+    # (healthy 0.30 at load 1, 0.20-0.27 at load 17-24: the former floor 0.2 failed once); a
+    # replica that serialised requests stays far below (0.005)
+    assert figures["decode_vs_inprocess_ratio_c32"] >= 0.05, figures
     # our request path costs a few bare-Serve requests at most, not tens of milliseconds more
     assert figures["serve_overhead_vs_bare_serve_ratio"] <= 5.0, figures
     assert figures["load_1m_start"] >= 0 and "load average" in figures["uptime"]

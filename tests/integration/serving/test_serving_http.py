@@ -949,6 +949,7 @@ def test_disconnected_stream_stops_its_sequence(deployment):
                     assert _running(url) == 1
                     break  # leaving httpx's line iterator closes the connection: the client is gone
     took = wait_for(lambda: _running(url) == 0, timeout_s=5)
+    print(f"[abort] stream dropped: sequence gone after {took:.3f}s")
     assert took < 1.0, f"the sequence ran on for {took:.2f}s after its client left"
     time.sleep(0.3)
     generated = metric(url, "moeops_generated_tokens_total") - tokens_before
@@ -964,6 +965,7 @@ def test_disconnected_non_streamed_request_stops_its_sequences(deployment):
         with pytest.raises(httpx.ReadTimeout):  # the client gives up (and closes the connection)
             _long_request(url, http, prompt=["def a(", "def b("], n=2)
     took = wait_for(lambda: _running(url) == 0, timeout_s=5)
+    print(f"[abort] request dropped: sequences gone after {took:.3f}s")
     assert took < 1.0, f"the sequences ran on for {took:.2f}s after their client left"
     time.sleep(0.3)
     generated = metric(url, "moeops_generated_tokens_total") - tokens_before
