@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,10 +101,33 @@ def serve_port() -> int:
     return free_port()
 
 
+@pytest.fixture(scope="session")
+def mlflow_template(session_tmp) -> Path:
+    """An empty sqlite tracking store, created once per session: creating one runs all of MLflow's
+    schema migrations (4-6 s at load 8-12 on the 2 cores); a copy opens in ~0.3 s."""
+    from mlflow import MlflowClient
+
+    path = session_tmp / "mlflow-template.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture(scope="session")
+def new_mlflow_store(mlflow_template) -> Callable[[Path], str]:
+    """``new_mlflow_store(path)``: a fresh, empty sqlite tracking store at ``path`` (a copy of the
+    session's template, as MLflow would create it) and its URI."""
+
+    def make(path: Path) -> str:
+        shutil.copyfile(mlflow_template, path)
+        return f"sqlite:///{path}"
+
+    return make
+
+
 @pytest.fixture
-def mlflow_uri(tmp_path, monkeypatch) -> str:
+def mlflow_uri(tmp_path, monkeypatch, new_mlflow_store) -> str:
     """A fresh sqlite tracking store for one test; also exported for any subprocess."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_mlflow_store(tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
 

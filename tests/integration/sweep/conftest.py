@@ -17,13 +17,13 @@ class SweepEnv:
 
 
 @pytest.fixture(scope="session")
-def sweep_env(ray_session, tmp_path_factory, small_dataset) -> SweepEnv:
+def sweep_env(ray_session, tmp_path_factory, small_dataset, new_mlflow_store) -> SweepEnv:
     from components.config import load_config
     from pipelines.pipeline import run_pipeline
     from pipelines.prepare import SPEC as PREPARE
 
     root = tmp_path_factory.mktemp("sweep-env")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = new_mlflow_store(root / "mlflow.db")
     overrides = [
         f"paths.root={root / 'moeops'}",
         f"tracking.uri={uri}",

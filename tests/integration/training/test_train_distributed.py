@@ -39,11 +39,11 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory, ray_session, small_dataset):
+def workspace(tmp_path_factory, ray_session, small_dataset, new_mlflow_store):
     """The session's prepared small dataset, an MLflow store and an experiment shared by this
     module's runs."""
     root = tmp_path_factory.mktemp("train-dist")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = new_mlflow_store(root / "mlflow.db")
     base = [
         *small_dataset.overrides,
         *TINY,

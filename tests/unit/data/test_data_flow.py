@@ -219,7 +219,7 @@ def test_flow_diff_command_names_the_first_differing_step(datasets, tmp_path):
     assert same.shards("train")[3].name in proc.stdout and "(differs)" in proc.stdout
 
 
-def test_flow_diff_reads_a_train_runs_report_from_mlflow(datasets, tmp_path):
+def test_flow_diff_reads_a_train_runs_report_from_mlflow(datasets, tmp_path, new_mlflow_store):
     """A run id: the report the train stage logs as ``data_flow/flow_report.json``."""
     from mlflow import MlflowClient
 
@@ -227,7 +227,7 @@ def test_flow_diff_reads_a_train_runs_report_from_mlflow(datasets, tmp_path):
     a, _ = train_segment(same, storage, 2, 16, range(1, 4))
     report = tmp_path / "flow_report.json"
     report.write_text(json.dumps(a))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_mlflow_store(tmp_path / "mlflow.db")
     client = MlflowClient(uri)
     experiment = client.create_experiment(
         "flow", artifact_location=(tmp_path / "artifacts").as_uri()

@@ -194,13 +194,15 @@ def test_register_outputs_say_why():
     assert out.why().startswith("no comparable champion") and "better by 0.2" in out.why()
 
 
-def test_deploy_without_a_champion_says_why_the_first_version_was_not_promoted(tmp_path):
+def test_deploy_without_a_champion_says_why_the_first_version_was_not_promoted(
+    tmp_path, new_mlflow_store
+):
     """A first challenger that lost to its dense baseline leaves no champion: deploy fails before
     any Ray work, naming the registered version, the register stage's reason and the ways out."""
     from pipelines import deploy
     from pipelines.outputs import RegisterOutputs
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_mlflow_store(tmp_path / "mlflow.db")
     reason = "MoE lost to its dense equivalent by 0.0500 (registry.require_dense_win)"
     registered = RegisterOutputs(
         model_name="moeops-moe",

@@ -104,9 +104,9 @@ def same(a, b) -> bool:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> MlflowClient:
-    """One sqlite store for this module (creating one takes seconds)."""
-    client = MlflowClient(f"sqlite:///{tmp_path_factory.mktemp('outputs') / 'mlflow.db'}")
+def store(tmp_path_factory, new_mlflow_store) -> MlflowClient:
+    """One sqlite store for this module (a copy of the session's empty one)."""
+    client = MlflowClient(new_mlflow_store(tmp_path_factory.mktemp("outputs") / "mlflow.db"))
     client.create_experiment("outputs")
     return client
 
