@@ -68,13 +68,13 @@ def copy_code(dst: Path) -> None:
         )
 
 
-def test_editing_code_reruns_exactly_the_stages_that_run_it(tmp_path):
+def test_editing_code_reruns_exactly_the_stages_that_run_it(tmp_path, new_mlflow_store):
     code = tmp_path / "code"
     copy_code(code)
     (code / "driver.py").write_text(DRIVER)
     overrides = [
         f"paths.root={tmp_path / 'state'}",
-        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"tracking.uri={new_mlflow_store(tmp_path / 'mlflow.db')}",  # empty, migrated
         f"tracking.artifact_location={(tmp_path / 'mlartifacts').as_uri()}",
         "experiment=tiny",
     ]

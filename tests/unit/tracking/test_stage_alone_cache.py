@@ -77,13 +77,15 @@ DRIVER = textwrap.dedent('''
 ''')
 
 
-def test_a_stage_alone_keys_its_code_as_in_the_pipeline_and_new_code_trains_anew(tmp_path):
+def test_a_stage_alone_keys_its_code_as_in_the_pipeline_and_new_code_trains_anew(
+    tmp_path, new_mlflow_store
+):
     code = tmp_path / "code"
     copy_code(code)
     (code / "driver.py").write_text(DRIVER)
     overrides = [
         f"paths.root={tmp_path / 'state'}",
-        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"tracking.uri={new_mlflow_store(tmp_path / 'mlflow.db')}",  # empty, migrated
         f"tracking.artifact_location={(tmp_path / 'mlartifacts').as_uri()}",
         "experiment=tiny",
     ]
