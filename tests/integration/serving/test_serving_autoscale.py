@@ -26,7 +26,7 @@ CLIENTS = 6  # concurrent clients under load: 3x the per-replica target of 2
 
 
 @pytest.fixture(scope="module")
-def autoscaled(ray_session, serve_port, tmp_path_factory):
+def autoscaled(ray_session, serve_port, tmp_path_factory, new_mlflow_store):
     from ray import serve
 
     from fixtures.tiny_model import register_tiny_models
@@ -36,7 +36,7 @@ def autoscaled(ray_session, serve_port, tmp_path_factory):
     config = load_config(
         [
             f"paths.root={tmp / 'moeops'}",
-            f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
+            f"tracking.uri={new_mlflow_store(tmp / 'mlflow.db')}",
             f"tracking.artifact_location={(tmp / 'mlartifacts').as_uri()}",
             "experiment=tiny",
             "model.dim=32",

@@ -75,12 +75,13 @@ def serving_config(tmp, port: int, extra: tuple[str, ...] = ()) -> Config:
 
 
 @pytest.fixture(scope="module")
-def deployment(ray_session, serve_port, tmp_path_factory):
+def deployment(ray_session, serve_port, tmp_path_factory, new_mlflow_store):
     from ray import serve
 
     from fixtures.tiny_model import register_tiny_models
 
     tmp = tmp_path_factory.mktemp("serving")
+    new_mlflow_store(tmp / "mlflow.db")  # serving_config's store: an empty one, migrated
     config = serving_config(tmp, serve_port)
     registrations = register_tiny_models(config, versions=2, work_dir=tmp / "work")
     # declaratively (the Serve config file through Serve's REST API): the tests that change
