@@ -95,8 +95,8 @@ class RayHead:
         """SIGTERM everything this head started, SIGKILL what is left after a grace period; nothing
         else."""
         ours = self._our_pids()  # now, before parents die and their children are re-parented
-        # a throwaway cluster: a short grace (with 20 s, every teardown took ~25 s at load 20:
-        # some of the head's processes outlive SIGTERM for that long)
+        # a throwaway cluster: a short grace (with 20 s, a teardown at load 20 took 25 s, so some
+        # of the head's processes were still there, or unreaped, 20 s after SIGTERM)
         for sig, grace_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 10.0)):
             for pid in ours:
                 try:
