@@ -119,6 +119,9 @@ class GroupedExperts(nn.Module):
             return weights
         if not self.cache_compute_weights:
             return tuple(w.to(dtype) for w in weights)
+        # Tensor._version (private, on purpose): torch's own count of in-place writes, the one
+        # signal that catches every change of the weights; the public optimizer step hooks miss
+        # load_state_dict and any other in-place write, which would serve a stale copy.
         key = (
             dtype,
             torch.is_grad_enabled(),
