@@ -402,6 +402,10 @@ def benchmark(args, root: Path, overrides: list[str]) -> dict:
                 "seed": seed,
                 "moe_val_loss": by_key[lr, seed][0].final,
                 "dense_val_loss": by_key[lr, seed][1].final,
+                # every (lr, seed) curve, not only the chosen lrs' (ablation rows reuse them)
+                "tokens": by_key[lr, seed][0].tokens,
+                "moe_curve": by_key[lr, seed][0].val_loss,
+                "dense_curve": by_key[lr, seed][1].val_loss,
             }
             for lr, seed in grid
         ],
