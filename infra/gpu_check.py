@@ -19,10 +19,14 @@ recorded pass/fail in the JSON with its figures:
 3. ``bf16_payloads`` — under bf16 autocast the all-to-all carries bf16 rows, gates and combine
    stay fp32, and the logits stay close to fp32.
 4. ``host_syncs`` — host syncs of one MoE layer forward, counted by
-   ``components.model.host_sync.HostSyncCounter`` and by CUDA's own detector
-   (``torch.cuda.set_sync_debug_mode``): one (the all-to-all split sizes) is expected.
+   ``components.model.host_sync.HostSyncCounter`` and run under CUDA's own detector in "error"
+   mode (``torch.cuda.set_sync_debug_mode``): one, the documented split-size read, is expected.
 5. ``overlap_benchmark`` — an EP training step in bf16, overlap off vs on: step time, exposed and
    total all-to-all time from CUDA events (needs 2+ GPUs; figures only, no pass/fail).
+
+Before them, on rank 0: ``full_model_step`` (moe_small and its dense equivalent: tokens/s, MFU,
+peak memory, the step's host syncs under ``set_sync_debug_mode("error")``, GPU vs CPU) and
+``decode`` (bf16 and int8 decode tokens/s through ``components.model.generate``).
 
 Exit status: 0 all checks passed, 1 a check failed, 2 no CUDA (or bad arguments).
 """
@@ -30,12 +34,13 @@ Exit status: 0 all checks passed, 1 a check failed, 2 no CUDA (or bad arguments)
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
 import statistics
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -270,31 +275,36 @@ def check_host_syncs(results: dict, device, world: int, group, quick: bool) -> N
     x = torch.randn(256, cfg.dim, device=device)
     layer(x)  # warm up: first calls may allocate and initialise NCCL
     expected = 1 if world > 1 else (0 if layer.experts.uses_grouped_mm(x) else 1)
-    with HostSyncCounter() as syncs:
-        layer(x)
-    cuda_syncs = None
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                layer(x)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        cuda_syncs = sum("synchroniz" in str(w.message) for w in caught)
-        check.expect(
-            cuda_syncs <= expected,
-            f"CUDA's sync detector saw {cuda_syncs} syncs, expected {expected}",
-        )
+
+    def forward(scope):
+        with scope():
+            layer(x)
+
+    # gloo on CUDA (two ranks sharing one GPU) stages every collective through host memory and
+    # synchronises its stream to do so, by design: CUDA's detector would stop at the all-to-all
+    # itself, so there the counter alone decides; NCCL (2+ GPUs) runs under "error"
+    nccl = group is not None and dist.get_backend(group) == "nccl"
+    debug = _sync_debug(forward, device, error_mode=device.type == "cuda" and (nccl or world == 1))
+    if device.type == "cuda" and not debug["mode"].startswith("set_sync"):
+        debug["mode"] += " (gloo on CUDA: collectives sync through the host)"
     check.expect(
-        syncs.total == expected,
-        f"counted {syncs.total} host syncs ({dict(syncs.by_op)}), expected {expected}",
+        debug["unexpected_sync"] is None,
+        f"a sync outside the documented ones: {debug['unexpected_sync']}",
+    )
+    check.expect(
+        not debug["undocumented"],
+        f"host syncs outside the documented ones: {debug['undocumented']}",
+    )
+    counted = sum(debug["documented"].values())
+    check.expect(
+        counted == expected,
+        f"counted {counted} documented host syncs ({debug['documented']}), expected {expected}",
     )
     check.figure(
-        counted=syncs.total,
-        by_op=dict(syncs.by_op),
-        cuda_sync_debug_mode_warnings=cuda_syncs,
+        counted=counted,
+        by_op=debug["by_op"],
+        documented=debug["documented"],
+        sync_debug_mode=debug["mode"],
         expected=expected,
     )
 
@@ -451,13 +461,20 @@ def check_full_model_step(results: dict, device, quick: bool) -> None:
         gen = torch.Generator().manual_seed(1)
         data = torch.randint(0, vocab, (batch, seq + 1), generator=gen).to(device)
 
-        def step(model=model, optimizer=optimizer, data=data):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits, aux = model(data[:, :-1])
-            loss = chunked_cross_entropy(logits, data[:, 1:])  # as the training step does
-            (loss + aux["aux_loss"] + aux["z_loss"]).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        def step(model=model, optimizer=optimizer, data=data, scope=contextlib.nullcontext):
+            # scope: where _sync_debug watches for host syncs (nothing when timing)
+            with scope():
+                with torch.autocast(
+                    device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
+                ):
+                    logits, aux = model(data[:, :-1])
+                loss = chunked_cross_entropy(logits, data[:, 1:])  # as the training step does
+                (loss + aux["aux_loss"] + aux["z_loss"]).backward()
+            # CUDA: fused AdamW, watched too. CPU: foreach AdamW reads every parameter's step
+            # count, a host tensor by design (no device sync, but the counter would count it)
+            with scope() if device.type == "cuda" else contextlib.nullcontext():
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             return loss.detach()
 
         step()  # warm-up: allocations, kernels
@@ -487,11 +504,16 @@ def check_full_model_step(results: dict, device, quick: bool) -> None:
         if not torch.isfinite(loss):
             check["passed"] = False
             check["problems"].append(f"{name}: loss {float(loss)}")
-        if device.type == "cuda" and name == "moe":
-            check["sync_debug"] = _sync_debug(model, step, data)
-            if check["sync_debug"]["counted"] != check["sync_debug"]["expected"]:
-                check["passed"] = False
-                check["problems"].append(f"host syncs in a bf16 step: {check['sync_debug']}")
+        debug = _sync_debug(lambda scope, step=step: step(scope=scope), device)
+        debug["expected"] = _expected_step_syncs(model, data, device)
+        check[name]["sync_debug"] = debug
+        if (
+            debug["unexpected_sync"]
+            or debug["undocumented"]
+            or debug["documented"] != debug["expected"]
+        ):
+            check["passed"] = False
+            check["problems"].append(f"{name}: host syncs in a bf16 step: {debug}")
         del model, optimizer
     check["moe_vs_dense_tokens_per_s"] = (
         check["moe"]["tokens_per_s"] / check["dense"]["tokens_per_s"]
@@ -501,31 +523,143 @@ def check_full_model_step(results: dict, device, quick: bool) -> None:
         _gpu_vs_cpu(check, device, moe_cfg, vocab, quick)
 
 
-def _sync_debug(model, step, data) -> dict:
-    """Host syncs of one whole bf16 training step (forward, chunked loss, backward, fused AdamW),
-    reported by CUDA's own detector (``torch.cuda.set_sync_debug_mode``). Documented: none when
-    the experts run as grouped GEMM (the single-rank path keeps group sizes on the device), one
-    per MoE layer with the loop backend (its counts read to the host); docs/model.md."""
-    import warnings as _warnings
+def _expected_step_syncs(model, data, device) -> dict[str, int]:
+    """The documented syncs (docs/model.md "Host syncs") of one single-rank training step: none
+    when the experts run as grouped GEMM (the group sizes stay on the device), with the loop
+    backend its counts read once per MoE layer (``loop_expert_counts``)."""
+    layers = model.moe_layers()
+    if not layers:
+        return {}
+    probe = torch.zeros(8, model.cfg.dim, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        grouped = layers[0].experts.uses_grouped_mm(probe)
+    return {} if grouped else {"loop_expert_counts": len(layers)}
 
-    probe = data[:1, :-1].reshape(-1, 1).float()
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        grouped = model.moe_layers()[0].experts.uses_grouped_mm(probe.expand(-1, model.cfg.dim))
-    expected = 0 if grouped else len(model.moe_layers())
-    with _warnings.catch_warnings(record=True) as caught:
-        _warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+
+def _sync_debug(run, device, error_mode: bool = True) -> dict:
+    """Host syncs of ``run(scope)`` (a bf16 training step, a layer forward) inside the ``with
+    scope():`` blocks it opens.
+
+    On CUDA a scope runs under ``torch.cuda.set_sync_debug_mode("error")``: the documented syncs
+    (``components.model.host_sync.documented_sync``) set "default" for their own duration, so any
+    other sync raises where it happens; its message's first line goes to ``unexpected_sync``.
+    Everywhere, ``HostSyncCounter`` files what it counts under the documented name it happened in
+    or as ``undocumented`` (on CPU, the rehearsal, that is the check; and on CUDA without
+    ``error_mode``)."""
+    cuda = device.type == "cuda" and error_mode
+    syncs = HostSyncCounter()
+    unexpected: list[str] = []
+
+    @contextlib.contextmanager
+    def scope():
+        with syncs:
+            if cuda:
+                torch.cuda.synchronize(device)
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                yield
+            except RuntimeError as err:
+                if not cuda or "synchroniz" not in str(err):
+                    raise
+                unexpected.append(str(err).strip().splitlines()[0])
+            finally:
+                if cuda:
+                    torch.cuda.set_sync_debug_mode("default")
+
+    run(scope)
+    # on CUDA the counter also sees ops on host tensors, which are no GPU sync: there the error
+    # mode decides and the counter's figures are for reading
     return {
-        "backend": "grouped_mm" if grouped else "loop",
-        "expected": expected,
-        "counted": len(syncs),
-        "first": syncs[:3],
+        "mode": 'set_sync_debug_mode("error")' if cuda else "HostSyncCounter",
+        "documented": dict(syncs.documented),
+        "undocumented": {} if cuda else dict(syncs.undocumented),
+        "by_op": dict(syncs.by_op),
+        "unexpected_sync": unexpected[0] if unexpected else None,
     }
+
+
+def _decode_rate(model, prompts: list[list[int]], new_tokens: int, device) -> dict:
+    """Greedy decoding through the serving path (``components.model.generate.generate``: KV cache,
+    one forward per token, the sampled ids read back every step as the server does): tokens/s
+    over a timed second run (the first warms up kernels and allocations)."""
+    from components.model.generate import generate
+
+    generate(model, prompts, 2, temperature=0.0)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    out = generate(model, prompts, new_tokens, temperature=0.0)
+    seconds = time.perf_counter() - start
+    produced = sum(len(o) for o in out)
+    return {
+        "batch": len(prompts),
+        "prompt_tokens": len(prompts[0]),
+        "new_tokens": new_tokens,
+        "seconds": seconds,
+        "tokens_per_s": produced / seconds,
+    }
+
+
+def check_decode(results: dict, device, quick: bool) -> None:
+    """bf16 and int8 decode throughput of moe_small (random weights: speed, not quality).
+
+    bf16 on the device. int8 through ``quantize_for_inference``, the serving path: on CUDA that is
+    torchao's weight-only int8 where torchao is installed; torch's own int8 (dynamic quantisation,
+    fbgemm) runs on CPU only, so without torchao (the bare mode) int8 is measured on this node's
+    CPU, beside the CPU's fp32 rate at the same size, and says so (``device``, ``reason``)."""
+    from components.model.quantize import quantize_for_inference
+
+    check = Check(results, "decode")
+    vocab = 256 if quick else 32768
+    cfg = _full_model_cfg(quick)
+    batch, prompt_len, new = (2, 8, 8) if quick else (8, 128, 128)
+    gen = torch.Generator().manual_seed(3)
+    prompts = torch.randint(0, vocab, (batch, prompt_len), generator=gen).tolist()
+    torch.manual_seed(0)
+    cpu_model = Transformer(cfg, vocab).eval()
+
+    model = Transformer(cfg, vocab).eval()
+    model.load_state_dict(cpu_model.state_dict())
+    model = model.to(device=device, dtype=torch.bfloat16)
+    bf16 = _decode_rate(model, prompts, new, device)
+    check.figure(bf16={**bf16, "device": str(device)})
+    del model
+
+    int8: dict = {}
+    if device.type == "cuda":
+        try:
+            model = copy.deepcopy(cpu_model).to(device=device, dtype=torch.bfloat16)
+            quantized, label = quantize_for_inference(model, "int8", device)
+            int8 = {**_decode_rate(quantized, prompts, new, device), "device": str(device)}
+            int8["path"] = label
+            del model, quantized
+        except ImportError:  # torchao is an optional extra (not in the bare mode)
+            int8["reason"] = (
+                "no int8 path on CUDA here (torchao not installed); torch's own dynamic int8 "
+                "quantisation runs on CPU only, so int8 is measured on the CPU"
+            )
+        except Exception as err:  # a broken torchao must not hide the other figures
+            int8["reason"] = f"torchao int8 on CUDA failed ({err!r}); measured on the CPU"
+            check.expect(False, f"int8 on CUDA: {err!r}")
+    if "tokens_per_s" not in int8:
+        # the CPU pair at a size the CPU decodes in seconds (1-2 tokens/s per sequence at full size)
+        cpu_batch, cpu_new = (2, 8) if quick else (4, 16)
+        cpu_prompts = [p[:prompt_len] for p in prompts[:cpu_batch]]
+        fp32 = _decode_rate(cpu_model, cpu_prompts, cpu_new, torch.device("cpu"))
+        quantized, label = quantize_for_inference(cpu_model, "int8", "cpu")
+        int8 = {
+            **int8,
+            **_decode_rate(quantized, cpu_prompts, cpu_new, torch.device("cpu")),
+            "device": "cpu",
+            "path": label,
+            "cpu_fp32_tokens_per_s": fp32["tokens_per_s"],
+        }
+        int8.setdefault(
+            "reason", "the CPU rehearsal" if device.type == "cpu" else "no CUDA int8 path"
+        )
+    check.figure(int8=int8)
+    for name, rate in (("bf16", bf16), ("int8", int8)):
+        check.expect(rate["tokens_per_s"] > 0, f"{name} decoded nothing")
 
 
 def _gpu_vs_cpu(check: dict, device, cfg: ModelConfig, vocab: int, quick: bool) -> None:
@@ -630,7 +764,10 @@ def _worker(rank: int, world: int, port: int, opts: dict, out_dir: str) -> None:
         ),
     ]
     if rank == 0 and not opts.get("skip_full_model"):
-        steps.insert(0, ("full_model_step", lambda: check_full_model_step(results, device, quick)))
+        steps[:0] = [
+            ("full_model_step", lambda: check_full_model_step(results, device, quick)),
+            ("decode", lambda: check_decode(results, device, quick)),
+        ]
     try:
         for name, run in steps:
             start = time.perf_counter()
@@ -801,6 +938,20 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['tflops_per_s']:>8.1f} {mfu:>6s} {mem:>8s}"
             )
         print(f"  MoE vs dense tokens/s {full['moe_vs_dense_tokens_per_s']:.2f}")
+    decode = checks.get("decode", {})
+    for name in ("bf16", "int8"):
+        if name in decode:
+            r = decode[name]
+            where = f"{r['device']}, {r.get('path', name)}"
+            extra = (
+                f" (CPU fp32 {r['cpu_fp32_tokens_per_s']:.0f} tok/s; {r['reason']})"
+                if "cpu_fp32_tokens_per_s" in r
+                else ""
+            )
+            print(
+                f"  decode {name}: {r['tokens_per_s']:.0f} tokens/s, batch {r['batch']} x "
+                f"{r['new_tokens']} new ({where}){extra}"
+            )
     print(f"  hf: {hf.get('status', 'ran')}")
     bench = checks.get("overlap_benchmark", {})
     if "overlap_on_vs_off_step_ratio" in bench:

@@ -445,6 +445,18 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class Identified(BaseModel):
+    """What every body and chunk of one completion repeats (``handlers.common.response_ident``)."""
+
+    id: str
+    object: str
+    created: int
+    model: str
+    # "<registered name>/<version>": which model version served this response
+    system_fingerprint: str
+    model_version: str
+
+
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
     token_logprobs: list[float | None]
@@ -461,14 +473,8 @@ class CompletionChoice(BaseModel):
     stop_reason: str | int | None = None
 
 
-class CompletionResponse(BaseModel):
-    id: str
+class CompletionResponse(Identified):
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    # "<registered name>/<version>": which model version served this response
-    system_fingerprint: str
-    model_version: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
 
@@ -500,13 +506,8 @@ class ChatChoice(BaseModel):
     stop_reason: str | int | None = None
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
+class ChatCompletionResponse(Identified):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    system_fingerprint: str
-    model_version: str
     choices: list[ChatChoice]
     usage: Usage
 
@@ -535,15 +536,10 @@ class CompletionStreamChoice(BaseModel):
     stop_reason: str | int | None = None
 
 
-class CompletionStreamResponse(BaseModel):
+class CompletionStreamResponse(Identified):
     """One server-sent event of a streamed completion."""
 
-    id: str
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    system_fingerprint: str
-    model_version: str
     choices: list[CompletionStreamChoice]
     usage: Usage | None = None
 
@@ -560,15 +556,10 @@ class ChatStreamChoice(BaseModel):
     finish_reason: Literal["stop", "length"] | None = None
 
 
-class ChatCompletionStreamResponse(BaseModel):
+class ChatCompletionStreamResponse(Identified):
     """One server-sent event of a streamed chat completion."""
 
-    id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    system_fingerprint: str
-    model_version: str
     choices: list[ChatStreamChoice]
     usage: Usage | None = None
 

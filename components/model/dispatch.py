@@ -21,13 +21,15 @@ Expert parallel (``group`` of size P, experts sharded contiguously, E/P per rank
 
 Overlap (``async_a2a``): tokens are split into ``chunks``; every all-to-all is asynchronous.
 Chunk c+1's dispatch is in flight while chunk c's experts compute and chunk c's combine while
-chunk c+1's experts compute. The two ends have no other chunk to hide behind: the shared expert
-(if any) fills them, its first half of the tokens during the first dispatch and its second half
-during the last combine. Backward mirrors this: each all-to-all's gradient is launched by one
-autograd node and awaited by another, and the autograd engine (which runs ready nodes
-latest-created first) computes another chunk's expert backward, or a shared-expert half's
-backward, in between (tests/integration/model/test_expert_parallel.py checks the order). Only
-the count exchange stays exposed.
+chunk c+1's experts compute. The count exchange and the two ends have no other chunk to hide
+behind: the shared expert (if any) fills them in three row slices, its first third of the tokens
+while the counts are in flight (before the split-size sync), its second during the first
+dispatch and its last during the last combine. Backward mirrors this: each all-to-all's gradient
+is launched by one autograd node and awaited by another, and the autograd engine (which runs
+ready nodes latest-created first) computes another chunk's expert backward, or a shared-expert
+slice's backward, in between (tests/integration/model/test_expert_parallel.py checks the order).
+With a shared expert no forward all-to-all is exposed; without one, the count exchange, the first
+dispatch and the last combine are.
 
 Payloads travel in the compute dtype (bf16 under bf16 autocast), cast once per token before the
 gather; gates and the combine stay fp32.
@@ -43,6 +45,7 @@ import torch.distributed as dist
 from components.config.schema import OverlapConfig
 from components.model.comm_timing import CommTimer, CommTimes
 from components.model.experts import compute_dtype
+from components.model.host_sync import documented_sync
 
 # experts(rows [M, D] grouped by local expert, counts: host list or device tensor [E_local]) -> [M,
 # D]
@@ -211,7 +214,8 @@ class TokenDispatcher:
             # dropped rows join the last expert's group: computed, then multiplied by a zero gate
             counts = torch.cat([counts[: E - 1], counts[E - 1 :].sum(0, keepdim=True)])
         else:
-            host = expert_histogram(key, E + 1).tolist()  # the loop's one host sync
+            with documented_sync("loop_expert_counts", x.device):  # the loop's one host sync
+                host = expert_histogram(key, E + 1).tolist()
             kept = sum(host[:E])
             token, gate, counts = token[:kept], gate[:kept], host[:E]
         y = experts(x.to(dtype)[token], counts)
@@ -241,9 +245,14 @@ class TokenDispatcher:
         token = order // k
         gate = weights.reshape(-1)[order]  # fp32
         rows = x.to(dtype)[token]  # [N*k, D] payload in the compute dtype
+        # overlapped: the shared expert runs in three row slices, the first one here, while the
+        # counts are in flight (the second hides the first dispatch, the third the last combine)
+        third = (N // 3, 2 * N // 3)
+        shared_parts = [shared(x[: third[0]])] if self.async_a2a and shared is not None else []
         counts_in = a2a_wait(*exchange)  # [P(src), C, El]
         # the one host sync of the layer: split sizes for every chunk's all-to-alls
-        host = torch.cat([counts.reshape(-1), counts_in.reshape(-1)]).tolist()
+        with documented_sync("ep_split_sizes", device):
+            host = torch.cat([counts.reshape(-1), counts_in.reshape(-1)]).tolist()
         counts_host = [host[c * (E + 1) : (c + 1) * (E + 1)] for c in range(C)]  # [C][E+1]
         flat_in = host[C * (E + 1) :]
         recv_per_expert = [
@@ -291,9 +300,9 @@ class TokenDispatcher:
             # 2./3. pipelined; see the module docstring for what hides behind what
             dispatches = [None] * C
             combines = [None] * C
-            half = N // 2
             dispatches[0] = dispatch(0)
-            shared_first = shared(x[:half]) if shared is not None else None
+            if shared is not None:
+                shared_parts.append(shared(x[third[0] : third[1]]))
             for c in range(C):
                 if c + 1 < C:
                     dispatches[c + 1] = dispatch(c + 1)
@@ -303,7 +312,7 @@ class TokenDispatcher:
                 sent, recv = splits(c)
                 combines[c] = a2a_start(y, recv, sent, self.group, self.timer)
                 if c + 1 == C and shared is not None:
-                    shared_out = torch.cat([shared_first, shared(x[half:])])
+                    shared_out = torch.cat([*shared_parts, shared(x[third[1] :])])
                 if c >= 1:  # the previous chunk's combine had this chunk's experts to hide behind
                     combine(c - 1, a2a_wait(*combines[c - 1]))
                     combines[c - 1] = None

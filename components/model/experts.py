@@ -89,6 +89,10 @@ class GroupedExperts(nn.Module):
     :meth:`uses_grouped_mm` first and only reads counts to the host when the loop needs them.
     """
 
+    # Reuse one compute-dtype copy of the weights until they change (see compute_weights). A
+    # class attribute, so a test can turn it off to compare with a cast in every call.
+    cache_compute_weights: bool = True
+
     def __init__(self, num_local_experts: int, dim: int, hidden_dim: int, backend: str):
         super().__init__()
         if backend not in BACKENDS:
@@ -98,6 +102,34 @@ class GroupedExperts(nn.Module):
         self.w1 = mark_expert(nn.Parameter(torch.empty(num_local_experts, dim, hidden_dim)))
         self.w3 = mark_expert(nn.Parameter(torch.empty(num_local_experts, dim, hidden_dim)))
         self.w2 = mark_expert(nn.Parameter(torch.empty(num_local_experts, hidden_dim, dim)))
+        self._cast: tuple | None = None  # (key, (w1, w3, w2) in the compute dtype)
+
+    def compute_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """w1, w3, w2 in ``dtype``. fp32 weights under bf16 autocast (the DDP path; FSDP2 hands
+        the experts over in bf16 already) are cast once and the copy reused for every call until
+        the optimizer changes them: every all-to-all chunk and every micro-batch of a step, its
+        recompute under activation checkpointing too, instead of one cast (a read of the fp32
+        weights and a write of the bf16 copy) per call. The key is the weights' version counters
+        (an optimizer step, ``load_state_dict`` or any in-place write bumps them), their storage,
+        the dtype and the grad mode (a copy made under ``no_grad`` has no path back to the fp32
+        weights). Gradients still reach the fp32 weights: the cast's backward holds no tensors,
+        so each micro-batch's backward passes through it and accumulates in ``.grad``."""
+        weights = (self.w1, self.w3, self.w2)
+        if all(w.dtype == dtype for w in weights):
+            return weights
+        if not self.cache_compute_weights:
+            return tuple(w.to(dtype) for w in weights)
+        # Tensor._version (private, on purpose): torch's own count of in-place writes, the one
+        # signal that catches every change of the weights; the public optimizer step hooks miss
+        # load_state_dict and any other in-place write, which would serve a stale copy.
+        key = (
+            dtype,
+            torch.is_grad_enabled(),
+            tuple((w.data_ptr(), w._version) for w in weights),
+        )
+        if self._cast is None or self._cast[0] != key:
+            self._cast = (key, tuple(w.to(dtype) for w in weights))
+        return self._cast[1]
 
     def uses_grouped_mm(self, x: torch.Tensor) -> bool:
         """The backend for this input: ``auto`` resolves per device and compute dtype."""
@@ -131,7 +163,7 @@ class GroupedExperts(nn.Module):
         dtype = compute_dtype(x)
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)  # [E_local] end row of each group
         x = x.to(dtype)
-        w1, w3, w2 = (w.to(dtype) for w in (self.w1, self.w3, self.w2))
+        w1, w3, w2 = self.compute_weights(dtype)
         hidden = F.silu(F.grouped_mm(x, w1, offs=offsets)) * F.grouped_mm(
             x, w3, offs=offsets
         )  # [M, F]
@@ -139,9 +171,12 @@ class GroupedExperts(nn.Module):
 
     def _loop(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         outputs = []
+        dtype = compute_dtype(x)
+        x = x.to(dtype)
         # unbind once: indexing w[e] per expert would make backward allocate a full-size
-        # [E, ...] zero gradient per expert; unbind's backward is a single stack
-        w1, w3, w2 = self.w1.unbind(0), self.w3.unbind(0), self.w2.unbind(0)
+        # [E, ...] zero gradient per expert; unbind's backward is a single stack. The weights
+        # in the compute dtype (autocast would cast each expert's slice in every call)
+        w1, w3, w2 = (w.unbind(0) for w in self.compute_weights(dtype))
         for e, rows in enumerate(torch.split(x, counts)):
             if rows.shape[0] == 0:
                 continue

@@ -17,10 +17,22 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32: under bf16 autocast the mean of squares loses too many bits.
+        if x.dtype in _LOW_PRECISION:
+            # bf16/fp16 activations (precision=bf16 under FSDP2, a bf16 model decoding): the mean
+            # of squares is accumulated in fp32 (a mean of bf16 squares loses too many bits), but
+            # vector_norm reduces the input as it is, so no fp32 copy of x is made; the [..., 1]
+            # scale is rounded to x's dtype and the two multiplies stay there (3 roundings of
+            # 2^-8 at most against 1: tests/unit/model/test_bf16_numerics.py).
+            sq = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32).square()
+            scale = torch.rsqrt(sq / x.shape[-1] + self.eps).to(x.dtype)
+            return x * scale * self.weight.to(x.dtype)
+        # fp32 (the CPU default, the HF export parity tests): unchanged, bit for bit
         x32 = x.float()
         out = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (out * self.weight.float()).type_as(x)
+
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,7 +50,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """
     if cos.dim() == 3:  # [B, T, hd/2] -> [B, 1, T, hd/2]
         cos, sin = cos[:, None], sin[:, None]
-    x_pairs = x.float().unflatten(-1, (-1, 2))  # [B, H, T, hd/2, 2]
+    # Tables in x's dtype (Transformer.forward casts them once per forward to the compute dtype):
+    # rotate in that dtype, no fp32 copy of q and k. fp32 tables with a bf16 x: rotate in fp32.
+    x_pairs = (x if cos.dtype == x.dtype else x.float()).unflatten(-1, (-1, 2))  # [B,H,T,hd/2,2]
     x_even, x_odd = x_pairs[..., 0], x_pairs[..., 1]
     rotated = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
     return rotated.flatten(-2).type_as(x)

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from components.model.host_sync import documented_sync
+
 HEAD = ("forwards", "aux_loss", "z_loss")  # scalars at the front of the packed buffer
 
 
@@ -60,7 +62,8 @@ class MoEMetricsAccumulator:
         sums = self._sums.clone()
         if group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(sums, group=group)
-        values = sums.tolist()  # the one host sync of the interval
+        with documented_sync("interval_metrics", sums.device):  # the one host sync of the interval
+            values = sums.tolist()
         if reset:
             self.reset()
         L, E = self._shape

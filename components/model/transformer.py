@@ -337,6 +337,15 @@ class Transformer(nn.Module):
             )
         cos, sin, mask = self._positions_and_mask(B, T, cache, start_pos)
         h = self.tok_embeddings(tokens)  # [B, T, D]
+        # RoPE tables in the dtype q and k will have (autocast's, else the activations'), cast
+        # once here for every layer: a bf16 run rotates in bf16 (layers.apply_rope)
+        compute = (
+            torch.get_autocast_dtype(h.device.type)
+            if torch.is_autocast_enabled(h.device.type)
+            else h.dtype
+        )
+        if compute != cos.dtype:
+            cos, sin = cos.to(compute), sin.to(compute)
         stats: list[MoEStats] = []
         for block in self.layers:
             h, layer_stats = block(h, cos, sin, mask, cache, start_pos)

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+from components.model.host_sync import documented_sync
 from components.model.metrics import MoEMetricsAccumulator
 from components.training.parallel import ParallelGroups, all_reduce_sum
 
@@ -116,7 +117,8 @@ class IntervalMetrics:
         per-layer global expert counts). Two small all-reduces and two device-to-host copies
         (the last step's losses and grad norm; the interval's routing)."""
         reduced = all_reduce_sum(self.last_losses, groups)
-        host = torch.cat([reduced, self.grad_norm.view(1)]).cpu()
+        with documented_sync("interval_metrics", reduced.device):
+            host = torch.cat([reduced, self.grad_norm.view(1)]).cpu()
         ce, aux, z = (host[:3] / groups.world_size).tolist()
         metrics = {
             "loss": ce,

@@ -102,17 +102,30 @@ def serve_config(
     replicas when ``args`` change (they are part of its code version) and reconfigures them in
     place when only ``user_config`` does, so an update of settings keeps the first ``args``.
     """
+    return serve_file(
+        config,
+        IMPORT_PATH,
+        app_args(args_from or config, model_uri),
+        deployments=[deployment_options(config, model_uri, revision)],
+    )
+
+
+def serve_file(
+    config: Config, import_path: str, args: dict[str, Any], deployments: list[dict] | None = None
+) -> dict[str, Any]:
+    """A Serve config file holding one application: ``import_path`` called with ``args``
+    (``deployments``: per-deployment options, when there are any to set)."""
     s = config.serve
+    application: dict[str, Any] = {
+        "name": s.app_name,
+        "route_prefix": s.route_prefix,
+        "import_path": import_path,
+        "args": args,
+    }
+    if deployments is not None:
+        application["deployments"] = deployments
     return {
         "proxy_location": str(s.proxy_location),  # a file: the choice as its plain string
         "http_options": {"host": s.host, "port": int(s.port)},
-        "applications": [
-            {
-                "name": s.app_name,
-                "route_prefix": s.route_prefix,
-                "import_path": IMPORT_PATH,
-                "args": app_args(args_from or config, model_uri),
-                "deployments": [deployment_options(config, model_uri, revision)],
-            }
-        ],
+        "applications": [application],
     }

@@ -18,6 +18,7 @@ from ray import serve
 from components.config import Config
 from serving.app import make_application
 from serving.deploy.config import serve_config, user_config
+from serving.deploy.wait import poll_json
 from serving.replica import settings_digest
 
 PROXY_START_TIMEOUT_S = 180.0
@@ -160,20 +161,10 @@ def wait_ready(
     """Poll ``/readyz`` until 200 (and, if given, the champion is ``expect_version`` and the
     replica serves the ``user_config`` whose :func:`settings_digest` is ``expect_settings``);
     returns its body."""
-    deadline = time.monotonic() + timeout_s
-    last = "no answer"
-    while time.monotonic() < deadline:
-        try:
-            response = httpx.get(f"{app_url}/readyz", timeout=5.0)
-            last = f"{response.status_code} {response.text[:300]}"
-            if response.status_code == 200:
-                body = response.json()
-                champion = next(iter(body.get("versions", {}).values()), None)
-                version_ok = expect_version is None or champion == str(expect_version)
-                settings_ok = expect_settings is None or body.get("settings") == expect_settings
-                if version_ok and settings_ok:
-                    return body
-        except httpx.HTTPError as err:
-            last = f"{type(err).__name__}: {err}"
-        time.sleep(0.5)
-    raise TimeoutError(f"{app_url}/readyz not ready after {timeout_s:.0f}s; last answer: {last}")
+
+    def expected(body: dict) -> bool:
+        champion = next(iter(body.get("versions", {}).values()), None)
+        version_ok = expect_version is None or champion == str(expect_version)
+        return version_ok and (expect_settings is None or body.get("settings") == expect_settings)
+
+    return poll_json(f"{app_url}/readyz", expected, timeout_s, interval_s=0.5)

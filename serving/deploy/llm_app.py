@@ -29,17 +29,15 @@ What carries over from ``serve.engine=moeops`` and what does not (docs/serving.m
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from components.config import Config
 from components.tracking.hf_artifact import export_registered_hf, registered_hf
 from components.tracking.registry import VersionInfo, find_version, get_version, parse_model_uri
-from serving.deploy.config import autoscaling_config
+from serving.deploy.config import autoscaling_config, serve_file
+from serving.deploy.wait import poll_json
 from serving.middleware import token_from_env
 from serving.model_store import challenger_uri, resolved_model_uri
 
@@ -154,19 +152,7 @@ def llm_serving_args(config: Config, versions: list[ServedVersion]) -> dict[str,
 def llm_serve_config(config: Config, versions: list[ServedVersion]) -> dict[str, Any]:
     """The Serve config-file dict of the vLLM application (``serve deploy``, RayService
     ``serveConfigV2``): the same keys as serving.deploy.config.serve_config."""
-    s = config.serve
-    return {
-        "proxy_location": str(s.proxy_location),  # a file: the choice as its plain string
-        "http_options": {"host": s.host, "port": int(s.port)},
-        "applications": [
-            {
-                "name": s.app_name,
-                "route_prefix": s.route_prefix,
-                "import_path": IMPORT_PATH,
-                "args": llm_serving_args(config, versions),
-            }
-        ],
-    }
+    return serve_file(config, IMPORT_PATH, llm_serving_args(config, versions))
 
 
 def build_llm_app(args: dict[str, Any]):
@@ -198,17 +184,8 @@ def deploy_llm_app(config: Config, app) -> str:
 
 def wait_models(app_url: str, model_ids: list[str], timeout_s: float) -> dict:
     """Poll ``GET /v1/models`` until every model id is listed (Ray Serve LLM has no /readyz)."""
-    deadline = time.monotonic() + timeout_s
-    last = "no answer"
-    while time.monotonic() < deadline:
-        try:
-            response = httpx.get(f"{app_url}/v1/models", timeout=5.0)
-            last = f"{response.status_code} {response.text[:300]}"
-            if response.status_code == 200:
-                body = response.json()
-                if set(model_ids) <= {m.get("id") for m in body.get("data", [])}:
-                    return body
-        except httpx.HTTPError as err:
-            last = f"{type(err).__name__}: {err}"
-        time.sleep(2.0)
-    raise TimeoutError(f"{app_url}/v1/models lacks {model_ids} after {timeout_s:.0f}s: {last}")
+
+    def listed(body: dict) -> bool:
+        return set(model_ids) <= {m.get("id") for m in body.get("data", [])}
+
+    return poll_json(f"{app_url}/v1/models", listed, timeout_s, interval_s=2.0)

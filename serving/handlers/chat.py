@@ -2,35 +2,33 @@
 
 from __future__ import annotations
 
-import time
-import uuid
 from collections.abc import AsyncIterator
 
 from fastapi.responses import Response
 
 from components.config.schema import ServeConfig
 from serving import chat_template
-from serving.engine import TokenLogprob
+from serving.engine import StepOutput, TokenLogprob
 from serving.handlers.common import (
     Choice,
     Generation,
     TokenNames,
+    chunk_events,
     finish,
     respond,
+    response_ident,
     served_for,
-    sse,
     usage,
 )
 from serving.handlers.plan import (
     Plan,
-    Prompt,
+    answer_max_tokens,
     check_lengths,
     counts,
     generation_params,
-    invalid,
     stream_flags,
+    templated_prompt,
 )
-from serving.model_store import ServedModel
 from serving.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -48,28 +46,9 @@ ROUTE = "/v1/chat/completions"
 
 
 def plan_chat(body: ChatCompletionRequest, serve_cfg: ServeConfig, engine) -> Plan:
-    text = chat_template.render(body.messages)
-    prompt = Prompt(engine.encode(text), text)
-    if len(prompt.ids) > serve_cfg.max_prompt_tokens:
-        raise invalid(
-            f"'messages' render to {len(prompt.ids)} tokens with the chat template; at most "
-            f"serve.max_prompt_tokens={serve_cfg.max_prompt_tokens}",
-            "messages",
-            "prompt_too_long",
-        )
+    prompt = templated_prompt(body.messages, serve_cfg, engine, "messages")
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    requested = body.requested_max_tokens
-    if requested is not None and requested > serve_cfg.max_tokens:
-        raise invalid(
-            f"{param!r}={requested} exceeds the limit serve.max_tokens={serve_cfg.max_tokens}",
-            param,
-        )
-    # without a limit from the client: as much as the context and the deployment allow
-    max_tokens = (
-        requested
-        if requested is not None
-        else max(1, min(serve_cfg.max_tokens, engine.max_seq_len - len(prompt.ids)))
-    )
+    max_tokens = answer_max_tokens(body.requested_max_tokens, param, prompt, serve_cfg, engine)
     check_lengths([prompt], max_tokens, serve_cfg, engine, "messages", param)
     n, best_of = counts(body, serve_cfg)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -99,20 +78,10 @@ def plan_chat(body: ChatCompletionRequest, serve_cfg: ServeConfig, engine) -> Pl
     )
 
 
-def _ident(served: ServedModel) -> dict:
-    return {
-        "id": f"chatcmpl-{uuid.uuid4().hex}",
-        "created": int(time.time()),
-        "model": served.name,
-        "system_fingerprint": served.fingerprint,
-        "model_version": served.version,
-    }
-
-
 async def create_chat_completion(replica, body: ChatCompletionRequest) -> Response:
     served = served_for(replica, body.model)
     plan = plan_chat(body, replica.config.serve, served.engine)
-    ident = _ident(served)
+    ident = response_ident(served, "chatcmpl")
     generation = Generation(replica, served, plan)
     return await respond(
         replica,
@@ -161,35 +130,19 @@ def chat_body(ident: dict, generation: Generation, choices: list[Choice]) -> Cha
     )
 
 
-async def chat_events(ident: dict, generation: Generation) -> AsyncIterator[bytes]:
+def chat_events(ident: dict, generation: Generation) -> AsyncIterator[bytes]:
     """``chat.completion.chunk`` events: a role delta first, then content deltas, then the finish
     reason."""
     plan, names = generation.plan, generation.names
-    completion_tokens = [0] * len(generation.seqs)
 
-    def chunk(choices: list[ChatStreamChoice], with_usage: bool) -> bytes:
-        body = ChatCompletionStreamResponse(
-            **ident,
-            choices=choices,
-            usage=usage(plan.prompt_tokens, sum(completion_tokens)) if with_usage else None,
-        )
-        return sse(body, exclude=None if with_usage else {"usage"})
-
-    for index in range(len(generation.seqs)):
-        role = ChatDelta(role="assistant", content="")
-        yield chunk([ChatStreamChoice(index=index, delta=role)], False)
-    async for index, out in generation.outputs():
-        completion_tokens[index] = out.completion_tokens
-        if not (out.text or out.finished or (plan.logprobs is not None and out.logprobs)):
-            continue
-        logprobs = _logprobs(names, out.logprobs) if plan.logprobs is not None else None
-        choice = ChatStreamChoice(
+    def choice_for(index: int, out: StepOutput) -> ChatStreamChoice:
+        return ChatStreamChoice(
             index=index,
             delta=ChatDelta(content=out.text or None),
-            logprobs=logprobs,
+            logprobs=_logprobs(names, out.logprobs) if plan.logprobs is not None else None,
             finish_reason=finish(out),
         )
-        yield chunk([choice], plan.continuous_usage)
-    if plan.include_usage:
-        yield chunk([], True)
-    yield sse("[DONE]")
+
+    role = ChatDelta(role="assistant", content="")
+    first = [ChatStreamChoice(index=i, delta=role) for i in range(len(generation.seqs))]
+    return chunk_events(generation, ident, ChatCompletionStreamResponse, first, choice_for)

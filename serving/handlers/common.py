@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +59,18 @@ def headers_for(replica, served: ServedModel) -> dict[str, str]:
 def json_response(body: BaseModel, headers: dict[str, str] | None = None) -> Response:
     """The validated model serialised once (pydantic's JSON encoder, no second validation)."""
     return Response(body.model_dump_json(), media_type="application/json", headers=headers)
+
+
+def response_ident(served: ServedModel, prefix: str) -> dict[str, Any]:
+    """What every body and chunk of one response repeats: its id (``<prefix>-<hex>``, OpenAI's
+    ``cmpl``/``chatcmpl``), creation time, the model's name and the version that answers."""
+    return {
+        "id": f"{prefix}-{uuid.uuid4().hex}",
+        "created": int(time.time()),
+        "model": served.name,
+        "system_fingerprint": served.fingerprint,
+        "model_version": served.version,
+    }
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
@@ -188,6 +202,39 @@ class Generation:
 
     def completion_tokens(self, choices: list[Choice]) -> int:
         return sum(c.last.completion_tokens for c in choices)
+
+
+async def chunk_events(
+    generation: Generation,
+    ident: dict[str, Any],
+    chunk_model: type[BaseModel],
+    first: list[BaseModel],
+    choice_for: Callable[[int, StepOutput], BaseModel],
+) -> AsyncIterator[bytes]:
+    """OpenAI's chunk stream: a chunk per choice of ``first`` (a role delta, an echoed prompt),
+    then one per output that carries text, logprobs or the finish (``choice_for`` builds its
+    choice), the usage chunk when asked for, and ``data: [DONE]``."""
+    plan = generation.plan
+    completion_tokens = [0] * len(generation.seqs)
+
+    def chunk(choices: list[BaseModel], with_usage: bool) -> bytes:
+        body = chunk_model(
+            **ident,
+            choices=choices,
+            usage=usage(plan.prompt_tokens, sum(completion_tokens)) if with_usage else None,
+        )
+        return sse(body, exclude=None if with_usage else {"usage"})
+
+    for choice in first:
+        yield chunk([choice], False)
+    async for index, out in generation.outputs():
+        completion_tokens[index] = out.completion_tokens
+        if not (out.text or out.finished or (plan.logprobs is not None and out.logprobs)):
+            continue
+        yield chunk([choice_for(index, out)], plan.continuous_usage)
+    if plan.include_usage:
+        yield chunk([], True)
+    yield sse("[DONE]")
 
 
 async def prompt_logprobs(

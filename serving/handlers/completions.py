@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
-import time
-import uuid
 from collections.abc import AsyncIterator
 
 from fastapi.responses import Response
 
 from components.config.schema import ServeConfig
-from serving.engine import TokenLogprob
+from serving.engine import StepOutput, TokenLogprob
 from serving.handlers.common import (
     Choice,
     Generation,
     TokenNames,
+    chunk_events,
     finish,
     headers_for,
     json_response,
     prompt_logprobs,
     respond,
+    response_ident,
     served_for,
-    sse,
     usage,
 )
 from serving.handlers.plan import (
@@ -96,23 +95,10 @@ def plan_completion(body: CompletionRequest, serve_cfg: ServeConfig, engine) -> 
     )
 
 
-class _Ident:
-    """What every body and chunk of one completion repeats."""
-
-    def __init__(self, served: ServedModel):
-        self.fields = {
-            "id": f"cmpl-{uuid.uuid4().hex}",
-            "created": int(time.time()),
-            "model": served.name,
-            "system_fingerprint": served.fingerprint,
-            "model_version": served.version,
-        }
-
-
 async def create_completion(replica, body: CompletionRequest) -> Response:
     served = served_for(replica, body.model)
     plan = plan_completion(body, replica.config.serve, served.engine)
-    ident = _Ident(served)
+    ident = response_ident(served, "cmpl")
     wants_prompt_lps = plan.echo and plan.logprobs is not None
     prompt_lps = await prompt_logprobs(replica, served, plan) if wants_prompt_lps else None
     if plan.max_tokens == 0:  # echo only: score the prompt, generate nothing
@@ -165,7 +151,7 @@ def _prompt_logprobs(
 
 
 def completion_body(
-    ident: _Ident, generation: Generation, choices: list[Choice], prompt_lps
+    ident: dict, generation: Generation, choices: list[Choice], prompt_lps
 ) -> CompletionResponse:
     plan, names = generation.plan, generation.names
     body_choices = []
@@ -192,13 +178,13 @@ def completion_body(
             )
         )
     return CompletionResponse(
-        **ident.fields,
+        **ident,
         choices=body_choices,
         usage=usage(plan.prompt_tokens, generation.completion_tokens(choices)),
     )
 
 
-def echo_only(ident: _Ident, served: ServedModel, plan: Plan, prompt_lps) -> CompletionResponse:
+def echo_only(ident: dict, served: ServedModel, plan: Plan, prompt_lps) -> CompletionResponse:
     """``echo`` with ``max_tokens: 0``: the prompts back (with their logprobs), nothing
     generated."""
     choices = []
@@ -213,42 +199,30 @@ def echo_only(ident: _Ident, served: ServedModel, plan: Plan, prompt_lps) -> Com
                     index=len(choices), text=prompt.text, logprobs=logprobs, finish_reason="length"
                 )
             )
-    return CompletionResponse(**ident.fields, choices=choices, usage=usage(plan.prompt_tokens, 0))
+    return CompletionResponse(**ident, choices=choices, usage=usage(plan.prompt_tokens, 0))
 
 
-async def completion_events(ident: _Ident, generation: Generation) -> AsyncIterator[bytes]:
+def completion_events(ident: dict, generation: Generation) -> AsyncIterator[bytes]:
     """Server-sent events in OpenAI's completion-chunk shape, ending with ``data: [DONE]``."""
     plan, names = generation.plan, generation.names
-    completion_tokens = [0] * len(generation.seqs)
     offsets = [len(plan.prompts[p].text) if plan.echo else 0 for p in generation.prompt_of]
 
-    def chunk(choices: list[CompletionStreamChoice], with_usage: bool) -> bytes:
-        body = CompletionStreamResponse(
-            **ident.fields,
-            choices=choices,
-            usage=usage(plan.prompt_tokens, sum(completion_tokens)) if with_usage else None,
-        )
-        return sse(body, exclude=None if with_usage else {"usage"})
-
-    if plan.echo:
-        for index, prompt_index in enumerate(generation.prompt_of):
-            text = plan.prompts[prompt_index].text
-            yield chunk([CompletionStreamChoice(index=index, text=text)], False)
-    async for index, out in generation.outputs():
-        completion_tokens[index] = out.completion_tokens
-        if not (out.text or out.finished or (plan.logprobs is not None and out.logprobs)):
-            continue
+    def choice_for(index: int, out: StepOutput) -> CompletionStreamChoice:
         logprobs = None
         if plan.logprobs is not None:
             logprobs, offsets[index] = _logprobs(names, out.logprobs, offsets[index])
-        choice = CompletionStreamChoice(
+        return CompletionStreamChoice(
             index=index,
             text=out.text,
             logprobs=logprobs,
             finish_reason=finish(out),
             stop_reason=out.stop_reason,
         )
-        yield chunk([choice], plan.continuous_usage)
-    if plan.include_usage:
-        yield chunk([], True)
-    yield sse("[DONE]")
+
+    first = []
+    if plan.echo:
+        first = [
+            CompletionStreamChoice(index=index, text=plan.prompts[p].text)
+            for index, p in enumerate(generation.prompt_of)
+        ]
+    return chunk_events(generation, ident, CompletionStreamResponse, first, choice_for)

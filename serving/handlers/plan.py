@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from components.config.schema import ServeConfig
 from components.model.sampling import SamplingParams
+from serving import chat_template
 from serving.engine import GenerationParams
 from serving.errors import APIError
 
@@ -27,6 +28,36 @@ def invalid(message: str, param: str, code: str = "invalid_value") -> APIError:
 class Prompt:
     ids: list[int]
     text: str  # what ``echo`` returns (token-id prompts: their decoded text)
+
+
+def templated_prompt(messages, serve_cfg: ServeConfig, engine, param: str) -> Prompt:
+    """The messages through the chat template, tokenised; at most ``serve.max_prompt_tokens``
+    (``param``: the request field that holds them)."""
+    text = chat_template.render(messages)
+    prompt = Prompt(engine.encode(text), text)
+    if len(prompt.ids) > serve_cfg.max_prompt_tokens:
+        raise invalid(
+            f"{param!r} renders to {len(prompt.ids)} tokens with the chat template; at most "
+            f"serve.max_prompt_tokens={serve_cfg.max_prompt_tokens}",
+            param,
+            "prompt_too_long",
+        )
+    return prompt
+
+
+def answer_max_tokens(
+    requested: int | None, param: str, prompt: Prompt, serve_cfg: ServeConfig, engine
+) -> int:
+    """A chat answer's token budget: the client's (``param``), at most ``serve.max_tokens``; without
+    one, as much as the context and the deployment allow."""
+    if requested is not None and requested > serve_cfg.max_tokens:
+        raise invalid(
+            f"{param!r}={requested} exceeds the limit serve.max_tokens={serve_cfg.max_tokens}",
+            param,
+        )
+    if requested is not None:
+        return requested
+    return max(1, min(serve_cfg.max_tokens, engine.max_seq_len - len(prompt.ids)))
 
 
 @dataclass

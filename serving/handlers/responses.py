@@ -22,7 +22,14 @@ from components.model.sampling import SamplingParams
 from serving import chat_template
 from serving.engine import GenerationParams
 from serving.handlers.common import Choice, Generation, respond, served_for, sse
-from serving.handlers.plan import MIN_TEMPERATURE, Plan, Prompt, check_lengths, invalid
+from serving.handlers.plan import (
+    MIN_TEMPERATURE,
+    Plan,
+    answer_max_tokens,
+    check_lengths,
+    invalid,
+    templated_prompt,
+)
 from serving.model_store import ServedModel
 from serving.schemas import (
     IncompleteDetails,
@@ -45,26 +52,9 @@ def plan_response(body: ResponsesRequest, serve_cfg: ServeConfig, engine) -> Pla
             "previous_response_id",
             "not_stored",
         )
-    text = chat_template.render(body.messages)
-    prompt = Prompt(engine.encode(text), text)
-    if len(prompt.ids) > serve_cfg.max_prompt_tokens:
-        raise invalid(
-            f"'input' renders to {len(prompt.ids)} tokens with the chat template; at most "
-            f"serve.max_prompt_tokens={serve_cfg.max_prompt_tokens}",
-            "input",
-            "prompt_too_long",
-        )
-    requested = body.max_output_tokens
-    if requested is not None and requested > serve_cfg.max_tokens:
-        raise invalid(
-            f"'max_output_tokens'={requested} exceeds the limit "
-            f"serve.max_tokens={serve_cfg.max_tokens}",
-            "max_output_tokens",
-        )
-    max_tokens = (
-        requested
-        if requested is not None
-        else max(1, min(serve_cfg.max_tokens, engine.max_seq_len - len(prompt.ids)))
+    prompt = templated_prompt(body.messages, serve_cfg, engine, "input")
+    max_tokens = answer_max_tokens(
+        body.max_output_tokens, "max_output_tokens", prompt, serve_cfg, engine
     )
     check_lengths([prompt], max_tokens, serve_cfg, engine, "input", "max_output_tokens")
     temperature = 1.0 if body.temperature is None else body.temperature

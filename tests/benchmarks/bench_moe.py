@@ -251,7 +251,9 @@ def _ep_worker(rank: int, world: int, port: int, settings: dict, out_path: str) 
     dist.destroy_process_group()
 
 
-def ep_benchmark(quick: bool, chunks: int) -> dict:
+def ep_benchmark(quick: bool, chunks: int, shared_expert: bool = False) -> dict:
+    """``shared_expert``: the model has one (moe_small's layout), which the overlapped path runs
+    in slices behind the count exchange, the first dispatch and the last combine."""
     import torch.multiprocessing as mp
 
     if quick:
@@ -278,6 +280,7 @@ def ep_benchmark(quick: bool, chunks: int) -> dict:
             dropless=True,
         )
         settings = dict(model=model, vocab=2048, batch=8, seq=256, warmup=2, steps=8)
+    model["shared_expert"] = shared_expert
     settings["variants"] = {
         "off": {"async_a2a": False, "a2a_chunks": 1},
         "on": {"async_a2a": True, "a2a_chunks": chunks},
@@ -488,6 +491,11 @@ def main(argv: list[str] | None = None) -> dict:
         "--chunks", type=int, default=2, help="a2a chunks with overlap on (default 2)"
     )
     parser.add_argument(
+        "--shared-expert",
+        action="store_true",
+        help="part 2's model with a shared expert (what hides the count exchange)",
+    )
+    parser.add_argument(
         "--model-memory",
         metavar="EXPERIMENT",
         help="only print the activation bytes per token of this experiment's model "
@@ -511,7 +519,7 @@ def main(argv: list[str] | None = None) -> dict:
     layer_2 = layer_benchmark(args.quick, threads=2)
     syncs_single = single_rank_host_syncs(args.quick)
     print("part 2: 2-worker expert-parallel training step, overlap off vs on", flush=True)
-    ep = ep_benchmark(args.quick, args.chunks)
+    ep = ep_benchmark(args.quick, args.chunks, args.shared_expert)
     print(
         "part 3: activation memory per token (checkpointing none/selective/full), compile",
         flush=True,

@@ -38,6 +38,7 @@ def test_gpu_check_rehearsal_on_cpu_passes(tmp_path):
     checks = report["checks"]
     assert set(checks) == {
         "full_model_step",
+        "decode",
         "grouped_mm_equals_loop",
         "expert_parallel_matches_reference",
         "bf16_payloads",
@@ -45,6 +46,8 @@ def test_gpu_check_rehearsal_on_cpu_passes(tmp_path):
         "overlap_benchmark",
     }
     assert checks["host_syncs"]["counted"] == 1
+    # EP=2: the layer's one sync is the documented split-size read, nothing else syncs
+    assert checks["host_syncs"]["documented"] == {"ep_split_sizes": 1}
     assert checks["bf16_payloads"]["received_dtypes"] == ["torch.bfloat16"]
     assert set(checks["expert_parallel_matches_reference"]["variants"]) >= {
         "overlap_off_loop",
@@ -54,6 +57,17 @@ def test_gpu_check_rehearsal_on_cpu_passes(tmp_path):
     for name in ("moe", "dense"):  # CPU: no MFU, no peak memory, but a real step and its rate
         assert full[name]["tokens_per_s"] > 0 and full[name]["tflops_per_s"] > 0
         assert full[name]["mfu"] is None and full[name]["peak_memory_gb"] is None
+        # the whole step's syncs (forward, chunked loss, backward): only documented ones (the
+        # CPU runs the loop backend: its counts once per MoE layer; none in the dense model)
+        debug = full[name]["sync_debug"]
+        assert debug["undocumented"] == {} and debug["unexpected_sync"] is None, debug
+        assert debug["documented"] == debug["expected"]
+    assert full["moe"]["sync_debug"]["documented"] == {"loop_expert_counts": 2}
+    # decode: bf16 and int8 through the serving path; int8 on the CPU says so
+    decode = checks["decode"]
+    assert decode["bf16"]["tokens_per_s"] > 0 and decode["int8"]["tokens_per_s"] > 0
+    assert decode["int8"]["device"] == "cpu" and decode["int8"]["path"].startswith("int8-")
+    assert decode["int8"]["reason"] and decode["int8"]["cpu_fp32_tokens_per_s"] > 0
     # equal active parameters (dense equivalent), more total in the MoE
     assert full["moe"]["params_active"] == pytest.approx(full["dense"]["params_active"], rel=0.05)
     assert full["moe"]["params_total"] > full["dense"]["params_total"]

@@ -194,15 +194,24 @@ CHECKPOINT_FILES = {
 }
 
 
-# the kill during a checkpoint write needs a checkpoint every step (~45 s): make test-all runs it
+# the kills during a checkpoint write need a checkpoint every step (~45 s each): make test-all
+# runs them
 @pytest.mark.parametrize(
-    "moment", ["random-step", pytest.param("checkpoint-write", marks=pytest.mark.slow)]
+    "moment",
+    [
+        "random-step",
+        pytest.param("checkpoint-write", marks=pytest.mark.slow),
+        pytest.param("async-checkpoint-upload", marks=pytest.mark.slow),
+    ],
 )
 def test_killed_worker_resumes_from_checkpoint(workspace, reference, moment):
     """A watcher thread (not the training code, not a Ray Train callback) SIGKILLs a worker process
     it found through Ray's state API: at a random step it sees rank 0 log, or while a checkpoint
-    directory in storage holds only part of the ranks' files. The run restarts from its latest
-    registered checkpoint and ends on the reference's loss."""
+    directory in storage holds only part of the ranks' files: written synchronously
+    (``checkpoint-write``) or uploaded in the background while training goes on
+    (``async-checkpoint-upload``: ``train.async_checkpoint=true``, Ray Train's ASYNC upload mode).
+    The run restarts from its latest registered checkpoint, a complete one from before the
+    half-written directory (which Ray Train never registered), and ends on the reference's loss."""
     import random
 
     import ray
@@ -225,8 +234,15 @@ def test_killed_worker_resumes_from_checkpoint(workspace, reference, moment):
         # a checkpoint every step: six writes to catch in flight (same curve: checkpoints and the
         # evaluation before each do not touch the training state)
         overrides = ["train.checkpoint_every=1", f"train.keep_checkpoints={MAX_STEPS}"]
+        if moment == "async-checkpoint-upload":
+            overrides.append("train.async_checkpoint=true")
         write = CheckpointWrite(
-            Path(workspace["root"]) / "checkpoints" / name, CHECKPOINT_FILES, address, 2
+            Path(workspace["root"]) / "checkpoints" / name,
+            CHECKPOINT_FILES,
+            address,
+            2,
+            # async: not the first checkpoint, so that the upload races an earlier, finished one
+            after_step=1 if moment == "async-checkpoint-upload" else 0,
         )
         when, strike, poll_s = write.when, write.kill_one, 0.0005
     before = {w.actor_id for w in train_workers(address, alive_only=False)}
@@ -247,9 +263,25 @@ def test_killed_worker_resumes_from_checkpoint(workspace, reference, moment):
     assert losses[MAX_STEPS] == pytest.approx(expected[MAX_STEPS], rel=1e-6)
     assert result.metrics["train_loss"] == pytest.approx(expected[MAX_STEPS], rel=1e-6)
     assert_same_batches(reference[0], result)  # the restarted attempt's report covers every step
-    if moment == "checkpoint-write":
-        # the partial directory was written again, whole, when the run came back to that step
+    if moment != "random-step":
         partial = struck.reason.split()[0]
+        print(
+            f"[faults] at the strike: registered {write.registered_at_strike}, complete "
+            f"{sorted(write.complete_at_strike)}; resumed at step "
+            f"{result.metrics['start_step']:.0f}"
+        )
+        # the half-written checkpoint was never registered; everything registered was complete
+        assert partial not in write.registered_at_strike
+        assert set(write.registered_at_strike) <= write.complete_at_strike
+        # the restarted attempt began at the last checkpoint registered before the strike (or
+        # one whose upload finished in the moment between): complete, and older than the partial
+        start = int(result.metrics["start_step"])
+        assert start < int(partial.removeprefix("step_"))
+        if start:
+            assert f"step_{start:07d}" in write.complete_at_strike
+        registered = [int(n.removeprefix("step_")) for n in write.registered_at_strike]
+        assert start >= max(registered, default=0)
+        # the partial directory was written again, whole, when the run came back to that step
         assert CHECKPOINT_FILES <= {p.name for p in (write.run_dir / partial).iterdir()}
 
 

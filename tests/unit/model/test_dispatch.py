@@ -51,6 +51,23 @@ def test_moe_layer_forward_host_syncs(backend, expected):
     assert stats.dropped_fraction > 0  # capacity on: dropping needs no sync either
     # grouped_mm: group boundaries stay on the device; loop: the per-expert counts, read once
     assert syncs.total == expected, syncs.by_op
+    # ... and that one is a documented sync (what the GPU check's "error" mode lets through)
+    assert syncs.undocumented == {}, syncs.undocumented
+    assert syncs.documented == ({"loop_expert_counts": 1} if expected else {})
+
+
+def test_documented_syncs_are_filed_under_their_name():
+    from components.model.host_sync import documented_sync
+
+    t = torch.arange(6)
+    with HostSyncCounter() as syncs:
+        with documented_sync("interval_metrics", t.device):
+            t.tolist()
+            with documented_sync("ep_split_sizes", t.device):  # innermost name wins
+                t.sum().item()
+        t.max().item()
+    assert syncs.documented == {"interval_metrics": 1, "ep_split_sizes": 1}
+    assert syncs.undocumented == {"aten::_local_scalar_dense": 1} and syncs.total == 3
 
 
 def test_bf16_autocast_dispatches_bf16_rows_and_combines_in_fp32():

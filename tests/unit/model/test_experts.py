@@ -3,6 +3,7 @@ selection."""
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from components.config.schema import ModelConfig
 from components.model.experts import GroupedExperts, grouped_mm_is_faster, grouped_mm_supported
@@ -128,3 +129,64 @@ def test_expert_backend_is_validated_in_the_config():
         err.value.__cause__
     )
     assert load_config(["model.expert_backend=loop"]).model.expert_backend == "loop"
+
+
+class _ExpertCasts(TorchDispatchMode):
+    """Counts casts to bf16 of tensors shaped like the expert weights (the copies a bf16 forward
+    makes of them)."""
+
+    def __init__(self, shapes):
+        super().__init__()
+        self.shapes, self.count = set(shapes), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if (
+            func is torch.ops.aten._to_copy.default
+            and out.dtype == torch.bfloat16
+            and tuple(out.shape) in self.shapes
+        ):
+            self.count += 1
+        return out
+
+
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
+def test_bf16_expert_weights_are_cast_once_per_optimizer_step(backend, monkeypatch):
+    """fp32 experts under bf16 autocast (the DDP path), 2 micro-batches per step, 3 steps: the
+    bf16 copy is made once per optimizer step (3 weights x 2 layers), not once per micro-batch;
+    the losses equal those of a cast in every call (the same bf16 values: bit for bit)."""
+    import torch.nn.functional as F
+
+    from components.model.transformer import Transformer
+
+    def run(cache: bool):
+        monkeypatch.setattr(GroupedExperts, "cache_compute_weights", cache)
+        cfg = ModelConfig(
+            dim=32, n_layers=2, n_heads=4, ffn_dim=64, num_experts=4, max_seq_len=32,
+            dropless=True, expert_backend=backend,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        model = Transformer(cfg, 64).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        shapes = {tuple(p.shape) for n, p in model.named_parameters() if ".experts." in n}
+        data = torch.randint(0, 64, (3, 2, 2, 17), generator=torch.Generator().manual_seed(1))
+        losses, casts = [], []
+        for step in range(3):
+            with _ExpertCasts(shapes) as counted:
+                for micro in data[step]:
+                    with torch.autocast("cpu", dtype=torch.bfloat16):
+                        logits, _ = model(micro[:, :-1])
+                    loss = F.cross_entropy(logits.float().flatten(0, 1), micro[:, 1:].flatten())
+                    (loss / 2).backward()
+                    losses.append(loss.item())
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            casts.append(counted.count)
+        return losses, casts
+
+    cached_losses, cached_casts = run(True)
+    every_call_losses, every_call_casts = run(False)
+    assert cached_casts == [6, 6, 6], cached_casts
+    assert every_call_casts == [12, 12, 12], every_call_casts
+    assert cached_losses == pytest.approx(every_call_losses, rel=1e-6, abs=0)
+    assert cached_losses[-1] != cached_losses[0]  # the weights moved: the copy was renewed

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
 from components.tracking.code import code_closure, imports_of, module_file
+from fixtures.code_copy import REPO, run_rounds
 
-REPO = Path(__file__).resolve().parents[3]
 STAGES = ("prepare", "tune", "train", "evaluate", "register", "deploy")
 
 DRIVER = textwrap.dedent('''
@@ -61,36 +59,8 @@ DRIVER = textwrap.dedent('''
 ''')
 
 
-def copy_code(dst: Path) -> None:
-    for name in ("pipelines", "components", "serving", "conf"):
-        shutil.copytree(
-            REPO / name, dst / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
-        )
-
-
 def test_editing_code_reruns_exactly_the_stages_that_run_it(tmp_path):
-    code = tmp_path / "code"
-    copy_code(code)
-    (code / "driver.py").write_text(DRIVER)
-    overrides = [
-        f"paths.root={tmp_path / 'state'}",
-        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        f"tracking.artifact_location={(tmp_path / 'mlartifacts').as_uri()}",
-        "experiment=tiny",
-    ]
-    # the copy first; tests/ for the stand-in stages (which import the copy's pipelines.outputs)
-    env = {**os.environ, "PYTHONPATH": f"{code}{os.pathsep}{REPO / 'tests'}"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    result = subprocess.run(
-        [sys.executable, str(code / "driver.py"), *overrides],
-        cwd=code,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    rounds = json.loads(result.stdout.split("ROUNDS ", 1)[1].splitlines()[0])
+    rounds = run_rounds(tmp_path, DRIVER)
 
     assert all(
         reason == "no earlier run" and not reused for reused, reason in rounds["first"].values()

@@ -10,14 +10,10 @@ given. The router edit is a statement, not a comment.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
-from test_code_cache import REPO, copy_code
+from fixtures.code_copy import run_rounds
 
 DRIVER = textwrap.dedent('''
     import dataclasses, json, runpy, sys
@@ -78,27 +74,7 @@ DRIVER = textwrap.dedent('''
 
 
 def test_a_stage_alone_keys_its_code_as_in_the_pipeline_and_new_code_trains_anew(tmp_path):
-    code = tmp_path / "code"
-    copy_code(code)
-    (code / "driver.py").write_text(DRIVER)
-    overrides = [
-        f"paths.root={tmp_path / 'state'}",
-        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        f"tracking.artifact_location={(tmp_path / 'mlartifacts').as_uri()}",
-        "experiment=tiny",
-    ]
-    env = {**os.environ, "PYTHONPATH": f"{code}{os.pathsep}{REPO / 'tests'}"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    result = subprocess.run(
-        [sys.executable, str(code / "driver.py"), *overrides],
-        cwd=code,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    rounds = json.loads(result.stdout.split("ROUNDS ", 1)[1].splitlines()[0])
+    rounds = run_rounds(tmp_path, DRIVER)
     first, alone, edited, again = (
         rounds[k] for k in ("pipeline", "alone", "alone_after_edit", "pipeline_after_edit")
     )
