@@ -32,8 +32,9 @@ REPORT_DIR = "evaluation"
 
 
 def held_out_batches(config: Config, manifest_uri: str) -> list[torch.Tensor]:
-    """The first ``evaluate.eval_batches`` batches of the validation split, in a fixed order
-    (read through the same warm cache as training: ``storage.warm_dir``)."""
+    """``evaluate.eval_batches`` batches of validation rows spread evenly over the whole split
+    (``TieredReader.iter_eval``: every shard, not the first few documents; the same rows for every
+    model), read through the same warm cache as training (``storage.warm_dir``)."""
     from components.data.reader import TieredReader
 
     reader = TieredReader(
@@ -44,11 +45,10 @@ def held_out_batches(config: Config, manifest_uri: str) -> list[torch.Tensor]:
         batch_size=config.train.batch_size,
         shuffle=False,
     )
-    batches = []
-    for batch in reader:
-        batches.append(batch.cpu())
-        if len(batches) >= config.evaluate.eval_batches:
-            break
+    try:
+        batches = [b.cpu() for b in reader.iter_eval(config.evaluate.eval_batches)]
+    finally:
+        reader.close()
     if not batches:
         raise ValueError(f"{manifest_uri}: the validation split yielded no batches")
     return batches

@@ -6,8 +6,9 @@
                                       # targets x[:, 1:]); the last partial global batch is dropped
     reader.set_epoch(e)               # jump to epoch e unless already inside it
     for batch in reader.iter_steps(): # endless stream across epochs (step-based training), no drops
-    for batch in val.iter_eval(n):    # first n global batches of the split in stored order (eval);
-                                      # leaves position and epoch alone
+    for batch in val.iter_eval(n):    # n global batches of rows spread evenly over the split, in
+                                      # stored order (eval; the same rows every call, at any world
+                                      # size for one global batch); leaves position and epoch alone
     reader.state_dict() / load_state_dict(d)   # {"position": global samples consumed, ...}:
                                       # resume at the exact next sample, at any world size
     reader.mark_step(step)            # training: the batches handed out since the last call made
@@ -49,7 +50,7 @@ from components.data.cold import read_bytes, storage_or_default
 from components.data.flow import BatchPrint, batch_print, step_entry
 from components.data.hot import Prefetcher
 from components.data.manifest import Manifest, ShardInfo, load_manifest
-from components.data.sampler import GlobalOrder, rank_positions
+from components.data.sampler import GlobalOrder, SpreadOrder, rank_positions
 from components.data.shards import CorruptShardError, decode_shard
 from components.data.warm import WarmCache
 
@@ -183,14 +184,16 @@ class TieredReader:
         yield from self._consume(self.order, self.position, None, advance=True)
 
     def iter_eval(self, max_batches: int | None = None) -> Iterator[torch.Tensor]:
-        in_order = GlobalOrder([s.rows for s in self.shards], self.seed, shuffle=False)
-        count = in_order.epoch_size // (self.world_size * self.batch_size)
+        step = self.world_size * self.batch_size
+        count = self.order.epoch_size // step
         if max_batches is not None:
             count = min(count, max_batches)
-        yield from self._consume(in_order, 0, count, advance=False)
+        # rows spread over the whole split, not its first shard: see SpreadOrder
+        sample = SpreadOrder([s.rows for s in self.shards], max(count, 1) * step)
+        yield from self._consume(sample, 0, count, advance=False)
 
     def _consume(
-        self, order: GlobalOrder, base: int, count: int | None, advance: bool
+        self, order: GlobalOrder | SpreadOrder, base: int, count: int | None, advance: bool
     ) -> Iterator[torch.Tensor]:
         prefetcher = Prefetcher(
             lambda: self._produce(order, base, count, fingerprint=advance), self.prefetch_batches
@@ -219,7 +222,7 @@ class TieredReader:
             self._drain_ahead()
 
     def _produce(
-        self, order: GlobalOrder, base: int, count: int | None, fingerprint: bool
+        self, order: GlobalOrder | SpreadOrder, base: int, count: int | None, fingerprint: bool
     ) -> Iterator[tuple[torch.Tensor, BatchPrint | None]]:
         """(batch, its fingerprint) from ``base`` on; located and gathered BLOCK_BATCHES at a
         time."""
@@ -349,7 +352,9 @@ class TieredReader:
             return self.parallel_fetches
         return max(1, min(self.parallel_fetches, math.ceil(fetch_s / max(consume_s, 1e-6)) + 1))
 
-    def _fetch_ahead(self, order: GlobalOrder, position: int, end: int | None) -> None:
+    def _fetch_ahead(
+        self, order: GlobalOrder | SpreadOrder, position: int, end: int | None
+    ) -> None:
         """Start loading the current shard and the next ``shards_ahead()`` of the stream."""
         pool = self._get_pool()
         for index in order.shards_from(position, self.shards_ahead() + 1, end):

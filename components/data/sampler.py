@@ -79,6 +79,41 @@ class GlobalOrder:
         return out
 
 
+class SpreadOrder:
+    """A held-out sample: ``size`` rows spread evenly over the split in stored order.
+
+    Stream position ``p`` (of ``size``) is the split's row ``floor((p + 1/2) * rows / size)``, so
+    the sample draws from every shard in proportion to its rows. The first ``size`` rows instead
+    would be the first shard or two, a few of the corpus's documents: a narrow, noisy estimate
+    that drifts with whether training has just seen those documents (issue 16: both models' loss
+    on them rose once the train stream moved on to other shards). Fixed (no seed), so every model
+    and every run scores on the same rows; ``size`` = the whole split is the stored order itself.
+    Same interface as :class:`GlobalOrder` (``epoch_size``, ``locate``, ``shards_from``).
+    """
+
+    def __init__(self, shard_rows: list[int], size: int):
+        self.inner = GlobalOrder(shard_rows, 0, shuffle=False)
+        if size < 1:
+            raise ValueError(f"a held-out sample needs at least one row, not {size}")
+        self.epoch_size = min(size, self.inner.epoch_size)
+        self.stride = self.inner.epoch_size / self.epoch_size
+
+    def positions(self, positions: np.ndarray) -> np.ndarray:
+        """Sample positions -> positions in the split's stored order (later epochs repeat)."""
+        epochs, offsets = np.divmod(np.asarray(positions, dtype=np.int64), self.epoch_size)
+        spread = np.floor((offsets + 0.5) * self.stride).astype(np.int64)
+        return epochs * self.inner.epoch_size + spread
+
+    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.inner.locate(self.positions(positions))
+
+    def shards_from(self, position: int, count: int, end: int | None = None) -> list[int]:
+        start = int(self.positions(np.array([position]))[0])
+        # ``end`` is exclusive: stop just after the row its last position maps to
+        stop = None if end is None else int(self.positions(np.array([max(end, 1) - 1]))[0]) + 1
+        return self.inner.shards_from(start, count, stop)
+
+
 def rank_positions(
     base: int, k: int, rank: int, world_size: int, batch_size: int, n_batches: int = 1
 ) -> np.ndarray:

@@ -30,16 +30,25 @@ from components.model.moe import MoELayer, MoEStats
 
 
 def dense_equivalent(cfg: ModelConfig) -> ModelConfig:
-    """The dense baseline of an MoE config with equal *active* FFN parameters per token:
-    ffn_dim = top_k x expert ffn_dim (+ one more ffn_dim for the shared expert)."""
+    """The dense baseline of an MoE config with equal *active* FFN parameters per token.
+
+    An MoE layer is active over ``top_k x ffn_dim`` hidden units (+ ``ffn_dim`` for the shared
+    expert); the MoE model's other layers (``moe_layer_interval > 1``) are dense FFNs of width
+    ``ffn_dim``. The dense model has one width for every layer: the MoE model's active hidden
+    units over all its layers, divided by ``n_layers`` (rounded). With an MoE on every layer that
+    is ``top_k x ffn_dim``; with one every other layer it is the mean of the two widths, not the
+    MoE layers' width on every layer, which would give the dense model the larger budget.
+    """
     if cfg.kind == "dense":
         return cfg
-    active = cfg.ffn_dim * (cfg.top_k + (1 if cfg.shared_expert else 0))
+    moe_width = cfg.ffn_dim * (cfg.top_k + (1 if cfg.shared_expert else 0))
+    n_moe = sum(is_moe_layer(cfg, i) for i in range(cfg.n_layers))
+    active = moe_width * n_moe + cfg.ffn_dim * (cfg.n_layers - n_moe)
     return dataclasses.replace(
         cfg,
         name=f"{cfg.name}_dense",
         kind="dense",
-        ffn_dim=active,
+        ffn_dim=round(active / cfg.n_layers),
         num_experts=1,
         top_k=1,
         shared_expert=False,

@@ -179,7 +179,8 @@ def last_logged_step(client, run_id: str, key: str = "loss") -> int:
 def evaluate(
     model, val_reader, batches: int, config: Config, device, groups: ParallelGroups
 ) -> float:
-    """Validation cross-entropy per token over the split's first ``batches`` global batches.
+    """Validation cross-entropy per token over ``batches`` global batches of rows spread over
+    the whole split (``iter_eval``: every shard, the same rows at every evaluation).
 
     ``iter_eval`` gives every rank the same number of batches: with expert parallelism each
     forward is a collective, so ranks must not disagree on when to stop.

@@ -13,7 +13,8 @@ step (``components.training.step.train_step``), so a row costs seconds to minute
 The two models train in *lockstep*: one batch, the MoE's step and the dense step on it (the order
 alternates every step), so both see the same tokens in the same order and machine load hits both
 step times alike (``moe_step_time_vs_dense`` is a ratio of medians measured side by side). Every
-``--eval-every`` steps both are evaluated on the same held-out rows. Every output key comes from
+``--eval-every`` steps both are evaluated on the same held-out rows (``iter_eval``: rows spread
+evenly over every validation shard, not the split's first shard). Every output key comes from
 these logged curves (:func:`summarise`); the curves, the loss-vs-tokens plot and the keys go to
 one MLflow run.
 
@@ -402,6 +403,10 @@ def benchmark(args, root: Path, overrides: list[str]) -> dict:
                 "seed": seed,
                 "moe_val_loss": by_key[lr, seed][0].final,
                 "dense_val_loss": by_key[lr, seed][1].final,
+                # every (lr, seed) curve, not only the chosen lrs' (ablation rows reuse them)
+                "tokens": by_key[lr, seed][0].tokens,
+                "moe_curve": by_key[lr, seed][0].val_loss,
+                "dense_curve": by_key[lr, seed][1].val_loss,
             }
             for lr, seed in grid
         ],

@@ -112,7 +112,7 @@ def test_state_of_another_dataset_or_seed_is_refused(small_dataset, tmp_path):
         r.load_state_dict({**r.state_dict(), "seed": 99})
 
 
-def test_eval_reads_validation_in_stored_order(small_dataset, tmp_path):
+def test_eval_reads_the_same_rows_at_any_rank_split(small_dataset, tmp_path):
     val = [_reader(small_dataset, tmp_path, split="val", rank=r, world_size=2) for r in range(2)]
     a = [list(v.iter_eval(max_batches=3)) for v in val]
     b = [list(v.iter_eval(max_batches=3)) for v in val]
@@ -120,6 +120,45 @@ def test_eval_reads_validation_in_stored_order(small_dataset, tmp_path):
     assert all(torch.equal(x, y) for xs, ys in zip(a, b) for x, y in zip(xs, ys))
     assert not Counter(_keys(a[0]) + _keys(a[1])) - _all_rows(small_dataset, "val")
     assert val[0].state_dict()["position"] == 0
+    # one global batch of 8 split over 2 ranks = the same 8 rows as one rank reading 8
+    one = _reader(small_dataset, tmp_path, split="val", batch_size=8)
+    whole = [torch.cat([x, y]) for x, y in zip(*a)]
+    assert all(torch.equal(x, y) for x, y in zip(whole, one.iter_eval(max_batches=3)))
+
+
+def test_eval_sample_spans_every_validation_shard(small_dataset, tmp_path):
+    """Issue 16: the held-out sample was the split's first rows (its first shard or two, a few
+    documents), and both models' loss on them rose once training moved on to other shards. The
+    sample must draw from every shard of the split, in stored order."""
+    result, _ = small_dataset
+    m = result.manifest
+    shards = m.shards("val")
+    assert len(shards) >= 4  # else this test could not tell a spread from the first rows
+    per_shard = [
+        decode_shard(open(m.shard_uri(s), "rb").read(), m.row_len).astype(np.int64) for s in shards
+    ]
+    where = {row.tobytes(): i for i, rows in enumerate(per_shard) for row in rows}
+    val = _reader(small_dataset, tmp_path, split="val", batch_size=2)
+    n = len(shards)
+    sample = _keys(val.iter_eval(max_batches=n))  # 2n rows
+    hit = [where[k] for k in sample]
+    assert set(hit) == set(range(n)) and hit == sorted(hit)
+    # the whole split (no max_batches): every row once, in stored order
+    everything = _keys(val.iter_eval())
+    stored = [r.tobytes() for rows in per_shard for r in rows]
+    assert everything == stored[: len(everything)] and len(stored) - len(everything) < 2
+
+
+def test_spread_order_maps_evenly_and_repeats():
+    from components.data.sampler import SpreadOrder
+
+    order = SpreadOrder([10, 10, 10, 10], 4)  # one row from the middle of each shard
+    epochs, shards, rows = order.locate(np.arange(8))
+    assert shards.tolist() == [0, 1, 2, 3] * 2 and rows.tolist() == [5] * 8
+    assert epochs.tolist() == [0] * 4 + [1] * 4
+    assert order.shards_from(1, 2) == [1, 2] and order.shards_from(0, 9, end=2) == [0, 1]
+    full = SpreadOrder([3, 2], 100)  # larger than the split: the split itself
+    assert full.epoch_size == 5 and full.positions(np.arange(5)).tolist() == [0, 1, 2, 3, 4]
 
 
 def test_stats_and_flow_report(small_dataset, tmp_path):

@@ -1,6 +1,7 @@
 """MoE layer against the naive per-expert loop (reference_moe_forward); transformer structure and
 dense baseline."""
 
+import pytest
 import torch
 
 from components.config.schema import ModelConfig
@@ -78,6 +79,27 @@ def test_dense_baseline_has_equal_active_parameters():
     assert aux["aux_loss"].item() == 0 and aux["expert_counts"] == []
 
 
+@pytest.mark.parametrize(("n_layers", "interval"), [(6, 2), (4, 4)])  # widths that divide evenly
+def test_dense_baseline_of_an_interleaved_moe_has_equal_active_parameters(n_layers, interval):
+    """With an MoE every ``interval``-th layer the MoE model's other FFNs are ``ffn_dim`` wide;
+    a dense baseline with ``top_k x ffn_dim`` on every layer would have more active parameters
+    (it did: 4 layers, interval 2, top-2 -> 1.33x the MoE's active FFN parameters)."""
+    moe_cfg = ModelConfig(
+        dim=32,
+        n_heads=2,
+        n_layers=n_layers,
+        ffn_dim=64,
+        num_experts=8,
+        top_k=2,
+        moe_layer_interval=interval,
+    )
+    moe = Transformer(moe_cfg, vocab_size=50)
+    dense = Transformer(dense_equivalent(moe_cfg), vocab_size=50)
+    routers = sum(m.router.gate.weight.numel() for m in moe.moe_layers())
+    assert 0 < len(moe.moe_layers()) < moe_cfg.n_layers
+    assert moe.num_params(active=True) - routers == dense.num_params()
+
+
 def test_conf_dense_tiny_matches_moe_tiny_active_params():
     from components.config import load_config
 
@@ -105,8 +127,6 @@ def test_kv_cache_forward_matches_full_forward():
 
 
 def test_bad_inputs_raise_clear_errors():
-    import pytest
-
     model = Transformer(
         ModelConfig(dim=32, n_heads=2, n_layers=1, ffn_dim=64, max_seq_len=8), vocab_size=50
     )
