@@ -45,6 +45,9 @@ def trial_runs(client: MlflowClient, tune_run_id: str) -> list:
     return client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{tune_run_id}'")
 
 
+# a 3-trial sweep with an early stop and the training it feeds: ~60 s (make test-all; the
+# end-to-end pipeline test runs the tune stage in make test)
+@pytest.mark.slow
 def test_sweep_nests_trials_stops_the_bad_one_and_feeds_training(sweep_env):
     # The good point runs first, so ASHA has a figure to cut the diverging one (lr=0.9) against.
     config = load_config(

@@ -194,12 +194,12 @@ CHECKPOINT_FILES = {
 }
 
 
-# the kills during a checkpoint write need a checkpoint every step (~45 s each): make test-all
-# runs them
+# each kill is a second training run with a restart (~35 s at a random step, ~45 s during a
+# checkpoint write, which needs a checkpoint every step): make test-all runs them
 @pytest.mark.parametrize(
     "moment",
     [
-        "random-step",
+        pytest.param("random-step", marks=pytest.mark.slow),
         pytest.param("checkpoint-write", marks=pytest.mark.slow),
         pytest.param("async-checkpoint-upload", marks=pytest.mark.slow),
     ],

@@ -74,6 +74,9 @@ def _losses(run: dict) -> dict[int, float]:
     return {int(r["step"]): r["loss"] for r in run["reports"] if "loss" in r}
 
 
+# two 2-process training loops and a resume: ~30 s (make test-all; test_fsdp.py checks FSDP2
+# against DDP step by step in make test)
+@pytest.mark.slow
 def test_fsdp_loop_follows_ddp_and_resumes(dataset):
     root, manifest = dataset
     ddp = _losses(_run(root, manifest, "ddp", []))
