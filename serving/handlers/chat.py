@@ -46,7 +46,7 @@ ROUTE = "/v1/chat/completions"
 
 
 def plan_chat(body: ChatCompletionRequest, serve_cfg: ServeConfig, engine) -> Plan:
-    prompt = templated_prompt(body.messages, serve_cfg, engine, "messages")
+    prompt = templated_prompt(body.messages, engine)
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = answer_max_tokens(body.requested_max_tokens, param, prompt, serve_cfg, engine)
     check_lengths([prompt], max_tokens, serve_cfg, engine, "messages", param)

@@ -30,19 +30,10 @@ class Prompt:
     text: str  # what ``echo`` returns (token-id prompts: their decoded text)
 
 
-def templated_prompt(messages, serve_cfg: ServeConfig, engine, param: str) -> Prompt:
-    """The messages through the chat template, tokenised; at most ``serve.max_prompt_tokens``
-    (``param``: the request field that holds them)."""
+def templated_prompt(messages, engine) -> Prompt:
+    """The messages through the chat template, tokenised (their length: :func:`check_lengths`)."""
     text = chat_template.render(messages)
-    prompt = Prompt(engine.encode(text), text)
-    if len(prompt.ids) > serve_cfg.max_prompt_tokens:
-        raise invalid(
-            f"{param!r} renders to {len(prompt.ids)} tokens with the chat template; at most "
-            f"serve.max_prompt_tokens={serve_cfg.max_prompt_tokens}",
-            param,
-            "prompt_too_long",
-        )
-    return prompt
+    return Prompt(engine.encode(text), text)
 
 
 def answer_max_tokens(

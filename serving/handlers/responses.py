@@ -52,7 +52,7 @@ def plan_response(body: ResponsesRequest, serve_cfg: ServeConfig, engine) -> Pla
             "previous_response_id",
             "not_stored",
         )
-    prompt = templated_prompt(body.messages, serve_cfg, engine, "input")
+    prompt = templated_prompt(body.messages, engine)
     max_tokens = answer_max_tokens(
         body.max_output_tokens, "max_output_tokens", prompt, serve_cfg, engine
     )

@@ -600,6 +600,8 @@ BAD_CHAT = [
     ("missing messages", {"max_tokens": 3}, "messages"),
     ("empty messages", {"messages": []}, "messages"),
     ("unknown role", {"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
+    # rendered with the chat template, over serve.max_prompt_tokens
+    ("messages too long", {"messages": [{"role": "user", "content": "a b c d " * 40}]}, "messages"),
     (
         "max_tokens over limit",
         {"messages": [{"role": "user", "content": "hi"}], "max_tokens": MAX_TOKENS + 1},
