@@ -302,6 +302,8 @@ class ModelConfig:
     """Output projection shares the token embedding's weights."""
     init_std: float = 0.02
     """Standard deviation of the weight initialisation."""
+    router_init_scale: float = 1.0
+    """Router init std = init_std x router_init_scale (small: near-uniform routing at first)."""
     expert_backend: ExpertBackend = ExpertBackend.auto
     """grouped_mm (one kernel), loop (a matmul per expert), auto (grouped_mm for CUDA bf16)."""
 
@@ -340,6 +342,9 @@ class ModelConfig:
                 f"model.moe_layer_interval={self.moe_layer_interval}: exceeds model.n_layers "
                 f"({self.n_layers}), so no layer would be MoE (use model.kind=dense for that)"
             )
+        if not (math.isfinite(self.router_init_scale) and self.router_init_scale > 0):
+            # 0 would tie every router score, and top-k would send all tokens to experts 0..k-1
+            p.append(f"model.router_init_scale={self.router_init_scale}: must be > 0")
         return p + _at_least(self, "model", ("aux_loss_coef", "z_loss_coef", "bias_update_rate"), 0)
 
 
@@ -404,6 +409,8 @@ class TrainConfig:
     """Linear warm-up steps."""
     weight_decay: float = 0.1
     """AdamW weight decay (not on norms and biases)."""
+    router_lr_scale: float = 1.0
+    """The routers' learning rate = lr x router_lr_scale (same schedule and weight decay)."""
     beta1: float = 0.9
     """AdamW beta1."""
     beta2: float = 0.95
@@ -448,6 +455,8 @@ class TrainConfig:
             )
         if self.num_workers < 1:
             p.append(f"train.num_workers={self.num_workers}: must be >= 1")
+        if not (math.isfinite(self.router_lr_scale) and self.router_lr_scale > 0):
+            p.append(f"train.router_lr_scale={self.router_lr_scale}: must be > 0")
         if self.precision in (Precision.bf16, Precision.fp16) and not self.use_gpu:
             p.append(
                 f"train.precision='{self.precision}': mixed precision needs train.use_gpu=true "

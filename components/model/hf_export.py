@@ -97,6 +97,7 @@ FIELD_USE: dict[str, str] = {
     "bias_update_rate": "inert",
     "tie_embeddings": "mapped",
     "init_std": "inert",
+    "router_init_scale": "inert",
     "expert_backend": "inert",
 }
 

@@ -179,7 +179,7 @@ class Transformer(nn.Module):
             dense = [block.feed_forward] if block.feed_forward is not None else []
             if block.moe is not None:
                 moe = block.moe
-                nn.init.normal_(moe.router.gate.weight, std=std)
+                nn.init.normal_(moe.router.gate.weight, std=std * self.cfg.router_init_scale)
                 moe.router.expert_bias.zero_()
                 lo, hi = moe.expert_offset, moe.expert_offset + moe.num_local_experts
                 for name, param in moe.experts.named_parameters():

@@ -13,30 +13,47 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from components.config.schema import TrainConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: matrices decay; norms, biases and embeddings do not.
+def param_groups(
+    model: nn.Module, weight_decay: float, lr: float | None = None, router_lr_scale: float = 1.0
+) -> list[dict]:
+    """Two groups: matrices decay; norms, biases and embeddings do not. With ``router_lr_scale``
+    other than 1 the routers' gate matrices form a third group (decayed) at ``lr x
+    router_lr_scale``; at 1 they stay among the matrices, so the groups (and the checkpoints'
+    optimizer state) are those of a model without the option.
 
     Decaying a norm's gain or a bias pulls it towards zero for no regularising benefit, and
     decaying the (possibly tied) embedding shrinks rare tokens' vectors every step.
     """
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay = [], []
+    router_ids = (
+        {id(p) for name, p in model.named_parameters() if name.endswith("router.gate.weight")}
+        if router_lr_scale != 1.0
+        else set()
+    )
+    decay, no_decay, router = [], [], []
     for _, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim < 2 or id(param) in embedding_ids:
+        if id(param) in router_ids:
+            router.append(param)
+        elif param.ndim < 2 or id(param) in embedding_ids:
             no_decay.append(param)
         else:
             decay.append(param)
-    return [
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if router:
+        if lr is None:
+            raise ValueError("param_groups: router_lr_scale needs the base lr")
+        groups.append({"params": router, "weight_decay": weight_decay, "lr": lr * router_lr_scale})
+    return groups
 
 
 def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(
-        param_groups(model, train.weight_decay),
+        param_groups(model, train.weight_decay, train.lr, train.router_lr_scale),
         lr=train.lr,
         betas=(train.beta1, train.beta2),
         **_kernel(model),

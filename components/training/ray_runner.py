@@ -29,6 +29,7 @@ _CURVE_KEYS = (
     "min_lr_ratio",
     "warmup_steps",
     "weight_decay",
+    "router_lr_scale",
     "beta1",
     "beta2",
     "grad_clip",

@@ -81,3 +81,43 @@ def test_scheduler_follows_config_and_state_roundtrips_by_name():
     bad = {"proj.weight": {**saved["proj.weight"], "exp_avg": torch.zeros(3)}}
     with pytest.raises(ValueError, match="proj.weight.exp_avg"):
         load_optimizer_state_by_name(opt2, {id(p): n for n, p in fresh.named_parameters()}, bad)
+
+
+def test_router_lr_scale_gives_the_routers_their_own_scheduled_lr():
+    from components.model.transformer import Transformer
+
+    base = ["model.dim=16", "model.n_heads=2", "model.ffn_dim=8", "train.lr=0.01"]
+    cfg = load_config([*base, "train.router_lr_scale=4", "train.warmup_steps=2"])
+    model = Transformer(cfg.model, 32)
+    optimizer = build_optimizer(model, cfg.train)
+    routers = [p for n, p in model.named_parameters() if n.endswith("router.gate.weight")]
+    assert len(routers) == cfg.model.n_layers
+    *_, router_group = optimizer.param_groups
+    assert [id(p) for p in router_group["params"]] == [id(p) for p in routers]
+    assert router_group["lr"] == pytest.approx(0.04) and router_group["weight_decay"] == 0.1
+    others = {id(p) for g in optimizer.param_groups[:-1] for p in g["params"]}
+    assert others.isdisjoint(id(p) for p in routers)
+    scheduler = build_scheduler(optimizer, cfg.train)  # warmup step 0: 1/2 of every group's lr
+    assert router_group["lr"] == pytest.approx(0.02)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.005)
+    del scheduler
+    # at the default scale the groups are exactly the two of a model without the option
+    plain = build_optimizer(model, load_config(base).train)
+    assert len(plain.param_groups) == 2
+
+
+def test_router_options_are_validated_and_scale_the_router_init():
+    from components.config.validate import ConfigError
+    from components.model.transformer import Transformer
+
+    with pytest.raises(ConfigError, match=r"train.router_lr_scale=0.0: must be > 0"):
+        load_config(["train.router_lr_scale=0"])
+    with pytest.raises(ConfigError, match=r"model.router_init_scale=0.0: must be > 0"):
+        load_config(["model.router_init_scale=0"])
+    base = ["model.dim=64", "model.n_heads=2", "model.num_experts=64"]
+    stds = []
+    for scale in ("1", "0.1"):
+        torch.manual_seed(0)
+        model = Transformer(load_config([*base, f"model.router_init_scale={scale}"]).model, 32)
+        stds.append(model.layers[0].moe.router.gate.weight.std().item())
+    assert stds[0] == pytest.approx(0.02, rel=0.1) and stds[1] == pytest.approx(0.002, rel=0.1)
