@@ -163,6 +163,9 @@ class DataConfig:
     """Shard size when rows_per_shard is 0, before compression (streaming's default too)."""
     seed: int = 1234
     """Seed of the train/validation split and the shard order."""
+    shuffle_block_shards: int = 8
+    """Train shards whose rows are shuffled together (streaming's shuffle block); the reader holds
+    a block's shards decoded in memory. 1: one shard after another (batches of a few documents)."""
     prepare_parallelism: int = 2
     """Corpus chunks tokenized and written at once (Ray tasks in flight)."""
 
@@ -190,7 +193,7 @@ class DataConfig:
             p.append(
                 f"data.max_files={self.max_files}, data.max_bytes={self.max_bytes}: must be >= 1"
             )
-        return p + _at_least(self, "data", ("shard_mb",), 1)
+        return p + _at_least(self, "data", ("shard_mb", "shuffle_block_shards"), 1)
 
 
 @dataclass

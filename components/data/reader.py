@@ -1,7 +1,8 @@
 """TieredReader: what training and evaluation read batches from.
 
     reader = TieredReader(manifest_uri, "train", storage, cache_dir, rank, world_size, seed,
-                          batch_size, prefetch_batches, device="cpu", expected_tokenizer_hash=None)
+                          batch_size, prefetch_batches, device="cpu", expected_tokenizer_hash=None,
+                          shuffle_block_shards=8)  # rows of 8 shards at a time mixed
     for batch in reader: ...          # one epoch of LongTensor[B, seq_len + 1] (inputs x[:, :-1],
                                       # targets x[:, 1:]); the last partial global batch is dropped
     reader.set_epoch(e)               # jump to epoch e unless already inside it
@@ -21,9 +22,9 @@
 
 Tiers: cold = ``manifest.root_uri`` (any fsspec URI, retried with backoff, large shards as parallel
 ranged GETs); warm = ``cache_dir`` (:class:`~components.data.warm.WarmCache`, shared by the node's
-processes); hot = decoded shards in memory plus ``prefetch_batches`` batches made ready by a
-background thread (the batch block is allocated pinned and copied non-blocking when ``device`` is a
-GPU).
+processes); hot = decoded shards in memory (a shuffle block's, ``shuffle_block_shards``) plus
+``prefetch_batches`` batches made ready by a background thread (the batch block is allocated
+pinned and copied non-blocking when ``device`` is a GPU).
 
 Shards are fetched *and decoded* ahead on a pool of ``storage.parallel_fetches`` threads, as many
 shards ahead as the measured time to bring one in (fetch or warm hit, plus decode) needs to stay
@@ -54,7 +55,7 @@ from components.data.sampler import GlobalOrder, SpreadOrder, rank_positions
 from components.data.shards import CorruptShardError, decode_shard
 from components.data.warm import WarmCache
 
-HOT_SHARDS = 3  # decoded shards kept in memory: a batch can straddle two, plus one ahead
+HOT_SHARDS = 3  # decoded shards kept in memory beyond a shuffle block's: straddling, one ahead
 BLOCK_BATCHES = 8  # batches located and gathered together
 EMA = 0.3  # weight of the newest measurement in the fetch / consume time averages
 
@@ -74,6 +75,7 @@ class TieredReader:
         device: str | torch.device = "cpu",
         expected_tokenizer_hash: str | None = None,
         shuffle: bool | None = None,
+        shuffle_block_shards: int = 1,
     ):
         self.storage = storage_or_default(storage)
         if not 0 <= rank < world_size:
@@ -100,7 +102,11 @@ class TieredReader:
             [s.rows for s in self.shards],
             seed,
             shuffle if shuffle is not None else split == "train",
+            shuffle_block_shards,
         )
+        # a block's shards are all in use at once; at a block boundary a batch may still need
+        # the last block's shard it is finishing
+        self.hot_shards = self.order.block_shards - 1 + HOT_SHARDS
         if self.order.epoch_size < world_size * batch_size:
             raise ValueError(
                 f"split {split!r} has {self.order.epoch_size} rows, fewer than one global batch "
@@ -241,26 +247,29 @@ class TieredReader:
             # copies
             block = torch.empty((n * B, L), dtype=torch.int64, pin_memory=pinned)
             out = block.numpy()
-            sources: list[np.ndarray] = []  # each sample's stored int32 row, for its fingerprint
-            # this rank's positions run through one shard after another: copy run by run
-            cuts = np.flatnonzero((np.diff(shards) != 0) | (np.diff(epochs) != 0)) + 1
-            for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), len(positions)]):
+            # this rank's positions run through one shard after another, or (a shuffle block)
+            # mix a few shards: copy shard by shard, in the order the positions first reach them
+            sources: list[np.ndarray | None] = [None] * len(positions)
+            keys = epochs * len(self.shards) + shards
+            _, firsts = np.unique(keys, return_index=True)
+            for lo in np.sort(firsts).tolist():
                 epoch, shard = int(epochs[lo]), int(shards[lo])
+                at = np.flatnonzero(keys == keys[lo])
                 if shard != last_shard:
                     last_shard = shard
                     self._note_switch()
                     self._fetch_ahead(order, int(positions[lo]), end)
                 src = self._shard_rows(shard, epoch)
-                if rows[lo:hi].max() >= len(src):
+                if rows[at].max() >= len(src):
                     raise CorruptShardError(
                         f"shard {self.shards[shard].name} decodes to {len(src)} rows, "
                         f"the manifest says {self.shards[shard].rows}"
                     )
-                for i, r in enumerate(rows[lo:hi].tolist(), lo):
+                for i, r in zip(at.tolist(), rows[at].tolist()):
                     row = src[r]
                     out[i] = row
-                    sources.append(row)
-                self._flow_index[(epoch, shard)]["rows_used"] += hi - lo
+                    sources[i] = row
+                self._flow_index[(epoch, shard)]["rows_used"] += len(at)
             for j in range(n):
                 sl = slice(j * B, (j + 1) * B)
                 printed = (
@@ -286,7 +295,7 @@ class TieredReader:
         self._waited_since_switch += time.perf_counter() - t0
         self._record_flow(epoch, index, tier)
         self._hot[index] = rows
-        while len(self._hot) > HOT_SHARDS:
+        while len(self._hot) > self.hot_shards:
             self._hot.popitem(last=False)
         return rows
 
@@ -357,7 +366,8 @@ class TieredReader:
     ) -> None:
         """Start loading the current shard and the next ``shards_ahead()`` of the stream."""
         pool = self._get_pool()
-        for index in order.shards_from(position, self.shards_ahead() + 1, end):
+        block = getattr(order, "block_shards", 1)  # all of the current block, then ahead
+        for index in order.shards_from(position, self.shards_ahead() + block, end):
             if index not in self._hot and index not in self._ahead:
                 self._ahead[index] = pool.submit(self._load, index)
 

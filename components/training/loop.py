@@ -146,6 +146,7 @@ def make_reader(
         batch_size=config.train.batch_size,
         prefetch_batches=prefetch,
         device=device,
+        shuffle_block_shards=config.data.shuffle_block_shards,
     )
 
 

@@ -63,6 +63,7 @@ def training_name(config: Config, manifest_uri: str, code: str, prefix: str = "t
         "manifest": manifest_uri,
         "model": dataclasses.asdict(config.model),
         "train": {k: getattr(config.train, k) for k in _CURVE_KEYS},
+        "data_order": [config.data.seed, config.data.shuffle_block_shards],
     }
     return f"{prefix}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}"
 

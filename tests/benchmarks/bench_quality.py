@@ -198,6 +198,7 @@ def train_lockstep(
         seed=first.data.seed + seed,
         batch_size=first.train.batch_size,
         prefetch_batches=2,
+        shuffle_block_shards=first.data.shuffle_block_shards,
     )
     val = TieredReader(manifest.uri, "val", **reader_args)
     val_batches = list(val.iter_eval(eval_batches))

@@ -37,9 +37,13 @@ def _keys(batches) -> list[bytes]:
     return [row.numpy().tobytes() for b in batches for row in b]
 
 
-def test_ranks_read_disjoint_parts_covering_the_epoch(small_dataset, tmp_path):
+@pytest.mark.parametrize("block", [1, 4])
+def test_ranks_read_disjoint_parts_covering_the_epoch(small_dataset, tmp_path, block):
     world = 3
-    readers = [_reader(small_dataset, tmp_path, rank=r, world_size=world) for r in range(world)]
+    readers = [
+        _reader(small_dataset, tmp_path, rank=r, world_size=world, shuffle_block_shards=block)
+        for r in range(world)
+    ]
     parts = [_keys(list(r)) for r in readers]
     assert len({len(p) for p in parts}) == 1  # every rank takes the same number of steps
     seen = [k for p in parts for k in p]
@@ -66,11 +70,16 @@ def test_epochs_are_reshuffled_deterministically(small_dataset, tmp_path):
     assert _keys(_reader(small_dataset, tmp_path, seed=12)) != e0
 
 
+@pytest.mark.parametrize("block", [1, 4])
 @pytest.mark.parametrize("new_world", [2, 3, 1])
-def test_resume_continues_at_the_exact_next_sample(small_dataset, tmp_path, new_world):
+def test_resume_continues_at_the_exact_next_sample(small_dataset, tmp_path, new_world, block):
     """Run 2 ranks for a while, 'crash', resume with new_world ranks: the global stream is
-    intact."""
+    intact (shard by shard, and with the rows of 4 shards shuffled together)."""
     steps_before, steps_after, world = 37, 45, 2
+    tmp_path = tmp_path / f"block{block}"
+
+    def _reader(*args, **kw):
+        return globals()["_reader"](*args, shuffle_block_shards=block, **kw)
 
     def run(world_size, state, steps):
         readers = [
@@ -194,3 +203,32 @@ def test_bad_arguments_are_named(small_dataset, tmp_path):
         _reader(small_dataset, tmp_path, split="test")
     with pytest.raises(ValueError, match="fewer than one global batch"):
         _reader(small_dataset, tmp_path, split="val", batch_size=100_000)
+
+
+def test_a_shuffle_block_mixes_its_shards_and_keeps_the_epoch_a_permutation():
+    """Issue 16: one shard at a time, a run's batches for a shard's worth of steps came from a few
+    documents. With blocks of 4 shards every batch draws on the block's shards, each epoch is
+    still every (shard, row) once, and prefetching names the whole block first."""
+    from components.data.sampler import GlobalOrder
+
+    shard_rows = [50, 64, 7, 64, 64, 30, 64, 64, 64, 11]
+    epoch = sum(shard_rows)
+    sequential = GlobalOrder(shard_rows, seed=3)
+    blocked = GlobalOrder(shard_rows, seed=3, block_shards=4)
+    for order in (sequential, blocked):
+        _, shards, rows = order.locate(np.arange(2 * epoch))
+        pairs = set(zip(shards[:epoch].tolist(), rows[:epoch].tolist()))
+        assert len(pairs) == epoch and all(r < shard_rows[s] for s, r in pairs)
+        assert (shards[:epoch] != shards[epoch:]).any()  # the next epoch is reshuffled
+    first_block = blocked.shards_from(0, 4)
+    _, shards, _ = blocked.locate(np.arange(16 * 8))  # 16 batches of 8 rows
+    per_batch = [len(set(shards[i : i + 8].tolist())) for i in range(0, 128, 8)]
+    assert set(shards.tolist()) <= set(first_block) and min(per_batch) >= 2
+    assert sum(per_batch) / len(per_batch) > 2.5  # ~3 of the block's 4 shards in 8 rows
+    _, shards, _ = sequential.locate(np.arange(16 * 8))
+    assert max(len(set(shards[i : i + 8].tolist())) for i in range(0, 128, 8)) <= 2
+    # prefetch order: the rest of the current block before the next block
+    position = sum(shard_rows[s] for s in first_block) - 1  # the first block's last row
+    assert blocked.shards_from(position, 5)[:4] == first_block
+    assert blocked.shards_from(position + 1, 1) == [blocked.shards_from(0, 5)[4]]
+    assert GlobalOrder(shard_rows, 3, shuffle=False, block_shards=4).block_shards == 1
