@@ -66,7 +66,8 @@ def test_bench_quality_quick(tmp_path):
         assert row["dropped_fraction"] == pytest.approx(
             sum(moe["dropped_fraction"]) / len(moe["dropped_fraction"])
         )
-        assert 1.0 <= row["expert_load_max_over_mean"] <= 16.0  # moe_tiny: 16 experts
+        # busiest expert over the mean: at most num_experts / top_k (moe_tiny: 64 / 8)
+        assert 1.0 <= row["expert_load_max_over_mean"] <= 8.0
         assert row["moe_step_time_vs_dense"] > 0
     mean = sum(r["moe_minus_dense_val_loss"] for r in result["per_seed"]) / 2
     assert result["moe_minus_dense_val_loss"] == pytest.approx(mean)

@@ -17,7 +17,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[3]
 ENTRY_POINTS = ["run", "prepare", "tune", "train", "evaluate", "register", "deploy"]
-BAD = ("model.top_k=17", "serve.canary_fraction=2")
+BAD = ("model.top_k=65", "serve.canary_fraction=2")
 CASES = {
     "help": ("run", "--help"),
     "unknown-key": ("run", "model.expertz=4"),
@@ -95,7 +95,7 @@ def test_bad_config_fails_before_any_work(module, cli):
     result = cli[f"bad-{module}"]
     stdout, stderr = result["stdout"], result["stderr"]
     assert result["returncode"] == 2, stdout + stderr
-    assert "model.top_k=17: must be between 1 and model.num_experts (16)" in stderr
+    assert "model.top_k=65: must be between 1 and model.num_experts (64)" in stderr
     assert "serve.canary_fraction=2.0: must be in [0, 1]" in stderr
     assert "Traceback" not in stderr
     # Nothing was started or written: no MLflow store, no Ray session, no state dir.

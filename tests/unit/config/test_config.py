@@ -92,10 +92,10 @@ def test_unknown_keys_and_wrong_types_fail_at_composition(override, needle, tmp_
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (["model.top_k=17"], "model.top_k=17: must be between 1 and model.num_experts (16)"),
+        (["model.top_k=65"], "model.top_k=65: must be between 1 and model.num_experts (64)"),
         (
             ["train.expert_parallel_size=3"],
-            "model.num_experts=16: must be divisible by train.expert_parallel_size (3)",
+            "model.num_experts=64: must be divisible by train.expert_parallel_size (3)",
         ),
         (
             ["train.num_workers=3", "train.expert_parallel_size=2"],
@@ -136,7 +136,7 @@ def test_appended_unknown_key_is_rejected(tmp_path):
 
 def test_all_problems_reported_at_once(tmp_path):
     with pytest.raises(ConfigError) as err:
-        load_config(["model.top_k=17", "serve.canary_fraction=-1", f"paths.root={tmp_path}"])
+        load_config(["model.top_k=65", "serve.canary_fraction=-1", f"paths.root={tmp_path}"])
     assert len(err.value.problems) == 2
 
 
