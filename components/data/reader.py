@@ -366,8 +366,8 @@ class TieredReader:
     ) -> None:
         """Start loading the current shard and the next ``shards_ahead()`` of the stream."""
         pool = self._get_pool()
-        block = getattr(order, "block_shards", 1)  # all of the current block, then ahead
-        for index in order.shards_from(position, self.shards_ahead() + block, end):
+        # all of the current block (a batch may draw on any of its shards), then ahead
+        for index in order.shards_from(position, self.shards_ahead() + order.block_shards, end):
             if index not in self._hot and index not in self._ahead:
                 self._ahead[index] = pool.submit(self._load, index)
 

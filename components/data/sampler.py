@@ -109,8 +109,8 @@ class GlobalOrder:
             slot = int(np.searchsorted(cum, i, side="right"))
             slot = (slot // self.block_shards) * self.block_shards
             for k in range(slot, len(order)):
-                start = int(self._block_start(cum, np.array([k]))[0])
-                slot_start = epoch * self.epoch_size + start
+                first = (k // self.block_shards) * self.block_shards  # the block's first slot
+                slot_start = epoch * self.epoch_size + (int(cum[first - 1]) if first else 0)
                 if (end is not None and slot_start >= end) or len(out) >= count:
                     return out
                 out.append(int(order[k]))
@@ -127,8 +127,11 @@ class SpreadOrder:
     that drifts with whether training has just seen those documents (issue 16: both models' loss
     on them rose once the train stream moved on to other shards). Fixed (no seed), so every model
     and every run scores on the same rows; ``size`` = the whole split is the stored order itself.
-    Same interface as :class:`GlobalOrder` (``epoch_size``, ``locate``, ``shards_from``).
+    Same interface as :class:`GlobalOrder` (``epoch_size``, ``block_shards``, ``locate``,
+    ``shards_from``).
     """
+
+    block_shards = 1  # stored order, nothing mixed
 
     def __init__(self, shard_rows: list[int], size: int):
         self.inner = GlobalOrder(shard_rows, 0, shuffle=False)
