@@ -108,9 +108,9 @@ class GlobalOrder:
             order, cum = self._shard_order(epoch)
             slot = int(np.searchsorted(cum, i, side="right"))
             slot = (slot // self.block_shards) * self.block_shards
+            block_starts = self._block_start(cum, np.arange(len(order))).tolist()
             for k in range(slot, len(order)):
-                first = (k // self.block_shards) * self.block_shards  # the block's first slot
-                slot_start = epoch * self.epoch_size + (int(cum[first - 1]) if first else 0)
+                slot_start = epoch * self.epoch_size + block_starts[k]
                 if (end is not None and slot_start >= end) or len(out) >= count:
                     return out
                 out.append(int(order[k]))
