@@ -88,8 +88,12 @@ def test_cold_outage_mid_epoch_is_survived_by_retries(s3_server, s3_dataset, tmp
             prefetch_batches=0,
         )
     )
+    # A restarted SeaweedFS refuses connections, then answers InternalError until its volume
+    # server has re-registered: 6-10 s on a quiet machine, more under load. Full-jitter backoff
+    # waits half its cap on average, so 40 retries capped at 2 s give a ~40 s window (never
+    # under ~25 s in practice) and resume within 2 s of the server's return.
     st = _storage(
-        storage, tmp_path, retries=12, backoff_base_s=0.2, backoff_max_s=1.0, parallel_fetches=1
+        storage, tmp_path, retries=40, backoff_base_s=0.2, backoff_max_s=2.0, parallel_fetches=1
     )
     reader = TieredReader(manifest.uri, "train", st, seed=5, batch_size=8, prefetch_batches=0)
     got = []
