@@ -23,7 +23,9 @@ in one run (MB/s are of the moeops shards' stored bytes, samples/s of ``seq_len 
   the disk/page-cache limit).
 - **mosaicml-streaming** ``streaming_cold_*`` (remote -> local cache, first epoch) and
   ``streaming_warm_*`` (second epoch), samples/s through a torch DataLoader of the same batch size
-  with 2 persistent worker processes and a shuffle block of one shard;
+  with 2 persistent worker processes and the same shuffle block (``--shuffle-block-shards``,
+  default ``data.shuffle_block_shards``: every reader here, the raw pyarrow gather and
+  streaming shuffle the rows of that many consecutive shards together);
   ``warm_vs_streaming_ratio``, ``cold_vs_streaming_ratio``.
 - **data wait** ``data_wait_fraction_prefetch_on/off``: share of step time waiting for the next
   batch in a synthetic compute loop crossing several shards (warm tier filled; ``..._cold_start``:
@@ -258,13 +260,25 @@ def bench_s3(manifest, storage: StorageConfig, server: SeaweedS3, connections: i
     }
 
 
-def bench_cold(manifest, storage_for, batch_size: int) -> dict:
+def bench_cold(manifest, storage_for, batch_size: int, block: int) -> dict:
     stored = sum(s.bytes for s in manifest.shards("train"))
-    reader = TieredReader(manifest.uri, "train", storage_for("cold"), batch_size=batch_size)
+    reader = TieredReader(
+        manifest.uri,
+        "train",
+        storage_for("cold"),
+        batch_size=batch_size,
+        shuffle_block_shards=block,
+    )
     elapsed, samples = epoch(reader)
     stats = reader.stats()
     reader.close()
-    filler = TieredReader(manifest.uri, "train", storage_for("fill-only"), batch_size=batch_size)
+    filler = TieredReader(
+        manifest.uri,
+        "train",
+        storage_for("fill-only"),
+        batch_size=batch_size,
+        shuffle_block_shards=block,
+    )
     fill = filler.fill_warm()
     filler.close()
     return {
@@ -279,11 +293,14 @@ def bench_cold(manifest, storage_for, batch_size: int) -> dict:
     }
 
 
-def raw_pyarrow_epoch(files: list[str], row_len: int, batch_size: int, seed: int) -> int:
+def raw_pyarrow_epoch(
+    files: list[str], row_len: int, batch_size: int, seed: int, block: int = 1
+) -> int:
     """What a user would write without moeops: ``ParquetFile.read`` of the local files in
-    RAW_THREADS threads (at most that many files decoded ahead), then the reader's gather: each
-    file's rows in a seeded random order, batches of ``batch_size`` widened to int64 torch tensors.
-    Returns the samples delivered (whole batches per file)."""
+    RAW_THREADS threads (reading the next block while the current one is gathered), then the
+    reader's gather: the rows of each block of ``block`` consecutive files in one seeded random
+    order (the reader's shuffle block), batches of ``batch_size`` widened to int64 torch tensors.
+    Returns the samples delivered (whole batches per block)."""
     rng = np.random.default_rng(seed)
 
     def read(path: str) -> np.ndarray:
@@ -292,13 +309,15 @@ def raw_pyarrow_epoch(files: list[str], row_len: int, batch_size: int, seed: int
         chunk = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
         return chunk.to_numpy(zero_copy_only=True).reshape(-1, row_len)  # int32[R, row_len]
 
+    blocks = [files[i : i + block] for i in range(0, len(files), block)]
     samples = 0
     with ThreadPoolExecutor(RAW_THREADS) as pool:
-        ahead = [pool.submit(read, f) for f in files[:RAW_THREADS]]
-        for i in range(len(files)):
-            rows = ahead.pop(0).result()
-            if i + RAW_THREADS < len(files):
-                ahead.append(pool.submit(read, files[i + RAW_THREADS]))
+        ahead = [pool.submit(read, f) for f in blocks[0]]
+        for i in range(len(blocks)):
+            parts = [future.result() for future in ahead]
+            if i + 1 < len(blocks):
+                ahead = [pool.submit(read, f) for f in blocks[i + 1]]
+            rows = parts[0] if len(parts) == 1 else np.concatenate(parts)  # int32[R_block, L]
             order = rng.permutation(len(rows))
             for lo in range(0, len(order) - batch_size + 1, batch_size):
                 batch = torch.from_numpy(rows[order[lo : lo + batch_size]]).long()  # [B, L]
@@ -306,7 +325,7 @@ def raw_pyarrow_epoch(files: list[str], row_len: int, batch_size: int, seed: int
     return samples
 
 
-def bench_warm(manifest, storage: StorageConfig, batch_size: int, repeats: int) -> dict:
+def bench_warm(manifest, storage: StorageConfig, batch_size: int, repeats: int, block: int) -> dict:
     """The warm tier (filled by bench_cold) vs plain pyarrow and raw bytes of the same files."""
     shards = manifest.shards("train")
     stored = sum(s.bytes for s in shards)
@@ -329,11 +348,18 @@ def bench_warm(manifest, storage: StorageConfig, batch_size: int, repeats: int) 
                     pass
         best["raw_bytes"] = min(best["raw_bytes"], time.perf_counter() - t0)
         t0 = time.perf_counter()
-        raw_rows = raw_pyarrow_epoch([str(f) for f in files], manifest.row_len, batch_size, attempt)
+        raw_rows = raw_pyarrow_epoch(
+            [str(f) for f in files], manifest.row_len, batch_size, attempt, block
+        )
         best["raw_pyarrow"] = min(best["raw_pyarrow"], time.perf_counter() - t0)
         for key, prefetch in (("warm", None), ("warm_no_hot", 0)):
             reader = TieredReader(
-                manifest.uri, "train", storage, batch_size=batch_size, prefetch_batches=prefetch
+                manifest.uri,
+                "train",
+                storage,
+                batch_size=batch_size,
+                prefetch_batches=prefetch,
+                shuffle_block_shards=block,
             )
             elapsed, samples = epoch(reader)
             reader.close()
@@ -357,19 +383,20 @@ def bench_warm(manifest, storage: StorageConfig, batch_size: int, repeats: int) 
 
 
 def bench_streaming(
-    remote: str, work: Path, batch_size: int, seed: int, rows_per_shard: int
+    remote: str, work: Path, batch_size: int, seed: int, rows_per_shard: int, block: int
 ) -> dict:
     """mosaicml-streaming on the same tokens, set up as its docs advise for throughput: a torch
     DataLoader with STREAMING_WORKERS persistent worker processes (moeops reads with threads in one
-    process; on 2 cores either side gets the same CPUs) and a shuffle block of one shard (moeops
-    shuffles within shards too; the default block spans many shards and waits for all of them).
+    process; on 2 cores either side gets the same CPUs) and a shuffle block of ``block`` shards'
+    rows, the reader's ``data.shuffle_block_shards`` (streaming's own default, 262,144 samples,
+    would span every shard here and wait for all of them).
     Cold epoch (remote -> local cache), then the warm epoch on the same workers."""
     base = import_streaming()
     from torch.utils.data import DataLoader
 
     # its samples are read-only views of the memory-mapped shard; collate copies them anyway
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-    # a block of one shard is the point (shuffle within shards, as moeops does); streaming warns
+    # a block of one shard (--shuffle-block-shards 1) is smaller than streaming likes: it warns
     warnings.filterwarnings("ignore", message="Shuffle block size was smaller than shard size")
 
     dataset = base.StreamingDataset(
@@ -377,7 +404,7 @@ def bench_streaming(
         local=str(work / "mds-cache"),
         shuffle=True,
         shuffle_seed=seed,
-        shuffle_block_size=rows_per_shard,
+        shuffle_block_size=rows_per_shard * block,
         batch_size=batch_size,
     )
     loader = DataLoader(
@@ -399,12 +426,14 @@ def bench_streaming(
         out[f"streaming_{name}_s"] = elapsed
     out["streaming_samples"] = samples
     out["streaming_workers"] = STREAMING_WORKERS
-    out["streaming_shuffle_block"] = rows_per_shard
+    out["streaming_shuffle_block"] = rows_per_shard * block
     del loader, dataset
     return out
 
 
-def bench_data_wait(manifest, storage_for, batch_size: int, steps: int, compute_dim: int) -> dict:
+def bench_data_wait(
+    manifest, storage_for, batch_size: int, steps: int, compute_dim: int, block: int
+) -> dict:
     """Steady state (warm tier filled) and cold start (empty warm tier), hot prefetch on and off."""
     a = torch.randn(compute_dim, compute_dim)
     out = {}
@@ -412,7 +441,12 @@ def bench_data_wait(manifest, storage_for, batch_size: int, steps: int, compute_
         for name, prefetch in (("on", None), ("off", 0)):
             storage = storage_for(tag or f"wait-{name}")
             reader = TieredReader(
-                manifest.uri, "train", storage, batch_size=batch_size, prefetch_batches=prefetch
+                manifest.uri,
+                "train",
+                storage,
+                batch_size=batch_size,
+                prefetch_batches=prefetch,
+                shuffle_block_shards=block,
             )
             batches = reader.iter_steps()
             wait, startup_wait = 0.0, 0.0
@@ -524,10 +558,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--connections", type=int, help="parallel connections of the S3 limit (default 8)"
     )
+    parser.add_argument(
+        "--shuffle-block-shards",
+        dest="block",
+        type=int,
+        help="shards whose rows are shuffled together (default: data.shuffle_block_shards)",
+    )
     args = parser.parse_args(argv)
     p = dict(QUICK if args.quick else FULL)
     p.setdefault("shard_mb", DataConfig().shard_mb)
-    for key in ("gib", "shard_mb", "connections"):
+    p.setdefault("block", DataConfig().shuffle_block_shards)
+    for key in ("gib", "shard_mb", "connections", "block"):
         if getattr(args, key) is not None:
             p[key] = getattr(args, key)
     torch.set_num_threads(1)
@@ -539,6 +580,7 @@ def main(argv: list[str] | None = None) -> dict:
         "cpus": os.cpu_count(),
         "load_1m_start": load_avg(),
         "batch_size": p["batch_size"],
+        "shuffle_block_shards": p["block"],
     }
     work = Path(tempfile.mkdtemp(prefix="moeops-bench-data-"))
     server = SeaweedS3(work / "s3")
@@ -573,9 +615,19 @@ def main(argv: list[str] | None = None) -> dict:
         )
         results.update(figures)
         results.update(phase("s3", bench_s3, manifest, storage_for("s3"), server, p["connections"]))
-        results.update(phase("cold", bench_cold, manifest, storage_for, p["batch_size"]))
         results.update(
-            phase("warm", bench_warm, manifest, storage_for("cold"), p["batch_size"], p["repeats"])
+            phase("cold", bench_cold, manifest, storage_for, p["batch_size"], p["block"])
+        )
+        results.update(
+            phase(
+                "warm",
+                bench_warm,
+                manifest,
+                storage_for("cold"),
+                p["batch_size"],
+                p["repeats"],
+                p["block"],
+            )
         )
         results.update(
             phase(
@@ -586,6 +638,7 @@ def main(argv: list[str] | None = None) -> dict:
                 p["batch_size"],
                 0,
                 figures["rows_per_shard"],
+                p["block"],
             )
         )
         results.update(
@@ -597,6 +650,7 @@ def main(argv: list[str] | None = None) -> dict:
                 p["wait_batch"],
                 p["wait_steps"],
                 p["compute_dim"],
+                p["block"],
             )
         )
         results.update(

@@ -1,7 +1,7 @@
 """Quality benchmark: the MoE against its dense equivalent at equal active parameters and equal
 tokens, each at its own best learning rate.
 
-    python tests/benchmarks/bench_quality.py --json bench-quality.json        # ~5 min, 2 idle cores
+    python tests/benchmarks/bench_quality.py --json bench-quality.json        # ~9 min, 2 idle cores
     python tests/benchmarks/bench_quality.py --quick --json /tmp/q.json        # smoke run (seconds)
     python tests/benchmarks/bench_quality.py --ablate \\
         --variant base: --variant dropless:model.dropless=true --lr 0.003 --json rows.json
@@ -490,7 +490,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.eval_every = args.eval_every or (4 if quick else 25)
     args.eval_batches = args.eval_batches or (2 if quick else 8)
     args.seeds = args.seeds or [0, 1]
-    args.lrs = args.lrs or ([3e-3, 1e-2] if quick else [3e-3, 6e-3])
+    args.lrs = args.lrs or ([3e-3, 1e-2] if quick else [2e-3, 3e-3, 4e-3, 6e-3])
     overrides = (QUICK_OVERRIDES if quick else DEFAULT_OVERRIDES) + args.override
 
     with tempfile.TemporaryDirectory() as tmp:

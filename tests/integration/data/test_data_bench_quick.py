@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from components.config.schema import DataConfig
+
 pytestmark = [pytest.mark.benchmark, pytest.mark.integration]
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -78,3 +80,7 @@ def test_bench_data_quick(tmp_path):
     assert result["warm_vs_streaming_ratio"] >= 1.0
     assert result["cold_vs_streaming_ratio"] >= 1.0
     assert "load average" in result["uptime"]
+    # every side shuffles in the main job's blocks: the reader, the raw gather and streaming
+    block = DataConfig().shuffle_block_shards
+    assert result["shuffle_block_shards"] == block
+    assert result["streaming_shuffle_block"] == result["rows_per_shard"] * block
