@@ -391,17 +391,31 @@ def bench_streaming(
     rows, the reader's ``data.shuffle_block_shards`` (streaming's own default, 262,144 samples,
     would span every shard here and wait for all of them).
     Cold epoch (remote -> local cache), then the warm epoch on the same workers."""
-    base = import_streaming()
+    import boto3
     from torch.utils.data import DataLoader
+
+    base = import_streaming()
 
     # its samples are read-only views of the memory-mapped shard; collate copies them anyway
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     # a block of one shard (--shuffle-block-shards 1) is smaller than streaming likes: it warns
     warnings.filterwarnings("ignore", message="Shuffle block size was smaller than shard size")
 
+    # The index goes into the local cache first, as a launcher's local rank 0 would put it: a
+    # StreamingDataset that downloads it itself makes its S3 client in this process, and the
+    # DataLoader's forked workers then share that client's pooled keep-alive socket. Two
+    # processes reading one socket stall for botocore's 60 s read timeout (measured: 2 of 4
+    # --quick runs at 8-shard blocks, where both workers fetch at once). Without the parent's
+    # client each worker makes its own. The shards are still fetched remote -> local below.
+    local = work / "mds-cache"
+    local.mkdir(parents=True, exist_ok=True)
+    bucket, _, prefix = remote.removeprefix("s3://").partition("/")
+    boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT_URL"]).download_file(
+        bucket, f"{prefix}/index.json", str(local / "index.json")
+    )
     dataset = base.StreamingDataset(
         remote=remote,
-        local=str(work / "mds-cache"),
+        local=str(local),
         shuffle=True,
         shuffle_seed=seed,
         shuffle_block_size=rows_per_shard * block,
