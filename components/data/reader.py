@@ -46,7 +46,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 import numpy as np
 import torch
 
-from components.config.schema import StorageConfig
+from components.config.schema import DataConfig, StorageConfig
 from components.data.cold import read_bytes, storage_or_default
 from components.data.flow import BatchPrint, batch_print, step_entry
 from components.data.hot import Prefetcher
@@ -75,7 +75,7 @@ class TieredReader:
         device: str | torch.device = "cpu",
         expected_tokenizer_hash: str | None = None,
         shuffle: bool | None = None,
-        shuffle_block_shards: int = 1,
+        shuffle_block_shards: int = DataConfig.shuffle_block_shards,
     ):
         self.storage = storage_or_default(storage)
         if not 0 <= rank < world_size:

@@ -110,10 +110,14 @@ def test_same_seed_and_data_give_the_same_fingerprints(datasets):
 
 def _step_of(manifest, seed: int, shard_name: str, row: int, global_batch: int) -> int:
     """The training step (from 1) whose global batch holds ``row`` of ``shard_name`` in epoch 0."""
+    from components.config.schema import DataConfig
     from components.data.sampler import GlobalOrder
 
     shards = manifest.shards("train")
-    order = GlobalOrder([s.rows for s in shards], seed)
+    # the readers above shuffle in the default blocks
+    order = GlobalOrder(
+        [s.rows for s in shards], seed, block_shards=DataConfig.shuffle_block_shards
+    )
     positions = np.arange(order.epoch_size)
     _, shard_idx, rows = order.locate(positions)
     index = [s.name for s in shards].index(shard_name)
