@@ -414,6 +414,8 @@ class TrainConfig:
     """AdamW weight decay (not on norms and biases)."""
     router_lr_scale: float = 1.0
     """The routers' learning rate = lr x router_lr_scale (same schedule and weight decay)."""
+    expert_lr_scale: float = 1.0
+    """The routed experts' learning rate = lr x expert_lr_scale (same schedule and weight decay)."""
     beta1: float = 0.9
     """AdamW beta1."""
     beta2: float = 0.95
@@ -458,8 +460,10 @@ class TrainConfig:
             )
         if self.num_workers < 1:
             p.append(f"train.num_workers={self.num_workers}: must be >= 1")
-        if not (math.isfinite(self.router_lr_scale) and self.router_lr_scale > 0):
-            p.append(f"train.router_lr_scale={self.router_lr_scale}: must be > 0")
+        for key in ("router_lr_scale", "expert_lr_scale"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value > 0):
+                p.append(f"train.{key}={value}: must be > 0")
         if self.precision in (Precision.bf16, Precision.fp16) and not self.use_gpu:
             p.append(
                 f"train.precision='{self.precision}': mixed precision needs train.use_gpu=true "

@@ -14,28 +14,38 @@ from components.config.schema import TrainConfig
 
 
 def param_groups(
-    model: nn.Module, weight_decay: float, lr: float | None = None, router_lr_scale: float = 1.0
+    model: nn.Module,
+    weight_decay: float,
+    lr: float | None = None,
+    router_lr_scale: float = 1.0,
+    expert_lr_scale: float = 1.0,
 ) -> list[dict]:
-    """Two groups: matrices decay; norms, biases and embeddings do not. With ``router_lr_scale``
-    other than 1 the routers' gate matrices form a third group (decayed) at ``lr x
-    router_lr_scale``; at 1 they stay among the matrices, so the groups (and the checkpoints'
-    optimizer state) are those of a model without the option.
+    """Two groups: matrices decay; norms, biases and embeddings do not. A scale other than 1 puts
+    the routers' gate matrices (``router_lr_scale``) or the routed experts' weights
+    (``expert_lr_scale``) in a group of their own (decayed) at ``lr x scale``; at 1 they stay
+    among the matrices, so the groups (and the checkpoints' optimizer state) are those of a model
+    without the option.
 
     Decaying a norm's gain or a bias pulls it towards zero for no regularising benefit, and
     decaying the (possibly tied) embedding shrinks rare tokens' vectors every step.
     """
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    router_ids = (
-        {id(p) for name, p in model.named_parameters() if name.endswith("router.gate.weight")}
-        if router_lr_scale != 1.0
-        else set()
-    )
-    decay, no_decay, router = [], [], []
+
+    def ids(scale: float, is_member) -> set[int]:
+        if scale == 1.0:
+            return set()
+        return {id(p) for name, p in model.named_parameters() if is_member(name)}
+
+    router_ids = ids(router_lr_scale, lambda name: name.endswith("router.gate.weight"))
+    expert_ids = ids(expert_lr_scale, lambda name: ".moe.experts." in name)
+    decay, no_decay, router, experts = [], [], [], []
     for _, param in model.named_parameters():
         if not param.requires_grad:
             continue
         if id(param) in router_ids:
             router.append(param)
+        elif id(param) in expert_ids:
+            experts.append(param)
         elif param.ndim < 2 or id(param) in embedding_ids:
             no_decay.append(param)
         else:
@@ -44,16 +54,19 @@ def param_groups(
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    if router:
-        if lr is None:
-            raise ValueError("param_groups: router_lr_scale needs the base lr")
-        groups.append({"params": router, "weight_decay": weight_decay, "lr": lr * router_lr_scale})
+    for params, scale in ((router, router_lr_scale), (experts, expert_lr_scale)):
+        if params:
+            if lr is None:
+                raise ValueError("param_groups: a router or expert lr scale needs the base lr")
+            groups.append({"params": params, "weight_decay": weight_decay, "lr": lr * scale})
     return groups
 
 
 def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(
-        param_groups(model, train.weight_decay, train.lr, train.router_lr_scale),
+        param_groups(
+            model, train.weight_decay, train.lr, train.router_lr_scale, train.expert_lr_scale
+        ),
         lr=train.lr,
         betas=(train.beta1, train.beta2),
         **_kernel(model),

@@ -30,6 +30,7 @@ _CURVE_KEYS = (
     "warmup_steps",
     "weight_decay",
     "router_lr_scale",
+    "expert_lr_scale",
     "beta1",
     "beta2",
     "grad_clip",

@@ -106,6 +106,25 @@ def test_router_lr_scale_gives_the_routers_their_own_scheduled_lr():
     assert len(plain.param_groups) == 2
 
 
+def test_expert_lr_scale_gives_the_routed_experts_their_own_lr():
+    from components.model.transformer import Transformer
+
+    base = ["model.dim=16", "model.n_heads=2", "model.ffn_dim=8", "train.lr=0.01"]
+    cfg = load_config([*base, "train.expert_lr_scale=2", "train.router_lr_scale=4"])
+    model = Transformer(cfg.model, 32)
+    optimizer = build_optimizer(model, cfg.train)
+    experts = [p for n, p in model.named_parameters() if ".moe.experts." in n]
+    assert len(experts) == 3 * cfg.model.n_layers  # w1, w3, w2 of every MoE layer
+    *_, router_group, expert_group = optimizer.param_groups
+    assert [id(p) for p in expert_group["params"]] == [id(p) for p in experts]
+    assert expert_group["lr"] == pytest.approx(0.02) and expert_group["weight_decay"] == 0.1
+    assert router_group["lr"] == pytest.approx(0.04)
+    grouped = [id(p) for g in optimizer.param_groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters())  # each exactly once
+    with pytest.raises(Exception, match=r"train.expert_lr_scale=-1.0: must be > 0"):
+        load_config(["train.expert_lr_scale=-1"])
+
+
 def test_router_options_are_validated_and_scale_the_router_init():
     from components.config.validate import ConfigError
     from components.model.transformer import Transformer
