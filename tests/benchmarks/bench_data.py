@@ -294,7 +294,7 @@ def bench_cold(manifest, storage_for, batch_size: int, block: int) -> dict:
 
 
 def raw_pyarrow_epoch(
-    files: list[str], row_len: int, batch_size: int, seed: int, block: int = 1
+    files: list[str], row_len: int, batch_size: int, seed: int, block: int
 ) -> int:
     """What a user would write without moeops: ``ParquetFile.read`` of the local files in
     RAW_THREADS threads (reading the next block while the current one is gathered), then the
