@@ -307,6 +307,9 @@ class ModelConfig:
     """Standard deviation of the weight initialisation."""
     router_init_scale: float = 1.0
     """Router init std = init_std x router_init_scale (small: near-uniform routing at first)."""
+    ffn_out_init_scale: float = 1.0
+    """FFN down projections (w2 of the dense FFN, every routed expert and the shared expert) start
+    at std init_std / sqrt(2 n_layers) x this: GPT-2's depth scaling, then this factor."""
     expert_backend: ExpertBackend = ExpertBackend.auto
     """grouped_mm (one kernel), loop (a matmul per expert), auto (grouped_mm for CUDA bf16)."""
 
@@ -324,6 +327,8 @@ class ModelConfig:
                 f"model.dim={self.dim}: head size dim/n_heads={self.dim // self.n_heads} must be "
                 "even for rotary embeddings"
             )
+        if not (math.isfinite(self.ffn_out_init_scale) and self.ffn_out_init_scale > 0):
+            p.append(f"model.ffn_out_init_scale={self.ffn_out_init_scale}: must be > 0")
         if self.kind != ModelKind.moe:
             return p
         if not 1 <= self.top_k <= self.num_experts:

@@ -98,6 +98,7 @@ FIELD_USE: dict[str, str] = {
     "tie_embeddings": "mapped",
     "init_std": "inert",
     "router_init_scale": "inert",
+    "ffn_out_init_scale": "inert",
     "expert_backend": "inert",
 }
 

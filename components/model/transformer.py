@@ -161,13 +161,15 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------ init
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Normal(0, init_std); output projections scaled by 1/sqrt(2 n_layers) (GPT-2).
+        """Normal(0, init_std); output projections scaled by 1/sqrt(2 n_layers) (GPT-2), FFN down
+        projections then by ``ffn_out_init_scale``.
 
         Expert weights are drawn for *all* experts and sliced to this rank's shard, so a model
         built at any expert-parallel size from the same seed holds the same global weights.
         """
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        ffn_out_std = out_std * self.cfg.ffn_out_init_scale
         nn.init.normal_(self.tok_embeddings.weight, std=std)
         if self.output is not None:
             nn.init.normal_(self.output.weight, std=std)
@@ -186,14 +188,14 @@ class Transformer(nn.Module):
                     full = torch.empty(
                         (moe.num_experts,) + tuple(param.shape[1:]), device=param.device
                     )
-                    nn.init.normal_(full, std=out_std if name == "w2" else std)
+                    nn.init.normal_(full, std=ffn_out_std if name == "w2" else std)
                     param.copy_(full[lo:hi])
                 if moe.shared_expert is not None:
                     dense.append(moe.shared_expert)
             for ffn in dense:
                 nn.init.normal_(ffn.w1.weight, std=std)
                 nn.init.normal_(ffn.w3.weight, std=std)
-                nn.init.normal_(ffn.w2.weight, std=out_std)
+                nn.init.normal_(ffn.w2.weight, std=ffn_out_std)
         nn.init.ones_(self.norm.weight)
 
     # --------------------------------------------------------------- training

@@ -67,3 +67,38 @@ def test_the_factor_must_be_positive(tmp_path):
 
     with pytest.raises(ConfigError, match="model.routed_scaling_factor=0.0: must be > 0"):
         load_config([f"paths.root={tmp_path}", "model.routed_scaling_factor=0"])
+
+
+def test_ffn_out_init_scale_scales_every_down_projection_and_is_validated():
+    """``model.ffn_out_init_scale`` multiplies the depth-scaled init of every FFN down projection
+    (dense FFN, routed experts, shared expert), leaves the rest of the model alone, carries over to
+    the dense equivalent, and must be positive."""
+    from components.config.validate import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model.ffn_out_init_scale=0.0: must be > 0"):
+        load_config(["model.ffn_out_init_scale=0"])
+    cfg = ModelConfig(dim=64, n_heads=4, n_layers=2, ffn_dim=64, num_experts=16, top_k=4,
+                      shared_expert=True)
+    out_std = cfg.init_std / 2  # 1 / sqrt(2 x 2 layers)
+
+    def stds(model_cfg: ModelConfig) -> dict[str, float]:
+        torch.manual_seed(0)
+        block = Transformer(model_cfg, vocab_size=64).layers[0]
+        found = {"wo": block.attention.wo.weight.std().item()}
+        if block.moe is not None:
+            found["expert_w2"] = block.moe.experts.w2.std().item()
+            found["shared_w2"] = block.moe.shared_expert.w2.weight.std().item()
+            found["expert_w1"] = block.moe.experts.w1.std().item()
+        else:
+            found["dense_w2"] = block.feed_forward.w2.weight.std().item()
+        return found
+
+    for scale in (1.0, 3.0):
+        moe = dataclasses.replace(cfg, ffn_out_init_scale=scale)
+        dense = dense_equivalent(moe)
+        assert dense.ffn_out_init_scale == scale
+        got = {**stds(moe), **stds(dense)}
+        for name in ("expert_w2", "shared_w2", "dense_w2"):
+            assert got[name] == pytest.approx(out_std * scale, rel=0.1), (scale, name)
+        assert got["wo"] == pytest.approx(out_std, rel=0.1)
+        assert got["expert_w1"] == pytest.approx(cfg.init_std, rel=0.1)
