@@ -18,9 +18,12 @@ evenly over every validation shard, not the split's first shard). Every output k
 these logged curves (:func:`summarise`); the curves, the loss-vs-tokens plot and the keys go to
 one MLflow run.
 
-Learning rate: a small sweep (``--lrs``): every (lr, seed) pair trains in lockstep, ``--jobs``
-processes at a time; each model keeps the lr with its lowest final val loss averaged over
-``--seeds``, and the figures compare the two at their own lrs seed by seed.
+Learning rate and FFN init: a small sweep over ``--lrs`` x ``--init-scales`` (values of
+``model.ffn_out_init_scale``, the factor on every FFN down projection's init, which moves the
+dense model's loss far more than the MoE's: docs/model.md): every (lr, scale, seed) trains in
+lockstep, ``--jobs`` processes at a time; each model keeps the (lr, scale) with its lowest final
+val loss averaged over ``--seeds``, and the figures compare the two at their own settings seed by
+seed.
 """
 
 from __future__ import annotations
@@ -78,6 +81,7 @@ class Curve:
     name: str
     lr: float
     seed: int
+    ffn_out_init_scale: float = 1.0
     tokens: list[int] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
     wall_s: list[float] = field(default_factory=list)
@@ -109,7 +113,7 @@ class Trainee:
             balancer=build_balancer(self.model, optimizer),
         )
         self.metrics = IntervalMetrics(torch.device("cpu"))
-        self.curve = Curve(name, t.lr, seed)
+        self.curve = Curve(name, t.lr, seed, config.model.ffn_out_init_scale)
         self.wall = 0.0
 
     def step(self, batch: torch.Tensor) -> None:
@@ -299,7 +303,12 @@ def plot_curves(curves: list[tuple[Curve, Curve]], out_path: Path) -> Path:
         )
     ax.set_xlabel("training tokens")
     ax.set_ylabel("held-out loss (nats/token)")
-    ax.set_title(f"MoE (lr {curves[0][0].lr:g}) vs dense equivalent (lr {curves[0][1].lr:g})")
+    moe, dense = curves[0]
+    ax.set_title(
+        f"MoE (lr {moe.lr:g}, FFN out init x{moe.ffn_out_init_scale:g}) vs dense equivalent "
+        f"(lr {dense.lr:g}, x{dense.ffn_out_init_scale:g})",
+        fontsize=9,
+    )
     ax.legend(fontsize=8)
     return save_figure(fig, out_path)
 
@@ -336,10 +345,19 @@ def log_to_mlflow(
 
 
 def _pair(
-    root: Path, overrides: list[str], steps: int, lr: float, seed: int, every: int, batches: int
+    root: Path,
+    overrides: list[str],
+    steps: int,
+    lr: float,
+    scale: float,
+    seed: int,
+    every: int,
+    batches: int,
 ) -> tuple[Curve, Curve]:
-    """The MoE and its dense equivalent at one lr and seed, in lockstep (one process's job)."""
+    """The MoE and its dense equivalent at one (lr, FFN init scale, seed), in lockstep (one
+    process's job)."""
     torch.set_num_threads(1)
+    overrides = [*overrides, f"model.ffn_out_init_scale={scale}"]
     manifest = prepare(root, overrides)
     moe_cfg = configs(root, overrides, steps, lr)
     runs = {"moe": moe_cfg, "dense": with_model(moe_cfg, dense_equivalent(moe_cfg.model))}
@@ -348,36 +366,44 @@ def _pair(
 
 
 def benchmark(args, root: Path, overrides: list[str]) -> dict:
-    """Every (lr, seed) pair in lockstep, ``--jobs`` processes at a time; each model then keeps
-    the lr with the lowest final val loss averaged over the seeds, and the figures compare the
-    two at their own lrs seed by seed (same seed = same batches in the same order)."""
+    """Every (lr, FFN init scale, seed) in lockstep, ``--jobs`` processes at a time; each model
+    then keeps the (lr, scale) with the lowest final val loss averaged over the seeds, and the
+    figures compare the two at their own settings seed by seed (same seed = same batches in the
+    same order)."""
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
     prepare(root, overrides)  # once, before the jobs read it
     steps, seeds = args.steps, args.seeds
-    grid = [(lr, seed) for lr in args.lrs for seed in seeds]
+    settings = [(lr, scale) for scale in args.init_scales for lr in args.lrs]
+    grid = [(lr, scale, seed) for lr, scale in settings for seed in seeds]
     job = (root, overrides, steps)
     tail = (args.eval_every, args.eval_batches)
     if args.jobs > 1:
         with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(_pair, *job, lr, seed, *tail) for lr, seed in grid]
+            futures = [pool.submit(_pair, *job, *key, *tail) for key in grid]
             results = [f.result() for f in futures]
     else:
-        results = [_pair(*job, lr, seed, *tail) for lr, seed in grid]
+        results = [_pair(*job, *key, *tail) for key in grid]
     by_key = dict(zip(grid, results))
 
-    def mean_final(lr: float, which: int) -> float:
-        return statistics.fmean(by_key[lr, seed][which].final for seed in seeds)
+    def mean_final(setting: tuple[float, float], which: int) -> float:
+        return statistics.fmean(by_key[(*setting, seed)][which].final for seed in seeds)
 
-    moe_lr = min(args.lrs, key=lambda lr: mean_final(lr, 0))
-    dense_lr = min(args.lrs, key=lambda lr: mean_final(lr, 1))
+    moe_best = min(settings, key=lambda setting: mean_final(setting, 0))
+    dense_best = min(settings, key=lambda setting: mean_final(setting, 1))
     print(
-        "lr sweep (final val loss, mean over seeds, MoE / dense):",
-        {lr: (round(mean_final(lr, 0), 4), round(mean_final(lr, 1), 4)) for lr in args.lrs},
+        "sweep (lr, FFN out init scale): final val loss, mean over seeds, MoE / dense:",
+        {
+            f"{lr:g} x{scale:g}": (
+                round(mean_final((lr, scale), 0), 4),
+                round(mean_final((lr, scale), 1), 4),
+            )
+            for lr, scale in settings
+        },
         flush=True,
     )
-    pairs = [(by_key[moe_lr, seed][0], by_key[dense_lr, seed][1]) for seed in seeds]
+    pairs = [(by_key[(*moe_best, seed)][0], by_key[(*dense_best, seed)][1]) for seed in seeds]
     per_seed = [summarise(m, d) for m, d in pairs]
     # step time: measured side by side within each lockstep run (alternating order), so machine
     # load hits both alike; the median over all runs of the sweep
@@ -392,8 +418,11 @@ def benchmark(args, root: Path, overrides: list[str]) -> dict:
             "steps": steps,
             "seeds": seeds,
             "lrs": args.lrs,
-            "moe_lr": moe_lr,
-            "dense_lr": dense_lr,
+            "init_scales": args.init_scales,
+            "moe_lr": moe_best[0],
+            "dense_lr": dense_best[0],
+            "moe_ffn_out_init_scale": moe_best[1],
+            "dense_ffn_out_init_scale": dense_best[1],
             "eval_every": args.eval_every,
             "eval_batches": args.eval_batches,
             "tokens_per_step": pairs[0][0].tokens[-1] // steps,
@@ -401,15 +430,16 @@ def benchmark(args, root: Path, overrides: list[str]) -> dict:
         "sweep": [
             {
                 "lr": lr,
+                "ffn_out_init_scale": scale,
                 "seed": seed,
-                "moe_val_loss": by_key[lr, seed][0].final,
-                "dense_val_loss": by_key[lr, seed][1].final,
-                # every (lr, seed) curve, not only the chosen lrs' (ablation rows reuse them)
-                "tokens": by_key[lr, seed][0].tokens,
-                "moe_curve": by_key[lr, seed][0].val_loss,
-                "dense_curve": by_key[lr, seed][1].val_loss,
+                "moe_val_loss": by_key[lr, scale, seed][0].final,
+                "dense_val_loss": by_key[lr, scale, seed][1].final,
+                # every curve of the sweep, not only the chosen settings' (ablation rows reuse them)
+                "tokens": by_key[lr, scale, seed][0].tokens,
+                "moe_curve": by_key[lr, scale, seed][0].val_loss,
+                "dense_curve": by_key[lr, scale, seed][1].val_loss,
             }
-            for lr, seed in grid
+            for lr, scale, seed in grid
         ],
         "per_seed": per_seed,
         "spread": spread(per_seed),
@@ -476,6 +506,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-batches", type=int, default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--lrs", type=float, nargs="+", default=None)
+    parser.add_argument(
+        "--init-scales",
+        type=float,
+        nargs="+",
+        default=None,
+        help="model.ffn_out_init_scale values, swept with --lrs (each model keeps its best pair)",
+    )
     parser.add_argument("--override", action="append", default=[], help="extra config override")
     parser.add_argument("--ablate", action="store_true", help="ablation rows instead")
     parser.add_argument("--variant", action="append", default=[], help="NAME:OVERRIDE,...")
@@ -491,6 +528,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.eval_batches = args.eval_batches or (2 if quick else 8)
     args.seeds = args.seeds or [0, 1]
     args.lrs = args.lrs or ([3e-3, 1e-2] if quick else [2e-3, 3e-3, 4e-3, 6e-3])
+    args.init_scales = args.init_scales or ([1.0, 4.0] if quick else [1.0, 8.0])
     overrides = (QUICK_OVERRIDES if quick else DEFAULT_OVERRIDES) + args.override
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -48,12 +48,26 @@ def test_bench_quality_quick(tmp_path):
     result = json.loads(out.read_text())
     settings = result["settings"]
     assert len(result["per_seed"]) == len(settings["seeds"]) == 2
-    assert len(result["sweep"]) == len(settings["lrs"]) * len(settings["seeds"])
+    assert len(settings["init_scales"]) == 2  # the FFN init is swept with the lr
+    assert len(result["sweep"]) == (
+        len(settings["lrs"]) * len(settings["init_scales"]) * len(settings["seeds"])
+    )
     for row, (moe, dense) in zip(result["per_seed"], result["curves"]):
         # both models saw the same tokens, logged at the same points, each at its own best lr
         assert moe["tokens"] == dense["tokens"] and moe["tokens"][-1] == row["tokens"]
         assert len(moe["step_s"]) == len(dense["step_s"]) == settings["steps"]
         assert (moe["lr"], dense["lr"]) == (settings["moe_lr"], settings["dense_lr"])
+        assert (moe["ffn_out_init_scale"], dense["ffn_out_init_scale"]) == (
+            settings["moe_ffn_out_init_scale"],
+            settings["dense_ffn_out_init_scale"],
+        )
+        # each model's chosen setting has the lowest mean final loss of the sweep
+        for which, key in (("moe", "moe_val_loss"), ("dense", "dense_val_loss")):
+            means = {}
+            for entry in result["sweep"]:
+                means.setdefault((entry["lr"], entry["ffn_out_init_scale"]), []).append(entry[key])
+            best = min(means, key=lambda k: sum(means[k]) / len(means[k]))
+            assert best == (settings[f"{which}_lr"], settings[f"{which}_ffn_out_init_scale"])
         # every figure from the curves
         gap = moe["val_loss"][-1] - dense["val_loss"][-1]
         assert row["moe_minus_dense_val_loss"] == pytest.approx(gap)

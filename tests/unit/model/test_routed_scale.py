@@ -77,8 +77,9 @@ def test_ffn_out_init_scale_scales_every_down_projection_and_is_validated():
 
     with pytest.raises(ConfigError, match=r"model.ffn_out_init_scale=0.0: must be > 0"):
         load_config(["model.ffn_out_init_scale=0"])
-    cfg = ModelConfig(dim=64, n_heads=4, n_layers=2, ffn_dim=64, num_experts=16, top_k=4,
-                      shared_expert=True)
+    cfg = ModelConfig(
+        dim=64, n_heads=4, n_layers=2, ffn_dim=64, num_experts=16, top_k=4, shared_expert=True
+    )
     out_std = cfg.init_std / 2  # 1 / sqrt(2 x 2 layers)
 
     def stds(model_cfg: ModelConfig) -> dict[str, float]:
