@@ -1,7 +1,7 @@
 """Quality benchmark: the MoE against its dense equivalent at equal active parameters and equal
 tokens, each at its own best learning rate.
 
-    python tests/benchmarks/bench_quality.py --json bench-quality.json        # ~18 min, 2 idle cores
+    python tests/benchmarks/bench_quality.py --json bench-quality.json       # ~18 min, 2 idle cores
     python tests/benchmarks/bench_quality.py --quick --json /tmp/q.json        # smoke run (seconds)
     python tests/benchmarks/bench_quality.py --ablate \\
         --variant base: --variant dropless:model.dropless=true --lr 0.003 --json rows.json
