@@ -1,5 +1,5 @@
 """Quality benchmark: the MoE against its dense equivalent at equal active parameters and equal
-tokens, each at its own best learning rate.
+tokens, each at its own best learning rate and FFN init.
 
     python tests/benchmarks/bench_quality.py --json bench-quality.json       # ~18 min, 2 idle cores
     python tests/benchmarks/bench_quality.py --quick --json /tmp/q.json        # smoke run (seconds)
